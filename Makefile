@@ -1,0 +1,29 @@
+# Set-up and entry points. Everything installs into .venv from the package registries; torch is
+# pinned through constraints.txt so no other (multi-GB) build is ever pulled in.
+PY      := .venv/bin/python
+PIP     := DS_BUILD_OPS=0 .venv/bin/pip install --quiet --disable-pip-version-check -c constraints.txt
+STAMP   := .venv/.installed
+
+.PHONY: demo test lint install clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) torch==2.14.1 torchvision==0.29.1
+	$(PIP) -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	.venv/bin/omnigrpo train configs/shapes.yaml
+
+test: $(STAMP)
+	.venv/bin/ruff check omnigrpo tests
+	$(PY) -m pytest -q --durations=10
+
+lint: $(STAMP)
+	.venv/bin/ruff check omnigrpo tests
+	.venv/bin/ruff format --check omnigrpo tests
+
+clean:
+	rm -rf .venv runs .pytest_cache .ruff_cache

@@ -1,0 +1,312 @@
+"""Typed run configuration: frozen dataclasses per subsystem, filled from YAML plus dotted overrides.
+
+Why: a GRPO run touches five subsystems and a Ray cluster, and a typo found after the cluster has
+started (or after SFT ran for minutes) wastes the user's time. Every key is declared here once, with a
+docstring, a type and its legal range; :func:`load_config` refuses anything else before anything
+starts, naming the key and, for a typo, the closest valid one.
+
+Parsing and type checks are pydantic's (dataclasses with ``extra="forbid"``); this module only adds
+the dotted-override syntax, the "did you mean" hint and the checks that span several fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
+
+_STRICT = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegInt = Annotated[int, Field(ge=0)]
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names every offending key."""
+
+
+@dataclass(frozen=True, config=_STRICT)
+class RunConfig:
+    dir: str = "runs/shapes"
+    """Where the run writes everything: MLflow store (by default), checkpoints, logs."""
+    seed: int = 0
+    """Seed of every random choice in the run: prompts, sampling, initialisation, SFT data."""
+    cache_dir: str = ""
+    """Where reusable artefacts (the SFT checkpoint, DeepSpeed's compiled ops) are cached across
+    runs; empty means ``$OMNIGRPO_CACHE_DIR`` or else ``~/.cache/omnigrpo``."""
+
+
+@dataclass(frozen=True, config=_STRICT)
+class WorldConfig:
+    name: Literal["shapes"] = "shapes"
+    """Built-in world that supplies prompts, the image tokenizer and the held-out evaluation."""
+    codebook_size: Annotated[int, Field(ge=8, le=4096)] = 256
+    """Number of image codes of the world's k-means patch tokenizer."""
+
+
+@dataclass(frozen=True, config=_STRICT)
+class ModelConfig:
+    family: Literal["shapes"] = "shapes"
+    """Policy family; ``shapes`` is the built-in Qwen2 policy over the shapes world's codes."""
+    path: str = ""
+    """Hub id or local directory of the starting checkpoint; empty = the built-in SFT checkpoint,
+    trained and cached on first use."""
+    hidden_size: PositiveInt = 128
+    """Width of the built-in policy (used only when SFT builds it)."""
+    num_layers: PositiveInt = 4
+    """Transformer layers of the built-in policy."""
+    num_heads: PositiveInt = 4
+    """Attention heads of the built-in policy."""
+    num_kv_heads: PositiveInt = 2
+    """Key/value heads of the built-in policy (grouped-query attention)."""
+    intermediate_size: PositiveInt = 384
+    """MLP width of the built-in policy."""
+
+
+@dataclass(frozen=True, config=_STRICT)
+class SFTConfig:
+    steps: PositiveInt = 300
+    """Optimiser steps of supervised training on synthetic prompt/image pairs."""
+    batch_size: PositiveInt = 64
+    """Pairs per SFT step."""
+    lr: Annotated[float, Field(gt=0.0)] = 2e-3
+    """SFT learning rate (AdamW, cosine decay)."""
+    cfg_dropout: Probability = 0.1
+    """Share of SFT pairs whose prompt is replaced by padding, so the policy learns the
+    unconditional branch that classifier-free guidance needs."""
+    kmeans_images: PositiveInt = 1024
+    """Synthetic images whose 4x4 patches fit the world's codebook."""
+
+
+@dataclass(frozen=True, config=_STRICT)
+class RolloutConfig:
+    prompts_per_step: PositiveInt = 8
+    """Distinct prompts sampled per GRPO step."""
+    group_size: Annotated[int, Field(ge=2)] = 8
+    """Images drawn per prompt; advantages are normalised within each group, so at least 2."""
+    temperature: Annotated[float, Field(gt=0.0)] = 1.0
+    """Softmax temperature of the sampling distribution (also applied to the learner's log-probs)."""
+    top_k: NonNegInt = 0
+    """Keep only the k most likely image codes; 0 disables."""
+    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    """Nucleus sampling mass; 1.0 disables."""
+    min_p: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    """Drop codes whose probability is below ``min_p`` times the top one; 0 disables."""
+    cfg_scale: Annotated[float, Field(ge=0.0)] = 1.0
+    """Classifier-free guidance: logits = uncond + scale * (cond - uncond); 1.0 = no guidance."""
+
+
+@dataclass(frozen=True, config=_STRICT)
+class RewardSpec:
+    name: Annotated[str, Field(min_length=1)]
+    """Registry name, entry point of group ``omnigrpo.rewards``, or a ``module:attr`` string."""
+    weight: Annotated[float, Field(ge=0.0)] = 1.0
+    """Weight of this reward in the total."""
+    required: bool = True
+    """A failure of a required reward excludes the sample from the step; an optional one that
+    fails drops out of that sample's total, which is re-normalised over the rewards that scored."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments for the reward's factory."""
+
+
+@dataclass(frozen=True, config=_STRICT)
+class TrainerConfig:
+    steps: PositiveInt = 60
+    """GRPO steps (rollout, reward, update, weight sync)."""
+    lr: Annotated[float, Field(gt=0.0)] = 2e-4
+    """Learning rate of the policy (AdamW, constant)."""
+    kl_coef: Annotated[float, Field(ge=0.0)] = 0.02
+    """beta: weight of the k3 KL estimate against the frozen reference policy."""
+    clip_eps_low: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
+    """PPO ratio clip below 1: ratio >= 1 - clip_eps_low."""
+    clip_eps_high: Annotated[float, Field(gt=0.0)] = 0.2
+    """PPO ratio clip above 1: ratio <= 1 + clip_eps_high (DAPO raises it to 0.28)."""
+    scale_rewards: bool = True
+    """Divide advantages by the group's reward std; false gives Dr.GRPO's mean-only centring."""
+    loss_agg: Literal["token-mean", "seq-mean"] = "token-mean"
+    """token-mean: average over every image token of the batch; seq-mean: per image, then over images."""
+    epochs: PositiveInt = 1
+    """Optimisation passes over each rollout batch."""
+    mini_batches: PositiveInt = 1
+    """Optimiser steps per pass; the batch is split into this many mini-batches."""
+    micro_batch_size: PositiveInt = 32
+    """Samples per forward/backward; gradients accumulate over a mini-batch."""
+    max_grad_norm: Annotated[float, Field(gt=0.0)] = 1.0
+    """Gradient clipping threshold (global L2 norm)."""
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    """AdamW weight decay."""
+    zero_stage: Annotated[int, Field(ge=0, le=3)] = 2
+    """DeepSpeed ZeRO stage of the learner."""
+    save_every: NonNegInt = 0
+    """Write a checkpoint every N steps (0: only at the end and on a crash)."""
+    keep_last: PositiveInt = 2
+    """Checkpoints kept on disk; older ones are deleted."""
+
+
+@dataclass(frozen=True, config=_STRICT)
+class EvalConfig:
+    every: NonNegInt = 20
+    """Held-out evaluation every N steps, besides the start and the end (0: start and end only)."""
+    samples_per_prompt: PositiveInt = 16
+    """Images drawn per held-out prompt."""
+
+
+@dataclass(frozen=True, config=_STRICT)
+class TrackingConfig:
+    uri: str = ""
+    """MLflow tracking URI; empty = a sqlite store at ``<run.dir>/mlflow.db`` (no server needed)."""
+    experiment: str = "omnigrpo"
+    """MLflow experiment name."""
+    run_name: str = ""
+    """MLflow run name; empty lets MLflow pick one."""
+    image_every: NonNegInt = 10
+    """Log a captioned grid of samples every N steps (0 disables)."""
+    images: PositiveInt = 16
+    """Samples in each grid."""
+
+
+@dataclass(frozen=True, config=_STRICT)
+class ClusterConfig:
+    address: str = ""
+    """Ray address to join; empty starts a local cluster on loopback for this run."""
+    num_cpus: NonNegInt = 0
+    """CPUs of the local cluster; 0 = all of this machine's."""
+    rollout_workers: PositiveInt = 1
+    """Rollout actors; a step's prompts are split between them."""
+    torch_threads: NonNegInt = 0
+    """Intra-op threads per worker; 0 = all cores (the stages of a step run one after another)."""
+
+
+@dataclass(frozen=True, config=_STRICT)
+class Config:
+    run: RunConfig = Field(default_factory=RunConfig)
+    world: WorldConfig = Field(default_factory=WorldConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(name="shapes")])
+    """Rewards combined into the total, each ``{name, weight, required, kwargs}``."""
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @property
+    def batch_size(self) -> int:
+        """Samples per GRPO step: prompts_per_step * group_size."""
+        return self.rollout.prompts_per_step * self.rollout.group_size
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a :class:`Config` from a YAML file plus ``key.sub=value`` overrides, or raise ConfigError."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        text = Path(path).read_text()
+        raw = yaml.safe_load(text) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for item in overrides:
+        _apply_override(raw, item)
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Validate a plain nested dict into a :class:`Config`."""
+    try:
+        cfg = TypeAdapter(Config).validate_python(raw)
+    except ValidationError as err:
+        raise ConfigError("invalid config:\n" + "\n".join(_describe(e) for e in err.errors())) from None
+    _check_consistency(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The resolved config as plain data (for YAML artifacts and MLflow params)."""
+    return dataclasses.asdict(cfg)
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set ``a.b.c=value`` inside ``raw``; the value is parsed as YAML (``3``, ``true``, ``[1, 2]``)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+    parts = key.strip().split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = node[_list_index(node, part, parts[: i + 1])]
+            continue
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        node = nxt
+    leaf = yaml.safe_load(value) if value.strip() else ""
+    if isinstance(node, list):
+        node[_list_index(node, parts[-1], parts)] = leaf
+    elif isinstance(node, dict):
+        node[parts[-1]] = leaf
+    else:
+        raise ConfigError(f"override {item!r}: {'.'.join(parts[:-1])} is not a section")
+
+
+def _list_index(node: list, part: str, path: list[str]) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"override path {'.'.join(path)}: list index {part!r} out of range ({len(node)})")
+    return int(part)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = [str(p) for p in error["loc"]]
+    where = ".".join(loc) or "<root>"
+    if error["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+        valid = _field_names(loc[:-1])
+        near = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+        prefix = ".".join(loc[:-1] + [near[0]]) if near else ""
+        hint = f" (did you mean {prefix}?)" if near else f" (valid keys: {', '.join(sorted(valid))})"
+        return f"  {where}: unknown key{hint}"
+    got = error.get("input")
+    shown = f" (got {got!r})" if not isinstance(got, dict | list) else ""
+    return f"  {where}: {error['msg']}{shown}"
+
+
+def _field_names(loc: list[str]) -> list[str]:
+    """Names of the fields of the dataclass found at ``loc`` under :class:`Config`."""
+    cls: Any = Config
+    for part in loc:
+        if part.isdigit():
+            continue
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            return []
+        cls = hints[part]
+        if typing.get_origin(cls) is list:
+            cls = typing.get_args(cls)[0]
+    return [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+
+
+def _check_consistency(cfg: Config) -> None:
+    problems = []
+    batch, tr = cfg.batch_size, cfg.trainer
+    if batch % tr.mini_batches or (batch // tr.mini_batches) % tr.micro_batch_size:
+        problems.append(
+            f"  trainer.micro_batch_size: {tr.micro_batch_size} must divide the mini-batch of "
+            f"{batch // max(tr.mini_batches, 1)} samples (rollout.prompts_per_step * rollout.group_size "
+            f"= {batch}, split into trainer.mini_batches = {tr.mini_batches})"
+        )
+    if not cfg.rewards:
+        problems.append("  rewards: at least one reward is needed")
+    names = [r.name for r in cfg.rewards]
+    for dup in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"  rewards: {dup!r} is listed twice")
+    if cfg.rewards and sum(r.weight for r in cfg.rewards) <= 0:
+        problems.append("  rewards: the weights sum to 0")
+    if cfg.model.hidden_size % cfg.model.num_heads or cfg.model.num_heads % cfg.model.num_kv_heads:
+        problems.append("  model.num_heads: must divide model.hidden_size and be a multiple of model.num_kv_heads")
+    if problems:
+        raise ConfigError("invalid config:\n" + "\n".join(problems))

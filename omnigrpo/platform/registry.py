@@ -1,0 +1,125 @@
+"""Where reward functions are found: the built-in registry, entry points, or ``module:attr``.
+
+Why: users plug their own judges in without editing omnigrpo, and a run must fail on the driver,
+before any worker starts, when a reward cannot be found. A reward name resolves, in order, to
+1. a built-in registered with :func:`register_reward` (duplicate names are refused);
+2. an installed entry point in the group ``omnigrpo.rewards``;
+3. a ``package.module:attr`` string, imported as a module. A file path is never executed.
+
+The resolved object is either a *reward function* ``(images, prompts, metadata) -> list[float | None]``
+(recognised by a first parameter named ``images``; config kwargs are bound as keywords) or a
+*factory* called once with the config kwargs that returns such a function (a class counts as a
+factory). ``async def`` reward functions are allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import importlib
+import inspect
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from typing import Any
+
+ENTRY_POINT_GROUP = "omnigrpo.rewards"
+RewardFn = Callable[[Any, list[str], list[dict]], Any]
+_BUILTIN_MODULES = ("omnigrpo.rewards.shapes",)
+
+
+class RewardNotFound(LookupError):
+    """A reward name that no registry, entry point or module resolves."""
+
+
+class Registry:
+    """Name -> object, refusing duplicates so two plugins cannot silently shadow each other."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._items: dict[str, Any] = {}
+
+    def register(self, name: str) -> Callable[[Any], Any]:
+        def add(obj: Any) -> Any:
+            if name in self._items:
+                raise ValueError(f"{self.kind} {name!r} is already registered by {self._items[name]!r}")
+            self._items[name] = obj
+            return obj
+
+        return add
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._items
+
+    def __getitem__(self, name: str) -> Any:
+        return self._items[name]
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+
+REWARDS = Registry("reward")
+register_reward = REWARDS.register
+
+
+def builtin_rewards() -> list[str]:
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)
+    return REWARDS.names()
+
+
+def resolve_reward(name: str) -> Any:
+    """The object a reward name stands for (a reward function or a factory)."""
+    builtins = builtin_rewards()
+    if name in REWARDS:
+        return REWARDS[name]
+    plugins = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    if name in plugins:
+        return plugins[name].load()
+    if ":" in name:
+        module_name, attr = name.split(":", 1)
+        if module_name.endswith(".py") or "/" in module_name or "\\" in module_name:
+            raise RewardNotFound(
+                f"reward {name!r}: file paths are never executed; install the module or put it on "
+                f"PYTHONPATH and name it as 'package.module:{attr}'"
+            )
+        try:
+            obj: Any = importlib.import_module(module_name)
+        except ImportError as err:
+            raise RewardNotFound(f"reward {name!r}: cannot import module {module_name!r}: {err}") from err
+        for part in attr.split("."):
+            if not hasattr(obj, part):
+                raise RewardNotFound(f"reward {name!r}: module {module_name!r} has no attribute {attr!r}")
+            obj = getattr(obj, part)
+        return obj
+    known = builtins + sorted(plugins)
+    near = difflib.get_close_matches(name, known, n=1)
+    hint = f" Did you mean {near[0]!r}?" if near else ""
+    raise RewardNotFound(
+        f"unknown reward {name!r}.{hint} Built-ins: {', '.join(builtins)}; entry points "
+        f"({ENTRY_POINT_GROUP}): {', '.join(sorted(plugins)) or 'none'}; or a 'package.module:function' string."
+    )
+
+
+def is_reward_function(obj: Any) -> bool:
+    """True for ``(images, prompts, metadata)`` callables, False for factories and classes."""
+    if inspect.isclass(obj) or not callable(obj):
+        return False
+    try:
+        params = list(inspect.signature(obj).parameters)
+    except (TypeError, ValueError):
+        return False
+    return bool(params) and params[0] == "images"
+
+
+def build_reward(name: str, kwargs: dict[str, Any] | None = None) -> RewardFn:
+    """Resolve ``name`` and turn it into a ready reward function (a factory is called here, once)."""
+    obj = resolve_reward(name)
+    kwargs = dict(kwargs or {})
+    if is_reward_function(obj):
+        return functools.partial(obj, **kwargs) if kwargs else obj
+    if not callable(obj):
+        raise TypeError(f"reward {name!r} resolved to {obj!r}, which is not callable")
+    fn = obj(**kwargs)
+    if not callable(fn):
+        raise TypeError(f"reward {name!r}: its factory returned {type(fn).__name__}, not a callable")
+    return fn

@@ -1,0 +1,131 @@
+"""Scores decoded images with every configured reward and combines them, never hiding a failure.
+
+Why: a judge that crashes, times out or returns garbage must not become a silent 0 that the policy
+then learns from. :class:`RewardWorker` runs each reward, keeps its raw scores, and records a
+failure whenever the reward raises, returns the wrong number of scores, or returns NaN / a
+non-number. :func:`combine` then forms the weighted total:
+
+- a sample whose *required* reward failed is excluded from the step (``valid`` False);
+- an *optional* reward that failed, or any reward that returned ``None`` (not applicable), drops out
+  of that sample's total, which is re-scaled by ``sum(all weights) / sum(weights that scored)`` so
+  totals stay comparable; a sample no reward applied to is excluded;
+- every exclusion and failure is counted and logged as ``reward/failed`` and
+  ``reward/<name>/failed``.
+
+The worker is a plain class; ``omnigrpo.cluster`` wraps it into a Ray actor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from omnigrpo.platform.config import RewardSpec
+from omnigrpo.platform.registry import build_reward
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RewardResult:
+    """Scores of N samples under R rewards.
+
+    ``scores``: float ``[R, N]`` (NaN where failed or not applicable); ``failed``/``applicable``:
+    bool ``[R, N]``; ``total``: ``[N]`` (NaN where excluded); ``valid``: bool ``[N]``.
+    """
+
+    names: list[str]
+    scores: np.ndarray
+    failed: np.ndarray
+    applicable: np.ndarray
+    total: np.ndarray
+    valid: np.ndarray
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def metrics(self, prefix: str = "reward") -> dict[str, float]:
+        """Flat metrics: per reward mean/std over the samples it scored and its failures, the total."""
+        out: dict[str, float] = {}
+        for i, name in enumerate(self.names):
+            scored = self.scores[i][self.applicable[i] & ~self.failed[i]]
+            out[f"{prefix}/{name}/mean"] = float(scored.mean()) if scored.size else math.nan
+            out[f"{prefix}/{name}/std"] = float(scored.std()) if scored.size else math.nan
+            out[f"{prefix}/{name}/failed"] = float(self.failed[i].sum())
+        totals = self.total[self.valid]
+        out[f"{prefix}/total/mean"] = float(totals.mean()) if totals.size else math.nan
+        out[f"{prefix}/total/std"] = float(totals.std()) if totals.size else math.nan
+        out[f"{prefix}/failed"] = float((~self.valid).sum())
+        return out
+
+
+def combine(
+    scores: np.ndarray, failed: np.ndarray, applicable: np.ndarray, weights: list[float], required: list[bool]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted total ``[N]`` and validity ``[N]`` from per-reward ``[R, N]`` arrays (rules above)."""
+    w = np.asarray(weights, dtype=np.float64)[:, None]
+    req = np.asarray(required, dtype=bool)[:, None]
+    counted = applicable & ~failed
+    valid = ~(failed & req).any(0) & counted.any(0)
+    scored_weight = (w * counted).sum(0)
+    raw = (w * np.where(counted, scores, 0.0)).sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        total = raw * w.sum() / scored_weight
+    return np.where(valid, total, np.nan), valid
+
+
+class RewardWorker:
+    """Builds each configured reward once (in :meth:`setup`) and scores batches of images."""
+
+    def __init__(self, specs: list[RewardSpec]):
+        self.specs = list(specs)
+        self.fns: list = []
+
+    def setup(self) -> list[str]:
+        self.fns = [build_reward(s.name, s.kwargs) for s in self.specs]
+        return [s.name for s in self.specs]
+
+    def score(self, images: np.ndarray, prompts: list[str], metadata: list[dict]) -> RewardResult:
+        """Score uint8 images ``[N, H, W, 3]`` against their prompts and metadata."""
+        n, r = len(prompts), len(self.specs)
+        scores = np.full((r, n), np.nan)
+        failed = np.zeros((r, n), dtype=bool)
+        applicable = np.ones((r, n), dtype=bool)
+        errors: dict[str, str] = {}
+        for i, (spec, fn) in enumerate(zip(self.specs, self.fns, strict=True)):
+            try:
+                values = call_reward(fn, images, prompts, metadata)
+                if not isinstance(values, list | tuple | np.ndarray) or len(values) != n:
+                    got = len(values) if hasattr(values, "__len__") else type(values).__name__
+                    raise ValueError(f"returned {got} scores for {n} images")
+            except Exception as err:  # noqa: BLE001 - any judge error is a reported failure, not a crash
+                failed[i] = True
+                errors[spec.name] = f"{type(err).__name__}: {err}"
+                log.warning("reward %s failed on the whole batch: %s", spec.name, errors[spec.name])
+                continue
+            for j, v in enumerate(values):
+                if v is None:
+                    applicable[i, j] = False
+                elif isinstance(v, int | float | np.number) and math.isfinite(float(v)):
+                    scores[i, j] = float(v)
+                else:
+                    failed[i, j] = True
+                    errors.setdefault(spec.name, f"sample {j}: invalid score {v!r}")
+        total, valid = combine(scores, failed, applicable, [s.weight for s in self.specs],
+                               [s.required for s in self.specs])
+        return RewardResult([s.name for s in self.specs], scores, failed, applicable, total, valid, errors)
+
+
+def call_reward(fn, images, prompts, metadata):
+    """Call a reward function, running it to completion if it is ``async``."""
+    out = fn(images, prompts, metadata)
+    if inspect.isawaitable(out):
+        out = asyncio.run(_await(out))
+    return out
+
+
+async def _await(awaitable):
+    return await awaitable

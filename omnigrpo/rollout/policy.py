@@ -1,0 +1,122 @@
+"""The built-in shapes policy: a transformers ``Qwen2ForCausalLM`` over text words and image codes.
+
+Why: the embedded default must run with real parts and no download. The model is the real Qwen2
+class built from a small config; its vocabulary comes from a word-level tokenizer built offline with
+the ``tokenizers`` library, followed by the image-segment markers and one token per code of the
+world's :class:`~omnigrpo.rollout.codebook.PatchCodebook`. A checkpoint is an ordinary
+``save_pretrained`` directory (model, tokenizer, codebook), so rollout and learner load it through
+the same ``from_pretrained(path)`` a user's checkpoint takes.
+
+Sequence layout: ``<bos> a red circle at the top left <som>`` then 64 image codes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from omnigrpo.platform import shapes
+from omnigrpo.platform.config import ModelConfig
+from omnigrpo.rollout.codebook import PatchCodebook
+from omnigrpo.rollout.sampler import ImageSpace, PromptBatch
+
+SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>", "<som>", "<eom>"]
+
+
+def build_tokenizer(num_codes: int) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer: special tokens, the world's words, then ``<img_0> .. <img_{K-1}>``."""
+    words = SPECIALS + shapes.vocabulary() + [f"<img_{k}>" for k in range(num_codes)]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+        padding_side="left",
+    )
+
+
+class ShapesPolicy:
+    """Model + tokenizer + codebook, with the prompt and decoding conventions of the shapes world."""
+
+    def __init__(self, model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFast, codebook: PatchCodebook):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.codebook = codebook
+        self.space = ImageSpace(
+            offset=tokenizer.convert_tokens_to_ids("<img_0>"),
+            num_codes=codebook.size,
+            tokens_per_image=codebook.tokens_per_image,
+        )
+        self.pad_id = tokenizer.pad_token_id
+        self.som_id = tokenizer.convert_tokens_to_ids("<som>")
+
+    @classmethod
+    def create(cls, cfg: ModelConfig, codebook: PatchCodebook, seed: int) -> ShapesPolicy:
+        """A randomly initialised policy of the configured size (what SFT starts from)."""
+        tokenizer = build_tokenizer(codebook.size)
+        config = Qwen2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_kv_heads,
+            max_position_embeddings=256,
+            tie_word_embeddings=False,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        torch.manual_seed(seed)
+        return cls(Qwen2ForCausalLM(config), tokenizer, codebook)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> ShapesPolicy:
+        """Load a checkpoint directory written by :meth:`save_pretrained` (fp32, eval mode)."""
+        path = Path(path)
+        if not (path / "codebook.npy").exists():
+            raise FileNotFoundError(f"{path} is not a shapes-policy checkpoint (no codebook.npy)")
+        model = Qwen2ForCausalLM.from_pretrained(path, dtype=torch.float32)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+        codebook = PatchCodebook.load(path)
+        if model.config.vocab_size != len(tokenizer) or len(tokenizer) != (
+            tokenizer.convert_tokens_to_ids("<img_0>") + codebook.size
+        ):
+            raise ValueError(
+                f"{path}: model vocabulary ({model.config.vocab_size}) does not match tokenizer "
+                f"({len(tokenizer)}) and codebook ({codebook.size} codes)"
+            )
+        return cls(model.eval(), tokenizer, codebook)
+
+    def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path, state_dict=state_dict)
+        self.tokenizer.save_pretrained(path)
+        self.codebook.save(path)
+
+    def prompt_batch(self, prompts: list[str], drop_text: torch.Tensor | None = None) -> PromptBatch:
+        """Tokenise prompts into a left-padded :class:`PromptBatch`.
+
+        Args:
+            drop_text: optional bool ``[B]``; where True the conditional prompt is replaced by the
+                unconditional one (SFT's prompt dropout, which teaches the guidance branch).
+        """
+        enc = self.tokenizer([f"<bos> {p.lower()} <som>" for p in prompts], padding=True, return_tensors="pt")
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        keep = (ids == self.tokenizer.bos_token_id) | (ids == self.som_id)
+        uncond = torch.where(keep, ids, torch.full_like(ids, self.pad_id))
+        if drop_text is not None:
+            ids = torch.where(drop_text[:, None], uncond, ids)
+        return PromptBatch(ids=ids, uncond_ids=uncond, mask=mask, pad_id=self.pad_id)
+
+    def encode_images(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 ``[B, H, W, 3]`` -> codes ``[B, T]``."""
+        return torch.from_numpy(self.codebook.encode(images))
+
+    def decode(self, codes: torch.Tensor) -> np.ndarray:
+        """codes ``[B, T]`` -> uint8 images ``[B, H, W, 3]``."""
+        return self.codebook.decode(codes.cpu().numpy())

@@ -1,0 +1,121 @@
+"""The rollout worker: draws a group of images per prompt and decodes them to pixels.
+
+Why: rollout is the half of GRPO that must be fast and must say exactly which weights it used. A
+:class:`RolloutWorker` holds the policy, samples ``group_size`` images per prompt with the KV-cache
+sampler, decodes codes to uint8 pixels inside the worker (a VQ-style decoder is cheap), and stamps
+the batch with its weight version. Weights change only through :meth:`load_weights`, between
+calls, so one batch never mixes versions.
+
+A plain class with a cheap ``__init__`` and an explicit :meth:`setup`; ``omnigrpo.cluster`` wraps it
+into a Ray actor.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers.utils import logging as hf_logging
+
+from omnigrpo.rollout.policy import ShapesPolicy
+from omnigrpo.rollout.sampler import PromptBatch, SamplingParams, sample_images
+
+
+@dataclass
+class RolloutBatch:
+    """``N = len(prompts)`` samples, each prompt repeated ``group_size`` times, groups contiguous.
+
+    ``prompt_batch``: ``[N, P]``; ``codes``/``logprobs``: ``[N, T]``; ``images``: uint8 ``[N, H, W, 3]``;
+    ``group``: ``[N]`` group index; ``version``: weight version the whole batch was drawn with.
+    """
+
+    prompts: list[str]
+    metadata: list[dict]
+    group: torch.Tensor
+    prompt_batch: PromptBatch
+    codes: torch.Tensor
+    logprobs: torch.Tensor
+    images: np.ndarray
+    version: int
+
+    @staticmethod
+    def concat(parts: list[RolloutBatch]) -> RolloutBatch:
+        """Join batches from several workers (which must hold the same weight version)."""
+        versions = {p.version for p in parts}
+        if len(versions) != 1:
+            raise RuntimeError(f"rollout batches of different weight versions {sorted(versions)} cannot mix")
+        offsets = np.cumsum([0] + [int(p.group.max()) + 1 for p in parts[:-1]])
+        width = max(p.prompt_batch.ids.shape[1] for p in parts)
+
+        def pad(x: torch.Tensor, value: int) -> torch.Tensor:
+            return torch.nn.functional.pad(x, (width - x.shape[1], 0), value=value)
+
+        pad_id = parts[0].prompt_batch.pad_id
+        return RolloutBatch(
+            prompts=[s for p in parts for s in p.prompts],
+            metadata=[m for p in parts for m in p.metadata],
+            group=torch.cat([p.group + int(o) for p, o in zip(parts, offsets, strict=True)]),
+            prompt_batch=PromptBatch(
+                ids=torch.cat([pad(p.prompt_batch.ids, pad_id) for p in parts]),
+                uncond_ids=torch.cat([pad(p.prompt_batch.uncond_ids, pad_id) for p in parts]),
+                mask=torch.cat([pad(p.prompt_batch.mask, 0) for p in parts]),
+                pad_id=pad_id,
+            ),
+            codes=torch.cat([p.codes for p in parts]),
+            logprobs=torch.cat([p.logprobs for p in parts]),
+            images=np.concatenate([p.images for p in parts]),
+            version=versions.pop(),
+        )
+
+
+class RolloutWorker:
+    """Samples and decodes images with the policy at ``model_path``."""
+
+    def __init__(self, model_path: str, params: SamplingParams, seed: int, threads: int = 0):
+        self.model_path = model_path
+        self.params = params
+        self.seed = seed
+        self.threads = threads
+        self.version = 0
+
+    def setup(self) -> int:
+        hf_logging.disable_progress_bar()
+        torch.set_num_threads(self.threads or os.cpu_count() or 1)
+        self.policy = ShapesPolicy.from_pretrained(self.model_path)
+        self.generator = torch.Generator().manual_seed(self.seed)
+        return self.version
+
+    def generate(
+        self, prompts: list[str], metadata: list[dict], group_size: int, params: SamplingParams | None = None
+    ) -> RolloutBatch:
+        """Draw ``group_size`` images for each prompt (``params`` overrides the configured sampling)."""
+        repeated = [p for p in prompts for _ in range(group_size)]
+        batch = self.policy.prompt_batch(repeated)
+        codes, logprobs = sample_images(self.policy.model, batch, self.policy.space, params or self.params,
+                                        self.generator)
+        return RolloutBatch(
+            prompts=repeated,
+            metadata=[dict(m) for m in metadata for _ in range(group_size)],
+            group=torch.arange(len(prompts)).repeat_interleave(group_size),
+            prompt_batch=batch,
+            codes=codes,
+            logprobs=logprobs,
+            images=self.policy.decode(codes),
+            version=self.version,
+        )
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
+        """Replace the policy's weights (all of them: a partial sync is an error) and its version."""
+        self.policy.model.load_state_dict(state_dict, strict=True)
+        self.version = version
+        return version
+
+    def weight_version(self) -> int:
+        return self.version
+
+    def checksum(self) -> float:
+        """Sum of all weights, to compare with the learner's after a sync."""
+        with torch.no_grad():
+            return float(sum(p.double().sum() for p in self.policy.model.parameters()))

@@ -1,0 +1,102 @@
+"""Supervised start for the built-in world: fit the codebook, then train the policy on synthetic pairs.
+
+Why: GRPO improves a policy that already draws something; X-Omni starts RL from an SFT checkpoint, and
+so does the embedded default. Training is seeded (numpy + torch generators, fixed thread count), so
+the same config gives the same checkpoint, and the result is cached under
+``<cache_dir>/sft/<hash of the config sections that shape it>`` and reused by later runs. It is kept
+short on purpose: the start should be clearly imperfect, leaving room for RL to show.
+
+The loss is the negative log-likelihood of each image code under :func:`sequence_logprobs`, i.e. under
+the same image-masked distribution the sampler and the GRPO learner use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from omnigrpo.platform import shapes
+from omnigrpo.platform.config import Config
+from omnigrpo.rollout.codebook import PatchCodebook
+from omnigrpo.rollout.policy import ShapesPolicy
+from omnigrpo.rollout.sampler import SamplingParams, sequence_logprobs
+
+log = logging.getLogger(__name__)
+_SFT_FORMAT = 1  # bump when the SFT procedure changes, so stale caches are not reused
+
+
+def cache_root(cfg: Config) -> Path:
+    root = cfg.run.cache_dir or os.environ.get("OMNIGRPO_CACHE_DIR") or Path.home() / ".cache" / "omnigrpo"
+    return Path(root).expanduser().resolve()
+
+
+def sft_key(cfg: Config) -> str:
+    """Hash of everything that determines the SFT checkpoint."""
+    payload = {
+        "format": _SFT_FORMAT,
+        "seed": cfg.run.seed,
+        "world": repr(cfg.world),
+        "model": repr(cfg.model),
+        "sft": repr(cfg.sft),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def sft_checkpoint(cfg: Config, threads: int | None = None) -> Path:
+    """Path of the SFT checkpoint for ``cfg``, training it first if the cache does not hold it."""
+    target = cache_root(cfg) / "sft" / sft_key(cfg)
+    if (target / "sft.json").exists():
+        log.info("reusing SFT checkpoint %s", target)
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        stats = train_sft(cfg, tmp, threads=threads)
+        (tmp / "sft.json").write_text(json.dumps(stats, indent=2))
+        if target.exists():  # a half-written leftover from a crash
+            shutil.rmtree(target)
+        os.replace(tmp, target)  # atomic: a reader sees no checkpoint or a whole one
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def train_sft(cfg: Config, out_dir: Path, threads: int | None = None) -> dict:
+    """Fit the codebook and train a fresh policy; writes a ``save_pretrained`` directory."""
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    rng = np.random.default_rng(cfg.run.seed)
+    scenes = shapes.train_scenes()
+    _, fit_images = shapes.sample_pairs(scenes, cfg.sft.kmeans_images, rng)
+    codebook = PatchCodebook.fit(fit_images, cfg.world.codebook_size, cfg.run.seed)
+    policy = ShapesPolicy.create(cfg.model, codebook, cfg.run.seed)
+    model = policy.model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft.lr, weight_decay=0.01)
+    steps = cfg.sft.steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    plain = SamplingParams()
+    losses = []
+    for _ in tqdm(range(steps), desc="sft", mininterval=5.0):
+        batch, images = shapes.sample_pairs(scenes, cfg.sft.batch_size, rng)
+        drop = torch.from_numpy(rng.random(len(batch)) < cfg.sft.cfg_dropout)
+        prompts = policy.prompt_batch([s.prompt for s in batch], drop_text=drop)
+        logprobs, _ = sequence_logprobs(model, prompts, policy.encode_images(images), policy.space, plain)
+        loss = -logprobs.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    policy.model.eval()
+    policy.save_pretrained(out_dir)
+    return {"steps": steps, "final_loss": float(np.mean(losses[-20:])), "key": sft_key(cfg)}

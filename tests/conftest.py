@@ -1,0 +1,50 @@
+"""Shared fixtures: a tiny config of the real classes and its SFT checkpoint, built once per session.
+
+DeepSpeed's CPU communication op is compiled once into a cache that outlives the session
+(``TORCH_EXTENSIONS_DIR``), so only the first test run on a machine pays for it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "omnigrpo" / "torch_extensions"))
+
+from omnigrpo.platform.config import Config, load_config  # noqa: E402
+
+TINY = [
+    "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
+    "model.intermediate_size=64", "world.codebook_size=64", "sft.steps=40", "sft.batch_size=32",
+    "sft.kmeans_images=128", "rollout.prompts_per_step=4", "rollout.group_size=4",
+    "trainer.micro_batch_size=8", "eval.samples_per_prompt=2", "tracking.image_every=1", "tracking.images=4",
+]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def tiny_config(cache_dir, tmp_path):
+    """``tiny_config(*overrides)`` -> a validated Config of a tiny model writing under ``tmp_path``."""
+
+    def make(*overrides: str) -> Config:
+        return load_config(None, [*TINY, f"run.cache_dir={cache_dir}", f"run.dir={tmp_path / 'run'}", *overrides])
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def sft_path(cache_dir) -> Path:
+    """The tiny config's SFT checkpoint (trained once per session, then reused from the cache)."""
+    from omnigrpo.trainers.sft import sft_checkpoint
+
+    cfg = load_config(None, [*TINY, f"run.cache_dir={cache_dir}"])
+    return sft_checkpoint(cfg, threads=2)

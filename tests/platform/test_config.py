@@ -1,0 +1,91 @@
+from pathlib import Path
+
+import pytest
+import ray
+
+from omnigrpo.platform.cli import main
+from omnigrpo.platform.config import Config, ConfigError, load_config
+
+CONFIG_DIR = Path(__file__).parents[2] / "configs"
+CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
+SHAPES = str(CONFIG_DIR / "shapes.yaml")
+
+
+def test_there_are_shipped_configs():
+    assert CONFIGS, "configs/ is empty"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    assert cfg.rewards and cfg.rollout.group_size >= 2
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(None, ["trainer.lr=1e-5", "rollout.group_size=4", "trainer.scale_rewards=false",
+                             "rewards=[{name: shapes, weight: 2}]", "rewards.0.required=false"])
+    assert cfg.trainer.lr == pytest.approx(1e-5) and isinstance(cfg.trainer.lr, float)
+    assert cfg.rollout.group_size == 4
+    assert cfg.trainer.scale_rewards is False
+    assert cfg.rewards[0].weight == 2.0 and cfg.rewards[0].required is False
+
+
+def test_yaml_exponent_without_dot_still_parses_as_float(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("trainer:\n  lr: 1e-6\n")  # PyYAML reads this as a string
+    assert load_config(path).trainer.lr == pytest.approx(1e-6)
+
+
+def test_configs_are_frozen():
+    cfg = load_config()
+    with pytest.raises(Exception, match="frozen|cannot assign"):
+        cfg.trainer.lr = 1.0
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("rollout.grop_size=4", "rollout.grop_size: unknown key (did you mean rollout.group_size?)"),
+        ("trainr.lr=1", "trainr: unknown key (did you mean trainer?)"),
+        ("rollout.group_size=1", "rollout.group_size: Input should be greater than or equal to 2"),
+        ("trainer.lr=-0.1", "trainer.lr: Input should be greater than 0"),
+        ("rollout.temperature=hot", "rollout.temperature: Input should be a valid number"),
+        ("model.family=dalle", "model.family: Input should be 'shapes'"),
+        ("rewards=[{name: shapes, wieght: 2}]", "rewards.0.wieght: unknown key (did you mean rewards.0.weight?)"),
+        ("trainer.micro_batch_size=7", "trainer.micro_batch_size: 7 must divide the mini-batch of 64"),
+        ("rewards=[{name: shapes}, {name: shapes}]", "'shapes' is listed twice"),
+        ("rewards=[]", "at least one reward"),
+    ],
+)
+def test_bad_configs_name_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_malformed_override_is_refused():
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(None, ["trainer.lr"])
+
+
+def test_cli_fails_before_any_cluster_or_run_dir(tmp_path, capsys):
+    run_dir = tmp_path / "never"
+    code = main(["train", SHAPES, "rollout.group_sise=4", f"run.dir={run_dir}"])
+    assert code == 2
+    assert "did you mean rollout.group_size?" in capsys.readouterr().err
+    assert not ray.is_initialized()
+    assert not run_dir.exists()
+
+
+def test_cli_unknown_reward_fails_before_cluster(tmp_path, capsys):
+    code = main(["train", SHAPES, "rewards=[{name: shapez}]", f"run.dir={tmp_path / 'r'}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "unknown reward 'shapez'" in err and "Did you mean 'shapes'" in err
+    assert not ray.is_initialized()
+
+
+def test_cli_check_prints_resolved_config(capsys):
+    assert main(["train", SHAPES, "--check", "trainer.steps=3"]) == 0
+    assert '"steps": 3' in capsys.readouterr().out

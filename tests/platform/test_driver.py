@@ -1,0 +1,72 @@
+"""A whole run on a real local Ray cluster: DeepSpeed learner, weight sync, MLflow store."""
+
+import math
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+from mlflow.tracking import MlflowClient
+
+from omnigrpo.platform.driver import train
+from omnigrpo.platform.tracking import store_uri
+from omnigrpo.rollout.policy import ShapesPolicy
+
+FLAKY = '''
+import math
+
+def first_is_nan(images, prompts, metadata):
+    """A judge that fails on the first sample of every batch."""
+    return [math.nan] + [0.5] * (len(images) - 1)
+'''
+
+STEP_METRICS = [
+    "reward/shapes/mean", "reward/shapes/std", "reward/flaky_judge:first_is_nan/mean", "reward/total/mean",
+    "reward/failed", "grpo/zero_std_frac", "kl", "entropy", "clip_frac", "grad_norm", "lr",
+    "timing/rollout_s", "timing/reward_s", "timing/learn_s", "timing/sync_s", "throughput/samples_per_s",
+]
+
+
+def test_a_short_run_trains_syncs_and_logs(tiny_config, sft_path, tmp_path, monkeypatch):
+    (tmp_path / "flaky_judge.py").write_text(FLAKY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # Ray workers import the plugin too
+    cfg = tiny_config("trainer.steps=3", "eval.every=2", "trainer.lr=1e-3", "tracking.image_every=2",
+                      "rewards=[{name: shapes}, {name: 'flaky_judge:first_is_nan', weight: 0.5}]")
+    summary = train(cfg)
+    assert not ray.is_initialized()  # the run shut down the cluster it started
+
+    assert summary["rollout_versions"] == [3]  # the rollout side holds the weights of update 3
+    final = ShapesPolicy.from_pretrained(summary["checkpoint"])
+    start = ShapesPolicy.from_pretrained(sft_path)
+    changed = [not torch.equal(a, b) for a, b in zip(final.model.parameters(), start.model.parameters(),
+                                                      strict=True)]
+    assert any(changed)
+
+    client = MlflowClient(store_uri(cfg))
+    run = client.get_run(summary["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["trainer.lr"] == "0.001" and run.data.params["rewards.1.weight"] == "0.5"
+    for key in STEP_METRICS:
+        history = client.get_metric_history(run.info.run_id, key)
+        assert sorted(m.step for m in history) == [1, 2, 3], key
+    failed = client.get_metric_history(run.info.run_id, "reward/failed")
+    assert [m.value for m in failed] == [1.0, 1.0, 1.0]  # one excluded sample per step, counted
+    evals = client.get_metric_history(run.info.run_id, "eval/strict_acc")
+    assert sorted(m.step for m in evals) == [0, 2, 3]
+    assert all(0.0 <= m.value <= 1.0 for m in evals)
+    assert all(math.isfinite(m.value) for m in client.get_metric_history(run.info.run_id, "kl"))
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "summary.json", "images"} <= artifacts
+    assert any("samples" in a.path for a in client.list_artifacts(run.info.run_id, "images"))
+    assert Path(summary["checkpoint"]).name == "step-000003"
+
+
+def test_a_reward_that_fails_its_dry_run_stops_the_run_before_ray(tiny_config, tmp_path, monkeypatch):
+    (tmp_path / "broken_judge.py").write_text("def score(images, prompts, metadata):\n    return [1.0]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = tiny_config("rewards=[{name: 'broken_judge:score'}]")
+    with pytest.raises(Exception, match="returned 1 scores for 2 images"):
+        train(cfg)
+    assert not ray.is_initialized()
+    assert not Path(cfg.run.dir).exists()

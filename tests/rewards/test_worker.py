@@ -1,0 +1,116 @@
+"""Reward failures are reported and excluded, never scored 0; combination rules by hand."""
+
+import math
+
+import numpy as np
+import pytest
+
+from omnigrpo.platform import shapes
+from omnigrpo.platform.config import RewardSpec
+from omnigrpo.rewards.worker import RewardWorker, combine
+
+PLUGIN = '''
+import math
+
+def constant(images, prompts, metadata, value=0.5):
+    return [value] * len(images)
+
+def boom(images, prompts, metadata):
+    raise RuntimeError("judge is down")
+
+def short(images, prompts, metadata):
+    return [1.0] * (len(images) - 1)
+
+def nan_first(images, prompts, metadata):
+    return [math.nan] + [1.0] * (len(images) - 1)
+
+def text_only(images, prompts, metadata):
+    return [1.0 if m.get("text") else None for m in metadata]
+
+async def async_half(images, prompts, metadata):
+    return [0.5] * len(images)
+
+class Brightness:
+    """A factory: built once with kwargs, then called per batch."""
+    def __init__(self, scale=1.0):
+        self.scale = scale
+    def __call__(self, images, prompts, metadata):
+        return [self.scale * float(im.mean()) / 255 for im in images]
+'''
+
+
+@pytest.fixture
+def plugin(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "my_rewards"
+
+
+def _batch(n=4):
+    scenes = shapes.train_scenes()[:n]
+    return np.stack([shapes.render(s) for s in scenes]), [s.prompt for s in scenes], [{} for _ in scenes]
+
+
+def _score(specs, n=4):
+    worker = RewardWorker(specs)
+    worker.setup()
+    return worker.score(*_batch(n))
+
+
+@pytest.mark.parametrize("fn", ["boom", "short"])
+def test_a_reward_that_raises_or_miscounts_fails_the_samples(plugin, fn):
+    result = _score([RewardSpec(name="shapes"), RewardSpec(name=f"{plugin}:{fn}")])
+    assert result.failed[1].all() and not result.valid.any()
+    assert np.isnan(result.total).all()  # excluded, not 0
+    metrics = result.metrics()
+    assert metrics["reward/failed"] == 4 and metrics[f"reward/{plugin}:{fn}/failed"] == 4
+    assert metrics["reward/shapes/mean"] == 1.0  # the healthy reward is still logged
+    assert fn in result.errors or f"{plugin}:{fn}" in result.errors
+
+
+def test_nan_fails_only_that_sample(plugin):
+    result = _score([RewardSpec(name="shapes"), RewardSpec(name=f"{plugin}:nan_first")])
+    assert result.valid.tolist() == [False, True, True, True]
+    assert result.total[1:] == pytest.approx([2.0, 2.0, 2.0])
+    assert result.metrics()["reward/failed"] == 1
+
+
+def test_optional_failure_renormalises_the_total(plugin):
+    specs = [RewardSpec(name="shapes", weight=1.0),
+             RewardSpec(name=f"{plugin}:boom", weight=3.0, required=False)]
+    result = _score(specs)
+    assert result.valid.all()
+    # only `shapes` scored (1.0, weight 1 of 4): total = 1.0 * 1 * 4 / 1
+    assert result.total == pytest.approx([4.0] * 4)
+    assert result.failed[1].all()
+
+
+def test_not_applicable_is_not_a_failure(plugin):
+    worker = RewardWorker([RewardSpec(name="shapes"), RewardSpec(name=f"{plugin}:text_only", weight=1.0)])
+    worker.setup()
+    images, prompts, _ = _batch(2)
+    result = worker.score(images, prompts, [{"text": "hi"}, {}])
+    assert result.valid.all() and not result.failed.any()
+    assert result.applicable[1].tolist() == [True, False]
+    assert result.total == pytest.approx([2.0, 2.0])  # second: only shapes scored, re-scaled by 2/1
+
+
+def test_weights_kwargs_factories_and_async(plugin):
+    result = _score([
+        RewardSpec(name=f"{plugin}:constant", weight=2.0, kwargs={"value": 0.25}),
+        RewardSpec(name=f"{plugin}:async_half", weight=1.0),
+        RewardSpec(name=f"{plugin}:Brightness", weight=0.0, kwargs={"scale": 2.0}),
+    ])
+    assert result.valid.all()
+    assert result.total == pytest.approx([2 * 0.25 + 0.5] * 4)
+    assert result.scores[2][0] > 0  # the factory ran with its kwargs, logged though weighted 0
+
+
+def test_combine_by_hand():
+    scores = np.array([[1.0, 0.0, np.nan], [0.5, np.nan, 0.2]])
+    failed = np.array([[False, False, True], [False, True, False]])
+    applicable = np.ones((2, 3), bool)
+    total, valid = combine(scores, failed, applicable, weights=[1.0, 1.0], required=[True, False])
+    assert valid.tolist() == [True, True, False]
+    assert total[0] == pytest.approx(1.5) and total[1] == pytest.approx(0.0 * 2 / 1)
+    assert math.isnan(total[2])

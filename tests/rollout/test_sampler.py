@@ -1,0 +1,127 @@
+"""Sampler tests on a tiny random shapes policy (the real Qwen2 class)."""
+
+import numpy as np
+import pytest
+import torch
+
+from omnigrpo.platform import shapes
+from omnigrpo.platform.config import ModelConfig
+from omnigrpo.rollout.codebook import PatchCodebook
+from omnigrpo.rollout.policy import ShapesPolicy
+from omnigrpo.rollout.sampler import (
+    ImageSpace,
+    SamplingParams,
+    guided_logprobs,
+    image_logits,
+    sample_images,
+    sequence_logprobs,
+)
+
+TINY = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
+
+
+@pytest.fixture(scope="module")
+def policy():
+    _, images = shapes.sample_pairs(shapes.train_scenes(), 64, np.random.default_rng(0))
+    return ShapesPolicy.create(TINY, PatchCodebook.fit(images, 32, seed=0), seed=0)
+
+
+def test_image_mode_masks_every_non_image_logit():
+    space = ImageSpace(offset=5, num_codes=3, tokens_per_image=4)
+    logits = torch.tensor([[100.0, 100.0, 100.0, 100.0, 100.0, 1.0, 2.0, 3.0, 100.0]])
+    lp = guided_logprobs(image_logits(logits, space), None, SamplingParams())
+    assert lp.shape == (1, 3)
+    assert torch.allclose(lp.exp(), torch.softmax(torch.tensor([[1.0, 2.0, 3.0]]), -1))
+
+
+def test_sampler_never_emits_a_text_token_even_when_text_logits_dominate(policy):
+    with torch.no_grad():
+        head = policy.model.lm_head.weight
+        saved = head.clone()
+        head[: policy.space.offset] *= 1000.0  # text tokens would win any unmasked sample
+    try:
+        batch = policy.prompt_batch(["a red circle at the top left"] * 3)
+        gen = torch.Generator().manual_seed(0)
+        codes, logps = sample_images(policy.model, batch, policy.space, SamplingParams(), gen)
+    finally:
+        with torch.no_grad():
+            head.copy_(saved)
+    assert codes.shape == (3, 64) and codes.min() >= 0 and codes.max() < policy.space.num_codes
+    assert torch.isfinite(logps).all() and (logps <= 0).all()
+
+
+def test_top_k_top_p_min_p_by_hand():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log()
+    kept = lambda **kw: torch.isfinite(guided_logprobs(logits, None, SamplingParams(**kw)))[0].tolist()  # noqa: E731
+    assert kept(top_k=2) == [True, True, False, False]
+    assert kept(top_p=0.7) == [True, True, False, False]  # 0.5 < 0.7, then 0.8 > 0.7 stops
+    assert kept(top_p=0.85) == [True, True, True, False]
+    assert kept(min_p=0.2) == [True, True, True, False]  # threshold 0.1
+    renorm = guided_logprobs(logits, None, SamplingParams(top_k=2)).exp()[0, :2]
+    assert renorm.tolist() == pytest.approx([0.5 / 0.8, 0.3 / 0.8])
+
+
+def test_temperature_and_guidance_formula():
+    cond, uncond = torch.tensor([[2.0, 0.0, 1.0]]), torch.tensor([[1.0, 1.0, 1.0]])
+    lp = guided_logprobs(cond, uncond, SamplingParams(cfg_scale=3.0, temperature=0.5))
+    expected = torch.log_softmax((uncond + 3.0 * (cond - uncond)) / 0.5, -1)
+    assert torch.allclose(lp, expected)
+
+
+def test_sampling_follows_the_returned_distribution():
+    # With a one-token image and a fixed distribution, empirical frequencies match exp(logprob).
+    logits = torch.tensor([0.0, 1.0, 2.0])
+    lp = guided_logprobs(logits, None, SamplingParams(temperature=2.0))
+    draws = torch.multinomial(lp.exp(), 20000, replacement=True, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=3).float() / 20000
+    assert torch.allclose(freq, lp.exp(), atol=0.015)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(),
+        SamplingParams(cfg_scale=3.0),
+        SamplingParams(cfg_scale=2.0, temperature=0.8, top_k=20, top_p=0.9, min_p=0.03),
+    ],
+    ids=["plain", "cfg", "cfg+filters"],
+)
+def test_rollout_logprobs_equal_learner_recomputation(policy, params):
+    # prompts of different lengths exercise left padding and position ids
+    prompts = ["a red circle at the top left", "a blue square", "green", "a yellow triangle at the bottom right"]
+    batch = policy.prompt_batch(prompts)
+    assert (batch.mask == 0).any()
+    codes, rollout_lp = sample_images(policy.model, batch, policy.space, params, torch.Generator().manual_seed(1))
+    learner_lp, ent = sequence_logprobs(policy.model, batch, codes, policy.space, params)
+    assert rollout_lp.dtype == torch.float32
+    assert (rollout_lp - learner_lp).abs().max().item() < 1e-5
+    assert ent.shape == codes.shape and (ent >= 0).all()
+
+
+def test_guided_logprobs_differ_from_the_conditional_branch(policy):
+    batch = policy.prompt_batch(["a red circle at the top left"] * 2)
+    codes, _ = sample_images(policy.model, batch, policy.space, SamplingParams(), torch.Generator().manual_seed(2))
+    plain, _ = sequence_logprobs(policy.model, batch, codes, policy.space, SamplingParams())
+    guided, _ = sequence_logprobs(policy.model, batch, codes, policy.space, SamplingParams(cfg_scale=4.0))
+    assert (plain - guided).abs().max().item() > 1e-3
+
+
+def test_unconditional_prompt_drops_only_the_text(policy):
+    batch = policy.prompt_batch(["a red circle at the top left"])
+    tok = policy.tokenizer
+    assert batch.uncond_ids.shape == batch.ids.shape
+    assert tok.convert_ids_to_tokens(batch.uncond_ids[0].tolist()) == ["<bos>"] + ["<pad>"] * 7 + ["<som>"]
+
+
+def test_save_and_load_round_trip(policy, tmp_path):
+    policy.save_pretrained(tmp_path)
+    loaded = ShapesPolicy.from_pretrained(tmp_path)
+    assert loaded.space == policy.space
+    for a, b in zip(loaded.model.parameters(), policy.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_loading_something_else_fails_with_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a shapes-policy checkpoint"):
+        ShapesPolicy.from_pretrained(tmp_path)

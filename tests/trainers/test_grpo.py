@@ -1,0 +1,85 @@
+"""GRPO math against values computed by hand."""
+
+import math
+
+import pytest
+import torch
+
+from omnigrpo.trainers.grpo import aggregate, group_advantages, grpo_token_loss, normaliser
+
+
+def test_group_advantages_by_hand():
+    rewards = torch.tensor([1.0, 0.0, 0.5, 0.5, 2.0, 4.0])
+    group = torch.tensor([0, 0, 1, 1, 2, 2])
+    adv, flat = group_advantages(rewards, group, torch.ones(6, dtype=torch.bool), scale=True, eps=0.0)
+    # group 0: mean 0.5, unbiased std sqrt(0.5); group 1 equal rewards -> 0; group 2: mean 3, std sqrt(2)
+    s = math.sqrt(0.5)
+    assert adv.tolist() == pytest.approx([0.5 / s, -0.5 / s, 0.0, 0.0, -1 / math.sqrt(2), 1 / math.sqrt(2)])
+    assert flat == pytest.approx(1 / 3)
+
+
+def test_dr_grpo_only_centres():
+    adv, _ = group_advantages(torch.tensor([1.0, 0.0, 2.0, 4.0]), torch.tensor([0, 0, 1, 1]),
+                              torch.ones(4, dtype=torch.bool), scale=False)
+    assert adv.tolist() == pytest.approx([0.5, -0.5, -1.0, 1.0])
+
+
+def test_all_equal_group_gives_zero_advantage():
+    adv, flat = group_advantages(torch.full((4,), 0.7), torch.zeros(4, dtype=torch.long),
+                                 torch.ones(4, dtype=torch.bool))
+    assert torch.equal(adv, torch.zeros(4)) and flat == 1.0
+
+
+def test_invalid_samples_are_excluded_from_group_statistics():
+    rewards = torch.tensor([1.0, 0.0, 123.0])  # the third sample's required reward failed
+    valid = torch.tensor([True, True, False])
+    adv, _ = group_advantages(rewards, torch.zeros(3, dtype=torch.long), valid, scale=False)
+    assert adv.tolist() == pytest.approx([0.5, -0.5, 0.0])
+
+
+def test_clipping_on_both_sides():
+    old = torch.zeros(4, 1)
+    logp = torch.log(torch.tensor([[1.5], [1.5], [0.5], [0.5]]))  # ratios 1.5, 1.5, 0.5, 0.5
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    t = grpo_token_loss(logp, old, logp.detach(), adv, clip_eps_low=0.2, clip_eps_high=0.3, kl_coef=0.0)
+    # A>0, r=1.5 -> clipped at 1.3; A<0, r=1.5 -> min(-1.5, -1.3) = -1.5 (unclipped, pessimistic)
+    # A>0, r=0.5 -> min(0.5, 0.8) = 0.5 (unclipped); A<0, r=0.5 -> min(-0.5, -0.8) = -0.8 (clipped)
+    assert t.loss.squeeze(-1).tolist() == pytest.approx([-1.3, 1.5, -0.5, 0.8])
+    assert t.clipped.squeeze(-1).tolist() == [True, False, False, True]
+
+
+def test_clipped_side_has_no_gradient():
+    logp = torch.log(torch.tensor([[1.5]])).requires_grad_()
+    t = grpo_token_loss(logp, torch.zeros(1, 1), logp.detach(), torch.tensor([1.0]), 0.2, 0.2, 0.0)
+    t.loss.sum().backward()
+    assert logp.grad.item() == 0.0
+
+
+def test_k3_kl_by_hand():
+    logp = torch.tensor([[math.log(0.5)]])
+    ref = torch.tensor([[math.log(0.25)]])
+    t = grpo_token_loss(logp, logp, ref, torch.tensor([0.0]), 0.2, 0.2, kl_coef=0.1)
+    d = math.log(0.25) - math.log(0.5)
+    expected_kl = math.exp(d) - d - 1  # 0.5 + ln 2 - 1
+    assert t.kl.item() == pytest.approx(expected_kl)
+    assert t.loss.item() == pytest.approx(0.1 * expected_kl)
+    same = grpo_token_loss(logp, logp, logp, torch.tensor([0.0]), 0.2, 0.2, 0.1)
+    assert same.kl.item() == 0.0
+
+
+def test_token_mean_vs_seq_mean():
+    per_token = torch.tensor([[1.0, 1.0, 1.0, 1.0], [4.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 0.0, 0.0, 0.0]])
+    # token-mean: (4 + 4) / 5 tokens; seq-mean: (1 + 4) / 2 sequences
+    assert aggregate(per_token, mask, "token-mean", normaliser(mask, "token-mean")).item() == pytest.approx(1.6)
+    assert aggregate(per_token, mask, "seq-mean", normaliser(mask, "seq-mean")).item() == pytest.approx(2.5)
+
+
+def test_micro_batches_sum_to_the_mini_batch_mean():
+    torch.manual_seed(0)
+    per_token, mask = torch.randn(6, 5), (torch.rand(6, 5) > 0.3).float()
+    for mode in ("token-mean", "seq-mean"):
+        norm = normaliser(mask, mode)
+        whole = aggregate(per_token, mask, mode, norm)
+        parts = sum(aggregate(per_token[i : i + 2], mask[i : i + 2], mode, norm) for i in range(0, 6, 2))
+        assert parts.item() == pytest.approx(whole.item())
