@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from omnigrpo.cluster.environment import prepare_local_ray_env
+
+prepare_local_ray_env("")  # as the CLI does, before anything imports Ray
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "omnigrpo" / "torch_extensions"))
 
 from omnigrpo.platform.config import Config, load_config  # noqa: E402

@@ -1,8 +1,8 @@
 """Ray for omnigrpo: start (or join) the cluster and wrap the plain workers into actors.
 
 Why: workers stay ordinary classes that tests drive directly; only this module knows about Ray. The
-local default is a private cluster on loopback with token auth disabled (``RAY_AUTH_MODE``, which
-Ray 2.60 turns on by default; a real cluster sets it to ``token`` on both sides, see README).
+local default is a private cluster on loopback with token auth disabled (see
+``omnigrpo.cluster.environment``; a real cluster sets ``RAY_AUTH_MODE=token`` on both sides, README).
 
 Placement is deliberately simple here: the stages of a step run one after another, so every actor
 asks for an equal share of the cluster's CPUs and uses all cores while it works.
@@ -10,37 +10,40 @@ asks for an equal share of the cluster's CPUs and uses all cores while it works.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from dataclasses import dataclass
 
 import ray
+from ray._private import ray_constants
 
+from omnigrpo.cluster.environment import prepare_local_ray_env, wants_local_cluster
 from omnigrpo.platform.config import Config
 from omnigrpo.rewards.worker import RewardWorker
-from omnigrpo.rollout.worker import RolloutWorker
+from omnigrpo.rollout.worker import RolloutBatch, RolloutWorker
 from omnigrpo.trainers.learner import Learner, sampling_params
 
-# Environment every process of a local run gets: keep Ray's sockets on loopback and auth off
-# (both only when the user has not chosen otherwise).
-LOCAL_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+log = logging.getLogger(__name__)
 
 
 def connect(cfg: Config) -> None:
-    """Join ``cluster.address`` or start a local cluster for this run (idempotent)."""
+    """Join ``cluster.address`` (or ``RAY_ADDRESS``) or start a local cluster for this run (idempotent)."""
     if ray.is_initialized():
         return
-    if cfg.cluster.address:
-        ray.init(address=cfg.cluster.address, log_to_driver=True)
+    if not wants_local_cluster(cfg.cluster.address):
+        ray.init(address=cfg.cluster.address or None, log_to_driver=True)
         return
-    for key, value in LOCAL_ENV.items():
-        os.environ.setdefault(key, value)
+    env = prepare_local_ray_env(cfg.cluster.address)
+    if ray_constants.ENABLE_RAY_CLUSTER:
+        log.warning("Ray was imported before RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was set; the local "
+                    "cluster's sockets may listen beyond loopback (call prepare_local_ray_env first)")
     ray.init(
         num_cpus=cfg.cluster.num_cpus or os.cpu_count(),
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
         log_to_driver=True,
-        runtime_env={"env_vars": {k: os.environ[k] for k in LOCAL_ENV}},
+        runtime_env={"env_vars": env},
     )
 
 
@@ -76,13 +79,11 @@ def spawn(cfg: Config, model_path: str, extensions_dir: str) -> Workers:
     return Workers(rollouts=rollouts, reward=reward, learner=learner)
 
 
-def generate(workers: Workers, prompts: list[str], metadata: list[dict], group_size: int, params=None):
+def generate(workers: Workers, prompts: list[str], metadata: list[dict], group_size: int) -> RolloutBatch:
     """Split prompts over the rollout actors and join their batches (one weight version)."""
-    from omnigrpo.rollout.worker import RolloutBatch
-
     n = len(workers.rollouts)
     shards = [(prompts[i::n], metadata[i::n]) for i in range(n)]
-    refs = [w.generate.remote(p, m, group_size, params) for w, (p, m) in zip(workers.rollouts, shards,
+    refs = [w.generate.remote(p, m, group_size) for w, (p, m) in zip(workers.rollouts, shards,
                                                                                 strict=True) if p]
     return RolloutBatch.concat(ray.get(refs))
 

@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(cfg: Config) -> int:
+    from omnigrpo.cluster.environment import prepare_local_ray_env
+
+    prepare_local_ray_env(cfg.cluster.address)  # before the driver imports Ray
     from omnigrpo.platform.driver import train
 
     summary = train(cfg)

@@ -84,8 +84,9 @@ def evaluate(cfg: Config, workers: actors.Workers, tracker: Tracker, step: int) 
         "eval/reward_mean": float(np.nanmean(result.total)) if result.valid.any() else float("nan"),
     }
     tracker.log(metrics, step)
-    tracker.log_samples(batch.images[:: cfg.eval.samples_per_prompt // 2 or 1][:16],
-                        batch.prompts[:: cfg.eval.samples_per_prompt // 2 or 1][:16], step, key="eval_samples")
+    per_prompt = cfg.eval.samples_per_prompt
+    shown = [i * per_prompt + j for i in range(len(prompts)) for j in range(min(2, per_prompt))]
+    tracker.log_samples(batch.images[shown], [batch.prompts[i] for i in shown], step, key="eval_samples")
     log.info("step %d held-out: strict accuracy %.3f, mean reward %.3f", step, *metrics.values())
     return metrics
 
@@ -156,7 +157,7 @@ def _loop(cfg: Config, workers: actors.Workers, tracker: Tracker, run_dir: Path)
     except BaseException:
         log.exception("run failed at step %d; writing a checkpoint", step)
         try:
-            ray.get(workers.learner.save_checkpoint.remote(str(ckpt_root), max(step - 1, 0)))
+            ray.get(workers.learner.save_checkpoint.remote(str(ckpt_root)))
         except Exception:  # noqa: BLE001 - the learner itself may be what died
             log.exception("could not write the crash checkpoint")
         raise

@@ -87,14 +87,11 @@ class RolloutWorker:
         self.generator = torch.Generator().manual_seed(self.seed)
         return self.version
 
-    def generate(
-        self, prompts: list[str], metadata: list[dict], group_size: int, params: SamplingParams | None = None
-    ) -> RolloutBatch:
-        """Draw ``group_size`` images for each prompt (``params`` overrides the configured sampling)."""
+    def generate(self, prompts: list[str], metadata: list[dict], group_size: int) -> RolloutBatch:
+        """Draw ``group_size`` images for each prompt."""
         repeated = [p for p in prompts for _ in range(group_size)]
         batch = self.policy.prompt_batch(repeated)
-        codes, logprobs = sample_images(self.policy.model, batch, self.policy.space, params or self.params,
-                                        self.generator)
+        codes, logprobs = sample_images(self.policy.model, batch, self.policy.space, self.params, self.generator)
         return RolloutBatch(
             prompts=repeated,
             metadata=[dict(m) for m in metadata for _ in range(group_size)],

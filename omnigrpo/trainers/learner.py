@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers.utils import logging as hf_logging
 
 from omnigrpo.platform.config import Config
 from omnigrpo.rollout.policy import ShapesPolicy
@@ -64,6 +65,7 @@ class Learner:
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
         import deepspeed  # after DS_ACCELERATOR is set: it picks the accelerator at import
 
+        hf_logging.disable_progress_bar()
         torch.set_num_threads(threads or os.cpu_count() or 1)
         torch.manual_seed(self.cfg.run.seed + self.rank)
         self.policy = ShapesPolicy.from_pretrained(self.model_path)
@@ -156,8 +158,10 @@ class Learner:
                                                enabled=self.cfg.trainer.zero_stage == 3):
             return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
-    def save_checkpoint(self, root: str | Path, step: int) -> str:
-        """Atomically write the current policy to ``root/step-NNNNNN`` (a ``model.path``-ready directory)."""
+    def save_checkpoint(self, root: str | Path, step: int | None = None) -> str:
+        """Atomically write the current policy to ``root/step-NNNNNN`` (a ``model.path``-ready directory);
+        ``step`` defaults to the number of updates made."""
+        step = self.version if step is None else step
         weights = self.state_dict()
         path = write_checkpoint(root, step, lambda tmp: self.policy.save_pretrained(tmp, state_dict=weights),
                                 self.cfg.trainer.keep_last, {"version": self.version})

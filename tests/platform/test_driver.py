@@ -70,3 +70,39 @@ def test_a_reward_that_fails_its_dry_run_stops_the_run_before_ray(tiny_config, t
         train(cfg)
     assert not ray.is_initialized()
     assert not Path(cfg.run.dir).exists()
+
+
+DIES = '''
+import os
+
+CALLS = {"n": 0}
+
+def dies_on_second_batch(images, prompts, metadata):
+    """Kills its own process (the reward actor) on its second call inside Ray."""
+    if os.environ.get("OMNIGRPO_TEST_IN_RAY") and os.getpid() != int(os.environ["OMNIGRPO_TEST_DRIVER_PID"]):
+        CALLS["n"] += 1
+        if CALLS["n"] == 3:  # call 1: step-0 evaluation, call 2: step 1, call 3: step 2
+            os._exit(1)
+    return [0.5] * len(images)
+'''
+
+
+def test_a_crash_leaves_a_checkpoint_and_a_failed_run(tiny_config, sft_path, tmp_path, monkeypatch):
+    import os
+
+    (tmp_path / "dying_judge.py").write_text(DIES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setenv("OMNIGRPO_TEST_IN_RAY", "1")
+    monkeypatch.setenv("OMNIGRPO_TEST_DRIVER_PID", str(os.getpid()))
+    cfg = tiny_config("trainer.steps=4", "eval.every=0",
+                      "rewards=[{name: shapes}, {name: 'dying_judge:dies_on_second_batch'}]")
+    with pytest.raises(ray.exceptions.RayError):
+        train(cfg)
+    assert not ray.is_initialized()
+    checkpoints = sorted((Path(cfg.run.dir) / "checkpoints").iterdir())
+    assert [p.name for p in checkpoints] == ["step-000001"]  # the update that completed is saved
+    ShapesPolicy.from_pretrained(checkpoints[0])  # and loads
+    runs = MlflowClient(store_uri(cfg)).search_runs(
+        [MlflowClient(store_uri(cfg)).get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]

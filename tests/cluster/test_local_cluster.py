@@ -1,0 +1,50 @@
+"""The local cluster a run starts listens on loopback only, and its actors get the CPUs they ask for."""
+
+import ipaddress
+
+import psutil
+import ray
+
+from omnigrpo.cluster import actors
+from omnigrpo.cluster.environment import prepare_local_ray_env, wants_local_cluster
+
+
+def test_every_socket_of_the_local_cluster_is_on_loopback(tiny_config):
+    cfg = tiny_config()
+    actors.connect(cfg)
+    try:
+        @ray.remote(num_cpus=0.5)
+        class Probe:
+            def pid(self):
+                import os
+
+                return os.getpid()
+
+        probe = Probe.remote()
+        ray.get(probe.pid.remote())  # a worker process exists and serves
+        procs = psutil.Process().children(recursive=True)
+        listening = []
+        for proc in procs:
+            try:
+                listening += [c.laddr for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+            except psutil.Error:
+                continue
+        assert listening, "found no Ray sockets to check"
+        outside = [a for a in listening if not _loopback(a.ip)]
+        assert not outside, f"Ray listens beyond loopback: {outside}"
+    finally:
+        ray.shutdown()
+
+
+def _loopback(ip: str) -> bool:
+    addr = ipaddress.ip_address(ip)
+    mapped = getattr(addr, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return (mapped or addr).is_loopback
+
+
+def test_joining_a_cluster_leaves_the_environment_alone(monkeypatch):
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    assert not wants_local_cluster("ray://head:10001")
+    assert "RAY_AUTH_MODE" not in prepare_local_ray_env("ray://head:10001")
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    assert prepare_local_ray_env("")["RAY_AUTH_MODE"] == "token"  # the user's choice wins
