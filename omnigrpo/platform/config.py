@@ -71,7 +71,7 @@ class ModelConfig:
 
 @dataclass(frozen=True, config=_STRICT)
 class SFTConfig:
-    steps: PositiveInt = 300
+    steps: PositiveInt = 800
     """Optimiser steps of supervised training on synthetic prompt/image pairs."""
     batch_size: PositiveInt = 64
     """Pairs per SFT step."""
@@ -117,7 +117,7 @@ class RewardSpec:
 
 @dataclass(frozen=True, config=_STRICT)
 class TrainerConfig:
-    steps: PositiveInt = 60
+    steps: PositiveInt = 250
     """GRPO steps (rollout, reward, update, weight sync)."""
     lr: Annotated[float, Field(gt=0.0)] = 2e-4
     """Learning rate of the policy (AdamW, constant)."""
@@ -151,9 +151,9 @@ class TrainerConfig:
 
 @dataclass(frozen=True, config=_STRICT)
 class EvalConfig:
-    every: NonNegInt = 20
+    every: NonNegInt = 50
     """Held-out evaluation every N steps, besides the start and the end (0: start and end only)."""
-    samples_per_prompt: PositiveInt = 16
+    samples_per_prompt: PositiveInt = 32
     """Images drawn per held-out prompt."""
 
 

@@ -12,6 +12,7 @@ user prompts that follow it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,8 +85,21 @@ def attribute_matches(image: np.ndarray, prompt: str) -> tuple[int, int]:
     return sum(w == g for w, g in asked), len(asked)
 
 
+def _judge(credit: Callable[[int, int], float]) -> Callable:
+    """A reward function that scores each image by ``credit(attributes right, attributes asked)``."""
+
+    def score(images, prompts, metadata):
+        out = []
+        for image, prompt in zip(images, prompts, strict=True):
+            hit, asked = attribute_matches(np.asarray(image), prompt)
+            out.append(credit(hit, asked) if asked else None)
+        return out
+
+    return score
+
+
 @register_reward("shapes")
-def shapes_reward() -> callable:
+def shapes_reward() -> Callable:
     """Partial credit: the share of the prompt's attributes (shape, colour, position) drawn right.
 
     Inputs: uint8 images ``[B, H, W, 3]`` and prompts of the shapes grammar. Score range [0, 1];
@@ -97,29 +111,13 @@ def shapes_reward() -> callable:
     >>> fn([render(s)], [s.prompt], [{}])
     [1.0]
     """
-
-    def score(images, prompts, metadata):
-        out = []
-        for image, prompt in zip(images, prompts, strict=True):
-            hit, asked = attribute_matches(np.asarray(image), prompt)
-            out.append(hit / asked if asked else None)
-        return out
-
-    return score
+    return _judge(lambda hit, asked: hit / asked)
 
 
 @register_reward("shapes_strict")
-def shapes_strict_reward() -> callable:
+def shapes_strict_reward() -> Callable:
     """Strict pass: 1.0 when every attribute the prompt names is drawn right, else 0.0.
 
     The held-out evaluation metric (GenEval's strict accuracy in miniature). Score range {0, 1}.
     """
-
-    def score(images, prompts, metadata):
-        out = []
-        for image, prompt in zip(images, prompts, strict=True):
-            hit, asked = attribute_matches(np.asarray(image), prompt)
-            out.append(float(hit == asked) if asked else None)
-        return out
-
-    return score
+    return _judge(lambda hit, asked: float(hit == asked))
