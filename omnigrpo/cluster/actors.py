@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from dataclasses import dataclass
 
 import ray
@@ -47,12 +46,6 @@ def connect(cfg: Config) -> None:
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Workers:
     """Handles of a run's actors."""
@@ -73,7 +66,7 @@ def spawn(cfg: Config, model_path: str, extensions_dir: str) -> Workers:
     rollouts = [rollout_cls.remote(model_path, params, cfg.run.seed + 17 * i, threads)
                 for i in range(cfg.cluster.rollout_workers)]
     reward = ray.remote(RewardWorker).options(num_cpus=share).remote(cfg.rewards)
-    learner = ray.remote(Learner).options(num_cpus=share, **env).remote(cfg, model_path, free_port())
+    learner = ray.remote(Learner).options(num_cpus=share, **env).remote(cfg, model_path)
     ray.get([w.setup.remote() for w in rollouts] + [reward.setup.remote(),
             learner.setup.remote(extensions_dir, threads)])
     return Workers(rollouts=rollouts, reward=reward, learner=learner)

@@ -116,9 +116,9 @@ def train(cfg: Config) -> dict:
 
 def _loop(cfg: Config, workers: actors.Workers, tracker: Tracker, run_dir: Path) -> dict:
     cursor = PromptCursor(*shapes.prompts_of(shapes.train_scenes()), seed=cfg.run.seed)
-    ckpt_root = run_dir / "checkpoints"
+    ckpt_root = run_dir / "checkpoints" / tracker.run_id
     before = evaluate(cfg, workers, tracker, 0)
-    step = 0
+    step, version = 0, 0
     try:
         for step in range(1, cfg.trainer.steps + 1):
             timings: dict[str, float] = {}
@@ -126,22 +126,24 @@ def _loop(cfg: Config, workers: actors.Workers, tracker: Tracker, run_dir: Path)
             prompts, metadata = cursor.take(cfg.rollout.prompts_per_step)
             with timed(timings, "rollout"):
                 batch = actors.generate(workers, prompts, metadata, cfg.rollout.group_size)
-            if batch.version != step - 1:
-                raise RuntimeError(f"step {step}: rollout used weights v{batch.version}, expected v{step - 1}")
+            if batch.version != version:
+                raise RuntimeError(f"step {step}: rollout used weights v{batch.version}, expected v{version}")
             with timed(timings, "reward"):
                 result = ray.get(workers.reward.score.remote(batch.images, batch.prompts, batch.metadata))
             valid = torch.from_numpy(result.valid)
-            adv, zero_std = group_advantages(torch.from_numpy(np.nan_to_num(result.total)).float(), batch.group,
-                                             valid, scale=cfg.trainer.scale_rewards)
+            totals = torch.from_numpy(np.where(result.valid, result.total, 0.0)).float()  # invalid: unused
+            adv, zero_std = group_advantages(totals, batch.group, valid, scale=cfg.trainer.scale_rewards)
             with timed(timings, "learn"):
                 train_batch = TrainBatch(batch.prompt_batch, batch.codes, batch.logprobs, adv, valid)
                 learned = ray.get(workers.learner.train_step.remote(train_batch))
+            learned_version = int(learned.pop("version"))  # the learner stamps the weights it made
             with timed(timings, "sync"):
-                actors.sync_weights(workers, step)
+                if learned_version != version:  # no update (every sample excluded): nothing to send
+                    version = learned_version
+                    actors.sync_weights(workers, version)
             timings["timing/step_s"] = time.perf_counter() - t0
             metrics = {**result.metrics(), **learned, **timings, "grpo/zero_std_frac": zero_std,
                        "throughput/samples_per_s": len(batch.prompts) / timings["timing/step_s"]}
-            metrics.pop("version")
             tracker.log(metrics, step)
             if cfg.tracking.image_every and step % cfg.tracking.image_every == 0:
                 n = cfg.tracking.images
@@ -157,7 +159,7 @@ def _loop(cfg: Config, workers: actors.Workers, tracker: Tracker, run_dir: Path)
     except BaseException:
         log.exception("run failed at step %d; writing a checkpoint", step)
         try:
-            ray.get(workers.learner.save_checkpoint.remote(str(ckpt_root)))
+            ray.get(workers.learner.save_checkpoint.remote(str(ckpt_root), None, "crash"))
         except Exception:  # noqa: BLE001 - the learner itself may be what died
             log.exception("could not write the crash checkpoint")
         raise

@@ -13,6 +13,7 @@ import json
 import math
 import time
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import torch
@@ -24,7 +25,8 @@ from torchvision.utils import make_grid
 
 from omnigrpo.platform.config import Config, to_dict
 
-_SECRET_WORDS = ("token", "secret", "password", "api_key", "apikey", "credential")
+_SECRET_WORDS = ("token", "secret", "password", "passwd", "_key", "apikey", "credential", "auth", "bearer",
+                 "cookie", "header")
 _PARAM_MAX = 500
 
 
@@ -114,9 +116,18 @@ def _captioned(image: np.ndarray, caption: str, scale: int = 4) -> torch.Tensor:
 
 
 def _redact(data: object) -> object:
+    """Hide values under credential-like keys, and user info and query strings inside URLs."""
     if isinstance(data, dict):
         return {k: "<redacted>" if any(w in str(k).lower() for w in _SECRET_WORDS) else _redact(v)
                 for k, v in data.items()}
     if isinstance(data, list):
         return [_redact(v) for v in data]
+    if isinstance(data, str) and "://" in data:
+        url = urlsplit(data)
+        if not (url.username or url.password or url.query):
+            return data
+        host = url.hostname or ""
+        netloc = (f"<redacted>@{host}" if url.username or url.password else host) + (
+            f":{url.port}" if url.port else "")
+        return urlunsplit((url.scheme, netloc, url.path, "<redacted>" if url.query else "", ""))
     return data

@@ -1,14 +1,14 @@
 """Scores decoded images with every configured reward and combines them, never hiding a failure.
 
-Why: a judge that crashes, times out or returns garbage must not become a silent 0 that the policy
-then learns from. :class:`RewardWorker` runs each reward, keeps its raw scores, and records a
+Why: a judge that crashes or returns garbage must not become a silent 0 that the policy then learns
+from. :class:`RewardWorker` runs each reward, keeps its raw scores, and records a
 failure whenever the reward raises, returns the wrong number of scores, or returns NaN / a
 non-number. :func:`combine` then forms the weighted total:
 
 - a sample whose *required* reward failed is excluded from the step (``valid`` False);
 - an *optional* reward that failed, or any reward that returned ``None`` (not applicable), drops out
   of that sample's total, which is re-scaled by ``sum(all weights) / sum(weights that scored)`` so
-  totals stay comparable; a sample no reward applied to is excluded;
+  totals stay comparable; a sample that no reward of positive weight scored is excluded;
 - every exclusion and failure is counted and logged as ``reward/failed`` and
   ``reward/<name>/failed``.
 
@@ -69,8 +69,8 @@ def combine(
     w = np.asarray(weights, dtype=np.float64)[:, None]
     req = np.asarray(required, dtype=bool)[:, None]
     counted = applicable & ~failed
-    valid = ~(failed & req).any(0) & counted.any(0)
     scored_weight = (w * counted).sum(0)
+    valid = ~(failed & req).any(0) & (scored_weight > 0)  # only weight-0 rewards scored: no total
     raw = (w * np.where(counted, scores, 0.0)).sum(0)
     with np.errstate(invalid="ignore", divide="ignore"):
         total = raw * w.sum() / scored_weight
@@ -109,7 +109,7 @@ class RewardWorker:
             for j, v in enumerate(values):
                 if v is None:
                     applicable[i, j] = False
-                elif isinstance(v, int | float | np.number) and math.isfinite(float(v)):
+                elif isinstance(v, int | float | np.number | np.bool_) and math.isfinite(float(v)):
                     scores[i, j] = float(v)
                 else:
                     failed[i, j] = True

@@ -3,7 +3,8 @@
 Why: a crash must leave something to resume from, never a half-written directory. A checkpoint is
 written into a temporary sibling and renamed into place (``os.replace`` is atomic on one file
 system), so a reader sees either no ``step-000012`` or a whole one. Each is a ``save_pretrained``
-directory that ``model.path`` can name directly.
+directory that ``model.path`` can name directly. The driver gives every MLflow run its own folder
+(``<run.dir>/checkpoints/<run id>``), so re-using a run directory never prunes another run's work.
 """
 
 from __future__ import annotations
@@ -20,20 +21,29 @@ _NAME = re.compile(r"^step-(\d+)$")
 
 
 def write_checkpoint(root: str | Path, step: int, save: Callable[[Path], None], keep_last: int,
-                     info: dict | None = None) -> Path:
-    """Call ``save(tmp_dir)``, then atomically publish it as ``root/step-{step:06d}``; prune old ones."""
+                     info: dict | None = None, name: str = "step") -> Path:
+    """Call ``save(tmp_dir)``, then atomically publish it as ``root/{name}-{step:06d}``.
+
+    Only ``step-*`` checkpoints are pruned to the newest ``keep_last``; others (``crash-*``) are kept.
+    An existing checkpoint of the same name is moved aside before the new one takes its place and
+    deleted after, so a complete copy exists at every moment.
+    """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    target = root / f"step-{step:06d}"
+    target = root / f"{name}-{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
+    aside = None
     try:
         save(tmp)
         (tmp / "omnigrpo_step.json").write_text(json.dumps({"step": step, **(info or {})}))
         if target.exists():
-            shutil.rmtree(target)
+            aside = target.with_name(f".{target.name}-old")
+            os.replace(target, aside)
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
     for old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return target

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from omnigrpo.rollout.sampler import LOGPROB_FLOOR
+
 
 def group_advantages(
     rewards: torch.Tensor, group: torch.Tensor, valid: torch.Tensor, scale: bool = True, eps: float = 1e-6
@@ -77,7 +79,9 @@ def grpo_token_loss(
     ratio = torch.exp(logp - old_logp)
     clipped_ratio = ratio.clamp(1.0 - clip_eps_low, 1.0 + clip_eps_high)
     surrogate = torch.minimum(ratio * adv, clipped_ratio * adv)
-    delta = ref_logp - logp
+    # A floored token (filtered out of the current policy's support) has no gradient and no
+    # meaningful KL estimate; exp(ref + 30) would swamp the loss and the logged KL, so it counts 0.
+    delta = torch.where(logp > LOGPROB_FLOOR, ref_logp - logp, torch.zeros_like(logp))
     kl = torch.exp(delta) - delta - 1.0
     clipped = ((ratio < 1.0 - clip_eps_low) & (adv < 0)) | ((ratio > 1.0 + clip_eps_high) & (adv > 0))
     return LossTerms(loss=-surrogate + kl_coef * kl, kl=kl, ratio=ratio, clipped=clipped)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,21 +49,29 @@ def sampling_params(cfg: Config) -> SamplingParams:
 class Learner:
     """DeepSpeed GRPO learner (rank ``rank`` of ``world_size``) over the policy at ``model_path``."""
 
-    def __init__(self, cfg: Config, model_path: str, master_port: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, cfg: Config, model_path: str, rendezvous: str | None = None, rank: int = 0,
+                 world_size: int = 1):
+        if world_size != 1:
+            raise NotImplementedError("a data-parallel learner group needs the batch sharded across ranks")
         self.cfg = cfg
         self.model_path = model_path
-        self.master_port = master_port
+        self.rendezvous = rendezvous
         self.rank = rank
         self.world_size = world_size
         self.version = 0
+        self.in_update = False
         self.params = sampling_params(cfg)
 
     def setup(self, extensions_dir: str | None = None, threads: int | None = None) -> int:
+        """Load policy and reference, join the process group, build the DeepSpeed engine.
+
+        The group meets at ``rendezvous``; by default a ``file://`` store in a fresh temporary folder,
+        which opens no listening socket (torch's TCP store listens on every interface)."""
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's own sockets stay on loopback
         if extensions_dir:
             os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir)
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(self.master_port), RANK=str(self.rank),
-                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
         import deepspeed  # after DS_ACCELERATOR is set: it picks the accelerator at import
 
         hf_logging.disable_progress_bar()
@@ -75,7 +84,10 @@ class Learner:
         optimizer = torch.optim.AdamW(model.parameters(), lr=tr.lr, weight_decay=tr.weight_decay)
         mini = self.cfg.batch_size // tr.mini_batches // self.world_size
         self.grad_accum = mini // tr.micro_batch_size
-        deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
+        rendezvous = self.rendezvous or (Path(tempfile.mkdtemp(prefix="omnigrpo-pg-")) / "store").as_uri()
+        deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl",
+                                   init_method=rendezvous, rank=self.rank, world_size=self.world_size,
+                                   auto_mpi_discovery=False)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model,
             optimizer=optimizer,
@@ -95,6 +107,9 @@ class Learner:
         """One GRPO update on ``batch``; returns the step's learner metrics."""
         tr = self.cfg.trainer
         n, t = batch.codes.shape
+        if not batch.valid.any():  # nothing to learn from; an optimiser step would still move weights
+            return {"grpo/skipped_update": 1.0, "version": float(self.version)}
+        self.in_update = True
         mask = batch.valid[:, None].expand(n, t).float()
         ref = self._reference_logprobs(batch)
         sums = {"kl": 0.0, "entropy": 0.0, "clip_frac": 0.0, "tokens": 0.0, "mismatch": 0.0, "loss": 0.0}
@@ -104,6 +119,7 @@ class Learner:
             for mini in order.chunk(tr.mini_batches):
                 norm = grpo.normaliser(mask[mini], tr.loss_agg)
                 for micro in mini.split(tr.micro_batch_size):
+                    on_policy = not grad_norms  # no optimiser step yet: the weights the batch was drawn with
                     logp, ent = sequence_logprobs(self.engine, batch.prompts.select(micro), batch.codes[micro],
                                                   self.policy.space, self.params)
                     terms = grpo.grpo_token_loss(logp, batch.old_logprobs[micro], ref[micro],
@@ -123,14 +139,17 @@ class Learner:
                             sums["kl"] += float((terms.kl * m).sum())
                             sums["entropy"] += float((ent * m).sum())
                             sums["clip_frac"] += float((terms.clipped.float() * m).sum())
-                            sums["mismatch"] = max(sums["mismatch"],
-                                                   float(((logp - batch.old_logprobs[micro]).abs() * m).max()))
+                            if on_policy:
+                                gap = ((logp - batch.old_logprobs[micro]).abs() * m).max()
+                                sums["mismatch"] = max(sums["mismatch"], float(gap))
                             sums["tokens"] += float(m.sum())
                             sums["loss"] += float(loss) * norm
         self.version += 1
+        self.in_update = False
         tokens = max(sums["tokens"], 1.0)
         return {
-            "loss": sums["loss"] / tokens if tr.loss_agg == "token-mean" else sums["loss"] / max(n, 1),
+            "loss": sums["loss"] / grpo.normaliser(mask, tr.loss_agg),
+            "grpo/skipped_update": 0.0,
             "kl": sums["kl"] / tokens,
             "entropy": sums["entropy"] / tokens,
             "clip_frac": sums["clip_frac"] / tokens,
@@ -158,13 +177,15 @@ class Learner:
                                                enabled=self.cfg.trainer.zero_stage == 3):
             return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
-    def save_checkpoint(self, root: str | Path, step: int | None = None) -> str:
-        """Atomically write the current policy to ``root/step-NNNNNN`` (a ``model.path``-ready directory);
-        ``step`` defaults to the number of updates made."""
+    def save_checkpoint(self, root: str | Path, step: int | None = None, name: str = "step") -> str:
+        """Atomically write the current policy to ``root/{name}-NNNNNN`` (a ``model.path``-ready
+        directory); ``step`` defaults to the number of updates made."""
         step = self.version if step is None else step
         weights = self.state_dict()
+        # a crash inside train_step leaves weights part-way through an update: say so in the checkpoint
+        info = {"version": self.version, "partial_update": self.in_update}
         path = write_checkpoint(root, step, lambda tmp: self.policy.save_pretrained(tmp, state_dict=weights),
-                                self.cfg.trainer.keep_last, {"version": self.version})
+                                self.cfg.trainer.keep_last, info, name=name)
         return str(path)
 
 

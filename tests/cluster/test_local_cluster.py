@@ -1,6 +1,7 @@
 """The local cluster a run starts listens on loopback only, and its actors get the CPUs they ask for."""
 
 import ipaddress
+import os
 
 import psutil
 import ray
@@ -9,29 +10,24 @@ from omnigrpo.cluster import actors
 from omnigrpo.cluster.environment import prepare_local_ray_env, wants_local_cluster
 
 
-def test_every_socket_of_the_local_cluster_is_on_loopback(tiny_config):
+def test_every_socket_of_a_run_is_on_loopback(tiny_config, sft_path):
+    # Every process of a run: this driver, Ray's own processes and the rollout, reward and learner
+    # actors (the learner has joined its DeepSpeed process group).
     cfg = tiny_config()
     actors.connect(cfg)
     try:
-        @ray.remote(num_cpus=0.5)
-        class Probe:
-            def pid(self):
-                import os
-
-                return os.getpid()
-
-        probe = Probe.remote()
-        ray.get(probe.pid.remote())  # a worker process exists and serves
-        procs = psutil.Process().children(recursive=True)
+        workers = actors.spawn(cfg, str(sft_path), os.environ["TORCH_EXTENSIONS_DIR"])
+        ray.get(workers.learner.state_dict.remote())
+        me = psutil.Process()
         listening = []
-        for proc in procs:
+        for proc in [me, *me.children(recursive=True)]:
             try:
                 listening += [c.laddr for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
             except psutil.Error:
                 continue
-        assert listening, "found no Ray sockets to check"
+        assert len(listening) > 5, "found too few Ray sockets to check"
         outside = [a for a in listening if not _loopback(a.ip)]
-        assert not outside, f"Ray listens beyond loopback: {outside}"
+        assert not outside, f"listening beyond loopback: {outside}"
     finally:
         ray.shutdown()
 

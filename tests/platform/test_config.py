@@ -89,3 +89,11 @@ def test_cli_unknown_reward_fails_before_cluster(tmp_path, capsys):
 def test_cli_check_prints_resolved_config(capsys):
     assert main(["train", SHAPES, "--check", "trainer.steps=3"]) == 0
     assert '"steps": 3' in capsys.readouterr().out
+
+
+def test_help_lists_the_commands(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "{train,sft}" in out and "omnigrpo train configs/shapes.yaml" in out

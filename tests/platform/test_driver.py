@@ -1,5 +1,6 @@
 """A whole run on a real local Ray cluster: DeepSpeed learner, weight sync, MLflow store."""
 
+import json
 import math
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def test_a_short_run_trains_syncs_and_logs(tiny_config, sft_path, tmp_path, monk
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "summary.json", "images"} <= artifacts
     assert any("samples" in a.path for a in client.list_artifacts(run.info.run_id, "images"))
-    assert Path(summary["checkpoint"]).name == "step-000003"
+    assert Path(summary["checkpoint"]) == Path(cfg.run.dir).resolve() / "checkpoints" / run.info.run_id / "step-000003"
 
 
 def test_a_reward_that_fails_its_dry_run_stops_the_run_before_ray(tiny_config, tmp_path, monkeypatch):
@@ -100,9 +101,11 @@ def test_a_crash_leaves_a_checkpoint_and_a_failed_run(tiny_config, sft_path, tmp
     with pytest.raises(ray.exceptions.RayError):
         train(cfg)
     assert not ray.is_initialized()
-    checkpoints = sorted((Path(cfg.run.dir) / "checkpoints").iterdir())
-    assert [p.name for p in checkpoints] == ["step-000001"]  # the update that completed is saved
-    ShapesPolicy.from_pretrained(checkpoints[0])  # and loads
-    runs = MlflowClient(store_uri(cfg)).search_runs(
-        [MlflowClient(store_uri(cfg)).get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    client = MlflowClient(store_uri(cfg))
+    runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
+    checkpoints = sorted((Path(cfg.run.dir) / "checkpoints" / runs[0].info.run_id).iterdir())
+    assert [p.name for p in checkpoints] == ["crash-000001"]  # the one update that completed is saved
+    info = json.loads((checkpoints[0] / "omnigrpo_step.json").read_text())
+    assert info == {"step": 1, "version": 1, "partial_update": False}
+    ShapesPolicy.from_pretrained(checkpoints[0])  # and loads

@@ -114,3 +114,10 @@ def test_combine_by_hand():
     assert valid.tolist() == [True, True, False]
     assert total[0] == pytest.approx(1.5) and total[1] == pytest.approx(0.0 * 2 / 1)
     assert math.isnan(total[2])
+
+
+def test_a_sample_scored_only_by_weight_zero_rewards_is_excluded_not_zero():
+    scores = np.array([[np.nan], [0.7]])
+    total, valid = combine(scores, failed=np.array([[True], [False]]), applicable=np.ones((2, 1), bool),
+                           weights=[1.0, 0.0], required=[False, True])
+    assert valid.tolist() == [False] and math.isnan(total[0])

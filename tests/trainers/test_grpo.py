@@ -83,3 +83,15 @@ def test_micro_batches_sum_to_the_mini_batch_mean():
         whole = aggregate(per_token, mask, mode, norm)
         parts = sum(aggregate(per_token[i : i + 2], mask[i : i + 2], mode, norm) for i in range(0, 6, 2))
         assert parts.item() == pytest.approx(whole.item())
+
+
+def test_a_floored_token_adds_no_kl_and_no_nan_gradient():
+    from omnigrpo.rollout.sampler import LOGPROB_FLOOR
+
+    raw = torch.tensor([[-40.0, -1.0]], requires_grad=True)
+    logp = raw.clamp_min(LOGPROB_FLOOR)  # as gather_logprobs floors it
+    ref = torch.tensor([[-3.0, -1.5]])
+    t = grpo_token_loss(logp, logp.detach(), ref, torch.tensor([1.0]), 0.2, 0.2, kl_coef=0.1)
+    assert t.kl[0, 0].item() == 0.0 and t.kl[0, 1].item() > 0.0
+    t.loss.sum().backward()
+    assert torch.isfinite(raw.grad).all() and raw.grad[0, 0].item() == 0.0

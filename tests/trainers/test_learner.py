@@ -7,6 +7,7 @@ import torch
 from omnigrpo.platform import shapes
 from omnigrpo.platform.config import RewardSpec
 from omnigrpo.rewards.worker import RewardWorker
+from omnigrpo.rollout.policy import ShapesPolicy
 from omnigrpo.rollout.worker import RolloutWorker
 from omnigrpo.trainers.grpo import group_advantages
 from omnigrpo.trainers.learner import Learner, TrainBatch, sampling_params
@@ -21,8 +22,8 @@ def redness(images, prompts, metadata):
 '''
 
 
-def _workers(cfg, sft_path, port):
-    learner = Learner(cfg, str(sft_path), master_port=port)
+def _workers(cfg, sft_path):
+    learner = Learner(cfg, str(sft_path))
     learner.setup(threads=2)
     rollout = RolloutWorker(str(sft_path), sampling_params(cfg), seed=cfg.run.seed, threads=2)
     rollout.setup()
@@ -46,7 +47,7 @@ def test_grpo_raises_the_reward_and_moves_the_weights(tiny_config, sft_path, tmp
     monkeypatch.syspath_prepend(str(tmp_path))
     cfg = tiny_config("trainer.lr=3e-3", "trainer.kl_coef=0.0", "rollout.group_size=8",
                       "rewards=[{name: 'red_reward:redness'}]")
-    learner, rollout, reward = _workers(cfg, sft_path, port=29611)
+    learner, rollout, reward = _workers(cfg, sft_path)
     before = {k: v.clone() for k, v in learner.state_dict().items()}
     prompts, metadata = shapes.prompts_of(shapes.train_scenes()[:4])
     history, versions = [], []
@@ -66,7 +67,7 @@ def test_grpo_raises_the_reward_and_moves_the_weights(tiny_config, sft_path, tmp
 def test_weight_sync_gives_the_rollout_identical_weights(tiny_config, sft_path, stage):
     cfg = tiny_config(f"trainer.zero_stage={stage}", "trainer.lr=1e-3", "trainer.kl_coef=0.05",
                       "trainer.loss_agg=seq-mean", "trainer.mini_batches=2", "trainer.epochs=2")
-    learner, rollout, reward = _workers(cfg, sft_path, port=29612 + stage)
+    learner, rollout, reward = _workers(cfg, sft_path)
     start = rollout.checksum()
     prompts, metadata = shapes.prompts_of(shapes.train_scenes()[:4])
     _, metrics, _ = _step(learner, rollout, reward, prompts, metadata, 4)
@@ -78,16 +79,48 @@ def test_weight_sync_gives_the_rollout_identical_weights(tiny_config, sft_path, 
     assert metrics["kl"] >= 0.0 and 0.0 <= metrics["clip_frac"] <= 1.0
 
 
-def test_excluded_samples_contribute_no_gradient(tiny_config, sft_path):
+def test_a_batch_with_every_sample_excluded_changes_nothing(tiny_config, sft_path):
     cfg = tiny_config("trainer.lr=1e-2", "trainer.kl_coef=0.0")
-    learner, rollout, _ = _workers(cfg, sft_path, port=29620)
+    learner, rollout, reward = _workers(cfg, sft_path)
     prompts, metadata = shapes.prompts_of(shapes.train_scenes()[:4])
+    _step(learner, rollout, reward, prompts, metadata, 4)  # a real update first: AdamW now has momentum
     batch = rollout.generate(prompts, metadata, 4)
     before = learner.state_dict()
     invalid = torch.zeros(16, dtype=torch.bool)
-    learner.train_step(TrainBatch(batch.prompt_batch, batch.codes, batch.logprobs, torch.ones(16), invalid))
+    metrics = learner.train_step(TrainBatch(batch.prompt_batch, batch.codes, batch.logprobs, torch.ones(16), invalid))
     after = learner.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+    assert metrics["grpo/skipped_update"] == 1.0 and learner.version == 1
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_micro_batching_does_not_change_the_update(tiny_config, sft_path, stage):
+    # Gradient accumulation inside DeepSpeed must give the same step as one big micro-batch,
+    # also when the excluded samples fall unevenly over the micro-batches.
+    results = []
+    for micro in (16, 4):
+        cfg = tiny_config(f"trainer.zero_stage={stage}", f"trainer.micro_batch_size={micro}", "trainer.lr=1e-2",
+                          "trainer.kl_coef=0.1", "run.seed=5")
+        learner, rollout, _ = _workers(cfg, sft_path)
+        prompts, metadata = shapes.prompts_of(shapes.train_scenes()[:4])
+        batch = rollout.generate(prompts, metadata, 4)  # same seed: same images for both settings
+        valid = torch.tensor([True] * 3 + [False] * 5 + [True] * 8)
+        adv = torch.linspace(-1.0, 1.0, 16)
+        learner.train_step(TrainBatch(batch.prompt_batch, batch.codes, batch.logprobs, adv, valid))
+        results.append((batch.codes, learner.state_dict()))
+    (codes_a, a), (codes_b, b) = results
+    assert torch.equal(codes_a, codes_b)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert any(not torch.equal(a[k], ShapesPolicy.from_pretrained(sft_path).model.state_dict()[k]) for k in a)
+
+
+def test_learner_agrees_with_the_sampler_under_guidance_and_filters(tiny_config, sft_path):
+    cfg = tiny_config("rollout.cfg_scale=3.0", "rollout.top_k=20", "rollout.min_p=0.02", "rollout.temperature=0.9",
+                      "trainer.mini_batches=2", "trainer.epochs=2", "trainer.micro_batch_size=4")
+    learner, rollout, reward = _workers(cfg, sft_path)
+    prompts, metadata = shapes.prompts_of(shapes.train_scenes()[:4])
+    _, metrics, _ = _step(learner, rollout, reward, prompts, metadata, 4)
+    assert metrics["grpo/logprob_mismatch"] < 1e-5
 
 
 def test_reward_specs_reach_the_worker():

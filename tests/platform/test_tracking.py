@@ -1,0 +1,41 @@
+import numpy as np
+from mlflow.tracking import MlflowClient
+
+from omnigrpo.platform.tracking import Tracker, _redact, flatten, store_uri
+
+
+def test_flatten_names_nested_keys():
+    assert flatten({"a": {"b": 1}, "r": [{"name": "x"}]}) == {"a.b": "1", "r.0.name": "x"}
+
+
+def test_secrets_never_reach_mlflow_and_metrics_are_batched(tiny_config, tmp_path):
+    cfg = tiny_config("rewards=[{name: shapes, kwargs: {api_key: sekrit-123, auth_token: tok-456, n: 3}}]")
+    tracker = Tracker(cfg)
+    run_id = tracker.start()
+    tracker.log({"reward/total/mean": 0.5, "kl": float("nan"), "lr": 1e-3}, step=1)
+    tracker.log_samples(np.zeros((3, 32, 32, 3), np.uint8), ["a", "b", "c"], step=1)
+    tracker.end()
+
+    client = MlflowClient(store_uri(cfg))
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["rewards.0.kwargs.api_key"] == "<redacted>" and params["rewards.0.kwargs.n"] == "3"
+    assert not any("sekrit" in v or "tok-456" in v for v in params.values())
+    client.download_artifacts(run_id, "config.yaml", str(tmp_path))
+    config_text = (tmp_path / "config.yaml").read_text()
+    assert "sekrit" not in config_text and "<redacted>" in config_text
+    assert run.data.metrics == {"reward/total/mean": 0.5, "lr": 1e-3}  # NaN skipped, not logged
+    assert str(store_uri(cfg)).startswith("sqlite:///") and (tmp_path / "run" / "mlflow.db").exists()
+    images = client.list_artifacts(run_id, "images")
+    assert images and images[0].path.startswith("images/samples")
+
+
+def test_credentials_inside_urls_are_redacted():
+    clean = _redact({"tracking": {"uri": "https://alice:pw@mlflow.example:5000/api?token=abc"},
+                     "cluster": {"address": "ray://head:10001"}, "store": "sqlite:////tmp/x/mlflow.db",
+                     "headers": {"Authorization": "Bearer x"}})
+    assert clean["tracking"]["uri"] == "https://<redacted>@mlflow.example:5000/api?<redacted>"
+    assert clean["cluster"]["address"] == "ray://head:10001"
+    assert clean["store"] == "sqlite:////tmp/x/mlflow.db"
+    assert clean["headers"] == "<redacted>"
