@@ -34,10 +34,11 @@ def cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def tiny_config(cache_dir, tmp_path):
-    """``tiny_config(*overrides)`` -> a validated Config of a tiny model writing under ``tmp_path``."""
+    """``tiny_config(*overrides, path=None)`` -> a validated Config of a tiny model writing under ``tmp_path``
+    (``path``: a YAML file to start from)."""
 
-    def make(*overrides: str) -> Config:
-        return load_config(None, [*TINY, f"run.cache_dir={cache_dir}", f"run.dir={tmp_path / 'run'}", *overrides])
+    def make(*overrides: str, path: Path | None = None) -> Config:
+        return load_config(path, [*TINY, f"run.cache_dir={cache_dir}", f"run.dir={tmp_path / 'run'}", *overrides])
 
     return make
 

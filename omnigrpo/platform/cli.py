@@ -14,6 +14,7 @@ import sys
 
 from omnigrpo import __version__
 from omnigrpo.platform.config import Config, ConfigError, load_config, to_dict
+from omnigrpo.platform.prompts import PromptFileError
 from omnigrpo.platform.registry import RewardNotFound
 
 EPILOG = """examples:
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             print(sft_checkpoint(cfg))
             return 0
         return _train(cfg)
-    except (ConfigError, RewardNotFound, FileNotFoundError) as err:
+    except (ConfigError, RewardNotFound, PromptFileError, FileNotFoundError) as err:
         print(f"omnigrpo: {err}", file=sys.stderr)
         return 2
 

@@ -51,6 +51,13 @@ class WorldConfig:
 
 
 @dataclass(frozen=True, config=_STRICT)
+class DataConfig:
+    prompts: Annotated[str, Field(min_length=1)] = "shapes"
+    """Training prompts: a built-in world (``shapes``) or a ``.txt`` / ``.jsonl`` / ``.parquet`` file or a
+    ``datasets`` directory (see ``omnigrpo.platform.prompts``); shuffled each epoch with ``run.seed``."""
+
+
+@dataclass(frozen=True, config=_STRICT)
 class ModelConfig:
     family: Literal["shapes"] = "shapes"
     """Policy family; ``shapes`` is the built-in Qwen2 policy over the shapes world's codes."""
@@ -187,6 +194,7 @@ class ClusterConfig:
 class Config:
     run: RunConfig = Field(default_factory=RunConfig)
     world: WorldConfig = Field(default_factory=WorldConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)

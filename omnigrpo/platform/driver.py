@@ -23,6 +23,7 @@ import torch
 from omnigrpo.cluster import actors
 from omnigrpo.platform import shapes
 from omnigrpo.platform.config import Config, ConfigError
+from omnigrpo.platform.prompts import load_prompts
 from omnigrpo.platform.registry import build_reward
 from omnigrpo.platform.tracking import Tracker
 from omnigrpo.rewards.worker import call_reward
@@ -50,10 +51,11 @@ class PromptCursor:
         return [self.prompts[i] for i in picked], [self.metadata[i] for i in picked]
 
 
-def check_rewards(cfg: Config) -> None:
-    """Build every reward on the driver and dry-run it on two blank images; raise naming the culprit."""
+def check_rewards(cfg: Config, prompts: list[str], metadata: list[dict]) -> None:
+    """Build every reward on the driver and dry-run it on two blank images with the first two training
+    prompts; raise naming the culprit."""
     blank = np.zeros((2, shapes.IMAGE_SIZE, shapes.IMAGE_SIZE, 3), dtype=np.uint8)
-    prompts, metadata = shapes.prompts_of(shapes.train_scenes()[:2])
+    prompts, metadata = (prompts * 2)[:2], (metadata * 2)[:2]
     for spec in cfg.rewards:
         fn = build_reward(spec.name, spec.kwargs)  # RewardNotFound names what is missing
         try:
@@ -93,7 +95,8 @@ def evaluate(cfg: Config, workers: actors.Workers, tracker: Tracker, step: int) 
 
 def train(cfg: Config) -> dict:
     """Run a whole GRPO job; returns the held-out metrics before and after and the checkpoint path."""
-    check_rewards(cfg)
+    prompts, metadata = load_prompts(cfg.data.prompts)  # a malformed file fails here, naming the line
+    check_rewards(cfg, prompts, metadata)
     run_dir = Path(cfg.run.dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     model_path = cfg.model.path or str(sft_checkpoint(cfg, cfg.cluster.torch_threads or None))
@@ -105,7 +108,7 @@ def train(cfg: Config) -> dict:
     try:
         workers = actors.spawn(cfg, model_path, str(cache_root(cfg) / "torch_extensions"))
         tracker.start()
-        return _loop(cfg, workers, tracker, run_dir)
+        return _loop(cfg, workers, tracker, run_dir, PromptCursor(prompts, metadata, seed=cfg.run.seed))
     except BaseException:
         tracker.end(failed=True)
         raise
@@ -114,8 +117,7 @@ def train(cfg: Config) -> dict:
             ray.shutdown()
 
 
-def _loop(cfg: Config, workers: actors.Workers, tracker: Tracker, run_dir: Path) -> dict:
-    cursor = PromptCursor(*shapes.prompts_of(shapes.train_scenes()), seed=cfg.run.seed)
+def _loop(cfg: Config, workers: actors.Workers, tracker: Tracker, run_dir: Path, cursor: PromptCursor) -> dict:
     ckpt_root = run_dir / "checkpoints" / tracker.run_id
     before = evaluate(cfg, workers, tracker, 0)
     step, version = 0, 0

@@ -112,7 +112,7 @@ def _captioned(image: np.ndarray, caption: str, scale: int = 4) -> torch.Tensor:
         lines[row] = f"{lines[row]} {word}".strip()
     draw.text((2, h * scale + 1), lines[0], fill="black")
     draw.text((2, h * scale + 12), lines[1], fill="black")
-    return torch.from_numpy(np.asarray(canvas)).permute(2, 0, 1)
+    return torch.from_numpy(np.array(canvas)).permute(2, 0, 1)
 
 
 def _redact(data: object) -> object:

@@ -1,0 +1,120 @@
+"""OCR judge: does the image show the text the prompt asked for?
+
+Why: text rendering is where RL moved discrete-token generators most (X-Omni; flow_grpo lifted OCR
+accuracy from 0.59 to 0.92). The reader is PP-OCR through ``rapidocr``, whose detection and recognition
+ONNX models ship inside its wheel, so this judge runs for real on any machine, GPU or not.
+
+The target text is ``metadata["text"]`` when present, else the double-quoted parts of the prompt
+(``a sign that says "OPEN"``); a sample with neither is not applicable (``None``). Two scores:
+
+- ``edit`` (flow_grpo): lower-case, spaces dropped; 1 if the target is contained in what was read,
+  else ``1 - min(levenshtein, len(target)) / len(target)``;
+- ``recall`` (X-Omni's LongText-Bench): the multiset share of the target's words found in what was
+  read (CJK text counts per character).
+
+Small images are upscaled (nearest neighbour, integer factor) until they are ``min_height`` pixels
+tall, because PP-OCR's detector misses glyphs a few pixels high. ``detect=False`` skips detection and
+reads the whole image as one line, which is faster and steadier for single-line renders.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from collections.abc import Callable
+
+import numpy as np
+from rapidfuzz.distance import Levenshtein
+
+from omnigrpo.platform.registry import register_reward
+
+_QUOTED = re.compile(r"\"([^\"]+)\"|“([^”]+)”")
+_WORDS = re.compile(r"[\u3400-\u9fff]|[^\W_]+", re.UNICODE)
+
+
+def target_text(prompt: str, metadata: dict | None) -> str | None:
+    """The text a sample should show: ``metadata["text"]``, else the prompt's double-quoted parts."""
+    if metadata and isinstance(metadata.get("text"), str) and metadata["text"].strip():
+        return metadata["text"]
+    quoted = [a or b for a, b in _QUOTED.findall(prompt)]
+    return " ".join(quoted) if quoted else None
+
+
+def edit_score(read: str, target: str) -> float:
+    """flow_grpo's OCR reward: 1 - normalised edit distance, 1 when the target is contained in the reading.
+
+    >>> edit_score("Grand OPENING", "open ing")
+    1.0
+    >>> round(edit_score("0PEN", "open"), 2)
+    0.75
+    """
+    read_n, target_n = _squash(read), _squash(target)
+    if not target_n:
+        return 1.0
+    if target_n in read_n:
+        return 1.0
+    return 1.0 - min(Levenshtein.distance(read_n, target_n), len(target_n)) / len(target_n)
+
+
+def word_recall(read: str, target: str) -> float:
+    """Share of the target's words (CJK: characters) found in the reading, counted as multisets.
+
+    >>> word_recall("the the cat", "The cat and the dog")
+    0.6
+    """
+    want = Counter(_WORDS.findall(target.lower()))
+    if not want:
+        return 1.0
+    got = Counter(_WORDS.findall(read.lower()))
+    return sum((want & got).values()) / sum(want.values())
+
+
+def _squash(text: str) -> str:
+    return "".join(text.lower().split())
+
+
+class RapidOCRReader:
+    """PP-OCR (detection + recognition) through ``rapidocr``; ``read(image) -> str``."""
+
+    def __init__(self, detect: bool = True, min_height: int = 64, unclip_ratio: float = 1.2):
+        from rapidocr import RapidOCR
+
+        logging.getLogger("RapidOCR").setLevel(logging.WARNING)
+        # rapidocr's default unclip ratio (1.6) grows neighbouring word boxes until they overlap, and
+        # the overlap is then read twice ("omni grpo" -> "omni" + "i grpo"); 1.2 keeps words apart.
+        self.engine = RapidOCR(params={"Det.unclip_ratio": unclip_ratio})
+        self.detect = detect
+        self.min_height = min_height
+
+    def read(self, image: np.ndarray) -> str:
+        """uint8 ``[H, W, 3]`` -> the text read, lines joined by spaces ("" if nothing)."""
+        factor = max(1, -(-self.min_height // image.shape[0]))
+        if factor > 1:
+            image = image.repeat(factor, axis=0).repeat(factor, axis=1)
+        result = self.engine(np.ascontiguousarray(image), use_det=self.detect, use_cls=False, use_rec=True)
+        return " ".join(result.txts or ())
+
+
+@register_reward("ocr")
+def ocr_reward(score: str = "edit", detect: bool = True, min_height: int = 64, unclip_ratio: float = 1.2) -> Callable:
+    """OCR judge (PP-OCR via rapidocr, models inside its wheel).
+
+    Inputs: uint8 images ``[B, H, W, 3]``; target text from ``metadata["text"]`` or the prompt's
+    double-quoted parts. ``score="edit"`` (flow_grpo, range [0, 1]) or ``"recall"`` (word recall,
+    [0, 1]); ``None`` where a sample asks for no text.
+    """
+    scorers = {"edit": edit_score, "recall": word_recall}
+    if score not in scorers:
+        raise ValueError(f"ocr: score must be one of {sorted(scorers)}, got {score!r}")
+    scorer = scorers[score]
+    reader = RapidOCRReader(detect=detect, min_height=min_height, unclip_ratio=unclip_ratio)
+
+    def judge(images, prompts, metadata):
+        out: list[float | None] = []
+        for image, prompt, meta in zip(images, prompts, metadata, strict=True):
+            target = target_text(prompt, meta)
+            out.append(None if target is None else scorer(reader.read(np.asarray(image)), target))
+        return out
+
+    return judge

@@ -1,0 +1,81 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from omnigrpo.platform import shapes
+from omnigrpo.platform.cli import main
+from omnigrpo.platform.prompts import PromptFileError, load_prompts
+
+
+def test_world_prompts_exclude_the_held_out_set():
+    prompts, metadata = load_prompts("shapes")
+    held = {s.prompt for s in shapes.held_out_scenes()}
+    assert prompts and not held & set(prompts)
+    assert metadata[0].keys() == {"shape", "color", "position"}
+
+
+def test_txt_skips_blank_and_comment_lines(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("# my prompts\na red circle at the top left\n\n  a sign that says \"OPEN\"  \n")
+    prompts, metadata = load_prompts(str(path))
+    assert prompts == ["a red circle at the top left", 'a sign that says "OPEN"'] and metadata == [{}, {}]
+
+
+def test_jsonl_keeps_metadata(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "a shop sign", "text": "CAFE", "tags": ["ocr"]}) + "\n\n"
+                    + json.dumps({"prompt": "a cat"}) + "\n")
+    prompts, metadata = load_prompts(str(path))
+    assert prompts == ["a shop sign", "a cat"]
+    assert metadata == [{"text": "CAFE", "tags": ["ocr"]}, {}]
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        (['{"prompt": "ok"}', '{"prompt": "broken"'], "p.jsonl:2: not valid JSON"),
+        (['{"prompt": "ok"}', '{"text": "x"}'], "p.jsonl:2: missing or empty 'prompt' field"),
+        (['["a list"]'], "p.jsonl:1: expected an object"),
+        (['{"prompt": "  "}'], "p.jsonl:1: missing or empty"),
+    ],
+)
+def test_malformed_jsonl_names_the_line(tmp_path, lines, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(PromptFileError, match=message):
+        load_prompts(str(path))
+
+
+def test_parquet_and_datasets_directory(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+
+    rows = [{"prompt": "a red circle at the top left", "text": ""}, {"prompt": "a poster", "text": "SALE"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
+    assert load_prompts(str(tmp_path / "p.parquet")) == (["a red circle at the top left", "a poster"],
+                                                        [{"text": ""}, {"text": "SALE"}])
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    assert load_prompts(str(tmp_path / "ds"))[1][1] == {"text": "SALE"}
+
+
+def test_unknown_sources_are_refused(tmp_path):
+    with pytest.raises(PromptFileError, match="neither a built-in world"):
+        load_prompts(str(tmp_path / "missing.txt"))
+    (tmp_path / "p.csv").write_text("prompt\nx\n")
+    with pytest.raises(PromptFileError, match="unknown prompt file type '.csv'"):
+        load_prompts(str(tmp_path / "p.csv"))
+    (tmp_path / "empty.txt").write_text("\n# nothing\n")
+    with pytest.raises(PromptFileError, match="no prompts"):
+        load_prompts(str(tmp_path / "empty.txt"))
+
+
+def test_cli_reports_a_bad_prompt_file_before_starting_anything(tmp_path, capsys):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "fine"}\n{oops\n')
+    config = str(Path(__file__).parents[2] / "configs" / "shapes.yaml")
+    code = main(["train", config, f"data.prompts={path}", f"run.dir={tmp_path / 'run'}"])
+    assert code == 2
+    assert "p.jsonl:2: not valid JSON" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
