@@ -24,7 +24,7 @@ from typing import Any
 
 ENTRY_POINT_GROUP = "omnigrpo.rewards"
 RewardFn = Callable[[Any, list[str], list[dict]], Any]
-_BUILTIN_MODULES = ("omnigrpo.rewards.shapes", "omnigrpo.rewards.ocr")
+_BUILTIN_MODULES = ("omnigrpo.rewards.shapes", "omnigrpo.rewards.ocr", "omnigrpo.rewards.clip")
 
 
 class RewardNotFound(LookupError):

@@ -1,0 +1,140 @@
+"""CLIP-family judges through open_clip: ``clip`` (CLIP score), ``hps`` (HPSv2 / v2.1 preference) and
+``aesthetic`` (the LAION aesthetic MLP on CLIP ViT-L/14 image embeddings).
+
+Why: X-Omni's ensemble starts with HPSv2, an OpenCLIP ViT-H-14 fine-tuned on human preferences, and
+CLIP score is the standard text-image alignment baseline. Both are the same computation: encode the
+image with the model's *own* validation transform (resize, centre crop, its mean/std), encode the
+prompt with its tokenizer, and take the cosine of the two normalised embeddings.
+
+Weights load exactly as a user's would, with no download at run time when given local files:
+- ``model``: an open_clip architecture name (``ViT-H-14``), or ``local-dir:/path`` holding an
+  ``open_clip_config.json`` and its weights, or ``hf-hub:org/repo``;
+- ``pretrained``: an open_clip pretrained tag or a weights file for ``model``;
+- ``checkpoint``: a further state dict loaded on top (HPS's ``HPS_v2_compressed.pt`` /
+  ``HPS_v2.1_compressed.pt``, whose weights sit under ``"state_dict"``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from omnigrpo.platform.registry import register_reward
+
+
+class OpenClipScorer:
+    """Cosine similarity of image and prompt embeddings under one open_clip model.
+
+    ``__call__(images [B, H, W, 3] uint8, prompts) -> [B]`` float cosines in [-1, 1].
+    """
+
+    def __init__(self, model: str, pretrained: str | None = None, checkpoint: str | None = None,
+                 device: str = "cpu", batch_size: int = 32):
+        import open_clip
+
+        self.model, _, self.preprocess = open_clip.create_model_and_transforms(
+            model, pretrained=pretrained, device=device)
+        if checkpoint:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            state = state.get("state_dict", state)
+            missing, unexpected = self.model.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise ValueError(f"checkpoint {checkpoint} does not fit {model}: {len(missing)} missing, "
+                                 f"{len(unexpected)} unexpected keys (e.g. {(missing or unexpected)[:3]})")
+        self.model.eval().requires_grad_(False)
+        self.tokenizer = open_clip.get_tokenizer(model)
+        self.device = device
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def encode_images(self, images) -> torch.Tensor:
+        """uint8 ``[B, H, W, 3]`` -> normalised image embeddings ``[B, D]`` (the model's own transform)."""
+        out = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            pixels = [self.preprocess(Image.fromarray(np.asarray(im))) for im in chunk]
+            out.append(self.model.encode_image(torch.stack(pixels).to(self.device), normalize=True).float())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def __call__(self, images, prompts: list[str]) -> list[float]:
+        image = self.encode_images(images)
+        text = torch.cat([self.model.encode_text(self.tokenizer(prompts[i : i + self.batch_size]).to(self.device),
+                                                 normalize=True).float()
+                          for i in range(0, len(prompts), self.batch_size)])
+        return (image * text).sum(-1).cpu().tolist()
+
+
+def _per_sample(scorer: OpenClipScorer) -> Callable:
+    def judge(images, prompts, metadata):
+        return scorer(images, list(prompts))
+
+    return judge
+
+
+@register_reward("clip")
+def clip_reward(model: str = "ViT-L-14", pretrained: str | None = "openai", checkpoint: str | None = None,
+                device: str = "cpu") -> Callable:
+    """CLIP score: cosine(image, prompt) under an open_clip model.
+
+    Inputs: uint8 images ``[B, H, W, 3]`` and prompts. Backbone: ``model`` (default OpenAI ViT-L/14;
+    ``pretrained`` a tag or local weights file). Range [-1, 1], ~0.2-0.35 for matching pairs.
+    """
+    return _per_sample(OpenClipScorer(model, pretrained, checkpoint, device))
+
+
+@register_reward("hps")
+def hps_reward(checkpoint: str, model: str = "ViT-H-14", pretrained: str | None = None,
+               device: str = "cpu") -> Callable:
+    """HPSv2 / v2.1 human-preference score: cosine(image, prompt) under the HPS-tuned OpenCLIP ViT-H-14.
+
+    Inputs: uint8 images ``[B, H, W, 3]`` (resized by the model's own 224 px transform) and prompts.
+    ``checkpoint``: a local ``HPS_v2*.pt`` file (required; HPS weights are not an open_clip tag).
+    Range ~0.2-0.35 for real images.
+    """
+    return _per_sample(OpenClipScorer(model, pretrained, checkpoint, device))
+
+
+class AestheticHead(torch.nn.Module):
+    """The LAION aesthetic predictor's MLP: normalised CLIP image embedding -> a 1-10 score.
+
+    Built from its checkpoint: every ``layers.<i>.weight`` is a Linear layer, in order (the published
+    v2 head is 768 -> 1024 -> 128 -> 64 -> 16 -> 1, dropout between the first ones, no activations).
+    """
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        super().__init__()
+        indices = sorted(int(k.split(".")[1]) for k in state if k.startswith("layers.") and k.endswith(".weight"))
+        if not indices:
+            raise ValueError("aesthetic head checkpoint has no layers.<i>.weight tensors")
+        self.layers = torch.nn.ModuleDict({str(i): torch.nn.Linear(*state[f"layers.{i}.weight"].shape[::-1])
+                                           for i in indices})
+        self.layers.load_state_dict({k.removeprefix("layers."): v for k, v in state.items()})
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        """``[B, D]`` -> ``[B]``."""
+        x = embedding
+        for layer in self.layers.values():
+            x = layer(x)
+        return x.squeeze(-1)
+
+
+@register_reward("aesthetic")
+def aesthetic_reward(head: str, model: str = "ViT-L-14", pretrained: str | None = "openai",
+                     device: str = "cpu") -> Callable:
+    """LAION aesthetic score: CLIP ViT-L/14 image embedding into the aesthetic MLP head.
+
+    Inputs: uint8 images ``[B, H, W, 3]`` only (prompts are ignored). ``head``: a local state dict
+    of the MLP (e.g. ``sac+logos+ava1-l14-linearMSE.pth``). Range ~1-10.
+    """
+    scorer = OpenClipScorer(model, pretrained, None, device)
+    mlp = AestheticHead(torch.load(head, map_location="cpu", weights_only=True)).to(device).eval()
+
+    def judge(images, prompts, metadata):
+        with torch.no_grad():
+            return mlp(scorer.encode_images(images)).cpu().tolist()
+
+    return judge
