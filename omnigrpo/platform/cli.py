@@ -22,6 +22,7 @@ EPILOG = """examples:
   omnigrpo train configs/shapes.yaml trainer.steps=10 rollout.group_size=4 run.dir=runs/try
   omnigrpo train configs/shapes.yaml --check      # validate and print the resolved config
   omnigrpo sft configs/shapes.yaml                # only build (or find) the SFT start checkpoint
+  omnigrpo serve-reward ocr score=recall --port 8765   # then rewards: [{name: "url:http://127.0.0.1:8765"}]
 """
 
 
@@ -39,17 +40,26 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("config", help="YAML config file")
         p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. trainer.lr=1e-5")
         p.add_argument("--check", action="store_true", help="validate, print the resolved config, exit")
+    serve = sub.add_parser("serve-reward", help="serve one reward over HTTP (PNG + JSON, never pickle)",
+                           description="Serve one reward over HTTP; a run uses it as {name: 'url:http://HOST:PORT'}. "
+                                       "Set OMNIGRPO_REWARD_TOKEN to require a bearer token.")
+    serve.add_argument("name", help="reward name, entry point or module:attr")
+    serve.add_argument("kwargs", nargs="*", help="key=value arguments for the reward's factory (YAML values)")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8765, help="port (0 picks a free one)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)  # overrides may follow options such as --check
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "serve-reward":
+        return _serve(args, parser, extra)
     unknown = [e for e in extra if "=" not in e or e.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*args.overrides, *extra]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
         if args.check:
@@ -64,6 +74,37 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, RewardNotFound, PromptFileError, FileNotFoundError) as err:
         print(f"omnigrpo: {err}", file=sys.stderr)
         return 2
+
+
+def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser, extra: list[str]) -> int:
+    import yaml
+
+    from omnigrpo.platform.registry import build_reward
+    from omnigrpo.rewards.service import make_server
+
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    kwargs = {}
+    for item in args.kwargs:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"reward argument {item!r} is not key=value")
+        kwargs[key] = yaml.safe_load(value)
+    try:
+        reward = build_reward(args.name, kwargs)
+    except (RewardNotFound, TypeError, ValueError) as err:
+        print(f"omnigrpo: {err}", file=sys.stderr)
+        return 2
+    server = make_server(reward, args.name, args.host, args.port)
+    host, port = server.server_address[:2]
+    print(f"serving reward {args.name!r} on http://{host}:{port}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
 
 
 def _train(cfg: Config) -> int:

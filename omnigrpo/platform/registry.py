@@ -4,7 +4,8 @@ Why: users plug their own judges in without editing omnigrpo, and a run must fai
 before any worker starts, when a reward cannot be found. A reward name resolves, in order, to
 1. a built-in registered with :func:`register_reward` (duplicate names are refused);
 2. an installed entry point in the group ``omnigrpo.rewards``;
-3. a ``package.module:attr`` string, imported as a module. A file path is never executed.
+3. a ``package.module:attr`` string, imported as a module. A file path is never executed;
+4. ``url:http://host:port``, a reward service (``omnigrpo.rewards.service``).
 
 The resolved object is either a *reward function* ``(images, prompts, metadata) -> list[float | None]``
 (recognised by a first parameter named ``images``; config kwargs are bound as keywords) or a
@@ -69,6 +70,10 @@ def builtin_rewards() -> list[str]:
 
 def resolve_reward(name: str) -> Any:
     """The object a reward name stands for (a reward function or a factory)."""
+    if name.startswith("url:"):  # a reward service (omnigrpo serve-reward, or any compatible server)
+        from omnigrpo.rewards.service import RemoteReward
+
+        return functools.partial(RemoteReward, name.removeprefix("url:"))
     builtins = builtin_rewards()
     if name in REWARDS:
         return REWARDS[name]
