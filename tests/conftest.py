@@ -6,10 +6,12 @@ DeepSpeed's CPU communication op is compiled once into a cache that outlives the
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from omnigrpo.cluster.environment import prepare_local_ray_env
 
@@ -50,3 +52,27 @@ def sft_path(cache_dir) -> Path:
 
     cfg = load_config(None, [*TINY, f"run.cache_dir={cache_dir}"])
     return sft_checkpoint(cfg, threads=2)
+
+
+TINY_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    """A tiny random CLIP written the way open_clip publishes models: config JSON + safetensors."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    directory = tmp_path_factory.mktemp("tiny_clip")
+    (directory / "open_clip_config.json").write_text(json.dumps({
+        "model_cfg": TINY_CLIP,
+        "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]},
+    }))
+    torch.manual_seed(0)
+    model = open_clip.create_model(f"local-dir:{directory}", load_weights=False)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, directory / "open_clip_model.safetensors")
+    return directory

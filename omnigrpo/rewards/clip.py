@@ -1,5 +1,6 @@
-"""CLIP-family judges through open_clip: ``clip`` (CLIP score), ``hps`` (HPSv2 / v2.1 preference) and
-``aesthetic`` (the LAION aesthetic MLP on CLIP ViT-L/14 image embeddings).
+"""CLIP-family judges: ``clip`` (CLIP score), ``hps`` (HPSv2 / v2.1 preference) and ``aesthetic`` (the
+LAION aesthetic MLP on CLIP ViT-L/14 image embeddings) through open_clip; ``pickscore`` through
+transformers, the form PickScore is published in.
 
 Why: X-Omni's ensemble starts with HPSv2, an OpenCLIP ViT-H-14 fine-tuned on human preferences, and
 CLIP score is the standard text-image alignment baseline. Both are the same computation: encode the
@@ -136,5 +137,36 @@ def aesthetic_reward(head: str, model: str = "ViT-L-14", pretrained: str | None 
     def judge(images, prompts, metadata):
         with torch.no_grad():
             return mlp(scorer.encode_images(images)).cpu().tolist()
+
+    return judge
+
+
+@register_reward("pickscore")
+def pickscore_reward(model: str = "yuvalkirstain/PickScore_v1",
+                     processor: str | None = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", scale: float = 1 / 26,
+                     device: str = "cpu", batch_size: int = 32) -> Callable:
+    """PickScore: a transformers CLIP (ViT-H-14) fine-tuned on Pick-a-Pic preferences.
+
+    Inputs: uint8 images ``[B, H, W, 3]`` and prompts, through the processor's own transform and
+    tokenizer (``processor``: a hub id or local directory; ``None`` = the model's directory). Score:
+    ``logit_scale.exp() * cosine(image, prompt) * scale``; the default ``scale`` 1/26 follows flow_grpo,
+    putting typical scores near 0.8-0.9.
+    """
+    from transformers import AutoModel, AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(processor or model)
+    net = AutoModel.from_pretrained(model).to(device).eval().requires_grad_(False)
+
+    def judge(images, prompts, metadata):
+        scores: list[float] = []
+        with torch.no_grad():
+            for start in range(0, len(prompts), batch_size):
+                chunk = slice(start, start + batch_size)
+                inputs = proc(text=list(prompts[chunk]), images=[Image.fromarray(np.asarray(i)) for i in images[chunk]],
+                              return_tensors="pt", padding=True, truncation=True, max_length=77).to(device)
+                out = net(**inputs)  # image_embeds / text_embeds come out L2-normalised
+                logits = net.logit_scale.exp() * (out.image_embeds * out.text_embeds).sum(-1)
+                scores += (logits * scale).float().cpu().tolist()
+        return scores
 
     return judge
