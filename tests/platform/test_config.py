@@ -96,4 +96,4 @@ def test_help_lists_the_commands(capsys):
         main(["--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    assert "{train,sft}" in out and "omnigrpo train configs/shapes.yaml" in out
+    assert "{train,sft,serve-reward}" in out and "omnigrpo train configs/shapes.yaml" in out
