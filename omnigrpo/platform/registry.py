@@ -25,7 +25,9 @@ from typing import Any
 
 ENTRY_POINT_GROUP = "omnigrpo.rewards"
 RewardFn = Callable[[Any, list[str], list[dict]], Any]
-_BUILTIN_MODULES = ("omnigrpo.rewards.shapes", "omnigrpo.rewards.ocr", "omnigrpo.rewards.clip")
+_BUILTIN_MODULES = (
+    "omnigrpo.rewards.shapes", "omnigrpo.rewards.ocr", "omnigrpo.rewards.clip", "omnigrpo.rewards.vlm",
+)
 
 
 class RewardNotFound(LookupError):

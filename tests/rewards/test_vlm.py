@@ -1,0 +1,192 @@
+"""VLM judges on a tiny random Qwen2-VL (processor built offline), in-process and behind a real
+OpenAI-compatible server on loopback backed by the same model."""
+
+import base64
+import json
+import math
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+
+from omnigrpo.platform import shapes
+from omnigrpo.platform.config import RewardSpec
+from omnigrpo.platform.registry import build_reward
+from omnigrpo.rewards.service import decode_image
+from omnigrpo.rewards.vlm import TransformersVLM, parse_score, yes_probability
+from omnigrpo.rewards.worker import RewardWorker
+
+WORDS = ["yes", "no", "Yes", "No", "Final", "Score:", "1", "2", "3", "4", "5", "Does", "this", "image", "show",
+         "Answer", "or", "a", "red", "circle", "at", "the", "top", "left", "blue", "square", "bottom", "right"]
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+            "<|video_pad|>"]
+TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {% for c in m['content'] %}"
+            "{% if c['type'] == 'image' %}<|vision_start|> <|image_pad|> <|vision_end|> {% else %}{{ c['text'] }} "
+            "{% endif %}{% endfor %}<|im_end|> {% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+
+
+@pytest.fixture(scope="module")
+def vlm_dir(tmp_path_factory):
+    """A tiny random Qwen2-VL saved with save_pretrained, its processor built offline."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import (
+        PreTrainedTokenizerFast,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS + ["<unk>"])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.decoder = decoders.WordPiece()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        unk_token="<unk>", additional_special_tokens=SPECIALS)
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16),
+                                 tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(), chat_template=TEMPLATE)
+    config = Qwen2VLConfig(
+        text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "num_key_value_heads": 1, "bos_token_id": vocab["<|im_start|>"],
+                     "eos_token_id": vocab["<|im_end|>"],
+                     "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}},
+        vision_config={"depth": 2, "embed_dim": 32, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2,
+                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_chans": 3},
+        image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
+        vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"],
+        bos_token_id=vocab["<|im_start|>"], eos_token_id=vocab["<|im_end|>"],
+    )
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("tiny_qwen2vl")
+    Qwen2VLForConditionalGeneration(config).save_pretrained(directory)
+    processor.save_pretrained(directory)
+    return directory
+
+
+def _batch(n=3):
+    scenes = shapes.train_scenes()[:n]
+    return np.stack([shapes.render(s) for s in scenes]), [s.prompt for s in scenes], [{} for _ in scenes]
+
+
+class _OpenAIServer:
+    """A minimal OpenAI-compatible /v1/chat/completions server backed by an in-process VLM."""
+
+    def __init__(self, vlm: TransformersVLM, api_key: str = "", delay: float = 0.0, garbage: bool = False):
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                owner.requests += 1
+                if api_key and self.headers.get("Authorization") != f"Bearer {api_key}":
+                    return self._send(401, b'{"error": "bad key"}')
+                time.sleep(delay)
+                if garbage:
+                    return self._send(200, b"<html>502 bad gateway</html>")
+                content = body["messages"][0]["content"]
+                url = next(c["image_url"]["url"] for c in content if c["type"] == "image_url")
+                image = decode_image(url.split(",", 1)[1])
+                question = next(c["text"] for c in content if c["type"] == "text")
+                if body.get("logprobs"):
+                    top = vlm.first_token_logprobs(image, question)
+                    entry = {"token": max(top, key=top.get), "logprob": max(top.values()),
+                             "top_logprobs": [{"token": t, "logprob": lp} for t, lp in top.items()]}
+                    choice = {"message": {"role": "assistant", "content": entry["token"]},
+                              "logprobs": {"content": [entry]}}
+                else:
+                    choice = {"message": {"role": "assistant", "content": vlm.generate(image, question)}}
+                return self._send(200, json.dumps({"choices": [choice]}).encode())
+
+            def _send(self, code, data):
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.requests = 0
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_in_process_judge_gives_p_yes(vlm_dir):
+    fn = build_reward("vlm_judge", {"model": str(vlm_dir), "top_logprobs": 64})
+    scores = fn(*_batch())
+    assert len(scores) == 3 and all(0.0 < s < 1.0 for s in scores)
+    assert len(set(np.round(scores, 7))) > 1  # depends on image and prompt
+
+
+def test_http_judge_matches_the_in_process_one_and_sends_the_key(vlm_dir, monkeypatch):
+    vlm = TransformersVLM(str(vlm_dir), top_logprobs=64)
+    server = _OpenAIServer(vlm, api_key="test-key")
+    monkeypatch.setenv("MY_VLM_KEY", "test-key")
+    try:
+        remote = build_reward("vlm_judge", {"model": "tiny", "backend": "openai", "base_url": server.base_url,
+                                            "api_key_env": "MY_VLM_KEY", "top_logprobs": 64, "max_concurrency": 2})
+        local = build_reward("vlm_judge", {"model": str(vlm_dir), "top_logprobs": 64})
+        batch = _batch()
+        assert remote(*batch) == pytest.approx(local(*batch), abs=1e-6)
+        monkeypatch.delenv("MY_VLM_KEY")
+        keyless = build_reward("vlm_judge", {"model": "tiny", "backend": "openai", "base_url": server.base_url,
+                                             "api_key_env": "MY_VLM_KEY", "retries": 2})
+        before = server.requests
+        assert all(math.isnan(s) for s in keyless(*batch))  # refused: failures, not zeros
+        assert server.requests - before == 3  # a 401 is not retried
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("kind", ["timeout", "garbage", "down"])
+def test_http_judge_failures_are_failures(vlm_dir, kind):
+    vlm = TransformersVLM(str(vlm_dir), top_logprobs=64)
+    server = _OpenAIServer(vlm, delay=1.5 if kind == "timeout" else 0.0, garbage=kind == "garbage")
+    if kind == "down":
+        server.close()
+    try:
+        spec = RewardSpec(name="vlm_judge", kwargs={"model": "tiny", "backend": "openai", "base_url": server.base_url,
+                                                    "timeout": 0.3, "retries": 1, "backoff": 0.01})
+        worker = RewardWorker([RewardSpec(name="shapes"), spec])
+        worker.setup()
+        result = worker.score(*_batch())
+        assert result.failed[1].all() and not result.valid.any()
+        assert result.metrics()["reward/vlm_judge/failed"] == 3
+    finally:
+        if kind != "down":
+            server.close()
+
+
+def test_score_mode_and_templates(vlm_dir):
+    fn = build_reward("vlm_judge", {"model": str(vlm_dir), "mode": "score", "template": "unifiedreward",
+                                    "max_new_tokens": 4})
+    scores = fn(*_batch(2))  # a random tiny model rarely says "Final Score: X": NaN = failure, never 0
+    assert all(math.isnan(s) or 0.2 <= s <= 1.0 for s in scores)
+    with pytest.raises(ValueError, match="template must be"):
+        build_reward("vlm_judge", {"model": str(vlm_dir), "template": "rate this"})
+    with pytest.raises(ValueError, match="mode must be"):
+        build_reward("vlm_judge", {"model": str(vlm_dir), "mode": "stars"})
+
+
+def test_parsers_by_hand():
+    assert parse_score("Final Score: 5") == 1.0 and parse_score("final score:2.5 ok") == 0.5
+    assert math.isnan(parse_score("I would give it a 4")) and math.isnan(parse_score("Final Score: 9"))
+    assert yes_probability({"Yes": math.log(0.3), " yes": math.log(0.3), "No": math.log(0.2)}) == pytest.approx(0.75)
+    assert math.isnan(yes_probability({"maybe": 0.0}))
+
+
+def test_data_url_image_round_trip():
+    image = _batch(1)[0][0]
+    from omnigrpo.rewards.service import encode_image
+
+    assert np.array_equal(decode_image(base64.b64encode(base64.b64decode(encode_image(image))).decode()), image)
