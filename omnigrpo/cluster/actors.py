@@ -14,12 +14,13 @@ import logging
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import ray
 from ray._private import ray_constants
 
 from omnigrpo.cluster.environment import prepare_local_ray_env, wants_local_cluster
 from omnigrpo.platform.config import Config
-from omnigrpo.rewards.worker import RewardWorker
+from omnigrpo.rewards.worker import RewardResult, RewardWorker
 from omnigrpo.rollout.worker import RolloutBatch, RolloutWorker
 from omnigrpo.trainers.learner import Learner, sampling_params
 
@@ -51,13 +52,13 @@ class Workers:
     """Handles of a run's actors."""
 
     rollouts: list
-    reward: object
+    rewards: list
     learner: object
 
 
 def spawn(cfg: Config, model_path: str, extensions_dir: str) -> Workers:
     """Create and set up every actor of a run; raises if any setup fails."""
-    actors = cfg.cluster.rollout_workers + 2
+    actors = cfg.cluster.rollout_workers + cfg.cluster.reward_workers + 1
     share = float(ray.cluster_resources().get("CPU", 1)) / actors
     threads = cfg.cluster.torch_threads
     env = {"runtime_env": {"env_vars": {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": extensions_dir}}}
@@ -65,11 +66,11 @@ def spawn(cfg: Config, model_path: str, extensions_dir: str) -> Workers:
     params = sampling_params(cfg)
     rollouts = [rollout_cls.remote(model_path, params, cfg.run.seed + 17 * i, threads)
                 for i in range(cfg.cluster.rollout_workers)]
-    reward = ray.remote(RewardWorker).options(num_cpus=share).remote(cfg.rewards)
+    reward_cls = ray.remote(RewardWorker).options(num_cpus=share, num_gpus=cfg.cluster.reward_gpus)
+    rewards = [reward_cls.remote(cfg.rewards) for _ in range(cfg.cluster.reward_workers)]
     learner = ray.remote(Learner).options(num_cpus=share, **env).remote(cfg, model_path)
-    ray.get([w.setup.remote() for w in rollouts] + [reward.setup.remote(),
-            learner.setup.remote(extensions_dir, threads)])
-    return Workers(rollouts=rollouts, reward=reward, learner=learner)
+    ray.get([w.setup.remote() for w in rollouts + rewards] + [learner.setup.remote(extensions_dir, threads)])
+    return Workers(rollouts=rollouts, rewards=rewards, learner=learner)
 
 
 def generate(workers: Workers, prompts: list[str], metadata: list[dict], group_size: int) -> RolloutBatch:
@@ -79,6 +80,15 @@ def generate(workers: Workers, prompts: list[str], metadata: list[dict], group_s
     refs = [w.generate.remote(p, m, group_size) for w, (p, m) in zip(workers.rollouts, shards,
                                                                                 strict=True) if p]
     return RolloutBatch.concat(ray.get(refs))
+
+
+def score(workers: Workers, batch: RolloutBatch) -> RewardResult:
+    """Split a batch's images into consecutive shards, one per reward actor, and join the results."""
+    n = len(batch.prompts)
+    bounds = np.linspace(0, n, len(workers.rewards) + 1).astype(int)
+    refs = [w.score.remote(batch.images[a:b], batch.prompts[a:b], batch.metadata[a:b])
+            for w, a, b in zip(workers.rewards, bounds[:-1], bounds[1:], strict=True) if b > a]
+    return RewardResult.concat(ray.get(refs))
 
 
 def sync_weights(workers: Workers, version: int) -> None:

@@ -120,6 +120,9 @@ class RewardSpec:
     fails drops out of that sample's total, which is re-normalised over the rewards that scored."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments for the reward's factory."""
+    tags: list[str] = Field(default_factory=list)
+    """If set, the reward applies only to prompts whose metadata ``tags`` share one of these; it is
+    not computed for the others (not applicable, like a ``None`` score)."""
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -186,6 +189,10 @@ class ClusterConfig:
     """CPUs of the local cluster; 0 = all of this machine's."""
     rollout_workers: PositiveInt = 1
     """Rollout actors; a step's prompts are split between them."""
+    reward_workers: PositiveInt = 1
+    """Reward actors, each holding every configured reward; a step's images are split between them."""
+    reward_gpus: Annotated[float, Field(ge=0.0)] = 0.0
+    """GPUs each reward actor reserves (fractions share a GPU); 0 on a CPU-only cluster."""
     torch_threads: NonNegInt = 0
     """Intra-op threads per worker; 0 = all cores (the stages of a step run one after another)."""
 

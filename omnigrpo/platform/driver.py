@@ -79,7 +79,7 @@ def evaluate(cfg: Config, workers: actors.Workers, tracker: Tracker, step: int) 
     """Held-out prompts, ``eval.samples_per_prompt`` images each: strict accuracy and mean reward."""
     prompts, metadata = shapes.prompts_of(shapes.held_out_scenes())
     batch = actors.generate(workers, prompts, metadata, cfg.eval.samples_per_prompt)
-    result = ray.get(workers.reward.score.remote(batch.images, batch.prompts, batch.metadata))
+    result = actors.score(workers, batch)
     strict = build_reward("shapes_strict")(batch.images, batch.prompts, batch.metadata)
     metrics = {
         "eval/strict_acc": float(np.mean([s for s in strict if s is not None])),
@@ -131,7 +131,7 @@ def _loop(cfg: Config, workers: actors.Workers, tracker: Tracker, run_dir: Path,
             if batch.version != version:
                 raise RuntimeError(f"step {step}: rollout used weights v{batch.version}, expected v{version}")
             with timed(timings, "reward"):
-                result = ray.get(workers.reward.score.remote(batch.images, batch.prompts, batch.metadata))
+                result = actors.score(workers, batch)
             valid = torch.from_numpy(result.valid)
             totals = torch.from_numpy(np.where(result.valid, result.total, 0.0)).float()  # invalid: unused
             adv, zero_std = group_advantages(totals, batch.group, valid, scale=cfg.trainer.scale_rewards)

@@ -47,6 +47,19 @@ class RewardResult:
     valid: np.ndarray
     errors: dict[str, str] = field(default_factory=dict)
 
+    @staticmethod
+    def concat(parts: list[RewardResult]) -> RewardResult:
+        """Join the results of consecutive shards of one batch."""
+        return RewardResult(
+            names=parts[0].names,
+            scores=np.concatenate([p.scores for p in parts], axis=1),
+            failed=np.concatenate([p.failed for p in parts], axis=1),
+            applicable=np.concatenate([p.applicable for p in parts], axis=1),
+            total=np.concatenate([p.total for p in parts]),
+            valid=np.concatenate([p.valid for p in parts]),
+            errors={k: v for p in parts for k, v in p.errors.items()},
+        )
+
     def metrics(self, prefix: str = "reward") -> dict[str, float]:
         """Flat metrics: per reward mean/std over the samples it scored and its failures, the total."""
         out: dict[str, float] = {}
@@ -96,17 +109,24 @@ class RewardWorker:
         applicable = np.ones((r, n), dtype=bool)
         errors: dict[str, str] = {}
         for i, (spec, fn) in enumerate(zip(self.specs, self.fns, strict=True)):
+            rows = [j for j in range(n) if _tagged(spec.tags, metadata[j])]
+            applicable[i] = False
+            applicable[i, rows] = True
+            if not rows:
+                continue
             try:
-                values = call_reward(fn, images, prompts, metadata)
-                if not isinstance(values, list | tuple | np.ndarray) or len(values) != n:
+                sub = (images, prompts, metadata) if len(rows) == n else (
+                    images[rows], [prompts[j] for j in rows], [metadata[j] for j in rows])
+                values = call_reward(fn, *sub)
+                if not isinstance(values, list | tuple | np.ndarray) or len(values) != len(rows):
                     got = len(values) if hasattr(values, "__len__") else type(values).__name__
-                    raise ValueError(f"returned {got} scores for {n} images")
+                    raise ValueError(f"returned {got} scores for {len(rows)} images")
             except Exception as err:  # noqa: BLE001 - any judge error is a reported failure, not a crash
-                failed[i] = True
+                failed[i, rows] = True
                 errors[spec.name] = f"{type(err).__name__}: {err}"
                 log.warning("reward %s failed on the whole batch: %s", spec.name, errors[spec.name])
                 continue
-            for j, v in enumerate(values):
+            for j, v in zip(rows, values, strict=True):
                 if v is None:
                     applicable[i, j] = False
                 elif isinstance(v, int | float | np.number | np.bool_) and math.isfinite(float(v)):
@@ -117,6 +137,14 @@ class RewardWorker:
         total, valid = combine(scores, failed, applicable, [s.weight for s in self.specs],
                                [s.required for s in self.specs])
         return RewardResult([s.name for s in self.specs], scores, failed, applicable, total, valid, errors)
+
+
+def _tagged(tags: list[str], metadata: dict | None) -> bool:
+    """Does a reward with ``tags`` apply to a sample with this metadata? (no tags: always)."""
+    if not tags:
+        return True
+    have = (metadata or {}).get("tags") or []
+    return bool(set(tags) & set([have] if isinstance(have, str) else have))
 
 
 def call_reward(fn, images, prompts, metadata):

@@ -20,7 +20,7 @@ def test_ocr_clip_and_a_plugin_train_together(tiny_config, sft_path, tiny_clip_d
                        '{"prompt": "a yellow triangle at the top right"}\n'
                        '{"prompt": "a green circle at the bottom left", "text": "GO"}\n')
     cfg = tiny_config(
-        "trainer.steps=2", "eval.every=0", f"data.prompts={prompts}",
+        "trainer.steps=2", "eval.every=0", f"data.prompts={prompts}", "cluster.reward_workers=2",
         "rewards=[{name: shapes, weight: 1.0}, {name: ocr, weight: 0.5, required: false, kwargs: {detect: false}},"
         f" {{name: clip, weight: 0.3, kwargs: {{model: 'local-dir:{tiny_clip_dir}', pretrained: null}}}},"
         " {name: 'vivid:saturation', weight: 0.2}]",

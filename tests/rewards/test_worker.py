@@ -7,7 +7,7 @@ import pytest
 
 from omnigrpo.platform import shapes
 from omnigrpo.platform.config import RewardSpec
-from omnigrpo.rewards.worker import RewardWorker, combine
+from omnigrpo.rewards.worker import RewardResult, RewardWorker, combine
 
 PLUGIN = '''
 import math
@@ -121,3 +121,30 @@ def test_a_sample_scored_only_by_weight_zero_rewards_is_excluded_not_zero():
     total, valid = combine(scores, failed=np.array([[True], [False]]), applicable=np.ones((2, 1), bool),
                            weights=[1.0, 0.0], required=[False, True])
     assert valid.tolist() == [False] and math.isnan(total[0])
+
+
+def test_tags_route_a_reward_to_the_prompts_it_applies_to(plugin):
+    calls = []
+
+    worker = RewardWorker([RewardSpec(name="shapes"), RewardSpec(name=f"{plugin}:constant", tags=["ocr"])])
+    worker.setup()
+    counting = worker.fns[1]
+    worker.fns[1] = lambda images, prompts, metadata: calls.append(len(images)) or counting(images, prompts, metadata)
+    images, prompts, _ = _batch(4)
+    metadata = [{"tags": ["ocr"]}, {}, {"tags": "ocr"}, {"tags": ["other"]}]
+    result = worker.score(images, prompts, metadata)
+    assert calls == [2]  # computed only where it applies
+    assert result.applicable[1].tolist() == [True, False, True, False]
+    assert result.total == pytest.approx([1.5, 2.0, 1.5, 2.0])  # 1 + 0.5 where tagged, else 1 * 2 / 1
+    assert not result.failed.any()
+
+
+def test_sharded_scoring_joins_to_the_whole(plugin):
+    worker = RewardWorker([RewardSpec(name="shapes"), RewardSpec(name=f"{plugin}:nan_first", required=False)])
+    worker.setup()
+    images, prompts, metadata = _batch(4)
+    whole = worker.score(images, prompts, metadata)
+    halves = RewardResult.concat([worker.score(images[:2], prompts[:2], metadata[:2]),
+                                  worker.score(images[2:], prompts[2:], metadata[2:])])
+    assert np.array_equal(whole.valid, halves.valid) and np.allclose(whole.total, halves.total)
+    assert halves.failed[1].tolist() == [True, False, True, False]  # NaN on each shard's first sample
