@@ -26,7 +26,7 @@ from omnigrpo.platform.config import Config, ConfigError
 from omnigrpo.platform.prompts import load_prompts
 from omnigrpo.platform.registry import build_reward
 from omnigrpo.platform.tracking import Tracker
-from omnigrpo.rewards.worker import call_reward
+from omnigrpo.rewards.worker import applies_to, call_reward
 from omnigrpo.trainers.grpo import group_advantages
 from omnigrpo.trainers.learner import TrainBatch
 from omnigrpo.trainers.sft import cache_root, sft_checkpoint
@@ -55,8 +55,11 @@ def check_rewards(cfg: Config, prompts: list[str], metadata: list[dict]) -> None
     """Build every reward on the driver and dry-run it on two blank images with the first two training
     prompts; raise naming the culprit."""
     blank = np.zeros((2, shapes.IMAGE_SIZE, shapes.IMAGE_SIZE, 3), dtype=np.uint8)
+    all_metadata = metadata
     prompts, metadata = (prompts * 2)[:2], (metadata * 2)[:2]
     for spec in cfg.rewards:
+        if spec.tags and not any(applies_to(spec.tags, m) for m in all_metadata):
+            raise ConfigError(f"reward {spec.name!r} has tags {spec.tags} but no training prompt carries any of them")
         fn = build_reward(spec.name, spec.kwargs)  # RewardNotFound names what is missing
         try:
             out = call_reward(fn, blank, prompts, metadata)

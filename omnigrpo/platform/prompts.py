@@ -53,14 +53,15 @@ def load_prompts(source: str) -> tuple[list[str], list[dict]]:
 
 
 def _from_txt(path: Path) -> tuple[list[str], list[dict]]:
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    # split on "\n" only: str.splitlines would also break prompts at U+2028, form feeds, ...
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").split("\n")]
     prompts = [line for line in lines if line and not line.startswith("#")]
     return prompts, [{} for _ in prompts]
 
 
 def _from_jsonl(path: Path) -> tuple[list[str], list[dict]]:
     prompts, metadata = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -102,4 +103,8 @@ def _check_row(row: object, where: str) -> str:
     prompt = row.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise PromptFileError(f"{where}: missing or empty 'prompt' field")
+    tags = row.get("tags")
+    if tags is not None and not isinstance(tags, str) and not (
+            isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
+        raise PromptFileError(f"{where}: 'tags' must be a string or a list of strings, got {tags!r}")
     return prompt

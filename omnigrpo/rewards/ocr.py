@@ -35,10 +35,11 @@ _WORDS = re.compile(r"[\u3400-\u9fff]|[^\W_]+", re.UNICODE)
 
 def target_text(prompt: str, metadata: dict | None) -> str | None:
     """The text a sample should show: ``metadata["text"]``, else the prompt's double-quoted parts."""
-    if metadata and isinstance(metadata.get("text"), str) and metadata["text"].strip():
+    if metadata and isinstance(metadata.get("text"), str) and _WORDS.search(metadata["text"]):
         return metadata["text"]
     quoted = [a or b for a, b in _QUOTED.findall(prompt)]
-    return " ".join(quoted) if quoted else None
+    text = " ".join(quoted)
+    return text if _WORDS.search(text) else None  # nothing readable asked for: not applicable
 
 
 def edit_score(read: str, target: str) -> float:

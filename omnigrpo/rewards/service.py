@@ -26,9 +26,11 @@ import io
 import json
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
 
 import numpy as np
 import requests
@@ -52,9 +54,17 @@ def decode_image(data: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(data, validate=True))).convert("RGB"))
 
 
-def make_server(reward: RewardFn, name: str, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
-    """An HTTP server scoring with ``reward`` (call ``serve_forever``; ``server_address`` has the port)."""
+def make_server(reward: RewardFn, name: str, host: str = "127.0.0.1", port: int = 0,
+                max_body_mb: int = 256) -> ThreadingHTTPServer:
+    """An HTTP server scoring with ``reward`` (call ``serve_forever``; ``server_address`` has the port).
+
+    Requests are read concurrently but scored one at a time: a judge (its tokenizer, its GPU memory)
+    is not assumed to be thread-safe. Bodies over ``max_body_mb`` are refused.
+    """
+    from omnigrpo.rewards.worker import call_reward
+
     token = os.environ.get(TOKEN_ENV, "")
+    lock = threading.Lock()
 
     class Handler(BaseHTTPRequestHandler):
         def _send(self, code: int, body: dict) -> None:
@@ -81,14 +91,18 @@ def make_server(reward: RewardFn, name: str, host: str = "127.0.0.1", port: int 
                 return self._send(404, {"error": "not found"})
             if not self._authorised():
                 return self._send(401, {"error": "missing or wrong bearer token"})
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > max_body_mb * 2**20:
+                return self._send(413, {"error": f"body over {max_body_mb} MB"})
             try:
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                body = json.loads(self.rfile.read(length))
                 images = np.stack([decode_image(s) for s in body["images"]])
                 prompts, metadata = list(body["prompts"]), list(body.get("metadata") or [{}] * len(images))
-            except (ValueError, KeyError, TypeError, OSError) as err:
-                return self._send(400, {"error": f"bad request: {err}"})
+            except Exception as err:  # noqa: BLE001 - malformed JSON, base64, PNG or a decompression bomb
+                return self._send(400, {"error": f"bad request: {type(err).__name__}: {err}"})
             try:
-                scores = reward(images, prompts, metadata)
+                with lock:
+                    scores = call_reward(reward, images, prompts, metadata)
                 scores = [None if s is None else float(s) for s in scores]
             except Exception as err:  # noqa: BLE001 - reported to the caller, who records a failure
                 return self._send(500, {"error": f"{type(err).__name__}: {err}"})
@@ -105,6 +119,8 @@ class RemoteReward:
 
     def __init__(self, url: str, timeout: float = 60.0, retries: int = 3, backoff: float = 0.5,
                  batch_size: int = 16, max_concurrency: int = 4):
+        if urlsplit(url).username or urlsplit(url).password:
+            raise ValueError("reward service URL: put the token in $OMNIGRPO_REWARD_TOKEN, not in the URL")
         self.url = url.rstrip("/")
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
         self.batch_size, self.max_concurrency = batch_size, max_concurrency
@@ -126,16 +142,21 @@ class RemoteReward:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
                 reply = requests.post(f"{self.url}/score", json=body, headers=self.headers, timeout=self.timeout)
-                if reply.status_code in (400, 401, 403, 404):  # the request itself is wrong: retrying won't help
-                    raise RuntimeError(f"{self.url} refused the request ({reply.status_code}): {reply.text[:200]}")
-                reply.raise_for_status()
-                scores = reply.json()["scores"]
-                if not isinstance(scores, list) or len(scores) != len(prompts):
-                    raise ValueError(f"{self.url} answered {len(scores) if isinstance(scores, list) else scores!r} "
-                                     f"scores for {len(prompts)} images")
-                return scores
-            except RuntimeError:
-                raise
-            except (requests.RequestException, ValueError, KeyError, TypeError) as err:
+            except (requests.ConnectionError, requests.Timeout) as err:
                 last = err
+                continue
+            if 400 <= reply.status_code < 500:  # the request itself is wrong: retrying won't help
+                raise RuntimeError(f"{self.url} refused the request ({reply.status_code}): {reply.text[:200]}")
+            if reply.status_code >= 500:  # the judge failed: keep its message, try again
+                last = RuntimeError(f"HTTP {reply.status_code}: {reply.text[:200]}")
+                continue
+            try:
+                scores = reply.json()["scores"]
+            except (ValueError, KeyError, TypeError) as err:
+                last = ValueError(f"unreadable reply ({err}): {reply.text[:200]}")
+                continue
+            if isinstance(scores, list) and len(scores) == len(prompts):
+                return scores
+            last = ValueError(f"answered {len(scores) if isinstance(scores, list) else scores!r} scores "
+                              f"for {len(prompts)} images")
         raise RuntimeError(f"reward service {self.url} failed after {self.retries + 1} attempts: {last}")

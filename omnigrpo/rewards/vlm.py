@@ -29,6 +29,7 @@ import re
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
 
 import numpy as np
 import requests
@@ -46,7 +47,7 @@ TEMPLATES = {
         "Caption: {prompt}\nEnd your answer with 'Final Score: X', X an integer from 1 to 5."
     ),
 }
-_SCORE = re.compile(r"final\s*score\s*[:：]?\s*([1-5](?:\.\d+)?)", re.IGNORECASE)
+_SCORE = re.compile(r"final\s*score\s*[:：]?\s*(\d+(?:\.\d+)?)(?![\d.])", re.IGNORECASE)
 _YES, _NO = ("yes",), ("no",)
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,8 @@ def parse_score(answer: str) -> float:
     0.8
     """
     found = _SCORE.findall(answer)
-    return float(found[-1]) / 5.0 if found else math.nan
+    value = float(found[-1]) if found else math.nan
+    return value / 5.0 if 1.0 <= value <= 5.0 else math.nan
 
 
 def yes_probability(logprobs: dict[str, float]) -> float:
@@ -90,8 +92,12 @@ class TransformersVLM:
         """The ``top_logprobs`` most likely first answer tokens and their log-probs."""
         logits = self.model(**self._inputs(image, question)).logits[0, -1].float()
         top = torch.topk(logits.log_softmax(-1), min(self.top_logprobs, logits.shape[-1]))
-        tokens = self.processor.tokenizer.convert_ids_to_tokens(top.indices.tolist())
-        return {t: float(lp) for t, lp in zip(tokens, top.values.tolist(), strict=True)}
+        # decoded text, not raw BPE pieces ("Ġyes"), so both backends see " yes" the same way
+        tokens = [self.processor.tokenizer.decode([i]) for i in top.indices.tolist()]
+        out: dict[str, float] = {}
+        for token, lp in zip(tokens, top.values.tolist(), strict=True):
+            out[token] = float(np.logaddexp(out[token], lp)) if token in out else float(lp)
+        return out
 
     @torch.no_grad()
     def generate(self, image: np.ndarray, question: str) -> str:
@@ -100,11 +106,21 @@ class TransformersVLM:
         return self.processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
+class JudgeRefused(RuntimeError):
+    """The endpoint answered 4xx: the request is wrong, retrying cannot help."""
+
+
+class JudgeUnavailable(RuntimeError):
+    """The endpoint did not answer usably within the retries."""
+
+
 class OpenAIVLM:
     """A VLM behind an OpenAI-compatible ``/chat/completions`` endpoint (vLLM, SGLang, ...)."""
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 120.0,
                  retries: int = 3, backoff: float = 1.0, max_new_tokens: int = 64, top_logprobs: int = 20):
+        if urlsplit(base_url).username or urlsplit(base_url).password:
+            raise ValueError("vlm_judge: put credentials in the environment (api_key_env), not in base_url")
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.timeout, self.retries, self.backoff = model, timeout, retries, backoff
         self.max_new_tokens, self.top_logprobs = max_new_tokens, top_logprobs
@@ -121,15 +137,19 @@ class OpenAIVLM:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
                 reply = requests.post(self.url, json=body, headers=self.headers, timeout=self.timeout)
-                if reply.status_code in (400, 401, 403, 404):
-                    raise RuntimeError(f"{self.url} refused the request ({reply.status_code}): {reply.text[:200]}")
-                reply.raise_for_status()
-                return reply.json()["choices"][0]
-            except RuntimeError:
-                raise
-            except (requests.RequestException, ValueError, KeyError, IndexError, TypeError) as err:
+            except (requests.ConnectionError, requests.Timeout) as err:
                 last = err
-        raise RuntimeError(f"VLM endpoint {self.url} failed after {self.retries + 1} attempts: {last}")
+                continue
+            if 400 <= reply.status_code < 500:  # the request itself is wrong (key, model, body): no retry
+                raise JudgeRefused(f"{self.url} refused the request ({reply.status_code}): {reply.text[:200]}")
+            if reply.status_code >= 500:
+                last = RuntimeError(f"HTTP {reply.status_code}: {reply.text[:200]}")
+                continue
+            try:
+                return reply.json()["choices"][0]
+            except (ValueError, KeyError, IndexError, TypeError) as err:
+                last = ValueError(f"unreadable reply ({err}): {reply.text[:200]}")
+        raise JudgeUnavailable(f"VLM endpoint {self.url} failed after {self.retries + 1} attempts: {last}")
 
     def first_token_logprobs(self, image: np.ndarray, question: str) -> dict[str, float]:
         choice = self._ask(image, question, max_tokens=1, logprobs=True, top_logprobs=self.top_logprobs)
@@ -171,8 +191,11 @@ def vlm_judge_reward(model: str, backend: str = "transformers", base_url: str | 
             if mode == "yes":
                 return yes_probability(judge.first_token_logprobs(image, asked))
             return parse_score(judge.generate(image, asked))
-        except RuntimeError as err:  # the endpoint gave up on this sample: a failure, reported per sample
-            log.warning("vlm_judge: %s", err)
+        except (JudgeUnavailable, KeyError, IndexError, TypeError) as err:
+            # this sample's answer never came or cannot be read: a failure of this sample only.
+            # A refusal (JudgeRefused: wrong key, unknown model) propagates and fails the whole batch,
+            # so the driver's dry run stops a misconfigured run before it starts.
+            log.warning("vlm_judge: %s: %s", type(err).__name__, err)
             return math.nan
 
     def score(images, prompts, metadata):

@@ -109,7 +109,7 @@ class RewardWorker:
         applicable = np.ones((r, n), dtype=bool)
         errors: dict[str, str] = {}
         for i, (spec, fn) in enumerate(zip(self.specs, self.fns, strict=True)):
-            rows = [j for j in range(n) if _tagged(spec.tags, metadata[j])]
+            rows = [j for j in range(n) if applies_to(spec.tags, metadata[j])]
             applicable[i] = False
             applicable[i, rows] = True
             if not rows:
@@ -139,12 +139,13 @@ class RewardWorker:
         return RewardResult([s.name for s in self.specs], scores, failed, applicable, total, valid, errors)
 
 
-def _tagged(tags: list[str], metadata: dict | None) -> bool:
+def applies_to(tags: list[str], metadata: dict | None) -> bool:
     """Does a reward with ``tags`` apply to a sample with this metadata? (no tags: always)."""
     if not tags:
         return True
     have = (metadata or {}).get("tags") or []
-    return bool(set(tags) & set([have] if isinstance(have, str) else have))
+    have = [have] if isinstance(have, str) else have if isinstance(have, list | tuple) else []
+    return bool(set(tags) & {str(t) for t in have})
 
 
 def call_reward(fn, images, prompts, metadata):

@@ -22,6 +22,12 @@ def test_txt_skips_blank_and_comment_lines(tmp_path):
     assert prompts == ["a red circle at the top left", 'a sign that says "OPEN"'] and metadata == [{}, {}]
 
 
+def test_unicode_line_separators_stay_inside_a_prompt(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("a poster\u2028with two lines\nsecond\n", encoding="utf-8")
+    assert load_prompts(str(path))[0] == ["a poster\u2028with two lines", "second"]
+
+
 def test_jsonl_keeps_metadata(tmp_path):
     path = tmp_path / "p.jsonl"
     path.write_text(json.dumps({"prompt": "a shop sign", "text": "CAFE", "tags": ["ocr"]}) + "\n\n"
@@ -38,6 +44,7 @@ def test_jsonl_keeps_metadata(tmp_path):
         (['{"prompt": "ok"}', '{"text": "x"}'], "p.jsonl:2: missing or empty 'prompt' field"),
         (['["a list"]'], "p.jsonl:1: expected an object"),
         (['{"prompt": "  "}'], "p.jsonl:1: missing or empty"),
+        (['{"prompt": "ok", "tags": 5}'], "p.jsonl:1: 'tags' must be a string or a list of strings"),
     ],
 )
 def test_malformed_jsonl_names_the_line(tmp_path, lines, message):
@@ -79,3 +86,13 @@ def test_cli_reports_a_bad_prompt_file_before_starting_anything(tmp_path, capsys
     assert code == 2
     assert "p.jsonl:2: not valid JSON" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_tagged_reward_that_matches_no_prompt_is_a_config_error(tmp_path, capsys):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a red circle at the top left", "tags": ["shapes"]}\n')
+    config = str(Path(__file__).parents[2] / "configs" / "shapes.yaml")
+    code = main(["train", config, f"data.prompts={path}", "rewards=[{name: shapes, tags: [ocr]}]",
+                 f"run.dir={tmp_path / 'run'}"])
+    assert code == 2
+    assert "has tags ['ocr'] but no training prompt carries any of them" in capsys.readouterr().err

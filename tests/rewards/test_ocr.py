@@ -63,6 +63,7 @@ def test_unknown_score_is_refused():
 def test_scores_by_hand():
     assert target_text('a poster with "Hello" and “World”', {}) == "Hello World"
     assert target_text("no quotes", None) is None
+    assert target_text('a sign that says " " or "!!!"', {}) is None  # nothing readable asked for
     assert edit_score("hello world", "HelloWorld") == 1.0
     assert edit_score("", "abcd") == 0.0
     assert edit_score("abxd", "abcd") == pytest.approx(0.75)

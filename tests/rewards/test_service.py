@@ -111,8 +111,47 @@ def test_a_judge_error_on_the_server_is_reported(monkeypatch):
 
     server, url = _serve(broken)
     try:
-        with pytest.raises(RuntimeError, match="500"):
+        with pytest.raises(RuntimeError, match="HTTP 500.*CUDA out of memory"):
             build_reward(f"url:{url}", {"retries": 0})(*_batch(1))
+    finally:
+        server.shutdown()
+
+
+def test_async_rewards_are_served_and_judges_are_called_one_at_a_time():
+    inside, peak = [0], [0]
+    guard = threading.Lock()
+
+    async def judge(images, prompts, metadata):
+        with guard:
+            inside[0] += 1
+            peak[0] = max(peak[0], inside[0])
+        time.sleep(0.05)  # a non-thread-safe judge (a tokenizer, a GPU) would break if entered twice
+        with guard:
+            inside[0] -= 1
+        return [0.25] * len(images)
+
+    server, url = _serve(judge)
+    try:
+        fn = build_reward(f"url:{url}", {"batch_size": 1, "max_concurrency": 4})
+        assert fn(*_batch(4)) == [0.25] * 4
+        assert peak[0] == 1
+    finally:
+        server.shutdown()
+
+
+def test_credentials_in_the_url_are_refused():
+    with pytest.raises(ValueError, match="OMNIGRPO_REWARD_TOKEN"):
+        build_reward("url:http://user:pw@127.0.0.1:9/")
+
+
+def test_oversized_or_undecodable_bodies_are_refused():
+    server = make_server(lambda images, prompts, metadata: [1.0] * len(images), "t", max_body_mb=1)
+    _, url = _serve(server)
+    try:
+        big = requests.post(f"{url}/score", data=b"x" * (2 * 2**20), timeout=10)
+        assert big.status_code == 413
+        bad = requests.post(f"{url}/score", json={"images": ["not base64!"], "prompts": ["p"]}, timeout=10)
+        assert bad.status_code == 400 and "bad request" in bad.json()["error"]
     finally:
         server.shutdown()
 

@@ -1,7 +1,6 @@
 """VLM judges on a tiny random Qwen2-VL (processor built offline), in-process and behind a real
 OpenAI-compatible server on loopback backed by the same model."""
 
-import base64
 import json
 import math
 import threading
@@ -15,7 +14,7 @@ from omnigrpo.platform import shapes
 from omnigrpo.platform.config import RewardSpec
 from omnigrpo.platform.registry import build_reward
 from omnigrpo.rewards.service import decode_image
-from omnigrpo.rewards.vlm import TransformersVLM, parse_score, yes_probability
+from omnigrpo.rewards.vlm import JudgeRefused, TransformersVLM, parse_score, yes_probability
 from omnigrpo.rewards.worker import RewardWorker
 
 WORDS = ["yes", "no", "Yes", "No", "Final", "Score:", "1", "2", "3", "4", "5", "Does", "this", "image", "show",
@@ -76,7 +75,8 @@ def _batch(n=3):
 class _OpenAIServer:
     """A minimal OpenAI-compatible /v1/chat/completions server backed by an in-process VLM."""
 
-    def __init__(self, vlm: TransformersVLM, api_key: str = "", delay: float = 0.0, garbage: bool = False):
+    def __init__(self, vlm: TransformersVLM, api_key: str = "", delay: float = 0.0, garbage: bool = False,
+                 canned: str | None = None):
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -99,7 +99,8 @@ class _OpenAIServer:
                     choice = {"message": {"role": "assistant", "content": entry["token"]},
                               "logprobs": {"content": [entry]}}
                 else:
-                    choice = {"message": {"role": "assistant", "content": vlm.generate(image, question)}}
+                    answer = canned if canned is not None else vlm.generate(image, question)
+                    choice = {"message": {"role": "assistant", "content": answer}}
                 return self._send(200, json.dumps({"choices": [choice]}).encode())
 
             def _send(self, code, data):
@@ -142,8 +143,9 @@ def test_http_judge_matches_the_in_process_one_and_sends_the_key(vlm_dir, monkey
         keyless = build_reward("vlm_judge", {"model": "tiny", "backend": "openai", "base_url": server.base_url,
                                              "api_key_env": "MY_VLM_KEY", "retries": 2})
         before = server.requests
-        assert all(math.isnan(s) for s in keyless(*batch))  # refused: failures, not zeros
-        assert server.requests - before == 3  # a 401 is not retried
+        with pytest.raises(JudgeRefused, match="401"):  # fails the batch, and so the driver's dry run
+            keyless(*batch)
+        assert server.requests - before <= 3  # one request per sample at most: a 401 is not retried
     finally:
         server.close()
 
@@ -167,26 +169,34 @@ def test_http_judge_failures_are_failures(vlm_dir, kind):
             server.close()
 
 
-def test_score_mode_and_templates(vlm_dir):
-    fn = build_reward("vlm_judge", {"model": str(vlm_dir), "mode": "score", "template": "unifiedreward",
-                                    "max_new_tokens": 4})
-    scores = fn(*_batch(2))  # a random tiny model rarely says "Final Score: X": NaN = failure, never 0
-    assert all(math.isnan(s) or 0.2 <= s <= 1.0 for s in scores)
+def test_score_mode_parses_the_answer_end_to_end(vlm_dir):
+    vlm = TransformersVLM(str(vlm_dir))
+    server = _OpenAIServer(vlm, canned="Sharp, faithful to the caption. Final Score: 4")
+    try:
+        fn = build_reward("vlm_judge", {"model": "tiny", "backend": "openai", "base_url": server.base_url,
+                                        "mode": "score", "template": "unifiedreward"})
+        assert fn(*_batch(2)) == pytest.approx([0.8, 0.8])
+    finally:
+        server.close()
+    local = build_reward("vlm_judge", {"model": str(vlm_dir), "mode": "score", "max_new_tokens": 4})
+    # the random tiny model does not write "Final Score: X": NaN, i.e. a failure, never a 0
+    assert all(math.isnan(s) for s in local(*_batch(2)))
+
+
+def test_bad_settings_are_refused(vlm_dir):
     with pytest.raises(ValueError, match="template must be"):
         build_reward("vlm_judge", {"model": str(vlm_dir), "template": "rate this"})
     with pytest.raises(ValueError, match="mode must be"):
         build_reward("vlm_judge", {"model": str(vlm_dir), "mode": "stars"})
+    with pytest.raises(ValueError, match="not in base_url"):
+        build_reward("vlm_judge", {"model": "m", "backend": "openai", "base_url": "http://u:pw@127.0.0.1:1/v1"})
 
 
 def test_parsers_by_hand():
     assert parse_score("Final Score: 5") == 1.0 and parse_score("final score:2.5 ok") == 0.5
+    assert math.isnan(parse_score("Final Score: 10")) and math.isnan(parse_score("Final Score: 5.5"))
     assert math.isnan(parse_score("I would give it a 4")) and math.isnan(parse_score("Final Score: 9"))
     assert yes_probability({"Yes": math.log(0.3), " yes": math.log(0.3), "No": math.log(0.2)}) == pytest.approx(0.75)
     assert math.isnan(yes_probability({"maybe": 0.0}))
 
 
-def test_data_url_image_round_trip():
-    image = _batch(1)[0][0]
-    from omnigrpo.rewards.service import encode_image
-
-    assert np.array_equal(decode_image(base64.b64encode(base64.b64decode(encode_image(image))).decode()), image)
