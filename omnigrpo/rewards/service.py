@@ -136,27 +136,49 @@ class RemoteReward:
 
     def _score(self, images, prompts: list[str], metadata: list[dict]) -> list[float | None]:
         body = {"images": [encode_image(im) for im in images], "prompts": prompts, "metadata": metadata}
-        last: Exception | None = None
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            try:
-                reply = requests.post(f"{self.url}/score", json=body, headers=self.headers, timeout=self.timeout)
-            except (requests.ConnectionError, requests.Timeout) as err:
-                last = err
-                continue
-            if 400 <= reply.status_code < 500:  # the request itself is wrong: retrying won't help
-                raise RuntimeError(f"{self.url} refused the request ({reply.status_code}): {reply.text[:200]}")
-            if reply.status_code >= 500:  # the judge failed: keep its message, try again
-                last = RuntimeError(f"HTTP {reply.status_code}: {reply.text[:200]}")
-                continue
-            try:
-                scores = reply.json()["scores"]
-            except (ValueError, KeyError, TypeError) as err:
-                last = ValueError(f"unreadable reply ({err}): {reply.text[:200]}")
-                continue
-            if isinstance(scores, list) and len(scores) == len(prompts):
-                return scores
-            last = ValueError(f"answered {len(scores) if isinstance(scores, list) else scores!r} scores "
-                              f"for {len(prompts)} images")
-        raise RuntimeError(f"reward service {self.url} failed after {self.retries + 1} attempts: {last}")
+
+        def read(reply: requests.Response) -> list:
+            scores = reply.json()["scores"]
+            if not isinstance(scores, list) or len(scores) != len(prompts):
+                raise ValueError(f"answered {len(scores) if isinstance(scores, list) else scores!r} scores "
+                                 f"for {len(prompts)} images")
+            return scores
+
+        return post_json(f"{self.url}/score", body, self.headers, read, self.timeout, self.retries, self.backoff)
+
+
+class ServiceRefused(RuntimeError):
+    """The server answered 4xx: the request itself is wrong (token, path, body); retrying cannot help."""
+
+
+class ServiceUnavailable(RuntimeError):
+    """No usable answer within the retries: down, too slow, 5xx, or an unreadable reply."""
+
+
+def post_json(url: str, body: dict, headers: dict, read, timeout: float, retries: int, backoff: float):
+    """POST ``body`` as JSON and return ``read(reply)``, retrying what a retry can fix.
+
+    Connection errors, timeouts, 5xx answers (their text kept for the error) and replies that ``read``
+    rejects (ValueError, KeyError, IndexError, TypeError) are retried ``retries`` times with
+    exponential backoff from ``backoff`` seconds, then raise :class:`ServiceUnavailable`; a 4xx raises
+    :class:`ServiceRefused` at once.
+    """
+    last: Exception | None = None
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(backoff * 2 ** (attempt - 1))
+        try:
+            reply = requests.post(url, json=body, headers=headers, timeout=timeout)
+        except (requests.ConnectionError, requests.Timeout) as err:
+            last = err
+            continue
+        if 400 <= reply.status_code < 500:
+            raise ServiceRefused(f"{url} refused the request ({reply.status_code}): {reply.text[:200]}")
+        if reply.status_code >= 500:
+            last = RuntimeError(f"HTTP {reply.status_code}: {reply.text[:200]}")
+            continue
+        try:
+            return read(reply)
+        except (ValueError, KeyError, IndexError, TypeError) as err:
+            last = ValueError(f"unreadable reply ({type(err).__name__}: {err}): {reply.text[:200]}")
+    raise ServiceUnavailable(f"{url} failed after {retries + 1} attempts: {last}")

@@ -26,18 +26,16 @@ import logging
 import math
 import os
 import re
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
 
 import numpy as np
-import requests
 import torch
 from PIL import Image
 
 from omnigrpo.platform.registry import register_reward
-from omnigrpo.rewards.service import encode_image
+from omnigrpo.rewards.service import ServiceUnavailable, encode_image, post_json
 
 TEMPLATES = {
     "alignment": 'Does this image show "{prompt}"? Answer yes or no.',
@@ -106,14 +104,6 @@ class TransformersVLM:
         return self.processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-class JudgeRefused(RuntimeError):
-    """The endpoint answered 4xx: the request is wrong, retrying cannot help."""
-
-
-class JudgeUnavailable(RuntimeError):
-    """The endpoint did not answer usably within the retries."""
-
-
 class OpenAIVLM:
     """A VLM behind an OpenAI-compatible ``/chat/completions`` endpoint (vLLM, SGLang, ...)."""
 
@@ -131,25 +121,8 @@ class OpenAIVLM:
         content = [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{encode_image(image)}"}},
                    {"type": "text", "text": question}]
         body = {"model": self.model, "messages": [{"role": "user", "content": content}], "temperature": 0.0, **extra}
-        last: Exception | None = None
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            try:
-                reply = requests.post(self.url, json=body, headers=self.headers, timeout=self.timeout)
-            except (requests.ConnectionError, requests.Timeout) as err:
-                last = err
-                continue
-            if 400 <= reply.status_code < 500:  # the request itself is wrong (key, model, body): no retry
-                raise JudgeRefused(f"{self.url} refused the request ({reply.status_code}): {reply.text[:200]}")
-            if reply.status_code >= 500:
-                last = RuntimeError(f"HTTP {reply.status_code}: {reply.text[:200]}")
-                continue
-            try:
-                return reply.json()["choices"][0]
-            except (ValueError, KeyError, IndexError, TypeError) as err:
-                last = ValueError(f"unreadable reply ({err}): {reply.text[:200]}")
-        raise JudgeUnavailable(f"VLM endpoint {self.url} failed after {self.retries + 1} attempts: {last}")
+        return post_json(self.url, body, self.headers, lambda reply: reply.json()["choices"][0], self.timeout,
+                         self.retries, self.backoff)
 
     def first_token_logprobs(self, image: np.ndarray, question: str) -> dict[str, float]:
         choice = self._ask(image, question, max_tokens=1, logprobs=True, top_logprobs=self.top_logprobs)
@@ -191,9 +164,9 @@ def vlm_judge_reward(model: str, backend: str = "transformers", base_url: str | 
             if mode == "yes":
                 return yes_probability(judge.first_token_logprobs(image, asked))
             return parse_score(judge.generate(image, asked))
-        except (JudgeUnavailable, KeyError, IndexError, TypeError) as err:
+        except (ServiceUnavailable, KeyError, IndexError, TypeError) as err:
             # this sample's answer never came or cannot be read: a failure of this sample only.
-            # A refusal (JudgeRefused: wrong key, unknown model) propagates and fails the whole batch,
+            # A refusal (ServiceRefused: wrong key, unknown model) propagates and fails the whole batch,
             # so the driver's dry run stops a misconfigured run before it starts.
             log.warning("vlm_judge: %s: %s", type(err).__name__, err)
             return math.nan

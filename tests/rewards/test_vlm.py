@@ -13,8 +13,8 @@ import pytest
 from omnigrpo.platform import shapes
 from omnigrpo.platform.config import RewardSpec
 from omnigrpo.platform.registry import build_reward
-from omnigrpo.rewards.service import decode_image
-from omnigrpo.rewards.vlm import JudgeRefused, TransformersVLM, parse_score, yes_probability
+from omnigrpo.rewards.service import ServiceRefused, decode_image
+from omnigrpo.rewards.vlm import TransformersVLM, parse_score, yes_probability
 from omnigrpo.rewards.worker import RewardWorker
 
 WORDS = ["yes", "no", "Yes", "No", "Final", "Score:", "1", "2", "3", "4", "5", "Does", "this", "image", "show",
@@ -143,7 +143,7 @@ def test_http_judge_matches_the_in_process_one_and_sends_the_key(vlm_dir, monkey
         keyless = build_reward("vlm_judge", {"model": "tiny", "backend": "openai", "base_url": server.base_url,
                                              "api_key_env": "MY_VLM_KEY", "retries": 2})
         before = server.requests
-        with pytest.raises(JudgeRefused, match="401"):  # fails the batch, and so the driver's dry run
+        with pytest.raises(ServiceRefused, match="401"):  # fails the batch, and so the driver's dry run
             keyless(*batch)
         assert server.requests - before <= 3  # one request per sample at most: a 401 is not retried
     finally:
