@@ -56,8 +56,10 @@ class Workers:
     learner: object
 
 
-def spawn(cfg: Config, model_path: str, extensions_dir: str) -> Workers:
-    """Create and set up every actor of a run; raises if any setup fails."""
+def spawn(cfg: Config, model_path: str, extensions_dir: str, reference_path: str | None = None,
+          resume: bool = False) -> Workers:
+    """Create and set up every actor of a run; raises if any setup fails. With ``resume``, ``model_path``
+    is a checkpoint and ``reference_path`` the run's starting policy."""
     actors = cfg.cluster.rollout_workers + cfg.cluster.reward_workers + 1
     share = float(ray.cluster_resources().get("CPU", 1)) / actors
     threads = cfg.cluster.torch_threads
@@ -68,17 +70,20 @@ def spawn(cfg: Config, model_path: str, extensions_dir: str) -> Workers:
                 for i in range(cfg.cluster.rollout_workers)]
     reward_cls = ray.remote(RewardWorker).options(num_cpus=share, num_gpus=cfg.cluster.reward_gpus)
     rewards = [reward_cls.remote(cfg.rewards) for _ in range(cfg.cluster.reward_workers)]
-    learner = ray.remote(Learner).options(num_cpus=share, **env).remote(cfg, model_path)
-    ray.get([w.setup.remote() for w in rollouts + rewards] + [learner.setup.remote(extensions_dir, threads)])
+    learner = ray.remote(Learner).options(num_cpus=share, **env).remote(cfg, model_path,
+                                                                         reference_path=reference_path)
+    ray.get([w.setup.remote() for w in rollouts + rewards] + [learner.setup.remote(extensions_dir, threads, resume)])
     return Workers(rollouts=rollouts, rewards=rewards, learner=learner)
 
 
-def generate(workers: Workers, prompts: list[str], metadata: list[dict], group_size: int) -> RolloutBatch:
-    """Split prompts over the rollout actors and join their batches (one weight version)."""
+def generate(workers: Workers, prompts: list[str], metadata: list[dict], group_size: int,
+             seed: int | None = None) -> RolloutBatch:
+    """Split prompts over the rollout actors and join their batches (one weight version); ``seed``:
+    sample from a separate stream (evaluation)."""
     n = len(workers.rollouts)
     shards = [(prompts[i::n], metadata[i::n]) for i in range(n)]
-    refs = [w.generate.remote(p, m, group_size) for w, (p, m) in zip(workers.rollouts, shards,
-                                                                                strict=True) if p]
+    refs = [w.generate.remote(p, m, group_size, None if seed is None else seed + i)
+            for i, (w, (p, m)) in enumerate(zip(workers.rollouts, shards, strict=True)) if p]
     return RolloutBatch.concat(ray.get(refs))
 
 

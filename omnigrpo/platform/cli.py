@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("config", help="YAML config file")
         p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. trainer.lr=1e-5")
         p.add_argument("--check", action="store_true", help="validate, print the resolved config, exit")
+        if name == "train":
+            p.add_argument("--resume", action="store_true", help="same as run.resume=true")
     serve = sub.add_parser("serve-reward", help="serve one reward over HTTP (PNG + JSON, never pickle)",
                            description="Serve one reward over HTTP; a run uses it as {name: 'url:http://HOST:PORT'}. "
                                        "Set OMNIGRPO_REWARD_TOKEN to require a bearer token.")
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [e for e in extra if "=" not in e or e.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    args.overrides = [*args.overrides, *extra]
+    args.overrides = [*args.overrides, *extra, *(["run.resume=true"] if getattr(args, "resume", False) else [])]
     try:
         cfg = load_config(args.config, args.overrides)
         if args.check:

@@ -37,6 +37,9 @@ class RunConfig:
     """Where the run writes everything: MLflow store (by default), checkpoints, logs."""
     seed: int = 0
     """Seed of every random choice in the run: prompts, sampling, initialisation, SFT data."""
+    resume: bool = False
+    """Continue the newest checkpoint under ``<run.dir>/checkpoints`` (same MLflow run, optimiser state,
+    random streams and prompt order), or start fresh when there is none."""
     cache_dir: str = ""
     """Where reusable artefacts (the SFT checkpoint, DeepSpeed's compiled ops) are cached across
     runs; empty means ``$OMNIGRPO_CACHE_DIR`` or else ``~/.cache/omnigrpo``."""

@@ -11,6 +11,7 @@ checkpoint and the MLflow run is marked FAILED before the error propagates.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from contextlib import contextmanager
@@ -27,6 +28,7 @@ from omnigrpo.platform.prompts import load_prompts
 from omnigrpo.platform.registry import build_reward
 from omnigrpo.platform.tracking import Tracker
 from omnigrpo.rewards.worker import applies_to, call_reward
+from omnigrpo.trainers.checkpoint import latest_resumable
 from omnigrpo.trainers.grpo import group_advantages
 from omnigrpo.trainers.learner import TrainBatch
 from omnigrpo.trainers.sft import cache_root, sft_checkpoint
@@ -49,6 +51,14 @@ class PromptCursor:
                 self.order = list(self.rng.permutation(len(self.prompts)))
             picked.append(self.order.pop())
         return [self.prompts[i] for i in picked], [self.metadata[i] for i in picked]
+
+    def state(self) -> str:
+        return json.dumps({"rng": self.rng.bit_generator.state, "order": [int(i) for i in self.order]})
+
+    def restore(self, state: str) -> None:
+        data = json.loads(state)
+        self.rng.bit_generator.state = data["rng"]
+        self.order = data["order"]
 
 
 def check_rewards(cfg: Config, prompts: list[str], metadata: list[dict]) -> None:
@@ -81,7 +91,8 @@ def timed(timings: dict[str, float], stage: str):
 def evaluate(cfg: Config, workers: actors.Workers, tracker: Tracker, step: int) -> dict[str, float]:
     """Held-out prompts, ``eval.samples_per_prompt`` images each: strict accuracy and mean reward."""
     prompts, metadata = shapes.prompts_of(shapes.held_out_scenes())
-    batch = actors.generate(workers, prompts, metadata, cfg.eval.samples_per_prompt)
+    # a stream of its own per evaluation: evaluating never shifts the training samples
+    batch = actors.generate(workers, prompts, metadata, cfg.eval.samples_per_prompt, seed=cfg.run.seed * 7919 + step)
     result = actors.score(workers, batch)
     strict = build_reward("shapes_strict")(batch.images, batch.prompts, batch.metadata)
     metrics = {
@@ -105,13 +116,27 @@ def train(cfg: Config) -> dict:
     model_path = cfg.model.path or str(sft_checkpoint(cfg, cfg.cluster.torch_threads or None))
     if cfg.model.path and not Path(model_path).exists():
         raise FileNotFoundError(f"model.path {model_path!r} does not exist")
+    resume_from = latest_resumable(run_dir / "checkpoints") if cfg.run.resume else None
+    state = torch.load(resume_from / "run_state.pt", weights_only=True) if resume_from else None
+    if state and len(state["rollout_rng"]) != cfg.cluster.rollout_workers:
+        raise ConfigError(f"cluster.rollout_workers: resuming {resume_from} needs {len(state['rollout_rng'])}")
+    cursor = PromptCursor(prompts, metadata, seed=cfg.run.seed)
     started_ray = not ray.is_initialized()
     actors.connect(cfg)
     tracker = Tracker(cfg)
     try:
-        workers = actors.spawn(cfg, model_path, str(cache_root(cfg) / "torch_extensions"))
-        tracker.start()
-        return _loop(cfg, workers, tracker, run_dir, PromptCursor(prompts, metadata, seed=cfg.run.seed))
+        extensions = str(cache_root(cfg) / "torch_extensions")
+        if state is None:
+            workers = actors.spawn(cfg, model_path, extensions)
+            tracker.start()
+            return _loop(cfg, workers, tracker, run_dir, cursor, {"reference_path": model_path})
+        log.info("resuming %s at step %d", resume_from, state["step"])
+        workers = actors.spawn(cfg, str(resume_from), extensions, state["reference_path"], resume=True)
+        ray.get([w.restore.remote(rng, state["step"]) for w, rng in zip(workers.rollouts, state["rollout_rng"],
+                                                                       strict=True)])
+        cursor.restore(state["cursor"])
+        tracker.start(resume_run_id=state["run_id"])
+        return _loop(cfg, workers, tracker, run_dir, cursor, state)
     except BaseException:
         tracker.end(failed=True)
         raise
@@ -120,12 +145,22 @@ def train(cfg: Config) -> dict:
             ray.shutdown()
 
 
-def _loop(cfg: Config, workers: actors.Workers, tracker: Tracker, run_dir: Path, cursor: PromptCursor) -> dict:
+def _loop(cfg: Config, workers: actors.Workers, tracker: Tracker, run_dir: Path, cursor: PromptCursor,
+          resumed: dict) -> dict:
+    """Steps ``resumed["step"] + 1 .. trainer.steps`` (from 1 on a fresh run)."""
     ckpt_root = run_dir / "checkpoints" / tracker.run_id
-    before = evaluate(cfg, workers, tracker, 0)
-    step, version = 0, 0
+    first = resumed.get("step", 0) + 1
+    before = resumed.get("before") or evaluate(cfg, workers, tracker, 0)
+
+    def run_state(step: int) -> dict:
+        """What the driver needs to continue after ``step`` exactly as if never interrupted."""
+        return {"step": step, "run_id": tracker.run_id, "reference_path": resumed["reference_path"],
+                "cursor": cursor.state(), "before": before,
+                "rollout_rng": ray.get([w.rng_state.remote() for w in workers.rollouts])}
+
+    step, version = first - 1, first - 1
     try:
-        for step in range(1, cfg.trainer.steps + 1):
+        for step in range(first, cfg.trainer.steps + 1):
             timings: dict[str, float] = {}
             t0 = time.perf_counter()
             prompts, metadata = cursor.take(cfg.rollout.prompts_per_step)
@@ -160,7 +195,7 @@ def _loop(cfg: Config, workers: actors.Workers, tracker: Tracker, run_dir: Path,
             if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.trainer.steps:
                 evaluate(cfg, workers, tracker, step)
             if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
-                ray.get(workers.learner.save_checkpoint.remote(str(ckpt_root), step))
+                ray.get(workers.learner.save_checkpoint.remote(str(ckpt_root), step, "step", run_state(step)))
     except BaseException:
         log.exception("run failed at step %d; writing a checkpoint", step)
         try:
@@ -169,7 +204,8 @@ def _loop(cfg: Config, workers: actors.Workers, tracker: Tracker, run_dir: Path,
             log.exception("could not write the crash checkpoint")
         raise
     after = evaluate(cfg, workers, tracker, cfg.trainer.steps)
-    final = ray.get(workers.learner.save_checkpoint.remote(str(ckpt_root), cfg.trainer.steps))
+    final = ray.get(workers.learner.save_checkpoint.remote(str(ckpt_root), cfg.trainer.steps, "step",
+                                                           run_state(cfg.trainer.steps)))
     versions = ray.get([w.weight_version.remote() for w in workers.rollouts])
     summary = {"before": before, "after": after, "checkpoint": final, "run_id": tracker.run_id,
                "rollout_versions": versions}

@@ -57,8 +57,17 @@ class Tracker:
         self.cfg = cfg
         self.client = MlflowClient(tracking_uri=store_uri(cfg))
         self.run_id = ""
+        self.logged_until = 0
 
-    def start(self) -> str:
+    def start(self, resume_run_id: str | None = None) -> str:
+        """Create the run, or continue ``resume_run_id``: steps it already logged are not logged again."""
+        self.logged_until = 0
+        if resume_run_id:
+            self.run_id = resume_run_id
+            self.client.update_run(resume_run_id, status="RUNNING")
+            history = self.client.get_metric_history(resume_run_id, "reward/total/mean")
+            self.logged_until = max((m.step for m in history), default=0)
+            return resume_run_id
         name = self.cfg.tracking.experiment
         exp = self.client.get_experiment_by_name(name)
         if exp is None:
@@ -79,7 +88,10 @@ class Tracker:
         return self.run_id
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        """All of a step's metrics in one call; NaN values (e.g. a reward with no scores) are skipped."""
+        """All of a step's metrics in one call; NaN values (e.g. a reward with no scores) are skipped, and
+        so is a training step a resumed run had already logged before its interruption."""
+        if 0 < step <= self.logged_until and "reward/total/mean" in metrics:
+            return
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if not math.isnan(float(v))]
         if batch:

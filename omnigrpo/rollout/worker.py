@@ -87,11 +87,15 @@ class RolloutWorker:
         self.generator = torch.Generator().manual_seed(self.seed)
         return self.version
 
-    def generate(self, prompts: list[str], metadata: list[dict], group_size: int) -> RolloutBatch:
-        """Draw ``group_size`` images for each prompt."""
+    def generate(self, prompts: list[str], metadata: list[dict], group_size: int,
+                 seed: int | None = None) -> RolloutBatch:
+        """Draw ``group_size`` images for each prompt; with ``seed``, from a generator of its own, which
+        leaves the training stream untouched (evaluation), so a resumed run samples what an
+        uninterrupted one would."""
         repeated = [p for p in prompts for _ in range(group_size)]
         batch = self.policy.prompt_batch(repeated)
-        codes, logprobs = sample_images(self.policy.model, batch, self.policy.space, self.params, self.generator)
+        generator = self.generator if seed is None else torch.Generator().manual_seed(seed)
+        codes, logprobs = sample_images(self.policy.model, batch, self.policy.space, self.params, generator)
         return RolloutBatch(
             prompts=repeated,
             metadata=[dict(m) for m in metadata for _ in range(group_size)],
@@ -111,6 +115,14 @@ class RolloutWorker:
 
     def weight_version(self) -> int:
         return self.version
+
+    def rng_state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def restore(self, rng_state: torch.Tensor, version: int) -> None:
+        """Continue a checkpointed run: its sampling stream and weight version."""
+        self.generator.set_state(rng_state)
+        self.version = version
 
     def checksum(self) -> float:
         """Sum of all weights, to compare with the learner's after a sync."""

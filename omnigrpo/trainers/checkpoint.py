@@ -56,3 +56,13 @@ def list_checkpoints(root: str | Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
     return [p for _, p in sorted(found)]
+
+
+def latest_resumable(root: str | Path) -> Path | None:
+    """The newest ``step-*`` checkpoint under ``root/<run id>/`` that carries a run state (resumable)."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    found = [p for run in root.iterdir() if run.is_dir() for p in list_checkpoints(run)
+             if (p / "run_state.pt").exists()]
+    return max(found, key=lambda p: (p.stat().st_mtime, p.name)) if found else None

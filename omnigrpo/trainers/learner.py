@@ -50,11 +50,12 @@ class Learner:
     """DeepSpeed GRPO learner (rank ``rank`` of ``world_size``) over the policy at ``model_path``."""
 
     def __init__(self, cfg: Config, model_path: str, rendezvous: str | None = None, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, reference_path: str | None = None):
         if world_size != 1:
             raise NotImplementedError("a data-parallel learner group needs the batch sharded across ranks")
         self.cfg = cfg
         self.model_path = model_path
+        self.reference_path = reference_path or model_path  # KL is always against the run's start policy
         self.rendezvous = rendezvous
         self.rank = rank
         self.world_size = world_size
@@ -62,11 +63,13 @@ class Learner:
         self.in_update = False
         self.params = sampling_params(cfg)
 
-    def setup(self, extensions_dir: str | None = None, threads: int | None = None) -> int:
+    def setup(self, extensions_dir: str | None = None, threads: int | None = None, resume: bool = False) -> int:
         """Load policy and reference, join the process group, build the DeepSpeed engine.
 
         The group meets at ``rendezvous``; by default a ``file://`` store in a fresh temporary folder,
-        which opens no listening socket (torch's TCP store listens on every interface)."""
+        which opens no listening socket (torch's TCP store listens on every interface). With ``resume``,
+        ``model_path`` is a checkpoint of :meth:`save_checkpoint`: optimiser state, sampling generator
+        and weight version continue from it."""
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's own sockets stay on loopback
         if extensions_dir:
@@ -78,7 +81,9 @@ class Learner:
         torch.set_num_threads(threads or os.cpu_count() or 1)
         torch.manual_seed(self.cfg.run.seed + self.rank)
         self.policy = ShapesPolicy.from_pretrained(self.model_path)
-        self.reference = copy.deepcopy(self.policy.model).eval().requires_grad_(False)
+        reference = self.policy if self.reference_path == self.model_path else ShapesPolicy.from_pretrained(
+            self.reference_path)
+        self.reference = copy.deepcopy(reference.model).eval().requires_grad_(False)
         model = self.policy.model.train()
         tr = self.cfg.trainer
         optimizer = torch.optim.AdamW(model.parameters(), lr=tr.lr, weight_decay=tr.weight_decay)
@@ -101,6 +106,12 @@ class Learner:
             },
         )
         self.generator = torch.Generator().manual_seed(self.cfg.run.seed + 1000 + self.rank)
+        if resume:
+            self.engine.load_checkpoint(str(Path(self.model_path) / "optimizer"), tag="state",
+                                        load_module_strict=True, load_optimizer_states=True)
+            state = torch.load(Path(self.model_path) / "learner_state.pt", weights_only=True)
+            self.generator.set_state(state["generator"])
+            self.version = int(state["version"])
         return self.version
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
@@ -177,16 +188,24 @@ class Learner:
                                                enabled=self.cfg.trainer.zero_stage == 3):
             return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
-    def save_checkpoint(self, root: str | Path, step: int | None = None, name: str = "step") -> str:
-        """Atomically write the current policy to ``root/{name}-NNNNNN`` (a ``model.path``-ready
-        directory); ``step`` defaults to the number of updates made."""
+    def save_checkpoint(self, root: str | Path, step: int | None = None, name: str = "step",
+                        run_state: dict | None = None) -> str:
+        """Atomically write ``root/{name}-NNNNNN``: the policy (a ``model.path``-ready directory), the
+        DeepSpeed optimiser state, this learner's generator and version, and ``run_state`` (the
+        driver's part, see ``omnigrpo.platform.driver``). ``step`` defaults to the updates made."""
         step = self.version if step is None else step
         weights = self.state_dict()
+
+        def save(tmp: Path) -> None:
+            self.policy.save_pretrained(tmp, state_dict=weights)
+            self.engine.save_checkpoint(str(tmp / "optimizer"), tag="state")
+            torch.save({"generator": self.generator.get_state(), "version": self.version}, tmp / "learner_state.pt")
+            if run_state is not None:
+                torch.save(run_state, tmp / "run_state.pt")
+
         # a crash inside train_step leaves weights part-way through an update: say so in the checkpoint
         info = {"version": self.version, "partial_update": self.in_update}
-        path = write_checkpoint(root, step, lambda tmp: self.policy.save_pretrained(tmp, state_dict=weights),
-                                self.cfg.trainer.keep_last, info, name=name)
-        return str(path)
+        return str(write_checkpoint(root, step, save, self.cfg.trainer.keep_last, info, name=name))
 
 
 def _grad_norm(module: torch.nn.Module) -> float:
