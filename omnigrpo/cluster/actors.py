@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,7 +69,8 @@ def spawn(cfg: Config, model_path: str, extensions_dir: str, reference_path: str
     params = sampling_params(cfg)
     rollouts = [rollout_cls.remote(model_path, params, cfg.run.seed + 17 * i, threads)
                 for i in range(cfg.cluster.rollout_workers)]
-    reward_cls = ray.remote(RewardWorker).options(num_cpus=share, num_gpus=cfg.cluster.reward_gpus)
+    reward_cls = ray.remote(RewardWorker).options(num_cpus=cfg.cluster.reward_cpus or share,
+                                                  num_gpus=cfg.cluster.reward_gpus)
     rewards = [reward_cls.remote(cfg.rewards) for _ in range(cfg.cluster.reward_workers)]
     learner = ray.remote(Learner).options(num_cpus=share, **env).remote(cfg, model_path,
                                                                          reference_path=reference_path)
@@ -76,24 +78,58 @@ def spawn(cfg: Config, model_path: str, extensions_dir: str, reference_path: str
     return Workers(rollouts=rollouts, rewards=rewards, learner=learner)
 
 
-def generate(workers: Workers, prompts: list[str], metadata: list[dict], group_size: int,
-             seed: int | None = None) -> RolloutBatch:
-    """Split prompts over the rollout actors and join their batches (one weight version); ``seed``:
-    sample from a separate stream (evaluation)."""
+def submit_generate(workers: Workers, prompts: list[str], metadata: list[dict], group_size: int,
+                    seed: int | None = None) -> list:
+    """Start sampling, prompts split over the rollout actors; returns the pending parts (``seed``: sample
+    from a separate stream, for evaluation)."""
     n = len(workers.rollouts)
     shards = [(prompts[i::n], metadata[i::n]) for i in range(n)]
-    refs = [w.generate.remote(p, m, group_size, None if seed is None else seed + i)
+    return [w.generate.remote(p, m, group_size, None if seed is None else seed + i)
             for i, (w, (p, m)) in enumerate(zip(workers.rollouts, shards, strict=True)) if p]
-    return RolloutBatch.concat(ray.get(refs))
+
+
+def generate(workers: Workers, prompts: list[str], metadata: list[dict], group_size: int,
+             seed: int | None = None) -> RolloutBatch:
+    """Sample and wait: one batch, one weight version."""
+    return RolloutBatch.concat(ray.get(submit_generate(workers, prompts, metadata, group_size, seed)))
+
+
+def submit_score(workers: Workers, batch: RolloutBatch) -> list:
+    """Start judging: the batch's images in consecutive shards, one per reward actor; returns the pending
+    parts, in order."""
+    n = len(batch.prompts)
+    bounds = np.linspace(0, n, len(workers.rewards) + 1).astype(int)
+    return [w.score.remote(batch.images[a:b], batch.prompts[a:b], batch.metadata[a:b])
+            for w, a, b in zip(workers.rewards, bounds[:-1], bounds[1:], strict=True) if b > a]
 
 
 def score(workers: Workers, batch: RolloutBatch) -> RewardResult:
-    """Split a batch's images into consecutive shards, one per reward actor, and join the results."""
-    n = len(batch.prompts)
-    bounds = np.linspace(0, n, len(workers.rewards) + 1).astype(int)
-    refs = [w.score.remote(batch.images[a:b], batch.prompts[a:b], batch.metadata[a:b])
-            for w, a, b in zip(workers.rewards, bounds[:-1], bounds[1:], strict=True) if b > a]
-    return RewardResult.concat(ray.get(refs))
+    """Judge and wait."""
+    return RewardResult.concat(ray.get(submit_score(workers, batch)))
+
+
+def generate_and_score(workers: Workers, prompts: list[str], metadata: list[dict], group_size: int,
+                       chunks: int, timings: dict[str, float]) -> tuple[RolloutBatch, RewardResult]:
+    """One step's rollout in ``chunks`` pieces, each judged while the next one samples.
+
+    All pieces use the same weights, so the step stays on-policy; only reward time is hidden behind
+    sampling. ``timings`` gets ``timing/rollout_s`` (until the last piece is sampled) and
+    ``timing/reward_s`` (judging left after that).
+    """
+    start = time.perf_counter()
+    pieces = [p for p in np.array_split(np.arange(len(prompts)), chunks) if len(p)]
+    take = lambda idx: ([prompts[i] for i in idx], [metadata[i] for i in idx])  # noqa: E731
+    pending = submit_generate(workers, *take(pieces[0]), group_size)
+    batches, judged = [], []
+    for k in range(len(pieces)):
+        batches.append(RolloutBatch.concat(ray.get(pending)))
+        if k + 1 < len(pieces):
+            pending = submit_generate(workers, *take(pieces[k + 1]), group_size)
+        judged.append(submit_score(workers, batches[-1]))
+    timings["timing/rollout_s"] = time.perf_counter() - start
+    results = [RewardResult.concat(ray.get(refs)) for refs in judged]
+    timings["timing/reward_s"] = time.perf_counter() - start - timings["timing/rollout_s"]
+    return RolloutBatch.concat(batches), RewardResult.concat(results)
 
 
 def sync_weights(workers: Workers, version: int) -> None:

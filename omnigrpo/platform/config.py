@@ -110,6 +110,9 @@ class RolloutConfig:
     """Drop codes whose probability is below ``min_p`` times the top one; 0 disables."""
     cfg_scale: Annotated[float, Field(ge=0.0)] = 1.0
     """Classifier-free guidance: logits = uncond + scale * (cond - uncond); 1.0 = no guidance."""
+    chunks: PositiveInt = 1
+    """Sample a step's prompts in this many pieces, each judged while the next one samples (same
+    weights: still on-policy); pays off when rewards run on their own devices."""
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -194,6 +197,8 @@ class ClusterConfig:
     """Rollout actors; a step's prompts are split between them."""
     reward_workers: PositiveInt = 1
     """Reward actors, each holding every configured reward; a step's images are split between them."""
+    reward_cpus: Annotated[float, Field(ge=0.0)] = 0.0
+    """CPUs each reward actor reserves; 0 = an equal share of the cluster with the other actors."""
     reward_gpus: Annotated[float, Field(ge=0.0)] = 0.0
     """GPUs each reward actor reserves (fractions share a GPU); 0 on a CPU-only cluster."""
     torch_threads: NonNegInt = 0

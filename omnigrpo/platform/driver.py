@@ -164,12 +164,10 @@ def _loop(cfg: Config, workers: actors.Workers, tracker: Tracker, run_dir: Path,
             timings: dict[str, float] = {}
             t0 = time.perf_counter()
             prompts, metadata = cursor.take(cfg.rollout.prompts_per_step)
-            with timed(timings, "rollout"):
-                batch = actors.generate(workers, prompts, metadata, cfg.rollout.group_size)
+            batch, result = actors.generate_and_score(workers, prompts, metadata, cfg.rollout.group_size,
+                                                      cfg.rollout.chunks, timings)
             if batch.version != version:
                 raise RuntimeError(f"step {step}: rollout used weights v{batch.version}, expected v{version}")
-            with timed(timings, "reward"):
-                result = actors.score(workers, batch)
             valid = torch.from_numpy(result.valid)
             totals = torch.from_numpy(np.where(result.valid, result.total, 0.0)).float()  # invalid: unused
             adv, zero_std = group_advantages(totals, batch.group, valid, scale=cfg.trainer.scale_rewards)
