@@ -65,14 +65,13 @@ def check_rewards(cfg: Config, prompts: list[str], metadata: list[dict]) -> None
     """Build every reward on the driver and dry-run it on two blank images with the first two training
     prompts; raise naming the culprit."""
     blank = np.zeros((2, shapes.IMAGE_SIZE, shapes.IMAGE_SIZE, 3), dtype=np.uint8)
-    all_metadata = metadata
-    prompts, metadata = (prompts * 2)[:2], (metadata * 2)[:2]
+    two_prompts, two_metadata = (prompts * 2)[:2], (metadata * 2)[:2]
     for spec in cfg.rewards:
-        if spec.tags and not any(applies_to(spec.tags, m) for m in all_metadata):
+        if spec.tags and not any(applies_to(spec.tags, m) for m in metadata):
             raise ConfigError(f"reward {spec.name!r} has tags {spec.tags} but no training prompt carries any of them")
         fn = build_reward(spec.name, spec.kwargs)  # RewardNotFound names what is missing
         try:
-            out = call_reward(fn, blank, prompts, metadata)
+            out = call_reward(fn, blank, two_prompts, two_metadata)
             count = len(out)
         except Exception as err:
             raise ConfigError(f"reward {spec.name!r} failed its dry run on 2 blank images: "
@@ -132,8 +131,8 @@ def train(cfg: Config) -> dict:
             return _loop(cfg, workers, tracker, run_dir, cursor, {"reference_path": model_path})
         log.info("resuming %s at step %d", resume_from, state["step"])
         workers = actors.spawn(cfg, str(resume_from), extensions, state["reference_path"], resume=True)
-        ray.get([w.restore.remote(rng, state["step"]) for w, rng in zip(workers.rollouts, state["rollout_rng"],
-                                                                       strict=True)])
+        ray.get([w.restore.remote(rng, state["version"]) for w, rng in zip(workers.rollouts, state["rollout_rng"],
+                                                                          strict=True)])
         cursor.restore(state["cursor"])
         tracker.start(resume_run_id=state["run_id"])
         return _loop(cfg, workers, tracker, run_dir, cursor, state)
@@ -154,11 +153,13 @@ def _loop(cfg: Config, workers: actors.Workers, tracker: Tracker, run_dir: Path,
 
     def run_state(step: int) -> dict:
         """What the driver needs to continue after ``step`` exactly as if never interrupted."""
-        return {"step": step, "run_id": tracker.run_id, "reference_path": resumed["reference_path"],
+        return {"step": step, "version": version, "run_id": tracker.run_id,
+                "reference_path": resumed["reference_path"],
                 "cursor": cursor.state(), "before": before,
                 "rollout_rng": ray.get([w.rng_state.remote() for w in workers.rollouts])}
 
-    step, version = first - 1, first - 1
+    # steps and weight versions differ once a step makes no update (every sample excluded)
+    step, version = first - 1, resumed.get("version", 0)
     try:
         for step in range(first, cfg.trainer.steps + 1):
             timings: dict[str, float] = {}
