@@ -4,7 +4,7 @@ PY      := .venv/bin/python
 PIP     := DS_BUILD_OPS=0 .venv/bin/pip install --quiet --disable-pip-version-check -c constraints.txt
 STAMP   := .venv/.installed
 
-.PHONY: demo test lint install clean
+.PHONY: demo glyphs bench test lint install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -17,13 +17,19 @@ install: $(STAMP)
 demo: $(STAMP)
 	.venv/bin/omnigrpo train configs/shapes.yaml
 
+glyphs: $(STAMP)
+	.venv/bin/omnigrpo train configs/glyphs.yaml
+
+bench: $(STAMP)
+	.venv/bin/omnigrpo bench configs/shapes.yaml --steps 50 --out runs/bench/shapes.json
+
 test: $(STAMP)
-	.venv/bin/ruff check omnigrpo tests
+	.venv/bin/ruff check omnigrpo tests bench
 	$(PY) -m pytest -q --durations=10
 
 lint: $(STAMP)
-	.venv/bin/ruff check omnigrpo tests
-	.venv/bin/ruff format --check omnigrpo tests
+	.venv/bin/ruff check omnigrpo tests bench
+	.venv/bin/ruff format --check omnigrpo tests bench
 
 clean:
 	rm -rf .venv runs .pytest_cache .ruff_cache

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import ray
@@ -23,7 +25,7 @@ from omnigrpo.cluster.environment import prepare_local_ray_env, wants_local_clus
 from omnigrpo.platform.config import Config
 from omnigrpo.rewards.worker import RewardResult, RewardWorker
 from omnigrpo.rollout.worker import RolloutBatch, RolloutWorker
-from omnigrpo.trainers.learner import Learner, sampling_params
+from omnigrpo.trainers.learner import Learner, merge_metrics, sampling_params
 
 log = logging.getLogger(__name__)
 
@@ -50,32 +52,144 @@ def connect(cfg: Config) -> None:
 
 @dataclass
 class Workers:
-    """Handles of a run's actors."""
+    """Handles of a run's actors, and what it takes to replace a rollout or reward actor that died."""
 
     rollouts: list
     rewards: list
-    learner: object
+    learners: list
+    """The DeepSpeed data-parallel group, rank 0 first."""
+    cfg: Config
+    model_path: str
+    version: int = 0
+    """Weight version every rollout actor holds (a replacement gets it from the learner)."""
+    restarts: int = 0
+    """Actors replaced so far in this run (logged as ``fault/actor_restarts``)."""
+    broadcast: bool = False
+    """Weights go over the dedicated gloo group (else, or after a fallback, through the object store)."""
+    sync_fallbacks: int = 0
+    """Broadcasts that failed and were redone through the object store (``fault/sync_fallbacks``)."""
+
+    @property
+    def learner(self):
+        """Rank 0 of the learner group."""
+        return self.learners[0]
+
+
+@dataclass
+class Pending:
+    """A submitted shard: which actor, its result ref, and the call to repeat on a replacement."""
+
+    index: int
+    ref: object
+    args: tuple
 
 
 def spawn(cfg: Config, model_path: str, extensions_dir: str, reference_path: str | None = None,
           resume: bool = False) -> Workers:
     """Create and set up every actor of a run; raises if any setup fails. With ``resume``, ``model_path``
     is a checkpoint and ``reference_path`` the run's starting policy."""
-    actors = cfg.cluster.rollout_workers + cfg.cluster.reward_workers + 1
-    share = float(ray.cluster_resources().get("CPU", 1)) / actors
+    share = _share(cfg)
     threads = cfg.cluster.torch_threads
     env = {"runtime_env": {"env_vars": {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": extensions_dir}}}
-    rollout_cls = ray.remote(RolloutWorker).options(num_cpus=share, max_concurrency=1)
-    params = sampling_params(cfg)
-    rollouts = [rollout_cls.remote(model_path, params, cfg.run.seed + 17 * i, threads)
-                for i in range(cfg.cluster.rollout_workers)]
-    reward_cls = ray.remote(RewardWorker).options(num_cpus=cfg.cluster.reward_cpus or share,
-                                                  num_gpus=cfg.cluster.reward_gpus)
-    rewards = [reward_cls.remote(cfg.rewards) for _ in range(cfg.cluster.reward_workers)]
-    learner = ray.remote(Learner).options(num_cpus=share, **env).remote(cfg, model_path,
-                                                                         reference_path=reference_path)
-    ray.get([w.setup.remote() for w in rollouts + rewards] + [learner.setup.remote(extensions_dir, threads, resume)])
-    return Workers(rollouts=rollouts, rewards=rewards, learner=learner)
+    rollouts = [_rollout_actor(cfg, model_path, i, share) for i in range(cfg.cluster.rollout_workers)]
+    rewards = [_reward_actor(cfg, share) for _ in range(cfg.cluster.reward_workers)]
+    size = cfg.cluster.learner_workers
+    # the group meets at a file store in the run directory (shared storage on a multi-node cluster)
+    Path(cfg.run.dir).resolve().mkdir(parents=True, exist_ok=True)
+    rendezvous = (Path(cfg.run.dir).resolve() / f".rendezvous-{secrets.token_hex(4)}").as_uri()
+    learners = [ray.remote(Learner).options(num_cpus=share, **env).remote(
+        cfg, model_path, rendezvous=rendezvous if size > 1 else None, rank=rank, world_size=size,
+        reference_path=reference_path) for rank in range(size)]
+    ray.get([w.setup.remote() for w in rollouts + rewards]
+            + [learner.setup.remote(extensions_dir, threads, resume) for learner in learners])
+    workers = Workers(rollouts=rollouts, rewards=rewards, learners=learners, cfg=cfg, model_path=model_path)
+    if cfg.cluster.weight_sync == "broadcast":
+        join_weight_group(workers)
+    return workers
+
+
+def join_weight_group(workers: Workers) -> None:
+    """Form the broadcast group: learner rank 0 (sender) and every rollout actor, meeting at a file store."""
+    store = str(Path(workers.cfg.run.dir).resolve() / f".weights-{secrets.token_hex(4)}")
+    size, timeout = 1 + len(workers.rollouts), workers.cfg.cluster.sync_timeout_s
+    ray.get([workers.learner.join_weight_group.remote(store, size, timeout)]
+            + [w.join_weight_group.remote(store, i + 1, size, timeout) for i, w in enumerate(workers.rollouts)])
+    workers.broadcast = True
+
+
+def _share(cfg: Config) -> float:
+    actors = cfg.cluster.rollout_workers + cfg.cluster.reward_workers + cfg.cluster.learner_workers
+    return float(ray.cluster_resources().get("CPU", 1)) / actors
+
+
+def train_step(workers: Workers, batch) -> dict[str, float]:
+    """One update on every learner rank (each takes its share of ``batch``); the merged metrics."""
+    return merge_metrics(ray.get([learner.train_step.remote(batch) for learner in workers.learners]))
+
+
+def weights_ref(workers: Workers):
+    """Object ref of the full policy weights (rank 0's; under ZeRO-3 every rank joins the gather)."""
+    refs = [learner.state_dict.remote() for learner in workers.learners]
+    if workers.cfg.trainer.zero_stage == 3:
+        ray.wait(refs, num_returns=len(refs))
+    return refs[0]
+
+
+def save_checkpoint(workers: Workers, root: str, step: int | None, name: str, run_state: dict | None = None) -> str:
+    """Every learner rank writes its part; rank 0 publishes ``root/{name}-{step}``; returns its path."""
+    return ray.get([learner.save_checkpoint.remote(root, step, name, run_state) for learner in workers.learners])[0]
+
+
+def _rollout_actor(cfg: Config, model_path: str, index: int, share: float, restart: int = 0):
+    """Rollout actor ``index`` (named ``omnigrpo-rollout-<index>-<random>`` so users and tests can find it);
+    a replacement samples from a new seed."""
+    name = f"omnigrpo-rollout-{index}-{secrets.token_hex(4)}"
+    cls = ray.remote(RolloutWorker).options(num_cpus=share, max_concurrency=1, name=name)
+    return cls.remote(model_path, sampling_params(cfg), cfg.run.seed + 17 * index + 7919 * restart,
+                      cfg.cluster.torch_threads)
+
+
+def _reward_actor(cfg: Config, share: float):
+    cls = ray.remote(RewardWorker).options(num_cpus=cfg.cluster.reward_cpus or share, num_gpus=cfg.cluster.reward_gpus)
+    return cls.remote(cfg.rewards)
+
+
+def _replace(workers: Workers, role: str, index: int, err: Exception) -> None:
+    """Start a fresh actor in place of a dead one (a rollout replacement gets the current weights), or
+    re-raise ``err`` once ``cluster.max_restarts`` replacements are used up."""
+    if workers.restarts >= workers.cfg.cluster.max_restarts:
+        log.error("%s actor %d died and the run already replaced %d actor(s) (cluster.max_restarts)", role, index,
+                  workers.restarts)
+        raise err
+    workers.restarts += 1
+    log.warning("%s actor %d died; starting a replacement (%d so far)", role, index, workers.restarts)
+    if role == "rollout":
+        if workers.broadcast:
+            log.warning("the weight-broadcast group lost a member: weights go through the object store from now on")
+            workers.broadcast = False
+        actor = _rollout_actor(workers.cfg, workers.model_path, index, _share(workers.cfg), workers.restarts)
+        ray.get(actor.setup.remote())
+        ray.get(actor.load_weights.remote(weights_ref(workers), workers.version))
+        workers.rollouts[index] = actor
+    else:
+        actor = _reward_actor(workers.cfg, _share(workers.cfg))
+        ray.get(actor.setup.remote())
+        workers.rewards[index] = actor
+
+
+def collect(workers: Workers, role: str, pending: list[Pending]) -> list:
+    """Results of submitted shards, in order; a shard whose actor died is retried on a replacement."""
+    out = []
+    for item in pending:
+        while True:
+            try:
+                out.append(ray.get(item.ref))
+                break
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
+                _replace(workers, role, item.index, err)
+                actor = (workers.rollouts if role == "rollout" else workers.rewards)[item.index]
+                item.ref = (actor.generate if role == "rollout" else actor.score).remote(*item.args)
+    return out
 
 
 def submit_generate(workers: Workers, prompts: list[str], metadata: list[dict], group_size: int,
@@ -83,15 +197,19 @@ def submit_generate(workers: Workers, prompts: list[str], metadata: list[dict], 
     """Start sampling, prompts split over the rollout actors; returns the pending parts (``seed``: sample
     from a separate stream, for evaluation)."""
     n = len(workers.rollouts)
-    shards = [(prompts[i::n], metadata[i::n]) for i in range(n)]
-    return [w.generate.remote(p, m, group_size, None if seed is None else seed + i)
-            for i, (w, (p, m)) in enumerate(zip(workers.rollouts, shards, strict=True)) if p]
+    pending = []
+    for i, w in enumerate(workers.rollouts):
+        args = (prompts[i::n], metadata[i::n], group_size, None if seed is None else seed + i)
+        if args[0]:
+            pending.append(Pending(i, w.generate.remote(*args), args))
+    return pending
 
 
 def generate(workers: Workers, prompts: list[str], metadata: list[dict], group_size: int,
              seed: int | None = None) -> RolloutBatch:
     """Sample and wait: one batch, one weight version."""
-    return RolloutBatch.concat(ray.get(submit_generate(workers, prompts, metadata, group_size, seed)))
+    return RolloutBatch.concat(collect(workers, "rollout", submit_generate(workers, prompts, metadata, group_size,
+                                                                           seed)))
 
 
 def submit_score(workers: Workers, batch: RolloutBatch) -> list:
@@ -99,13 +217,17 @@ def submit_score(workers: Workers, batch: RolloutBatch) -> list:
     parts, in order."""
     n = len(batch.prompts)
     bounds = np.linspace(0, n, len(workers.rewards) + 1).astype(int)
-    return [w.score.remote(batch.images[a:b], batch.prompts[a:b], batch.metadata[a:b])
-            for w, a, b in zip(workers.rewards, bounds[:-1], bounds[1:], strict=True) if b > a]
+    pending = []
+    for i, (w, a, b) in enumerate(zip(workers.rewards, bounds[:-1], bounds[1:], strict=True)):
+        if b > a:
+            args = (batch.images[a:b], batch.prompts[a:b], batch.metadata[a:b])
+            pending.append(Pending(i, w.score.remote(*args), args))
+    return pending
 
 
 def score(workers: Workers, batch: RolloutBatch) -> RewardResult:
     """Judge and wait."""
-    return RewardResult.concat(ray.get(submit_score(workers, batch)))
+    return RewardResult.concat(collect(workers, "reward", submit_score(workers, batch)))
 
 
 def generate_and_score(workers: Workers, prompts: list[str], metadata: list[dict], group_size: int,
@@ -122,17 +244,39 @@ def generate_and_score(workers: Workers, prompts: list[str], metadata: list[dict
     pending = submit_generate(workers, *take(pieces[0]), group_size)
     batches, judged = [], []
     for k in range(len(pieces)):
-        batches.append(RolloutBatch.concat(ray.get(pending)))
+        batches.append(RolloutBatch.concat(collect(workers, "rollout", pending)))
         if k + 1 < len(pieces):
             pending = submit_generate(workers, *take(pieces[k + 1]), group_size)
         judged.append(submit_score(workers, batches[-1]))
     timings["timing/rollout_s"] = time.perf_counter() - start
-    results = [RewardResult.concat(ray.get(refs)) for refs in judged]
+    results = [RewardResult.concat(collect(workers, "reward", refs)) for refs in judged]
     timings["timing/reward_s"] = time.perf_counter() - start - timings["timing/rollout_s"]
     return RolloutBatch.concat(batches), RewardResult.concat(results)
 
 
 def sync_weights(workers: Workers, version: int) -> None:
-    """Learner -> every rollout actor, through the object store (one put, shared by all readers)."""
-    weights = workers.learner.state_dict.remote()
-    ray.get([w.load_weights.remote(weights, version) for w in workers.rollouts])
+    """Learner -> every rollout actor: a bucketed broadcast over the dedicated group, or (configured, or
+    as the fallback when a broadcast fails or times out) the object store, one put shared by all readers."""
+    if workers.broadcast:
+        bucket = int(workers.cfg.cluster.sync_bucket_mb * 2**20)
+        refs = [learner.broadcast_weights.remote(bucket) for learner in workers.learners]
+        refs += [w.receive_weights.remote(bucket) for w in workers.rollouts]
+        try:
+            got = ray.get(refs, timeout=workers.cfg.cluster.sync_timeout_s + 30)[len(workers.learners):]
+            if got != [version] * len(workers.rollouts):
+                raise RuntimeError(f"rollout actors report weight versions {got} after broadcasting v{version}")
+            workers.version = version
+            return
+        except (ray.exceptions.RayError, RuntimeError) as err:
+            log.warning("weight broadcast of v%d failed (%s); using the object store from now on", version,
+                        str(err).splitlines()[0][:200])
+            workers.broadcast = False
+            workers.sync_fallbacks += 1
+    weights = weights_ref(workers)
+    for i, w in enumerate(workers.rollouts):
+        try:
+            ray.get(w.load_weights.remote(weights, version))
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
+            workers.version = version
+            _replace(workers, "rollout", i, err)  # the replacement loads the new weights itself
+    workers.version = version

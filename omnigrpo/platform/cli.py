@@ -1,4 +1,4 @@
-"""The ``omnigrpo`` command: ``train`` and ``sft`` on a YAML config plus ``key.sub=value`` overrides.
+"""The ``omnigrpo`` command: ``train``, ``sft``, ``eval`` and ``bench`` on a YAML config plus overrides.
 
 Why: one entry point that validates everything before starting anything. A bad config, an unknown
 reward or a missing checkpoint exits with status 2 and a message naming what is wrong, before SFT
@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
 
 from omnigrpo import __version__
@@ -22,6 +24,11 @@ EPILOG = """examples:
   omnigrpo train configs/shapes.yaml trainer.steps=10 rollout.group_size=4 run.dir=runs/try
   omnigrpo train configs/shapes.yaml --check      # validate and print the resolved config
   omnigrpo sft configs/shapes.yaml                # only build (or find) the SFT start checkpoint
+  omnigrpo eval configs/glyphs.yaml --checkpoint runs/glyphs/checkpoints/RUN/step-300
+  omnigrpo eval configs/glyphs.yaml --checkpoint CKPT --prompts longtext.txt   # + OCR word recall
+  omnigrpo bench configs/shapes.yaml --parts rollout,rewards,sync,trl
+  omnigrpo submit configs/shapes.yaml --address http://HEAD:8265 trainer.steps=500   # then status/logs/stop ID
+  omnigrpo curves configs/glyphs.yaml --keys reward/total/mean,eval/exact_match --out docs/glyphs.png
   omnigrpo serve-reward ocr score=recall --port 8765   # then rewards: [{name: "url:http://127.0.0.1:8765"}]
 """
 
@@ -42,6 +49,42 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--check", action="store_true", help="validate, print the resolved config, exit")
         if name == "train":
             p.add_argument("--resume", action="store_true", help="same as run.resume=true")
+    text = "score a checkpoint on held-out prompts (or a prompt file) with the configured judges"
+    p = sub.add_parser("eval", help=text, description=text)
+    p.add_argument("config", help="YAML config file (world, rewards, sampling settings)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument("--checkpoint", required=True, help="policy directory (SFT or a run's checkpoints/...)")
+    p.add_argument("--prompts", default="", help="prompt file instead of the world's held-out prompts")
+    p.add_argument("--samples", type=int, default=0, help="images per prompt (default eval.samples_per_prompt)")
+    p.add_argument("--out", default="", help="report path (default <run.dir>/eval/<checkpoint name>.json)")
+    text = "benchmarks side by side: sampler vs HF generate, GRPO vs TRL, weight sync, rewards"
+    p = sub.add_parser("bench", help=text, description=text)
+    p.add_argument("config", help="YAML config file (the model, prompts and rewards benchmarked)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument("--parts", default="rollout,rewards,sync,trl", help="comma-separated subset to run")
+    p.add_argument("--steps", type=int, default=20, help="GRPO steps of each trainer in the TRL comparison")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median reported)")
+    p.add_argument("--out", default="", help="JSON path (default <run.dir>/bench.json)")
+    text = "export a run's metric curves from its MLflow store as a PNG"
+    p = sub.add_parser("curves", help=text, description=text)
+    p.add_argument("config", help="YAML config file of the run (locates its MLflow store and experiment)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument("--run-id", default="", help="MLflow run id (default: the experiment's newest training run)")
+    p.add_argument("--keys", default="reward/total/mean,kl,guard/blank_frac",
+                   help="comma-separated metric keys, one panel each")
+    p.add_argument("--out", required=True, help="PNG path")
+    address_help = "Ray dashboard address (default $RAY_ADDRESS, else http://127.0.0.1:8265)"
+    text = "submit a run to a Ray cluster through its Jobs API; prints the job id"
+    p = sub.add_parser("submit", help=text, description=text)
+    p.add_argument("config", help="YAML config file (validated here, then shipped with the package source)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument("--address", default="", help=address_help)
+    p.add_argument("--job-id", default=None, help="submission id to use (default: Ray picks one)")
+    for name, text in [("status", "print a submitted run's status"), ("logs", "print a submitted run's logs"),
+                       ("stop", "stop a submitted run (it writes a crash checkpoint on the way out)")]:
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("job_id", help="job id printed by submit")
+        p.add_argument("--address", default="", help=address_help)
     serve = sub.add_parser("serve-reward", help="serve one reward over HTTP (PNG + JSON, never pickle)",
                            description="Serve one reward over HTTP; a run uses it as {name: 'url:http://HOST:PORT'}. "
                                        "Set OMNIGRPO_REWARD_TOKEN to require a bearer token.")
@@ -58,19 +101,40 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve-reward":
         return _serve(args, parser, extra)
+    if args.command in ("status", "logs", "stop"):
+        return _job(args, parser, extra)
     unknown = [e for e in extra if "=" not in e or e.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*args.overrides, *extra, *(["run.resume=true"] if getattr(args, "resume", False) else [])]
     try:
         cfg = load_config(args.config, args.overrides)
-        if args.check:
+        if getattr(args, "check", False):
             print(json.dumps(to_dict(cfg), indent=2))
             return 0
         if args.command == "sft":
             from omnigrpo.trainers.sft import sft_checkpoint
 
             print(sft_checkpoint(cfg))
+            return 0
+        if args.command == "submit":
+            from omnigrpo.cluster import jobs
+
+            print(jobs.submit(args.config, _address(args), args.overrides, submission_id=args.job_id))
+            return 0
+        if args.command == "eval":
+            return _eval(cfg, args)
+        if args.command == "bench":
+            return _bench(cfg, args)
+        if args.command == "curves":
+            from omnigrpo.platform.tracking import latest_run_id, plot_curves
+
+            keys = [k.strip() for k in args.keys.split(",") if k.strip()]
+            try:
+                print(plot_curves(cfg, args.run_id or latest_run_id(cfg), keys, args.out))
+            except KeyError as err:  # a metric the run never logged
+                print(f"omnigrpo: {err.args[0]}", file=sys.stderr)
+                return 2
             return 0
         return _train(cfg)
     except (ConfigError, RewardNotFound, PromptFileError, FileNotFoundError) as err:
@@ -109,19 +173,63 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser, extra: lis
     return 0
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the driver, which writes a crash checkpoint
+
+
 def _train(cfg: Config) -> int:
     from omnigrpo.cluster.environment import prepare_local_ray_env
 
+    signal.signal(signal.SIGTERM, _terminate)  # `omnigrpo stop` / `ray job stop` send SIGTERM
     prepare_local_ray_env(cfg.cluster.address)  # before the driver imports Ray
     from omnigrpo.platform.driver import train
 
     summary = train(cfg)
-    before, after = summary["before"]["eval/strict_acc"], summary["after"]["eval/strict_acc"]
-    print(f"held-out strict accuracy: before RL {before:.3f}, after RL {after:.3f} ({after - before:+.3f})")
-    print(f"held-out mean reward:     before RL {summary['before']['eval/reward_mean']:.3f}, "
-          f"after RL {summary['after']['eval/reward_mean']:.3f}")
+    for key in summary["before"]:
+        before, after = summary["before"][key], summary["after"][key]
+        print(f"held-out {key[5:]:<12} before RL {before:.3f}, after RL {after:.3f} ({after - before:+.3f})")
     print(f"final checkpoint: {summary['checkpoint']}")
     print(f"MLflow run {summary['run_id']}: mlflow ui --backend-store-uri {_store(cfg)} --host 127.0.0.1")
+    return 0
+
+
+def _address(args: argparse.Namespace) -> str:
+    address = args.address or os.environ.get("RAY_ADDRESS", "") or "http://127.0.0.1:8265"
+    return address if "://" in address else f"http://{address}"
+
+
+def _job(args: argparse.Namespace, parser: argparse.ArgumentParser, extra: list[str]) -> int:
+    from omnigrpo.cluster import jobs
+
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "status":
+        print(jobs.status(_address(args), args.job_id))
+    elif args.command == "logs":
+        print(jobs.logs(_address(args), args.job_id), end="")
+    else:
+        print("stop requested" if jobs.stop(_address(args), args.job_id) else "job had already finished")
+    return 0
+
+
+def _eval(cfg: Config, args: argparse.Namespace) -> int:
+    from omnigrpo.platform.evaluator import evaluate_checkpoint
+
+    report = evaluate_checkpoint(cfg, args.checkpoint, args.prompts, args.samples, args.out)
+    for key, value in report["metrics"].items():
+        print(f"{key:<32} {value:.4f}")
+    print(f"report: {report['report_path']} (MLflow run {report['run_id']})")
+    return 0
+
+
+def _bench(cfg: Config, args: argparse.Namespace) -> int:
+    from omnigrpo.cluster.environment import prepare_local_ray_env
+
+    prepare_local_ray_env(cfg.cluster.address)  # the GRPO side of the TRL comparison starts Ray
+    from omnigrpo.platform.bench import run_bench
+
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    run_bench(cfg, parts, steps=args.steps, repeats=args.repeats, out=args.out)
     return 0
 
 

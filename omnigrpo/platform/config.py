@@ -21,6 +21,8 @@ import yaml
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
+from omnigrpo.platform.world import WORLDS
+
 _STRICT = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -47,8 +49,9 @@ class RunConfig:
 
 @dataclass(frozen=True, config=_STRICT)
 class WorldConfig:
-    name: Literal["shapes"] = "shapes"
-    """Built-in world that supplies prompts, the image tokenizer and the held-out evaluation."""
+    name: Literal["shapes", "glyphs"] = "shapes"
+    """Built-in world that supplies prompts, the image tokenizer and the held-out evaluation:
+    ``shapes`` (coloured shapes, judged from pixels) or ``glyphs`` (rendered strings, judged by OCR)."""
     codebook_size: Annotated[int, Field(ge=8, le=4096)] = 256
     """Number of image codes of the world's k-means patch tokenizer."""
 
@@ -56,14 +59,15 @@ class WorldConfig:
 @dataclass(frozen=True, config=_STRICT)
 class DataConfig:
     prompts: Annotated[str, Field(min_length=1)] = "shapes"
-    """Training prompts: a built-in world (``shapes``) or a ``.txt`` / ``.jsonl`` / ``.parquet`` file or a
-    ``datasets`` directory (see ``omnigrpo.platform.prompts``); shuffled each epoch with ``run.seed``."""
+    """Training prompts: the built-in world's (``shapes`` / ``glyphs``, must equal ``world.name``) or a
+    ``.txt`` / ``.jsonl`` / ``.parquet`` file or a ``datasets`` directory (see ``omnigrpo.platform.prompts``);
+    shuffled each epoch with ``run.seed``."""
 
 
 @dataclass(frozen=True, config=_STRICT)
 class ModelConfig:
-    family: Literal["shapes"] = "shapes"
-    """Policy family; ``shapes`` is the built-in Qwen2 policy over the shapes world's codes."""
+    family: Literal["builtin"] = "builtin"
+    """Policy family; ``builtin`` is the built-in Qwen2 policy over the world's patch codes."""
     path: str = ""
     """Hub id or local directory of the starting checkpoint; empty = the built-in SFT checkpoint,
     trained and cached on first use."""
@@ -197,10 +201,24 @@ class ClusterConfig:
     """Rollout actors; a step's prompts are split between them."""
     reward_workers: PositiveInt = 1
     """Reward actors, each holding every configured reward; a step's images are split between them."""
+    learner_workers: PositiveInt = 1
+    """Learner actors forming one DeepSpeed data-parallel group; each takes an equal share of every
+    mini-batch (so ``trainer.micro_batch_size`` must divide the mini-batch / learner_workers)."""
     reward_cpus: Annotated[float, Field(ge=0.0)] = 0.0
     """CPUs each reward actor reserves; 0 = an equal share of the cluster with the other actors."""
     reward_gpus: Annotated[float, Field(ge=0.0)] = 0.0
     """GPUs each reward actor reserves (fractions share a GPU); 0 on a CPU-only cluster."""
+    max_restarts: NonNegInt = 3
+    """Rollout or reward actors that may die and be replaced in one run (their batch is retried on the
+    replacement); one more death ends the run with a crash checkpoint."""
+    weight_sync: Literal["broadcast", "object_store"] = "broadcast"
+    """How new weights reach the rollout actors: a broadcast over a dedicated gloo group (learner rank 0
+    -> every rollout actor, in buckets), or Ray's object store. The object store is also the fallback
+    when a broadcast fails or times out, or once a rollout actor has been replaced."""
+    sync_bucket_mb: Annotated[float, Field(ge=0.0)] = 64.0
+    """Broadcast bucket size in MB (tensors are packed into flat buffers); 0 = one call per tensor."""
+    sync_timeout_s: Annotated[float, Field(gt=0.0)] = 120.0
+    """Longest a weight broadcast may wait for a member before it fails (then: object store)."""
     torch_threads: NonNegInt = 0
     """Intra-op threads per worker; 0 = all cores (the stages of a step run one after another)."""
 
@@ -315,12 +333,13 @@ def _field_names(loc: list[str]) -> list[str]:
 
 def _check_consistency(cfg: Config) -> None:
     problems = []
-    batch, tr = cfg.batch_size, cfg.trainer
-    if batch % tr.mini_batches or (batch // tr.mini_batches) % tr.micro_batch_size:
+    batch, tr, ranks = cfg.batch_size, cfg.trainer, cfg.cluster.learner_workers
+    if batch % (tr.mini_batches * ranks) or (batch // tr.mini_batches // ranks) % tr.micro_batch_size:
         problems.append(
-            f"  trainer.micro_batch_size: {tr.micro_batch_size} must divide the mini-batch of "
-            f"{batch // max(tr.mini_batches, 1)} samples (rollout.prompts_per_step * rollout.group_size "
-            f"= {batch}, split into trainer.mini_batches = {tr.mini_batches})"
+            f"  trainer.micro_batch_size: {tr.micro_batch_size} must divide each learner's share of a "
+            f"mini-batch, {batch // max(tr.mini_batches, 1) // ranks} samples (rollout.prompts_per_step * "
+            f"rollout.group_size = {batch}, split into trainer.mini_batches = {tr.mini_batches}, shared by "
+            f"cluster.learner_workers = {ranks})"
         )
     if not cfg.rewards:
         problems.append("  rewards: at least one reward is needed")
@@ -331,5 +350,8 @@ def _check_consistency(cfg: Config) -> None:
         problems.append("  rewards: the weights sum to 0")
     if cfg.model.hidden_size % cfg.model.num_heads or cfg.model.num_heads % cfg.model.num_kv_heads:
         problems.append("  model.num_heads: must divide model.hidden_size and be a multiple of model.num_kv_heads")
+    if cfg.data.prompts in WORLDS and cfg.data.prompts != cfg.world.name:
+        problems.append(f"  data.prompts: {cfg.data.prompts!r} is a built-in world's prompt set, but world.name is "
+                        f"{cfg.world.name!r}")
     if problems:
         raise ConfigError("invalid config:\n" + "\n".join(problems))

@@ -22,8 +22,9 @@ import ray
 import torch
 
 from omnigrpo.cluster import actors
-from omnigrpo.platform import shapes
+from omnigrpo.platform import world as worlds
 from omnigrpo.platform.config import Config, ConfigError
+from omnigrpo.platform.evaluator import world_metrics
 from omnigrpo.platform.prompts import load_prompts
 from omnigrpo.platform.registry import build_reward
 from omnigrpo.platform.tracking import Tracker
@@ -64,7 +65,7 @@ class PromptCursor:
 def check_rewards(cfg: Config, prompts: list[str], metadata: list[dict]) -> None:
     """Build every reward on the driver and dry-run it on two blank images with the first two training
     prompts; raise naming the culprit."""
-    blank = np.zeros((2, shapes.IMAGE_SIZE, shapes.IMAGE_SIZE, 3), dtype=np.uint8)
+    blank = np.zeros((2, *worlds.get(cfg.world.name).IMAGE_SHAPE, 3), dtype=np.uint8)
     two_prompts, two_metadata = (prompts * 2)[:2], (metadata * 2)[:2]
     for spec in cfg.rewards:
         if spec.tags and not any(applies_to(spec.tags, m) for m in metadata):
@@ -88,21 +89,19 @@ def timed(timings: dict[str, float], stage: str):
 
 
 def evaluate(cfg: Config, workers: actors.Workers, tracker: Tracker, step: int) -> dict[str, float]:
-    """Held-out prompts, ``eval.samples_per_prompt`` images each: strict accuracy and mean reward."""
-    prompts, metadata = shapes.prompts_of(shapes.held_out_scenes())
+    """Held-out prompts, ``eval.samples_per_prompt`` images each: the world's metrics and mean reward."""
+    world = worlds.get(cfg.world.name)
+    prompts, metadata = world.prompts_of(world.held_out_items())
     # a stream of its own per evaluation: evaluating never shifts the training samples
     batch = actors.generate(workers, prompts, metadata, cfg.eval.samples_per_prompt, seed=cfg.run.seed * 7919 + step)
     result = actors.score(workers, batch)
-    strict = build_reward("shapes_strict")(batch.images, batch.prompts, batch.metadata)
-    metrics = {
-        "eval/strict_acc": float(np.mean([s for s in strict if s is not None])),
-        "eval/reward_mean": float(np.nanmean(result.total)) if result.valid.any() else float("nan"),
-    }
+    metrics = world_metrics(cfg.world.name, batch.images, batch.prompts, batch.metadata)
+    metrics["eval/reward_mean"] = float(np.nanmean(result.total)) if result.valid.any() else float("nan")
     tracker.log(metrics, step)
     per_prompt = cfg.eval.samples_per_prompt
     shown = [i * per_prompt + j for i in range(len(prompts)) for j in range(min(2, per_prompt))]
     tracker.log_samples(batch.images[shown], [batch.prompts[i] for i in shown], step, key="eval_samples")
-    log.info("step %d held-out: strict accuracy %.3f, mean reward %.3f", step, *metrics.values())
+    log.info("step %d held-out: %s", step, ", ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items()))
     return metrics
 
 
@@ -133,6 +132,7 @@ def train(cfg: Config) -> dict:
         workers = actors.spawn(cfg, str(resume_from), extensions, state["reference_path"], resume=True)
         ray.get([w.restore.remote(rng, state["version"]) for w, rng in zip(workers.rollouts, state["rollout_rng"],
                                                                           strict=True)])
+        workers.version = state["version"]
         cursor.restore(state["cursor"])
         tracker.start(resume_run_id=state["run_id"])
         return _loop(cfg, workers, tracker, run_dir, cursor, state)
@@ -174,7 +174,7 @@ def _loop(cfg: Config, workers: actors.Workers, tracker: Tracker, run_dir: Path,
             adv, zero_std = group_advantages(totals, batch.group, valid, scale=cfg.trainer.scale_rewards)
             with timed(timings, "learn"):
                 train_batch = TrainBatch(batch.prompt_batch, batch.codes, batch.logprobs, adv, valid)
-                learned = ray.get(workers.learner.train_step.remote(train_batch))
+                learned = actors.train_step(workers, train_batch)
             learned_version = int(learned.pop("version"))  # the learner stamps the weights it made
             with timed(timings, "sync"):
                 if learned_version != version:  # no update (every sample excluded): nothing to send
@@ -182,6 +182,8 @@ def _loop(cfg: Config, workers: actors.Workers, tracker: Tracker, run_dir: Path,
                     actors.sync_weights(workers, version)
             timings["timing/step_s"] = time.perf_counter() - t0
             metrics = {**result.metrics(), **learned, **timings, "grpo/zero_std_frac": zero_std,
+                       "fault/actor_restarts": workers.restarts, "fault/sync_fallbacks": workers.sync_fallbacks,
+                       "guard/blank_frac": worlds.blank_share(batch.images, worlds.get(cfg.world.name).BACKGROUND),
                        "throughput/samples_per_s": len(batch.prompts) / timings["timing/step_s"]}
             tracker.log(metrics, step)
             if cfg.tracking.image_every and step % cfg.tracking.image_every == 0:
@@ -194,17 +196,16 @@ def _loop(cfg: Config, workers: actors.Workers, tracker: Tracker, run_dir: Path,
             if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.trainer.steps:
                 evaluate(cfg, workers, tracker, step)
             if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
-                ray.get(workers.learner.save_checkpoint.remote(str(ckpt_root), step, "step", run_state(step)))
+                actors.save_checkpoint(workers, str(ckpt_root), step, "step", run_state(step))
     except BaseException:
         log.exception("run failed at step %d; writing a checkpoint", step)
         try:
-            ray.get(workers.learner.save_checkpoint.remote(str(ckpt_root), None, "crash"))
+            actors.save_checkpoint(workers, str(ckpt_root), None, "crash")
         except Exception:  # noqa: BLE001 - the learner itself may be what died
             log.exception("could not write the crash checkpoint")
         raise
     after = evaluate(cfg, workers, tracker, cfg.trainer.steps)
-    final = ray.get(workers.learner.save_checkpoint.remote(str(ckpt_root), cfg.trainer.steps, "step",
-                                                           run_state(cfg.trainer.steps)))
+    final = actors.save_checkpoint(workers, str(ckpt_root), cfg.trainer.steps, "step", run_state(cfg.trainer.steps))
     versions = ray.get([w.weight_version.remote() for w in workers.rollouts])
     summary = {"before": before, "after": after, "checkpoint": final, "run_id": tracker.run_id,
                "rollout_versions": versions}

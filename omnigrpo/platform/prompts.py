@@ -4,7 +4,7 @@ Why: real runs train on prompt sets like X-Omni's (Midjourney prompts, text-rend
 the text to render, natural-image prompts), each prompt carrying metadata that some rewards need
 (``text`` for the OCR judge, ``tags`` to route rewards). ``data.prompts`` names one of:
 
-- a built-in world (``shapes``): its training prompts, held-out combinations excluded;
+- a built-in world (``shapes``, ``glyphs``): its training prompts, held-out items excluded;
 - ``*.txt``: one prompt per line (blank lines and lines starting with ``#`` are skipped);
 - ``*.jsonl``: one JSON object per line with a string field ``prompt``; every other field is metadata;
 - ``*.parquet``: a table with a ``prompt`` column; the other columns are metadata;
@@ -19,9 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from omnigrpo.platform import shapes
-
-WORLDS = {"shapes": lambda: shapes.prompts_of(shapes.train_scenes())}
+from omnigrpo.platform.world import WORLDS
 
 
 class PromptFileError(ValueError):
@@ -31,7 +29,7 @@ class PromptFileError(ValueError):
 def load_prompts(source: str) -> tuple[list[str], list[dict]]:
     """Prompts and their metadata (one dict per prompt) from a world name or a file (see above)."""
     if source in WORLDS:
-        return WORLDS[source]()
+        return WORLDS[source].prompts_of(WORLDS[source].train_items())
     path = Path(source).expanduser()
     if not path.exists():
         raise PromptFileError(f"data.prompts: {source!r} is neither a built-in world ({', '.join(WORLDS)}) "

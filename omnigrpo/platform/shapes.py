@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 IMAGE_SIZE = 32
+IMAGE_SHAPE = (IMAGE_SIZE, IMAGE_SIZE)
 SHAPES = ("circle", "square", "triangle")
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -32,6 +33,8 @@ POSITIONS: dict[str, tuple[int, int]] = {
     "bottom left": (24, 8),
     "bottom right": (24, 24),
 }
+# held-out metric name -> (reward name, factory kwargs); the first is the headline metric
+EVAL: dict[str, tuple[str, dict]] = {"strict_acc": ("shapes_strict", {})}
 # Combinations never shown in SFT or RL prompts; every single attribute value still occurs in training.
 HELD_OUT: tuple[tuple[str, str, str], ...] = (
     ("circle", "red", "bottom right"),
@@ -73,6 +76,19 @@ def train_scenes() -> list[Scene]:
 
 def held_out_scenes() -> list[Scene]:
     return [Scene(*combo) for combo in HELD_OUT]
+
+
+def train_items() -> list[Scene]:
+    return train_scenes()
+
+
+def held_out_items() -> list[Scene]:
+    return held_out_scenes()
+
+
+def words(prompt: str) -> list[str]:
+    """Tokenizer words of a prompt: lower-cased, split on whitespace."""
+    return prompt.lower().split()
 
 
 def vocabulary() -> list[str]:

@@ -10,7 +10,9 @@ looks like a credential are redacted before they become params.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import time
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -28,6 +30,7 @@ from omnigrpo.platform.config import Config, to_dict
 _SECRET_WORDS = ("token", "secret", "password", "passwd", "_key", "apikey", "credential", "auth", "bearer",
                  "cookie", "header")
 _PARAM_MAX = 500
+log = logging.getLogger(__name__)
 
 
 def store_uri(cfg: Config) -> str:
@@ -54,10 +57,16 @@ class Tracker:
     """One MLflow run. Call :meth:`start` first; every other method logs into that run."""
 
     def __init__(self, cfg: Config):
+        # MLflow's HTTP client retries for minutes by default; fail fast instead and let the buffer
+        # below carry metrics over an outage (a user's explicit setting wins)
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.cfg = cfg
         self.client = MlflowClient(tracking_uri=store_uri(cfg))
         self.run_id = ""
         self.logged_until = 0
+        self.pending: list[list[Metric]] = []  # metric batches not yet accepted by the store, oldest first
+        self.failed_flushes = 0
 
     def start(self, resume_run_id: str | None = None) -> str:
         """Create the run, or continue ``resume_run_id``: steps it already logged are not logged again."""
@@ -89,27 +98,82 @@ class Tracker:
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         """All of a step's metrics in one call; NaN values (e.g. a reward with no scores) are skipped, and
-        so is a training step a resumed run had already logged before its interruption."""
+        so is a training step a resumed run had already logged before its interruption.
+
+        If the tracking server cannot be reached the metrics are kept in order and sent with the next
+        call that gets through (training goes on meanwhile); the outage is logged as the metric
+        ``fault/tracking_buffered`` (how many steps waited) at the step that flushed them.
+        """
         if 0 < step <= self.logged_until and "reward/total/mean" in metrics:
             return
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if not math.isnan(float(v))]
         if batch:
-            self.client.log_batch(self.run_id, metrics=batch)
+            self.pending.append(batch)
+        self.flush()
+
+    def flush(self) -> bool:
+        """Send buffered metrics, oldest first; False (and nothing lost) while the server is unreachable."""
+        sent: list[Metric] = []
+        try:
+            while self.pending:
+                self.client.log_batch(self.run_id, metrics=self.pending[0])
+                sent = self.pending.pop(0)
+        except Exception as err:  # noqa: BLE001 - any transport/server error: keep the metrics, retry later
+            if not self.failed_flushes:
+                log.warning("MLflow unreachable (%s: %s); buffering metrics", type(err).__name__, str(err)[:200])
+            self.failed_flushes += 1
+            return False
+        if self.failed_flushes and sent:
+            log.warning("MLflow reachable again after %d failed call(s); buffered metrics sent", self.failed_flushes)
+            event = Metric("fault/tracking_unreachable", float(self.failed_flushes), int(time.time() * 1000),
+                           sent[0].step)
+            self.failed_flushes = 0
+            self.client.log_batch(self.run_id, metrics=[event])
+        return True
 
     def log_samples(self, images: np.ndarray, captions: list[str], step: int, key: str = "samples") -> None:
-        """A grid of uint8 images ``[N, H, W, 3]``, each upscaled 4x with its caption underneath."""
+        """A grid of uint8 images ``[N, H, W, 3]``, each upscaled 4x with its caption underneath; skipped
+        (with a warning) while the server is unreachable: a missed grid is not worth stalling training."""
+        if self.failed_flushes:
+            log.warning("MLflow unreachable: sample grid %r of step %d not logged", key, step)
+            return
         tiles = [_captioned(img, cap) for img, cap in zip(images, captions, strict=True)]
         grid = make_grid(torch.stack(tiles), nrow=min(8, len(tiles)), padding=2, pad_value=255)
-        self.client.log_image(self.run_id, grid.permute(1, 2, 0).numpy(), key=key, step=step)
+        try:
+            self.client.log_image(self.run_id, grid.permute(1, 2, 0).numpy(), key=key, step=step)
+        except Exception as err:  # noqa: BLE001
+            log.warning("sample grid %r of step %d not logged: %s", key, step, str(err)[:200])
 
-    def log_dict(self, data: dict, name: str) -> None:
+    def log_dict(self, data: dict, name: str, wait_s: float = 120.0) -> None:
+        """A JSON artifact; waits up to ``wait_s`` for an unreachable server (buffered metrics go first)."""
+        self._drain(wait_s)
         self.client.log_text(self.run_id, json.dumps(data, indent=2), name)
 
-    def end(self, failed: bool = False) -> None:
-        if self.run_id:
-            status = RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED)
-            self.client.set_terminated(self.run_id, status=status)
+    def _drain(self, wait_s: float) -> bool:
+        """Flush, retrying every 2 s for up to ``wait_s``; True once nothing is buffered."""
+        deadline = time.monotonic() + wait_s
+        while not self.flush():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(2.0)
+        return True
+
+    def end(self, failed: bool = False, wait_s: float = 120.0) -> None:
+        """Flush what is buffered (retrying for up to ``wait_s``), then mark the run finished or failed.
+        Metrics the store never accepted are written to ``<run.dir>/unsent_metrics.jsonl``."""
+        if not self.run_id:
+            return
+        if not self._drain(wait_s):
+            path = Path(self.cfg.run.dir) / "unsent_metrics.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as f:
+                for batch in self.pending:
+                    f.write(json.dumps([{"key": m.key, "value": m.value, "step": m.step} for m in batch]) + "\n")
+            log.error("MLflow still unreachable: %d step(s) of metrics written to %s", len(self.pending), path)
+            return
+        status = RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED)
+        self.client.set_terminated(self.run_id, status=status)
 
 
 def _captioned(image: np.ndarray, caption: str, scale: int = 4) -> torch.Tensor:
@@ -143,3 +207,44 @@ def _redact(data: object) -> object:
             f":{url.port}" if url.port else "")
         return urlunsplit((url.scheme, netloc, url.path, "<redacted>" if url.query else "", ""))
     return data
+
+
+def latest_run_id(cfg: Config) -> str:
+    """The newest run of ``tracking.experiment`` in the config's store; raises if there is none."""
+    client = MlflowClient(tracking_uri=store_uri(cfg))
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = client.search_runs([exp.experiment_id], filter_string="attributes.run_name != ''",
+                              order_by=["attributes.start_time DESC"], max_results=50) if exp else []
+    runs = [r for r in runs if not (r.info.run_name or "").startswith(("eval:", "bench-"))]
+    if not runs:
+        raise FileNotFoundError(f"no training run of experiment {cfg.tracking.experiment!r} in {store_uri(cfg)}")
+    return runs[0].info.run_id
+
+
+def plot_curves(cfg: Config, run_id: str, keys: list[str], out: str | Path) -> Path:
+    """Export metric histories of an MLflow run as one PNG, a panel per key (read back from the store,
+    so the figure shows exactly what was logged)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    client = MlflowClient(tracking_uri=store_uri(cfg))
+    run = client.get_run(run_id)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+        if not history:
+            raise KeyError(f"run {run_id} logged no metric {key!r}")
+        ax.plot([m.step for m in history], [m.value for m in history], marker="o" if len(history) < 20 else None,
+                markersize=3, linewidth=1.2)
+        ax.set_title(key, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{cfg.tracking.experiment} / {run.info.run_name} ({run_id[:8]})", fontsize=10)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -9,6 +9,8 @@ The target text is ``metadata["text"]`` when present, else the double-quoted par
 
 - ``edit`` (flow_grpo): lower-case, spaces dropped; 1 if the target is contained in what was read,
   else ``1 - min(levenshtein, len(target)) / len(target)``;
+- ``exact``: 1 if the reading, lower-cased with spaces dropped, equals the target so squashed, else 0
+  (the glyphs world's held-out exact match);
 - ``recall`` (X-Omni's LongText-Bench): the multiset share of the target's words found in what was
   read (CJK text counts per character).
 
@@ -58,6 +60,15 @@ def edit_score(read: str, target: str) -> float:
     return 1.0 - min(Levenshtein.distance(read_n, target_n), len(target_n)) / len(target_n)
 
 
+def exact_score(read: str, target: str) -> float:
+    """1.0 when the reading is the target (case and spaces ignored), else 0.0.
+
+    >>> exact_score("K P7", "kp7"), exact_score("KP77", "KP7")
+    (1.0, 0.0)
+    """
+    return float(_squash(read) == _squash(target))
+
+
 def word_recall(read: str, target: str) -> float:
     """Share of the target's words (CJK: characters) found in the reading, counted as multisets.
 
@@ -102,10 +113,10 @@ def ocr_reward(score: str = "edit", detect: bool = True, min_height: int = 64, u
     """OCR judge (PP-OCR via rapidocr, models inside its wheel).
 
     Inputs: uint8 images ``[B, H, W, 3]``; target text from ``metadata["text"]`` or the prompt's
-    double-quoted parts. ``score="edit"`` (flow_grpo, range [0, 1]) or ``"recall"`` (word recall,
-    [0, 1]); ``None`` where a sample asks for no text.
+    double-quoted parts. ``score="edit"`` (flow_grpo, range [0, 1]), ``"exact"`` ({0, 1}) or
+    ``"recall"`` (word recall, [0, 1]); ``None`` where a sample asks for no text.
     """
-    scorers = {"edit": edit_score, "recall": word_recall}
+    scorers = {"edit": edit_score, "exact": exact_score, "recall": word_recall}
     if score not in scorers:
         raise ValueError(f"ocr: score must be one of {sorted(scorers)}, got {score!r}")
     scorer = scorers[score]

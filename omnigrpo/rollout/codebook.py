@@ -2,8 +2,9 @@
 
 Why: the RL loop needs what real models have, an image turned into a short sequence of codes and
 back, without any weights to download. k-means (scikit-learn's) over patches of synthetic scenes is
-such a tokenizer, fitted in seconds: a 32x32 image becomes 8x8 = 64 codes in raster order, and
-decoding pastes each code's centroid patch back. It plays the role a VQ decoder plays for Janus-Pro.
+such a tokenizer, fitted in seconds: a 32x32 image becomes 8x8 = 64 codes in raster order (a 24x72
+one 6x18 = 108), and decoding pastes each code's centroid patch back. It plays the role a VQ
+decoder plays for Janus-Pro.
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ class PatchCodebook:
 
     Args:
         centroids: float32 ``[K, PATCH * PATCH * 3]`` patch centroids in [0, 255].
-        image_size: side of the square images.
+        image_shape: (height, width) of the images, multiples of ``PATCH``.
     """
 
-    def __init__(self, centroids: np.ndarray, image_size: int = 32):
+    def __init__(self, centroids: np.ndarray, image_shape: tuple[int, int] = (32, 32)):
         self.centroids = np.asarray(centroids, dtype=np.float32)
-        self.image_size = image_size
-        self.grid = image_size // PATCH
+        self.image_shape = (int(image_shape[0]), int(image_shape[1]))
+        self.grid = (self.image_shape[0] // PATCH, self.image_shape[1] // PATCH)
 
     @property
     def size(self) -> int:
@@ -36,7 +37,7 @@ class PatchCodebook:
 
     @property
     def tokens_per_image(self) -> int:
-        return self.grid * self.grid
+        return self.grid[0] * self.grid[1]
 
     @classmethod
     def fit(cls, images: np.ndarray, size: int, seed: int) -> PatchCodebook:
@@ -50,7 +51,7 @@ class PatchCodebook:
         centroids = km.cluster_centers_.astype(np.float32)
         if len(centroids) < size:  # fewer distinct patches than codes: pad with copies
             centroids = np.concatenate([centroids, np.repeat(centroids[:1], size - len(centroids), 0)])
-        return cls(centroids, images.shape[1])
+        return cls(centroids, images.shape[1:3])
 
     def encode(self, images: np.ndarray) -> np.ndarray:
         """uint8 ``[B, H, W, 3]`` -> int64 codes ``[B, (H/4) * (W/4)]`` in raster order."""
@@ -63,21 +64,21 @@ class PatchCodebook:
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """int codes ``[B, T]`` -> uint8 images ``[B, H, W, 3]``."""
         codes = np.asarray(codes)
-        b, g = codes.shape[0], self.grid
-        patches = self.centroids[codes].reshape(b, g, g, PATCH, PATCH, 3)
-        images = patches.transpose(0, 1, 3, 2, 4, 5).reshape(b, g * PATCH, g * PATCH, 3)
+        b, (gh, gw) = codes.shape[0], self.grid
+        patches = self.centroids[codes].reshape(b, gh, gw, PATCH, PATCH, 3)
+        images = patches.transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * PATCH, gw * PATCH, 3)
         return np.clip(np.rint(images), 0, 255).astype(np.uint8)
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         np.save(directory / "codebook.npy", self.centroids)
-        (directory / "codebook.json").write_text(json.dumps({"image_size": self.image_size, "patch": PATCH}))
+        (directory / "codebook.json").write_text(json.dumps({"image_shape": list(self.image_shape), "patch": PATCH}))
 
     @classmethod
     def load(cls, directory: str | Path) -> PatchCodebook:
         directory = Path(directory)
         meta = json.loads((directory / "codebook.json").read_text())
-        return cls(np.load(directory / "codebook.npy"), meta["image_size"])
+        return cls(np.load(directory / "codebook.npy"), tuple(meta["image_shape"]))
 
     @staticmethod
     def _patches(images: np.ndarray) -> np.ndarray:

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 from transformers.utils import logging as hf_logging
 
-from omnigrpo.rollout.policy import ShapesPolicy
+from omnigrpo.cluster.broadcast import WeightBroadcast
+from omnigrpo.rollout.policy import WorldPolicy
 from omnigrpo.rollout.sampler import PromptBatch, SamplingParams, sample_images
 
 
@@ -83,7 +84,7 @@ class RolloutWorker:
     def setup(self) -> int:
         hf_logging.disable_progress_bar()
         torch.set_num_threads(self.threads or os.cpu_count() or 1)
-        self.policy = ShapesPolicy.from_pretrained(self.model_path)
+        self.policy = WorldPolicy.from_pretrained(self.model_path)
         self.generator = torch.Generator().manual_seed(self.seed)
         return self.version
 
@@ -112,6 +113,15 @@ class RolloutWorker:
         self.policy.model.load_state_dict(state_dict, strict=True)
         self.version = version
         return version
+
+    def join_weight_group(self, store_path: str, rank: int, size: int, timeout_s: float) -> None:
+        """Join the weight-broadcast group as receiver ``rank`` (the learner's rank 0 sends)."""
+        self.sync_group = WeightBroadcast(store_path, rank, size, timeout_s)
+
+    def receive_weights(self, bucket_bytes: int) -> int:
+        """Receive a broadcast straight into the policy's tensors; the sender's version becomes ours."""
+        self.version = self.sync_group.receive(self.policy.model.state_dict(), bucket_bytes)
+        return self.version
 
     def weight_version(self) -> int:
         return self.version

@@ -21,8 +21,11 @@ _NAME = re.compile(r"^step-(\d+)$")
 
 
 def write_checkpoint(root: str | Path, step: int, save: Callable[[Path], None], keep_last: int,
-                     info: dict | None = None, name: str = "step") -> Path:
+                     info: dict | None = None, name: str = "step", staging: Path | None = None) -> Path:
     """Call ``save(tmp_dir)``, then atomically publish it as ``root/{name}-{step:06d}``.
+
+    ``staging``: use this (hidden) directory as ``tmp_dir``, e.g. one other processes have already
+    written their part into; by default a fresh temporary one.
 
     Only ``step-*`` checkpoints are pruned to the newest ``keep_last``; others (``crash-*``) are kept.
     An existing checkpoint of the same name is moved aside before the new one takes its place and
@@ -31,7 +34,7 @@ def write_checkpoint(root: str | Path, step: int, save: Callable[[Path], None], 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     target = root / f"{name}-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
+    tmp = staging or Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=root))
     aside = None
     try:
         save(tmp)

@@ -5,16 +5,25 @@ optimiser, gradient accumulation over micro-batches and clipping, so the same co
 CPU with gloo (``DS_ACCELERATOR=cpu``) runs sharded on GPUs. It is a plain class with a cheap
 ``__init__`` and an explicit :meth:`setup`, wrapped into a Ray actor by ``omnigrpo.cluster``.
 
-One :meth:`train_step`: reference log-probs (no grad), then ``epochs`` passes over the batch, each split
-into ``mini_batches`` optimiser steps of ``micro_batch_size`` forward/backward passes. Old log-probs
-are the sampler's own, which equal the learner's recomputation on the same weights (tested to 1e-5),
-so the first pass is exactly on-policy; ``grpo/logprob_mismatch`` reports the gap every step.
+One :meth:`train_step`: ``epochs`` passes over the batch, each split into ``mini_batches`` optimiser
+steps of ``micro_batch_size`` forward/backward passes, reference log-probs computed (no grad) as rows
+are first needed. Old log-probs are the sampler's own, which equal the learner's recomputation on the
+same weights (tested to 1e-5), so the first pass is exactly on-policy; ``grpo/logprob_mismatch``
+reports the gap every step.
+
+Data parallel: ``world_size`` learners form one DeepSpeed group. Every rank receives the whole batch
+(one object-store copy) and draws the same shuffle, then takes its ``1/world_size`` share of every
+mini-batch. The loss keeps the *global* normaliser (tokens or sequences of the whole mini-batch) and
+is multiplied by ``world_size`` because DeepSpeed averages gradients over ranks, so N ranks take the
+same optimiser step one rank would (tested). Each rank returns partial sums; :func:`merge_metrics`
+turns the ranks' parts into the step's metrics.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +31,9 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
+from omnigrpo.cluster.broadcast import WeightBroadcast
 from omnigrpo.platform.config import Config
-from omnigrpo.rollout.policy import ShapesPolicy
+from omnigrpo.rollout.policy import WorldPolicy
 from omnigrpo.rollout.sampler import PromptBatch, SamplingParams, sequence_logprobs
 from omnigrpo.trainers import grpo
 from omnigrpo.trainers.checkpoint import write_checkpoint
@@ -51,8 +61,6 @@ class Learner:
 
     def __init__(self, cfg: Config, model_path: str, rendezvous: str | None = None, rank: int = 0,
                  world_size: int = 1, reference_path: str | None = None):
-        if world_size != 1:
-            raise NotImplementedError("a data-parallel learner group needs the batch sharded across ranks")
         self.cfg = cfg
         self.model_path = model_path
         self.reference_path = reference_path or model_path  # KL is always against the run's start policy
@@ -80,8 +88,8 @@ class Learner:
         hf_logging.disable_progress_bar()
         torch.set_num_threads(threads or os.cpu_count() or 1)
         torch.manual_seed(self.cfg.run.seed + self.rank)
-        self.policy = ShapesPolicy.from_pretrained(self.model_path)
-        reference = self.policy if self.reference_path == self.model_path else ShapesPolicy.from_pretrained(
+        self.policy = WorldPolicy.from_pretrained(self.model_path)
+        reference = self.policy if self.reference_path == self.model_path else WorldPolicy.from_pretrained(
             self.reference_path)
         self.reference = copy.deepcopy(reference.model).eval().requires_grad_(False)
         model = self.policy.model.train()
@@ -105,7 +113,7 @@ class Learner:
                 "steps_per_print": 10**9,
             },
         )
-        self.generator = torch.Generator().manual_seed(self.cfg.run.seed + 1000 + self.rank)
+        self.generator = torch.Generator().manual_seed(self.cfg.run.seed + 1000)  # same shuffle on every rank
         if resume:
             self.engine.load_checkpoint(str(Path(self.model_path) / "optimizer"), tag="state",
                                         load_module_strict=True, load_optimizer_states=True)
@@ -115,29 +123,31 @@ class Learner:
         return self.version
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        """One GRPO update on ``batch``; returns the step's learner metrics."""
+        """One GRPO update on this rank's share of ``batch``; returns partial sums for :func:`merge_metrics`."""
         tr = self.cfg.trainer
         n, t = batch.codes.shape
         if not batch.valid.any():  # nothing to learn from; an optimiser step would still move weights
             return {"grpo/skipped_update": 1.0, "version": float(self.version)}
         self.in_update = True
         mask = batch.valid[:, None].expand(n, t).float()
-        ref = self._reference_logprobs(batch)
+        ref = torch.full((n, t), float("nan"))
         sums = {"kl": 0.0, "entropy": 0.0, "clip_frac": 0.0, "tokens": 0.0, "mismatch": 0.0, "loss": 0.0}
         grad_norms = []
         for epoch in range(tr.epochs):
             order = torch.randperm(n, generator=self.generator)
             for mini in order.chunk(tr.mini_batches):
-                norm = grpo.normaliser(mask[mini], tr.loss_agg)
-                for micro in mini.split(tr.micro_batch_size):
+                norm = grpo.normaliser(mask[mini], tr.loss_agg)  # of the whole mini-batch, on every rank
+                for micro in mini.chunk(self.world_size)[self.rank].split(tr.micro_batch_size):
                     on_policy = not grad_norms  # no optimiser step yet: the weights the batch was drawn with
+                    self._fill_reference(batch, ref, micro)
                     logp, ent = sequence_logprobs(self.engine, batch.prompts.select(micro), batch.codes[micro],
                                                   self.policy.space, self.params)
                     terms = grpo.grpo_token_loss(logp, batch.old_logprobs[micro], ref[micro],
                                                  batch.advantages[micro], tr.clip_eps_low, tr.clip_eps_high,
                                                  tr.kl_coef)
                     m = mask[micro]
-                    loss = grpo.aggregate(terms.loss, m, tr.loss_agg, norm)
+                    # DeepSpeed averages gradients over ranks; scaling by world_size makes that a sum
+                    loss = grpo.aggregate(terms.loss, m, tr.loss_agg, norm) * self.world_size
                     boundary = self.engine.is_gradient_accumulation_boundary()
                     self.engine.backward(loss, scale_wrt_gas=False)
                     if boundary and tr.zero_stage == 0:  # ZeRO 0 does not record the norm itself
@@ -154,58 +164,108 @@ class Learner:
                                 gap = ((logp - batch.old_logprobs[micro]).abs() * m).max()
                                 sums["mismatch"] = max(sums["mismatch"], float(gap))
                             sums["tokens"] += float(m.sum())
-                            sums["loss"] += float(loss) * norm
+                            sums["loss"] += float(loss) * norm / self.world_size
         self.version += 1
         self.in_update = False
-        tokens = max(sums["tokens"], 1.0)
-        return {
-            "loss": sums["loss"] / grpo.normaliser(mask, tr.loss_agg),
-            "grpo/skipped_update": 0.0,
-            "kl": sums["kl"] / tokens,
-            "entropy": sums["entropy"] / tokens,
-            "clip_frac": sums["clip_frac"] / tokens,
-            "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "grpo/logprob_mismatch": sums["mismatch"],
-            "version": float(self.version),
-        }
+        return {**{f"sum/{k}": v for k, v in sums.items()}, "loss_norm": grpo.normaliser(mask, tr.loss_agg),
+                "grpo/skipped_update": 0.0, "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
+                "lr": self.optimizer.param_groups[0]["lr"], "version": float(self.version)}
 
     @torch.no_grad()
-    def _reference_logprobs(self, batch: TrainBatch) -> torch.Tensor:
-        chunks = []
-        for idx in torch.arange(batch.codes.shape[0]).split(self.cfg.trainer.micro_batch_size):
-            lp, _ = sequence_logprobs(self.reference, batch.prompts.select(idx), batch.codes[idx],
+    def _fill_reference(self, batch: TrainBatch, ref: torch.Tensor, rows: torch.Tensor) -> None:
+        """Reference log-probs ``ref[rows]`` ``[len(rows), T]``, computed once per row (NaN = not yet)."""
+        todo = rows[torch.isnan(ref[rows, 0])]
+        if len(todo):
+            lp, _ = sequence_logprobs(self.reference, batch.prompts.select(todo), batch.codes[todo],
                                       self.policy.space, self.params)
-            chunks.append(lp)
-        return torch.cat(chunks)
+            ref[todo] = lp
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Full policy weights on CPU (gathered first under ZeRO-3), for the rollout workers."""
+        """Full policy weights on CPU, for the rollout workers: rank 0's (every rank holds them whole,
+        except under ZeRO-3, where every rank must call this to gather them; the others return ``{}``)."""
         import deepspeed
 
         module = self.engine.module
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None,
                                                enabled=self.cfg.trainer.zero_stage == 3):
+            if self.rank != 0:
+                return {}
             return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+    def join_weight_group(self, store_path: str, size: int, timeout_s: float) -> None:
+        """Rank 0 joins the weight-broadcast group as its sender (rank 0 of ``size``)."""
+        if self.rank == 0:
+            self.sync_group = WeightBroadcast(store_path, 0, size, timeout_s)
+
+    def broadcast_weights(self, bucket_bytes: int) -> int:
+        """Send the current weights to the broadcast group (every rank must call: ZeRO-3 gathers first);
+        returns the bytes rank 0 sent (0 elsewhere)."""
+        weights = self.state_dict()
+        return self.sync_group.send(weights, self.version, bucket_bytes) if self.rank == 0 else 0
+
+    def checksum(self) -> float:
+        """Sum of this rank's full weights (ZeRO 0-2 keep them whole on every rank), to compare ranks and
+        rollouts after a sync."""
+        with torch.no_grad():
+            return float(sum(p.double().sum() for p in self.engine.module.parameters()))
 
     def save_checkpoint(self, root: str | Path, step: int | None = None, name: str = "step",
                         run_state: dict | None = None) -> str:
         """Atomically write ``root/{name}-NNNNNN``: the policy (a ``model.path``-ready directory), the
-        DeepSpeed optimiser state, this learner's generator and version, and ``run_state`` (the
-        driver's part, see ``omnigrpo.platform.driver``). ``step`` defaults to the updates made."""
+        DeepSpeed optimiser state (every rank's shard), the learners' generator and version, and
+        ``run_state`` (the driver's part, see ``omnigrpo.platform.driver``). Every rank must call it;
+        rank 0 publishes. ``step`` defaults to the updates made."""
+        import torch.distributed as dist
+
         step = self.version if step is None else step
         weights = self.state_dict()
+        staging = staging_dir(root, step, name)
+        if self.rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)  # a leftover of a crashed save
+            staging.mkdir(parents=True)
+        if self.world_size > 1:
+            dist.barrier()
+        self.engine.save_checkpoint(str(staging / "optimizer"), tag="state")  # collective: every rank's shard
+        if self.world_size > 1:
+            dist.barrier()
+        target = Path(root) / f"{name}-{step:06d}"
+        if self.rank != 0:
+            return str(target)
 
         def save(tmp: Path) -> None:
             self.policy.save_pretrained(tmp, state_dict=weights)
-            self.engine.save_checkpoint(str(tmp / "optimizer"), tag="state")
             torch.save({"generator": self.generator.get_state(), "version": self.version}, tmp / "learner_state.pt")
             if run_state is not None:
                 torch.save(run_state, tmp / "run_state.pt")
 
         # a crash inside train_step leaves weights part-way through an update: say so in the checkpoint
-        info = {"version": self.version, "partial_update": self.in_update}
-        return str(write_checkpoint(root, step, save, self.cfg.trainer.keep_last, info, name=name))
+        info = {"version": self.version, "partial_update": self.in_update, "learners": self.world_size}
+        return str(write_checkpoint(root, step, save, self.cfg.trainer.keep_last, info, name=name, staging=staging))
+
+
+def merge_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
+    """The step's learner metrics from every rank's :meth:`Learner.train_step` result."""
+    head = parts[0]
+    if head["grpo/skipped_update"]:
+        return dict(head)
+    total = {k: sum(p[k] for p in parts) for k in head if k.startswith("sum/")}
+    tokens = max(total["sum/tokens"], 1.0)
+    return {
+        "loss": total["sum/loss"] / head["loss_norm"],
+        "grpo/skipped_update": 0.0,
+        "kl": total["sum/kl"] / tokens,
+        "entropy": total["sum/entropy"] / tokens,
+        "clip_frac": total["sum/clip_frac"] / tokens,
+        "grad_norm": head["grad_norm"],  # the global norm: the same on every rank
+        "lr": head["lr"],
+        "grpo/logprob_mismatch": max(p["sum/mismatch"] for p in parts),
+        "version": head["version"],
+    }
+
+
+def staging_dir(root: str | Path, step: int, name: str) -> Path:
+    """Where every rank writes a checkpoint before rank 0 publishes it (the same path on all ranks)."""
+    return Path(root) / f".{name}-{step:06d}.staging"
 
 
 def _grad_norm(module: torch.nn.Module) -> float:

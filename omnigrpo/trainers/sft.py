@@ -1,4 +1,4 @@
-"""Supervised start for the built-in world: fit the codebook, then train the policy on synthetic pairs.
+"""Supervised start for a built-in world: fit the codebook, then train the policy on synthetic pairs.
 
 Why: GRPO improves a policy that already draws something; X-Omni starts RL from an SFT checkpoint, and
 so does the embedded default. Training is seeded (numpy + torch generators, fixed thread count), so
@@ -25,14 +25,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from omnigrpo.platform import shapes
+from omnigrpo.platform import world as worlds
 from omnigrpo.platform.config import Config
 from omnigrpo.rollout.codebook import PatchCodebook
-from omnigrpo.rollout.policy import ShapesPolicy
+from omnigrpo.rollout.policy import WorldPolicy
 from omnigrpo.rollout.sampler import SamplingParams, sequence_logprobs
 
 log = logging.getLogger(__name__)
-_SFT_FORMAT = 1  # bump when the SFT procedure changes, so stale caches are not reused
+_SFT_FORMAT = 2  # bump when the SFT procedure changes, so stale caches are not reused
 
 
 def cache_root(cfg: Config) -> Path:
@@ -46,6 +46,8 @@ def sft_key(cfg: Config) -> str:
         "format": _SFT_FORMAT,
         "seed": cfg.run.seed,
         "world": repr(cfg.world),
+        # the world's code draws the SFT data: a change to it must not reuse a stale checkpoint
+        "world_code": hashlib.sha256(Path(worlds.get(cfg.world.name).__file__).read_bytes()).hexdigest(),
         "model": repr(cfg.model),
         "sft": repr(cfg.sft),
     }
@@ -75,10 +77,11 @@ def train_sft(cfg: Config, out_dir: Path, threads: int | None = None) -> dict:
     """Fit the codebook and train a fresh policy; writes a ``save_pretrained`` directory."""
     torch.set_num_threads(threads or os.cpu_count() or 1)
     rng = np.random.default_rng(cfg.run.seed)
-    scenes = shapes.train_scenes()
-    _, fit_images = shapes.sample_pairs(scenes, cfg.sft.kmeans_images, rng)
+    world = worlds.get(cfg.world.name)
+    items = world.train_items()
+    _, fit_images = world.sample_pairs(items, cfg.sft.kmeans_images, rng)
     codebook = PatchCodebook.fit(fit_images, cfg.world.codebook_size, cfg.run.seed)
-    policy = ShapesPolicy.create(cfg.model, codebook, cfg.run.seed)
+    policy = WorldPolicy.create(cfg.model, codebook, cfg.run.seed, cfg.world.name)
     model = policy.model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft.lr, weight_decay=0.01)
     steps = cfg.sft.steps
@@ -86,7 +89,7 @@ def train_sft(cfg: Config, out_dir: Path, threads: int | None = None) -> dict:
     plain = SamplingParams()
     losses = []
     for _ in tqdm(range(steps), desc="sft", mininterval=5.0):
-        batch, images = shapes.sample_pairs(scenes, cfg.sft.batch_size, rng)
+        batch, images = world.sample_pairs(items, cfg.sft.batch_size, rng)
         drop = torch.from_numpy(rng.random(len(batch)) < cfg.sft.cfg_dropout)
         prompts = policy.prompt_batch([s.prompt for s in batch], drop_text=drop)
         logprobs, _ = sequence_logprobs(model, prompts, policy.encode_images(images), policy.space, plain)

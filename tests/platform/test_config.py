@@ -51,9 +51,9 @@ def test_configs_are_frozen():
         ("rollout.group_size=1", "rollout.group_size: Input should be greater than or equal to 2"),
         ("trainer.lr=-0.1", "trainer.lr: Input should be greater than 0"),
         ("rollout.temperature=hot", "rollout.temperature: Input should be a valid number"),
-        ("model.family=dalle", "model.family: Input should be 'shapes'"),
+        ("model.family=dalle", "model.family: Input should be 'builtin'"),
         ("rewards=[{name: shapes, wieght: 2}]", "rewards.0.wieght: unknown key (did you mean rewards.0.weight?)"),
-        ("trainer.micro_batch_size=7", "trainer.micro_batch_size: 7 must divide the mini-batch of 64"),
+        ("trainer.micro_batch_size=7", "micro_batch_size: 7 must divide each learner's share of a mini-batch, 64"),
         ("rewards=[{name: shapes}, {name: shapes}]", "'shapes' is listed twice"),
         ("rewards=[]", "at least one reward"),
     ],
@@ -96,4 +96,4 @@ def test_help_lists_the_commands(capsys):
         main(["--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    assert "{train,sft,serve-reward}" in out and "omnigrpo train configs/shapes.yaml" in out
+    assert "{train,sft,eval,bench,serve-reward}" in out and "omnigrpo train configs/shapes.yaml" in out

@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from omnigrpo.platform.driver import train
 from omnigrpo.platform.tracking import store_uri
-from omnigrpo.rollout.policy import ShapesPolicy
+from omnigrpo.rollout.policy import WorldPolicy
 
 FLAKY = '''
 import math
@@ -38,8 +38,8 @@ def test_a_short_run_trains_syncs_and_logs(tiny_config, sft_path, tmp_path, monk
     assert not ray.is_initialized()  # the run shut down the cluster it started
 
     assert summary["rollout_versions"] == [3]  # the rollout side holds the weights of update 3
-    final = ShapesPolicy.from_pretrained(summary["checkpoint"])
-    start = ShapesPolicy.from_pretrained(sft_path)
+    final = WorldPolicy.from_pretrained(summary["checkpoint"])
+    start = WorldPolicy.from_pretrained(sft_path)
     changed = [not torch.equal(a, b) for a, b in zip(final.model.parameters(), start.model.parameters(),
                                                       strict=True)]
     assert any(changed)
@@ -96,7 +96,7 @@ def test_a_crash_leaves_a_checkpoint_and_a_failed_run(tiny_config, sft_path, tmp
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     monkeypatch.setenv("OMNIGRPO_TEST_IN_RAY", "1")
     monkeypatch.setenv("OMNIGRPO_TEST_DRIVER_PID", str(os.getpid()))
-    cfg = tiny_config("trainer.steps=4", "eval.every=0",
+    cfg = tiny_config("trainer.steps=4", "eval.every=0", "cluster.max_restarts=0",
                       "rewards=[{name: shapes}, {name: 'dying_judge:dies_on_second_batch'}]")
     with pytest.raises(ray.exceptions.RayError):
         train(cfg)
@@ -107,5 +107,5 @@ def test_a_crash_leaves_a_checkpoint_and_a_failed_run(tiny_config, sft_path, tmp
     checkpoints = sorted((Path(cfg.run.dir) / "checkpoints" / runs[0].info.run_id).iterdir())
     assert [p.name for p in checkpoints] == ["crash-000001"]  # the one update that completed is saved
     info = json.loads((checkpoints[0] / "omnigrpo_step.json").read_text())
-    assert info == {"step": 1, "version": 1, "partial_update": False}
-    ShapesPolicy.from_pretrained(checkpoints[0])  # and loads
+    assert info == {"step": 1, "version": 1, "partial_update": False, "learners": 1}
+    WorldPolicy.from_pretrained(checkpoints[0])  # and loads

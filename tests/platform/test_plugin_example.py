@@ -7,7 +7,7 @@ from mlflow.tracking import MlflowClient
 
 from omnigrpo.platform.driver import train
 from omnigrpo.platform.tracking import store_uri
-from omnigrpo.rollout.policy import ShapesPolicy
+from omnigrpo.rollout.policy import WorldPolicy
 
 ROOT = Path(__file__).parents[2]
 
@@ -26,6 +26,6 @@ def test_the_readme_plugin_example_trains(tiny_config, sft_path, monkeypatch):
         assert sorted(m.step for m in history) == [1, 2, 3], name
         assert all(0.0 <= m.value <= 1.0 for m in history)
     assert metrics["reward/failed"] == 0
-    final = ShapesPolicy.from_pretrained(summary["checkpoint"]).model.parameters()
-    start = ShapesPolicy.from_pretrained(sft_path).model.parameters()
+    final = WorldPolicy.from_pretrained(summary["checkpoint"]).model.parameters()
+    start = WorldPolicy.from_pretrained(sft_path).model.parameters()
     assert any(not torch.equal(a, b) for a, b in zip(final, start, strict=True))

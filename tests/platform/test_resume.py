@@ -5,11 +5,11 @@ from mlflow.tracking import MlflowClient
 
 from omnigrpo.platform.driver import train
 from omnigrpo.platform.tracking import store_uri
-from omnigrpo.rollout.policy import ShapesPolicy
+from omnigrpo.rollout.policy import WorldPolicy
 
 
 def _weights(path):
-    return ShapesPolicy.from_pretrained(path).model.state_dict()
+    return WorldPolicy.from_pretrained(path).model.state_dict()
 
 
 def test_resume_matches_an_uninterrupted_run(tiny_config, sft_path, tmp_path):

@@ -7,7 +7,7 @@ import torch
 from omnigrpo.platform import shapes
 from omnigrpo.platform.config import ModelConfig
 from omnigrpo.rollout.codebook import PatchCodebook
-from omnigrpo.rollout.policy import ShapesPolicy
+from omnigrpo.rollout.policy import WorldPolicy
 from omnigrpo.rollout.sampler import (
     ImageSpace,
     SamplingParams,
@@ -23,7 +23,7 @@ TINY = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, in
 @pytest.fixture(scope="module")
 def policy():
     _, images = shapes.sample_pairs(shapes.train_scenes(), 64, np.random.default_rng(0))
-    return ShapesPolicy.create(TINY, PatchCodebook.fit(images, 32, seed=0), seed=0)
+    return WorldPolicy.create(TINY, PatchCodebook.fit(images, 32, seed=0), seed=0)
 
 
 def test_image_mode_masks_every_non_image_logit():
@@ -116,12 +116,12 @@ def test_unconditional_prompt_drops_only_the_text(policy):
 
 def test_save_and_load_round_trip(policy, tmp_path):
     policy.save_pretrained(tmp_path)
-    loaded = ShapesPolicy.from_pretrained(tmp_path)
+    loaded = WorldPolicy.from_pretrained(tmp_path)
     assert loaded.space == policy.space
     for a, b in zip(loaded.model.parameters(), policy.model.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
 def test_loading_something_else_fails_with_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a shapes-policy checkpoint"):
-        ShapesPolicy.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a built-in world policy checkpoint"):
+        WorldPolicy.from_pretrained(tmp_path)

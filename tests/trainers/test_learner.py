@@ -7,10 +7,10 @@ import torch
 from omnigrpo.platform import shapes
 from omnigrpo.platform.config import RewardSpec
 from omnigrpo.rewards.worker import RewardWorker
-from omnigrpo.rollout.policy import ShapesPolicy
+from omnigrpo.rollout.policy import WorldPolicy
 from omnigrpo.rollout.worker import RolloutWorker
 from omnigrpo.trainers.grpo import group_advantages
-from omnigrpo.trainers.learner import Learner, TrainBatch, sampling_params
+from omnigrpo.trainers.learner import Learner, TrainBatch, merge_metrics, sampling_params
 
 REDNESS = '''
 import numpy as np
@@ -37,7 +37,8 @@ def _step(learner, rollout, reward, prompts, metadata, group_size):
     result = reward.score(batch.images, batch.prompts, batch.metadata)
     valid = torch.from_numpy(result.valid)
     adv, _ = group_advantages(torch.from_numpy(np.nan_to_num(result.total)).float(), batch.group, valid)
-    metrics = learner.train_step(TrainBatch(batch.prompt_batch, batch.codes, batch.logprobs, adv, valid))
+    part = learner.train_step(TrainBatch(batch.prompt_batch, batch.codes, batch.logprobs, adv, valid))
+    metrics = merge_metrics([part])
     rollout.load_weights(learner.state_dict(), learner.version)
     return float(np.nanmean(result.total)), metrics, batch.version
 
@@ -87,7 +88,8 @@ def test_a_batch_with_every_sample_excluded_changes_nothing(tiny_config, sft_pat
     batch = rollout.generate(prompts, metadata, 4)
     before = learner.state_dict()
     invalid = torch.zeros(16, dtype=torch.bool)
-    metrics = learner.train_step(TrainBatch(batch.prompt_batch, batch.codes, batch.logprobs, torch.ones(16), invalid))
+    metrics = merge_metrics([learner.train_step(TrainBatch(batch.prompt_batch, batch.codes, batch.logprobs,
+                                                           torch.ones(16), invalid))])
     after = learner.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert metrics["grpo/skipped_update"] == 1.0 and learner.version == 1
@@ -111,7 +113,7 @@ def test_micro_batching_does_not_change_the_update(tiny_config, sft_path, stage)
     (codes_a, a), (codes_b, b) = results
     assert torch.equal(codes_a, codes_b)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    assert any(not torch.equal(a[k], ShapesPolicy.from_pretrained(sft_path).model.state_dict()[k]) for k in a)
+    assert any(not torch.equal(a[k], WorldPolicy.from_pretrained(sft_path).model.state_dict()[k]) for k in a)
 
 
 def test_learner_agrees_with_the_sampler_under_guidance_and_filters(tiny_config, sft_path):

@@ -2,14 +2,14 @@ import json
 
 import torch
 
-from omnigrpo.rollout.policy import ShapesPolicy
+from omnigrpo.rollout.policy import WorldPolicy
 from omnigrpo.trainers.sft import sft_checkpoint, sft_key, train_sft
 
 
 def test_sft_is_reproducible_and_learns(tiny_config, tmp_path):
     cfg = tiny_config("sft.steps=8", "sft.kmeans_images=64")
     stats = [train_sft(cfg, tmp_path / name, threads=2) for name in ("a", "b")]
-    a, b = ShapesPolicy.from_pretrained(tmp_path / "a"), ShapesPolicy.from_pretrained(tmp_path / "b")
+    a, b = WorldPolicy.from_pretrained(tmp_path / "a"), WorldPolicy.from_pretrained(tmp_path / "b")
     assert all(torch.equal(x, y) for x, y in zip(a.model.parameters(), b.model.parameters(), strict=True))
     assert (a.codebook.centroids == b.codebook.centroids).all()
     assert stats[0]["final_loss"] == stats[1]["final_loss"]

@@ -1,0 +1,280 @@
+"""GPU benchmark: omnigrpo's rollout sampler and learner step on a Janus-Pro-1B-sized model.
+
+Why: the two hot loops of GRPO on an autoregressive image generator are (1) sampling 576 image
+tokens per image with classifier-free guidance (CFG) and (2) the teacher-forced forward+backward of
+the learner. This script measures both on one GPU, side by side with Hugging Face ``generate`` and
+against the machine's own limits (copy bandwidth, bf16 matmul rate), so a claim like "our sampler is
+X times faster" or "decode runs at Y% of the bandwidth floor" comes with the numbers behind it.
+
+The model is a stand-in. No weights can be downloaded on the benchmark machine and the script must
+need only torch + transformers, so it builds a random-weight ``LlamaForCausalLM`` with the sizes of
+Janus-Pro-1B's language model (a Llama-architecture DeepSeek-LLM: hidden 2048, MLP 5632, 24 layers,
+16 heads, 16 KV heads, rope theta 1e4, RMS eps 1e-6) and a vocabulary of 102400 text ids + 16384
+image codes at offset 102400. It stands in for Janus's LM + generation head: the 24 decoder layers
+(1.23 B parameters) are identical; Janus then runs a small MLP head (2048 -> 2048 -> 16384, 38 M)
+where the stand-in runs its LM head over all 118784 ids (243 M), so the stand-in does about 16% more
+matmul work and weight reads per token (1.48 B vs 1.27 B parameters) and its times are, if anything,
+pessimistic. Random weights change what is sampled, not how long it takes (every image has exactly
+576 tokens).
+
+Measured (``--out`` writes all of it as JSON, stdout gets a markdown table):
+
+1. Rollout: ``omnigrpo.rollout.sampler.sample_images`` vs ``model.generate``, same prompts
+   ``[B, P]`` (no padding), same CFG scale, temperature and top-k, both restricted to image codes.
+   HF baseline "hf_unbatched_cfg" is HF's own decoder-only CFG (``guidance_scale`` +
+   ``negative_prompt_ids`` -> ``UnbatchedClassifierFreeGuidanceLogitsProcessor``), which runs the
+   unconditional branch as a *second* model forward of batch B per step (its own KV cache) inside
+   the logits processor; ours runs one forward of batch 2B. "hf_batched_cfg" is ``generate`` on the
+   doubled batch with a processor that mixes cond/uncond rows, samples once and forces both rows to
+   that code. tokens/s counts each image's tokens once, not once per CFG branch.
+2. Decode step vs floor: our step time ``(rollout - prefill) / (T - 1)`` against
+   ``floor = (weight bytes read per step + KV bytes at the mean context) / copy bandwidth``, where
+   the weight bytes exclude the embedding table (only B rows of it are read) and the bandwidth is
+   ``2 * bytes / time`` of a large ``Tensor.copy_``. Not in the floor: transformers' ``DynamicCache``
+   grows by ``torch.cat``, re-reading and re-writing the whole cache every step.
+3. Learner: forward+backward of ``sequence_logprobs`` with CFG on ``--micro-batch`` sequences.
+   ``FLOPs = 6 * N * R * L + 6 * layers * hidden * L^2 * R`` with N the matmul parameters (all but the
+   embedding table), R = 2 * micro-batch rows (both CFG branches are forwarded), L = P + T - 1 tokens
+   per row; the second term is causal attention (QK^T and AV). MFU = FLOPs / step time / the
+   measured dense ``torch.matmul`` rate of an ``--matmul-n``^3 product in the model dtype.
+
+Run from the repository root: ``python bench/gpu.py --out gpu.json`` (H200: a few minutes); ``--tiny``
+runs a toy model on CPU in fp32 in seconds, for the test suite. The sampler passes ``cache=`` to the
+model, so transformers must have that argument (5.24 does; 5.17 calls it ``past_key_values``, and the
+script refuses to run rather than time a decode without a KV cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import inspect
+import json
+import platform
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+try:
+    import omnigrpo  # noqa: F401
+except ModuleNotFoundError:  # `python bench/gpu.py` from a checkout that is not installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from omnigrpo.rollout.baseline import hf_generate, hf_generate_batched, median_seconds  # noqa: E402
+from omnigrpo.rollout.sampler import (  # noqa: E402
+    ImageSpace,
+    PromptBatch,
+    SamplingParams,
+    sample_images,
+    sequence_logprobs,
+)
+
+TEXT_VOCAB, IMAGE_CODES = 102400, 16384
+
+
+def build_model(tiny: bool, device: torch.device, dtype: torch.dtype) -> tuple[LlamaForCausalLM, ImageSpace]:
+    """Random-weight Llama, Janus-Pro-1B-sized (or a toy for ``--tiny``), with image codes at the end."""
+    if tiny:
+        text, codes, tokens = 200, 64, 16
+        sizes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=4, max_position_embeddings=256)
+    else:
+        text, codes, tokens = TEXT_VOCAB, IMAGE_CODES, 576
+        sizes = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16,
+                     num_key_value_heads=16, max_position_embeddings=16384)
+    config = LlamaConfig(vocab_size=text + codes, rope_theta=10000.0, rms_norm_eps=1e-6, pad_token_id=0,
+                         tie_word_embeddings=False, **sizes)
+    with torch.device(device):  # initialise in place: fast on a GPU, no CPU copy of 1.7B parameters
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if "cache" not in inspect.signature(type(model).forward).parameters:
+        raise SystemExit(f"transformers {transformers.__version__} has no `cache=` argument; omnigrpo's sampler "
+                         "passes `cache=`, so it would decode without a KV cache and the timing would be wrong")
+    return model.eval(), ImageSpace(offset=text, num_codes=codes, tokens_per_image=tokens)
+
+
+def make_prompts(batch: int, length: int, text_vocab: int, device: torch.device) -> PromptBatch:
+    """``[B, P]`` random text prompts ending in one marker id; uncond = padding + the same marker."""
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, text_vocab, (batch, length), generator=gen)
+    ids[:, -1] = text_vocab - 1
+    uncond = torch.zeros_like(ids)
+    uncond[:, -1] = text_vocab - 1
+    return PromptBatch(ids.to(device), uncond.to(device), torch.ones_like(ids).to(device), pad_id=0)
+
+
+def timed(fn: Callable[[], object], repeats: int, device: torch.device, warmup: int = 1) -> float:
+    """Median wall seconds of ``fn`` over ``repeats`` runs after ``warmup`` runs, CUDA synchronised."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    return median_seconds(fn, repeats, warmup, sync)
+
+
+def bench_rollout(model: LlamaForCausalLM, prompts: PromptBatch, space: ImageSpace, params: SamplingParams,
+                  repeats: int, device: torch.device) -> dict[str, object]:
+    """Images/s and image tokens/s of our sampler and of HF ``generate`` (both CFG styles)."""
+    b, t = len(prompts), space.tokens_per_image
+
+    def ours() -> object:
+        with torch.device(device):  # the sampler allocates its step tensors on the default device
+            return sample_images(model, prompts, space, params)
+
+    def hf_unbatched() -> object:
+        return hf_generate(model, prompts, space, params)
+
+    def hf_batched() -> object:
+        return hf_generate_batched(model, prompts, space, params)
+
+    out: dict[str, object] = {}
+    for name, fn in [("ours", ours), ("hf_unbatched_cfg", hf_unbatched), ("hf_batched_cfg", hf_batched)]:
+        seconds = timed(fn, repeats, device)
+        out[name] = {"seconds": seconds, "tokens_per_s": b * t / seconds, "images_per_s": b / seconds}
+    hf, hfb, ours_s = out["hf_unbatched_cfg"], out["hf_batched_cfg"], out["ours"]
+    out["ratio_ours_over_hf"] = ours_s["tokens_per_s"] / hf["tokens_per_s"]  # type: ignore[index]
+    out["ratio_ours_over_hf_batched"] = ours_s["tokens_per_s"] / hfb["tokens_per_s"]  # type: ignore[index]
+    out["hf_cfg_note"] = ("hf_unbatched_cfg = generate(guidance_scale, negative_prompt_ids): HF's CFG processor runs "
+                          "a second forward of batch B per step for the uncond branch; ours runs one forward of 2B. "
+                          "hf_batched_cfg = generate on the doubled batch with a cond/uncond mixing processor.")
+    return out
+
+
+def copy_bandwidth(nbytes: int, device: torch.device) -> float:
+    """Bytes/s of ``dst.copy_(src)``, counting ``nbytes`` read + ``nbytes`` written."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    seconds = timed(lambda: dst.copy_(src), 5, device, warmup=2)
+    return 2 * nbytes / seconds
+
+
+def matmul_rate(n: int, dtype: torch.dtype, device: torch.device) -> float:
+    """Dense FLOP/s of an ``[n, n] @ [n, n]`` product in ``dtype`` (2 n^3 FLOPs)."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    seconds = timed(lambda: [torch.matmul(a, b) for _ in range(10)], 3, device) / 10
+    return 2 * n**3 / seconds
+
+
+def matmul_params(model: LlamaForCausalLM) -> int:
+    """Parameters read/multiplied per token: all but the embedding table (a row lookup)."""
+    return sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+
+
+def bench_decode(model: LlamaForCausalLM, prompts: PromptBatch, space: ImageSpace, rollout_s: float, repeats: int,
+                 bandwidth: float, device: torch.device) -> dict[str, float]:
+    """Our per-step decode time vs the bandwidth floor (weights + KV cache at the mean context)."""
+    ids = torch.cat([prompts.ids, prompts.uncond_ids])
+    mask = torch.cat([prompts.mask, prompts.mask])
+    with torch.no_grad():
+        prefill_s = timed(lambda: model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1),
+                          repeats, device)
+    t, cfg = space.tokens_per_image, model.config
+    step_s = (rollout_s - prefill_s) / (t - 1)
+    elem = next(model.parameters()).element_size()
+    weight_bytes = matmul_params(model) * elem
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    mean_ctx = prompts.ids.shape[1] + (t - 1) / 2
+    kv_bytes = 2 * cfg.num_hidden_layers * ids.shape[0] * cfg.num_key_value_heads * head_dim * mean_ctx * elem
+    floor_s = (weight_bytes + kv_bytes) / bandwidth
+    return {"step_ms": step_s * 1e3, "prefill_ms": prefill_s * 1e3, "floor_ms": floor_s * 1e3,
+            "efficiency": floor_s / step_s, "weight_bytes": weight_bytes, "kv_bytes_mean": kv_bytes,
+            "mean_context": mean_ctx, "copy_bandwidth_gb_s": bandwidth / 1e9, "rows": ids.shape[0]}
+
+
+def bench_learner(model: LlamaForCausalLM, prompts: PromptBatch, space: ImageSpace, params: SamplingParams,
+                  repeats: int, peak: float, device: torch.device) -> dict[str, object]:
+    """Forward+backward of ``sequence_logprobs`` (CFG: 2 rows per sequence) on random codes ``[M, T]``."""
+    m, t, cfg = len(prompts), space.tokens_per_image, model.config
+    codes = torch.randint(0, space.num_codes, (m, t), device=device)
+    model.train()
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        logprobs, _ = sequence_logprobs(model, prompts, codes, space, params)
+        (-logprobs.mean()).backward()
+
+    seconds = timed(step, repeats, device)
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    rows = 2 * m if params.guided else m
+    length = prompts.ids.shape[1] + t - 1
+    flops = 6 * matmul_params(model) * rows * length + 6 * cfg.num_hidden_layers * cfg.hidden_size * length**2 * rows
+    return {"step_s": seconds, "tokens_per_s": rows * length / seconds, "image_tokens_per_s": m * t / seconds,
+            "flops_per_step": flops, "achieved_tflops": flops / seconds / 1e12, "matmul_tflops": peak / 1e12,
+            "mfu": flops / seconds / peak, "sequences": m, "rows": rows, "row_length": length,
+            "formula": "6*N*R*L + 6*layers*hidden*L^2*R; N = params - embedding, R = rows (2 per sequence with CFG), "
+                       "L = prompt + T - 1; MFU = FLOPs / step_s / measured matmul FLOP/s"}
+
+
+def machine(device: torch.device) -> dict[str, str]:
+    """What ran: device name, library versions, UTC date."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {"device": str(device), "name": name, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "date": datetime.datetime.now(datetime.UTC).isoformat()}
+
+
+def table(result: dict[str, dict]) -> str:
+    """Markdown summary of ``result``."""
+    r, d, lrn, m = result["rollout"], result["decode"], result["learner"], result["machine"]
+    rows = [f"{m['name']} | torch {m['torch']} | transformers {m['transformers']} | {m['date']}", "",
+            "| measure | value |", "|---|---|"]
+    for side in ("ours", "hf_unbatched_cfg", "hf_batched_cfg"):
+        rows.append(f"| rollout {side} | {r[side]['tokens_per_s']:.1f} tok/s, {r[side]['images_per_s']:.3f} img/s |")
+    rows += [f"| ratio ours/hf (HF CFG) | {r['ratio_ours_over_hf']:.2f}x |",
+             f"| ratio ours/hf (batched CFG) | {r['ratio_ours_over_hf_batched']:.2f}x |",
+             f"| decode step (ours, {d['rows']} rows) | {d['step_ms']:.2f} ms |",
+             f"| decode floor ({d['copy_bandwidth_gb_s']:.0f} GB/s copy) | {d['floor_ms']:.3f} ms |",
+             f"| decode efficiency (floor/actual) | {d['efficiency']:.1%} |",
+             f"| learner fwd+bwd ({lrn['sequences']} seq) | {lrn['step_s'] * 1e3:.1f} ms, "
+             f"{lrn['tokens_per_s']:.0f} tok/s |",
+             f"| learner MFU | {lrn['mfu']:.1%} ({lrn['achieved_tflops']:.3g} / {lrn['matmul_tflops']:.3g} TFLOP/s) |"]
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="toy model on CPU in fp32 (seconds; for tests)")
+    parser.add_argument("--batch", type=int, default=None, help="prompts per rollout (default 16; tiny 4)")
+    parser.add_argument("--prompt-len", type=int, default=None, help="prompt tokens P (default 32; tiny 8)")
+    parser.add_argument("--micro-batch", type=int, default=None, help="learner sequences (default 8; tiny 2)")
+    parser.add_argument("--cfg-scale", type=float, default=5.0, help="classifier-free guidance scale")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    parser.add_argument("--top-k", type=int, default=0, help="top-k over image codes (0: off)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measure (median), after 1 warm-up")
+    parser.add_argument("--copy-mib", type=int, default=None, help="copy-bandwidth buffer (default 2048; tiny 64)")
+    parser.add_argument("--matmul-n", type=int, default=None, help="matmul-rate size n (default 8192; tiny 256)")
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    tiny = args.tiny
+    device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
+    dtype = torch.float32 if tiny else torch.bfloat16
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(0)
+
+    model, space = build_model(tiny, device, dtype)
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, cfg_scale=args.cfg_scale)
+    batch, plen, micro = args.batch or (4 if tiny else 16), args.prompt_len or (8 if tiny else 32), args.micro_batch
+    prompts = make_prompts(batch, plen, space.offset, device)
+    rollout = bench_rollout(model, prompts, space, params, args.repeats, device)
+    bandwidth = copy_bandwidth((args.copy_mib or (64 if tiny else 2048)) << 20, device)
+    decode = bench_decode(model, prompts, space, rollout["ours"]["seconds"], args.repeats, bandwidth, device)
+    peak = matmul_rate(args.matmul_n or (256 if tiny else 8192), dtype, device)
+    learner_prompts = make_prompts(micro or (2 if tiny else 8), plen, space.offset, device)
+    learner = bench_learner(model, learner_prompts, space, params, args.repeats, peak, device)
+
+    result: dict[str, object] = {
+        "machine": machine(device), "rollout": rollout, "decode": decode, "learner": learner,
+        "config": {"tiny": tiny, "dtype": str(dtype), "batch": batch, "prompt_len": plen,
+                   "tokens_per_image": space.tokens_per_image, "image_offset": space.offset,
+                   "num_codes": space.num_codes, "cfg_scale": params.cfg_scale, "temperature": params.temperature,
+                   "top_k": params.top_k, "repeats": args.repeats,
+                   "params": sum(p.numel() for p in model.parameters()), "matmul_params": matmul_params(model)},
+    }
+    print(table(result))  # type: ignore[arg-type]
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Weight sync over a dedicated gloo group: learner rank 0 -> every rollout actor, in buckets.
+
+Why: after every update the rollout actors need the new weights. Through Ray's object store each
+reader deserialises its own copy of the whole state dict; a collective broadcast streams the bytes
+once per hop instead. Ray's own collective groups take over a process's *default* torch.distributed
+group, which the learner's DeepSpeed group already owns (a second group that way hangs, see
+``shared/ENVIRONMENT.md``), so this group is built directly: a ``ProcessGroupGloo`` over its own
+``FileStore``, with gloo's sockets bound to ``host`` (loopback by default), separate from every
+default group.
+
+Parameters are packed into flat buffers of ``bucket_mb`` (one dtype per bucket) and sent one bucket
+per collective call: a few large messages instead of one per tensor. Every call waits at most
+``timeout_s``, so a member that died turns into an error instead of a hang, and the driver falls back
+to the object store. A header (version, tensor count, a hash of names and shapes) goes first, so a
+receiver whose model does not match fails with a message instead of loading garbage.
+
+Plain class, no Ray: the learner and the rollout worker each hold one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+
+import torch
+import torch.distributed as dist
+
+
+def plan_buckets(tensors: dict[str, torch.Tensor], bucket_bytes: int) -> list[list[str]]:
+    """Consecutive names grouped into buckets of at most ``bucket_bytes`` (a larger tensor alone) and one
+    dtype each; ``bucket_bytes <= 0`` gives one bucket per tensor."""
+    buckets: list[list[str]] = []
+    size, dtype = 0, None
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if not buckets or bucket_bytes <= 0 or t.dtype != dtype or size + nbytes > bucket_bytes:
+            buckets.append([])
+            size, dtype = 0, t.dtype
+        buckets[-1].append(name)
+        size += nbytes
+    return buckets
+
+
+def fingerprint(tensors: dict[str, torch.Tensor]) -> int:
+    """A 62-bit hash of names, shapes and dtypes (what sender and receivers must agree on)."""
+    text = ";".join(f"{k}:{tuple(v.shape)}:{v.dtype}" for k, v in tensors.items())
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 2
+
+
+class WeightBroadcast:
+    """Member ``rank`` of a ``size``-member gloo group meeting at the file ``store_path`` (rank 0 sends)."""
+
+    def __init__(self, store_path: str, rank: int, size: int, timeout_s: float = 120.0, host: str = "127.0.0.1"):
+        self.rank, self.size = rank, size
+        store = dist.FileStore(store_path, size)
+        options = dist.ProcessGroupGloo._Options()
+        options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+        options._timeout = datetime.timedelta(seconds=timeout_s)
+        self.group = dist.ProcessGroupGloo(store, rank, size, options)
+
+    def send(self, tensors: dict[str, torch.Tensor], version: int, bucket_bytes: int) -> int:
+        """Rank 0: broadcast ``tensors`` (CPU) stamped with ``version``; returns the bytes sent."""
+        header = torch.tensor([version, len(tensors), fingerprint(tensors)], dtype=torch.int64)
+        self.group.broadcast(header, 0).wait()
+        sent = 0
+        for names in plan_buckets(tensors, bucket_bytes):
+            flat = torch.cat([tensors[n].detach().reshape(-1) for n in names])
+            self.group.broadcast(flat, 0).wait()
+            sent += flat.numel() * flat.element_size()
+        return sent
+
+    def receive(self, into: dict[str, torch.Tensor], bucket_bytes: int) -> int:
+        """Other ranks: receive a broadcast into the tensors of ``into`` (in place); returns its version."""
+        header = torch.zeros(3, dtype=torch.int64)
+        self.group.broadcast(header, 0).wait()
+        version, count, digest = (int(x) for x in header)
+        if count != len(into) or digest != fingerprint(into):
+            raise RuntimeError(f"weight broadcast v{version}: the sender's {count} tensors do not match this "
+                               f"model's {len(into)} (names, shapes or dtypes differ)")
+        for names in plan_buckets(into, bucket_bytes):
+            flat = torch.empty(sum(into[n].numel() for n in names), dtype=into[names[0]].dtype)
+            self.group.broadcast(flat, 0).wait()
+            offset = 0
+            with torch.no_grad():
+                for n in names:
+                    k = into[n].numel()
+                    into[n].copy_(flat[offset : offset + k].view_as(into[n]))
+                    offset += k
+        return version

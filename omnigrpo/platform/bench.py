@@ -1,0 +1,224 @@
+"""``omnigrpo bench``: the figures users pick a platform by, each measured side by side in one run.
+
+Why: a speed claim only means something next to its reference, on the same machine, in the same
+run. Four parts, each printing a table and landing in one JSON file:
+
+1. ``rollout``: our sampler vs HF ``generate`` on the same policy, batch (``prompts_per_step *
+   group_size`` images of equal-length prompts), guidance and sampling settings, both restricted to
+   image codes (``omnigrpo.rollout.baseline``); with and without classifier-free guidance.
+2. ``trl``: GRPO on the config's world, omnigrpo vs TRL's ``GRPOTrainer``, one after the other from the
+   same weights with the same prompts per step, group size, reward, learning rate, beta and steps:
+   samples/s (training time only, loading excluded on both sides) and reward at the first and last step.
+3. ``sync``: seconds per GB of the learner -> rollout weight sync on a real Ray cluster.
+4. ``rewards``: images/s of every configured judge on the world's rendered images.
+
+Timings are medians over ``--repeats`` after one warm-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import platform
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+
+from omnigrpo.platform import world as worlds
+from omnigrpo.platform.config import Config
+from omnigrpo.rewards.worker import RewardWorker
+from omnigrpo.rollout.baseline import hf_generate, hf_generate_batched, median_seconds
+from omnigrpo.rollout.policy import WorldPolicy
+from omnigrpo.rollout.sampler import sample_images
+from omnigrpo.trainers.learner import sampling_params
+from omnigrpo.trainers.sft import sft_checkpoint
+
+log = logging.getLogger(__name__)
+GUIDED_SCALE = 3.0  # the guided rollout row uses this scale when the config samples without guidance
+
+
+def machine() -> dict[str, object]:
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "date": datetime.datetime.now(datetime.UTC).isoformat()}
+
+
+def equal_length_prompts(policy: WorldPolicy, prompts: list[str], n: int) -> list[str]:
+    """``n`` prompts (cycled) of the most common token length: HF's CFG positions ignore padding."""
+    lengths = [len(policy.words(p)) for p in prompts]
+    common = max(set(lengths), key=lengths.count)
+    same = [p for p, n_words in zip(prompts, lengths, strict=True) if n_words == common]
+    return [same[i % len(same)] for i in range(n)]
+
+
+def bench_rollout(cfg: Config, model_path: str, repeats: int) -> dict:
+    """Image tokens/s and images/s: our sampler vs ``generate`` (HF's CFG, and batched CFG)."""
+    policy = WorldPolicy.from_pretrained(model_path)
+    world = worlds.get(cfg.world.name)
+    prompts = equal_length_prompts(policy, world.prompts_of(world.train_items())[0], cfg.batch_size)
+    batch, space = policy.prompt_batch(prompts), policy.space
+    base = sampling_params(cfg)
+    settings = {f"cfg={base.cfg_scale:g}": base}
+    if not base.guided:
+        settings[f"cfg={GUIDED_SCALE:g}"] = dataclasses.replace(base, cfg_scale=GUIDED_SCALE)
+    rows = {}
+    for label, params in settings.items():
+        sides = {"omnigrpo": lambda p=params: sample_images(policy.model, batch, space, p),
+                 "hf_generate": lambda p=params: hf_generate(policy.model, batch, space, p)}
+        if params.guided:
+            sides["hf_generate_batched_cfg"] = lambda p=params: hf_generate_batched(policy.model, batch, space, p)
+        row = {}
+        for side, fn in sides.items():
+            seconds = median_seconds(fn, repeats)
+            row[side] = {"seconds": seconds, "images_per_s": len(prompts) / seconds,
+                         "tokens_per_s": len(prompts) * space.tokens_per_image / seconds}
+        for side in sides:
+            if side != "omnigrpo":
+                row[f"speedup_vs_{side}"] = row["omnigrpo"]["tokens_per_s"] / row[side]["tokens_per_s"]
+        rows[label] = row
+    return {"images": len(prompts), "tokens_per_image": space.tokens_per_image, "settings": rows}
+
+
+def bench_rewards(cfg: Config, repeats: int) -> dict:
+    """Images/s of each configured judge on ``batch_size`` rendered world images."""
+    world = worlds.get(cfg.world.name)
+    items, images = world.sample_pairs(world.train_items(), cfg.batch_size, np.random.default_rng(cfg.run.seed))
+    prompts, metadata = world.prompts_of(items)
+    out = {}
+    for spec in cfg.rewards:
+        judge = RewardWorker([spec])
+        judge.setup()
+        seconds = median_seconds(lambda j=judge: j.score(images, prompts, metadata), repeats)
+        out[spec.name] = {"images": len(images), "seconds": seconds, "images_per_s": len(images) / seconds}
+    return out
+
+
+def bench_sync(cfg: Config, model_path: str, repeats: int) -> dict:
+    """Seconds per GB of ``actors.sync_weights`` (learner -> every rollout actor) on a Ray cluster."""
+    import ray
+
+    from omnigrpo.cluster import actors
+    from omnigrpo.trainers.sft import cache_root
+
+    started = not ray.is_initialized()
+    actors.connect(cfg)
+    try:
+        workers = actors.spawn(cfg, model_path, str(cache_root(cfg) / "torch_extensions"))
+        nbytes = sum(t.numel() * t.element_size() for t in ray.get(workers.learner.state_dict.remote()).values())
+        version = iter(range(1, 10**6))
+        seconds = median_seconds(lambda: actors.sync_weights(workers, next(version)), repeats)
+        same = len({round(c, 3) for c in ray.get([w.checksum.remote() for w in workers.rollouts])}) == 1
+    finally:
+        if started:
+            ray.shutdown()
+    return {"bytes": nbytes, "rollout_actors": cfg.cluster.rollout_workers, "seconds": seconds,
+            "s_per_gb": seconds / (nbytes / 1e9), "gb_per_s": nbytes / 1e9 / seconds, "path": "object store",
+            "rollouts_identical": same}
+
+
+def bench_trl(cfg: Config, model_path: str, steps: int) -> dict:
+    """``steps`` GRPO steps with omnigrpo, then with TRL, from the same weights and settings."""
+    from omnigrpo.platform.driver import train
+    from omnigrpo.platform.tracking import Tracker
+    from omnigrpo.trainers.trl_baseline import run_trl_grpo
+
+    root = Path(cfg.run.dir) / "bench"
+    ours_cfg = dataclasses.replace(
+        cfg, run=dataclasses.replace(cfg.run, dir=str(root / "omnigrpo"), resume=False),
+        model=dataclasses.replace(cfg.model, path=model_path),
+        trainer=dataclasses.replace(cfg.trainer, steps=steps, save_every=0),
+        eval=dataclasses.replace(cfg.eval, every=0, samples_per_prompt=1),
+        tracking=dataclasses.replace(cfg.tracking, uri="", image_every=0, run_name="bench-omnigrpo"))
+    summary = train(ours_cfg)
+    client = Tracker(ours_cfg).client
+    history = {key: [m.value for m in sorted(client.get_metric_history(summary["run_id"], key), key=lambda m: m.step)]
+               for key in ("timing/step_s", "reward/total/mean")}
+    ours_wall = float(sum(history["timing/step_s"]))
+    samples = steps * cfg.batch_size
+    ours = {"wall_s": ours_wall, "samples": samples, "samples_per_s": samples / ours_wall,
+            "reward_first": history["reward/total/mean"][0], "reward_last": history["reward/total/mean"][-1],
+            "reward_curve": history["reward/total/mean"]}
+
+    world = worlds.get(cfg.world.name)
+    prompts, metadata = world.prompts_of(world.train_items())
+    judge = RewardWorker(cfg.rewards)
+    judge.setup()
+
+    def total(images, prompts, metadata):  # the same combined reward ours optimises; excluded -> unscored
+        result = judge.score(np.asarray(images), prompts, metadata)
+        return [float(t) if ok else None for t, ok in zip(result.total, result.valid, strict=True)]
+
+    r = cfg.rollout
+    theirs = run_trl_grpo(model_path, prompts, metadata, total, steps=steps, prompts_per_step=r.prompts_per_step,
+                          group_size=r.group_size, lr=cfg.trainer.lr, beta=cfg.trainer.kl_coef,
+                          temperature=r.temperature, seed=cfg.run.seed, out_dir=str(root / "trl"),
+                          threads=cfg.cluster.torch_threads or os.cpu_count())
+    theirs = {k: theirs[k] for k in ("wall_s", "samples", "samples_per_s", "reward_first", "reward_last",
+                                     "reward_curve", "max_non_image_tokens")}
+    return {"steps": steps, "omnigrpo": ours, "trl": theirs,
+            "speedup_samples_per_s": ours["samples_per_s"] / theirs["samples_per_s"],
+            "settings": {"prompts_per_step": r.prompts_per_step, "group_size": r.group_size, "lr": cfg.trainer.lr,
+                         "beta": cfg.trainer.kl_coef, "temperature": r.temperature,
+                         "rewards": [s.name for s in cfg.rewards]}}
+
+
+def table(results: dict) -> str:
+    """Markdown tables of whatever parts ``results`` holds."""
+    lines = [f"machine: {results['machine']}"]
+    if "rollout" in results:
+        ro = results["rollout"]
+        lines += ["", f"rollout: {ro['images']} images x {ro['tokens_per_image']} tokens",
+                  "| setting | sampler | tokens/s | images/s | omnigrpo speed-up |", "|---|---|---|---|---|"]
+        for label, row in ro["settings"].items():
+            for side, m in row.items():
+                if side.startswith("speedup"):
+                    continue
+                ratio = row.get(f"speedup_vs_{side}")
+                lines.append(f"| {label} | {side} | {m['tokens_per_s']:.0f} | {m['images_per_s']:.1f} | "
+                             f"{'' if ratio is None else f'{ratio:.2f}x'} |")
+    if "trl" in results:
+        t = results["trl"]
+        lines += ["", f"GRPO, {t['steps']} steps each: omnigrpo vs TRL GRPOTrainer",
+                  "| trainer | samples/s | reward first step | reward last step |", "|---|---|---|---|"]
+        for side in ("omnigrpo", "trl"):
+            m = t[side]
+            lines.append(f"| {side} | {m['samples_per_s']:.1f} | {m['reward_first']:.3f} | {m['reward_last']:.3f} |")
+        lines.append(f"omnigrpo / TRL samples/s: {t['speedup_samples_per_s']:.2f}x")
+    if "sync" in results:
+        s = results["sync"]
+        lines += ["", f"weight sync ({s['path']}, {s['bytes'] / 1e6:.1f} MB to {s['rollout_actors']} rollout "
+                      f"actor(s)): {s['seconds'] * 1e3:.1f} ms = {s['s_per_gb']:.2f} s/GB"]
+    if "rewards" in results:
+        lines += ["", "| judge | images/s |", "|---|---|"]
+        lines += [f"| {name} | {m['images_per_s']:.1f} |" for name, m in results["rewards"].items()]
+    return "\n".join(lines)
+
+
+def run_bench(cfg: Config, parts: list[str], steps: int = 20, repeats: int = 3, out: str = "") -> dict:
+    """Run the named parts (``rollout``, ``trl``, ``sync``, ``rewards``), print tables, write JSON."""
+    unknown = sorted(set(parts) - {"rollout", "trl", "sync", "rewards"})
+    if unknown:
+        raise ValueError(f"unknown bench part(s) {unknown}; choose from rollout, trl, sync, rewards")
+    torch.set_num_threads(cfg.cluster.torch_threads or os.cpu_count() or 1)
+    model_path = cfg.model.path or str(sft_checkpoint(cfg, cfg.cluster.torch_threads or None))
+    results: dict = {"machine": machine(), "model": model_path, "world": cfg.world.name}
+    if "rollout" in parts:
+        results["rollout"] = bench_rollout(cfg, model_path, repeats)
+    if "rewards" in parts:
+        results["rewards"] = bench_rewards(cfg, repeats)
+    if "sync" in parts:
+        results["sync"] = bench_sync(cfg, model_path, repeats)
+    if "trl" in parts:
+        results["trl"] = bench_trl(cfg, model_path, steps)
+    print(table(results), flush=True)
+    target = Path(out) if out else Path(cfg.run.dir) / "bench.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(results, indent=2))
+    print(f"wrote {target}")
+    results["path"] = str(target)
+    return results

@@ -1,0 +1,147 @@
+"""The built-in world "glyphs": short strings rendered in a real font, judged by real OCR.
+
+Why: text rendering is where RL moved discrete-token generators most (X-Omni; flow_grpo lifted OCR
+accuracy from 0.59 to 0.92), and it is the claim a user most wants to check. This world asks for a
+2-4 character string and shows it as a 24x72 image drawn in DejaVu Sans Mono Bold (the TrueType
+font matplotlib's wheel ships) at a random size, horizontal position and colour. A monospaced bold
+font keeps each character in a fixed-width slot, legible after 4x4 patch quantisation. The reward
+is the OCR judge (PP-OCR via ``rapidocr``), so the policy is scored on what a reader sees, not on
+tokens.
+
+The alphabet (20 characters) drops look-alike glyphs (0/O/D/Q, 1/I/J, 2/Z, 5/S, 8/B, G, F, W) so an
+OCR miss is a drawing miss. Training
+and held-out strings come from a fixed world seed, independent of ``run.seed``: the held-out set is
+the same for every run, and no held-out string occurs in SFT or RL prompts.
+
+Prompts read ``write "KP7"``; the policy's tokenizer reads the quoted string one character at a time,
+padded with ``_`` to four (:func:`words`): every prompt then has the same length, so an image position
+is the same distance from the character it must draw in every sample.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+IMAGE_SHAPE = (24, 72)
+FONT = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSansMono-Bold.ttf"
+ALPHABET = "ACEHKLMNPRTUVXY34679"
+COLORS: dict[str, tuple[int, int, int]] = {"white": (240, 240, 240), "yellow": (250, 220, 60), "cyan": (90, 220, 250)}
+BACKGROUND = (16, 16, 16)
+MARGIN = 4  # the string starts this many pixels from the left edge (one patch)
+ADVANCES = (8, 12)  # character widths in pixels (2 or 3 patches): the two font sizes, 13.3 and 19.9 px
+LENGTHS = (2, 4)  # inclusive range of string lengths
+TRAIN_STRINGS, HELD_OUT_STRINGS = 600, 32
+WORLD_SEED = 20261128
+# headline metric first: held-out metric name -> (reward name, factory kwargs)
+EVAL = {
+    "exact_match": ("ocr", {"score": "exact", "detect": False}),
+    "ocr_score": ("ocr", {"score": "edit", "detect": False}),
+}
+_QUOTED = re.compile(r'"[^"]*"|\S+')
+
+
+@dataclass(frozen=True)
+class Item:
+    """One string to draw; ``prompt`` is its text and ``metadata`` what rewards receive."""
+
+    text: str
+
+    @property
+    def prompt(self) -> str:
+        return f'write "{self.text}"'
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return {"text": self.text}
+
+
+@functools.cache
+def _strings() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(training strings, held-out strings), disjoint, drawn once from the world seed."""
+    rng = np.random.default_rng(WORLD_SEED)
+    seen: dict[str, None] = {}
+    while len(seen) < TRAIN_STRINGS + HELD_OUT_STRINGS:
+        n = int(rng.integers(LENGTHS[0], LENGTHS[1] + 1))
+        seen["".join(rng.choice(list(ALPHABET), n))] = None
+    strings = list(seen)
+    return tuple(strings[HELD_OUT_STRINGS:]), tuple(strings[:HELD_OUT_STRINGS])
+
+
+def train_items() -> list[Item]:
+    return [Item(t) for t in _strings()[0]]
+
+
+def held_out_items() -> list[Item]:
+    return [Item(t) for t in _strings()[1]]
+
+
+def words(prompt: str) -> list[str]:
+    """Tokenizer words of a prompt: text outside quotes by whitespace, a quoted string per character
+    (padded with ``_`` to :data:`LENGTHS`'s maximum).
+
+    >>> words('write "KP7"')
+    ['write', '"', 'K', 'P', '7', '_', '"']
+    """
+    out: list[str] = []
+    for part in _QUOTED.findall(prompt):
+        if part.startswith('"') and part.endswith('"') and len(part) >= 2:
+            chars = list(part[1:-1].replace(" ", ""))
+            out += ['"', *chars, *["_"] * (LENGTHS[1] - len(chars)), '"']
+        else:
+            out.append(part.lower())
+    return out
+
+
+def vocabulary() -> list[str]:
+    """Every word the prompt grammar can produce (the text tokenizer's vocabulary)."""
+    return sorted({"write", '"', "_", *ALPHABET})
+
+
+@functools.cache
+def _font(advance: int) -> ImageFont.FreeTypeFont:
+    """The font at the size whose character advance is ``advance`` pixels (1233/2048 em in this font)."""
+    return ImageFont.truetype(str(FONT), size=advance * 2048 / 1233)
+
+
+def render(item: Item, rng: np.random.Generator | None = None) -> np.ndarray:
+    """Draw a string; with ``rng`` its size, position and colour vary, else it is small, white, centred.
+
+    Sizes and positions move in whole 4-pixel patches (:data:`ADVANCES`, shifts of 4 px), so a glyph
+    has the same patch codes wherever it stands: the tiny policy learns letters, not sub-patch phases.
+
+    Returns:
+        uint8 image ``[24, 72, 3]``.
+    """
+    h, w = IMAGE_SHAPE
+    advance = ADVANCES[int(rng.integers(len(ADVANCES)))] if rng is not None else ADVANCES[0]
+    colour = COLORS[list(COLORS)[int(rng.integers(len(COLORS)))]] if rng is not None else COLORS["white"]
+    font = _font(advance)
+    image = Image.new("RGB", (w, h), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    top, bottom = font.getbbox("H")[1], font.getbbox("H")[3]  # cap height: where upper-case glyphs sit
+    x = MARGIN
+    y = 4 * round((h - (bottom - top)) / 8) - top + (4 * int(rng.integers(-1, 2)) if rng is not None else 0)
+    draw.text((x, y), item.text, fill=colour, font=font)
+    return np.asarray(image)
+
+
+def sample_pairs(items: list[Item], n: int, rng: np.random.Generator) -> tuple[list[Item], np.ndarray]:
+    """Draw ``n`` random items and render them with variation.
+
+    Returns:
+        the items and uint8 images ``[n, 24, 72, 3]``.
+    """
+    picks = [items[i] for i in rng.integers(0, len(items), size=n)]
+    return picks, np.stack([render(s, rng) for s in picks])
+
+
+def prompts_of(items: list[Item]) -> tuple[list[str], list[dict]]:
+    """Prompts and their metadata, the form every prompt source hands to the driver."""
+    return [s.prompt for s in items], [s.metadata for s in items]

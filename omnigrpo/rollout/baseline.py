@@ -1,0 +1,104 @@
+"""Hugging Face ``generate`` set up to draw the same images our sampler draws: the speed baseline.
+
+Why: "our sampler is N times faster" needs a reference that samples the *same distribution*. Both
+baselines here restrict sampling to the image codes and apply the same classifier-free guidance,
+temperature and top-k as :func:`omnigrpo.rollout.sampler.sample_images`:
+
+- :func:`hf_generate` is what a user of ``generate`` writes: HF's own decoder-only CFG
+  (``guidance_scale`` + ``negative_prompt_ids``), which runs the unconditional branch as a *second*
+  forward of batch B per step (with a KV cache of its own) inside a logits processor, where ours runs
+  one forward of batch 2B. Without guidance it is plain ``generate`` with the image-only processor.
+- :func:`hf_generate_batched` gives ``generate`` our batching: the doubled batch, with a processor
+  that mixes each cond/uncond pair, samples one code and forces it on both rows. It isolates how much
+  of a speed-up comes from the sampler loop itself rather than from batching the branches.
+
+HF's CFG processor positions the unconditional branch ignoring padding, so benchmarks feed prompts of
+equal length (the shapes world's prompts all are). Needs only torch and transformers, so the GPU
+benchmark script (``bench/gpu.py``) uses it too.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from omnigrpo.rollout.sampler import ImageSpace, PromptBatch, SamplingParams, guided_logprobs
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1,
+                   sync: Callable[[], None] = lambda: None) -> float:
+    """Median wall seconds of ``fn`` over ``repeats`` runs after ``warmup`` untimed ones; ``sync`` waits for
+    the device (``torch.cuda.synchronize``) around each run."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class ImageOnly(LogitsProcessor):
+    """Scores ``[N, V]`` -> same shape with every non-image id at -inf."""
+
+    def __init__(self, space: ImageSpace):
+        self.lo, self.hi = space.offset, space.offset + space.num_codes
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        out = torch.full_like(scores, float("-inf"))
+        out[:, self.lo : self.hi] = scores[:, self.lo : self.hi]
+        return out
+
+
+class BatchedCFG(LogitsProcessor):
+    """Rows ``[:B]`` cond, ``[B:]`` uncond: draw one code per pair from our guided distribution and
+    return scores ``[2B, V]`` that are 0 at that code and -inf elsewhere, so ``generate`` (with its own
+    temperature / top-k off) emits it on both rows."""
+
+    def __init__(self, batch: int, space: ImageSpace, params: SamplingParams):
+        self.b, self.space, self.params = batch, space, params
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        lo = self.space.offset
+        img = scores[:, lo : lo + self.space.num_codes].float()
+        logprobs = guided_logprobs(img[: self.b], img[self.b :], self.params)
+        code = torch.multinomial(logprobs.exp(), 1).repeat(2, 1) + lo
+        return torch.full_like(scores, float("-inf")).scatter(-1, code, 0.0)
+
+
+def _common(space: ImageSpace, pad_id: int) -> dict:
+    t = space.tokens_per_image
+    return dict(do_sample=True, max_new_tokens=t, min_new_tokens=t, pad_token_id=pad_id, top_p=1.0)
+
+
+@torch.no_grad()
+def hf_generate(model: torch.nn.Module, prompts: PromptBatch, space: ImageSpace,
+                params: SamplingParams) -> torch.Tensor:
+    """HF's own CFG (or none): image codes ``[B, T]`` (0 .. K-1)."""
+    extra: dict = {}
+    if params.guided:
+        extra = dict(guidance_scale=params.cfg_scale, negative_prompt_ids=prompts.uncond_ids,
+                     negative_prompt_attention_mask=prompts.mask)
+    out = model.generate(input_ids=prompts.ids, attention_mask=prompts.mask,
+                         logits_processor=LogitsProcessorList([ImageOnly(space)]),
+                         temperature=params.temperature, top_k=params.top_k, **_common(space, prompts.pad_id), **extra)
+    return out[:, prompts.ids.shape[1] :] - space.offset
+
+
+@torch.no_grad()
+def hf_generate_batched(model: torch.nn.Module, prompts: PromptBatch, space: ImageSpace,
+                        params: SamplingParams) -> torch.Tensor:
+    """``generate`` on both CFG branches in one batch: image codes ``[B, T]`` (0 .. K-1)."""
+    b = len(prompts)
+    out = model.generate(input_ids=torch.cat([prompts.ids, prompts.uncond_ids]),
+                         attention_mask=torch.cat([prompts.mask, prompts.mask]),
+                         logits_processor=LogitsProcessorList([BatchedCFG(b, space, params)]),
+                         temperature=1.0, top_k=0, **_common(space, prompts.pad_id))
+    return out[:b, prompts.ids.shape[1] :] - space.offset

@@ -1,0 +1,80 @@
+"""``omnigrpo submit``: a run shipped to a Ray head (started here, on loopback) through the Jobs API."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import TINY
+from mlflow.tracking import MlflowClient
+
+from omnigrpo.platform.cli import main
+from omnigrpo.platform.config import load_config
+from omnigrpo.platform.tracking import store_uri
+
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """``ray start --head`` on loopback with auth off, as the README's single-machine recipe; yields the
+    dashboard address."""
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    dashboard = _free_port()
+    subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
+                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
+                    "--disable-usage-stats", f"--temp-dir={tmp_path / 'ray'}"],
+                   env=env, check=True, capture_output=True, timeout=120)
+    try:
+        yield f"http://127.0.0.1:{dashboard}"
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(tmp_path / "ray", ignore_errors=True)
+
+
+def _wait(address: str, job_id: str, capsys, timeout: float = 420.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert main(["status", job_id, "--address", address]) == 0
+        state = capsys.readouterr().out.strip()
+        if state in ("SUCCEEDED", "FAILED", "STOPPED"):
+            return state
+        time.sleep(2)
+    raise TimeoutError(f"job {job_id} still running after {timeout}s")
+
+
+def test_submitted_run_finishes_and_logs_to_mlflow(ray_head, sft_path, cache_dir, tmp_path, capsys):
+    config = Path(__file__).parents[2] / "configs" / "shapes.yaml"
+    overrides = [*TINY, f"run.cache_dir={cache_dir}", f"run.dir={tmp_path / 'run'}", f"model.path={sft_path}",
+                 "trainer.steps=2", "eval.every=0", "tracking.image_every=0"]
+    assert main(["submit", str(config), "--address", ray_head, *overrides]) == 0
+    job_id = capsys.readouterr().out.strip().splitlines()[-1]
+    state = _wait(ray_head, job_id, capsys)
+    assert main(["logs", job_id, "--address", ray_head]) == 0
+    logs = capsys.readouterr().out
+    assert state == "SUCCEEDED", logs[-3000:]
+    assert "step 2/2" in logs and "final checkpoint" in logs
+
+    cfg = load_config(config, overrides)
+    client = MlflowClient(store_uri(cfg))
+    run = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])[0]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "reward/total/mean")]
+    assert sorted(steps) == [1, 2] and run.info.status == "FINISHED"
+
+
+def test_a_bad_config_is_refused_before_submission(tmp_path, capsys):
+    config = Path(__file__).parents[2] / "configs" / "shapes.yaml"
+    # nothing listens on this address: the config error must come first
+    code = main(["submit", str(config), "--address", "http://127.0.0.1:9", "trainer.stepz=2"])
+    assert code == 2 and "trainer.stepz: unknown key (did you mean trainer.steps?)" in capsys.readouterr().err

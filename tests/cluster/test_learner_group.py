@@ -1,0 +1,50 @@
+"""A data-parallel learner group: two DeepSpeed ranks (ZeRO-2) take the step one learner takes."""
+
+import os
+
+import ray
+import torch
+
+from omnigrpo.cluster import actors
+from omnigrpo.platform.driver import train
+from omnigrpo.rollout.policy import WorldPolicy
+
+
+def test_two_ranks_stay_identical_and_rollouts_get_their_weights(tiny_config, sft_path, tmp_path):
+    cfg = tiny_config("cluster.learner_workers=2", "trainer.zero_stage=2", f"model.path={sft_path}")
+    actors.connect(cfg)
+    try:
+        workers = actors.spawn(cfg, str(sft_path), os.environ["TORCH_EXTENSIONS_DIR"])
+        prompts, metadata = ["a red circle at the top left", "a blue square at the bottom right"] * 2, [{}] * 4
+        from omnigrpo.trainers.grpo import group_advantages
+        from omnigrpo.trainers.learner import TrainBatch
+
+        for version in (1, 2):
+            batch = actors.generate(workers, prompts, metadata, cfg.rollout.group_size)
+            result = actors.score(workers, batch)
+            valid = torch.from_numpy(result.valid)
+            adv, _ = group_advantages(torch.from_numpy(result.total).float(), batch.group, valid)
+            metrics = actors.train_step(workers, TrainBatch(batch.prompt_batch, batch.codes, batch.logprobs, adv,
+                                                            valid))
+            assert metrics["version"] == version and metrics["grad_norm"] > 0
+            actors.sync_weights(workers, version)
+        ranks = ray.get([learner.checksum.remote() for learner in workers.learners])
+        rollouts = ray.get([w.checksum.remote() for w in workers.rollouts])
+        assert ranks[0] == ranks[1] == rollouts[0]
+    finally:
+        ray.shutdown()
+
+
+def test_two_ranks_train_like_one(tiny_config, sft_path, tmp_path):
+    """Same seed, same samples: the 2-rank run ends where the 1-rank run does (up to summation order)."""
+    start = WorldPolicy.from_pretrained(sft_path).model.state_dict()
+    final = {}
+    for ranks in (1, 2):
+        cfg = tiny_config(f"cluster.learner_workers={ranks}", "trainer.steps=2", "eval.every=0", "trainer.lr=1e-3",
+                          "tracking.image_every=0", f"model.path={sft_path}", f"run.dir={tmp_path / str(ranks)}")
+        summary = train(cfg)
+        assert summary["rollout_versions"] == [2]
+        final[ranks] = WorldPolicy.from_pretrained(summary["checkpoint"]).model.state_dict()
+    moved = sum(float((final[1][k] - start[k]).pow(2).sum()) for k in start) ** 0.5
+    apart = sum(float((final[2][k] - final[1][k]).pow(2).sum()) for k in start) ** 0.5
+    assert moved > 0 and apart < 1e-3 * moved

@@ -1,0 +1,51 @@
+"""``omnigrpo bench``: each part runs tiny, and its references sample what ours samples."""
+
+import json
+
+import pytest
+import ray
+import torch
+
+from omnigrpo.platform import shapes
+from omnigrpo.platform.bench import run_bench
+from omnigrpo.rollout.baseline import hf_generate, hf_generate_batched
+from omnigrpo.rollout.policy import WorldPolicy
+from omnigrpo.rollout.sampler import SamplingParams, sample_images
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_generate_baselines_draw_the_same_images_greedily(sft_path, cfg_scale):
+    """With top-k 1 every sampler must pick the mode of the same guided distribution, token after token."""
+    policy = WorldPolicy.from_pretrained(sft_path)
+    batch = policy.prompt_batch([s.prompt for s in shapes.held_out_scenes()[:4]])
+    params = SamplingParams(top_k=1, cfg_scale=cfg_scale)
+    ours, _ = sample_images(policy.model, batch, policy.space, params)
+    assert torch.equal(hf_generate(policy.model, batch, policy.space, params), ours)
+    if params.guided:
+        assert torch.equal(hf_generate_batched(policy.model, batch, policy.space, params), ours)
+
+
+def test_every_part_runs_and_reports(tiny_config, sft_path, tmp_path, capsys):
+    cfg = tiny_config(f"model.path={sft_path}")
+    results = run_bench(cfg, ["rollout", "rewards", "sync", "trl"], steps=2, repeats=1, out=str(tmp_path / "b.json"))
+    assert not ray.is_initialized()
+    assert json.loads((tmp_path / "b.json").read_text())["world"] == "shapes"
+
+    rollout = results["rollout"]["settings"]
+    assert set(rollout) == {"cfg=1", "cfg=3"} and "hf_generate_batched_cfg" in rollout["cfg=3"]
+    for row in rollout.values():
+        assert all(m["tokens_per_s"] > 0 for k, m in row.items() if not k.startswith("speedup"))
+        assert row["speedup_vs_hf_generate"] > 0
+
+    trl = results["trl"]
+    for side in ("omnigrpo", "trl"):
+        assert trl[side]["samples"] == 2 * cfg.batch_size and trl[side]["samples_per_s"] > 0
+        assert len(trl[side]["reward_curve"]) == 2 and all(0 <= r <= 1 for r in trl[side]["reward_curve"])
+    assert trl["trl"]["max_non_image_tokens"] == 0 and trl["speedup_samples_per_s"] > 0
+
+    sync = results["sync"]
+    n_params = sum(p.numel() for p in WorldPolicy.from_pretrained(sft_path).model.parameters())
+    assert sync["bytes"] == 4 * n_params and sync["s_per_gb"] > 0 and sync["rollouts_identical"]
+    assert results["rewards"]["shapes"]["images_per_s"] > 0
+    out = capsys.readouterr().out
+    assert "omnigrpo / TRL samples/s" in out and "s/GB" in out and "| shapes |" in out

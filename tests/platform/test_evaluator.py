@@ -1,0 +1,53 @@
+"""``omnigrpo eval``: a checkpoint scored on held-out prompts or a prompt file, reported to JSON and MLflow."""
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import TINY
+from mlflow.tracking import MlflowClient
+
+from omnigrpo.platform.cli import main
+from omnigrpo.platform.evaluator import evaluate_checkpoint
+from omnigrpo.platform.tracking import store_uri
+
+CONFIGS = Path(__file__).parents[2] / "configs"
+
+
+def test_held_out_report_is_written_and_logged(tiny_config, sft_path, tmp_path):
+    cfg = tiny_config()
+    report = evaluate_checkpoint(cfg, str(sft_path), samples=3, out=str(tmp_path / "r.json"))
+    assert report["num_prompts"] == 8 and report["samples_per_prompt"] == 3
+    metrics = report["metrics"]
+    assert 0.0 <= metrics["eval/strict_acc"] <= 1.0 and 0.0 <= metrics["eval/reward_mean"] <= 1.0
+    assert 0.0 < metrics["eval/blank_frac"] < 1.0
+    assert json.loads((tmp_path / "r.json").read_text())["metrics"] == metrics
+    run = MlflowClient(store_uri(cfg)).get_run(report["run_id"])
+    assert run.info.run_name == f"eval:{sft_path.name}" and run.info.status == "FINISHED"
+    assert run.data.metrics["eval/strict_acc"] == pytest.approx(metrics["eval/strict_acc"])
+    again = evaluate_checkpoint(cfg, str(sft_path), samples=3, out=str(tmp_path / "again.json"))
+    assert again["metrics"] == metrics  # its own seed: the same checkpoint always gets the same report
+
+
+def test_a_longtext_style_prompt_file_gets_ocr_word_recall(tiny_config, sft_path, tmp_path, capsys):
+    prompts = tmp_path / "longtext.txt"
+    prompts.write_text('A poster that says "GRAND OPENING"\na red circle at the top left\n')
+    cfg = tiny_config()
+    overrides = [*TINY, f"run.cache_dir={cfg.run.cache_dir}", f"run.dir={cfg.run.dir}"]
+    code = main(["eval", str(CONFIGS / "shapes.yaml"), *overrides, "--checkpoint", str(sft_path),
+                 "--prompts", str(prompts), "--samples", "2", "--out", str(tmp_path / "lt.json")])
+    assert code == 0
+    report = json.loads((tmp_path / "lt.json").read_text())
+    assert report["num_prompts"] == 2 and report["prompts"] == str(prompts)
+    # the tiny shapes policy draws no text: recall is a real score of 0, not a missing one
+    assert report["metrics"]["text/word_recall"] == 0.0 and report["metrics"]["text/exact_match"] == 0.0
+    assert "eval/strict_acc" not in report["metrics"]  # world metrics are for the world's own held-out set
+    assert "text/word_recall" in capsys.readouterr().out
+
+
+def test_bad_checkpoint_or_world_fails_clearly(tiny_config, sft_path, tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("{}")
+    code = main(["eval", str(tmp_path / "c.yaml"), "--checkpoint", str(tmp_path / "nope")])
+    assert code == 2 and "is not a directory" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="trained on world 'shapes'"):
+        evaluate_checkpoint(tiny_config("world.name=glyphs", "data.prompts=glyphs"), str(sft_path), samples=1)

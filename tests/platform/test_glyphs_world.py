@@ -1,0 +1,59 @@
+"""The glyphs world: disjoint splits, per-character prompts, renders that real OCR reads."""
+
+import numpy as np
+import pytest
+
+from omnigrpo.platform import glyphs
+from omnigrpo.platform.registry import build_reward
+from omnigrpo.platform.world import blank_share, get
+from omnigrpo.rollout.codebook import PatchCodebook
+
+
+def test_splits_are_fixed_disjoint_and_within_the_grammar():
+    train, held = {i.text for i in glyphs.train_items()}, {i.text for i in glyphs.held_out_items()}
+    assert len(train) == glyphs.TRAIN_STRINGS and len(held) == glyphs.HELD_OUT_STRINGS and not train & held
+    for text in train | held:
+        assert glyphs.LENGTHS[0] <= len(text) <= glyphs.LENGTHS[1] and set(text) <= set(glyphs.ALPHABET)
+    assert [i.text for i in glyphs.held_out_items()] == [i.text for i in get("glyphs").held_out_items()]
+
+
+def test_prompt_words_spell_the_string_and_are_in_the_vocabulary():
+    item = glyphs.held_out_items()[0]
+    words = glyphs.words(item.prompt)
+    assert "".join(words[2:-1]).rstrip("_") == item.text and set(words) <= set(glyphs.vocabulary())
+    assert item.metadata == {"text": item.text}
+
+
+def test_renders_vary_and_have_the_world_shape():
+    items, images = glyphs.sample_pairs(glyphs.train_items(), 6, np.random.default_rng(0))
+    again = glyphs.sample_pairs(glyphs.train_items(), 6, np.random.default_rng(0))[1]
+    assert images.shape == (6, *glyphs.IMAGE_SHAPE, 3) and images.dtype == np.uint8
+    assert np.array_equal(images, again)
+    assert len({tuple(map(tuple, im.reshape(-1, 3)[im.reshape(-1, 3).sum(1) > 300][:1])) for im in images}) > 1
+    assert 0.5 < blank_share(images, glyphs.BACKGROUND) < 1.0
+
+
+@pytest.fixture(scope="module")
+def exact():
+    return build_reward("ocr", {"score": "exact", "detect": False})
+
+
+def test_real_ocr_reads_renders_and_their_patch_codes(exact):
+    rng = np.random.default_rng(1)
+    items, images = glyphs.sample_pairs(glyphs.held_out_items(), 24, rng)
+    prompts, metadata = glyphs.prompts_of(items)
+    assert np.mean(exact(images, prompts, metadata)) >= 0.9
+    codebook = PatchCodebook.fit(glyphs.sample_pairs(glyphs.train_items(), 256, rng)[1], 512, seed=0)
+    decoded = codebook.decode(codebook.encode(images))
+    assert codebook.tokens_per_image == (24 // 4) * (72 // 4)
+    assert np.mean(exact(decoded, prompts, metadata)) >= 0.75  # the tokenizer keeps text readable
+
+
+def test_blank_and_wrong_images_score_zero(exact):
+    items = glyphs.held_out_items()[:2]
+    blank = np.zeros((2, *glyphs.IMAGE_SHAPE, 3), np.uint8)
+    blank[:] = glyphs.BACKGROUND
+    swapped = np.stack([glyphs.render(items[1]), glyphs.render(items[0])])
+    prompts, metadata = glyphs.prompts_of(items)
+    assert exact(blank, prompts, metadata) == [0.0, 0.0]
+    assert exact(swapped, prompts, metadata) == [0.0, 0.0]

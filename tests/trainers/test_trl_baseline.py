@@ -1,0 +1,63 @@
+"""The TRL baseline runs the same experiment: image codes only, one whole image each, and it trains."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from trl.trainer.utils import add_fused_lm_head
+
+from omnigrpo.platform import shapes
+from omnigrpo.platform.config import ModelConfig
+from omnigrpo.platform.registry import build_reward
+from omnigrpo.rollout.codebook import PatchCodebook
+from omnigrpo.rollout.policy import WorldPolicy
+from omnigrpo.rollout.sampler import SamplingParams, sample_images, sequence_logprobs
+from omnigrpo.trainers.trl_baseline import restrict_to_image_codes, run_trl_grpo
+
+
+@pytest.fixture(scope="module")
+def tiny_policy_dir(tmp_path_factory):
+    """A random tiny policy checkpoint (no SFT: the baseline's plumbing, not its learning, is under test)."""
+    rng = np.random.default_rng(0)
+    _, images = shapes.sample_pairs(shapes.train_scenes(), 32, rng)
+    codebook = PatchCodebook.fit(images, 32, seed=0)
+    cfg = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
+    path = tmp_path_factory.mktemp("tiny_policy")
+    WorldPolicy.create(cfg, codebook, seed=0).save_pretrained(path)
+    return path
+
+
+def test_image_only_head_matches_omnigrpo_logprobs(tiny_policy_dir):
+    """TRL's fused log-probs under the biased head equal omnigrpo's image-masked log-probs."""
+    policy = WorldPolicy.from_pretrained(tiny_policy_dir)
+    temperature = 0.8
+    batch = policy.prompt_batch(["a red circle at the top left", "a blue square at the bottom right"])
+    codes, _ = sample_images(policy.model, batch, policy.space, SamplingParams(), torch.Generator().manual_seed(0))
+    ours, _ = sequence_logprobs(policy.model, batch, codes, policy.space, SamplingParams(temperature=temperature))
+
+    restrict_to_image_codes(policy.model, policy.space)
+    add_fused_lm_head(policy.model, temperature=temperature, outputs=("log_probs", "entropy"))
+    ids = torch.cat([batch.ids, codes + policy.space.offset], -1)
+    mask = torch.cat([batch.mask, torch.ones_like(codes)], -1)
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, : batch.ids.shape[1]] = -100
+    out = policy.model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+    theirs = out.log_probs[:, -codes.shape[1] :]
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+    assert torch.isfinite(out.entropy).all()
+
+
+def test_trl_grpo_two_steps(tiny_policy_dir, tmp_path):
+    prompts, metadata = shapes.prompts_of(shapes.train_scenes())
+    result = run_trl_grpo(str(tiny_policy_dir), prompts, metadata, build_reward("shapes"), steps=2,
+                          prompts_per_step=2, group_size=4, lr=1e-3, beta=0.02, temperature=1.0, seed=0,
+                          out_dir=str(tmp_path / "trl"), threads=2)
+    assert result["steps"] == 2 and result["samples"] == 16
+    assert result["samples_per_s"] > 0
+    assert len(result["reward_curve"]) == 2
+    assert all(0.0 <= r <= 1.0 for r in result["reward_curve"])
+    assert result["param_delta"] > 0
+    assert result["completions"] == 16
+    assert result["max_non_image_tokens"] == 0
+    assert (tmp_path / "trl" / "trl_grpo.json").exists()
