@@ -78,7 +78,7 @@ TEXT_VOCAB, IMAGE_CODES = 102400, 16384
 def build_model(tiny: bool, device: torch.device, dtype: torch.dtype) -> tuple[LlamaForCausalLM, ImageSpace]:
     """Random-weight Llama, Janus-Pro-1B-sized (or a toy for ``--tiny``), with image codes at the end."""
     if tiny:
-        text, codes, tokens = 200, 64, 16
+        text, codes, tokens = 200, 64, 64  # enough decode steps that decode time dwarfs prefill noise
         sizes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=4, max_position_embeddings=256)
     else:

@@ -4,8 +4,10 @@ Why: workers stay ordinary classes that tests drive directly; only this module k
 local default is a private cluster on loopback with token auth disabled (see
 ``omnigrpo.cluster.environment``; a real cluster sets ``RAY_AUTH_MODE=token`` on both sides, README).
 
-Placement is deliberately simple here: the stages of a step run one after another, so every actor
-asks for an equal share of the cluster's CPUs and uses all cores while it works.
+Placement comes from ``omnigrpo.cluster.placement``: one placement group per run, built from the
+``cluster.*`` resources per role (by default an equal share of the CPUs each, colocated: the stages of
+a step run one after another, so every actor uses all cores while it works). A rollout or reward actor
+that dies is replaced in its bundle and its batch retried (``collect``), up to ``cluster.max_restarts``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 import ray
 from ray._private import ray_constants
 
+from omnigrpo.cluster import placement
 from omnigrpo.cluster.environment import prepare_local_ray_env, wants_local_cluster
 from omnigrpo.platform.config import Config
 from omnigrpo.rewards.worker import RewardResult, RewardWorker
@@ -60,6 +63,7 @@ class Workers:
     """The DeepSpeed data-parallel group, rank 0 first."""
     cfg: Config
     model_path: str
+    placement: placement.Placement
     version: int = 0
     """Weight version every rollout actor holds (a replacement gets it from the learner)."""
     restarts: int = 0
@@ -88,21 +92,22 @@ def spawn(cfg: Config, model_path: str, extensions_dir: str, reference_path: str
           resume: bool = False) -> Workers:
     """Create and set up every actor of a run; raises if any setup fails. With ``resume``, ``model_path``
     is a checkpoint and ``reference_path`` the run's starting policy."""
-    share = _share(cfg)
+    plan = placement.build(cfg)  # fails naming the role and shortfall before any model loads
     threads = cfg.cluster.torch_threads
     env = {"runtime_env": {"env_vars": {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": extensions_dir}}}
-    rollouts = [_rollout_actor(cfg, model_path, i, share) for i in range(cfg.cluster.rollout_workers)]
-    rewards = [_reward_actor(cfg, share) for _ in range(cfg.cluster.reward_workers)]
+    rollouts = [_rollout_actor(cfg, model_path, i, plan) for i in range(cfg.cluster.rollout_workers)]
+    rewards = [_reward_actor(cfg, i, plan) for i in range(cfg.cluster.reward_workers)]
     size = cfg.cluster.learner_workers
     # the group meets at a file store in the run directory (shared storage on a multi-node cluster)
     Path(cfg.run.dir).resolve().mkdir(parents=True, exist_ok=True)
     rendezvous = (Path(cfg.run.dir).resolve() / f".rendezvous-{secrets.token_hex(4)}").as_uri()
-    learners = [ray.remote(Learner).options(num_cpus=share, **env).remote(
+    learners = [ray.remote(Learner).options(**plan.options("learner", rank), **env).remote(
         cfg, model_path, rendezvous=rendezvous if size > 1 else None, rank=rank, world_size=size,
         reference_path=reference_path) for rank in range(size)]
     ray.get([w.setup.remote() for w in rollouts + rewards]
             + [learner.setup.remote(extensions_dir, threads, resume) for learner in learners])
-    workers = Workers(rollouts=rollouts, rewards=rewards, learners=learners, cfg=cfg, model_path=model_path)
+    workers = Workers(rollouts=rollouts, rewards=rewards, learners=learners, cfg=cfg, model_path=model_path,
+                      placement=plan)
     if cfg.cluster.weight_sync == "broadcast":
         join_weight_group(workers)
     return workers
@@ -115,11 +120,6 @@ def join_weight_group(workers: Workers) -> None:
     ray.get([workers.learner.join_weight_group.remote(store, size, timeout)]
             + [w.join_weight_group.remote(store, i + 1, size, timeout) for i, w in enumerate(workers.rollouts)])
     workers.broadcast = True
-
-
-def _share(cfg: Config) -> float:
-    actors = cfg.cluster.rollout_workers + cfg.cluster.reward_workers + cfg.cluster.learner_workers
-    return float(ray.cluster_resources().get("CPU", 1)) / actors
 
 
 def train_step(workers: Workers, batch) -> dict[str, float]:
@@ -140,17 +140,26 @@ def save_checkpoint(workers: Workers, root: str, step: int | None, name: str, ru
     return ray.get([learner.save_checkpoint.remote(root, step, name, run_state) for learner in workers.learners])[0]
 
 
-def _rollout_actor(cfg: Config, model_path: str, index: int, share: float, restart: int = 0):
+def release(workers: Workers) -> None:
+    """Stop every actor of the run and free its placement group (for callers that keep Ray running)."""
+    from ray.util.placement_group import remove_placement_group
+
+    for actor in workers.rollouts + workers.rewards + workers.learners:
+        ray.kill(actor)
+    remove_placement_group(workers.placement.group)
+
+
+def _rollout_actor(cfg: Config, model_path: str, index: int, plan: placement.Placement, restart: int = 0):
     """Rollout actor ``index`` (named ``omnigrpo-rollout-<index>-<random>`` so users and tests can find it);
     a replacement samples from a new seed."""
     name = f"omnigrpo-rollout-{index}-{secrets.token_hex(4)}"
-    cls = ray.remote(RolloutWorker).options(num_cpus=share, max_concurrency=1, name=name)
+    cls = ray.remote(RolloutWorker).options(max_concurrency=1, name=name, **plan.options("rollout", index))
     return cls.remote(model_path, sampling_params(cfg), cfg.run.seed + 17 * index + 7919 * restart,
                       cfg.cluster.torch_threads)
 
 
-def _reward_actor(cfg: Config, share: float):
-    cls = ray.remote(RewardWorker).options(num_cpus=cfg.cluster.reward_cpus or share, num_gpus=cfg.cluster.reward_gpus)
+def _reward_actor(cfg: Config, index: int, plan: placement.Placement):
+    cls = ray.remote(RewardWorker).options(**plan.options("reward", index))
     return cls.remote(cfg.rewards)
 
 
@@ -167,12 +176,12 @@ def _replace(workers: Workers, role: str, index: int, err: Exception) -> None:
         if workers.broadcast:
             log.warning("the weight-broadcast group lost a member: weights go through the object store from now on")
             workers.broadcast = False
-        actor = _rollout_actor(workers.cfg, workers.model_path, index, _share(workers.cfg), workers.restarts)
+        actor = _rollout_actor(workers.cfg, workers.model_path, index, workers.placement, workers.restarts)
         ray.get(actor.setup.remote())
         ray.get(actor.load_weights.remote(weights_ref(workers), workers.version))
         workers.rollouts[index] = actor
     else:
-        actor = _reward_actor(workers.cfg, _share(workers.cfg))
+        actor = _reward_actor(workers.cfg, index, workers.placement)
         ray.get(actor.setup.remote())
         workers.rewards[index] = actor
 

@@ -8,8 +8,9 @@ group, which the learner's DeepSpeed group already owns (a second group that way
 ``FileStore``, with gloo's sockets bound to ``host`` (loopback by default), separate from every
 default group.
 
-Parameters are packed into flat buffers of ``bucket_mb`` (one dtype per bucket) and sent one bucket
-per collective call: a few large messages instead of one per tensor. Every call waits at most
+Small tensors (norms, biases) are packed into flat buffers of up to ``bucket_mb`` (one dtype per
+bucket), so they cost a few calls instead of one each; a tensor larger than a bucket goes alone, sent
+from and received into its own storage without a copy (BENCHMARKS.md measures both modes). Every call waits at most
 ``timeout_s``, so a member that died turns into an error instead of a hang, and the driver falls back
 to the object store. A header (version, tensor count, a hash of names and shapes) goes first, so a
 receiver whose model does not match fails with a message instead of loading garbage.
@@ -64,7 +65,8 @@ class WeightBroadcast:
         self.group.broadcast(header, 0).wait()
         sent = 0
         for names in plan_buckets(tensors, bucket_bytes):
-            flat = torch.cat([tensors[n].detach().reshape(-1) for n in names])
+            parts = [tensors[n].detach().reshape(-1) for n in names]
+            flat = parts[0] if len(parts) == 1 else torch.cat(parts)  # a lone tensor: its own storage
             self.group.broadcast(flat, 0).wait()
             sent += flat.numel() * flat.element_size()
         return sent
@@ -78,6 +80,9 @@ class WeightBroadcast:
             raise RuntimeError(f"weight broadcast v{version}: the sender's {count} tensors do not match this "
                                f"model's {len(into)} (names, shapes or dtypes differ)")
         for names in plan_buckets(into, bucket_bytes):
+            if len(names) == 1 and into[names[0]].is_contiguous():  # straight into the tensor's storage
+                self.group.broadcast(into[names[0]].view(-1), 0).wait()
+                continue
             flat = torch.empty(sum(into[n].numel() for n in names), dtype=into[names[0]].dtype)
             self.group.broadcast(flat, 0).wait()
             offset = 0

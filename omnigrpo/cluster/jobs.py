@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 import omnigrpo
-from omnigrpo.platform.config import load_config, to_dict
+from omnigrpo.platform.config import ConfigError, load_config, to_dict
 
 CONFIG_NAME = "config.yaml"
 
@@ -39,6 +39,9 @@ def submit(config: str, address: str, overrides: list[str], env_vars: dict[str, 
            submission_id: str | None = None) -> str:
     """Validate ``config`` + ``overrides`` locally and submit the run; returns the job id."""
     cfg = load_config(config, overrides)  # raises ConfigError naming the key before any network call
+    if not Path(cfg.run.dir).is_absolute():
+        raise ConfigError(f"run.dir: a submitted run needs an absolute path on storage the cluster sees (got "
+                          f"{cfg.run.dir!r}; a relative one would land in the job's temporary working directory)")
     staging = Path(tempfile.mkdtemp(prefix="omnigrpo-job-"))
     try:
         # the resolved config travels whole, so the cluster never re-reads the user's files

@@ -9,7 +9,9 @@ run. Four parts, each printing a table and landing in one JSON file:
 2. ``trl``: GRPO on the config's world, omnigrpo vs TRL's ``GRPOTrainer``, one after the other from the
    same weights with the same prompts per step, group size, reward, learning rate, beta and steps:
    samples/s (training time only, loading excluded on both sides) and reward at the first and last step.
-3. ``sync``: seconds per GB of the learner -> rollout weight sync on a real Ray cluster.
+3. ``sync``: seconds per GB of the learner -> rollout weight sync on a real Ray cluster, three ways:
+   the object store, the gloo broadcast in ``cluster.sync_bucket_mb`` buckets, and one call per tensor,
+   for a random policy of ``model.*``'s sizes (override them to measure a realistic size).
 4. ``rewards``: images/s of every configured judge on the world's rendered images.
 
 Timings are medians over ``--repeats`` after one warm-up.
@@ -33,6 +35,7 @@ from omnigrpo.platform import world as worlds
 from omnigrpo.platform.config import Config
 from omnigrpo.rewards.worker import RewardWorker
 from omnigrpo.rollout.baseline import hf_generate, hf_generate_batched, median_seconds
+from omnigrpo.rollout.codebook import PATCH, PatchCodebook
 from omnigrpo.rollout.policy import WorldPolicy
 from omnigrpo.rollout.sampler import sample_images
 from omnigrpo.trainers.learner import sampling_params
@@ -98,8 +101,20 @@ def bench_rewards(cfg: Config, repeats: int) -> dict:
     return out
 
 
-def bench_sync(cfg: Config, model_path: str, repeats: int) -> dict:
-    """Seconds per GB of ``actors.sync_weights`` (learner -> every rollout actor) on a Ray cluster."""
+def random_policy(cfg: Config, directory: Path) -> str:
+    """A randomly initialised policy of ``cfg.model``'s sizes saved in ``directory`` (sync moves bytes:
+    no SFT needed, and ``model.*`` overrides scale it up to measure s/GB on a realistic size)."""
+    shape = worlds.get(cfg.world.name).IMAGE_SHAPE
+    codebook = PatchCodebook(np.zeros((cfg.world.codebook_size, PATCH * PATCH * 3), np.float32), shape)
+    WorldPolicy.create(cfg.model, codebook, cfg.run.seed, cfg.world.name).save_pretrained(directory)
+    return str(directory)
+
+
+def bench_sync(cfg: Config, repeats: int) -> dict:
+    """Seconds per GB of ``actors.sync_weights`` (learner -> every rollout actor) on a Ray cluster, for a
+    random policy of the configured size."""
+    import tempfile
+
     import ray
 
     from omnigrpo.cluster import actors
@@ -107,18 +122,33 @@ def bench_sync(cfg: Config, model_path: str, repeats: int) -> dict:
 
     started = not ray.is_initialized()
     actors.connect(cfg)
+    out = {}
+    staging = tempfile.TemporaryDirectory(prefix="omnigrpo-bench-")
+    model_path = random_policy(cfg, Path(staging.name))
     try:
-        workers = actors.spawn(cfg, model_path, str(cache_root(cfg) / "torch_extensions"))
-        nbytes = sum(t.numel() * t.element_size() for t in ray.get(workers.learner.state_dict.remote()).values())
-        version = iter(range(1, 10**6))
-        seconds = median_seconds(lambda: actors.sync_weights(workers, next(version)), repeats)
-        same = len({round(c, 3) for c in ray.get([w.checksum.remote() for w in workers.rollouts])}) == 1
+        for label, mode, bucket_mb in (("object store", "object_store", 0.0), ("broadcast, bucketed", "broadcast",
+                                       cfg.cluster.sync_bucket_mb), ("broadcast, per tensor", "broadcast", 0.0)):
+            cluster = dataclasses.replace(cfg.cluster, weight_sync=mode, sync_bucket_mb=bucket_mb)
+            workers = actors.spawn(dataclasses.replace(cfg, cluster=cluster), model_path,
+                                   str(cache_root(cfg) / "torch_extensions"))
+            try:
+                state = ray.get(workers.learner.state_dict.remote())
+                nbytes = sum(t.numel() * t.element_size() for t in state.values())
+                # the learner has made no update: every repeat sends its version 0 again
+                seconds = median_seconds(lambda w=workers: actors.sync_weights(w, 0), repeats)
+                sums = {round(c, 3) for c in ray.get([w.checksum.remote() for w in workers.rollouts])}
+                expected = round(float(sum(t.double().sum() for t in state.values())), 3)
+                out[label] = {"bytes": nbytes, "tensors": len(state), "seconds": seconds,
+                              "s_per_gb": seconds / (nbytes / 1e9), "gb_per_s": nbytes / 1e9 / seconds,
+                              "bucket_mb": bucket_mb, "still_broadcasting": workers.broadcast or mode != "broadcast",
+                              "rollouts_match_learner": sums == {expected}}
+            finally:
+                actors.release(workers)
     finally:
         if started:
             ray.shutdown()
-    return {"bytes": nbytes, "rollout_actors": cfg.cluster.rollout_workers, "seconds": seconds,
-            "s_per_gb": seconds / (nbytes / 1e9), "gb_per_s": nbytes / 1e9 / seconds, "path": "object store",
-            "rollouts_identical": same}
+        staging.cleanup()
+    return {"rollout_actors": cfg.cluster.rollout_workers, "paths": out}
 
 
 def bench_trl(cfg: Config, model_path: str, steps: int) -> dict:
@@ -191,8 +221,10 @@ def table(results: dict) -> str:
         lines.append(f"omnigrpo / TRL samples/s: {t['speedup_samples_per_s']:.2f}x")
     if "sync" in results:
         s = results["sync"]
-        lines += ["", f"weight sync ({s['path']}, {s['bytes'] / 1e6:.1f} MB to {s['rollout_actors']} rollout "
-                      f"actor(s)): {s['seconds'] * 1e3:.1f} ms = {s['s_per_gb']:.2f} s/GB"]
+        lines += ["", f"weight sync to {s['rollout_actors']} rollout actor(s)",
+                  "| path | MB | tensors | ms | s/GB |", "|---|---|---|---|---|"]
+        lines += [f"| {label} | {m['bytes'] / 1e6:.1f} | {m['tensors']} | {m['seconds'] * 1e3:.1f} | "
+                  f"{m['s_per_gb']:.2f} |" for label, m in s["paths"].items()]
     if "rewards" in results:
         lines += ["", "| judge | images/s |", "|---|---|"]
         lines += [f"| {name} | {m['images_per_s']:.1f} |" for name, m in results["rewards"].items()]
@@ -205,14 +237,15 @@ def run_bench(cfg: Config, parts: list[str], steps: int = 20, repeats: int = 3, 
     if unknown:
         raise ValueError(f"unknown bench part(s) {unknown}; choose from rollout, trl, sync, rewards")
     torch.set_num_threads(cfg.cluster.torch_threads or os.cpu_count() or 1)
-    model_path = cfg.model.path or str(sft_checkpoint(cfg, cfg.cluster.torch_threads or None))
+    trained = {"rollout", "trl"} & set(parts)  # sync and rewards need no trained policy
+    model_path = cfg.model.path or (str(sft_checkpoint(cfg, cfg.cluster.torch_threads or None)) if trained else "")
     results: dict = {"machine": machine(), "model": model_path, "world": cfg.world.name}
     if "rollout" in parts:
         results["rollout"] = bench_rollout(cfg, model_path, repeats)
     if "rewards" in parts:
         results["rewards"] = bench_rewards(cfg, repeats)
     if "sync" in parts:
-        results["sync"] = bench_sync(cfg, model_path, repeats)
+        results["sync"] = bench_sync(cfg, repeats)
     if "trl" in parts:
         results["trl"] = bench_trl(cfg, model_path, steps)
     print(table(results), flush=True)

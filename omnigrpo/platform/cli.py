@@ -15,6 +15,7 @@ import signal
 import sys
 
 from omnigrpo import __version__
+from omnigrpo.cluster.placement import ClusterShortfall
 from omnigrpo.platform.config import Config, ConfigError, load_config, to_dict
 from omnigrpo.platform.prompts import PromptFileError
 from omnigrpo.platform.registry import RewardNotFound
@@ -27,7 +28,7 @@ EPILOG = """examples:
   omnigrpo eval configs/glyphs.yaml --checkpoint runs/glyphs/checkpoints/RUN/step-300
   omnigrpo eval configs/glyphs.yaml --checkpoint CKPT --prompts longtext.txt   # + OCR word recall
   omnigrpo bench configs/shapes.yaml --parts rollout,rewards,sync,trl
-  omnigrpo submit configs/shapes.yaml --address http://HEAD:8265 trainer.steps=500   # then status/logs/stop ID
+  omnigrpo submit configs/shapes.yaml --address http://HEAD:8265 run.dir=/shared/runs/a  # then status/logs/stop
   omnigrpo curves configs/glyphs.yaml --keys reward/total/mean,eval/exact_match --out docs/glyphs.png
   omnigrpo serve-reward ocr score=recall --port 8765   # then rewards: [{name: "url:http://127.0.0.1:8765"}]
 """
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             return 0
         return _train(cfg)
-    except (ConfigError, RewardNotFound, PromptFileError, FileNotFoundError) as err:
+    except (ConfigError, RewardNotFound, PromptFileError, FileNotFoundError, ClusterShortfall) as err:
         print(f"omnigrpo: {err}", file=sys.stderr)
         return 2
 

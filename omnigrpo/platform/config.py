@@ -204,10 +204,21 @@ class ClusterConfig:
     learner_workers: PositiveInt = 1
     """Learner actors forming one DeepSpeed data-parallel group; each takes an equal share of every
     mini-batch (so ``trainer.micro_batch_size`` must divide the mini-batch / learner_workers)."""
+    placement: Literal["colocated", "split"] = "colocated"
+    """``colocated``: actor i of every role shares bundle i of the run's placement group (the stages of a
+    step take turns on it); ``split``: one bundle per actor (separate pools). See cluster/placement.py."""
+    rollout_cpus: Annotated[float, Field(ge=0.0)] = 0.0
+    """CPUs each rollout actor reserves; 0 = an equal share of the cluster with the other actors."""
+    rollout_gpus: Annotated[float, Field(ge=0.0)] = 0.0
+    """GPUs each rollout actor reserves. Only 0 works today: the built-in policy samples on CPU."""
     reward_cpus: Annotated[float, Field(ge=0.0)] = 0.0
     """CPUs each reward actor reserves; 0 = an equal share of the cluster with the other actors."""
     reward_gpus: Annotated[float, Field(ge=0.0)] = 0.0
     """GPUs each reward actor reserves (fractions share a GPU); 0 on a CPU-only cluster."""
+    learner_cpus: Annotated[float, Field(ge=0.0)] = 0.0
+    """CPUs each learner actor reserves; 0 = an equal share of the cluster with the other actors."""
+    learner_gpus: Annotated[float, Field(ge=0.0)] = 0.0
+    """GPUs each learner actor reserves. Only 0 works today: the built-in policy trains on CPU."""
     max_restarts: NonNegInt = 3
     """Rollout or reward actors that may die and be replaced in one run (their batch is retried on the
     replacement); one more death ends the run with a crash checkpoint."""
@@ -215,8 +226,9 @@ class ClusterConfig:
     """How new weights reach the rollout actors: a broadcast over a dedicated gloo group (learner rank 0
     -> every rollout actor, in buckets), or Ray's object store. The object store is also the fallback
     when a broadcast fails or times out, or once a rollout actor has been replaced."""
-    sync_bucket_mb: Annotated[float, Field(ge=0.0)] = 64.0
-    """Broadcast bucket size in MB (tensors are packed into flat buffers); 0 = one call per tensor."""
+    sync_bucket_mb: Annotated[float, Field(ge=0.0)] = 4.0
+    """Broadcast bucket size in MB: smaller tensors are packed into flat buffers of up to this size, larger
+    ones go alone without a copy; 0 = one call per tensor."""
     sync_timeout_s: Annotated[float, Field(gt=0.0)] = 120.0
     """Longest a weight broadcast may wait for a member before it fails (then: object store)."""
     torch_threads: NonNegInt = 0
@@ -350,6 +362,10 @@ def _check_consistency(cfg: Config) -> None:
         problems.append("  rewards: the weights sum to 0")
     if cfg.model.hidden_size % cfg.model.num_heads or cfg.model.num_heads % cfg.model.num_kv_heads:
         problems.append("  model.num_heads: must divide model.hidden_size and be a multiple of model.num_kv_heads")
+    for role in ("rollout", "learner"):
+        if getattr(cfg.cluster, f"{role}_gpus"):
+            problems.append(f"  cluster.{role}_gpus: not supported yet: the built-in policy runs its {role} on "
+                            "CPU (cluster.reward_gpus does place judges on GPUs)")
     if cfg.data.prompts in WORLDS and cfg.data.prompts != cfg.world.name:
         problems.append(f"  data.prompts: {cfg.data.prompts!r} is a built-in world's prompt set, but world.name is "
                         f"{cfg.world.name!r}")

@@ -118,10 +118,16 @@ def train(cfg: Config) -> dict:
     state = torch.load(resume_from / "run_state.pt", weights_only=True) if resume_from else None
     if state and len(state["rollout_rng"]) != cfg.cluster.rollout_workers:
         raise ConfigError(f"cluster.rollout_workers: resuming {resume_from} needs {len(state['rollout_rng'])}")
+    if state:
+        ranks = json.loads((resume_from / "omnigrpo_step.json").read_text()).get("learners", 1)
+        if ranks != cfg.cluster.learner_workers:
+            raise ConfigError(f"cluster.learner_workers: resuming {resume_from} needs {ranks} (its optimiser "
+                              "state is sharded that way)")
     cursor = PromptCursor(prompts, metadata, seed=cfg.run.seed)
     started_ray = not ray.is_initialized()
     actors.connect(cfg)
     tracker = Tracker(cfg)
+    workers = None
     try:
         extensions = str(cache_root(cfg) / "torch_extensions")
         if state is None:
@@ -142,6 +148,8 @@ def train(cfg: Config) -> dict:
     finally:
         if started_ray:
             ray.shutdown()
+        elif workers is not None:  # the caller's cluster lives on: free what this run reserved
+            actors.release(workers)
 
 
 def _loop(cfg: Config, workers: actors.Workers, tracker: Tracker, run_dir: Path, cursor: PromptCursor,

@@ -5,6 +5,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -26,21 +27,24 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def ray_head(tmp_path):
+def ray_head():
     """``ray start --head`` on loopback with auth off, as the README's single-machine recipe; yields the
     dashboard address."""
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
+    # as a user starts a head: with the environment activated, so a job's `python` is this one
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     dashboard = _free_port()
+    temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # Ray's socket paths must stay short
     subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
-                    "--disable-usage-stats", f"--temp-dir={tmp_path / 'ray'}"],
+                    "--disable-usage-stats", f"--temp-dir={temp}"],
                    env=env, check=True, capture_output=True, timeout=120)
     try:
         yield f"http://127.0.0.1:{dashboard}"
     finally:
         subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
-        shutil.rmtree(tmp_path / "ray", ignore_errors=True)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _wait(address: str, job_id: str, capsys, timeout: float = 420.0) -> str:
@@ -78,3 +82,5 @@ def test_a_bad_config_is_refused_before_submission(tmp_path, capsys):
     # nothing listens on this address: the config error must come first
     code = main(["submit", str(config), "--address", "http://127.0.0.1:9", "trainer.stepz=2"])
     assert code == 2 and "trainer.stepz: unknown key (did you mean trainer.steps?)" in capsys.readouterr().err
+    code = main(["submit", str(config), "--address", "http://127.0.0.1:9", "run.dir=runs/relative"])
+    assert code == 2 and "run.dir: a submitted run needs an absolute path" in capsys.readouterr().err

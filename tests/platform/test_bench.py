@@ -43,9 +43,12 @@ def test_every_part_runs_and_reports(tiny_config, sft_path, tmp_path, capsys):
         assert len(trl[side]["reward_curve"]) == 2 and all(0 <= r <= 1 for r in trl[side]["reward_curve"])
     assert trl["trl"]["max_non_image_tokens"] == 0 and trl["speedup_samples_per_s"] > 0
 
-    sync = results["sync"]
     n_params = sum(p.numel() for p in WorldPolicy.from_pretrained(sft_path).model.parameters())
-    assert sync["bytes"] == 4 * n_params and sync["s_per_gb"] > 0 and sync["rollouts_identical"]
+    paths = results["sync"]["paths"]
+    assert set(paths) == {"object store", "broadcast, bucketed", "broadcast, per tensor"}
+    for m in paths.values():
+        assert m["bytes"] == 4 * n_params and m["s_per_gb"] > 0
+        assert m["rollouts_match_learner"] and m["still_broadcasting"]  # no silent fallback to the object store
     assert results["rewards"]["shapes"]["images_per_s"] > 0
     out = capsys.readouterr().out
     assert "omnigrpo / TRL samples/s" in out and "s/GB" in out and "| shapes |" in out

@@ -1,0 +1,54 @@
+"""Placement: per-role resources, colocated or split bundles, and a clear error when the cluster is short."""
+
+import pytest
+import ray
+
+from omnigrpo.cluster import placement
+from omnigrpo.cluster.placement import ClusterShortfall, bundles, check_fits, demands
+from omnigrpo.platform.cli import main
+from omnigrpo.platform.config import load_config
+
+
+def _cfg(*overrides):
+    return load_config(None, ["cluster.rollout_workers=2", "cluster.learner_workers=2", *overrides])
+
+
+def test_equal_shares_and_explicit_resources():
+    wanted = {d.role: d for d in demands(_cfg("cluster.reward_cpus=1"), cluster_cpus=10)}
+    assert (wanted["rollout"].count, wanted["rollout"].cpus) == (2, 2.0)  # 10 CPUs / 5 actors
+    assert (wanted["reward"].count, wanted["reward"].cpus) == (1, 1.0)
+    assert (wanted["learner"].count, wanted["learner"].cpus) == (2, 2.0)
+
+
+def test_colocated_actors_share_bundles_split_ones_do_not():
+    cfg = _cfg("cluster.rollout_cpus=1", "cluster.learner_cpus=2", "cluster.reward_cpus=0.5",
+               "cluster.reward_gpus=0.5")
+    together, where = bundles(cfg, demands(cfg, 16))
+    assert together == [{"CPU": 3.5, "GPU": 0.5}, {"CPU": 3.0}]
+    assert where["rollout", 1] == where["learner", 1] == 1 and where["reward", 0] == 0
+    apart, where = bundles(load_config(None, ["cluster.placement=split"]), demands(cfg, 16))
+    assert len(apart) == 5 and len(set(where.values())) == 5
+
+
+def test_a_short_cluster_is_named_by_role_and_amount():
+    cfg = _cfg("cluster.learner_cpus=4", "cluster.reward_gpus=1")
+    with pytest.raises(ClusterShortfall) as err:
+        check_fits(demands(cfg, 4), {"CPU": 4.0})
+    text = str(err.value)
+    assert "CPU: the config asks for" in text and "short by" in text and "role 'learner'" in text
+    assert "GPU: the config asks for 1 (reward 1 x 1) but the cluster has 0" in text
+
+
+def test_a_run_asking_too_much_stops_before_any_model_loads(tiny_config, tmp_path, capsys):
+    cfg = tiny_config("cluster.learner_cpus=64")
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
+    try:
+        with pytest.raises(ClusterShortfall, match="short by"):
+            placement.build(cfg)
+        assert ray.util.placement_group_table() == {}  # nothing was reserved
+    finally:
+        ray.shutdown()
+    (tmp_path / "c.yaml").write_text("cluster:\n  learner_cpus: 64\n  num_cpus: 2\n")
+    code = main(["train", str(tmp_path / "c.yaml"), f"run.dir={tmp_path / 'run'}", f"model.path={tmp_path}",
+                 "rewards=[{name: shapes}]"])
+    assert code == 2 and "the cluster cannot place this run" in capsys.readouterr().err
