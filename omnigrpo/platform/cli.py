@@ -45,31 +45,27 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in [("train", "run GRPO on a config"), ("sft", "train or reuse the SFT start checkpoint")]:
         p = sub.add_parser(name, help=text, description=text)
-        p.add_argument("config", help="YAML config file")
-        p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. trainer.lr=1e-5")
+        _config_arguments(p, "YAML config file")
         p.add_argument("--check", action="store_true", help="validate, print the resolved config, exit")
         if name == "train":
             p.add_argument("--resume", action="store_true", help="same as run.resume=true")
     text = "score a checkpoint on held-out prompts (or a prompt file) with the configured judges"
     p = sub.add_parser("eval", help=text, description=text)
-    p.add_argument("config", help="YAML config file (world, rewards, sampling settings)")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    _config_arguments(p, "YAML config file (world, rewards, sampling settings)")
     p.add_argument("--checkpoint", required=True, help="policy directory (SFT or a run's checkpoints/...)")
     p.add_argument("--prompts", default="", help="prompt file instead of the world's held-out prompts")
     p.add_argument("--samples", type=int, default=0, help="images per prompt (default eval.samples_per_prompt)")
     p.add_argument("--out", default="", help="report path (default <run.dir>/eval/<checkpoint name>.json)")
     text = "benchmarks side by side: sampler vs HF generate, GRPO vs TRL, weight sync, rewards"
     p = sub.add_parser("bench", help=text, description=text)
-    p.add_argument("config", help="YAML config file (the model, prompts and rewards benchmarked)")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    _config_arguments(p, "YAML config file (the model, prompts and rewards benchmarked)")
     p.add_argument("--parts", default="rollout,rewards,sync,trl", help="comma-separated subset to run")
     p.add_argument("--steps", type=int, default=20, help="GRPO steps of each trainer in the TRL comparison")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median reported)")
     p.add_argument("--out", default="", help="JSON path (default <run.dir>/bench.json)")
     text = "export a run's metric curves from its MLflow store as a PNG"
     p = sub.add_parser("curves", help=text, description=text)
-    p.add_argument("config", help="YAML config file of the run (locates its MLflow store and experiment)")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    _config_arguments(p, "YAML config file of the run (locates its MLflow store and experiment)")
     p.add_argument("--run-id", default="", help="MLflow run id (default: the experiment's newest training run)")
     p.add_argument("--keys", default="reward/total/mean,kl,guard/blank_frac",
                    help="comma-separated metric keys, one panel each")
@@ -77,8 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     address_help = "Ray dashboard address (default $RAY_ADDRESS, else http://127.0.0.1:8265)"
     text = "submit a run to a Ray cluster through its Jobs API; prints the job id"
     p = sub.add_parser("submit", help=text, description=text)
-    p.add_argument("config", help="YAML config file (validated here, then shipped with the package source)")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    _config_arguments(p, "YAML config file (validated here, then shipped with the package source)")
     p.add_argument("--address", default="", help=address_help)
     p.add_argument("--job-id", default=None, help="submission id to use (default: Ray picks one)")
     for name, text in [("status", "print a submitted run's status"), ("logs", "print a submitted run's logs"),
@@ -94,6 +89,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8765, help="port (0 picks a free one)")
     return parser
+
+
+def _config_arguments(parser: argparse.ArgumentParser, config_help: str) -> None:
+    """The positional ``config`` and ``overrides`` every config-driven command takes."""
+    parser.add_argument("config", help=config_help)
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. trainer.lr=1e-5")
 
 
 def main(argv: list[str] | None = None) -> int:

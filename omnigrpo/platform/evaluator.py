@@ -16,6 +16,7 @@ Everything runs in this process with the plain worker classes: no Ray cluster is
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 from pathlib import Path
@@ -36,13 +37,20 @@ log = logging.getLogger(__name__)
 EVAL_SEED_OFFSET = 104729  # evaluation streams never coincide with a training run's
 
 
+@functools.cache
+def _judge(reward: str, kwargs_json: str):
+    """A world metric's judge, built once per process (an OCR engine takes a second to load)."""
+    return build_reward(reward, json.loads(kwargs_json))
+
+
 def world_metrics(world_name: str, images: np.ndarray, prompts: list[str], metadata: list[dict]) -> dict[str, float]:
     """The world's held-out metrics (``world.EVAL``) of uint8 images ``[N, H, W, 3]``, as ``eval/<name>``,
     plus the blank-pixel share."""
     world = worlds.get(world_name)
     metrics = {}
     for name, (reward, kwargs) in world.EVAL.items():
-        scores = [s for s in build_reward(reward, kwargs)(images, prompts, metadata) if s is not None]
+        scores = [s for s in _judge(reward, json.dumps(kwargs, sort_keys=True))(images, prompts, metadata)
+                  if s is not None]
         metrics[f"eval/{name}"] = float(np.mean(scores)) if scores else float("nan")
     metrics["eval/blank_frac"] = worlds.blank_share(images, world.BACKGROUND)
     return metrics

@@ -25,6 +25,7 @@ import copy
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,17 +181,22 @@ class Learner:
                                       self.policy.space, self.params)
             ref[todo] = lp
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Full policy weights on CPU, for the rollout workers: rank 0's (every rank holds them whole,
-        except under ZeRO-3, where every rank must call this to gather them; the others return ``{}``)."""
+    @contextmanager
+    def _full_weights(self):
+        """The policy's full state dict (views of the live weights) while inside; under ZeRO-3 every rank
+        must enter, as the parameters are gathered for the duration."""
         import deepspeed
 
         module = self.engine.module
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None,
                                                enabled=self.cfg.trainer.zero_stage == 3):
-            if self.rank != 0:
-                return {}
-            return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+            yield module.state_dict()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Full policy weights on CPU, for the rollout workers: rank 0's (every rank holds them whole,
+        except under ZeRO-3, where every rank must call this to gather them; the others return ``{}``)."""
+        with self._full_weights() as weights:
+            return {k: v.detach().to("cpu", copy=True) for k, v in weights.items()} if self.rank == 0 else {}
 
     def join_weight_group(self, store_path: str, size: int, timeout_s: float) -> None:
         """Rank 0 joins the weight-broadcast group as its sender (rank 0 of ``size``)."""
@@ -200,8 +206,8 @@ class Learner:
     def broadcast_weights(self, bucket_bytes: int) -> int:
         """Send the current weights to the broadcast group (every rank must call: ZeRO-3 gathers first);
         returns the bytes rank 0 sent (0 elsewhere)."""
-        weights = self.state_dict()
-        return self.sync_group.send(weights, self.version, bucket_bytes) if self.rank == 0 else 0
+        with self._full_weights() as weights:  # sent from the live tensors: no copy of the whole model
+            return self.sync_group.send(weights, self.version, bucket_bytes) if self.rank == 0 else 0
 
     def checksum(self) -> float:
         """Sum of this rank's full weights (ZeRO 0-2 keep them whole on every rank), to compare ranks and
