@@ -39,16 +39,14 @@ Measured (``--out`` writes all of it as JSON, stdout gets a markdown table):
    measured dense ``torch.matmul`` rate of an ``--matmul-n``^3 product in the model dtype.
 
 Run from the repository root: ``python bench/gpu.py --out gpu.json`` (H200: a few minutes); ``--tiny``
-runs a toy model on CPU in fp32 in seconds, for the test suite. The sampler passes ``cache=`` to the
-model, so transformers must have that argument (5.24 does; 5.17 calls it ``past_key_values``, and the
-script refuses to run rather than time a decode without a KV cache).
+runs a toy model on CPU in fp32 in seconds, for the test suite. The sampler keeps its own static KV
+cache (``omnigrpo.rollout.engine``), so any transformers with the Llama classes works (the device's 5.17).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import inspect
 import json
 import platform
 import sys
@@ -64,13 +62,9 @@ try:
 except ModuleNotFoundError:  # `python bench/gpu.py` from a checkout that is not installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from omnigrpo.rollout.baseline import hf_generate, hf_generate_batched, median_seconds  # noqa: E402
-from omnigrpo.rollout.sampler import (  # noqa: E402
-    ImageSpace,
-    PromptBatch,
-    SamplingParams,
-    sample_images,
-    sequence_logprobs,
-)
+from omnigrpo.rollout.builtin import TextVocabLM  # noqa: E402
+from omnigrpo.rollout.policy import ImageSpace, PromptBatch  # noqa: E402
+from omnigrpo.rollout.sampler import SamplingParams, sample_images, sequence_logprobs  # noqa: E402
 
 TEXT_VOCAB, IMAGE_CODES = 102400, 16384
 
@@ -78,21 +72,18 @@ TEXT_VOCAB, IMAGE_CODES = 102400, 16384
 def build_model(tiny: bool, device: torch.device, dtype: torch.dtype) -> tuple[LlamaForCausalLM, ImageSpace]:
     """Random-weight Llama, Janus-Pro-1B-sized (or a toy for ``--tiny``), with image codes at the end."""
     if tiny:
-        text, codes, tokens = 200, 64, 64  # enough decode steps that decode time dwarfs prefill noise
+        text, codes, side = 200, 64, 8  # enough decode steps that decode time dwarfs prefill noise
         sizes = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=4, max_position_embeddings=256)
     else:
-        text, codes, tokens = TEXT_VOCAB, IMAGE_CODES, 576
+        text, codes, side = TEXT_VOCAB, IMAGE_CODES, 24  # 384 px = 24 x 24 codes
         sizes = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16,
                      num_key_value_heads=16, max_position_embeddings=16384)
     config = LlamaConfig(vocab_size=text + codes, rope_theta=10000.0, rms_norm_eps=1e-6, pad_token_id=0,
                          tie_word_embeddings=False, **sizes)
     with torch.device(device):  # initialise in place: fast on a GPU, no CPU copy of 1.7B parameters
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    if "cache" not in inspect.signature(type(model).forward).parameters:
-        raise SystemExit(f"transformers {transformers.__version__} has no `cache=` argument; omnigrpo's sampler "
-                         "passes `cache=`, so it would decode without a KV cache and the timing would be wrong")
-    return model.eval(), ImageSpace(offset=text, num_codes=codes, tokens_per_image=tokens)
+    return model.eval(), ImageSpace(num_codes=codes, rows=side, cols=side, offset=text)
 
 
 def make_prompts(batch: int, length: int, text_vocab: int, device: torch.device) -> PromptBatch:
@@ -118,7 +109,7 @@ def bench_rollout(model: LlamaForCausalLM, prompts: PromptBatch, space: ImageSpa
 
     def ours() -> object:
         with torch.device(device):  # the sampler allocates its step tensors on the default device
-            return sample_images(model, prompts, space, params)
+            return sample_images(TextVocabLM(model, space), prompts, params)
 
     def hf_unbatched() -> object:
         return hf_generate(model, prompts, space, params)
@@ -189,7 +180,7 @@ def bench_learner(model: LlamaForCausalLM, prompts: PromptBatch, space: ImageSpa
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
-        logprobs, _ = sequence_logprobs(model, prompts, codes, space, params)
+        logprobs, _ = sequence_logprobs(TextVocabLM(model, space), prompts, codes, params)
         (-logprobs.mean()).backward()
 
     seconds = timed(step, repeats, device)

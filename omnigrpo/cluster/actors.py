@@ -155,7 +155,7 @@ def _rollout_actor(cfg: Config, model_path: str, index: int, plan: placement.Pla
     name = f"omnigrpo-rollout-{index}-{secrets.token_hex(4)}"
     cls = ray.remote(RolloutWorker).options(max_concurrency=1, name=name, **plan.options("rollout", index))
     return cls.remote(model_path, sampling_params(cfg), cfg.run.seed + 17 * index + 7919 * restart,
-                      cfg.cluster.torch_threads)
+                      cfg.cluster.torch_threads, cfg.model.family, tuple(cfg.model.image_grid) or None)
 
 
 def _reward_actor(cfg: Config, index: int, plan: placement.Placement):

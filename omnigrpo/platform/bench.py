@@ -34,9 +34,10 @@ import transformers
 from omnigrpo.platform import world as worlds
 from omnigrpo.platform.config import Config
 from omnigrpo.rewards.worker import RewardWorker
-from omnigrpo.rollout.baseline import hf_generate, hf_generate_batched, median_seconds
+from omnigrpo.rollout.baseline import hf_generate, hf_generate_batched, hf_generate_janus, median_seconds
+from omnigrpo.rollout.builtin import WorldPolicy
 from omnigrpo.rollout.codebook import PATCH, PatchCodebook
-from omnigrpo.rollout.policy import WorldPolicy
+from omnigrpo.rollout.policy import ImagePolicy, load_policy
 from omnigrpo.rollout.sampler import sample_images
 from omnigrpo.trainers.learner import sampling_params
 from omnigrpo.trainers.sft import sft_checkpoint
@@ -51,29 +52,37 @@ def machine() -> dict[str, object]:
             "transformers": transformers.__version__, "date": datetime.datetime.now(datetime.UTC).isoformat()}
 
 
-def equal_length_prompts(policy: WorldPolicy, prompts: list[str], n: int) -> list[str]:
+def equal_length_prompts(policy: ImagePolicy, prompts: list[str], n: int) -> list[str]:
     """``n`` prompts (cycled) of the most common token length: HF's CFG positions ignore padding."""
-    lengths = [len(policy.words(p)) for p in prompts]
+    lengths = [int(policy.prompt_batch([p]).mask.sum()) for p in prompts]
     common = max(set(lengths), key=lengths.count)
     same = [p for p, n_words in zip(prompts, lengths, strict=True) if n_words == common]
     return [same[i % len(same)] for i in range(n)]
 
 
 def bench_rollout(cfg: Config, model_path: str, repeats: int) -> dict:
-    """Image tokens/s and images/s: our sampler vs ``generate`` (HF's CFG, and batched CFG)."""
-    policy = WorldPolicy.from_pretrained(model_path)
+    """Image tokens/s and images/s: our sampler vs ``generate`` on the same policy (builtin: HF's CFG and
+    batched CFG over the LM head; janus: Janus's own image ``generate``)."""
+    family = cfg.model.family
+    if family not in ("builtin", "janus"):
+        raise ValueError(f"bench rollout: no HF generate baseline for family {family!r} (builtin, janus)")
+    policy = load_policy(family, model_path)
     world = worlds.get(cfg.world.name)
-    prompts = equal_length_prompts(policy, world.prompts_of(world.train_items())[0], cfg.batch_size)
-    batch, space = policy.prompt_batch(prompts), policy.space
+    prompts = equal_length_prompts(policy, world.prompts_of(world.train_items())[0][:64], cfg.batch_size)
+    batch, space, lm = policy.prompt_batch(prompts), policy.space, policy.lm()
     base = sampling_params(cfg)
     settings = {f"cfg={base.cfg_scale:g}": base}
     if not base.guided:
         settings[f"cfg={GUIDED_SCALE:g}"] = dataclasses.replace(base, cfg_scale=GUIDED_SCALE)
     rows = {}
     for label, params in settings.items():
-        sides = {"omnigrpo": lambda p=params: sample_images(policy.model, batch, space, p),
-                 "hf_generate": lambda p=params: hf_generate(policy.model, batch, space, p)}
-        if params.guided:
+        sides = {"omnigrpo": lambda p=params: sample_images(lm, batch, p)}
+        if family == "janus" and params.cfg_scale > 1:  # Janus's generate needs guidance
+            boi = policy.tokenizer.convert_tokens_to_ids(policy.boi)
+            sides["hf_generate"] = lambda p=params, boi=boi: hf_generate_janus(policy.model, batch, boi, p)
+        elif family == "builtin":
+            sides["hf_generate"] = lambda p=params: hf_generate(policy.model, batch, space, p)
+        if params.guided and family == "builtin":
             sides["hf_generate_batched_cfg"] = lambda p=params: hf_generate_batched(policy.model, batch, space, p)
         row = {}
         for side, fn in sides.items():

@@ -66,11 +66,19 @@ class DataConfig:
 
 @dataclass(frozen=True, config=_STRICT)
 class ModelConfig:
-    family: Literal["builtin"] = "builtin"
-    """Policy family; ``builtin`` is the built-in Qwen2 policy over the world's patch codes."""
+    family: Literal["builtin", "janus", "emu3", "xomni"] = "builtin"
+    """Policy family (``omnigrpo.rollout.policy.FAMILIES``): ``builtin`` (the built-in Qwen2 policy over
+    the world's patch codes), ``janus`` (Janus-Pro, transformers' ``JanusForConditionalGeneration``),
+    ``emu3`` (``Emu3ForConditionalGeneration``), ``xomni`` (X-Omni, our implementation of its architecture)."""
     path: str = ""
     """Hub id or local directory of the starting checkpoint; empty = the built-in SFT checkpoint,
-    trained and cached on first use."""
+    trained and cached on first use (``builtin`` only: every other family needs a path)."""
+    image_grid: list[PositiveInt] = Field(default_factory=list)
+    """Image size in codes ``[rows, cols]`` for the families where it is a choice (``emu3``: 8 px per code,
+    default 90 x 90; ``xomni``: 16 px per code, default 32 x 32); empty = the checkpoint's or family's default."""
+    image_codes: NonNegInt = 0
+    """Expected image vocabulary size; a checkpoint with another one is refused before the cluster starts.
+    0 = take the checkpoint's."""
     hidden_size: PositiveInt = 128
     """Width of the built-in policy (used only when SFT builds it)."""
     num_layers: PositiveInt = 4
@@ -175,6 +183,9 @@ class EvalConfig:
     """Held-out evaluation every N steps, besides the start and the end (0: start and end only)."""
     samples_per_prompt: PositiveInt = 32
     """Images drawn per held-out prompt."""
+    held_out: bool = True
+    """Evaluate the world's held-out prompts with the world's metrics (start, every ``eval.every`` steps,
+    end); false skips it, e.g. for a model family whose images the world's judges were not made for."""
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -369,5 +380,19 @@ def _check_consistency(cfg: Config) -> None:
     if cfg.data.prompts in WORLDS and cfg.data.prompts != cfg.world.name:
         problems.append(f"  data.prompts: {cfg.data.prompts!r} is a built-in world's prompt set, but world.name is "
                         f"{cfg.world.name!r}")
+    problems += _model_problems(cfg)
     if problems:
         raise ConfigError("invalid config:\n" + "\n".join(problems))
+
+
+def _model_problems(cfg: Config) -> list[str]:
+    m, problems = cfg.model, []
+    if m.family != "builtin" and not m.path:
+        problems.append(f"  model.path: family {m.family!r} needs a checkpoint (hub id or local directory)")
+    if m.image_grid and (len(m.image_grid) != 2 or m.family not in ("emu3", "xomni")):
+        problems.append(f"  model.image_grid: must be [rows, cols], and only emu3 / xomni take one (family "
+                        f"{m.family!r} has its size fixed by the checkpoint)")
+    if m.family == "builtin" and m.image_codes and m.image_codes != cfg.world.codebook_size:
+        problems.append(f"  model.image_codes: {m.image_codes} differs from world.codebook_size "
+                        f"{cfg.world.codebook_size}")
+    return problems

@@ -29,6 +29,7 @@ from omnigrpo.platform.prompts import load_prompts
 from omnigrpo.platform.registry import build_reward
 from omnigrpo.platform.tracking import Tracker
 from omnigrpo.rewards.worker import applies_to, call_reward
+from omnigrpo.rollout.policy import check_checkpoint, family_class
 from omnigrpo.trainers.checkpoint import latest_resumable
 from omnigrpo.trainers.grpo import group_advantages
 from omnigrpo.trainers.learner import TrainBatch
@@ -63,9 +64,12 @@ class PromptCursor:
 
 
 def check_rewards(cfg: Config, prompts: list[str], metadata: list[dict]) -> None:
-    """Build every reward on the driver and dry-run it on two blank images with the first two training
-    prompts; raise naming the culprit."""
-    blank = np.zeros((2, *worlds.get(cfg.world.name).IMAGE_SHAPE, 3), dtype=np.uint8)
+    """Build every reward on the driver and dry-run it on two blank images of the policy's size with the
+    first two training prompts; raise naming the culprit."""
+    shape = worlds.get(cfg.world.name).IMAGE_SHAPE
+    if cfg.model.path:
+        shape = family_class(cfg.model.family).pixels(cfg.model.path, tuple(cfg.model.image_grid) or None)
+    blank = np.zeros((2, *shape, 3), dtype=np.uint8)
     two_prompts, two_metadata = (prompts * 2)[:2], (metadata * 2)[:2]
     for spec in cfg.rewards:
         if spec.tags and not any(applies_to(spec.tags, m) for m in metadata):
@@ -89,7 +93,10 @@ def timed(timings: dict[str, float], stage: str):
 
 
 def evaluate(cfg: Config, workers: actors.Workers, tracker: Tracker, step: int) -> dict[str, float]:
-    """Held-out prompts, ``eval.samples_per_prompt`` images each: the world's metrics and mean reward."""
+    """Held-out prompts, ``eval.samples_per_prompt`` images each: the world's metrics and mean reward
+    (nothing when ``eval.held_out`` is off)."""
+    if not cfg.eval.held_out:
+        return {}
     world = worlds.get(cfg.world.name)
     prompts, metadata = world.prompts_of(world.held_out_items())
     # a stream of its own per evaluation: evaluating never shifts the training samples
@@ -108,12 +115,12 @@ def evaluate(cfg: Config, workers: actors.Workers, tracker: Tracker, step: int) 
 def train(cfg: Config) -> dict:
     """Run a whole GRPO job; returns the held-out metrics before and after and the checkpoint path."""
     prompts, metadata = load_prompts(cfg.data.prompts)  # a malformed file fails here, naming the line
+    if cfg.model.path:  # missing path, wrong image vocabulary: before any cluster starts
+        check_checkpoint(cfg.model.family, cfg.model.path, cfg.model.image_codes or None)
     check_rewards(cfg, prompts, metadata)
     run_dir = Path(cfg.run.dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     model_path = cfg.model.path or str(sft_checkpoint(cfg, cfg.cluster.torch_threads or None))
-    if cfg.model.path and not Path(model_path).exists():
-        raise FileNotFoundError(f"model.path {model_path!r} does not exist")
     resume_from = latest_resumable(run_dir / "checkpoints") if cfg.run.resume else None
     state = torch.load(resume_from / "run_state.pt", weights_only=True) if resume_from else None
     if state and len(state["rollout_rng"]) != cfg.cluster.rollout_workers:

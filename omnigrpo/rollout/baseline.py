@@ -12,6 +12,10 @@ temperature and top-k as :func:`omnigrpo.rollout.sampler.sample_images`:
   that mixes each cond/uncond pair, samples one code and forces it on both rows. It isolates how much
   of a speed-up comes from the sampler loop itself rather than from batching the branches.
 
+- :func:`hf_generate_janus` is Janus-Pro's own ``generate(generation_mode="image")`` (transformers'
+  implementation: a static cache, both branches in one batch, its own unconditional prompt built the
+  way :class:`~omnigrpo.rollout.janus.JanusPolicy` builds it).
+
 HF's CFG processor positions the unconditional branch ignoring padding, so benchmarks feed prompts of
 equal length (the shapes world's prompts all are). Needs only torch and transformers, so the GPU
 benchmark script (``bench/gpu.py``) uses it too.
@@ -26,7 +30,8 @@ from collections.abc import Callable
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from omnigrpo.rollout.sampler import ImageSpace, PromptBatch, SamplingParams, guided_logprobs
+from omnigrpo.rollout.policy import ImageSpace, PromptBatch
+from omnigrpo.rollout.sampler import SamplingParams, guided_logprobs
 
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1,
@@ -102,3 +107,23 @@ def hf_generate_batched(model: torch.nn.Module, prompts: PromptBatch, space: Ima
                          logits_processor=LogitsProcessorList([BatchedCFG(b, space, params)]),
                          temperature=1.0, top_k=0, **_common(space, prompts.pad_id))
     return out[:b, prompts.ids.shape[1] :] - space.offset
+
+
+@torch.no_grad()
+def hf_generate_janus(model: torch.nn.Module, prompts: PromptBatch, boi_id: int, params: SamplingParams) -> (
+        torch.Tensor):
+    """``JanusForConditionalGeneration.generate(generation_mode="image")``: image codes ``[B, T]``.
+
+    Janus's ``generate`` always runs both branches and breaks without guidance (scale <= 1), so it is a
+    baseline only for guided sampling; its CFG mixes log-softmax scores, ours logits, which differ only
+    by a per-row constant (the same distribution)."""
+    from transformers import GenerationConfig
+
+    if not params.cfg_scale > 1:
+        raise ValueError("Janus's image generate needs classifier-free guidance (cfg_scale > 1)")
+    config = GenerationConfig(do_sample=True, temperature=params.temperature, top_k=params.top_k or None,
+                              top_p=params.top_p, min_p=params.min_p or None, guidance_scale=params.cfg_scale,
+                              pad_token_id=prompts.pad_id, bos_token_id=int(prompts.ids[0][prompts.mask[0].bool()][0]),
+                              generation_kwargs={"boi_token_id": boi_id}, max_length=prompts.ids.shape[1] + 1)
+    return model.generate(inputs=prompts.ids, attention_mask=prompts.mask, generation_mode="image",
+                          generation_config=config)

@@ -1,133 +1,226 @@
-"""The built-in worlds' policy: a transformers ``Qwen2ForCausalLM`` over text words and image codes.
+"""The one policy interface rollout and learner share, and the registry of model families behind it.
 
-Why: the embedded default must run with real parts and no download. The model is the real Qwen2
-class built from a small config; its vocabulary comes from a word-level tokenizer built offline with
-the ``tokenizers`` library, followed by the image-segment markers and one token per code of the
-world's :class:`~omnigrpo.rollout.codebook.PatchCodebook`. A checkpoint is an ordinary
-``save_pretrained`` directory (model, tokenizer, codebook, and ``policy.json`` naming the world), so
-rollout and learner load it through the same ``from_pretrained(path)`` a user's checkpoint takes.
+Why: Janus-Pro, Emu3, X-Omni and the built-in world policy disagree on almost everything a GRPO
+loop touches: how the generation prompt is written, where image codes live (text vocabulary,
+separate embedding tables, extra vision blocks), what predicts the next code (the LM head sliced to
+the image codes, a separate generation head), forced tokens inside the image (Emu3's end-of-line),
+and how codes become pixels. Everything else (sampling, CFG, the GRPO ratio, weight sync) must not
+care. So a family supplies two things:
 
-Sequence layout: ``<bos> a red circle at the top left <som>`` then 64 image codes (shapes), or
-``<bos> write " K P 7 " <som>`` then 108 codes (glyphs: the world splits quoted text per character).
+- an :class:`ImagePolicy`: loading by ``from_pretrained(hub id or directory)``, the conditional and
+  unconditional prompt batch, VQ decoding to pixels, and ``save_pretrained``;
+- an :class:`ImageLM`, a view of *one* module instance (the rollout's copy, the learner's DeepSpeed
+  module, the frozen reference): embeddings of prompt tokens and of image codes, the image-code head
+  ``[..., K]`` (image mode = only image codes have logits), the full-sequence hidden states the
+  learner back-propagates through, and the static-cache fast path the sampler uses.
+
+``model.family`` picks the family; :func:`load_policy` loads it; :func:`check_checkpoint` refuses a
+missing path or a checkpoint whose image vocabulary does not match, before any cluster starts.
 """
 
 from __future__ import annotations
 
-import json
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from omnigrpo.platform import world as worlds
-from omnigrpo.platform.config import ModelConfig
-from omnigrpo.rollout.codebook import PatchCodebook
-from omnigrpo.rollout.sampler import ImageSpace, PromptBatch
+from omnigrpo.rollout import engine
 
-SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>", "<som>", "<eom>"]
-
-
-def build_tokenizer(world: str, num_codes: int) -> PreTrainedTokenizerFast:
-    """Word-level tokenizer: special tokens, the world's words, then ``<img_0> .. <img_{K-1}>``."""
-    words = SPECIALS + worlds.get(world).vocabulary() + [f"<img_{k}>" for k in range(num_codes)]
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
-        padding_side="left",
-    )
+FAMILIES = {
+    "builtin": "omnigrpo.rollout.builtin:WorldPolicy",
+    "janus": "omnigrpo.rollout.janus:JanusPolicy",
+    "emu3": "omnigrpo.rollout.emu3:Emu3Policy",
+    "xomni": "omnigrpo.rollout.xomni:XOmniPolicy",
+}
 
 
-class WorldPolicy:
-    """Model + tokenizer + codebook, with the prompt and decoding conventions of a built-in world."""
+@dataclass(frozen=True)
+class ImageSpace:
+    """The image segment a policy samples: ``rows x cols`` codes out of ``num_codes``, raster order.
 
-    def __init__(self, model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFast, codebook: PatchCodebook,
-                 world: str):
-        self.world = world
-        self.words = worlds.get(world).words
-        self.model = model
-        self.tokenizer = tokenizer
-        self.codebook = codebook
-        self.space = ImageSpace(
-            offset=tokenizer.convert_tokens_to_ids("<img_0>"),
-            num_codes=codebook.size,
-            tokens_per_image=codebook.tokens_per_image,
-        )
-        self.pad_id = tokenizer.pad_token_id
-        self.som_id = tokenizer.convert_tokens_to_ids("<som>")
+    ``offset``: id of code 0 where codes are text-vocabulary tokens (built-in, Emu3), else 0.
+    ``eol_id``: a token the model expects after every row (Emu3's end-of-line); it is fed, never
+    sampled, and carries no log-prob.
+    """
+
+    num_codes: int
+    rows: int
+    cols: int
+    offset: int = 0
+    eol_id: int | None = None
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def segment(self) -> torch.Tensor:
+        """bool ``[S]``: which positions of the fed image segment are sampled codes (False = forced EOL)."""
+        row = [True] * self.cols + ([False] if self.eol_id is not None else [])
+        return torch.tensor(row * self.rows)
+
+
+@dataclass
+class PromptBatch:
+    """Left-padded prompts ending in the family's image-start marker(s).
+
+    ``ids``/``mask``: ``[B, P]`` conditional prompt; ``uncond_ids``/``uncond_mask``: ``[B, P]`` the
+    family's unconditional prompt (Janus: text replaced by padding, attended; Emu3 / X-Omni: an
+    empty or negative prompt, left-padded). ``uncond_mask`` defaults to ``mask``.
+    """
+
+    ids: torch.Tensor
+    uncond_ids: torch.Tensor
+    mask: torch.Tensor
+    pad_id: int = 0
+    uncond_mask: torch.Tensor | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.uncond_mask is None:
+            self.uncond_mask = self.mask
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def select(self, index: torch.Tensor | slice) -> PromptBatch:
+        return PromptBatch(self.ids[index], self.uncond_ids[index], self.mask[index], self.pad_id,
+                           self.uncond_mask[index])
+
+    def both(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Conditional rows then unconditional rows: ids and mask ``[2B, P]`` (CFG in one batch)."""
+        return torch.cat([self.ids, self.uncond_ids]), torch.cat([self.mask, self.uncond_mask])
+
+
+class ImageLM(ABC):
+    """One module seen in image mode. The defaults fit a Llama-family ``body`` (``layers``, ``norm``,
+    ``rotary_emb``) called with ``inputs_embeds``; families override what differs."""
+
+    def __init__(self, module: torch.nn.Module, space: ImageSpace):
+        self.module = module
+        self.space = space
+
+    @property
+    def body(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
+        """``[B, L]`` token ids -> ``[B, L, D]``."""
+        return self.body.embed_tokens(ids)
+
+    @abstractmethod
+    def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """``[B, L]`` image codes (0 .. K-1) -> ``[B, L, D]``."""
+
+    @abstractmethod
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[B, L, D]`` final hidden states -> fp32 logits over the image codes ``[B, L, K]``."""
+
+    def hidden_states(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                      image: torch.Tensor) -> torch.Tensor:
+        """The model's own full-sequence forward (what the learner differentiates): ``[B, L, D]``.
+
+        ``image``: bool ``[B, L]``, True at positions fed with the image segment."""
+        return self.body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
+
+    def new_cache(self, batch: int, max_len: int) -> engine.StaticKV:
+        weight = next(self.module.parameters())
+        return engine.StaticKV(self.body.layers, batch, max_len, weight.dtype, weight.device)
+
+    @property
+    def packed(self) -> list[tuple]:
+        """The body's layers packed for the fast path (:func:`engine.fuse`), once per module (the rollout's;
+        the learner scores through :meth:`hidden_states` and never packs its DeepSpeed module)."""
+        body = self.body
+        if getattr(body, "_omnigrpo_packed", None) is None:
+            body._omnigrpo_packed = engine.fuse(body.layers)
+        return body._omnigrpo_packed
+
+    def fast_forward(self, embeds: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
+                     image: bool, cache: engine.StaticKV) -> torch.Tensor:
+        """Static-cache forward of new tokens ``[B, L, D]`` -> final hidden states ``[B, L, D]``."""
+        body = self.body
+        return body.norm(engine.forward_layers(body.layers, self.packed, body.rotary_emb, embeds, positions, valid,
+                                               cache))
+
+
+class ImagePolicy(ABC):
+    """A family's model with its prompt, decoding and checkpoint conventions.
+
+    ``model`` is the module the learner trains and the weight sync sends (its full ``state_dict``).
+    """
+
+    family: ClassVar[str]
+    model: torch.nn.Module
+    space: ImageSpace
+    image_shape: tuple[int, int]
+    """(height, width) in pixels of a decoded image."""
 
     @classmethod
-    def create(cls, cfg: ModelConfig, codebook: PatchCodebook, seed: int, world: str = "shapes") -> WorldPolicy:
-        """A randomly initialised policy of the configured size (what SFT starts from)."""
-        tokenizer = build_tokenizer(world, codebook.size)
-        config = Qwen2Config(
-            vocab_size=len(tokenizer),
-            hidden_size=cfg.hidden_size,
-            intermediate_size=cfg.intermediate_size,
-            num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads,
-            num_key_value_heads=cfg.num_kv_heads,
-            max_position_embeddings=512,
-            tie_word_embeddings=False,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        torch.manual_seed(seed)
-        return cls(Qwen2ForCausalLM(config), tokenizer, codebook, world)
+    @abstractmethod
+    def from_pretrained(cls, path: str | Path) -> ImagePolicy:
+        """Load from a hub id or a local directory (fp32, eval mode)."""
 
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> WorldPolicy:
-        """Load a checkpoint directory written by :meth:`save_pretrained` (fp32, eval mode)."""
-        path = Path(path)
-        if not (path / "policy.json").exists():
-            raise FileNotFoundError(f"{path} is not a built-in world policy checkpoint (no policy.json)")
-        world = json.loads((path / "policy.json").read_text())["world"]
-        model = Qwen2ForCausalLM.from_pretrained(path, dtype=torch.float32)
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
-        codebook = PatchCodebook.load(path)
-        if model.config.vocab_size != len(tokenizer) or len(tokenizer) != (
-            tokenizer.convert_tokens_to_ids("<img_0>") + codebook.size
-        ):
-            raise ValueError(
-                f"{path}: model vocabulary ({model.config.vocab_size}) does not match tokenizer "
-                f"({len(tokenizer)}) and codebook ({codebook.size} codes)"
-            )
-        return cls(model.eval(), tokenizer, codebook, world)
+    @staticmethod
+    @abstractmethod
+    def pixels(path: str | Path, grid: tuple[int, int] | None = None) -> tuple[int, int]:
+        """(height, width) of a decoded image, from the checkpoint's config files only (no weights)."""
 
+    @abstractmethod
     def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(path, state_dict=state_dict)
-        self.tokenizer.save_pretrained(path)
-        self.codebook.save(path)
-        (path / "policy.json").write_text(json.dumps({"world": self.world}))
+        """Write a directory ``from_pretrained`` (and ``model.path``) accepts; ``state_dict`` overrides
+        the weights written (the learner's gathered ones)."""
 
-    def prompt_text(self, prompt: str) -> str:
-        """The tokenizer's input for a prompt: ``<bos>``, the world's words, ``<som>``."""
-        return " ".join(["<bos>", *self.words(prompt), "<som>"])
+    @abstractmethod
+    def lm(self, module: torch.nn.Module | None = None) -> ImageLM:
+        """The image-mode view of ``module`` (default: this policy's ``model``)."""
 
+    @abstractmethod
     def prompt_batch(self, prompts: list[str], drop_text: torch.Tensor | None = None) -> PromptBatch:
-        """Tokenise prompts into a left-padded :class:`PromptBatch`.
+        """Tokenise prompts into the family's generation prompt (and its unconditional twin).
 
-        Args:
-            drop_text: optional bool ``[B]``; where True the conditional prompt is replaced by the
-                unconditional one (SFT's prompt dropout, which teaches the guidance branch).
-        """
-        enc = self.tokenizer([self.prompt_text(p) for p in prompts], padding=True, return_tensors="pt")
-        ids, mask = enc["input_ids"], enc["attention_mask"]
-        keep = (ids == self.tokenizer.bos_token_id) | (ids == self.som_id)
-        uncond = torch.where(keep, ids, torch.full_like(ids, self.pad_id))
-        if drop_text is not None:
-            ids = torch.where(drop_text[:, None], uncond, ids)
-        return PromptBatch(ids=ids, uncond_ids=uncond, mask=mask, pad_id=self.pad_id)
+        ``drop_text``: optional bool ``[B]``; True rows get the unconditional prompt as their
+        conditional one (SFT's prompt dropout)."""
 
-    def encode_images(self, images: np.ndarray) -> torch.Tensor:
-        """uint8 ``[B, H, W, 3]`` -> codes ``[B, T]``."""
-        return torch.from_numpy(self.codebook.encode(images))
-
+    @abstractmethod
     def decode(self, codes: torch.Tensor) -> np.ndarray:
-        """codes ``[B, T]`` -> uint8 images ``[B, H, W, 3]``."""
-        return self.codebook.decode(codes.cpu().numpy())
+        """codes ``[B, T]`` -> uint8 images ``[B, H, W, 3]`` (the family's VQ decoder)."""
+
+    def code_embeddings(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes ``[B, T]`` -> the tokenizer's codebook vectors ``[B, T, C]`` (a diffusion decoder's
+        condition); families without a learned codebook raise."""
+        raise NotImplementedError(f"family {self.family!r} has no codebook embeddings for a diffusion decoder")
+
+
+def family_class(family: str) -> type[ImagePolicy]:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; known: {', '.join(FAMILIES)}")
+    module, name = FAMILIES[family].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def load_policy(family: str, path: str | Path, grid: tuple[int, int] | None = None) -> ImagePolicy:
+    """The ``family`` policy at ``path`` (hub id or local directory); ``grid`` (rows, cols of codes) for the
+    families whose image size is a choice (Emu3, X-Omni)."""
+    cls = family_class(family)
+    return cls.from_pretrained(path, grid=tuple(grid)) if grid else cls.from_pretrained(path)
+
+
+def check_checkpoint(family: str, path: str, num_codes: int | None = None) -> None:
+    """Fail fast, before any cluster starts: unknown family, a local path that does not exist, or a
+    checkpoint whose image vocabulary differs from ``num_codes`` (when the config states one).
+    Reads only the checkpoint's config files."""
+    cls = family_class(family)
+    looks_local = path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") != 1
+    if looks_local and not Path(path).expanduser().exists():
+        raise FileNotFoundError(f"model.path {path!r} does not exist (and is not a hub id 'org/name')")
+    checker = getattr(cls, "image_vocabulary", None)
+    if num_codes is not None and checker is not None and Path(path).exists():
+        found = checker(path)
+        if found != num_codes:
+            raise ValueError(f"model.path {path!r}: the checkpoint's image vocabulary has {found} codes, but "
+                             f"model.image_codes is {num_codes}")

@@ -1,8 +1,8 @@
 """Image-token sampling and the log-probs of sampled images, sharing one distribution.
 
 Why: GRPO's ratio pi_new / pi_old is only right if the learner scores a sampled image under exactly
-the distribution the sampler drew it from. Both sides therefore go through :func:`image_logits`
-(logits outside the image codes are masked, i.e. dropped) and :func:`guided_logprobs`
+the distribution the sampler drew it from. Both sides therefore go through the family's image head
+(:meth:`~omnigrpo.rollout.policy.ImageLM.head`: only image codes have logits) and :func:`guided_logprobs`
 (classifier-free guidance, temperature, top-k / top-p / min-p, renormalised). With guidance the
 returned log-probs are those of the *guided* distribution, and the learner back-propagates through
 both branches: the policy trained is the one that was sampled, unlike forks that train on the
@@ -18,18 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
+
+from omnigrpo.rollout.policy import ImageLM, PromptBatch
 
 LOGPROB_FLOOR = -30.0
-
-
-@dataclass(frozen=True)
-class ImageSpace:
-    """Where image codes live in the vocabulary: ids ``offset .. offset + num_codes - 1``."""
-
-    offset: int
-    num_codes: int
-    tokens_per_image: int
 
 
 @dataclass(frozen=True)
@@ -43,34 +35,6 @@ class SamplingParams:
     @property
     def guided(self) -> bool:
         return self.cfg_scale != 1.0
-
-
-@dataclass
-class PromptBatch:
-    """Left-padded prompts ending in the image-start marker.
-
-    ``ids``/``uncond_ids``/``mask``: ``[B, P]``; ``uncond_ids`` is the unconditional prompt of the
-    same length (text replaced by padding, as Janus does), attended with the same ``mask``.
-    """
-
-    ids: torch.Tensor
-    uncond_ids: torch.Tensor
-    mask: torch.Tensor
-    pad_id: int = 0
-
-    def __len__(self) -> int:
-        return self.ids.shape[0]
-
-    def select(self, index: torch.Tensor | slice) -> PromptBatch:
-        return PromptBatch(self.ids[index], self.uncond_ids[index], self.mask[index], self.pad_id)
-
-
-def image_logits(logits: torch.Tensor, space: ImageSpace) -> torch.Tensor:
-    """Image mode: ``[..., V]`` -> ``[..., num_codes]``, every non-image logit masked away.
-
-    Slicing equals setting the other logits to -inf before the softmax, without the wasted work.
-    """
-    return logits[..., space.offset : space.offset + space.num_codes].float()
 
 
 def guided_logprobs(cond: torch.Tensor, uncond: torch.Tensor | None, params: SamplingParams) -> torch.Tensor:
@@ -92,6 +56,14 @@ def guided_logprobs(cond: torch.Tensor, uncond: torch.Tensor | None, params: Sam
     return logits.log_softmax(-1)
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One code per row of ``probs`` ``[B, K]`` by inverse CDF (one uniform per row; ``torch.multinomial``
+    spends most of a small model's sampling step on CPU). A code of probability 0 is never drawn."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
+
+
 def gather_logprobs(logprobs: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """Pick ``codes`` ``[...]`` out of ``logprobs`` ``[..., K]``, floored at LOGPROB_FLOOR."""
     return logprobs.gather(-1, codes.unsqueeze(-1)).squeeze(-1).clamp_min(LOGPROB_FLOOR)
@@ -108,56 +80,75 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
+def _rows(prompts: PromptBatch, guided: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return prompts.both() if guided else (prompts.ids, prompts.mask)
+
+
 @torch.no_grad()
 def sample_images(
-    model: torch.nn.Module,
+    lm: ImageLM,
     prompts: PromptBatch,
-    space: ImageSpace,
     params: SamplingParams,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one image per prompt, token by token with a KV cache; both CFG branches in one batch.
+    """Draw one image per prompt, token by token over a static KV cache; both CFG branches in one batch.
+
+    Forced segment tokens (Emu3's end-of-line) are fed without sampling.
 
     Returns:
         codes ``[B, T]`` (0 .. K-1) and their log-probs ``[B, T]`` under the sampled distribution.
     """
-    b, t_img = len(prompts), space.tokens_per_image
-    ids, mask = prompts.ids, prompts.mask
-    if params.guided:
-        ids, mask = torch.cat([ids, prompts.uncond_ids]), torch.cat([mask, mask])
+    space, b = lm.space, len(prompts)
+    ids, mask = _rows(prompts, params.guided)
+    rows, segment = ids.shape[0], space.segment.tolist()
     positions = _positions(mask)
-    cache = DynamicCache(config=model.config)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                use_cache=True, logits_to_keep=1)
-    next_pos = positions[:, -1:] + 1
-    codes = torch.empty(b, t_img, dtype=torch.long)
-    logps = torch.empty(b, t_img)
-    step_mask = torch.ones(mask.shape[0], t_img, dtype=mask.dtype)
-    for t in range(t_img):
-        logits = image_logits(out.logits[:, -1], space)
-        cond, uncond = (logits[:b], logits[b:]) if params.guided else (logits, None)
-        logprobs = guided_logprobs(cond, uncond, params)
-        code = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(-1)
-        codes[:, t] = code
-        logps[:, t] = gather_logprobs(logprobs, code)
-        if t == t_img - 1:
-            break
-        step_ids = (code + space.offset).unsqueeze(-1)
-        if params.guided:
-            step_ids = torch.cat([step_ids, step_ids])
-        out = model(input_ids=step_ids, attention_mask=torch.cat([mask, step_mask[:, : t + 1]], -1),
-                    position_ids=next_pos + t, cache=cache, use_cache=True)
+    cache = lm.new_cache(rows, ids.shape[1] + len(segment))
+    hidden = lm.fast_forward(lm.embed_text(ids), positions, mask.bool(), False, cache)[:, -1:]
+    step_pos = positions[:, -1:] + 1
+    valid = torch.ones(rows, 1, dtype=torch.bool, device=ids.device)
+    eol = None if space.eol_id is None else lm.embed_text(torch.full((rows, 1), space.eol_id, device=ids.device))
+    codes = torch.empty(b, space.tokens_per_image, dtype=torch.long, device=ids.device)
+    logps = torch.empty(b, space.tokens_per_image, device=ids.device)
+    c = 0
+    for j, is_code in enumerate(segment):
+        if is_code:
+            logits = lm.head(hidden)[:, 0]
+            cond, uncond = (logits[:b], logits[b:]) if params.guided else (logits, None)
+            logprobs = guided_logprobs(cond, uncond, params)
+            code = draw(logprobs.exp(), generator)
+            codes[:, c] = code
+            logps[:, c] = gather_logprobs(logprobs, code)
+            c += 1
+            if c == space.tokens_per_image:
+                break
+            step = code[:, None].repeat(rows // b, 1)
+            x = lm.embed_codes(step)
+        else:
+            x = eol
+        hidden = lm.fast_forward(x, step_pos + j, valid, True, cache)
     return codes, logps
 
 
+def segment_embeds(lm: ImageLM, codes: torch.Tensor) -> torch.Tensor:
+    """The fed image segment for ``codes`` ``[B, T]``: code embeddings with forced tokens between rows,
+    ``[B, S, D]``."""
+    space = lm.space
+    x = lm.embed_codes(codes)
+    if space.eol_id is None:
+        return x
+    b, d = x.shape[0], x.shape[-1]
+    eol = lm.embed_text(torch.full((b, space.rows, 1), space.eol_id, device=codes.device).flatten(1))
+    return torch.cat([x.view(b, space.rows, space.cols, d), eol.view(b, space.rows, 1, d)], 2).flatten(1, 2)
+
+
 def sequence_logprobs(
-    model: torch.nn.Module,
+    lm: ImageLM,
     prompts: PromptBatch,
     codes: torch.Tensor,
-    space: ImageSpace,
     params: SamplingParams,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher-forced log-probs of given images under the same distribution :func:`sample_images` uses.
+    """Teacher-forced log-probs of given images under the same distribution :func:`sample_images` uses,
+    through the model's own (differentiable) forward.
 
     Args:
         codes: ``[B, T]`` image codes (0 .. K-1).
@@ -166,14 +157,16 @@ def sequence_logprobs(
         log-probs ``[B, T]`` (differentiable) and per-token entropy ``[B, T]`` (detached).
     """
     b, p_len = codes.shape[0], prompts.ids.shape[1]
-    body = codes[:, :-1] + space.offset
-    ids = torch.cat([prompts.ids, body], -1)
-    mask = torch.cat([prompts.mask, torch.ones_like(body, dtype=prompts.mask.dtype)], -1)
-    if params.guided:
-        ids = torch.cat([ids, torch.cat([prompts.uncond_ids, body], -1)])
-        mask = torch.cat([mask, mask])
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)).logits
-    logits = image_logits(logits[:, p_len - 1 :], space)  # position i predicts image token i
+    ids, mask = _rows(prompts, params.guided)
+    rows = ids.shape[0]
+    seg = segment_embeds(lm, codes.repeat(rows // b, 1))[:, :-1]  # the last token is never fed
+    embeds = torch.cat([lm.embed_text(ids), seg], 1)
+    mask = torch.cat([mask, torch.ones(rows, seg.shape[1], dtype=mask.dtype, device=mask.device)], -1)
+    image = torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)
+    image[:, p_len:] = True
+    hidden = lm.hidden_states(embeds, mask, _positions(mask), image)
+    predicts = p_len - 1 + torch.nonzero(lm.space.segment).squeeze(-1)  # positions predicting each code
+    logits = lm.head(hidden[:, predicts.to(hidden.device)])
     cond, uncond = (logits[:b], logits[b:]) if params.guided else (logits, None)
     logprobs = guided_logprobs(cond, uncond, params)
     return gather_logprobs(logprobs, codes), entropy(logprobs.detach())

@@ -20,8 +20,8 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from omnigrpo.cluster.broadcast import WeightBroadcast
-from omnigrpo.rollout.policy import WorldPolicy
-from omnigrpo.rollout.sampler import PromptBatch, SamplingParams, sample_images
+from omnigrpo.rollout.policy import PromptBatch, load_policy
+from omnigrpo.rollout.sampler import SamplingParams, sample_images
 
 
 @dataclass
@@ -63,6 +63,7 @@ class RolloutBatch:
                 uncond_ids=torch.cat([pad(p.prompt_batch.uncond_ids, pad_id) for p in parts]),
                 mask=torch.cat([pad(p.prompt_batch.mask, 0) for p in parts]),
                 pad_id=pad_id,
+                uncond_mask=torch.cat([pad(p.prompt_batch.uncond_mask, 0) for p in parts]),
             ),
             codes=torch.cat([p.codes for p in parts]),
             logprobs=torch.cat([p.logprobs for p in parts]),
@@ -72,19 +73,25 @@ class RolloutBatch:
 
 
 class RolloutWorker:
-    """Samples and decodes images with the policy at ``model_path``."""
+    """Samples and decodes images with the ``family`` policy at ``model_path``.
 
-    def __init__(self, model_path: str, params: SamplingParams, seed: int, threads: int = 0):
+    ``grid``: image size in codes (rows, cols) for families that take one (Emu3, X-Omni); ``decode``:
+    False when a diffusion decoder stage turns codes into pixels (the batch then carries no images)."""
+
+    def __init__(self, model_path: str, params: SamplingParams, seed: int, threads: int = 0, family: str = "builtin",
+                 grid: tuple[int, int] | None = None, decode: bool = True):
         self.model_path = model_path
         self.params = params
         self.seed = seed
         self.threads = threads
+        self.family, self.grid, self.decode = family, grid, decode
         self.version = 0
 
     def setup(self) -> int:
         hf_logging.disable_progress_bar()
         torch.set_num_threads(self.threads or os.cpu_count() or 1)
-        self.policy = WorldPolicy.from_pretrained(self.model_path)
+        self.policy = load_policy(self.family, self.model_path, self.grid)
+        self.lm = self.policy.lm()
         self.generator = torch.Generator().manual_seed(self.seed)
         return self.version
 
@@ -96,7 +103,7 @@ class RolloutWorker:
         repeated = [p for p in prompts for _ in range(group_size)]
         batch = self.policy.prompt_batch(repeated)
         generator = self.generator if seed is None else torch.Generator().manual_seed(seed)
-        codes, logprobs = sample_images(self.policy.model, batch, self.policy.space, self.params, generator)
+        codes, logprobs = sample_images(self.lm, batch, self.params, generator)
         return RolloutBatch(
             prompts=repeated,
             metadata=[dict(m) for m in metadata for _ in range(group_size)],
@@ -104,7 +111,7 @@ class RolloutWorker:
             prompt_batch=batch,
             codes=codes,
             logprobs=logprobs,
-            images=self.policy.decode(codes),
+            images=self.policy.decode(codes) if self.decode else np.zeros((len(codes), 0, 0, 3), np.uint8),
             version=self.version,
         )
 

@@ -34,8 +34,8 @@ from transformers.utils import logging as hf_logging
 
 from omnigrpo.cluster.broadcast import WeightBroadcast
 from omnigrpo.platform.config import Config
-from omnigrpo.rollout.policy import WorldPolicy
-from omnigrpo.rollout.sampler import PromptBatch, SamplingParams, sequence_logprobs
+from omnigrpo.rollout.policy import PromptBatch, load_policy
+from omnigrpo.rollout.sampler import SamplingParams, sequence_logprobs
 from omnigrpo.trainers import grpo
 from omnigrpo.trainers.checkpoint import write_checkpoint
 
@@ -89,11 +89,14 @@ class Learner:
         hf_logging.disable_progress_bar()
         torch.set_num_threads(threads or os.cpu_count() or 1)
         torch.manual_seed(self.cfg.run.seed + self.rank)
-        self.policy = WorldPolicy.from_pretrained(self.model_path)
-        reference = self.policy if self.reference_path == self.model_path else WorldPolicy.from_pretrained(
-            self.reference_path)
+        family, grid = self.cfg.model.family, tuple(self.cfg.model.image_grid) or None
+        self.policy = load_policy(family, self.model_path, grid)
+        reference = self.policy if self.reference_path == self.model_path else load_policy(
+            family, self.reference_path, grid)
         self.reference = copy.deepcopy(reference.model).eval().requires_grad_(False)
-        model = self.policy.model.train()
+        # eval mode: dropout off (Emu3 ships attention_dropout 0.1), or the learner's log-probs would not
+        # be the distribution the rollout sampled from; gradients flow the same
+        model = self.policy.model.eval()
         tr = self.cfg.trainer
         optimizer = torch.optim.AdamW(model.parameters(), lr=tr.lr, weight_decay=tr.weight_decay)
         mini = self.cfg.batch_size // tr.mini_batches // self.world_size
@@ -114,6 +117,7 @@ class Learner:
                 "steps_per_print": 10**9,
             },
         )
+        self.lm = self.policy.lm(self.engine.module)  # scores through the engine's (ZeRO-managed) module
         self.generator = torch.Generator().manual_seed(self.cfg.run.seed + 1000)  # same shuffle on every rank
         if resume:
             self.engine.load_checkpoint(str(Path(self.model_path) / "optimizer"), tag="state",
@@ -141,8 +145,8 @@ class Learner:
                 for micro in mini.chunk(self.world_size)[self.rank].split(tr.micro_batch_size):
                     on_policy = not grad_norms  # no optimiser step yet: the weights the batch was drawn with
                     self._fill_reference(batch, ref, micro)
-                    logp, ent = sequence_logprobs(self.engine, batch.prompts.select(micro), batch.codes[micro],
-                                                  self.policy.space, self.params)
+                    logp, ent = sequence_logprobs(self.lm, batch.prompts.select(micro), batch.codes[micro],
+                                                  self.params)
                     terms = grpo.grpo_token_loss(logp, batch.old_logprobs[micro], ref[micro],
                                                  batch.advantages[micro], tr.clip_eps_low, tr.clip_eps_high,
                                                  tr.kl_coef)
@@ -177,8 +181,8 @@ class Learner:
         """Reference log-probs ``ref[rows]`` ``[len(rows), T]``, computed once per row (NaN = not yet)."""
         todo = rows[torch.isnan(ref[rows, 0])]
         if len(todo):
-            lp, _ = sequence_logprobs(self.reference, batch.prompts.select(todo), batch.codes[todo],
-                                      self.policy.space, self.params)
+            lp, _ = sequence_logprobs(self.policy.lm(self.reference), batch.prompts.select(todo),
+                                      batch.codes[todo], self.params)
             ref[todo] = lp
 
     @contextmanager

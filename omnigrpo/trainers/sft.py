@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 from omnigrpo.platform import world as worlds
 from omnigrpo.platform.config import Config
+from omnigrpo.rollout.builtin import WorldPolicy
 from omnigrpo.rollout.codebook import PatchCodebook
-from omnigrpo.rollout.policy import WorldPolicy
 from omnigrpo.rollout.sampler import SamplingParams, sequence_logprobs
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ def train_sft(cfg: Config, out_dir: Path, threads: int | None = None) -> dict:
         batch, images = world.sample_pairs(items, cfg.sft.batch_size, rng)
         drop = torch.from_numpy(rng.random(len(batch)) < cfg.sft.cfg_dropout)
         prompts = policy.prompt_batch([s.prompt for s in batch], drop_text=drop)
-        logprobs, _ = sequence_logprobs(model, prompts, policy.encode_images(images), policy.space, plain)
+        logprobs, _ = sequence_logprobs(policy.lm(model), prompts, policy.encode_images(images), plain)
         loss = -logprobs.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -32,8 +32,8 @@ from datasets import Dataset
 from transformers import PreTrainedModel, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
-from omnigrpo.rollout.policy import WorldPolicy
-from omnigrpo.rollout.sampler import ImageSpace
+from omnigrpo.rollout.builtin import WorldPolicy
+from omnigrpo.rollout.policy import ImageSpace
 
 NON_IMAGE_LOGIT = -1e4  # exp() of it (minus any realistic logit) is exactly 0 in fp32
 

@@ -7,7 +7,7 @@ import torch
 
 from omnigrpo.cluster import actors
 from omnigrpo.platform.driver import train
-from omnigrpo.rollout.policy import WorldPolicy
+from omnigrpo.rollout.builtin import WorldPolicy
 
 
 def test_two_ranks_stay_identical_and_rollouts_get_their_weights(tiny_config, sft_path, tmp_path):

@@ -9,7 +9,7 @@ import torch
 from omnigrpo.platform import shapes
 from omnigrpo.platform.bench import run_bench
 from omnigrpo.rollout.baseline import hf_generate, hf_generate_batched
-from omnigrpo.rollout.policy import WorldPolicy
+from omnigrpo.rollout.builtin import WorldPolicy
 from omnigrpo.rollout.sampler import SamplingParams, sample_images
 
 
@@ -19,7 +19,7 @@ def test_generate_baselines_draw_the_same_images_greedily(sft_path, cfg_scale):
     policy = WorldPolicy.from_pretrained(sft_path)
     batch = policy.prompt_batch([s.prompt for s in shapes.held_out_scenes()[:4]])
     params = SamplingParams(top_k=1, cfg_scale=cfg_scale)
-    ours, _ = sample_images(policy.model, batch, policy.space, params)
+    ours, _ = sample_images(policy.lm(), batch, params)
     assert torch.equal(hf_generate(policy.model, batch, policy.space, params), ours)
     if params.guided:
         assert torch.equal(hf_generate_batched(policy.model, batch, policy.space, params), ours)

@@ -7,7 +7,7 @@ from mlflow.tracking import MlflowClient
 
 from omnigrpo.platform.driver import train
 from omnigrpo.platform.tracking import store_uri
-from omnigrpo.rollout.policy import WorldPolicy
+from omnigrpo.rollout.builtin import WorldPolicy
 
 ROOT = Path(__file__).parents[2]
 

@@ -6,16 +6,9 @@ import torch
 
 from omnigrpo.platform import shapes
 from omnigrpo.platform.config import ModelConfig
+from omnigrpo.rollout.builtin import WorldPolicy
 from omnigrpo.rollout.codebook import PatchCodebook
-from omnigrpo.rollout.policy import WorldPolicy
-from omnigrpo.rollout.sampler import (
-    ImageSpace,
-    SamplingParams,
-    guided_logprobs,
-    image_logits,
-    sample_images,
-    sequence_logprobs,
-)
+from omnigrpo.rollout.sampler import SamplingParams, draw, guided_logprobs, sample_images, sequence_logprobs
 
 TINY = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
 
@@ -26,12 +19,21 @@ def policy():
     return WorldPolicy.create(TINY, PatchCodebook.fit(images, 32, seed=0), seed=0)
 
 
-def test_image_mode_masks_every_non_image_logit():
-    space = ImageSpace(offset=5, num_codes=3, tokens_per_image=4)
-    logits = torch.tensor([[100.0, 100.0, 100.0, 100.0, 100.0, 1.0, 2.0, 3.0, 100.0]])
-    lp = guided_logprobs(image_logits(logits, space), None, SamplingParams())
-    assert lp.shape == (1, 3)
-    assert torch.allclose(lp.exp(), torch.softmax(torch.tensor([[1.0, 2.0, 3.0]]), -1))
+def test_image_head_is_the_lm_head_restricted_to_image_codes(policy):
+    hidden = torch.randn(2, 3, 32)
+    full = policy.model.lm_head(hidden)
+    lo, k = policy.space.offset, policy.space.num_codes
+    head = policy.lm().head(hidden)
+    assert head.shape == (2, 3, k) and lo > 0
+    torch.testing.assert_close(head, full[..., lo : lo + k])
+
+
+def test_inverse_cdf_draws_follow_the_distribution_and_never_a_filtered_code():
+    probs = torch.tensor([[0.0, 0.2, 0.0, 0.5, 0.3, 0.0]]).repeat(20000, 1)
+    codes = draw(probs, torch.Generator().manual_seed(0))
+    freq = torch.bincount(codes, minlength=6).float() / len(codes)
+    assert freq[[0, 2, 5]].sum() == 0
+    assert torch.allclose(freq, probs[0], atol=0.015)
 
 
 def test_sampler_never_emits_a_text_token_even_when_text_logits_dominate(policy):
@@ -42,7 +44,7 @@ def test_sampler_never_emits_a_text_token_even_when_text_logits_dominate(policy)
     try:
         batch = policy.prompt_batch(["a red circle at the top left"] * 3)
         gen = torch.Generator().manual_seed(0)
-        codes, logps = sample_images(policy.model, batch, policy.space, SamplingParams(), gen)
+        codes, logps = sample_images(policy.lm(), batch, SamplingParams(), gen)
     finally:
         with torch.no_grad():
             head.copy_(saved)
@@ -73,7 +75,7 @@ def test_sampling_follows_the_returned_distribution():
     # With a one-token image and a fixed distribution, empirical frequencies match exp(logprob).
     logits = torch.tensor([0.0, 1.0, 2.0])
     lp = guided_logprobs(logits, None, SamplingParams(temperature=2.0))
-    draws = torch.multinomial(lp.exp(), 20000, replacement=True, generator=torch.Generator().manual_seed(0))
+    draws = draw(lp.exp().repeat(20000, 1), torch.Generator().manual_seed(0))
     freq = torch.bincount(draws, minlength=3).float() / 20000
     assert torch.allclose(freq, lp.exp(), atol=0.015)
 
@@ -92,8 +94,8 @@ def test_rollout_logprobs_equal_learner_recomputation(policy, params):
     prompts = ["a red circle at the top left", "a blue square", "green", "a yellow triangle at the bottom right"]
     batch = policy.prompt_batch(prompts)
     assert (batch.mask == 0).any()
-    codes, rollout_lp = sample_images(policy.model, batch, policy.space, params, torch.Generator().manual_seed(1))
-    learner_lp, ent = sequence_logprobs(policy.model, batch, codes, policy.space, params)
+    codes, rollout_lp = sample_images(policy.lm(), batch, params, torch.Generator().manual_seed(1))
+    learner_lp, ent = sequence_logprobs(policy.lm(), batch, codes, params)
     assert rollout_lp.dtype == torch.float32
     assert (rollout_lp - learner_lp).abs().max().item() < 1e-5
     assert ent.shape == codes.shape and (ent >= 0).all()
@@ -101,9 +103,9 @@ def test_rollout_logprobs_equal_learner_recomputation(policy, params):
 
 def test_guided_logprobs_differ_from_the_conditional_branch(policy):
     batch = policy.prompt_batch(["a red circle at the top left"] * 2)
-    codes, _ = sample_images(policy.model, batch, policy.space, SamplingParams(), torch.Generator().manual_seed(2))
-    plain, _ = sequence_logprobs(policy.model, batch, codes, policy.space, SamplingParams())
-    guided, _ = sequence_logprobs(policy.model, batch, codes, policy.space, SamplingParams(cfg_scale=4.0))
+    codes, _ = sample_images(policy.lm(), batch, SamplingParams(), torch.Generator().manual_seed(2))
+    plain, _ = sequence_logprobs(policy.lm(), batch, codes, SamplingParams())
+    guided, _ = sequence_logprobs(policy.lm(), batch, codes, SamplingParams(cfg_scale=4.0))
     assert (plain - guided).abs().max().item() > 1e-3
 
 

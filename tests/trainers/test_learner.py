@@ -7,7 +7,7 @@ import torch
 from omnigrpo.platform import shapes
 from omnigrpo.platform.config import RewardSpec
 from omnigrpo.rewards.worker import RewardWorker
-from omnigrpo.rollout.policy import WorldPolicy
+from omnigrpo.rollout.builtin import WorldPolicy
 from omnigrpo.rollout.worker import RolloutWorker
 from omnigrpo.trainers.grpo import group_advantages
 from omnigrpo.trainers.learner import Learner, TrainBatch, merge_metrics, sampling_params

@@ -10,8 +10,8 @@ from trl.trainer.utils import add_fused_lm_head
 from omnigrpo.platform import shapes
 from omnigrpo.platform.config import ModelConfig
 from omnigrpo.platform.registry import build_reward
+from omnigrpo.rollout.builtin import WorldPolicy
 from omnigrpo.rollout.codebook import PatchCodebook
-from omnigrpo.rollout.policy import WorldPolicy
 from omnigrpo.rollout.sampler import SamplingParams, sample_images, sequence_logprobs
 from omnigrpo.trainers.trl_baseline import restrict_to_image_codes, run_trl_grpo
 
@@ -33,8 +33,8 @@ def test_image_only_head_matches_omnigrpo_logprobs(tiny_policy_dir):
     policy = WorldPolicy.from_pretrained(tiny_policy_dir)
     temperature = 0.8
     batch = policy.prompt_batch(["a red circle at the top left", "a blue square at the bottom right"])
-    codes, _ = sample_images(policy.model, batch, policy.space, SamplingParams(), torch.Generator().manual_seed(0))
-    ours, _ = sequence_logprobs(policy.model, batch, codes, policy.space, SamplingParams(temperature=temperature))
+    codes, _ = sample_images(policy.lm(), batch, SamplingParams(), torch.Generator().manual_seed(0))
+    ours, _ = sequence_logprobs(policy.lm(), batch, codes, SamplingParams(temperature=temperature))
 
     restrict_to_image_codes(policy.model, policy.space)
     add_fused_lm_head(policy.model, temperature=temperature, outputs=("log_probs", "entropy"))

@@ -1,0 +1,163 @@
+"""The built-in worlds' policy: a transformers ``Qwen2ForCausalLM`` over text words and image codes.
+
+Why: the embedded default must run with real parts and no download. The model is the real Qwen2
+class built from a small config; its vocabulary comes from a word-level tokenizer built offline with
+the ``tokenizers`` library, followed by the image-segment markers and one token per code of the
+world's :class:`~omnigrpo.rollout.codebook.PatchCodebook`. A checkpoint is an ordinary
+``save_pretrained`` directory (model, tokenizer, codebook, and ``policy.json`` naming the world), so
+rollout and learner load it through the same ``from_pretrained(path)`` a user's checkpoint takes.
+
+Sequence layout: ``<bos> a red circle at the top left <som>`` then 64 image codes (shapes), or
+``<bos> write " K P 7 " <som>`` then 108 codes (glyphs: the world splits quoted text per character).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from omnigrpo.platform import world as worlds
+from omnigrpo.platform.config import ModelConfig
+from omnigrpo.rollout.codebook import PatchCodebook
+from omnigrpo.rollout.policy import ImageLM, ImagePolicy, ImageSpace, PromptBatch
+
+SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>", "<som>", "<eom>"]
+
+
+def build_tokenizer(world: str, num_codes: int) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer: special tokens, the world's words, then ``<img_0> .. <img_{K-1}>``."""
+    words = SPECIALS + worlds.get(world).vocabulary() + [f"<img_{k}>" for k in range(num_codes)]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+        padding_side="left",
+    )
+
+
+class TextVocabLM(ImageLM):
+    """Image codes as text-vocabulary tokens ``offset .. offset + K - 1`` of a ``*ForCausalLM``; the
+    image head is the LM head restricted to those rows (equal to masking every other logit, without
+    computing them)."""
+
+    @property
+    def body(self) -> torch.nn.Module:
+        return self.module.model
+
+    def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.body.embed_tokens(codes + self.space.offset)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        lo = self.space.offset
+        return torch.nn.functional.linear(hidden, self.module.lm_head.weight[lo : lo + self.space.num_codes]).float()
+
+
+class WorldPolicy(ImagePolicy):
+    """Model + tokenizer + codebook, with the prompt and decoding conventions of a built-in world."""
+
+    family = "builtin"
+
+    def __init__(self, model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFast, codebook: PatchCodebook,
+                 world: str):
+        self.world = world
+        self.words = worlds.get(world).words
+        self.model = model
+        self.tokenizer = tokenizer
+        self.codebook = codebook
+        self.space = ImageSpace(
+            num_codes=codebook.size, rows=codebook.grid[0], cols=codebook.grid[1],
+            offset=tokenizer.convert_tokens_to_ids("<img_0>"),
+        )
+        self.image_shape = codebook.image_shape
+        self.pad_id = tokenizer.pad_token_id
+        self.som_id = tokenizer.convert_tokens_to_ids("<som>")
+
+    @classmethod
+    def create(cls, cfg: ModelConfig, codebook: PatchCodebook, seed: int, world: str = "shapes") -> WorldPolicy:
+        """A randomly initialised policy of the configured size (what SFT starts from)."""
+        tokenizer = build_tokenizer(world, codebook.size)
+        config = Qwen2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            num_key_value_heads=cfg.num_kv_heads,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        torch.manual_seed(seed)
+        return cls(Qwen2ForCausalLM(config), tokenizer, codebook, world)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> WorldPolicy:
+        """Load a checkpoint directory written by :meth:`save_pretrained` (fp32, eval mode)."""
+        path = Path(path)
+        if not (path / "policy.json").exists():
+            raise FileNotFoundError(f"{path} is not a built-in world policy checkpoint (no policy.json)")
+        world = json.loads((path / "policy.json").read_text())["world"]
+        model = Qwen2ForCausalLM.from_pretrained(path, dtype=torch.float32)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+        codebook = PatchCodebook.load(path)
+        if model.config.vocab_size != len(tokenizer) or len(tokenizer) != (
+            tokenizer.convert_tokens_to_ids("<img_0>") + codebook.size
+        ):
+            raise ValueError(
+                f"{path}: model vocabulary ({model.config.vocab_size}) does not match tokenizer "
+                f"({len(tokenizer)}) and codebook ({codebook.size} codes)"
+            )
+        return cls(model.eval(), tokenizer, codebook, world)
+
+    def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path, state_dict=state_dict)
+        self.tokenizer.save_pretrained(path)
+        self.codebook.save(path)
+        (path / "policy.json").write_text(json.dumps({"world": self.world}))
+
+    def lm(self, module: torch.nn.Module | None = None) -> TextVocabLM:
+        return TextVocabLM(self.model if module is None else module, self.space)
+
+    @staticmethod
+    def pixels(path: str | Path, grid: tuple[int, int] | None = None) -> tuple[int, int]:
+        return tuple(json.loads((Path(path) / "codebook.json").read_text())["image_shape"])
+
+    @staticmethod
+    def image_vocabulary(path: str | Path) -> int:
+        return int(np.load(Path(path) / "codebook.npy", mmap_mode="r").shape[0])
+
+    def prompt_text(self, prompt: str) -> str:
+        """The tokenizer's input for a prompt: ``<bos>``, the world's words, ``<som>``."""
+        return " ".join(["<bos>", *self.words(prompt), "<som>"])
+
+    def prompt_batch(self, prompts: list[str], drop_text: torch.Tensor | None = None) -> PromptBatch:
+        """Tokenise prompts into a left-padded :class:`PromptBatch`.
+
+        Args:
+            drop_text: optional bool ``[B]``; where True the conditional prompt is replaced by the
+                unconditional one (SFT's prompt dropout, which teaches the guidance branch).
+        """
+        enc = self.tokenizer([self.prompt_text(p) for p in prompts], padding=True, return_tensors="pt")
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        keep = (ids == self.tokenizer.bos_token_id) | (ids == self.som_id)
+        uncond = torch.where(keep, ids, torch.full_like(ids, self.pad_id))
+        if drop_text is not None:
+            ids = torch.where(drop_text[:, None], uncond, ids)
+        return PromptBatch(ids=ids, uncond_ids=uncond, mask=mask, pad_id=self.pad_id)
+
+    def encode_images(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 ``[B, H, W, 3]`` -> codes ``[B, T]``."""
+        return torch.from_numpy(self.codebook.encode(images))
+
+    def decode(self, codes: torch.Tensor) -> np.ndarray:
+        """codes ``[B, T]`` -> uint8 images ``[B, H, W, 3]``."""
+        return self.codebook.decode(codes.cpu().numpy())

@@ -1,0 +1,100 @@
+"""Emu3 (``Emu3ForConditionalGeneration``) in image-generation mode.
+
+Why: Emu3 keeps its visual codes inside the text vocabulary (``<|visual token 000000|>`` ...) and ends
+every row of the image with an end-of-line token (``<|extra_200|>``) that the model expects but that is
+never a choice: the sampler feeds it and the GRPO loss ignores it (``ImageSpace.eol_id``). The image
+head is ``lm_head`` restricted to the visual tokens, which must be contiguous ids (checked on load).
+Conventions follow transformers' ``Emu3Processor(return_for_image_generation=True)``: the prompt is
+``<bos>{prompt}<|image start|>{h}*{w}<|image token|>``; the unconditional prompt is the same without
+text (an empty negative prompt), left-padded to the same width. ``h x w`` is the code grid
+(``emu3.json`` or the ``grid`` argument; Emu3's default 720 px square = 90 x 90); pixels come from the
+checkpoint's VQ model, 8 px per code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoTokenizer, Emu3ForConditionalGeneration
+
+from omnigrpo.rollout.builtin import TextVocabLM
+from omnigrpo.rollout.policy import ImageLM, ImagePolicy, ImageSpace, PromptBatch
+
+EOL, IMAGE_START, IMAGE_WRAPPER = "<|extra_200|>", "<|image start|>", "<|image token|>"
+
+
+class Emu3LM(TextVocabLM):
+    @property
+    def body(self) -> torch.nn.Module:
+        return self.module.model.text_model
+
+
+class Emu3Policy(ImagePolicy):
+    family = "emu3"
+
+    def __init__(self, model: Emu3ForConditionalGeneration, tokenizer, grid: tuple[int, int]):
+        self.model, self.tokenizer = model, tokenizer
+        mapping = model.model.vocabulary_mapping
+        ids = torch.tensor([mapping.img2bpe[k] for k in range(len(mapping.img2bpe))])
+        if not torch.equal(ids, ids[0] + torch.arange(len(ids))):
+            raise ValueError("Emu3 checkpoint: visual tokens are not contiguous ids in the vocabulary")
+        self.space = ImageSpace(num_codes=len(ids), rows=grid[0], cols=grid[1], offset=int(ids[0]),
+                                eol_id=mapping.eol_token_id)
+        scale = model.model.vqmodel.spatial_scale_factor
+        self.image_shape = (grid[0] * scale, grid[1] * scale)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, grid: tuple[int, int] | None = None) -> Emu3Policy:
+        model = Emu3ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        meta = Path(path) / "emu3.json"
+        if grid is None:
+            grid = tuple(json.loads(meta.read_text())["grid"]) if meta.exists() else (90, 90)
+        return cls(model, tokenizer, grid)
+
+    @staticmethod
+    def pixels(path: str | Path, grid: tuple[int, int] | None = None) -> tuple[int, int]:
+        meta = Path(path) / "emu3.json"
+        grid = grid or (tuple(json.loads(meta.read_text())["grid"]) if meta.exists() else (90, 90))
+        cfg = json.loads((Path(path) / "config.json").read_text())
+        scale = 2 ** (len(cfg["vq_config"].get("channel_multiplier", [1, 2, 2, 4])) - 1)
+        return grid[0] * scale, grid[1] * scale
+
+    @staticmethod
+    def image_vocabulary(path: str | Path) -> int:
+        return int(json.loads((Path(path) / "config.json").read_text())["vq_config"]["codebook_size"])
+
+    def save_pretrained(self, path, state_dict=None):
+        path = Path(path)
+        self.model.save_pretrained(path, state_dict=state_dict)
+        self.tokenizer.save_pretrained(path)
+        (path / "emu3.json").write_text(json.dumps({"grid": [self.space.rows, self.space.cols]}))
+
+    def lm(self, module=None) -> ImageLM:
+        return Emu3LM(self.model if module is None else module, self.space)
+
+    def prompt_batch(self, prompts: list[str], drop_text: torch.Tensor | None = None) -> PromptBatch:
+        prefix = f"{IMAGE_START}{self.space.rows}*{self.space.cols}{IMAGE_WRAPPER}"
+        bos = self.tokenizer.bos_token or ""
+        drop = drop_text.tolist() if drop_text is not None else [False] * len(prompts)
+        cond = self.tokenizer([bos + ("" if d else p) + prefix for p, d in zip(prompts, drop, strict=True)],
+                              padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False)
+        uncond = self.tokenizer([bos + prefix] * len(prompts), return_tensors="pt", add_special_tokens=False)
+        pad = cond["input_ids"].shape[1] - uncond["input_ids"].shape[1]
+        u_ids = torch.nn.functional.pad(uncond["input_ids"], (pad, 0), value=self.pad_id)
+        u_mask = torch.nn.functional.pad(uncond["attention_mask"], (pad, 0), value=0)
+        return PromptBatch(cond["input_ids"], u_ids, cond["attention_mask"], self.pad_id, u_mask)
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor) -> np.ndarray:
+        grid = codes.view(-1, self.space.rows, self.space.cols)
+        pixels = self.model.model.vqmodel.decode(grid)  # [B, 3, H, W] in [-1, 1]
+        return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+    def code_embeddings(self, codes: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model.model.vqmodel.quantize.embedding(codes).float()

@@ -1,0 +1,216 @@
+"""X-Omni's architecture, written here so its published checkpoints load without their remote code.
+
+Why: X-Omni-En / -Zh / -SFT ship only as ``trust_remote_code`` checkpoints, which cannot be fetched
+in many clusters (and should not be executed unreviewed). This is our own implementation of the
+architecture the public model code describes, loading the published state dict by name:
+
+- a Qwen2.5 body whose ``model.layers`` hold, in order, ``num_mm_adap_layers`` vision blocks, the LM
+  layers, and ``num_mm_head_layers`` vision blocks. A vision block runs over the whole sequence (text
+  positions still supply keys and values) but only image positions take its output;
+- separate tables: ``model.lm_embed_tokens`` / ``model.mm_embed_tokens`` (image code k is token id
+  ``vocab_size + k``), ``model.lm_norm`` / ``model.mm_norm`` (chosen per position), ``lm_head`` /
+  ``mm_head`` (``mm_vocab_size`` rows, of which the first ``image_vocab_size`` are codes);
+- the image segment ``<SOM>{h} {w}<IMAGE>`` + h*w codes + ``<EOM>``; in image mode only the code
+  logits exist (the rest of the vocabulary is masked), and the first code is predicted from the
+  ``<IMAGE>`` position;
+- CFG's unconditional prompt is the image prefix alone, as in X-Omni's ``generate.py``.
+
+The SigLIP-VQ tokenizer and the FLUX decoder are separate, frozen components (not in this state dict);
+:mod:`omnigrpo.rollout.diffusion` is the decoder stage.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, Qwen2Config
+from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding
+
+from omnigrpo.rollout import engine
+from omnigrpo.rollout.policy import ImageLM, ImagePolicy, ImageSpace, PromptBatch
+
+
+class XOmniConfig(Qwen2Config):
+    """Qwen2 configuration plus the multimodal fields of X-Omni's published ``config.json``."""
+
+    model_type = "x-omni"
+
+    def __init__(self, num_mm_adap_layers: int = 4, num_mm_head_layers: int = 4, mm_vocab_size: int = 16448,
+                 image_vocab_size: int = 16384, mm_special_tokens: tuple[str, ...] = ("<SOM>", "<EOM>", "<IMAGE>"),
+                 vision_config: dict | None = None, **kwargs):
+        self.num_mm_adap_layers = num_mm_adap_layers
+        self.num_mm_head_layers = num_mm_head_layers
+        self.mm_vocab_size = mm_vocab_size
+        self.image_vocab_size = image_vocab_size
+        self.mm_special_tokens = list(mm_special_tokens)
+        self.vision_config = vision_config or {}
+        super().__init__(**kwargs)
+
+    def image_only(self) -> list[bool]:
+        """Per entry of ``model.layers``: is it a vision-only block?"""
+        n = self.num_hidden_layers
+        return [i < self.num_mm_adap_layers or i >= n - self.num_mm_head_layers for i in range(n)]
+
+
+AutoConfig.register("x-omni", XOmniConfig, exist_ok=True)
+
+
+class XOmniModel(PreTrainedModel):
+    """The body: embeddings, the mixed layer stack and the two final norms (published names)."""
+
+    config_class = XOmniConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["Qwen2DecoderLayer"]
+    _supports_sdpa = True
+
+    def __init__(self, config: XOmniConfig):
+        super().__init__(config)
+        self.lm_embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.mm_embed_tokens = nn.Embedding(config.mm_vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Qwen2DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.lm_norm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mm_norm = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = Qwen2RotaryEmbedding(config=config)
+        self.image_only = config.image_only()
+        self.post_init()
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids ``[B, L]`` (codes as ``vocab_size + k``) -> ``[B, L, D]`` from the matching table."""
+        vocab = self.config.vocab_size
+        image = ids >= vocab
+        text = self.lm_embed_tokens(ids.masked_fill(image, 0))
+        codes = self.mm_embed_tokens((ids - vocab).clamp_min(0))
+        return torch.where(image[..., None], codes, text)
+
+    def forward(self, inputs_embeds: torch.Tensor, image: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor) -> torch.Tensor:
+        """Full-sequence forward: ``[B, L, D]`` embeddings, bool ``image`` ``[B, L]``, 0/1 ``attention_mask``
+        ``[B, L]`` (left padding) -> normed hidden states ``[B, L, D]``."""
+        x = inputs_embeds
+        mask = engine.causal_mask(attention_mask.bool())
+        rope = self.rotary_emb(x, position_ids)
+        for layer, image_only in zip(self.layers, self.image_only, strict=True):
+            out = layer(x, attention_mask=mask, position_ids=position_ids, position_embeddings=rope)
+            x = torch.where(image[..., None], out, x) if image_only else out
+        return torch.where(image[..., None], self.mm_norm(x), self.lm_norm(x))
+
+
+class XOmniForCausalLM(PreTrainedModel):
+    """``model`` + ``lm_head`` + ``mm_head``, as in the published checkpoints."""
+
+    config_class = XOmniConfig
+    base_model_prefix = ""
+    _no_split_modules = ["Qwen2DecoderLayer"]
+    _supports_sdpa = True
+
+    def __init__(self, config: XOmniConfig):
+        super().__init__(config)
+        self.model = XOmniModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.mm_head = nn.Linear(config.hidden_size, config.mm_vocab_size, bias=False)
+        self.post_init()
+
+
+class XOmniLM(ImageLM):
+    @property
+    def body(self) -> XOmniModel:
+        return self.module.model
+
+    def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.body.lm_embed_tokens(ids)
+
+    def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.body.mm_embed_tokens(codes)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Image mode: the first ``image_vocab_size`` rows of ``mm_head`` are the only logits."""
+        return nn.functional.linear(hidden, self.module.mm_head.weight[: self.space.num_codes]).float()
+
+    def hidden_states(self, embeds, mask, positions, image):
+        return self.body(embeds, image, mask, positions)
+
+    def fast_forward(self, embeds, positions, valid, image, cache):
+        body = self.body
+        x = engine.forward_layers(body.layers, self.packed, body.rotary_emb, embeds, positions, valid, cache,
+                                  body.image_only, image)
+        return body.mm_norm(x) if image else body.lm_norm(x)
+
+
+class XOmniPolicy(ImagePolicy):
+    """X-Omni with its tokenizer; ``model.path`` is a published checkpoint or one of ours.
+
+    Images are ``rows x cols`` codes (``xomni.json``, default 32 x 32 = 512 px at X-Omni's 16 px per
+    code). Pixels come from the diffusion decoder stage; :meth:`decode` alone renders a code map."""
+
+    family = "xomni"
+
+    def __init__(self, model: XOmniForCausalLM, tokenizer, grid: tuple[int, int], path: str | Path = ""):
+        self.model, self.tokenizer, self.path = model, tokenizer, str(path)
+        cfg = model.config
+        self.space = ImageSpace(num_codes=cfg.image_vocab_size, rows=grid[0], cols=grid[1])
+        self.image_shape = (grid[0] * 16, grid[1] * 16)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, grid: tuple[int, int] | None = None) -> XOmniPolicy:
+        model = XOmniForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer.padding_side = "left"
+        meta = Path(path) / "xomni.json"
+        if grid is None:
+            grid = tuple(json.loads(meta.read_text())["grid"]) if meta.exists() else (32, 32)
+        return cls(model, tokenizer, grid, path)
+
+    @staticmethod
+    def pixels(path: str | Path, grid: tuple[int, int] | None = None) -> tuple[int, int]:
+        meta = Path(path) / "xomni.json"
+        grid = grid or (tuple(json.loads(meta.read_text())["grid"]) if meta.exists() else (32, 32))
+        return grid[0] * 16, grid[1] * 16
+
+    @staticmethod
+    def image_vocabulary(path: str | Path) -> int:
+        return int(json.loads((Path(path) / "config.json").read_text())["image_vocab_size"])
+
+    def save_pretrained(self, path, state_dict=None):
+        path = Path(path)
+        self.model.save_pretrained(path, state_dict=state_dict)
+        self.tokenizer.save_pretrained(path)
+        (path / "xomni.json").write_text(json.dumps({"grid": [self.space.rows, self.space.cols]}))
+
+    def lm(self, module=None) -> XOmniLM:
+        return XOmniLM(self.model if module is None else module, self.space)
+
+    def image_prefix(self) -> str:
+        som, _, img = self.model.config.mm_special_tokens
+        return f"{som}{self.space.rows} {self.space.cols}{img}"
+
+    def prompt_batch(self, prompts: list[str], drop_text: torch.Tensor | None = None) -> PromptBatch:
+        prefix = self.image_prefix()
+        texts = [prefix if drop_text is not None and bool(d) else p + prefix
+                 for p, d in zip(prompts, drop_text if drop_text is not None else [False] * len(prompts),
+                                 strict=True)]
+        cond = self.tokenizer(texts, padding=True, return_tensors="pt")
+        uncond = self.tokenizer([prefix] * len(prompts), return_tensors="pt")
+        width = cond["input_ids"].shape[1]
+        pad = width - uncond["input_ids"].shape[1]
+        u_ids = nn.functional.pad(uncond["input_ids"], (pad, 0), value=self.pad_id)
+        u_mask = nn.functional.pad(uncond["attention_mask"], (pad, 0), value=0)
+        return PromptBatch(cond["input_ids"], u_ids, cond["attention_mask"], self.pad_id, u_mask)
+
+    def code_embeddings(self, codes: torch.Tensor) -> torch.Tensor:
+        """The policy's own image embeddings of ``codes`` ``[B, T]`` -> ``[B, T, D]`` (the diffusion decoder's
+        condition when no SigLIP-VQ codebook is configured)."""
+        with torch.no_grad():
+            return self.model.model.mm_embed_tokens(codes).float()
+
+    def decode(self, codes: torch.Tensor) -> np.ndarray:
+        """A code map, 16 px per code (a deterministic colour per code): X-Omni's real pixels come from its
+        diffusion decoder stage (``decoder.path``), which the driver runs on its own actors."""
+        rng = np.random.default_rng(0)
+        palette = rng.integers(0, 256, size=(self.space.num_codes, 3), dtype=np.uint8)
+        grid = palette[codes.cpu().numpy().reshape(-1, self.space.rows, self.space.cols)]
+        return grid.repeat(16, 1).repeat(16, 2)
