@@ -12,6 +12,7 @@ that dies is replaced in its bundle and its batch retried (``collect``), up to `
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import secrets
@@ -27,6 +28,7 @@ from omnigrpo.cluster import placement
 from omnigrpo.cluster.environment import prepare_local_ray_env, wants_local_cluster
 from omnigrpo.platform.config import Config
 from omnigrpo.rewards.worker import RewardResult, RewardWorker
+from omnigrpo.rollout.diffusion import DiffusionDecoder
 from omnigrpo.rollout.worker import RolloutBatch, RolloutWorker
 from omnigrpo.trainers.learner import Learner, merge_metrics, sampling_params
 
@@ -64,6 +66,8 @@ class Workers:
     cfg: Config
     model_path: str
     placement: placement.Placement
+    decoders: list = dataclasses.field(default_factory=list)
+    """Diffusion-decoder actors (empty: rollout actors decode with the policy's VQ decoder)."""
     version: int = 0
     """Weight version every rollout actor holds (a replacement gets it from the learner)."""
     restarts: int = 0
@@ -97,6 +101,7 @@ def spawn(cfg: Config, model_path: str, extensions_dir: str, reference_path: str
     env = {"runtime_env": {"env_vars": {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": extensions_dir}}}
     rollouts = [_rollout_actor(cfg, model_path, i, plan) for i in range(cfg.cluster.rollout_workers)]
     rewards = [_reward_actor(cfg, i, plan) for i in range(cfg.cluster.reward_workers)]
+    decoders = [_decoder_actor(cfg, i, plan) for i in range(cfg.cluster.decoder_workers if cfg.decoder.path else 0)]
     size = cfg.cluster.learner_workers
     # the group meets at a file store in the run directory (shared storage on a multi-node cluster)
     Path(cfg.run.dir).resolve().mkdir(parents=True, exist_ok=True)
@@ -104,10 +109,10 @@ def spawn(cfg: Config, model_path: str, extensions_dir: str, reference_path: str
     learners = [ray.remote(Learner).options(**plan.options("learner", rank), **env).remote(
         cfg, model_path, rendezvous=rendezvous if size > 1 else None, rank=rank, world_size=size,
         reference_path=reference_path) for rank in range(size)]
-    ray.get([w.setup.remote() for w in rollouts + rewards]
+    ray.get([w.setup.remote() for w in rollouts + rewards + decoders]
             + [learner.setup.remote(extensions_dir, threads, resume) for learner in learners])
     workers = Workers(rollouts=rollouts, rewards=rewards, learners=learners, cfg=cfg, model_path=model_path,
-                      placement=plan)
+                      placement=plan, decoders=decoders)
     if cfg.cluster.weight_sync == "broadcast":
         join_weight_group(workers)
     return workers
@@ -144,7 +149,7 @@ def release(workers: Workers) -> None:
     """Stop every actor of the run and free its placement group (for callers that keep Ray running)."""
     from ray.util.placement_group import remove_placement_group
 
-    for actor in workers.rollouts + workers.rewards + workers.learners:
+    for actor in workers.rollouts + workers.rewards + workers.decoders + workers.learners:
         ray.kill(actor)
     remove_placement_group(workers.placement.group)
 
@@ -155,7 +160,14 @@ def _rollout_actor(cfg: Config, model_path: str, index: int, plan: placement.Pla
     name = f"omnigrpo-rollout-{index}-{secrets.token_hex(4)}"
     cls = ray.remote(RolloutWorker).options(max_concurrency=1, name=name, **plan.options("rollout", index))
     return cls.remote(model_path, sampling_params(cfg), cfg.run.seed + 17 * index + 7919 * restart,
-                      cfg.cluster.torch_threads, cfg.model.family, tuple(cfg.model.image_grid) or None)
+                      cfg.cluster.torch_threads, cfg.model.family, tuple(cfg.model.image_grid) or None,
+                      not cfg.decoder.path)
+
+
+def _decoder_actor(cfg: Config, index: int, plan: placement.Placement, restart: int = 0):
+    cls = ray.remote(DiffusionDecoder).options(**plan.options("decoder", index))
+    return cls.remote(cfg.decoder.path, cfg.decoder.steps, cfg.decoder.guidance,
+                      cfg.run.seed + 31 * index + 7919 * restart, cfg.cluster.torch_threads)
 
 
 def _reward_actor(cfg: Config, index: int, plan: placement.Placement):
@@ -180,6 +192,10 @@ def _replace(workers: Workers, role: str, index: int, err: Exception) -> None:
         ray.get(actor.setup.remote())
         ray.get(actor.load_weights.remote(weights_ref(workers), workers.version))
         workers.rollouts[index] = actor
+    elif role == "decoder":
+        actor = _decoder_actor(workers.cfg, index, workers.placement, workers.restarts)
+        ray.get(actor.setup.remote())
+        workers.decoders[index] = actor
     else:
         actor = _reward_actor(workers.cfg, index, workers.placement)
         ray.get(actor.setup.remote())
@@ -196,9 +212,31 @@ def collect(workers: Workers, role: str, pending: list[Pending]) -> list:
                 break
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
                 _replace(workers, role, item.index, err)
-                actor = (workers.rollouts if role == "rollout" else workers.rewards)[item.index]
-                item.ref = (actor.generate if role == "rollout" else actor.score).remote(*item.args)
+                actor = getattr(workers, ROLE_POOLS[role])[item.index]
+                item.ref = getattr(actor, ROLE_CALLS[role]).remote(*item.args)
     return out
+
+
+ROLE_POOLS = {"rollout": "rollouts", "decoder": "decoders", "reward": "rewards"}
+ROLE_CALLS = {"rollout": "generate", "decoder": "decode", "reward": "score"}
+
+
+def submit_decode(workers: Workers, batch: RolloutBatch) -> list:
+    """Start painting the batch's codes on the decoder pool, in consecutive shards (none without a pool)."""
+    bounds = np.linspace(0, len(batch.prompts), len(workers.decoders) + 1).astype(int)
+    pending = []
+    for i, (w, a, b) in enumerate(zip(workers.decoders, bounds[:-1], bounds[1:], strict=True)):
+        if b > a:
+            args = (batch.codes[a:b], batch.grid)
+            pending.append(Pending(i, w.decode.remote(*args), args))
+    return pending
+
+
+def painted(workers: Workers, batch: RolloutBatch, pending: list) -> RolloutBatch:
+    """The batch with the decoder pool's images (unchanged when the rollout actors decoded)."""
+    if not workers.decoders:
+        return batch
+    return dataclasses.replace(batch, images=np.concatenate(collect(workers, "decoder", pending)))
 
 
 def submit_generate(workers: Workers, prompts: list[str], metadata: list[dict], group_size: int,
@@ -216,9 +254,10 @@ def submit_generate(workers: Workers, prompts: list[str], metadata: list[dict], 
 
 def generate(workers: Workers, prompts: list[str], metadata: list[dict], group_size: int,
              seed: int | None = None) -> RolloutBatch:
-    """Sample and wait: one batch, one weight version."""
-    return RolloutBatch.concat(collect(workers, "rollout", submit_generate(workers, prompts, metadata, group_size,
-                                                                           seed)))
+    """Sample (and paint, with a decoder pool) and wait: one batch, one weight version."""
+    batch = RolloutBatch.concat(collect(workers, "rollout", submit_generate(workers, prompts, metadata, group_size,
+                                                                            seed)))
+    return painted(workers, batch, submit_decode(workers, batch))
 
 
 def submit_score(workers: Workers, batch: RolloutBatch) -> list:
@@ -241,11 +280,12 @@ def score(workers: Workers, batch: RolloutBatch) -> RewardResult:
 
 def generate_and_score(workers: Workers, prompts: list[str], metadata: list[dict], group_size: int,
                        chunks: int, timings: dict[str, float]) -> tuple[RolloutBatch, RewardResult]:
-    """One step's rollout in ``chunks`` pieces, each judged while the next one samples.
+    """One step's rollout in ``chunks`` pieces, each painted (decoder pool) and judged while the next one
+    samples.
 
-    All pieces use the same weights, so the step stays on-policy; only reward time is hidden behind
-    sampling. ``timings`` gets ``timing/rollout_s`` (until the last piece is sampled) and
-    ``timing/reward_s`` (judging left after that).
+    All pieces use the same weights, so the step stays on-policy; only decode and reward time is hidden
+    behind sampling. ``timings`` gets ``timing/rollout_s`` (until the last piece is sampled and painted)
+    and ``timing/reward_s`` (judging left after that).
     """
     start = time.perf_counter()
     pieces = [p for p in np.array_split(np.arange(len(prompts)), chunks) if len(p)]
@@ -253,9 +293,11 @@ def generate_and_score(workers: Workers, prompts: list[str], metadata: list[dict
     pending = submit_generate(workers, *take(pieces[0]), group_size)
     batches, judged = [], []
     for k in range(len(pieces)):
-        batches.append(RolloutBatch.concat(collect(workers, "rollout", pending)))
+        sampled = RolloutBatch.concat(collect(workers, "rollout", pending))
+        decoding = submit_decode(workers, sampled)  # the token batch streams to the decoder pool
         if k + 1 < len(pieces):
             pending = submit_generate(workers, *take(pieces[k + 1]), group_size)
+        batches.append(painted(workers, sampled, decoding))
         judged.append(submit_score(workers, batches[-1]))
     timings["timing/rollout_s"] = time.perf_counter() - start
     results = [RewardResult.concat(collect(workers, "reward", refs)) for refs in judged]

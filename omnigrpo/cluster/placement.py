@@ -1,7 +1,7 @@
 """Where each role's actors run: resources per role, colocated or split, as one Ray placement group.
 
-Why: a run is rollout, reward and learner actors competing for the same CPUs and GPUs. The config names
-what each role's actor needs (``cluster.<role>_cpus`` / ``_gpus``; 0 CPUs = an equal share of the
+Why: a run is rollout, (diffusion) decoder, reward and learner actors competing for the same CPUs and
+GPUs. The config names what each role's actor needs (``cluster.<role>_cpus`` / ``_gpus``; 0 CPUs = an equal share of the
 cluster) and the mode:
 
 - ``split``: every actor gets a bundle of its own (separate pools: rollout never waits for the
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from omnigrpo.platform.config import Config
 
-ROLES = ("rollout", "reward", "learner")
+ROLES = ("rollout", "decoder", "reward", "learner")
 
 
 class ClusterShortfall(RuntimeError):
@@ -42,7 +42,8 @@ class Demand:
 def demands(cfg: Config, cluster_cpus: float) -> list[Demand]:
     """Per-role demand; a role with 0 CPUs configured gets an equal share of ``cluster_cpus``."""
     c = cfg.cluster
-    counts = {"rollout": c.rollout_workers, "reward": c.reward_workers, "learner": c.learner_workers}
+    counts = {"rollout": c.rollout_workers, "decoder": c.decoder_workers if cfg.decoder.path else 0,
+              "reward": c.reward_workers, "learner": c.learner_workers}
     share = cluster_cpus / sum(counts.values())
     out = []
     for role in ROLES:

@@ -92,6 +92,18 @@ class ModelConfig:
 
 
 @dataclass(frozen=True, config=_STRICT)
+class DecoderConfig:
+    path: str = ""
+    """Directory of a diffusion decoder (``omnigrpo.rollout.diffusion``: ``transformer/``, ``projector/``,
+    ``vae/``, ``scheduler/``) run as its own pool of ``cluster.decoder_workers`` actors (``xomni`` only);
+    empty = the policy's own decoder, inside the rollout worker."""
+    steps: PositiveInt = 28
+    """Flow-matching steps per image."""
+    guidance: Annotated[float, Field(ge=0.0)] = 1.0
+    """True CFG of the decoder against zeroed code features; 1.0 = one branch."""
+
+
+@dataclass(frozen=True, config=_STRICT)
 class SFTConfig:
     steps: PositiveInt = 800
     """Optimiser steps of supervised training on synthetic prompt/image pairs."""
@@ -222,6 +234,12 @@ class ClusterConfig:
     """CPUs each rollout actor reserves; 0 = an equal share of the cluster with the other actors."""
     rollout_gpus: Annotated[float, Field(ge=0.0)] = 0.0
     """GPUs each rollout actor reserves. Only 0 works today: the built-in policy samples on CPU."""
+    decoder_workers: PositiveInt = 1
+    """Diffusion-decoder actors (only with ``decoder.path``); a step's token batches are split between them."""
+    decoder_cpus: Annotated[float, Field(ge=0.0)] = 0.0
+    """CPUs each decoder actor reserves; 0 = an equal share of the cluster with the other actors."""
+    decoder_gpus: Annotated[float, Field(ge=0.0)] = 0.0
+    """GPUs each decoder actor reserves (the decoder runs on the GPU Ray assigns it)."""
     reward_cpus: Annotated[float, Field(ge=0.0)] = 0.0
     """CPUs each reward actor reserves; 0 = an equal share of the cluster with the other actors."""
     reward_gpus: Annotated[float, Field(ge=0.0)] = 0.0
@@ -252,6 +270,7 @@ class Config:
     world: WorldConfig = Field(default_factory=WorldConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
+    decoder: DecoderConfig = Field(default_factory=DecoderConfig)
     sft: SFTConfig = Field(default_factory=SFTConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     rewards: list[RewardSpec] = Field(default_factory=lambda: [RewardSpec(name="shapes")])
@@ -392,6 +411,9 @@ def _model_problems(cfg: Config) -> list[str]:
     if m.image_grid and (len(m.image_grid) != 2 or m.family not in ("emu3", "xomni")):
         problems.append(f"  model.image_grid: must be [rows, cols], and only emu3 / xomni take one (family "
                         f"{m.family!r} has its size fixed by the checkpoint)")
+    if cfg.decoder.path and m.family != "xomni":
+        problems.append(f"  decoder.path: the diffusion decoder stage paints X-Omni's codes (model.family xomni), "
+                        f"not {m.family!r}'s (their VQ decoder runs in the rollout worker)")
     if m.family == "builtin" and m.image_codes and m.image_codes != cfg.world.codebook_size:
         problems.append(f"  model.image_codes: {m.image_codes} differs from world.codebook_size "
                         f"{cfg.world.codebook_size}")

@@ -69,6 +69,10 @@ def check_rewards(cfg: Config, prompts: list[str], metadata: list[dict]) -> None
     shape = worlds.get(cfg.world.name).IMAGE_SHAPE
     if cfg.model.path:
         shape = family_class(cfg.model.family).pixels(cfg.model.path, tuple(cfg.model.image_grid) or None)
+    if cfg.decoder.path:  # the decoder paints 2 * its VAE's scale px per code, i.e. scales the code map
+        from omnigrpo.rollout.diffusion import DiffusionDecoder
+
+        shape = DiffusionDecoder.pixels(cfg.decoder.path, (shape[0] // 16, shape[1] // 16))  # xomni: 16 px/code
     blank = np.zeros((2, *shape, 3), dtype=np.uint8)
     two_prompts, two_metadata = (prompts * 2)[:2], (metadata * 2)[:2]
     for spec in cfg.rewards:

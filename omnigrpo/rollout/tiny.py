@@ -116,3 +116,24 @@ def build(family: str, directory: str | Path, seed: int = 0) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     BUILDERS[family](directory, seed)
     return directory
+
+
+def diffusion_decoder(directory: str | Path, codes: int = 64, seed: int = 0) -> Path:
+    """A tiny decoder directory for :class:`~omnigrpo.rollout.diffusion.DiffusionDecoder`: FLUX transformer
+    (1 + 1 blocks), 2-level VAE (4 px per code), 8-dim codebook projected to 32 channels."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+
+    from omnigrpo.rollout.diffusion import CodeConditionedFlux, CodeProjector
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    CodeConditionedFlux(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                        axes_dims_rope=(4, 6, 6), siglip_channels=32).save_pretrained(directory / "transformer")
+    CodeProjector(codebook_size=codes, codebook_dim=8, out_channels=32, blocks=1, groups=8).save_pretrained(
+        directory / "projector")
+    AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32),
+                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                  layers_per_block=1, norm_num_groups=8).save_pretrained(directory / "vae")
+    FlowMatchEulerDiscreteScheduler().save_pretrained(directory / "scheduler")
+    return directory

@@ -29,7 +29,8 @@ class RolloutBatch:
     """``N = len(prompts)`` samples, each prompt repeated ``group_size`` times, groups contiguous.
 
     ``prompt_batch``: ``[N, P]``; ``codes``/``logprobs``: ``[N, T]``; ``images``: uint8 ``[N, H, W, 3]``;
-    ``group``: ``[N]`` group index; ``version``: weight version the whole batch was drawn with.
+    ``group``: ``[N]`` group index; ``version``: weight version the whole batch was drawn with;
+    ``grid``: (rows, cols) of codes per image (what a decoder stage needs to paint them).
     """
 
     prompts: list[str]
@@ -40,6 +41,7 @@ class RolloutBatch:
     logprobs: torch.Tensor
     images: np.ndarray
     version: int
+    grid: tuple[int, int] = (0, 0)
 
     @staticmethod
     def concat(parts: list[RolloutBatch]) -> RolloutBatch:
@@ -69,6 +71,7 @@ class RolloutBatch:
             logprobs=torch.cat([p.logprobs for p in parts]),
             images=np.concatenate([p.images for p in parts]),
             version=versions.pop(),
+            grid=parts[0].grid,
         )
 
 
@@ -113,6 +116,7 @@ class RolloutWorker:
             logprobs=logprobs,
             images=self.policy.decode(codes) if self.decode else np.zeros((len(codes), 0, 0, 3), np.uint8),
             version=self.version,
+            grid=(self.policy.space.rows, self.policy.space.cols),
         )
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:

@@ -36,3 +36,21 @@ def test_one_grpo_step_per_family(tiny_config, tmp_path, monkeypatch, family):
     after = load_policy(family, summary["checkpoint"]).model.state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert changed, "no parameter moved"
+
+
+def test_xomni_with_a_diffusion_decoder_pool(tiny_config, tmp_path, monkeypatch):
+    """Rollout returns codes only; a pool of decoder actors paints them; the rewards get the pool's images."""
+    start = tiny.build("xomni", tmp_path / "start")
+    decoder = tiny.diffusion_decoder(tmp_path / "decoder")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na cat\n")
+    monkeypatch.syspath_prepend(str(HERE))
+    monkeypatch.setenv("PYTHONPATH", str(HERE))
+    # 8 x 8 codes, 2x2 latent patches of a 2x VAE: 32 px (the code map alone would be 128 px)
+    cfg = tiny_config("model.family=xomni", f"model.path={start}", f"data.prompts={prompts}", "eval.held_out=false",
+                      "trainer.steps=1", "trainer.lr=1e-2", f"decoder.path={decoder}", "decoder.steps=2",
+                      "cluster.decoder_workers=2", "rollout.chunks=2",
+                      "rewards=[{name: 'sized_reward:SizedSaturation', kwargs: {height: 32, width: 32}}]")
+    summary = train(cfg)
+    metrics = MlflowClient(store_uri(cfg)).get_run(summary["run_id"]).data.metrics
+    assert metrics["reward/failed"] == 0 and summary["rollout_versions"] == [1]

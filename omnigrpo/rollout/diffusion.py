@@ -1,0 +1,156 @@
+"""The diffusion-decoder stage: sampled image codes -> pixels with a FLUX-style transformer (diffusers).
+
+Why: X-Omni does not paint its codes with a VQ decoder; a FLUX transformer conditioned on the codes'
+SigLIP-VQ features renders them, which costs more than sampling the codes and can sit on other GPUs.
+So it is a role of its own: :class:`DiffusionDecoder` is a plain class (testable without Ray) that
+``omnigrpo.cluster`` runs as a pool of ``decoder`` actors; rollout actors return codes only, the driver
+sends each token batch to the pool and the rewards receive the pool's images.
+
+A decoder directory (``decoder.path``) holds diffusers folders, so X-Omni's released parts can be
+assembled into it by name:
+
+- ``transformer/``: :class:`CodeConditionedFlux` = ``FluxTransformer2DModel`` + ``siglip_embed``
+  ``[inner_dim, code_channels]`` (bias-free), whose projection of the code features is added to the
+  image stream between the double- and single-stream blocks (X-Omni's decoder keys: FLUX's + that one);
+- ``projector/``: :class:`CodeProjector`, codebook -> feature map (X-Omni's ``VQConvProjector`` decode
+  path: ``quantize.embedding``, ``post_quant_conv``, ``post_conv``);
+- ``vae/`` (``AutoencoderKL``) and ``scheduler/`` (``FlowMatchEulerDiscreteScheduler``), FLUX.1's.
+
+One code per packed 2x2 latent patch: an image is ``rows * 2 * vae_scale`` pixels high (16 px per code
+with FLUX's 8x VAE). CFG is "true" guidance against zeroed code features, as X-Omni's pipeline does.
+Not done: X-Omni also feeds the text prompt through FLUX.1's T5/CLIP; here the text stream is one
+zero token (the codes carry the content; a text encoder would be a third 5-GB model per decoder).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+
+class CodeConditionedFlux(FluxTransformer2DModel):
+    """FLUX transformer whose image stream receives ``siglip_embed(features)`` before the single-stream
+    blocks (set per call with :meth:`condition`)."""
+
+    @register_to_config
+    def __init__(self, patch_size: int = 1, in_channels: int = 64, out_channels: int | None = None,
+                 num_layers: int = 19, num_single_layers: int = 38, attention_head_dim: int = 128,
+                 num_attention_heads: int = 24, joint_attention_dim: int = 4096, pooled_projection_dim: int = 768,
+                 guidance_embeds: bool = False, axes_dims_rope: tuple[int, int, int] = (16, 56, 56),
+                 siglip_channels: int = 1536):
+        super().__init__(patch_size, in_channels, out_channels, num_layers, num_single_layers, attention_head_dim,
+                         num_attention_heads, joint_attention_dim, pooled_projection_dim, guidance_embeds,
+                         axes_dims_rope)
+        self.siglip_embed = nn.Linear(siglip_channels, self.inner_dim, bias=False)
+        self._features: torch.Tensor | None = None
+        first = self.single_transformer_blocks[0] if len(self.single_transformer_blocks) else None
+        if first is not None:
+            first.register_forward_pre_hook(self._add_features, with_kwargs=True)
+
+    def condition(self, features: torch.Tensor | None) -> None:
+        """``[N, T, code_channels]`` features for the next forward calls (None: no condition)."""
+        self._features = features
+
+    def _add_features(self, module, args, kwargs):
+        if self._features is not None:
+            kwargs["hidden_states"] = kwargs["hidden_states"] + self.siglip_embed(self._features)
+        return args, kwargs
+
+
+class CodeProjector(ModelMixin, ConfigMixin):
+    """Codes ``[N, rows, cols]`` -> features ``[N, out_channels, rows, cols]``: codebook lookup, 1x1 conv,
+    then residual 3x3 conv blocks (GroupNorm, SiLU)."""
+
+    @register_to_config
+    def __init__(self, codebook_size: int = 16384, codebook_dim: int = 2048, out_channels: int = 1536,
+                 blocks: int = 2, groups: int = 32):
+        super().__init__()
+        self.quantize = nn.Module()
+        self.quantize.embedding = nn.Embedding(codebook_size, codebook_dim)
+        self.post_quant_conv = nn.Conv2d(codebook_dim, out_channels, 1)
+        self.post_conv = nn.ModuleList(_ResBlock(out_channels, groups) for _ in range(blocks))
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        x = self.post_quant_conv(self.quantize.embedding(codes).permute(0, 3, 1, 2))
+        for block in self.post_conv:
+            x = block(x)
+        return x
+
+
+class _ResBlock(nn.Module):
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.norm1, self.norm2 = nn.GroupNorm(groups, channels), nn.GroupNorm(groups, channels)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(nn.functional.silu(self.norm2(self.conv1(nn.functional.silu(self.norm1(x))))))
+
+
+class DiffusionDecoder:
+    """Decodes code grids with the components under ``path`` in ``steps`` flow-matching steps."""
+
+    def __init__(self, path: str, steps: int = 28, guidance: float = 1.0, seed: int = 0, threads: int = 0):
+        self.path, self.steps, self.guidance, self.seed, self.threads = path, steps, guidance, seed, threads
+
+    def setup(self) -> None:
+        torch.set_num_threads(self.threads or os.cpu_count() or 1)
+        root = Path(self.path)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.transformer = CodeConditionedFlux.from_pretrained(root / "transformer").to(self.device).eval()
+        self.projector = CodeProjector.from_pretrained(root / "projector").to(self.device).eval()
+        self.vae = AutoencoderKL.from_pretrained(root / "vae").to(self.device).eval()
+        self.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.generator = torch.Generator(self.device).manual_seed(self.seed)
+
+    @staticmethod
+    def pixels(path: str | Path, grid: tuple[int, int]) -> tuple[int, int]:
+        """(height, width) of decoded images for a ``grid`` of codes, from the VAE's config only."""
+        vae = json.loads((Path(path) / "vae" / "config.json").read_text())
+        scale = 2 * 2 ** (len(vae["block_out_channels"]) - 1)
+        return grid[0] * scale, grid[1] * scale
+
+    @torch.no_grad()
+    def decode(self, codes: np.ndarray | torch.Tensor, grid: tuple[int, int]) -> np.ndarray:
+        """Codes ``[N, rows * cols]`` -> uint8 images ``[N, H, W, 3]``."""
+        codes = torch.as_tensor(codes, device=self.device).view(-1, *grid)
+        n, (rows, cols) = codes.shape[0], grid
+        features = self.projector(codes).flatten(2).transpose(1, 2)  # [N, T, C]
+        cfg = self.transformer.config
+        channels = cfg.in_channels // 4  # latent channels before 2x2 packing
+        latents = torch.randn(n, rows * cols, cfg.in_channels, generator=self.generator, device=self.device)
+        ids = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1).flatten(0, 1)
+        img_ids = torch.cat([torch.zeros(rows * cols, 1), ids.float()], -1).to(self.device)
+        txt_ids = torch.zeros(1, 3, device=self.device)
+        guided = self.guidance != 1.0
+        rows_in = 2 * n if guided else n
+        text = torch.zeros(rows_in, 1, cfg.joint_attention_dim, device=self.device)
+        pooled = torch.zeros(rows_in, cfg.pooled_projection_dim, device=self.device)
+        self.transformer.condition(torch.cat([features, torch.zeros_like(features)]) if guided else features)
+        self.scheduler.set_timesteps(self.steps, device=self.device)
+        for t in self.scheduler.timesteps:
+            x = torch.cat([latents, latents]) if guided else latents
+            pred = self.transformer(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled,
+                                    timestep=(t / 1000).expand(rows_in), img_ids=img_ids, txt_ids=txt_ids).sample
+            if guided:
+                cond, uncond = pred.chunk(2)
+                pred = uncond + self.guidance * (cond - uncond)
+            latents = self.scheduler.step(pred, t, latents).prev_sample
+        self.transformer.condition(None)
+        # unpack 2x2 patches: [N, rows*cols, C*4] -> [N, C, rows*2, cols*2]
+        latents = latents.view(n, rows, cols, channels, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(
+            n, channels, rows * 2, cols * 2)
+        vc = self.vae.config
+        latents = latents / vc.scaling_factor + (vc.shift_factor or 0.0)
+        pixels = self.vae.decode(latents).sample  # [N, 3, H, W] in [-1, 1]
+        return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
