@@ -183,6 +183,14 @@ class TrainerConfig:
     """AdamW weight decay."""
     zero_stage: Annotated[int, Field(ge=0, le=3)] = 2
     """DeepSpeed ZeRO stage of the learner."""
+    lora_rank: NonNegInt = 0
+    """LoRA rank of the learner's adapters (peft); 0 = full fine-tuning. Rollouts always receive merged
+    weights (``omnigrpo.trainers.adapter``)."""
+    lora_alpha: Annotated[float, Field(gt=0.0)] = 32.0
+    """LoRA scaling numerator: adapted weight = W + B A * lora_alpha / lora_rank."""
+    lora_targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                             "up_proj", "down_proj"])
+    """Module names that get adapters (the Llama / Qwen2 projections of every family's body)."""
     save_every: NonNegInt = 0
     """Write a checkpoint every N steps (0: only at the end and on a crash)."""
     keep_last: PositiveInt = 2

@@ -36,7 +36,7 @@ from omnigrpo.cluster.broadcast import WeightBroadcast
 from omnigrpo.platform.config import Config
 from omnigrpo.rollout.policy import PromptBatch, load_policy
 from omnigrpo.rollout.sampler import SamplingParams, sequence_logprobs
-from omnigrpo.trainers import grpo
+from omnigrpo.trainers import adapter, grpo
 from omnigrpo.trainers.checkpoint import write_checkpoint
 
 
@@ -98,7 +98,10 @@ class Learner:
         # be the distribution the rollout sampled from; gradients flow the same
         model = self.policy.model.eval()
         tr = self.cfg.trainer
-        optimizer = torch.optim.AdamW(model.parameters(), lr=tr.lr, weight_decay=tr.weight_decay)
+        if tr.lora_rank:  # the reference above stays the plain starting policy
+            model = adapter.wrap(model, tr.lora_rank, tr.lora_alpha, tr.lora_targets)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=tr.lr, weight_decay=tr.weight_decay)
         mini = self.cfg.batch_size // tr.mini_batches // self.world_size
         self.grad_accum = mini // tr.micro_batch_size
         rendezvous = self.rendezvous or (Path(tempfile.mkdtemp(prefix="omnigrpo-pg-")) / "store").as_uri()
@@ -117,7 +120,8 @@ class Learner:
                 "steps_per_print": 10**9,
             },
         )
-        self.lm = self.policy.lm(self.engine.module)  # scores through the engine's (ZeRO-managed) module
+        # scores through the engine's (ZeRO-managed) module, inside the LoRA wrapper if any
+        self.lm = self.policy.lm(adapter.base(self.engine.module))
         self.generator = torch.Generator().manual_seed(self.cfg.run.seed + 1000)  # same shuffle on every rank
         if resume:
             self.engine.load_checkpoint(str(Path(self.model_path) / "optimizer"), tag="state",
@@ -194,7 +198,7 @@ class Learner:
         module = self.engine.module
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None,
                                                enabled=self.cfg.trainer.zero_stage == 3):
-            yield module.state_dict()
+            yield adapter.merged_state_dict(module)  # LoRA: merged into the plain model's names
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Full policy weights on CPU, for the rollout workers: rank 0's (every rank holds them whole,
@@ -214,10 +218,10 @@ class Learner:
             return self.sync_group.send(weights, self.version, bucket_bytes) if self.rank == 0 else 0
 
     def checksum(self) -> float:
-        """Sum of this rank's full weights (ZeRO 0-2 keep them whole on every rank), to compare ranks and
-        rollouts after a sync."""
+        """Sum of this rank's full weights (ZeRO 0-2 keep them whole on every rank; LoRA: merged), to compare
+        ranks and rollouts after a sync."""
         with torch.no_grad():
-            return float(sum(p.double().sum() for p in self.engine.module.parameters()))
+            return float(sum(p.double().sum() for p in adapter.merged_state_dict(self.engine.module).values()))
 
     def save_checkpoint(self, root: str | Path, step: int | None = None, name: str = "step",
                         run_state: dict | None = None) -> str:
@@ -244,6 +248,8 @@ class Learner:
 
         def save(tmp: Path) -> None:
             self.policy.save_pretrained(tmp, state_dict=weights)
+            if adapter.is_adapted(self.engine.module):
+                self.engine.module.save_pretrained(tmp / "adapter")
             torch.save({"generator": self.generator.get_state(), "version": self.version}, tmp / "learner_state.pt")
             if run_state is not None:
                 torch.save(run_state, tmp / "run_state.pt")

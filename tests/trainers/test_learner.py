@@ -1,5 +1,7 @@
 """The DeepSpeed learner with the rollout and reward workers as plain classes (no Ray)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -13,6 +15,8 @@ from omnigrpo.trainers.grpo import group_advantages
 from omnigrpo.trainers.learner import Learner, TrainBatch, merge_metrics, sampling_params
 
 REDNESS = '''
+from pathlib import Path
+
 import numpy as np
 
 def redness(images, prompts, metadata):
@@ -128,3 +132,32 @@ def test_learner_agrees_with_the_sampler_under_guidance_and_filters(tiny_config,
 def test_reward_specs_reach_the_worker():
     worker = RewardWorker([RewardSpec(name="shapes_strict")])
     assert worker.setup() == ["shapes_strict"]
+
+
+def test_lora_trains_adapters_only_and_syncs_merged_weights(tiny_config, sft_path, tmp_path, monkeypatch):
+    (tmp_path / "red_reward.py").write_text(REDNESS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = tiny_config("trainer.lora_rank=8", "trainer.lora_alpha=16", "trainer.lr=1e-2", "trainer.kl_coef=0.0",
+                      "rollout.group_size=8", "rewards=[{name: 'red_reward:redness'}]")
+    learner, rollout, reward = _workers(cfg, sft_path)
+    trainable = [n for n, p in learner.engine.module.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n for n in trainable)
+    before = {k: v.clone() for k, v in learner.state_dict().items()}
+    assert list(before) == list(rollout.policy.model.state_dict())  # merged: the plain model's names, in order
+    prompts, metadata = shapes.prompts_of(shapes.train_scenes()[:4])
+    history = []
+    for _ in range(12):
+        mean, metrics, _ = _step(learner, rollout, reward, prompts, metadata, 8)
+        history.append(mean)
+    assert np.mean(history[-3:]) > np.mean(history[:3]) + 0.015, history  # slower than full FT, but rising
+    after = learner.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    targets = cfg.trainer.lora_targets
+    assert changed and all(k.endswith(".weight") and k.split(".")[-2] in targets for k in changed)
+    assert "model.embed_tokens.weight" not in changed and "lm_head.weight" not in changed
+    assert rollout.checksum() == pytest.approx(learner.checksum(), rel=1e-9)
+    assert metrics["grpo/logprob_mismatch"] < 1e-4  # the rollout samples the merged adapter's distribution
+    path = learner.save_checkpoint(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / Path(path).name / "adapter" / "adapter_config.json").exists()
+    saved = WorldPolicy.from_pretrained(path).model.state_dict()
+    assert all(torch.equal(saved[k], after[k]) for k in after)

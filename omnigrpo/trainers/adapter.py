@@ -1,0 +1,50 @@
+"""LoRA for the learner (peft), and the merged weights the rollouts receive.
+
+Why: RL-tuning a 7B policy with full AdamW state needs ~16 bytes per parameter on the learners; a LoRA
+adapter trains a fraction of a percent of them. The rollouts still sample from one plain model: after
+every update the learner sends **merged** weights (``W + B A * alpha / r`` for every adapted layer,
+under the plain model's parameter names), so rollout actors need no peft, sample at full speed, and the
+weight sync, checksums and checkpoints work exactly as without LoRA. The price: each sync moves the
+whole model rather than the adapter; sending adapters only would need peft (and an unmerged forward)
+in every rollout actor. Checkpoints hold the merged policy (a ``model.path``-ready directory) and the
+adapter itself under ``adapter/``.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
+
+ADAPTER = "default"
+
+
+def wrap(model: torch.nn.Module, rank: int, alpha: float, targets: list[str]) -> torch.nn.Module:
+    """``model`` with LoRA adapters of ``rank`` on every module whose name ends in one of ``targets``;
+    only the adapters are trainable. No dropout: the learner's log-probs must be the sampled distribution."""
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none")
+    return get_peft_model(model, config)
+
+
+def is_adapted(module: torch.nn.Module) -> bool:
+    return hasattr(module, "peft_config")
+
+
+def base(module: torch.nn.Module) -> torch.nn.Module:
+    """The family model inside a peft wrapper (its submodules carry the adapters), or ``module`` itself."""
+    return module.base_model.model if is_adapted(module) else module
+
+
+def merged_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The plain model's state dict with every adapter merged in (new tensors for adapted weights, views
+    of the live ones elsewhere), in the plain model's key order."""
+    if not is_adapted(module):
+        return module.state_dict()
+    inner = base(module)
+    out = {k.replace(".base_layer", ""): v for k, v in inner.state_dict().items() if ".lora_" not in k}
+    with torch.no_grad():
+        for name, layer in inner.named_modules():
+            if isinstance(layer, LoraLayer) and ADAPTER in layer.lora_A:
+                key = f"{name}.weight"
+                out[key] = out[key] + layer.get_delta_weight(ADAPTER).to(out[key].dtype)
+    return out
