@@ -98,7 +98,8 @@ def spawn(cfg: Config, model_path: str, extensions_dir: str, reference_path: str
     is a checkpoint and ``reference_path`` the run's starting policy."""
     plan = placement.build(cfg)  # fails naming the role and shortfall before any model loads
     threads = cfg.cluster.torch_threads
-    env = {"runtime_env": {"env_vars": {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": extensions_dir}}}
+    accelerator = "cuda" if cfg.cluster.learner_gpus else "cpu"
+    env = {"runtime_env": {"env_vars": {"DS_ACCELERATOR": accelerator, "TORCH_EXTENSIONS_DIR": extensions_dir}}}
     rollouts = [_rollout_actor(cfg, model_path, i, plan) for i in range(cfg.cluster.rollout_workers)]
     rewards = [_reward_actor(cfg, i, plan) for i in range(cfg.cluster.reward_workers)]
     decoders = [_decoder_actor(cfg, i, plan) for i in range(cfg.cluster.decoder_workers if cfg.decoder.path else 0)]

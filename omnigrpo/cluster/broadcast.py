@@ -60,13 +60,14 @@ class WeightBroadcast:
         self.group = dist.ProcessGroupGloo(store, rank, size, options)
 
     def send(self, tensors: dict[str, torch.Tensor], version: int, bucket_bytes: int) -> int:
-        """Rank 0: broadcast ``tensors`` (CPU) stamped with ``version``; returns the bytes sent."""
+        """Rank 0: broadcast ``tensors`` stamped with ``version``; returns the bytes sent. GPU tensors are
+        staged through host memory (the group is gloo)."""
         header = torch.tensor([version, len(tensors), fingerprint(tensors)], dtype=torch.int64)
         self.group.broadcast(header, 0).wait()
         sent = 0
         for names in plan_buckets(tensors, bucket_bytes):
             parts = [tensors[n].detach().reshape(-1) for n in names]
-            flat = parts[0] if len(parts) == 1 else torch.cat(parts)  # a lone tensor: its own storage
+            flat = (parts[0] if len(parts) == 1 else torch.cat(parts)).cpu()  # a lone CPU tensor: no copy
             self.group.broadcast(flat, 0).wait()
             sent += flat.numel() * flat.element_size()
         return sent
@@ -80,7 +81,8 @@ class WeightBroadcast:
             raise RuntimeError(f"weight broadcast v{version}: the sender's {count} tensors do not match this "
                                f"model's {len(into)} (names, shapes or dtypes differ)")
         for names in plan_buckets(into, bucket_bytes):
-            if len(names) == 1 and into[names[0]].is_contiguous():  # straight into the tensor's storage
+            lone = into[names[0]]
+            if len(names) == 1 and lone.is_contiguous() and lone.device.type == "cpu":  # straight into its storage
                 self.group.broadcast(into[names[0]].view(-1), 0).wait()
                 continue
             flat = torch.empty(sum(into[n].numel() for n in names), dtype=into[names[0]].dtype)

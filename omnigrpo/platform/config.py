@@ -241,7 +241,8 @@ class ClusterConfig:
     rollout_cpus: Annotated[float, Field(ge=0.0)] = 0.0
     """CPUs each rollout actor reserves; 0 = an equal share of the cluster with the other actors."""
     rollout_gpus: Annotated[float, Field(ge=0.0)] = 0.0
-    """GPUs each rollout actor reserves. Only 0 works today: the built-in policy samples on CPU."""
+    """GPUs each rollout actor reserves (a fraction shares a GPU, e.g. colocated with a learner); > 0 moves
+    the policy, the KV cache and sampling onto the GPU Ray assigns."""
     decoder_workers: PositiveInt = 1
     """Diffusion-decoder actors (only with ``decoder.path``); a step's token batches are split between them."""
     decoder_cpus: Annotated[float, Field(ge=0.0)] = 0.0
@@ -255,7 +256,7 @@ class ClusterConfig:
     learner_cpus: Annotated[float, Field(ge=0.0)] = 0.0
     """CPUs each learner actor reserves; 0 = an equal share of the cluster with the other actors."""
     learner_gpus: Annotated[float, Field(ge=0.0)] = 0.0
-    """GPUs each learner actor reserves. Only 0 works today: the built-in policy trains on CPU."""
+    """GPUs each learner actor reserves: 0 (gloo on CPU) or 1 (one DeepSpeed rank per GPU, NCCL)."""
     max_restarts: NonNegInt = 3
     """Rollout or reward actors that may die and be replaced in one run (their batch is retried on the
     replacement); one more death ends the run with a crash checkpoint."""
@@ -400,10 +401,13 @@ def _check_consistency(cfg: Config) -> None:
         problems.append("  rewards: the weights sum to 0")
     if cfg.model.hidden_size % cfg.model.num_heads or cfg.model.num_heads % cfg.model.num_kv_heads:
         problems.append("  model.num_heads: must divide model.hidden_size and be a multiple of model.num_kv_heads")
-    for role in ("rollout", "learner"):
-        if getattr(cfg.cluster, f"{role}_gpus"):
-            problems.append(f"  cluster.{role}_gpus: not supported yet: the built-in policy runs its {role} on "
-                            "CPU (cluster.reward_gpus does place judges on GPUs)")
+    for role in ("rollout", "learner", "decoder"):
+        gpus = getattr(cfg.cluster, f"{role}_gpus")
+        if gpus and gpus != int(gpus) and gpus > 1:
+            problems.append(f"  cluster.{role}_gpus: {gpus:g}: a {role} actor uses one device; ask for a fraction "
+                            "(sharing a GPU) or 1")
+    if cfg.cluster.learner_gpus and cfg.cluster.learner_gpus < 1:
+        problems.append("  cluster.learner_gpus: each DeepSpeed rank (NCCL) needs a whole GPU (1)")
     if cfg.data.prompts in WORLDS and cfg.data.prompts != cfg.world.name:
         problems.append(f"  data.prompts: {cfg.data.prompts!r} is a built-in world's prompt set, but world.name is "
                         f"{cfg.world.name!r}")

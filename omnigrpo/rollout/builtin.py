@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 from omnigrpo.platform import world as worlds
 from omnigrpo.platform.config import ModelConfig
 from omnigrpo.rollout.codebook import PatchCodebook
-from omnigrpo.rollout.policy import ImageLM, ImagePolicy, ImageSpace, PromptBatch
+from omnigrpo.rollout.policy import ImageLM, ImagePolicy, ImageSpace, PromptBatch, head_rows
 
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>", "<som>", "<eom>"]
 
@@ -54,7 +54,7 @@ class TextVocabLM(ImageLM):
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         lo = self.space.offset
-        return torch.nn.functional.linear(hidden, self.module.lm_head.weight[lo : lo + self.space.num_codes]).float()
+        return head_rows(self.module.lm_head, hidden, lo, lo + self.space.num_codes)
 
 
 class WorldPolicy(ImagePolicy):

@@ -91,6 +91,10 @@ class PromptBatch:
         return PromptBatch(self.ids[index], self.uncond_ids[index], self.mask[index], self.pad_id,
                            self.uncond_mask[index])
 
+    def to(self, device: torch.device | str) -> PromptBatch:
+        return PromptBatch(self.ids.to(device), self.uncond_ids.to(device), self.mask.to(device), self.pad_id,
+                           self.uncond_mask.to(device))
+
     def both(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Conditional rows then unconditional rows: ids and mask ``[2B, P]`` (CFG in one batch)."""
         return torch.cat([self.ids, self.uncond_ids]), torch.cat([self.mask, self.uncond_mask])
@@ -194,6 +198,15 @@ class ImagePolicy(ABC):
         """codes ``[B, T]`` -> the tokenizer's codebook vectors ``[B, T, C]`` (a diffusion decoder's
         condition); families without a learned codebook raise."""
         raise NotImplementedError(f"family {self.family!r} has no codebook embeddings for a diffusion decoder")
+
+
+def head_rows(linear: torch.nn.Linear, hidden: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """``linear(hidden)[..., lo:hi]`` computing only those rows; under ZeRO-3 (weight partitioned away,
+    gathered only when the module is called) it calls the module and slices."""
+    if linear.weight.numel() == 0:
+        return linear(hidden)[..., lo:hi].float()
+    bias = None if linear.bias is None else linear.bias[lo:hi]
+    return torch.nn.functional.linear(hidden, linear.weight[lo:hi], bias).float()
 
 
 def family_class(family: str) -> type[ImagePolicy]:

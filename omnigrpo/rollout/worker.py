@@ -94,8 +94,11 @@ class RolloutWorker:
         hf_logging.disable_progress_bar()
         torch.set_num_threads(self.threads or os.cpu_count() or 1)
         self.policy = load_policy(self.family, self.model_path, self.grid)
+        # a GPU Ray assigned this actor (cluster.rollout_gpus) is its device 0; else the CPU
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.policy.model.to(self.device)
         self.lm = self.policy.lm()
-        self.generator = torch.Generator().manual_seed(self.seed)
+        self.generator = torch.Generator(self.device).manual_seed(self.seed)
         return self.version
 
     def generate(self, prompts: list[str], metadata: list[dict], group_size: int,
@@ -105,8 +108,10 @@ class RolloutWorker:
         uninterrupted one would."""
         repeated = [p for p in prompts for _ in range(group_size)]
         batch = self.policy.prompt_batch(repeated)
-        generator = self.generator if seed is None else torch.Generator().manual_seed(seed)
-        codes, logprobs = sample_images(self.lm, batch, self.params, generator)
+        generator = self.generator if seed is None else torch.Generator(self.device).manual_seed(seed)
+        codes, logprobs = sample_images(self.lm, batch.to(self.device), self.params, generator)
+        images = self.policy.decode(codes) if self.decode else np.zeros((len(codes), 0, 0, 3), np.uint8)
+        codes, logprobs = codes.cpu(), logprobs.cpu()
         return RolloutBatch(
             prompts=repeated,
             metadata=[dict(m) for m in metadata for _ in range(group_size)],
@@ -114,14 +119,14 @@ class RolloutWorker:
             prompt_batch=batch,
             codes=codes,
             logprobs=logprobs,
-            images=self.policy.decode(codes) if self.decode else np.zeros((len(codes), 0, 0, 3), np.uint8),
+            images=images,
             version=self.version,
             grid=(self.policy.space.rows, self.policy.space.cols),
         )
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
         """Replace the policy's weights (all of them: a partial sync is an error) and its version."""
-        self.policy.model.load_state_dict(state_dict, strict=True)
+        self.policy.model.load_state_dict(state_dict, strict=True)  # copies onto the model's device
         self.version = version
         return version
 

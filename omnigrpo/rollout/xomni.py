@@ -31,7 +31,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding
 
 from omnigrpo.rollout import engine
-from omnigrpo.rollout.policy import ImageLM, ImagePolicy, ImageSpace, PromptBatch
+from omnigrpo.rollout.policy import ImageLM, ImagePolicy, ImageSpace, PromptBatch, head_rows
 
 
 class XOmniConfig(Qwen2Config):
@@ -128,7 +128,7 @@ class XOmniLM(ImageLM):
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Image mode: the first ``image_vocab_size`` rows of ``mm_head`` are the only logits."""
-        return nn.functional.linear(hidden, self.module.mm_head.weight[: self.space.num_codes]).float()
+        return head_rows(self.module.mm_head, hidden, 0, self.space.num_codes)
 
     def hidden_states(self, embeds, mask, positions, image):
         return self.body(embeds, image, mask, positions)

@@ -51,6 +51,10 @@ class TrainBatch:
     advantages: torch.Tensor
     valid: torch.Tensor
 
+    def to(self, device: torch.device | str) -> TrainBatch:
+        return TrainBatch(self.prompts.to(device), self.codes.to(device), self.old_logprobs.to(device),
+                          self.advantages.to(device), self.valid.to(device))
+
 
 def sampling_params(cfg: Config) -> SamplingParams:
     r = cfg.rollout
@@ -79,7 +83,8 @@ class Learner:
         which opens no listening socket (torch's TCP store listens on every interface). With ``resume``,
         ``model_path`` is a checkpoint of :meth:`save_checkpoint`: optimiser state, sampling generator
         and weight version continue from it."""
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        gpu = torch.cuda.is_available()  # a GPU Ray assigned this actor (cluster.learner_gpus): NCCL
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if gpu else "cpu")
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's own sockets stay on loopback
         if extensions_dir:
             os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir)
@@ -105,7 +110,11 @@ class Learner:
         mini = self.cfg.batch_size // tr.mini_batches // self.world_size
         self.grad_accum = mini // tr.micro_batch_size
         rendezvous = self.rendezvous or (Path(tempfile.mkdtemp(prefix="omnigrpo-pg-")) / "store").as_uri()
-        deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl",
+        if gpu:
+            torch.cuda.set_device(0)  # Ray's CUDA_VISIBLE_DEVICES leaves this actor its own GPU as device 0
+            model.to("cuda")
+            self.reference.to("cuda")
+        deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo",
                                    init_method=rendezvous, rank=self.rank, world_size=self.world_size,
                                    auto_mpi_discovery=False)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
@@ -137,9 +146,10 @@ class Learner:
         n, t = batch.codes.shape
         if not batch.valid.any():  # nothing to learn from; an optimiser step would still move weights
             return {"grpo/skipped_update": 1.0, "version": float(self.version)}
+        batch = batch.to(self.engine.device)
         self.in_update = True
         mask = batch.valid[:, None].expand(n, t).float()
-        ref = torch.full((n, t), float("nan"))
+        ref = torch.full((n, t), float("nan"), device=batch.codes.device)
         sums = {"kl": 0.0, "entropy": 0.0, "clip_frac": 0.0, "tokens": 0.0, "mismatch": 0.0, "loss": 0.0}
         grad_norms = []
         for epoch in range(tr.epochs):

@@ -39,7 +39,7 @@ def test_a_short_cluster_is_named_by_role_and_amount():
     assert "GPU: the config asks for 1 (reward 1 x 1) but the cluster has 0" in text
 
 
-def test_a_run_asking_too_much_stops_before_any_model_loads(tiny_config, tmp_path, capsys):
+def test_a_run_asking_too_much_stops_before_any_model_loads(tiny_config, sft_path, tmp_path, capsys):
     cfg = tiny_config("cluster.learner_cpus=64")
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
     try:
@@ -49,6 +49,6 @@ def test_a_run_asking_too_much_stops_before_any_model_loads(tiny_config, tmp_pat
     finally:
         ray.shutdown()
     (tmp_path / "c.yaml").write_text("cluster:\n  learner_cpus: 64\n  num_cpus: 2\n")
-    code = main(["train", str(tmp_path / "c.yaml"), f"run.dir={tmp_path / 'run'}", f"model.path={tmp_path}",
+    code = main(["train", str(tmp_path / "c.yaml"), f"run.dir={tmp_path / 'run'}", f"model.path={sft_path}",
                  "rewards=[{name: shapes}]"])
     assert code == 2 and "the cluster cannot place this run" in capsys.readouterr().err

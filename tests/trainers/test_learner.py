@@ -56,12 +56,12 @@ def test_grpo_raises_the_reward_and_moves_the_weights(tiny_config, sft_path, tmp
     before = {k: v.clone() for k, v in learner.state_dict().items()}
     prompts, metadata = shapes.prompts_of(shapes.train_scenes()[:4])
     history, versions = [], []
-    for _ in range(12):
+    for _ in range(16):
         mean, metrics, version = _step(learner, rollout, reward, prompts, metadata, 8)
         history.append(mean)
         versions.append(version)
-    assert versions == list(range(12))  # every batch drawn with the weights of the previous update
-    assert np.mean(history[-3:]) > np.mean(history[:3]) + 0.08, history
+    assert versions == list(range(16))  # every batch drawn with the weights of the previous update
+    assert np.mean(history[-3:]) > np.mean(history[:3]) + 0.06, history
     after = learner.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert metrics["grad_norm"] > 0 and metrics["lr"] == pytest.approx(3e-3)
