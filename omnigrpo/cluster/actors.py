@@ -76,6 +76,10 @@ class Workers:
     """Weights go over the dedicated gloo group (else, or after a fallback, through the object store)."""
     sync_fallbacks: int = 0
     """Broadcasts that failed and were redone through the object store (``fault/sync_fallbacks``)."""
+    reform: bool = False
+    """A rollout actor was replaced: re-form the broadcast group (with the newcomer) at the next sync."""
+    timeouts: int = 0
+    """Reward / decoder calls that exceeded ``cluster.call_timeout_s`` (``fault/call_timeouts``)."""
 
     @property
     def learner(self):
@@ -187,8 +191,8 @@ def _replace(workers: Workers, role: str, index: int, err: Exception) -> None:
     log.warning("%s actor %d died; starting a replacement (%d so far)", role, index, workers.restarts)
     if role == "rollout":
         if workers.broadcast:
-            log.warning("the weight-broadcast group lost a member: weights go through the object store from now on")
-            workers.broadcast = False
+            log.warning("the weight-broadcast group lost a member: it is re-formed at the next sync")
+            workers.broadcast, workers.reform = False, True
         actor = _rollout_actor(workers.cfg, workers.model_path, index, workers.placement, workers.restarts)
         ray.get(actor.setup.remote())
         ray.get(actor.load_weights.remote(weights_ref(workers), workers.version))
@@ -204,17 +208,24 @@ def _replace(workers: Workers, role: str, index: int, err: Exception) -> None:
 
 
 def collect(workers: Workers, role: str, pending: list[Pending]) -> list:
-    """Results of submitted shards, in order; a shard whose actor died is retried on a replacement."""
+    """Results of submitted shards, in order; a shard whose actor died, or (reward, decoder) hung past
+    ``cluster.call_timeout_s``, is retried on a replacement."""
     out = []
+    timeout = (workers.cfg.cluster.call_timeout_s or None) if role in ("reward", "decoder") else None
     for item in pending:
         while True:
             try:
-                out.append(ray.get(item.ref))
+                out.append(ray.get(item.ref, timeout=timeout))
                 break
+            except ray.exceptions.GetTimeoutError as err:
+                workers.timeouts += 1
+                log.warning("%s actor %d did not answer within %g s: killing it", role, item.index, timeout)
+                ray.kill(getattr(workers, ROLE_POOLS[role])[item.index])
+                _replace(workers, role, item.index, err)
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
                 _replace(workers, role, item.index, err)
-                actor = getattr(workers, ROLE_POOLS[role])[item.index]
-                item.ref = getattr(actor, ROLE_CALLS[role]).remote(*item.args)
+            actor = getattr(workers, ROLE_POOLS[role])[item.index]  # reached only after a replacement
+            item.ref = getattr(actor, ROLE_CALLS[role]).remote(*item.args)
     return out
 
 
@@ -308,7 +319,16 @@ def generate_and_score(workers: Workers, prompts: list[str], metadata: list[dict
 
 def sync_weights(workers: Workers, version: int) -> None:
     """Learner -> every rollout actor: a bucketed broadcast over the dedicated group, or (configured, or
-    as the fallback when a broadcast fails or times out) the object store, one put shared by all readers."""
+    as the fallback when a broadcast fails or times out) the object store, one put shared by all readers.
+    After a rollout actor was replaced, the broadcast group is first re-formed with the newcomer."""
+    if workers.reform:
+        workers.reform = False
+        try:
+            join_weight_group(workers)
+            log.info("weight-broadcast group re-formed with %d rollout actor(s)", len(workers.rollouts))
+        except ray.exceptions.RayError as err:
+            log.warning("could not re-form the weight-broadcast group (%s); staying on the object store",
+                        str(err).splitlines()[0][:200])
     if workers.broadcast:
         bucket = int(workers.cfg.cluster.sync_bucket_mb * 2**20)
         refs = [learner.broadcast_weights.remote(bucket) for learner in workers.learners]

@@ -30,6 +30,7 @@ EPILOG = """examples:
   omnigrpo bench configs/shapes.yaml --parts rollout,rewards,sync,trl
   omnigrpo submit configs/shapes.yaml --address http://HEAD:8265 run.dir=/shared/runs/a  # then status/logs/stop
   omnigrpo curves configs/glyphs.yaml --keys reward/total/mean,eval/exact_match --out docs/glyphs.png
+  omnigrpo tiny janus /tmp/janus-tiny && omnigrpo train configs/janus_pro_1b.yaml model.path=/tmp/janus-tiny ...
   omnigrpo serve-reward ocr score=recall --port 8765   # then rewards: [{name: "url:http://127.0.0.1:8765"}]
 """
 
@@ -81,6 +82,11 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("job_id", help="job id printed by submit")
         p.add_argument("--address", default="", help=address_help)
+    text = "write a tiny random checkpoint of a model family (the real classes) to debug a config offline"
+    p = sub.add_parser("tiny", help=text, description=text)
+    p.add_argument("family", help="janus, emu3, xomni, or decoder (an X-Omni diffusion-decoder directory)")
+    p.add_argument("directory", help="output directory (usable as model.path / decoder.path)")
+    p.add_argument("--seed", type=int, default=0)
     serve = sub.add_parser("serve-reward", help="serve one reward over HTTP (PNG + JSON, never pickle)",
                            description="Serve one reward over HTTP; a run uses it as {name: 'url:http://HOST:PORT'}. "
                                        "Set OMNIGRPO_REWARD_TOKEN to require a bearer token.")
@@ -105,6 +111,19 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args, parser, extra)
     if args.command in ("status", "logs", "stop"):
         return _job(args, parser, extra)
+    if args.command == "tiny":
+        from omnigrpo.rollout import tiny
+
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        try:
+            made = (tiny.diffusion_decoder(args.directory, seed=args.seed) if args.family == "decoder"
+                    else tiny.build(args.family, args.directory, args.seed))
+        except ValueError as err:
+            print(f"omnigrpo: {err}", file=sys.stderr)
+            return 2
+        print(made)
+        return 0
     unknown = [e for e in extra if "=" not in e or e.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")

@@ -256,7 +256,8 @@ class ClusterConfig:
     learner_cpus: Annotated[float, Field(ge=0.0)] = 0.0
     """CPUs each learner actor reserves; 0 = an equal share of the cluster with the other actors."""
     learner_gpus: Annotated[float, Field(ge=0.0)] = 0.0
-    """GPUs each learner actor reserves: 0 (gloo on CPU) or 1 (one DeepSpeed rank per GPU, NCCL)."""
+    """GPUs each learner actor reserves: 0 (gloo on CPU), or up to 1 (one DeepSpeed rank per GPU, NCCL; a
+    fraction leaves the rest of that GPU to colocated actors)."""
     max_restarts: NonNegInt = 3
     """Rollout or reward actors that may die and be replaced in one run (their batch is retried on the
     replacement); one more death ends the run with a crash checkpoint."""
@@ -269,6 +270,9 @@ class ClusterConfig:
     ones go alone without a copy; 0 = one call per tensor."""
     sync_timeout_s: Annotated[float, Field(gt=0.0)] = 120.0
     """Longest a weight broadcast may wait for a member before it fails (then: object store)."""
+    call_timeout_s: Annotated[float, Field(ge=0.0)] = 900.0
+    """Longest a reward or decoder actor may take for one shard; past it the actor is killed, replaced and the
+    shard retried (counts against ``cluster.max_restarts``; ``fault/call_timeouts``). 0 = wait forever."""
     torch_threads: NonNegInt = 0
     """Intra-op threads per worker; 0 = all cores (the stages of a step run one after another)."""
 
@@ -403,11 +407,9 @@ def _check_consistency(cfg: Config) -> None:
         problems.append("  model.num_heads: must divide model.hidden_size and be a multiple of model.num_kv_heads")
     for role in ("rollout", "learner", "decoder"):
         gpus = getattr(cfg.cluster, f"{role}_gpus")
-        if gpus and gpus != int(gpus) and gpus > 1:
-            problems.append(f"  cluster.{role}_gpus: {gpus:g}: a {role} actor uses one device; ask for a fraction "
-                            "(sharing a GPU) or 1")
-    if cfg.cluster.learner_gpus and cfg.cluster.learner_gpus < 1:
-        problems.append("  cluster.learner_gpus: each DeepSpeed rank (NCCL) needs a whole GPU (1)")
+        if gpus > 1:
+            problems.append(f"  cluster.{role}_gpus: {gpus:g}: a {role} actor uses one device; ask for 1 or a "
+                            "fraction (actors sharing a GPU, e.g. colocated)")
     if cfg.data.prompts in WORLDS and cfg.data.prompts != cfg.world.name:
         problems.append(f"  data.prompts: {cfg.data.prompts!r} is a built-in world's prompt set, but world.name is "
                         f"{cfg.world.name!r}")

@@ -202,6 +202,7 @@ def _loop(cfg: Config, workers: actors.Workers, tracker: Tracker, run_dir: Path,
             timings["timing/step_s"] = time.perf_counter() - t0
             metrics = {**result.metrics(), **learned, **timings, "grpo/zero_std_frac": zero_std,
                        "fault/actor_restarts": workers.restarts, "fault/sync_fallbacks": workers.sync_fallbacks,
+                       "fault/call_timeouts": workers.timeouts, "sync/broadcast": float(workers.broadcast),
                        "guard/blank_frac": worlds.blank_share(batch.images, worlds.get(cfg.world.name).BACKGROUND),
                        "throughput/samples_per_s": len(batch.prompts) / timings["timing/step_s"]}
             tracker.log(metrics, step)

@@ -63,6 +63,41 @@ def test_a_killed_rollout_actor_is_replaced_and_every_step_logged_once(tiny_conf
     restarts = _steps_logged(client, cfg.tracking.experiment, "fault/actor_restarts")
     run = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])[0]
     assert restarts == list(range(1, 9)) and run.data.metrics["fault/actor_restarts"] == 1.0
+    # the broadcast group was re-formed with the replacement: the last sync went over it, not the object store
+    assert run.data.metrics["sync/broadcast"] == 1.0 and run.data.metrics["fault/sync_fallbacks"] == 0.0
+
+
+HANGS_ONCE = """
+import os, time
+from pathlib import Path
+
+def hangs_once(images, prompts, metadata):
+    marker = Path(os.environ["HANG_MARKER"])
+    if not marker.exists():  # the first call anywhere hangs (a stuck judge); its replacement answers
+        marker.write_text("hung")
+        time.sleep(3600)
+    return [float(im.mean()) / 255.0 for im in images]
+"""
+
+
+def test_a_hung_reward_call_times_out_and_is_retried_on_a_replacement(tiny_config, sft_path, tmp_path, monkeypatch):
+    (tmp_path / "hang_reward.py").write_text(HANGS_ONCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setenv("HANG_MARKER", str(tmp_path / "hung"))
+    (tmp_path / "hung").write_text("dry run")  # the driver's dry run must not hang
+    cfg = tiny_config("trainer.steps=2", "eval.every=0", "eval.held_out=false", "tracking.image_every=0",
+                      f"model.path={sft_path}", "cluster.call_timeout_s=8",
+                      "rewards=[{name: 'hang_reward:hangs_once'}]")
+    thread, result = _run_in_thread(cfg)
+    _wait_for(lambda: ray.is_initialized() and bool(ray.util.list_named_actors()), 120, "actors never started")
+    (tmp_path / "hung").unlink()  # armed: the first reward call of the run hangs
+    thread.join(timeout=300)
+    assert "error" not in result, result.get("error")
+    client = MlflowClient(store_uri(cfg))
+    run = client.get_run(result["run_id"])
+    assert run.data.metrics["fault/call_timeouts"] == 1.0 and run.data.metrics["reward/failed"] == 0
+    assert _steps_logged(client, cfg.tracking.experiment) == [1, 2]
 
 
 def _free_port() -> int:

@@ -52,3 +52,14 @@ def test_every_part_runs_and_reports(tiny_config, sft_path, tmp_path, capsys):
     assert results["rewards"]["shapes"]["images_per_s"] > 0
     out = capsys.readouterr().out
     assert "omnigrpo / TRL samples/s" in out and "s/GB" in out and "| shapes |" in out
+
+
+def test_rollout_bench_on_a_tiny_janus_made_by_the_cli(tiny_config, tmp_path, capsys):
+    from omnigrpo.platform.cli import main
+
+    assert main(["tiny", "janus", str(tmp_path / "janus")]) == 0
+    assert main(["tiny", "chameleon", str(tmp_path / "x")]) == 2 and "no tiny builder" in capsys.readouterr().err
+    cfg = tiny_config("model.family=janus", f"model.path={tmp_path / 'janus'}")
+    rows = run_bench(cfg, ["rollout"], repeats=1, out=str(tmp_path / "b.json"))["rollout"]["settings"]
+    assert set(rows["cfg=1"]) == {"omnigrpo"}  # Janus's own generate cannot run without guidance
+    assert rows["cfg=3"]["speedup_vs_hf_generate"] > 0 and rows["cfg=3"]["hf_generate"]["tokens_per_s"] > 0
