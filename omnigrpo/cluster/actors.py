@@ -89,11 +89,13 @@ class Workers:
 
 @dataclass
 class Pending:
-    """A submitted shard: which actor, its result ref, and the call to repeat on a replacement."""
+    """A submitted shard: which actor (slot and handle), its result ref, and the call to repeat on a
+    replacement."""
 
     index: int
     ref: object
     args: tuple
+    actor: object = None
 
 
 def spawn(cfg: Config, model_path: str, extensions_dir: str, reference_path: str | None = None,
@@ -166,7 +168,7 @@ def _rollout_actor(cfg: Config, model_path: str, index: int, plan: placement.Pla
     cls = ray.remote(RolloutWorker).options(max_concurrency=1, name=name, **plan.options("rollout", index))
     return cls.remote(model_path, sampling_params(cfg), cfg.run.seed + 17 * index + 7919 * restart,
                       cfg.cluster.torch_threads, cfg.model.family, tuple(cfg.model.image_grid) or None,
-                      not cfg.decoder.path)
+                      not cfg.decoder.path, cfg.rollout.sample_batch, cfg.model.dtype)
 
 
 def _decoder_actor(cfg: Config, index: int, plan: placement.Placement, restart: int = 0):
@@ -209,23 +211,28 @@ def _replace(workers: Workers, role: str, index: int, err: Exception) -> None:
 
 def collect(workers: Workers, role: str, pending: list[Pending]) -> list:
     """Results of submitted shards, in order; a shard whose actor died, or (reward, decoder) hung past
-    ``cluster.call_timeout_s``, is retried on a replacement."""
+    ``cluster.call_timeout_s``, is retried on a replacement. An actor that several pending shards were
+    sent to (``rollout.chunks`` > 1) is replaced once: the later shards find its slot already holding the
+    replacement and are only resubmitted."""
     out = []
     timeout = (workers.cfg.cluster.call_timeout_s or None) if role in ("reward", "decoder") else None
+    pool = getattr(workers, ROLE_POOLS[role])
     for item in pending:
         while True:
             try:
                 out.append(ray.get(item.ref, timeout=timeout))
                 break
             except ray.exceptions.GetTimeoutError as err:
-                workers.timeouts += 1
-                log.warning("%s actor %d did not answer within %g s: killing it", role, item.index, timeout)
-                ray.kill(getattr(workers, ROLE_POOLS[role])[item.index])
-                _replace(workers, role, item.index, err)
+                if pool[item.index] is item.actor:
+                    workers.timeouts += 1
+                    log.warning("%s actor %d did not answer within %g s: killing it", role, item.index, timeout)
+                    ray.kill(item.actor)
+                    _replace(workers, role, item.index, err)
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
-                _replace(workers, role, item.index, err)
-            actor = getattr(workers, ROLE_POOLS[role])[item.index]  # reached only after a replacement
-            item.ref = getattr(actor, ROLE_CALLS[role]).remote(*item.args)
+                if pool[item.index] is item.actor:
+                    _replace(workers, role, item.index, err)
+            item.actor = pool[item.index]  # reached only once the slot holds a live replacement
+            item.ref = getattr(item.actor, ROLE_CALLS[role]).remote(*item.args)
     return out
 
 
@@ -240,7 +247,7 @@ def submit_decode(workers: Workers, batch: RolloutBatch) -> list:
     for i, (w, a, b) in enumerate(zip(workers.decoders, bounds[:-1], bounds[1:], strict=True)):
         if b > a:
             args = (batch.codes[a:b], batch.grid)
-            pending.append(Pending(i, w.decode.remote(*args), args))
+            pending.append(Pending(i, w.decode.remote(*args), args, w))
     return pending
 
 
@@ -260,7 +267,7 @@ def submit_generate(workers: Workers, prompts: list[str], metadata: list[dict], 
     for i, w in enumerate(workers.rollouts):
         args = (prompts[i::n], metadata[i::n], group_size, None if seed is None else seed + i)
         if args[0]:
-            pending.append(Pending(i, w.generate.remote(*args), args))
+            pending.append(Pending(i, w.generate.remote(*args), args, w))
     return pending
 
 
@@ -281,7 +288,7 @@ def submit_score(workers: Workers, batch: RolloutBatch) -> list:
     for i, (w, a, b) in enumerate(zip(workers.rewards, bounds[:-1], bounds[1:], strict=True)):
         if b > a:
             args = (batch.images[a:b], batch.prompts[a:b], batch.metadata[a:b])
-            pending.append(Pending(i, w.score.remote(*args), args))
+            pending.append(Pending(i, w.score.remote(*args), args, w))
     return pending
 
 

@@ -21,7 +21,7 @@ import yaml
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass
 
-from omnigrpo.platform.world import WORLDS
+from omnigrpo.platform.validation import cross_field_problems
 
 _STRICT = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -79,6 +79,10 @@ class ModelConfig:
     image_codes: NonNegInt = 0
     """Expected image vocabulary size; a checkpoint with another one is refused before the cluster starts.
     0 = take the checkpoint's."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Weights of rollout and learner: ``bfloat16`` halves their memory and KV cache (the learner then runs
+    DeepSpeed bf16, fp32 master weights in the optimiser); rollout/learner log-probs agree to 1e-5 only in
+    ``float32`` (``grpo/logprob_mismatch`` shows the gap)."""
     hidden_size: PositiveInt = 128
     """Width of the built-in policy (used only when SFT builds it)."""
     num_layers: PositiveInt = 4
@@ -134,6 +138,9 @@ class RolloutConfig:
     """Drop codes whose probability is below ``min_p`` times the top one; 0 disables."""
     cfg_scale: Annotated[float, Field(ge=0.0)] = 1.0
     """Classifier-free guidance: logits = uncond + scale * (cond - uncond); 1.0 = no guidance."""
+    sample_batch: NonNegInt = 0
+    """Most images one sampler call draws (CFG doubles its rows); a rollout actor's share of a step is
+    sampled in pieces of this size, which bounds the static KV cache. 0 = all at once."""
     chunks: PositiveInt = 1
     """Sample a step's prompts in this many pieces, each judged while the next one samples (same
     weights: still on-policy); pays off when rewards run on their own devices."""
@@ -183,6 +190,9 @@ class TrainerConfig:
     """AdamW weight decay."""
     zero_stage: Annotated[int, Field(ge=0, le=3)] = 2
     """DeepSpeed ZeRO stage of the learner."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass (transformers' checkpointing): far less
+    memory for long image sequences (Emu3: ~4k tokens per row) at about a third more compute."""
     lora_rank: NonNegInt = 0
     """LoRA rank of the learner's adapters (peft); 0 = full fine-tuning. Rollouts always receive merged
     weights (``omnigrpo.trainers.adapter``)."""
@@ -318,7 +328,9 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         cfg = TypeAdapter(Config).validate_python(raw)
     except ValidationError as err:
         raise ConfigError("invalid config:\n" + "\n".join(_describe(e) for e in err.errors())) from None
-    _check_consistency(cfg)
+    problems = cross_field_problems(cfg)
+    if problems:
+        raise ConfigError("invalid config:\n" + "\n".join(problems))
     return cfg
 
 
@@ -384,51 +396,3 @@ def _field_names(loc: list[str]) -> list[str]:
         if typing.get_origin(cls) is list:
             cls = typing.get_args(cls)[0]
     return [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
-
-
-def _check_consistency(cfg: Config) -> None:
-    problems = []
-    batch, tr, ranks = cfg.batch_size, cfg.trainer, cfg.cluster.learner_workers
-    if batch % (tr.mini_batches * ranks) or (batch // tr.mini_batches // ranks) % tr.micro_batch_size:
-        problems.append(
-            f"  trainer.micro_batch_size: {tr.micro_batch_size} must divide each learner's share of a "
-            f"mini-batch, {batch // max(tr.mini_batches, 1) // ranks} samples (rollout.prompts_per_step * "
-            f"rollout.group_size = {batch}, split into trainer.mini_batches = {tr.mini_batches}, shared by "
-            f"cluster.learner_workers = {ranks})"
-        )
-    if not cfg.rewards:
-        problems.append("  rewards: at least one reward is needed")
-    names = [r.name for r in cfg.rewards]
-    for dup in sorted({n for n in names if names.count(n) > 1}):
-        problems.append(f"  rewards: {dup!r} is listed twice")
-    if cfg.rewards and sum(r.weight for r in cfg.rewards) <= 0:
-        problems.append("  rewards: the weights sum to 0")
-    if cfg.model.hidden_size % cfg.model.num_heads or cfg.model.num_heads % cfg.model.num_kv_heads:
-        problems.append("  model.num_heads: must divide model.hidden_size and be a multiple of model.num_kv_heads")
-    for role in ("rollout", "learner", "decoder"):
-        gpus = getattr(cfg.cluster, f"{role}_gpus")
-        if gpus > 1:
-            problems.append(f"  cluster.{role}_gpus: {gpus:g}: a {role} actor uses one device; ask for 1 or a "
-                            "fraction (actors sharing a GPU, e.g. colocated)")
-    if cfg.data.prompts in WORLDS and cfg.data.prompts != cfg.world.name:
-        problems.append(f"  data.prompts: {cfg.data.prompts!r} is a built-in world's prompt set, but world.name is "
-                        f"{cfg.world.name!r}")
-    problems += _model_problems(cfg)
-    if problems:
-        raise ConfigError("invalid config:\n" + "\n".join(problems))
-
-
-def _model_problems(cfg: Config) -> list[str]:
-    m, problems = cfg.model, []
-    if m.family != "builtin" and not m.path:
-        problems.append(f"  model.path: family {m.family!r} needs a checkpoint (hub id or local directory)")
-    if m.image_grid and (len(m.image_grid) != 2 or m.family not in ("emu3", "xomni")):
-        problems.append(f"  model.image_grid: must be [rows, cols], and only emu3 / xomni take one (family "
-                        f"{m.family!r} has its size fixed by the checkpoint)")
-    if cfg.decoder.path and m.family != "xomni":
-        problems.append(f"  decoder.path: the diffusion decoder stage paints X-Omni's codes (model.family xomni), "
-                        f"not {m.family!r}'s (their VQ decoder runs in the rollout worker)")
-    if m.family == "builtin" and m.image_codes and m.image_codes != cfg.world.codebook_size:
-        problems.append(f"  model.image_codes: {m.image_codes} differs from world.codebook_size "
-                        f"{cfg.world.codebook_size}")
-    return problems

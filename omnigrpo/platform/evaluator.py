@@ -93,9 +93,11 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, prompts_source: str = "", 
     rewards = RewardWorker(cfg.rewards)
     rewards.setup()  # builds every judge first: a bad reward fails before any sampling
     rollout = RolloutWorker(str(path), sampling_params(cfg), seed=cfg.run.seed + EVAL_SEED_OFFSET,
-                            threads=cfg.cluster.torch_threads)
+                            threads=cfg.cluster.torch_threads, family=cfg.model.family,
+                            grid=tuple(cfg.model.image_grid) or None, sample_batch=cfg.rollout.sample_batch,
+                            dtype=cfg.model.dtype)
     rollout.setup()
-    if rollout.policy.world != cfg.world.name:
+    if cfg.model.family == "builtin" and rollout.policy.world != cfg.world.name:
         raise ValueError(f"checkpoint {path} was trained on world {rollout.policy.world!r}, "
                          f"but world.name is {cfg.world.name!r}")
     batch = rollout.generate(prompts, metadata, per_prompt)

@@ -98,13 +98,13 @@ class WorldPolicy(ImagePolicy):
         return cls(Qwen2ForCausalLM(config), tokenizer, codebook, world)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> WorldPolicy:
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> WorldPolicy:
         """Load a checkpoint directory written by :meth:`save_pretrained` (fp32, eval mode)."""
         path = Path(path)
         if not (path / "policy.json").exists():
             raise FileNotFoundError(f"{path} is not a built-in world policy checkpoint (no policy.json)")
         world = json.loads((path / "policy.json").read_text())["world"]
-        model = Qwen2ForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = Qwen2ForCausalLM.from_pretrained(path, dtype=dtype)
         tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
         codebook = PatchCodebook.load(path)
         if model.config.vocab_size != len(tokenizer) or len(tokenizer) != (

@@ -113,6 +113,16 @@ class DiffusionDecoder:
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.generator = torch.Generator(self.device).manual_seed(self.seed)
 
+    def _shift(self, seq_len: int) -> dict[str, float]:
+        """FLUX.1's scheduler shifts its timesteps by image size (``use_dynamic_shifting``): ``mu`` grows
+        linearly in the token count between ``base_image_seq_len`` and ``max_image_seq_len``, as diffusers'
+        Flux pipeline computes it."""
+        c = self.scheduler.config
+        if not c.get("use_dynamic_shifting"):
+            return {}
+        slope = (c.max_shift - c.base_shift) / (c.max_image_seq_len - c.base_image_seq_len)
+        return {"mu": c.base_shift + slope * (seq_len - c.base_image_seq_len)}
+
     @staticmethod
     def pixels(path: str | Path, grid: tuple[int, int]) -> tuple[int, int]:
         """(height, width) of decoded images for a ``grid`` of codes, from the VAE's config only."""
@@ -137,11 +147,14 @@ class DiffusionDecoder:
         text = torch.zeros(rows_in, 1, cfg.joint_attention_dim, device=self.device)
         pooled = torch.zeros(rows_in, cfg.pooled_projection_dim, device=self.device)
         self.transformer.condition(torch.cat([features, torch.zeros_like(features)]) if guided else features)
-        self.scheduler.set_timesteps(self.steps, device=self.device)
+        self.scheduler.set_timesteps(self.steps, device=self.device, **self._shift(rows * cols))
+        # FLUX.1-dev-derived transformers embed a distilled guidance value; X-Omni's pipeline passes 1.0
+        distilled = torch.ones(rows_in, device=self.device) if cfg.guidance_embeds else None
         for t in self.scheduler.timesteps:
             x = torch.cat([latents, latents]) if guided else latents
             pred = self.transformer(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled,
-                                    timestep=(t / 1000).expand(rows_in), img_ids=img_ids, txt_ids=txt_ids).sample
+                                    timestep=(t / 1000).expand(rows_in), img_ids=img_ids, txt_ids=txt_ids,
+                                    guidance=distilled).sample
             if guided:
                 cond, uncond = pred.chunk(2)
                 pred = uncond + self.guidance * (cond - uncond)

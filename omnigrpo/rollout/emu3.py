@@ -48,8 +48,9 @@ class Emu3Policy(ImagePolicy):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, grid: tuple[int, int] | None = None) -> Emu3Policy:
-        model = Emu3ForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    def from_pretrained(cls, path: str | Path, grid: tuple[int, int] | None = None,
+                        dtype: torch.dtype = torch.float32) -> Emu3Policy:
+        model = Emu3ForConditionalGeneration.from_pretrained(path, dtype=dtype).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
         meta = Path(path) / "emu3.json"
         if grid is None:

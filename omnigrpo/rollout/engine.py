@@ -15,7 +15,8 @@ built-in policy and X-Omni, Janus-Pro's Llama and Emu3. The learner never uses t
 with the model's ordinary HF forward, and a test holds the two equal to 1e-5 in fp32 for every family,
 which is what keeps this re-implementation honest.
 
-On GPU, :func:`forward_layers` is what ``rollout.compile`` hands to ``torch.compile``.
+``torch.compile`` of a layer gave nothing on CPU (BENCHMARKS.md); on GPU, CUDA graphs over
+:func:`forward_layers` are the next step, not built yet.
 """
 
 from __future__ import annotations
@@ -125,13 +126,14 @@ def attend(layer: torch.nn.Module, packed: tuple, index: int, x: torch.Tensor, c
 
 def forward_layers(layers: Sequence[torch.nn.Module], packed: list[tuple], rotary: torch.nn.Module, x: torch.Tensor,
                    positions: torch.Tensor, new_valid: torch.Tensor, cache: StaticKV,
-                   image_only: Sequence[bool] = (), image: bool = False) -> torch.Tensor:
+                   image_only: Sequence[bool] = (), image: bool | torch.Tensor = False) -> torch.Tensor:
     """Run ``x`` ``[B, L, D]`` at RoPE ``positions`` ``[B, L]`` through ``layers`` and append it to ``cache``.
 
     ``new_valid``: bool ``[B, L]``, False for left padding (never attended by later tokens). A padded
     query still attends itself, so its (unused) output stays finite and no NaN reaches the cache.
     ``image_only[i]`` marks X-Omni's vision blocks: they still see (and cache) every token, but only
-    image positions take their output; ``image`` says whether the new tokens are image tokens.
+    image positions take their output; ``image`` says whether the new tokens are image tokens (a bool, or
+    bool ``[B, L]`` per position).
     """
     n, start = x.shape[1], cache.length
     end = start + n
@@ -148,6 +150,8 @@ def forward_layers(layers: Sequence[torch.nn.Module], packed: list[tuple], rotar
     cos, sin = cos[:, None], sin[:, None]  # [B, 1, L, d]: broadcast over heads
     for i, layer in enumerate(layers):
         out = attend(layer, packed[i], i, x, cos, sin, cache, mask)
-        x = x if (i < len(image_only) and image_only[i] and not image) else out
+        if i < len(image_only) and image_only[i]:  # a vision block: only image positions take its output
+            out = torch.where(image[..., None], out, x) if torch.is_tensor(image) else (out if image else x)
+        x = out
     cache.length = end
     return x

@@ -52,8 +52,8 @@ class JanusPolicy(ImagePolicy):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else cfg.text_config.pad_token_id
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> JanusPolicy:
-        model = JanusForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> JanusPolicy:
+        model = JanusForConditionalGeneration.from_pretrained(path, dtype=dtype).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
         return cls(model, tokenizer)
 

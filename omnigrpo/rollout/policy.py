@@ -116,6 +116,11 @@ class ImageLM(ABC):
         """``[B, L]`` token ids -> ``[B, L, D]``."""
         return self.body.embed_tokens(ids)
 
+    def prompt_image(self, ids: torch.Tensor) -> torch.Tensor:
+        """bool ``[B, P]``: prompt positions the model treats as image positions (X-Omni: ids at or above
+        its text vocabulary); none by default."""
+        return torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+
     @abstractmethod
     def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """``[B, L]`` image codes (0 .. K-1) -> ``[B, L, D]``."""
@@ -145,8 +150,9 @@ class ImageLM(ABC):
         return body._omnigrpo_packed
 
     def fast_forward(self, embeds: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
-                     image: bool, cache: engine.StaticKV) -> torch.Tensor:
-        """Static-cache forward of new tokens ``[B, L, D]`` -> final hidden states ``[B, L, D]``."""
+                     image: bool | torch.Tensor, cache: engine.StaticKV) -> torch.Tensor:
+        """Static-cache forward of new tokens ``[B, L, D]`` -> final hidden states ``[B, L, D]``; ``image``:
+        whether they are image positions (a bool, or bool ``[B, L]`` for a prompt)."""
         body = self.body
         return body.norm(engine.forward_layers(body.layers, self.packed, body.rotary_emb, embeds, positions, valid,
                                                cache))
@@ -166,8 +172,8 @@ class ImagePolicy(ABC):
 
     @classmethod
     @abstractmethod
-    def from_pretrained(cls, path: str | Path) -> ImagePolicy:
-        """Load from a hub id or a local directory (fp32, eval mode)."""
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> ImagePolicy:
+        """Load from a hub id or a local directory (weights in ``dtype``, eval mode)."""
 
     @staticmethod
     @abstractmethod
@@ -201,9 +207,9 @@ class ImagePolicy(ABC):
 
 
 def head_rows(linear: torch.nn.Linear, hidden: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """``linear(hidden)[..., lo:hi]`` computing only those rows; under ZeRO-3 (weight partitioned away,
-    gathered only when the module is called) it calls the module and slices."""
-    if linear.weight.numel() == 0:
+    """``linear(hidden)[..., lo:hi]`` computing only those rows; under ZeRO-3 (a partitioned weight, marked
+    by DeepSpeed's ``ds_id`` and gathered only when the module is called) it calls the module and slices."""
+    if hasattr(linear.weight, "ds_id"):
         return linear(hidden)[..., lo:hi].float()
     bias = None if linear.bias is None else linear.bias[lo:hi]
     return torch.nn.functional.linear(hidden, linear.weight[lo:hi], bias).float()
@@ -216,11 +222,13 @@ def family_class(family: str) -> type[ImagePolicy]:
     return getattr(importlib.import_module(module), name)
 
 
-def load_policy(family: str, path: str | Path, grid: tuple[int, int] | None = None) -> ImagePolicy:
-    """The ``family`` policy at ``path`` (hub id or local directory); ``grid`` (rows, cols of codes) for the
-    families whose image size is a choice (Emu3, X-Omni)."""
+def load_policy(family: str, path: str | Path, grid: tuple[int, int] | None = None,
+                dtype: str | torch.dtype = torch.float32) -> ImagePolicy:
+    """The ``family`` policy at ``path`` (hub id or local directory) with weights in ``dtype``; ``grid``
+    (rows, cols of codes) for the families whose image size is a choice (Emu3, X-Omni)."""
     cls = family_class(family)
-    return cls.from_pretrained(path, grid=tuple(grid)) if grid else cls.from_pretrained(path)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    return cls.from_pretrained(path, grid=tuple(grid), dtype=dtype) if grid else cls.from_pretrained(path, dtype=dtype)
 
 
 def check_checkpoint(family: str, path: str, num_codes: int | None = None) -> None:

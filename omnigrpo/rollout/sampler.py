@@ -61,7 +61,9 @@ def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch
     spends most of a small model's sampling step on CPU). A code of probability 0 is never drawn."""
     cdf = probs.cumsum(-1)
     u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
+    # u rounding up to the total would land past the end: clamp to the last code that has mass
+    last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(-1)
+    return torch.minimum(torch.searchsorted(cdf, u, right=True).squeeze(-1), last)
 
 
 def gather_logprobs(logprobs: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -103,7 +105,7 @@ def sample_images(
     rows, segment = ids.shape[0], space.segment.tolist()
     positions = _positions(mask)
     cache = lm.new_cache(rows, ids.shape[1] + len(segment))
-    hidden = lm.fast_forward(lm.embed_text(ids), positions, mask.bool(), False, cache)[:, -1:]
+    hidden = lm.fast_forward(lm.embed_text(ids), positions, mask.bool(), lm.prompt_image(ids), cache)[:, -1:]
     step_pos = positions[:, -1:] + 1
     valid = torch.ones(rows, 1, dtype=torch.bool, device=ids.device)
     eol = None if space.eol_id is None else lm.embed_text(torch.full((rows, 1), space.eol_id, device=ids.device))
@@ -162,8 +164,8 @@ def sequence_logprobs(
     seg = segment_embeds(lm, codes.repeat(rows // b, 1))[:, :-1]  # the last token is never fed
     embeds = torch.cat([lm.embed_text(ids), seg], 1)
     mask = torch.cat([mask, torch.ones(rows, seg.shape[1], dtype=mask.dtype, device=mask.device)], -1)
-    image = torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)
-    image[:, p_len:] = True
+    image = torch.ones(mask.shape, dtype=torch.bool, device=mask.device)
+    image[:, :p_len] = lm.prompt_image(ids)
     hidden = lm.hidden_states(embeds, mask, _positions(mask), image)
     predicts = p_len - 1 + torch.nonzero(lm.space.segment).squeeze(-1)  # positions predicting each code
     logits = lm.head(hidden[:, predicts.to(hidden.device)])

@@ -92,11 +92,15 @@ def emu3(directory: Path, seed: int = 0, grid: tuple[int, int] = (8, 8), codes: 
     (Path(directory) / "emu3.json").write_text(json.dumps({"grid": list(grid)}))
 
 
-def xomni(directory: Path, seed: int = 0, grid: tuple[int, int] = (8, 8)) -> None:
-    """X-Omni layout: 1 + 2 + 1 layers (vision, LM, vision), 64 image codes (80 mm rows)."""
-    tok = bpe_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<SOM>", "<EOM>", "<IMAGE>"],
-                        pad="<|endoftext|>", bos="<|im_start|>", eos="<|im_end|>")
-    cfg = XOmniConfig(vocab_size=len(tok), **{**BODY, "num_hidden_layers": 4}, num_mm_adap_layers=1,
+def xomni(directory: Path, seed: int = 0, grid: tuple[int, int] = (8, 8), specials_in_mm: bool = False) -> None:
+    """X-Omni layout: 1 + 2 + 1 layers (vision, LM, vision), 64 image codes (80 mm rows). ``specials_in_mm``:
+    ``<MM-Token-k>`` = id ``vocab_size + k`` and ``<SOM>``/``<EOM>``/``<IMAGE>`` after them, in the spare mm
+    rows (the published tokenizer's layout could be either; the model handles both)."""
+    specials = ["<SOM>", "<EOM>", "<IMAGE>"]
+    mm = [f"<MM-Token-{k}>" for k in range(64)] + specials if specials_in_mm else []
+    tok = bpe_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", *([] if specials_in_mm else specials)],
+                        pad="<|endoftext|>", bos="<|im_start|>", eos="<|im_end|>", extra=mm)
+    cfg = XOmniConfig(vocab_size=len(tok) - len(mm), **{**BODY, "num_hidden_layers": 4}, num_mm_adap_layers=1,
                       num_mm_head_layers=1, mm_vocab_size=80, image_vocab_size=64, tie_word_embeddings=False,
                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     torch.manual_seed(seed)
@@ -118,9 +122,10 @@ def build(family: str, directory: str | Path, seed: int = 0) -> Path:
     return directory
 
 
-def diffusion_decoder(directory: str | Path, codes: int = 64, seed: int = 0) -> Path:
+def diffusion_decoder(directory: str | Path, codes: int = 64, seed: int = 0, flux_dev: bool = False) -> Path:
     """A tiny decoder directory for :class:`~omnigrpo.rollout.diffusion.DiffusionDecoder`: FLUX transformer
-    (1 + 1 blocks), 2-level VAE (4 px per code), 8-dim codebook projected to 32 channels."""
+    (1 + 1 blocks), 2-level VAE (4 px per code), 8-dim codebook projected to 32 channels. ``flux_dev``:
+    FLUX.1-dev's settings (a guidance-embedding transformer, a dynamically shifted scheduler)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 
     from omnigrpo.rollout.diffusion import CodeConditionedFlux, CodeProjector
@@ -129,11 +134,14 @@ def diffusion_decoder(directory: str | Path, codes: int = 64, seed: int = 0) -> 
     torch.manual_seed(seed)
     CodeConditionedFlux(in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
                         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
-                        axes_dims_rope=(4, 6, 6), siglip_channels=32).save_pretrained(directory / "transformer")
+                        axes_dims_rope=(4, 6, 6), siglip_channels=32, guidance_embeds=flux_dev).save_pretrained(
+        directory / "transformer")
     CodeProjector(codebook_size=codes, codebook_dim=8, out_channels=32, blocks=1, groups=8).save_pretrained(
         directory / "projector")
     AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32),
                   down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                   layers_per_block=1, norm_num_groups=8).save_pretrained(directory / "vae")
-    FlowMatchEulerDiscreteScheduler().save_pretrained(directory / "scheduler")
+    shift = dict(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                 max_image_seq_len=4096, shift=3.0) if flux_dev else {}  # FLUX.1-dev's scheduler_config.json
+    FlowMatchEulerDiscreteScheduler(**shift).save_pretrained(directory / "scheduler")
     return directory

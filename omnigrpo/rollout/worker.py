@@ -82,18 +82,20 @@ class RolloutWorker:
     False when a diffusion decoder stage turns codes into pixels (the batch then carries no images)."""
 
     def __init__(self, model_path: str, params: SamplingParams, seed: int, threads: int = 0, family: str = "builtin",
-                 grid: tuple[int, int] | None = None, decode: bool = True):
+                 grid: tuple[int, int] | None = None, decode: bool = True, sample_batch: int = 0,
+                 dtype: str = "float32"):
         self.model_path = model_path
         self.params = params
         self.seed = seed
         self.threads = threads
         self.family, self.grid, self.decode = family, grid, decode
+        self.sample_batch, self.dtype = sample_batch, dtype
         self.version = 0
 
     def setup(self) -> int:
         hf_logging.disable_progress_bar()
         torch.set_num_threads(self.threads or os.cpu_count() or 1)
-        self.policy = load_policy(self.family, self.model_path, self.grid)
+        self.policy = load_policy(self.family, self.model_path, self.grid, self.dtype)
         # a GPU Ray assigned this actor (cluster.rollout_gpus) is its device 0; else the CPU
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.policy.model.to(self.device)
@@ -109,9 +111,15 @@ class RolloutWorker:
         repeated = [p for p in prompts for _ in range(group_size)]
         batch = self.policy.prompt_batch(repeated)
         generator = self.generator if seed is None else torch.Generator(self.device).manual_seed(seed)
-        codes, logprobs = sample_images(self.lm, batch.to(self.device), self.params, generator)
-        images = self.policy.decode(codes) if self.decode else np.zeros((len(codes), 0, 0, 3), np.uint8)
-        codes, logprobs = codes.cpu(), logprobs.cpu()
+        step = self.sample_batch or len(repeated)  # pieces bound the KV cache; one generator stream throughout
+        codes, logprobs, images = [], [], []
+        for start in range(0, len(repeated), step):
+            piece = batch.select(slice(start, start + step)).to(self.device)
+            c, lp = sample_images(self.lm, piece, self.params, generator)
+            images.append(self.policy.decode(c) if self.decode else np.zeros((len(c), 0, 0, 3), np.uint8))
+            codes.append(c.cpu())
+            logprobs.append(lp.cpu())
+        codes, logprobs, images = torch.cat(codes), torch.cat(logprobs), np.concatenate(images)
         return RolloutBatch(
             prompts=repeated,
             metadata=[dict(m) for m in metadata for _ in range(group_size)],

@@ -91,7 +91,9 @@ class XOmniModel(PreTrainedModel):
         """Full-sequence forward: ``[B, L, D]`` embeddings, bool ``image`` ``[B, L]``, 0/1 ``attention_mask``
         ``[B, L]`` (left padding) -> normed hidden states ``[B, L, D]``."""
         x = inputs_embeds
-        mask = engine.causal_mask(attention_mask.bool())
+        allowed = engine.causal_mask(attention_mask.bool())  # additive: right under eager and SDPA attention
+        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
+        mask = mask.masked_fill(~allowed, torch.finfo(x.dtype).min)
         rope = self.rotary_emb(x, position_ids)
         for layer, image_only in zip(self.layers, self.image_only, strict=True):
             out = layer(x, attention_mask=mask, position_ids=position_ids, position_embeddings=rope)
@@ -103,6 +105,7 @@ class XOmniForCausalLM(PreTrainedModel):
     """``model`` + ``lm_head`` + ``mm_head``, as in the published checkpoints."""
 
     config_class = XOmniConfig
+    supports_gradient_checkpointing = True
     base_model_prefix = ""
     _no_split_modules = ["Qwen2DecoderLayer"]
     _supports_sdpa = True
@@ -121,7 +124,10 @@ class XOmniLM(ImageLM):
         return self.module.model
 
     def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.body.lm_embed_tokens(ids)
+        return self.body.embed(ids)  # the published mapping: an id at or above vocab_size is an mm row
+
+    def prompt_image(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids >= self.module.config.vocab_size
 
     def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
         return self.body.mm_embed_tokens(codes)
@@ -137,6 +143,8 @@ class XOmniLM(ImageLM):
         body = self.body
         x = engine.forward_layers(body.layers, self.packed, body.rotary_emb, embeds, positions, valid, cache,
                                   body.image_only, image)
+        if torch.is_tensor(image):
+            return torch.where(image[..., None], body.mm_norm(x), body.lm_norm(x))
         return body.mm_norm(x) if image else body.lm_norm(x)
 
 
@@ -156,8 +164,9 @@ class XOmniPolicy(ImagePolicy):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, grid: tuple[int, int] | None = None) -> XOmniPolicy:
-        model = XOmniForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    def from_pretrained(cls, path: str | Path, grid: tuple[int, int] | None = None,
+                        dtype: torch.dtype = torch.float32) -> XOmniPolicy:
+        model = XOmniForCausalLM.from_pretrained(path, dtype=dtype).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
         tokenizer.padding_side = "left"
         meta = Path(path) / "xomni.json"

@@ -19,10 +19,16 @@ from peft.tuners.lora import LoraLayer
 ADAPTER = "default"
 
 
-def wrap(model: torch.nn.Module, rank: int, alpha: float, targets: list[str]) -> torch.nn.Module:
-    """``model`` with LoRA adapters of ``rank`` on every module whose name ends in one of ``targets``;
+def wrap(model: torch.nn.Module, body: torch.nn.Module, rank: int, alpha: float, targets: list[str]) -> (
+        torch.nn.Module):
+    """``model`` with LoRA adapters of ``rank`` on the modules *of its image-generating body* whose name ends
+    in one of ``targets`` (not, e.g., Janus's understanding-side SigLIP encoder, which has ``q_proj`` too);
     only the adapters are trainable. No dropout: the learner's log-probs must be the sampled distribution."""
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none")
+    prefix = next(name for name, module in model.named_modules() if module is body)
+    names = [n for n, _ in model.named_modules() if n.startswith(f"{prefix}.") and n.rsplit(".", 1)[-1] in targets]
+    if not names:
+        raise ValueError(f"trainer.lora_targets {targets} match no module of the policy's body ({prefix})")
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=names, lora_dropout=0.0, bias="none")
     return get_peft_model(model, config)
 
 

@@ -95,16 +95,22 @@ class Learner:
         torch.set_num_threads(threads or os.cpu_count() or 1)
         torch.manual_seed(self.cfg.run.seed + self.rank)
         family, grid = self.cfg.model.family, tuple(self.cfg.model.image_grid) or None
-        self.policy = load_policy(family, self.model_path, grid)
-        reference = self.policy if self.reference_path == self.model_path else load_policy(
-            family, self.reference_path, grid)
-        self.reference = copy.deepcopy(reference.model).eval().requires_grad_(False)
-        # eval mode: dropout off (Emu3 ships attention_dropout 0.1), or the learner's log-probs would not
-        # be the distribution the rollout sampled from; gradients flow the same
-        model = self.policy.model.eval()
         tr = self.cfg.trainer
+        # LoRA resume: the checkpoint's weights are merged; start from the plain base and let DeepSpeed
+        # restore base and adapters (loading the merged ones would apply the adapters twice)
+        dtype = self.cfg.model.dtype
+        self.policy = load_policy(family, self.reference_path if resume and tr.lora_rank else self.model_path, grid,
+                                  dtype)
+        reference = self.policy if self.reference_path == self.model_path else load_policy(
+            family, self.reference_path, grid, dtype)
+        self.reference = copy.deepcopy(reference.model).eval().requires_grad_(False)
+        # train mode (gradient checkpointing needs it) with every dropout off (Emu3 ships attention_dropout
+        # 0.1): the learner's log-probs must be the distribution the rollout sampled from
+        model = disable_dropout(self.policy.model.train())
+        if tr.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if tr.lora_rank:  # the reference above stays the plain starting policy
-            model = adapter.wrap(model, tr.lora_rank, tr.lora_alpha, tr.lora_targets)
+            model = adapter.wrap(model, self.policy.lm().body, tr.lora_rank, tr.lora_alpha, tr.lora_targets)
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=tr.lr, weight_decay=tr.weight_decay)
         mini = self.cfg.batch_size // tr.mini_batches // self.world_size
@@ -126,6 +132,7 @@ class Learner:
                 "gradient_clipping": tr.max_grad_norm,
                 "zero_optimization": {"stage": tr.zero_stage},
                 "zero_allow_untested_optimizer": True,
+                "bf16": {"enabled": dtype == "bfloat16"},
                 "steps_per_print": 10**9,
             },
         )
@@ -193,7 +200,7 @@ class Learner:
     @torch.no_grad()
     def _fill_reference(self, batch: TrainBatch, ref: torch.Tensor, rows: torch.Tensor) -> None:
         """Reference log-probs ``ref[rows]`` ``[len(rows), T]``, computed once per row (NaN = not yet)."""
-        todo = rows[torch.isnan(ref[rows, 0])]
+        todo = rows[torch.isnan(ref[rows, 0]).cpu()]  # ``rows`` lives on the CPU, ``ref`` on the device
         if len(todo):
             lp, _ = sequence_logprobs(self.policy.lm(self.reference), batch.prompts.select(todo),
                                       batch.codes[todo], self.params)
@@ -287,6 +294,16 @@ def merge_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
         "grpo/logprob_mismatch": max(p["sum/mismatch"] for p in parts),
         "version": head["version"],
     }
+
+
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Zero every ``nn.Dropout`` and every attention module's ``attention_dropout`` (as TRL does for RL)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    return model
 
 
 def staging_dir(root: str | Path, step: int, name: str) -> Path:

@@ -86,8 +86,9 @@ def test_a_hung_reward_call_times_out_and_is_retried_on_a_replacement(tiny_confi
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     monkeypatch.setenv("HANG_MARKER", str(tmp_path / "hung"))
     (tmp_path / "hung").write_text("dry run")  # the driver's dry run must not hang
+    # two chunks: the hung actor also holds the second chunk's shard, which must not cost a second replacement
     cfg = tiny_config("trainer.steps=2", "eval.every=0", "eval.held_out=false", "tracking.image_every=0",
-                      f"model.path={sft_path}", "cluster.call_timeout_s=8",
+                      f"model.path={sft_path}", "cluster.call_timeout_s=8", "rollout.chunks=2",
                       "rewards=[{name: 'hang_reward:hangs_once'}]")
     thread, result = _run_in_thread(cfg)
     _wait_for(lambda: ray.is_initialized() and bool(ray.util.list_named_actors()), 120, "actors never started")
@@ -97,6 +98,7 @@ def test_a_hung_reward_call_times_out_and_is_retried_on_a_replacement(tiny_confi
     client = MlflowClient(store_uri(cfg))
     run = client.get_run(result["run_id"])
     assert run.data.metrics["fault/call_timeouts"] == 1.0 and run.data.metrics["reward/failed"] == 0
+    assert run.data.metrics["fault/actor_restarts"] == 1.0
     assert _steps_logged(client, cfg.tracking.experiment) == [1, 2]
 
 

@@ -15,8 +15,11 @@ from omnigrpo.rollout.policy import family_class, load_policy
 HERE = Path(__file__).parents[1] / "rollout"  # sized_reward.py
 
 
-@pytest.mark.parametrize("family", ["janus", "emu3", "xomni"])
-def test_one_grpo_step_per_family(tiny_config, tmp_path, monkeypatch, family):
+# each family also exercises one learner option: plain, gradient checkpointing, LoRA
+@pytest.mark.parametrize(("family", "option"), [("janus", "trainer.zero_stage=2"),
+                                                ("emu3", "trainer.gradient_checkpointing=true"),
+                                                ("xomni", "trainer.lora_rank=4")])
+def test_one_grpo_step_per_family(tiny_config, tmp_path, monkeypatch, family, option):
     start = tiny.build(family, tmp_path / "start")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle at the top left\na cat\na blue square\na dog in the middle\n")
@@ -24,7 +27,7 @@ def test_one_grpo_step_per_family(tiny_config, tmp_path, monkeypatch, family):
     monkeypatch.syspath_prepend(str(HERE))
     monkeypatch.setenv("PYTHONPATH", str(HERE))
     cfg = tiny_config(f"model.family={family}", f"model.path={start}", f"data.prompts={prompts}",
-                      "eval.held_out=false", "trainer.steps=1", "trainer.lr=1e-2", "rollout.cfg_scale=2.0",
+                      "eval.held_out=false", "trainer.steps=1", "trainer.lr=1e-2", "rollout.cfg_scale=2.0", option,
                       f"rewards=[{{name: 'sized_reward:SizedSaturation', kwargs: {{height: {height}, "
                       f"width: {width}}}}}]")
     summary = train(cfg)

@@ -1,5 +1,6 @@
 """A run interrupted after step k and resumed ends where an uninterrupted run of the same seed ends."""
 
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -12,8 +13,11 @@ def _weights(path):
     return WorldPolicy.from_pretrained(path).model.state_dict()
 
 
-def test_resume_matches_an_uninterrupted_run(tiny_config, sft_path, tmp_path):
-    common = ("trainer.lr=3e-3", "eval.every=0", "tracking.image_every=0", "rollout.top_k=30")
+@pytest.mark.parametrize("lora", [0, 4], ids=["full", "lora"])
+def test_resume_matches_an_uninterrupted_run(tiny_config, sft_path, tmp_path, lora):
+    # with LoRA the checkpoint holds merged weights; resuming must not apply the adapters twice
+    common = ("trainer.lr=3e-3", "eval.every=0", "tracking.image_every=0", "rollout.top_k=30",
+              f"trainer.lora_rank={lora}")
     straight = train(tiny_config(*common, "trainer.steps=4", f"run.dir={tmp_path / 'straight'}"))
 
     first = train(tiny_config(*common, "trainer.steps=2", f"run.dir={tmp_path / 'cut'}"))  # "interrupted" at 2

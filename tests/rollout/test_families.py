@@ -127,6 +127,22 @@ def test_xomni_loads_a_state_dict_in_the_published_naming(family_dirs, tmp_path)
     assert model.model.image_only == [True, False, False, True]  # 1 vision, 2 LM, 1 vision block
 
 
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(cfg_scale=3.0, min_p=0.03)], ids=["plain", "cfg"])
+def test_xomni_with_its_special_tokens_in_the_mm_rows(tmp_path, params):
+    """If ``<SOM>``/``<IMAGE>`` sit above the text vocabulary (as ``<MM-Token-k>`` do), they embed from the mm
+    table and their positions are image positions (vision blocks, mm_norm): rollout and learner still agree."""
+    tiny.xomni(tmp_path, specials_in_mm=True)
+    policy = load_policy("xomni", tmp_path)
+    vocab = policy.model.config.vocab_size
+    assert policy.tokenizer.convert_tokens_to_ids("<MM-Token-0>") == vocab
+    batch = policy.prompt_batch(PROMPTS)
+    marked = policy.lm().prompt_image(batch.ids)
+    assert marked.sum(1).tolist() == [2, 2, 2]  # <SOM> and <IMAGE> in every prompt
+    codes, rollout_lp = sample_images(policy.lm(), batch, params, torch.Generator().manual_seed(0))
+    learner_lp, _ = sequence_logprobs(policy.lm(), batch, codes, params)
+    assert (rollout_lp - learner_lp).abs().max() < 1e-5
+
+
 def test_xomni_vision_blocks_change_only_image_positions(family_dirs):
     policy = load_policy("xomni", family_dirs["xomni"])
     body = policy.model.model
@@ -158,6 +174,16 @@ def test_unknown_family_missing_path_and_wrong_vocabulary_fail_before_anything_s
     assert set(FAMILIES) == {"builtin", *FAMILY_NAMES}
 
 
+def test_diffusion_decoder_takes_flux_dev_settings(tmp_path):
+    """FLUX.1-dev's scheduler needs ``mu`` (dynamic shifting), its transformer a guidance value."""
+    from omnigrpo.rollout.diffusion import DiffusionDecoder
+
+    decoder = DiffusionDecoder(str(tiny.diffusion_decoder(tmp_path / "dev", flux_dev=True)), steps=2, guidance=2.0)
+    decoder.setup()
+    assert decoder.transformer.config.guidance_embeds and decoder.scheduler.config.use_dynamic_shifting
+    assert decoder.decode(torch.zeros(1, 64, dtype=torch.long), (8, 8)).shape == (1, 32, 32, 3)
+
+
 def test_diffusion_decoder_paints_codes_and_depends_on_them(tmp_path):
     from omnigrpo.rollout.diffusion import DiffusionDecoder
 
@@ -175,3 +201,17 @@ def test_diffusion_decoder_paints_codes_and_depends_on_them(tmp_path):
     again = decoder.decode(codes, (8, 8))
     assert (again == images).all()  # deterministic given the seed: the codes are what differs below
     assert abs(images.astype(int) - same_noise_other_codes.astype(int)).mean() > 1.0
+
+
+def test_rollout_worker_samples_in_pieces_on_one_stream(family_dirs):
+    """``rollout.sample_batch`` bounds the KV cache: pieces of 3 images, same log-prob parity."""
+    from omnigrpo.rollout.worker import RolloutWorker
+
+    params = SamplingParams(cfg_scale=2.0)
+    worker = RolloutWorker(str(family_dirs["emu3"]), params, seed=0, threads=2, family="emu3", sample_batch=3)
+    worker.setup()
+    batch = worker.generate(PROMPTS[:2], [{}, {}], group_size=4)
+    assert batch.codes.shape == (8, 64) and batch.images.shape == (8, 32, 32, 3) and batch.grid == (8, 8)
+    learner_lp, _ = sequence_logprobs(worker.policy.lm(), batch.prompt_batch, batch.codes, params)
+    assert (batch.logprobs - learner_lp).abs().max() < 1e-5
+    assert len({tuple(c.tolist()) for c in batch.codes}) == 8  # pieces do not repeat the same draws

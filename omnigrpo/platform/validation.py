@@ -1,0 +1,79 @@
+"""Rules that span several config fields, checked after each field's own type and range.
+
+Why: most impossible runs are impossible because of how two settings meet (a micro-batch that does not
+divide a learner's share, a fractional GPU that would put two NCCL ranks on one device, LoRA under
+ZeRO-3, a family without a checkpoint). They are found here, before SFT runs or a cluster starts, and
+reported all at once with the keys to change; ``omnigrpo.platform.config`` raises them as one error.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from omnigrpo.platform.world import WORLDS
+
+if TYPE_CHECKING:
+    from omnigrpo.platform.config import Config
+
+
+def cross_field_problems(cfg: Config) -> list[str]:
+    """One line per violated rule, naming the keys involved (empty: the config can run)."""
+    problems = []
+    batch, tr, ranks = cfg.batch_size, cfg.trainer, cfg.cluster.learner_workers
+    if batch % (tr.mini_batches * ranks) or (batch // tr.mini_batches // ranks) % tr.micro_batch_size:
+        problems.append(
+            f"  trainer.micro_batch_size: {tr.micro_batch_size} must divide each learner's share of a "
+            f"mini-batch, {batch // max(tr.mini_batches, 1) // ranks} samples (rollout.prompts_per_step * "
+            f"rollout.group_size = {batch}, split into trainer.mini_batches = {tr.mini_batches}, shared by "
+            f"cluster.learner_workers = {ranks})"
+        )
+    if not cfg.rewards:
+        problems.append("  rewards: at least one reward is needed")
+    names = [r.name for r in cfg.rewards]
+    for dup in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"  rewards: {dup!r} is listed twice")
+    if cfg.rewards and sum(r.weight for r in cfg.rewards) <= 0:
+        problems.append("  rewards: the weights sum to 0")
+    if cfg.model.hidden_size % cfg.model.num_heads or cfg.model.num_heads % cfg.model.num_kv_heads:
+        problems.append("  model.num_heads: must divide model.hidden_size and be a multiple of model.num_kv_heads")
+    for role in ("rollout", "learner", "decoder"):
+        gpus = getattr(cfg.cluster, f"{role}_gpus")
+        if gpus > 1:
+            problems.append(f"  cluster.{role}_gpus: {gpus:g}: a {role} actor uses one device; ask for 1 or a "
+                            "fraction (actors sharing a GPU, e.g. colocated)")
+    learner_gpus = cfg.cluster.learner_gpus
+    if 0 < learner_gpus < 1 and (cfg.cluster.placement == "split" or _colocated_gpus(cfg) <= 0.5):
+        problems.append(f"  cluster.learner_gpus: {learner_gpus:g} could put two NCCL ranks on one GPU; a fraction "
+                        "works only colocated, with each bundle's GPUs (all roles of index i) above 0.5")
+    if cfg.data.prompts in WORLDS and cfg.data.prompts != cfg.world.name:
+        problems.append(f"  data.prompts: {cfg.data.prompts!r} is a built-in world's prompt set, but world.name is "
+                        f"{cfg.world.name!r}")
+    return problems + _model_problems(cfg)
+
+
+def _colocated_gpus(cfg: Config) -> float:
+    """The smallest GPU total of a colocated bundle that holds a learner rank."""
+    c = cfg.cluster
+    counts = {"rollout": c.rollout_workers, "decoder": c.decoder_workers if cfg.decoder.path else 0,
+              "reward": c.reward_workers}
+    return min(c.learner_gpus + sum(getattr(c, f"{role}_gpus") for role, n in counts.items() if n > i)
+               for i in range(c.learner_workers))
+
+
+def _model_problems(cfg: Config) -> list[str]:
+    m, problems = cfg.model, []
+    if m.family != "builtin" and not m.path:
+        problems.append(f"  model.path: family {m.family!r} needs a checkpoint (hub id or local directory)")
+    if m.image_grid and (len(m.image_grid) != 2 or m.family not in ("emu3", "xomni")):
+        problems.append(f"  model.image_grid: must be [rows, cols], and only emu3 / xomni take one (family "
+                        f"{m.family!r} has its size fixed by the checkpoint)")
+    if cfg.trainer.lora_rank and cfg.trainer.zero_stage == 3:
+        problems.append("  trainer.lora_rank: LoRA runs with trainer.zero_stage 0-2 (the frozen base is replicated; "
+                        "ZeRO-3 would partition it, and the adapters are too small to need it)")
+    if cfg.decoder.path and m.family != "xomni":
+        problems.append(f"  decoder.path: the diffusion decoder stage paints X-Omni's codes (model.family xomni), "
+                        f"not {m.family!r}'s (their VQ decoder runs in the rollout worker)")
+    if m.family == "builtin" and m.image_codes and m.image_codes != cfg.world.codebook_size:
+        problems.append(f"  model.image_codes: {m.image_codes} differs from world.codebook_size "
+                        f"{cfg.world.codebook_size}")
+    return problems
