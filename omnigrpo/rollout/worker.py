@@ -12,6 +12,7 @@ into a Ray actor.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -154,8 +155,16 @@ class RolloutWorker:
         return self.generator.get_state()
 
     def restore(self, rng_state: torch.Tensor, version: int) -> None:
-        """Continue a checkpointed run: its sampling stream and weight version."""
-        self.generator.set_state(rng_state)
+        """Continue a checkpointed run: its sampling stream and weight version. A stream saved on another
+        kind of device (a CPU run resumed on GPUs) cannot continue: the sampler is reseeded from the seed
+        and the version instead, and says so."""
+        if rng_state.numel() == self.generator.get_state().numel():
+            self.generator.set_state(rng_state)
+        else:
+            logging.getLogger(__name__).warning(
+                "rollout RNG state saved on another device type: reseeding (the resumed run samples a different "
+                "stream than an uninterrupted one would)")
+            self.generator.manual_seed(self.seed + 104729 * version)
         self.version = version
 
     def checksum(self) -> float:
