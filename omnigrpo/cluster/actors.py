@@ -77,7 +77,9 @@ class Workers:
     sync_fallbacks: int = 0
     """Broadcasts that failed and were redone through the object store (``fault/sync_fallbacks``)."""
     reform: bool = False
-    """A rollout actor was replaced: re-form the broadcast group (with the newcomer) at the next sync."""
+    """A broadcast failed or a rollout actor was replaced: re-form the broadcast group (with any newcomer)
+    at the next sync. One failed re-forming settles on the object store for the rest of the run."""
+    reform_failed: bool = False
     timeouts: int = 0
     """Reward / decoder calls that exceeded ``cluster.call_timeout_s`` (``fault/call_timeouts``)."""
 
@@ -192,7 +194,7 @@ def _replace(workers: Workers, role: str, index: int, err: Exception) -> None:
     workers.restarts += 1
     log.warning("%s actor %d died; starting a replacement (%d so far)", role, index, workers.restarts)
     if role == "rollout":
-        if workers.broadcast:
+        if workers.cfg.cluster.weight_sync == "broadcast" and not workers.reform_failed:
             log.warning("the weight-broadcast group lost a member: it is re-formed at the next sync")
             workers.broadcast, workers.reform = False, True
         actor = _rollout_actor(workers.cfg, workers.model_path, index, workers.placement, workers.restarts)
@@ -334,6 +336,7 @@ def sync_weights(workers: Workers, version: int) -> None:
             join_weight_group(workers)
             log.info("weight-broadcast group re-formed with %d rollout actor(s)", len(workers.rollouts))
         except ray.exceptions.RayError as err:
+            workers.reform_failed = True
             log.warning("could not re-form the weight-broadcast group (%s); staying on the object store",
                         str(err).splitlines()[0][:200])
     if workers.broadcast:
@@ -347,9 +350,9 @@ def sync_weights(workers: Workers, version: int) -> None:
             workers.version = version
             return
         except (ray.exceptions.RayError, RuntimeError) as err:
-            log.warning("weight broadcast of v%d failed (%s); using the object store from now on", version,
-                        str(err).splitlines()[0][:200])
-            workers.broadcast = False
+            log.warning("weight broadcast of v%d failed (%s); this sync goes through the object store, and the "
+                        "group is re-formed at the next", version, str(err).splitlines()[0][:200])
+            workers.broadcast, workers.reform = False, not workers.reform_failed
             workers.sync_fallbacks += 1
     weights = weights_ref(workers)
     for i, w in enumerate(workers.rollouts):

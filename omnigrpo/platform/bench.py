@@ -147,9 +147,10 @@ def bench_sync(cfg: Config, repeats: int) -> dict:
                 seconds = median_seconds(lambda w=workers: actors.sync_weights(w, 0), repeats)
                 sums = {round(c, 3) for c in ray.get([w.checksum.remote() for w in workers.rollouts])}
                 expected = round(float(sum(t.double().sum() for t in state.values())), 3)
+                clean = (workers.broadcast and not workers.sync_fallbacks) or mode != "broadcast"  # no fallback
                 out[label] = {"bytes": nbytes, "tensors": len(state), "seconds": seconds,
                               "s_per_gb": seconds / (nbytes / 1e9), "gb_per_s": nbytes / 1e9 / seconds,
-                              "bucket_mb": bucket_mb, "still_broadcasting": workers.broadcast or mode != "broadcast",
+                              "bucket_mb": bucket_mb, "still_broadcasting": clean,
                               "rollouts_match_learner": sums == {expected}}
             finally:
                 actors.release(workers)
