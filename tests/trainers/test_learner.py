@@ -169,7 +169,7 @@ def test_bfloat16_rollout_and_learner(tiny_config, tmp_path):
 
     path = str(tiny.build("janus", tmp_path / "janus"))
     cfg = tiny_config("model.family=janus", f"model.path={path}", "model.dtype=bfloat16", "rollout.cfg_scale=2",
-                      "trainer.lr=1e-2")
+                      "trainer.lr=1e-2", "rollout.prompts_per_step=2", "trainer.micro_batch_size=4")  # batch 8
     learner = Learner(cfg, path)
     learner.setup(threads=2)
     rollout = RolloutWorker(path, sampling_params(cfg), seed=0, threads=2, family="janus", dtype="bfloat16")
