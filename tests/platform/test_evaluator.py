@@ -51,3 +51,17 @@ def test_bad_checkpoint_or_world_fails_clearly(tiny_config, sft_path, tmp_path, 
     assert code == 2 and "is not a directory" in capsys.readouterr().err
     with pytest.raises(ValueError, match="trained on world 'shapes'"):
         evaluate_checkpoint(tiny_config("world.name=glyphs", "data.prompts=glyphs"), str(sft_path), samples=1)
+
+
+def test_eval_of_a_family_checkpoint_on_a_prompt_file(tiny_config, tmp_path, monkeypatch):
+    from omnigrpo.rollout import tiny
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "rollout"))  # sized_reward.py
+    path = tiny.build("emu3", tmp_path / "emu3")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text('a cat\na sign that says "OPEN"\n')
+    cfg = tiny_config("model.family=emu3", f"model.path={path}",
+                      "rewards=[{name: 'sized_reward:SizedSaturation', kwargs: {height: 32, width: 32}}]")
+    report = evaluate_checkpoint(cfg, str(path), prompts_source=str(prompts), samples=2, out=str(tmp_path / "r.json"))
+    assert report["num_prompts"] == 2 and report["samples_per_prompt"] == 2
+    assert 0.0 <= report["metrics"]["eval/reward_mean"] <= 1.0  # every image reached the reward at 32 x 32
