@@ -64,8 +64,8 @@ def bench_rollout(cfg: Config, model_path: str, repeats: int) -> dict:
     """Image tokens/s and images/s: our sampler vs ``generate`` on the same policy (builtin: HF's CFG and
     batched CFG over the LM head; janus: Janus's own image ``generate``)."""
     family = cfg.model.family
-    if family not in ("builtin", "janus"):
-        raise ValueError(f"bench rollout: no HF generate baseline for family {family!r} (builtin, janus)")
+    if family not in ("builtin", "janus", "emu3"):
+        raise ValueError(f"bench rollout: no HF generate baseline for family {family!r} (builtin, janus, emu3)")
     policy = load_policy(family, model_path)
     world = worlds.get(cfg.world.name)
     prompts = equal_length_prompts(policy, world.prompts_of(world.train_items())[0][:64], cfg.batch_size)
@@ -80,7 +80,7 @@ def bench_rollout(cfg: Config, model_path: str, repeats: int) -> dict:
         if family == "janus" and params.cfg_scale > 1:  # Janus's generate needs guidance
             boi = policy.tokenizer.convert_tokens_to_ids(policy.boi)
             sides["hf_generate"] = lambda p=params, boi=boi: hf_generate_janus(policy.model, batch, boi, p)
-        elif family == "builtin":
+        elif family in ("builtin", "emu3"):  # codes are vocabulary tokens: generate + an image-only processor
             sides["hf_generate"] = lambda p=params: hf_generate(policy.model, batch, space, p)
         if params.guided and family == "builtin":
             sides["hf_generate_batched_cfg"] = lambda p=params: hf_generate_batched(policy.model, batch, space, p)

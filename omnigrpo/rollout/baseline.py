@@ -51,14 +51,20 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1,
 
 
 class ImageOnly(LogitsProcessor):
-    """Scores ``[N, V]`` -> same shape with every non-image id at -inf."""
+    """Scores ``[N, V]`` -> same shape with every non-image id at -inf; at the segment's forced positions
+    (Emu3's end-of-line after every row) only that token is left."""
 
-    def __init__(self, space: ImageSpace):
+    def __init__(self, space: ImageSpace, prompt_len: int = 0):
         self.lo, self.hi = space.offset, space.offset + space.num_codes
+        self.space, self.prompt_len = space, prompt_len
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         out = torch.full_like(scores, float("-inf"))
-        out[:, self.lo : self.hi] = scores[:, self.lo : self.hi]
+        j = input_ids.shape[1] - self.prompt_len  # position inside the image segment
+        if self.space.eol_id is not None and j % (self.space.cols + 1) == self.space.cols:
+            out[:, self.space.eol_id] = 0.0
+        else:
+            out[:, self.lo : self.hi] = scores[:, self.lo : self.hi]
         return out
 
 
@@ -79,22 +85,24 @@ class BatchedCFG(LogitsProcessor):
 
 
 def _common(space: ImageSpace, pad_id: int) -> dict:
-    t = space.tokens_per_image
+    t = len(space.segment)  # codes, and end-of-line tokens where the family has them
     return dict(do_sample=True, max_new_tokens=t, min_new_tokens=t, pad_token_id=pad_id, top_p=1.0)
 
 
 @torch.no_grad()
 def hf_generate(model: torch.nn.Module, prompts: PromptBatch, space: ImageSpace,
                 params: SamplingParams) -> torch.Tensor:
-    """HF's own CFG (or none): image codes ``[B, T]`` (0 .. K-1)."""
+    """HF's own CFG (or none) on a model whose codes are vocabulary tokens (built-in, Emu3): image codes
+    ``[B, T]`` (0 .. K-1)."""
     extra: dict = {}
     if params.guided:
         extra = dict(guidance_scale=params.cfg_scale, negative_prompt_ids=prompts.uncond_ids,
-                     negative_prompt_attention_mask=prompts.mask)
+                     negative_prompt_attention_mask=prompts.uncond_mask)
+    width = prompts.ids.shape[1]
     out = model.generate(input_ids=prompts.ids, attention_mask=prompts.mask,
-                         logits_processor=LogitsProcessorList([ImageOnly(space)]),
+                         logits_processor=LogitsProcessorList([ImageOnly(space, width)]),
                          temperature=params.temperature, top_k=params.top_k, **_common(space, prompts.pad_id), **extra)
-    return out[:, prompts.ids.shape[1] :] - space.offset
+    return out[:, width:][:, space.segment.to(out.device)] - space.offset
 
 
 @torch.no_grad()

@@ -63,3 +63,15 @@ def test_rollout_bench_on_a_tiny_janus_made_by_the_cli(tiny_config, tmp_path, ca
     rows = run_bench(cfg, ["rollout"], repeats=1, out=str(tmp_path / "b.json"))["rollout"]["settings"]
     assert set(rows["cfg=1"]) == {"omnigrpo"}  # Janus's own generate cannot run without guidance
     assert rows["cfg=3"]["speedup_vs_hf_generate"] > 0 and rows["cfg=3"]["hf_generate"]["tokens_per_s"] > 0
+
+
+def test_hf_generate_draws_what_we_draw_on_emu3_greedily(tmp_path):
+    """Emu3: the baseline also forces the end-of-line after every row; with top-k 1 both pick the same codes."""
+    from omnigrpo.rollout import tiny
+    from omnigrpo.rollout.policy import load_policy
+
+    policy = load_policy("emu3", tiny.build("emu3", tmp_path / "emu3"))
+    batch = policy.prompt_batch(["a red circle", "a cat in the garden"])
+    params = SamplingParams(top_k=1)
+    ours, _ = sample_images(policy.lm(), batch, params)
+    assert torch.equal(hf_generate(policy.model, batch, policy.space, params), ours)
