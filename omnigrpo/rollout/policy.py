@@ -21,6 +21,7 @@ missing path or a checkpoint whose image vocabulary does not match, before any c
 from __future__ import annotations
 
 import importlib
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,6 +232,27 @@ def load_policy(family: str, path: str | Path, grid: tuple[int, int] | None = No
     return cls.from_pretrained(path, grid=tuple(grid), dtype=dtype) if grid else cls.from_pretrained(path, dtype=dtype)
 
 
+def _check_hub_id(repo: str) -> None:
+    """A hub id must be in the local hub cache, or (online) exist on the hub; offline and uncached fails."""
+    import os
+
+    import huggingface_hub
+
+    if isinstance(huggingface_hub.try_to_load_from_cache(repo, "config.json"), str):
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise FileNotFoundError(f"model.path {repo!r}: no such local directory, and HF_HUB_OFFLINE is set with no "
+                                "cached copy of that hub model")
+    try:
+        found = huggingface_hub.repo_exists(repo)
+    except Exception as err:  # noqa: BLE001 - no network here: the actors will try (and say why they fail)
+        logging.getLogger(__name__).warning("could not check hub model %r (%s); actors will try to download it",
+                                            repo, type(err).__name__)
+        return
+    if not found:
+        raise FileNotFoundError(f"model.path {repo!r}: no such local directory and no such hub model")
+
+
 def check_checkpoint(family: str, path: str, num_codes: int | None = None) -> None:
     """Fail fast, before any cluster starts: unknown family, a local path that does not exist, or a
     checkpoint whose image vocabulary differs from ``num_codes`` (when the config states one).
@@ -239,6 +261,8 @@ def check_checkpoint(family: str, path: str, num_codes: int | None = None) -> No
     looks_local = path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") != 1
     if looks_local and not Path(path).expanduser().exists():
         raise FileNotFoundError(f"model.path {path!r} does not exist (and is not a hub id 'org/name')")
+    if not looks_local:
+        _check_hub_id(path)
     checker = getattr(cls, "image_vocabulary", None)
     if num_codes is not None and checker is not None and Path(path).exists():
         found = checker(path)

@@ -170,7 +170,10 @@ def test_unknown_family_missing_path_and_wrong_vocabulary_fail_before_anything_s
     with pytest.raises(ValueError, match="image vocabulary has 64 codes, but model.image_codes is 16384"):
         check_checkpoint("emu3", str(family_dirs["emu3"]), 16384)
     check_checkpoint("xomni", str(family_dirs["xomni"]), 64)
-    check_checkpoint("janus", "deepseek-community/Janus-Pro-1B")  # a hub id is left to from_pretrained
+    with pytest.MonkeyPatch.context() as mp:  # a hub id offline, with no cached copy: refused up front
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE"):
+            check_checkpoint("janus", "deepseek-community/Janus-Pro-1B")
     assert set(FAMILIES) == {"builtin", *FAMILY_NAMES}
 
 
