@@ -41,9 +41,7 @@ class Demand:
 
 def demands(cfg: Config, cluster_cpus: float) -> list[Demand]:
     """Per-role demand; a role with 0 CPUs configured gets an equal share of ``cluster_cpus``."""
-    c = cfg.cluster
-    counts = {"rollout": c.rollout_workers, "decoder": c.decoder_workers if cfg.decoder.path else 0,
-              "reward": c.reward_workers, "learner": c.learner_workers}
+    c, counts = cfg.cluster, cfg.actor_counts
     share = cluster_cpus / sum(counts.values())
     out = []
     for role in ROLES:

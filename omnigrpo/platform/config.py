@@ -304,6 +304,13 @@ class Config:
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @property
+    def actor_counts(self) -> dict[str, int]:
+        """Actors per role (a decoder pool only with ``decoder.path``)."""
+        c = self.cluster
+        return {"rollout": c.rollout_workers, "decoder": c.decoder_workers if self.decoder.path else 0,
+                "reward": c.reward_workers, "learner": c.learner_workers}
+
+    @property
     def batch_size(self) -> int:
         """Samples per GRPO step: prompts_per_step * group_size."""
         return self.rollout.prompts_per_step * self.rollout.group_size

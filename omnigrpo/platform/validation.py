@@ -53,10 +53,9 @@ def cross_field_problems(cfg: Config) -> list[str]:
 
 def _colocated_gpus(cfg: Config) -> float:
     """The smallest GPU total of a colocated bundle that holds a learner rank."""
-    c = cfg.cluster
-    counts = {"rollout": c.rollout_workers, "decoder": c.decoder_workers if cfg.decoder.path else 0,
-              "reward": c.reward_workers}
-    return min(c.learner_gpus + sum(getattr(c, f"{role}_gpus") for role, n in counts.items() if n > i)
+    c, counts = cfg.cluster, cfg.actor_counts
+    return min(c.learner_gpus + sum(getattr(c, f"{role}_gpus") for role, n in counts.items()
+                                    if role != "learner" and n > i)
                for i in range(c.learner_workers))
 
 

@@ -21,7 +21,7 @@ import torch
 from transformers import AutoTokenizer, Emu3ForConditionalGeneration
 
 from omnigrpo.rollout.builtin import TextVocabLM
-from omnigrpo.rollout.policy import ImageLM, ImagePolicy, ImageSpace, PromptBatch
+from omnigrpo.rollout.policy import GridPolicy, ImageLM, ImageSpace, PromptBatch
 
 EOL, IMAGE_START, IMAGE_WRAPPER = "<|extra_200|>", "<|image start|>", "<|image token|>"
 
@@ -32,8 +32,10 @@ class Emu3LM(TextVocabLM):
         return self.module.model.text_model
 
 
-class Emu3Policy(ImagePolicy):
+class Emu3Policy(GridPolicy):
     family = "emu3"
+    grid_file = "emu3.json"
+    default_grid = (90, 90)
 
     def __init__(self, model: Emu3ForConditionalGeneration, tokenizer, grid: tuple[int, int]):
         self.model, self.tokenizer = model, tokenizer
@@ -51,16 +53,11 @@ class Emu3Policy(ImagePolicy):
     def from_pretrained(cls, path: str | Path, grid: tuple[int, int] | None = None,
                         dtype: torch.dtype = torch.float32) -> Emu3Policy:
         model = Emu3ForConditionalGeneration.from_pretrained(path, dtype=dtype).eval()
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        meta = Path(path) / "emu3.json"
-        if grid is None:
-            grid = tuple(json.loads(meta.read_text())["grid"]) if meta.exists() else (90, 90)
-        return cls(model, tokenizer, grid)
+        return cls(model, AutoTokenizer.from_pretrained(path), cls.saved_grid(path, grid))
 
     @staticmethod
     def pixels(path: str | Path, grid: tuple[int, int] | None = None) -> tuple[int, int]:
-        meta = Path(path) / "emu3.json"
-        grid = grid or (tuple(json.loads(meta.read_text())["grid"]) if meta.exists() else (90, 90))
+        grid = Emu3Policy.saved_grid(path, grid)
         cfg = json.loads((Path(path) / "config.json").read_text())
         scale = 2 ** (len(cfg["vq_config"].get("channel_multiplier", [1, 2, 2, 4])) - 1)
         return grid[0] * scale, grid[1] * scale
@@ -69,12 +66,6 @@ class Emu3Policy(ImagePolicy):
     def image_vocabulary(path: str | Path) -> int:
         return int(json.loads((Path(path) / "config.json").read_text())["vq_config"]["codebook_size"])
 
-    def save_pretrained(self, path, state_dict=None):
-        path = Path(path)
-        self.model.save_pretrained(path, state_dict=state_dict)
-        self.tokenizer.save_pretrained(path)
-        (path / "emu3.json").write_text(json.dumps({"grid": [self.space.rows, self.space.cols]}))
-
     def lm(self, module=None) -> ImageLM:
         return Emu3LM(self.model if module is None else module, self.space)
 
@@ -82,13 +73,8 @@ class Emu3Policy(ImagePolicy):
         prefix = f"{IMAGE_START}{self.space.rows}*{self.space.cols}{IMAGE_WRAPPER}"
         bos = self.tokenizer.bos_token or ""
         drop = drop_text.tolist() if drop_text is not None else [False] * len(prompts)
-        cond = self.tokenizer([bos + ("" if d else p) + prefix for p, d in zip(prompts, drop, strict=True)],
-                              padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False)
-        uncond = self.tokenizer([bos + prefix] * len(prompts), return_tensors="pt", add_special_tokens=False)
-        pad = cond["input_ids"].shape[1] - uncond["input_ids"].shape[1]
-        u_ids = torch.nn.functional.pad(uncond["input_ids"], (pad, 0), value=self.pad_id)
-        u_mask = torch.nn.functional.pad(uncond["attention_mask"], (pad, 0), value=0)
-        return PromptBatch(cond["input_ids"], u_ids, cond["attention_mask"], self.pad_id, u_mask)
+        texts = [bos + ("" if d else p) + prefix for p, d in zip(prompts, drop, strict=True)]
+        return self.prefixed_batch(texts, bos + prefix, add_special_tokens=False)
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> np.ndarray:

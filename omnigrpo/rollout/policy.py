@@ -21,7 +21,9 @@ missing path or a checkpoint whose image vocabulary does not match, before any c
 from __future__ import annotations
 
 import importlib
+import json
 import logging
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,6 +209,40 @@ class ImagePolicy(ABC):
         raise NotImplementedError(f"family {self.family!r} has no codebook embeddings for a diffusion decoder")
 
 
+class GridPolicy(ImagePolicy):
+    """A family whose image size is a choice (Emu3, X-Omni): the code grid is saved next to the checkpoint
+    (``grid_file``), and the prompt ends in an image prefix that names it; the unconditional prompt is that
+    prefix without text, left-padded to the conditional batch's width."""
+
+    grid_file: ClassVar[str]
+    default_grid: ClassVar[tuple[int, int]]
+    tokenizer: object
+    pad_id: int
+
+    @classmethod
+    def saved_grid(cls, path: str | Path, grid: tuple[int, int] | None = None) -> tuple[int, int]:
+        """``grid`` if given, else the one saved with the checkpoint, else the family's default."""
+        meta = Path(path) / cls.grid_file
+        if grid:
+            return tuple(grid)
+        return tuple(json.loads(meta.read_text())["grid"]) if meta.exists() else cls.default_grid
+
+    def save_pretrained(self, path, state_dict=None):
+        path = Path(path)
+        self.model.save_pretrained(path, state_dict=state_dict)
+        self.tokenizer.save_pretrained(path)
+        (path / self.grid_file).write_text(json.dumps({"grid": [self.space.rows, self.space.cols]}))
+
+    def prefixed_batch(self, texts: list[str], uncond: str, **tokenize) -> PromptBatch:
+        """Conditional ``texts`` (left-padded) and ``uncond`` for every row, padded to the same width."""
+        cond = self.tokenizer(texts, padding=True, padding_side="left", return_tensors="pt", **tokenize)
+        plain = self.tokenizer([uncond] * len(texts), return_tensors="pt", **tokenize)
+        pad = cond["input_ids"].shape[1] - plain["input_ids"].shape[1]
+        u_ids = torch.nn.functional.pad(plain["input_ids"], (pad, 0), value=self.pad_id)
+        u_mask = torch.nn.functional.pad(plain["attention_mask"], (pad, 0), value=0)
+        return PromptBatch(cond["input_ids"], u_ids, cond["attention_mask"], self.pad_id, u_mask)
+
+
 def head_rows(linear: torch.nn.Linear, hidden: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
     """``linear(hidden)[..., lo:hi]`` computing only those rows; under ZeRO-3 (a partitioned weight, marked
     by DeepSpeed's ``ds_id`` and gathered only when the module is called) it calls the module and slices."""
@@ -234,8 +270,6 @@ def load_policy(family: str, path: str | Path, grid: tuple[int, int] | None = No
 
 def _check_hub_id(repo: str) -> None:
     """A hub id must be in the local hub cache, or (online) exist on the hub; offline and uncached fails."""
-    import os
-
     import huggingface_hub
 
     if isinstance(huggingface_hub.try_to_load_from_cache(repo, "config.json"), str):

@@ -31,7 +31,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding
 
 from omnigrpo.rollout import engine
-from omnigrpo.rollout.policy import ImageLM, ImagePolicy, ImageSpace, PromptBatch, head_rows
+from omnigrpo.rollout.policy import GridPolicy, ImageLM, ImageSpace, PromptBatch, head_rows
 
 
 class XOmniConfig(Qwen2Config):
@@ -148,13 +148,15 @@ class XOmniLM(ImageLM):
         return body.mm_norm(x) if image else body.lm_norm(x)
 
 
-class XOmniPolicy(ImagePolicy):
+class XOmniPolicy(GridPolicy):
     """X-Omni with its tokenizer; ``model.path`` is a published checkpoint or one of ours.
 
     Images are ``rows x cols`` codes (``xomni.json``, default 32 x 32 = 512 px at X-Omni's 16 px per
     code). Pixels come from the diffusion decoder stage; :meth:`decode` alone renders a code map."""
 
     family = "xomni"
+    grid_file = "xomni.json"
+    default_grid = (32, 32)
 
     def __init__(self, model: XOmniForCausalLM, tokenizer, grid: tuple[int, int], path: str | Path = ""):
         self.model, self.tokenizer, self.path = model, tokenizer, str(path)
@@ -167,28 +169,16 @@ class XOmniPolicy(ImagePolicy):
     def from_pretrained(cls, path: str | Path, grid: tuple[int, int] | None = None,
                         dtype: torch.dtype = torch.float32) -> XOmniPolicy:
         model = XOmniForCausalLM.from_pretrained(path, dtype=dtype).eval()
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        tokenizer.padding_side = "left"
-        meta = Path(path) / "xomni.json"
-        if grid is None:
-            grid = tuple(json.loads(meta.read_text())["grid"]) if meta.exists() else (32, 32)
-        return cls(model, tokenizer, grid, path)
+        return cls(model, AutoTokenizer.from_pretrained(path), cls.saved_grid(path, grid), path)
 
     @staticmethod
     def pixels(path: str | Path, grid: tuple[int, int] | None = None) -> tuple[int, int]:
-        meta = Path(path) / "xomni.json"
-        grid = grid or (tuple(json.loads(meta.read_text())["grid"]) if meta.exists() else (32, 32))
+        grid = XOmniPolicy.saved_grid(path, grid)
         return grid[0] * 16, grid[1] * 16
 
     @staticmethod
     def image_vocabulary(path: str | Path) -> int:
         return int(json.loads((Path(path) / "config.json").read_text())["image_vocab_size"])
-
-    def save_pretrained(self, path, state_dict=None):
-        path = Path(path)
-        self.model.save_pretrained(path, state_dict=state_dict)
-        self.tokenizer.save_pretrained(path)
-        (path / "xomni.json").write_text(json.dumps({"grid": [self.space.rows, self.space.cols]}))
 
     def lm(self, module=None) -> XOmniLM:
         return XOmniLM(self.model if module is None else module, self.space)
@@ -199,16 +189,8 @@ class XOmniPolicy(ImagePolicy):
 
     def prompt_batch(self, prompts: list[str], drop_text: torch.Tensor | None = None) -> PromptBatch:
         prefix = self.image_prefix()
-        texts = [prefix if drop_text is not None and bool(d) else p + prefix
-                 for p, d in zip(prompts, drop_text if drop_text is not None else [False] * len(prompts),
-                                 strict=True)]
-        cond = self.tokenizer(texts, padding=True, return_tensors="pt")
-        uncond = self.tokenizer([prefix] * len(prompts), return_tensors="pt")
-        width = cond["input_ids"].shape[1]
-        pad = width - uncond["input_ids"].shape[1]
-        u_ids = nn.functional.pad(uncond["input_ids"], (pad, 0), value=self.pad_id)
-        u_mask = nn.functional.pad(uncond["attention_mask"], (pad, 0), value=0)
-        return PromptBatch(cond["input_ids"], u_ids, cond["attention_mask"], self.pad_id, u_mask)
+        drop = drop_text.tolist() if drop_text is not None else [False] * len(prompts)
+        return self.prefixed_batch([("" if d else p) + prefix for p, d in zip(prompts, drop, strict=True)], prefix)
 
     def code_embeddings(self, codes: torch.Tensor) -> torch.Tensor:
         """The policy's own image embeddings of ``codes`` ``[B, T]`` -> ``[B, T, D]`` (the diffusion decoder's

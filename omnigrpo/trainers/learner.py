@@ -239,8 +239,9 @@ class Learner:
         """Sum of this rank's full weights (ZeRO 0-2 keep them whole on every rank; LoRA: merged), to compare
         ranks and rollouts after a sync."""
         with torch.no_grad():  # tied weights (Janus's head and embeddings) count once, as in parameters()
+            buffers = {b.data_ptr() for b in self.engine.module.buffers()}
             unique = {t.data_ptr(): t for t in adapter.merged_state_dict(self.engine.module).values()
-                      if t.dtype.is_floating_point and not _is_buffer(self.engine.module, t)}
+                      if t.data_ptr() not in buffers}
             return float(sum(t.double().sum() for t in unique.values()))
 
     def save_checkpoint(self, root: str | Path, step: int | None = None, name: str = "step",
@@ -297,10 +298,6 @@ def merge_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
         "grpo/logprob_mismatch": max(p["sum/mismatch"] for p in parts),
         "version": head["version"],
     }
-
-
-def _is_buffer(module: torch.nn.Module, tensor: torch.Tensor) -> bool:
-    return any(tensor.data_ptr() == b.data_ptr() for b in module.buffers())
 
 
 def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
