@@ -1,8 +1,9 @@
-"""The ``omnigrpo`` command: ``train``, ``sft``, ``eval`` and ``bench`` on a YAML config plus overrides.
+"""The ``omnigrpo`` command: one function per sub-command, on a YAML config plus ``key=value`` overrides.
 
-Why: one entry point that validates everything before starting anything. A bad config, an unknown
-reward or a missing checkpoint exits with status 2 and a message naming what is wrong, before SFT
-runs or a Ray cluster starts.
+Why: one entry point that validates everything before starting anything. Bad input (a config, an
+override, a reward, a prompt file, a checkpoint) ends in lines that start with ``omnigrpo:`` and name
+the key, file or line, with exit status 2 and no traceback, before SFT runs or a Ray cluster starts.
+This is the top of the package: it may import every layer, and none imports it.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ import logging
 import os
 import signal
 import sys
+from pathlib import Path
 
 from omnigrpo import __version__
 from omnigrpo.cluster.placement import ClusterShortfall
-from omnigrpo.platform.config import Config, ConfigError, load_config, to_dict
-from omnigrpo.platform.prompts import PromptFileError
-from omnigrpo.platform.registry import RewardNotFound
+from omnigrpo.config.loader import ConfigError, load_config, to_dict
+from omnigrpo.config.schema import Config
 
 EPILOG = """examples:
   omnigrpo train configs/shapes.yaml
@@ -82,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("job_id", help="job id printed by submit")
         p.add_argument("--address", default="", help=address_help)
+        if name == "logs":
+            p.add_argument("--follow", "-f", action="store_true", help="stream the output until the job ends")
     text = "write a tiny random checkpoint of a model family (the real classes) to debug a config offline"
     p = sub.add_parser("tiny", help=text, description=text)
     p.add_argument("family", help="janus, emu3, xomni, or decoder (an X-Omni diffusion-decoder directory)")
@@ -107,81 +110,160 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)  # overrides may follow options such as --check
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command == "serve-reward":
-        return _serve(args, parser, extra)
-    if args.command in ("status", "logs", "stop"):
-        return _job(args, parser, extra)
-    if args.command == "tiny":
-        from omnigrpo.rollout import tiny
-
-        if extra:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        try:
-            made = (tiny.diffusion_decoder(args.directory, seed=args.seed) if args.family == "decoder"
-                    else tiny.build(args.family, args.directory, args.seed))
-        except ValueError as err:
-            print(f"omnigrpo: {err}", file=sys.stderr)
-            return 2
-        print(made)
-        return 0
-    unknown = [e for e in extra if "=" not in e or e.startswith("-")]
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    args.overrides = [*args.overrides, *extra, *(["run.resume=true"] if getattr(args, "resume", False) else [])]
+    command = COMMANDS[args.command]
+    if args.command in CONFIG_COMMANDS:
+        unknown = [e for e in extra if "=" not in e or e.startswith("-")]
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.overrides = [*args.overrides, *extra, *(["run.resume=true"] if getattr(args, "resume", False) else [])]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if args.command not in CONFIG_COMMANDS:
+            return command(args)
         cfg = load_config(args.config, args.overrides)
         if getattr(args, "check", False):
             print(json.dumps(to_dict(cfg), indent=2))
             return 0
-        if args.command == "sft":
-            from omnigrpo.trainers.sft import sft_checkpoint
-
-            print(sft_checkpoint(cfg))
-            return 0
-        if args.command == "submit":
-            from omnigrpo.cluster import jobs
-
-            print(jobs.submit(args.config, _address(args), args.overrides, submission_id=args.job_id))
-            return 0
-        if args.command == "eval":
-            return _eval(cfg, args)
-        if args.command == "bench":
-            return _bench(cfg, args)
-        if args.command == "curves":
-            from omnigrpo.platform.tracking import latest_run_id, plot_curves
-
-            keys = [k.strip() for k in args.keys.split(",") if k.strip()]
-            try:
-                print(plot_curves(cfg, args.run_id or latest_run_id(cfg), keys, args.out))
-            except KeyError as err:  # a metric the run never logged
-                print(f"omnigrpo: {err.args[0]}", file=sys.stderr)
-                return 2
-            return 0
-        return _train(cfg)
-    except (ConfigError, RewardNotFound, PromptFileError, FileNotFoundError, ClusterShortfall) as err:
-        print(f"omnigrpo: {err}", file=sys.stderr)
-        return 2
+        return command(cfg, args)
+    except (ConfigError, ClusterShortfall) as err:
+        return refuse(err)
 
 
-def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser, extra: list[str]) -> int:
+def refuse(err: BaseException) -> int:
+    """Print ``err`` as ``omnigrpo:`` lines on stderr; the exit status of bad input."""
+    for line in str(err).splitlines() or [type(err).__name__]:
+        if line.strip():
+            print(f"omnigrpo: {line.strip()}", file=sys.stderr)
+    return 2
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the driver, which writes a crash checkpoint
+
+
+def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
+    from omnigrpo.cluster.environment import prepare_local_ray_env
+
+    signal.signal(signal.SIGTERM, _terminate)  # `omnigrpo stop` / `ray job stop` send SIGTERM
+    prepare_local_ray_env(cfg.cluster.address)  # before the driver imports Ray
+    from omnigrpo.app.driver import train
+    from omnigrpo.app.tracking import store_uri
+
+    summary = train(cfg)
+    for key in summary["before"]:
+        before, after = summary["before"][key], summary["after"][key]
+        print(f"held-out {key[5:]:<12} before RL {before:.3f}, after RL {after:.3f} ({after - before:+.3f})")
+    print(f"final checkpoint: {summary['checkpoint']}")
+    print(f"MLflow run {summary['run_id']}: mlflow ui --backend-store-uri {store_uri(cfg)} --host 127.0.0.1")
+    return 0
+
+
+def cmd_sft(cfg: Config, args: argparse.Namespace) -> int:
+    from omnigrpo.trainers.sft import sft_checkpoint
+
+    print(sft_checkpoint(cfg))
+    return 0
+
+
+def cmd_eval(cfg: Config, args: argparse.Namespace) -> int:
+    from omnigrpo.app.evaluator import evaluate_checkpoint
+
+    report = evaluate_checkpoint(cfg, args.checkpoint, args.prompts, args.samples, args.out)
+    for key, value in report["metrics"].items():
+        print(f"{key:<32} {value:.4f}")
+    print(f"report: {report['report_path']} (MLflow run {report['run_id']})")
+    return 0
+
+
+def cmd_bench(cfg: Config, args: argparse.Namespace) -> int:
+    from omnigrpo.cluster.environment import prepare_local_ray_env
+
+    prepare_local_ray_env(cfg.cluster.address)  # the GRPO side of the TRL comparison starts Ray
+    from omnigrpo.bench.harness import PARTS, run_bench
+
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown or not parts:
+        raise ConfigError(f"--parts: unknown part(s) {', '.join(unknown) or '(none given)'}; choose from "
+                          f"{', '.join(PARTS)}")
+    run_bench(cfg, parts, steps=args.steps, repeats=args.repeats, out=args.out)
+    return 0
+
+
+def cmd_curves(cfg: Config, args: argparse.Namespace) -> int:
+    from omnigrpo.app.tracking import latest_run_id, plot_curves
+
+    keys = [k.strip() for k in args.keys.split(",") if k.strip()]
+    try:
+        print(plot_curves(cfg, args.run_id or latest_run_id(cfg), keys, args.out))
+    except (KeyError, FileNotFoundError) as err:  # a metric the run never logged, or no run at all
+        raise ConfigError(f"--keys: {err.args[0]}" if isinstance(err, KeyError) else str(err)) from None
+    return 0
+
+
+def cmd_submit(cfg: Config, args: argparse.Namespace) -> int:
+    from omnigrpo.app.preflight import check_submit
+    from omnigrpo.cluster import jobs
+
+    check_submit(cfg)
+    print(jobs.submit(cfg, Path(args.config).name, _address(args), submission_id=args.job_id))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from omnigrpo.cluster import jobs
+
+    print(jobs.status(_address(args), args.job_id))
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from omnigrpo.cluster import jobs
+
+    if args.follow:
+        for chunk in jobs.follow(_address(args), args.job_id):
+            print(chunk, end="", flush=True)
+    else:
+        print(jobs.logs(_address(args), args.job_id), end="")
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from omnigrpo.cluster import jobs
+
+    print("stop requested" if jobs.stop(_address(args), args.job_id) else "job had already finished")
+    return 0
+
+
+def cmd_tiny(args: argparse.Namespace) -> int:
+    from omnigrpo.rollout.families import tiny
+
+    try:
+        made = (tiny.diffusion_decoder(args.directory, seed=args.seed) if args.family == "decoder"
+                else tiny.build(args.family, args.directory, args.seed))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    print(made)
+    return 0
+
+
+def cmd_serve_reward(args: argparse.Namespace) -> int:
     import yaml
 
-    from omnigrpo.platform.registry import build_reward
+    from omnigrpo.app.preflight import build_checked
     from omnigrpo.rewards.service import make_server
 
-    if extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     kwargs = {}
     for item in args.kwargs:
         key, sep, value = item.partition("=")
         if not sep:
-            parser.error(f"reward argument {item!r} is not key=value")
-        kwargs[key] = yaml.safe_load(value)
-    try:
-        reward = build_reward(args.name, kwargs)
-    except (RewardNotFound, TypeError, ValueError) as err:
-        print(f"omnigrpo: {err}", file=sys.stderr)
-        return 2
+            raise ConfigError(f"reward argument {item!r} is not key=value")
+        try:
+            kwargs[key] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"reward argument {key}: {value!r} is not a YAML value ({err})") from None
+    reward = build_checked(args.name, kwargs, "serve-reward")
     server = make_server(reward, args.name, args.host, args.port)
     host, port = server.server_address[:2]
     print(f"serving reward {args.name!r} on http://{host}:{port}", flush=True)
@@ -194,70 +276,16 @@ def _serve(args: argparse.Namespace, parser: argparse.ArgumentParser, extra: lis
     return 0
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the driver, which writes a crash checkpoint
-
-
-def _train(cfg: Config) -> int:
-    from omnigrpo.cluster.environment import prepare_local_ray_env
-
-    signal.signal(signal.SIGTERM, _terminate)  # `omnigrpo stop` / `ray job stop` send SIGTERM
-    prepare_local_ray_env(cfg.cluster.address)  # before the driver imports Ray
-    from omnigrpo.platform.driver import train
-
-    summary = train(cfg)
-    for key in summary["before"]:
-        before, after = summary["before"][key], summary["after"][key]
-        print(f"held-out {key[5:]:<12} before RL {before:.3f}, after RL {after:.3f} ({after - before:+.3f})")
-    print(f"final checkpoint: {summary['checkpoint']}")
-    print(f"MLflow run {summary['run_id']}: mlflow ui --backend-store-uri {_store(cfg)} --host 127.0.0.1")
-    return 0
-
-
 def _address(args: argparse.Namespace) -> str:
     address = args.address or os.environ.get("RAY_ADDRESS", "") or "http://127.0.0.1:8265"
     return address if "://" in address else f"http://{address}"
 
 
-def _job(args: argparse.Namespace, parser: argparse.ArgumentParser, extra: list[str]) -> int:
-    from omnigrpo.cluster import jobs
-
-    if extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if args.command == "status":
-        print(jobs.status(_address(args), args.job_id))
-    elif args.command == "logs":
-        print(jobs.logs(_address(args), args.job_id), end="")
-    else:
-        print("stop requested" if jobs.stop(_address(args), args.job_id) else "job had already finished")
-    return 0
-
-
-def _eval(cfg: Config, args: argparse.Namespace) -> int:
-    from omnigrpo.platform.evaluator import evaluate_checkpoint
-
-    report = evaluate_checkpoint(cfg, args.checkpoint, args.prompts, args.samples, args.out)
-    for key, value in report["metrics"].items():
-        print(f"{key:<32} {value:.4f}")
-    print(f"report: {report['report_path']} (MLflow run {report['run_id']})")
-    return 0
-
-
-def _bench(cfg: Config, args: argparse.Namespace) -> int:
-    from omnigrpo.cluster.environment import prepare_local_ray_env
-
-    prepare_local_ray_env(cfg.cluster.address)  # the GRPO side of the TRL comparison starts Ray
-    from omnigrpo.platform.bench import run_bench
-
-    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    run_bench(cfg, parts, steps=args.steps, repeats=args.repeats, out=args.out)
-    return 0
-
-
-def _store(cfg: Config) -> str:
-    from omnigrpo.platform.tracking import store_uri
-
-    return store_uri(cfg)
+CONFIG_COMMANDS = ("train", "sft", "eval", "bench", "curves", "submit")
+"""Sub-commands that take a config and overrides (their functions receive the loaded Config)."""
+COMMANDS = {"train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "bench": cmd_bench, "curves": cmd_curves,
+            "submit": cmd_submit, "status": cmd_status, "logs": cmd_logs, "stop": cmd_stop, "tiny": cmd_tiny,
+            "serve-reward": cmd_serve_reward}
 
 
 if __name__ == "__main__":

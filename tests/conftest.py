@@ -19,7 +19,8 @@ prepare_local_ray_env("")  # as the CLI does, before anything imports Ray
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "omnigrpo" / "torch_extensions"))
 
-from omnigrpo.platform.config import Config, load_config  # noqa: E402
+from omnigrpo.config.loader import load_config  # noqa: E402
+from omnigrpo.config.schema import Config  # noqa: E402
 
 TINY = [
     "model.hidden_size=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",

@@ -23,18 +23,19 @@ from pathlib import Path
 
 import numpy as np
 
-from omnigrpo.platform import world as worlds
-from omnigrpo.platform.config import Config
-from omnigrpo.platform.prompts import load_prompts
-from omnigrpo.platform.registry import build_reward
-from omnigrpo.platform.tracking import Tracker
-from omnigrpo.rewards.ocr import target_text
+from omnigrpo.app.preflight import check_eval
+from omnigrpo.app.tracking import Tracker
+from omnigrpo.config.runtime import checkpoint_eval_seed
+from omnigrpo.config.schema import Config
+from omnigrpo.rewards.judges.ocr import target_text
+from omnigrpo.rewards.registry import build_reward
 from omnigrpo.rewards.worker import RewardWorker
+from omnigrpo.rollout.sampler import SamplingParams
 from omnigrpo.rollout.worker import RolloutWorker
-from omnigrpo.trainers.learner import sampling_params
+from omnigrpo.worlds import registry as worlds
+from omnigrpo.worlds.world import blank_share
 
 log = logging.getLogger(__name__)
-EVAL_SEED_OFFSET = 104729  # evaluation streams never coincide with a training run's
 
 
 @functools.cache
@@ -52,7 +53,7 @@ def world_metrics(world_name: str, images: np.ndarray, prompts: list[str], metad
         scores = [s for s in _judge(reward, json.dumps(kwargs, sort_keys=True))(images, prompts, metadata)
                   if s is not None]
         metrics[f"eval/{name}"] = float(np.mean(scores)) if scores else float("nan")
-    metrics["eval/blank_frac"] = worlds.blank_share(images, world.BACKGROUND)
+    metrics["eval/blank_frac"] = blank_share(images, world.BACKGROUND)
     return metrics
 
 
@@ -77,29 +78,19 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, prompts_source: str = "", 
 
     Args:
         checkpoint: a policy directory (an SFT checkpoint or one of a run's ``checkpoints/...``).
-        prompts_source: a prompt file (see ``omnigrpo.platform.prompts``); empty = the world's held-out set.
+        prompts_source: a prompt file (see ``omnigrpo.data.prompts``); empty = the world's held-out set.
         samples: images per prompt; 0 = ``eval.samples_per_prompt``.
         out: report path; empty = ``<run.dir>/eval/<checkpoint name>.json``.
     """
-    path = Path(checkpoint).expanduser().resolve()
-    if not path.is_dir():
-        raise FileNotFoundError(f"--checkpoint {checkpoint!r} is not a directory")
-    world = worlds.get(cfg.world.name)
-    if prompts_source:
-        prompts, metadata = load_prompts(prompts_source)
-    else:
-        prompts, metadata = world.prompts_of(world.held_out_items())
+    path, prompts, metadata = check_eval(cfg, checkpoint, prompts_source)  # before loading anything
     per_prompt = samples or cfg.eval.samples_per_prompt
     rewards = RewardWorker(cfg.rewards)
     rewards.setup()  # builds every judge first: a bad reward fails before any sampling
-    rollout = RolloutWorker(str(path), sampling_params(cfg), seed=cfg.run.seed + EVAL_SEED_OFFSET,
+    rollout = RolloutWorker(str(path), SamplingParams.of(cfg.rollout), seed=checkpoint_eval_seed(cfg.run.seed),
                             threads=cfg.cluster.torch_threads, family=cfg.model.family,
                             grid=tuple(cfg.model.image_grid) or None, sample_batch=cfg.rollout.sample_batch,
                             dtype=cfg.model.dtype)
     rollout.setup()
-    if cfg.model.family == "builtin" and rollout.policy.world != cfg.world.name:
-        raise ValueError(f"checkpoint {path} was trained on world {rollout.policy.world!r}, "
-                         f"but world.name is {cfg.world.name!r}")
     batch = rollout.generate(prompts, metadata, per_prompt)
     result = rewards.score(batch.images, batch.prompts, batch.metadata)
     metrics = {"eval/reward_mean": float(np.nanmean(result.total)) if result.valid.any() else float("nan"),

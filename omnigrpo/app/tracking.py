@@ -25,7 +25,8 @@ from mlflow.tracking import MlflowClient
 from PIL import Image, ImageDraw
 from torchvision.utils import make_grid
 
-from omnigrpo.platform.config import Config, to_dict
+from omnigrpo.config.loader import to_dict
+from omnigrpo.config.schema import Config
 
 _SECRET_WORDS = ("token", "secret", "password", "passwd", "_key", "apikey", "credential", "auth", "bearer",
                  "cookie", "header")

@@ -14,7 +14,7 @@ temperature and top-k as :func:`omnigrpo.rollout.sampler.sample_images`:
 
 - :func:`hf_generate_janus` is Janus-Pro's own ``generate(generation_mode="image")`` (transformers'
   implementation: a static cache, both branches in one batch, its own unconditional prompt built the
-  way :class:`~omnigrpo.rollout.janus.JanusPolicy` builds it).
+  way :class:`~omnigrpo.rollout.families.janus.JanusPolicy` builds it).
 
 HF's CFG processor positions the unconditional branch ignoring padding, so benchmarks feed prompts of
 equal length (the shapes world's prompts all are). Needs only torch and transformers, so the GPU

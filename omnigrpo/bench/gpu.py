@@ -38,7 +38,7 @@ Measured (``--out`` writes all of it as JSON, stdout gets a markdown table):
    per row; the second term is causal attention (QK^T and AV). MFU = FLOPs / step time / the
    measured dense ``torch.matmul`` rate of an ``--matmul-n``^3 product in the model dtype.
 
-Run from the repository root: ``python bench/gpu.py --out gpu.json`` (H200: a few minutes); ``--tiny``
+Run from the repository root: ``python -m omnigrpo.bench.gpu --out gpu.json`` (H200: a few minutes); ``--tiny``
 runs a toy model on CPU in fp32 in seconds, for the test suite. The sampler keeps its own static KV
 cache (``omnigrpo.rollout.engine``), so any transformers with the Llama classes works (the device's 5.17).
 """
@@ -49,7 +49,6 @@ import argparse
 import datetime
 import json
 import platform
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,14 +56,9 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-try:
-    import omnigrpo  # noqa: F401
-except ModuleNotFoundError:  # `python bench/gpu.py` from a checkout that is not installed
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from omnigrpo.rollout.baseline import hf_generate, hf_generate_batched, median_seconds  # noqa: E402
-from omnigrpo.rollout.builtin import TextVocabLM  # noqa: E402
-from omnigrpo.rollout.policy import ImageSpace, PromptBatch  # noqa: E402
-from omnigrpo.rollout.sampler import SamplingParams, sample_images, sequence_logprobs  # noqa: E402
+from omnigrpo.bench.generate import hf_generate, hf_generate_batched, median_seconds
+from omnigrpo.rollout.policy import ImageSpace, PromptBatch, TextVocabLM
+from omnigrpo.rollout.sampler import SamplingParams, sample_images, sequence_logprobs
 
 TEXT_VOCAB, IMAGE_CODES = 102400, 16384
 

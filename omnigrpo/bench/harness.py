@@ -5,7 +5,7 @@ run. Four parts, each printing a table and landing in one JSON file:
 
 1. ``rollout``: our sampler vs HF ``generate`` on the same policy, batch (``prompts_per_step *
    group_size`` images of equal-length prompts), guidance and sampling settings, both restricted to
-   image codes (``omnigrpo.rollout.baseline``); with and without classifier-free guidance.
+   image codes (``omnigrpo.bench.generate``); with and without classifier-free guidance.
 2. ``trl``: GRPO on the config's world, omnigrpo vs TRL's ``GRPOTrainer``, one after the other from the
    same weights with the same prompts per step, group size, reward, learning rate, beta and steps:
    samples/s (training time only, loading excluded on both sides) and reward at the first and last step.
@@ -31,16 +31,18 @@ import numpy as np
 import torch
 import transformers
 
-from omnigrpo.platform import world as worlds
-from omnigrpo.platform.config import Config
+from omnigrpo.bench.generate import hf_generate, hf_generate_batched, hf_generate_janus, median_seconds
+from omnigrpo.config.runtime import use_threads
+from omnigrpo.config.schema import Config
 from omnigrpo.rewards.worker import RewardWorker
-from omnigrpo.rollout.baseline import hf_generate, hf_generate_batched, hf_generate_janus, median_seconds
-from omnigrpo.rollout.builtin import WorldPolicy
-from omnigrpo.rollout.codebook import PATCH, PatchCodebook
-from omnigrpo.rollout.policy import ImagePolicy, load_policy
-from omnigrpo.rollout.sampler import sample_images
-from omnigrpo.trainers.learner import sampling_params
+from omnigrpo.rollout.families.builtin import WorldPolicy
+from omnigrpo.rollout.families.codebook import PATCH, PatchCodebook
+from omnigrpo.rollout.loader import load_policy
+from omnigrpo.rollout.policy import ImagePolicy
+from omnigrpo.rollout.sampler import SamplingParams, sample_images
 from omnigrpo.trainers.sft import sft_checkpoint
+from omnigrpo.worlds import registry as worlds
+from omnigrpo.worlds.world import prompts_of
 
 log = logging.getLogger(__name__)
 GUIDED_SCALE = 3.0  # the guided rollout row uses this scale when the config samples without guidance
@@ -67,10 +69,9 @@ def bench_rollout(cfg: Config, model_path: str, repeats: int) -> dict:
     if family not in ("builtin", "janus", "emu3"):
         raise ValueError(f"bench rollout: no HF generate baseline for family {family!r} (builtin, janus, emu3)")
     policy = load_policy(family, model_path)
-    world = worlds.get(cfg.world.name)
-    prompts = equal_length_prompts(policy, world.prompts_of(world.train_items())[0][:64], cfg.batch_size)
+    prompts = equal_length_prompts(policy, worlds.train_prompts(cfg.world.name)[0][:64], cfg.batch_size)
     batch, space, lm = policy.prompt_batch(prompts), policy.space, policy.lm()
-    base = sampling_params(cfg)
+    base = SamplingParams.of(cfg.rollout)
     settings = {f"cfg={base.cfg_scale:g}": base}
     if not base.guided:
         settings[f"cfg={GUIDED_SCALE:g}"] = dataclasses.replace(base, cfg_scale=GUIDED_SCALE)
@@ -100,7 +101,7 @@ def bench_rewards(cfg: Config, repeats: int) -> dict:
     """Images/s of each configured judge on ``batch_size`` rendered world images."""
     world = worlds.get(cfg.world.name)
     items, images = world.sample_pairs(world.train_items(), cfg.batch_size, np.random.default_rng(cfg.run.seed))
-    prompts, metadata = world.prompts_of(items)
+    prompts, metadata = prompts_of(items)
     out = {}
     for spec in cfg.rewards:
         judge = RewardWorker([spec])
@@ -163,9 +164,9 @@ def bench_sync(cfg: Config, repeats: int) -> dict:
 
 def bench_trl(cfg: Config, model_path: str, steps: int) -> dict:
     """``steps`` GRPO steps with omnigrpo, then with TRL, from the same weights and settings."""
-    from omnigrpo.platform.driver import train
-    from omnigrpo.platform.tracking import Tracker
-    from omnigrpo.trainers.trl_baseline import run_trl_grpo
+    from omnigrpo.app.driver import train
+    from omnigrpo.app.tracking import Tracker
+    from omnigrpo.bench.trl import run_trl_grpo
 
     root = Path(cfg.run.dir) / "bench"
     ours_cfg = dataclasses.replace(
@@ -184,8 +185,7 @@ def bench_trl(cfg: Config, model_path: str, steps: int) -> dict:
             "reward_first": history["reward/total/mean"][0], "reward_last": history["reward/total/mean"][-1],
             "reward_curve": history["reward/total/mean"]}
 
-    world = worlds.get(cfg.world.name)
-    prompts, metadata = world.prompts_of(world.train_items())
+    prompts, metadata = worlds.train_prompts(cfg.world.name)
     judge = RewardWorker(cfg.rewards)
     judge.setup()
 
@@ -246,7 +246,7 @@ def run_bench(cfg: Config, parts: list[str], steps: int = 20, repeats: int = 3, 
     unknown = sorted(set(parts) - {"rollout", "trl", "sync", "rewards"})
     if unknown:
         raise ValueError(f"unknown bench part(s) {unknown}; choose from rollout, trl, sync, rewards")
-    torch.set_num_threads(cfg.cluster.torch_threads or os.cpu_count() or 1)
+    use_threads(cfg.cluster.torch_threads)
     trained = {"rollout", "trl"} & set(parts)  # sync and rewards need no trained policy
     model_path = cfg.model.path or (str(sft_checkpoint(cfg, cfg.cluster.torch_threads or None)) if trained else "")
     results: dict = {"machine": machine(), "model": model_path, "world": cfg.world.name}

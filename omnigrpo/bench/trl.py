@@ -32,7 +32,7 @@ from datasets import Dataset
 from transformers import PreTrainedModel, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
-from omnigrpo.rollout.builtin import WorldPolicy
+from omnigrpo.rollout.families.builtin import WorldPolicy
 from omnigrpo.rollout.policy import ImageSpace
 
 NON_IMAGE_LOGIT = -1e4  # exp() of it (minus any realistic logit) is exactly 0 in fp32

@@ -26,11 +26,13 @@ from ray._private import ray_constants
 
 from omnigrpo.cluster import placement
 from omnigrpo.cluster.environment import prepare_local_ray_env, wants_local_cluster
-from omnigrpo.platform.config import Config
+from omnigrpo.config.runtime import actor_seed
+from omnigrpo.config.schema import Config
 from omnigrpo.rewards.worker import RewardResult, RewardWorker
-from omnigrpo.rollout.diffusion import DiffusionDecoder
+from omnigrpo.rollout.families.diffusion import DiffusionDecoder
+from omnigrpo.rollout.sampler import SamplingParams
 from omnigrpo.rollout.worker import RolloutBatch, RolloutWorker
-from omnigrpo.trainers.learner import Learner, merge_metrics, sampling_params
+from omnigrpo.trainers.learner import Learner, merge_metrics
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +170,7 @@ def _rollout_actor(cfg: Config, model_path: str, index: int, plan: placement.Pla
     a replacement samples from a new seed."""
     name = f"omnigrpo-rollout-{index}-{secrets.token_hex(4)}"
     cls = ray.remote(RolloutWorker).options(max_concurrency=1, name=name, **plan.options("rollout", index))
-    return cls.remote(model_path, sampling_params(cfg), cfg.run.seed + 17 * index + 7919 * restart,
+    return cls.remote(model_path, SamplingParams.of(cfg.rollout), actor_seed(cfg.run.seed, "rollout", index, restart),
                       cfg.cluster.torch_threads, cfg.model.family, tuple(cfg.model.image_grid) or None,
                       not cfg.decoder.path, cfg.rollout.sample_batch, cfg.model.dtype)
 
@@ -176,7 +178,7 @@ def _rollout_actor(cfg: Config, model_path: str, index: int, plan: placement.Pla
 def _decoder_actor(cfg: Config, index: int, plan: placement.Placement, restart: int = 0):
     cls = ray.remote(DiffusionDecoder).options(**plan.options("decoder", index))
     return cls.remote(cfg.decoder.path, cfg.decoder.steps, cfg.decoder.guidance,
-                      cfg.run.seed + 31 * index + 7919 * restart, cfg.cluster.torch_threads)
+                      actor_seed(cfg.run.seed, "decoder", index, restart), cfg.cluster.torch_threads)
 
 
 def _reward_actor(cfg: Config, index: int, plan: placement.Placement):

@@ -1,10 +1,10 @@
 """Runs as Ray jobs: ``omnigrpo submit | status | logs | stop`` against a cluster's Jobs API.
 
-Why: a real run lives on a cluster, not in the user's terminal. ``submit`` validates the config here
-(a typo fails before anything reaches the cluster), then hands Ray's Jobs API a runtime environment
+Why: a real run lives on a cluster, not in the user's terminal. ``submit`` takes a config validated here
+(a typo fails before anything reaches the cluster) and hands Ray's Jobs API a runtime environment
 that carries the config (as the job's working directory) and this package's source (``py_modules``),
 so the cluster runs exactly the code and config the user has. The job's entry point is the ordinary
-CLI, ``python -m omnigrpo.platform.cli train config.yaml [overrides]``, which inside a job joins the
+CLI, ``python -m omnigrpo.cli train config.yaml [overrides]``, which inside a job joins the
 cluster through the ``RAY_ADDRESS`` Ray sets. The same run can therefore be started by hand with
 ``ray job submit --address ... --working-dir DIR -- omnigrpo train config.yaml``.
 
@@ -16,15 +16,18 @@ job's runtime environment or arguments.
 
 from __future__ import annotations
 
+import asyncio
 import shlex
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
 
 import omnigrpo
-from omnigrpo.platform.config import ConfigError, load_config, to_dict
+from omnigrpo.config.loader import to_dict
+from omnigrpo.config.schema import Config
 
 CONFIG_NAME = "config.yaml"
 
@@ -35,13 +38,10 @@ def _client(address: str):
     return JobSubmissionClient(address)
 
 
-def submit(config: str, address: str, overrides: list[str], env_vars: dict[str, str] | None = None,
+def submit(cfg: Config, config_name: str, address: str, env_vars: dict[str, str] | None = None,
            submission_id: str | None = None) -> str:
-    """Validate ``config`` + ``overrides`` locally and submit the run; returns the job id."""
-    cfg = load_config(config, overrides)  # raises ConfigError naming the key before any network call
-    if not Path(cfg.run.dir).is_absolute():
-        raise ConfigError(f"run.dir: a submitted run needs an absolute path on storage the cluster sees (got "
-                          f"{cfg.run.dir!r}; a relative one would land in the job's temporary working directory)")
+    """Submit a run of the resolved, checked config ``cfg`` (``config_name``: the user's file, for the job's
+    metadata); returns the job id."""
     staging = Path(tempfile.mkdtemp(prefix="omnigrpo-job-"))
     try:
         # the resolved config travels whole, so the cluster never re-reads the user's files
@@ -49,10 +49,10 @@ def submit(config: str, address: str, overrides: list[str], env_vars: dict[str, 
         package = Path(omnigrpo.__file__).resolve().parent
         runtime_env = {"working_dir": str(staging), "py_modules": [str(package)],
                        "env_vars": dict(env_vars or {})}
-        entrypoint = shlex.join(["python", "-m", "omnigrpo.platform.cli", "train", CONFIG_NAME])
+        entrypoint = shlex.join(["python", "-m", "omnigrpo.cli", "train", CONFIG_NAME])
         return _client(address).submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
                                            submission_id=submission_id,
-                                           metadata={"omnigrpo": omnigrpo.__version__, "config": Path(config).name})
+                                           metadata={"omnigrpo": omnigrpo.__version__, "config": config_name})
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # Ray uploaded its own copy
 
@@ -64,6 +64,22 @@ def status(address: str, job_id: str) -> str:
 
 def logs(address: str, job_id: str) -> str:
     return _client(address).get_job_logs(job_id)
+
+
+def follow(address: str, job_id: str) -> Iterator[str]:
+    """The job's output as it is written, from the start, until the job ends (Ray's asynchronous log tail,
+    driven one chunk at a time)."""
+    loop = asyncio.new_event_loop()
+    chunks = _client(address).tail_job_logs(job_id)
+    try:
+        while True:
+            try:
+                yield loop.run_until_complete(anext(chunks))
+            except StopAsyncIteration:
+                return
+    finally:
+        loop.run_until_complete(chunks.aclose())
+        loop.close()
 
 
 def stop(address: str, job_id: str) -> bool:

@@ -20,7 +20,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 
-from omnigrpo.platform.config import Config
+from omnigrpo.config.schema import Config
 
 ROLES = ("rollout", "decoder", "reward", "learner")
 

@@ -3,17 +3,17 @@
 Why: most impossible runs are impossible because of how two settings meet (a micro-batch that does not
 divide a learner's share, a fractional GPU that would put two NCCL ranks on one device, LoRA under
 ZeRO-3, a family without a checkpoint). They are found here, before SFT runs or a cluster starts, and
-reported all at once with the keys to change; ``omnigrpo.platform.config`` raises them as one error.
+reported all at once with the keys to change; ``omnigrpo.config.schema`` raises them as one error.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import typing
 
-from omnigrpo.platform.world import WORLDS
+from omnigrpo.config.schema import Config, WorldConfig
 
-if TYPE_CHECKING:
-    from omnigrpo.platform.config import Config
+WORLD_NAMES = typing.get_args(typing.get_type_hints(WorldConfig)["name"])
+"""The built-in worlds' names (``world.name``'s choices): their prompt sets are named the same."""
 
 
 def cross_field_problems(cfg: Config) -> list[str]:
@@ -45,7 +45,7 @@ def cross_field_problems(cfg: Config) -> list[str]:
     if 0 < learner_gpus < 1 and (cfg.cluster.placement == "split" or _colocated_gpus(cfg) <= 0.5):
         problems.append(f"  cluster.learner_gpus: {learner_gpus:g} could put two NCCL ranks on one GPU; a fraction "
                         "works only colocated, with each bundle's GPUs (all roles of index i) above 0.5")
-    if cfg.data.prompts in WORLDS and cfg.data.prompts != cfg.world.name:
+    if cfg.data.prompts in WORLD_NAMES and cfg.data.prompts != cfg.world.name:
         problems.append(f"  data.prompts: {cfg.data.prompts!r} is a built-in world's prompt set, but world.name is "
                         f"{cfg.world.name!r}")
     return problems + _model_problems(cfg)

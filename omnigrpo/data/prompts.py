@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from omnigrpo.platform.world import WORLDS
+from omnigrpo.worlds.registry import WORLDS, train_prompts
 
 
 class PromptFileError(ValueError):
@@ -29,7 +29,7 @@ class PromptFileError(ValueError):
 def load_prompts(source: str) -> tuple[list[str], list[dict]]:
     """Prompts and their metadata (one dict per prompt) from a world name or a file (see above)."""
     if source in WORLDS:
-        return WORLDS[source].prompts_of(WORLDS[source].train_items())
+        return train_prompts(source)
     path = Path(source).expanduser()
     if not path.exists():
         raise PromptFileError(f"data.prompts: {source!r} is neither a built-in world ({', '.join(WORLDS)}) "

@@ -23,15 +23,18 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any
 
+from omnigrpo.rewards.protocol import RewardFn, is_reward_function
+
 ENTRY_POINT_GROUP = "omnigrpo.rewards"
-RewardFn = Callable[[Any, list[str], list[dict]], Any]
-_BUILTIN_MODULES = (
-    "omnigrpo.rewards.shapes", "omnigrpo.rewards.ocr", "omnigrpo.rewards.clip", "omnigrpo.rewards.vlm",
-)
+_BUILTIN_MODULES = tuple(f"omnigrpo.rewards.judges.{name}" for name in ("shapes", "ocr", "clip", "vlm"))
 
 
 class RewardNotFound(LookupError):
     """A reward name that no registry, entry point or module resolves."""
+
+
+class RewardArgumentError(TypeError):
+    """Config kwargs that the reward (function or factory) does not take, or required ones missing."""
 
 
 class Registry:
@@ -107,26 +110,44 @@ def resolve_reward(name: str) -> Any:
     )
 
 
-def is_reward_function(obj: Any) -> bool:
-    """True for ``(images, prompts, metadata)`` callables, False for factories and classes."""
-    if inspect.isclass(obj) or not callable(obj):
-        return False
-    try:
-        params = list(inspect.signature(obj).parameters)
-    except (TypeError, ValueError):
-        return False
-    return bool(params) and params[0] == "images"
-
 
 def build_reward(name: str, kwargs: dict[str, Any] | None = None) -> RewardFn:
-    """Resolve ``name`` and turn it into a ready reward function (a factory is called here, once)."""
+    """Resolve ``name`` and turn it into a ready reward function (a factory is called here, once).
+
+    The kwargs are checked against the reward's signature first, so a misspelt argument is an error
+    naming it, not a ``TypeError`` from deep inside the judge."""
     obj = resolve_reward(name)
     kwargs = dict(kwargs or {})
     if is_reward_function(obj):
+        check_arguments(name, obj, kwargs, skip=3)
         return functools.partial(obj, **kwargs) if kwargs else obj
     if not callable(obj):
         raise TypeError(f"reward {name!r} resolved to {obj!r}, which is not callable")
+    check_arguments(name, obj, kwargs)
     fn = obj(**kwargs)
     if not callable(fn):
         raise TypeError(f"reward {name!r}: its factory returned {type(fn).__name__}, not a callable")
     return fn
+
+
+def check_arguments(name: str, obj: Any, kwargs: dict[str, Any], skip: int = 0) -> None:
+    """Raise RewardArgumentError unless ``obj`` accepts ``kwargs`` as keywords after its first ``skip``
+    positional parameters (the images, prompts and metadata of a reward function)."""
+    try:
+        signature = inspect.signature(obj)
+    except (TypeError, ValueError):  # a builtin without a signature: let the call decide
+        return
+    params = list(signature.parameters.values())[skip:]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    takes = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(set(kwargs) - set(takes))
+    if unknown:
+        near = difflib.get_close_matches(unknown[0], takes, n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise RewardArgumentError(f"reward {name!r} takes no argument {unknown[0]!r}{hint}; it takes: "
+                                  f"{', '.join(takes) or 'no arguments'}")
+    missing = [p.name for p in params if p.default is p.empty and p.kind is not p.VAR_POSITIONAL
+               and p.name not in kwargs]
+    if missing:
+        raise RewardArgumentError(f"reward {name!r} needs the argument(s) {', '.join(missing)} in its kwargs")

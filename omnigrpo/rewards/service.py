@@ -36,7 +36,7 @@ import numpy as np
 import requests
 from PIL import Image
 
-from omnigrpo.platform.registry import RewardFn
+from omnigrpo.rewards.protocol import RewardFn, call_reward
 
 TOKEN_ENV = "OMNIGRPO_REWARD_TOKEN"
 log = logging.getLogger(__name__)
@@ -61,8 +61,6 @@ def make_server(reward: RewardFn, name: str, host: str = "127.0.0.1", port: int 
     Requests are read concurrently but scored one at a time: a judge (its tokenizer, its GPU memory)
     is not assumed to be thread-safe. Bodies over ``max_body_mb`` are refused.
     """
-    from omnigrpo.rewards.worker import call_reward
-
     token = os.environ.get(TOKEN_ENV, "")
     lock = threading.Lock()
 

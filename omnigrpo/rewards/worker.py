@@ -17,16 +17,15 @@ The worker is a plain class; ``omnigrpo.cluster`` wraps it into a Ray actor.
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import logging
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from omnigrpo.platform.config import RewardSpec
-from omnigrpo.platform.registry import build_reward
+from omnigrpo.config.schema import RewardSpec
+from omnigrpo.rewards.protocol import call_reward
+from omnigrpo.rewards.registry import build_reward
 
 log = logging.getLogger(__name__)
 
@@ -146,15 +145,3 @@ def applies_to(tags: list[str], metadata: dict | None) -> bool:
     have = (metadata or {}).get("tags") or []
     have = [have] if isinstance(have, str) else have if isinstance(have, list | tuple) else []
     return bool(set(tags) & {str(t) for t in have})
-
-
-def call_reward(fn, images, prompts, metadata):
-    """Call a reward function, running it to completion if it is ``async``."""
-    out = fn(images, prompts, metadata)
-    if inspect.isawaitable(out):
-        out = asyncio.run(_await(out))
-    return out
-
-
-async def _await(awaitable):
-    return await awaitable

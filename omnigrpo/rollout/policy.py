@@ -20,10 +20,7 @@ missing path or a checkpoint whose image vocabulary does not match, before any c
 
 from __future__ import annotations
 
-import importlib
 import json
-import logging
-import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,13 +30,6 @@ import numpy as np
 import torch
 
 from omnigrpo.rollout import engine
-
-FAMILIES = {
-    "builtin": "omnigrpo.rollout.builtin:WorldPolicy",
-    "janus": "omnigrpo.rollout.janus:JanusPolicy",
-    "emu3": "omnigrpo.rollout.emu3:Emu3Policy",
-    "xomni": "omnigrpo.rollout.xomni:XOmniPolicy",
-}
 
 
 @dataclass(frozen=True)
@@ -252,54 +242,18 @@ def head_rows(linear: torch.nn.Linear, hidden: torch.Tensor, lo: int, hi: int) -
     return torch.nn.functional.linear(hidden, linear.weight[lo:hi], bias).float()
 
 
-def family_class(family: str) -> type[ImagePolicy]:
-    if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; known: {', '.join(FAMILIES)}")
-    module, name = FAMILIES[family].split(":")
-    return getattr(importlib.import_module(module), name)
+class TextVocabLM(ImageLM):
+    """Image codes as text-vocabulary tokens ``offset .. offset + K - 1`` of a ``*ForCausalLM``; the
+    image head is the LM head restricted to those rows (equal to masking every other logit, without
+    computing them)."""
 
+    @property
+    def body(self) -> torch.nn.Module:
+        return self.module.model
 
-def load_policy(family: str, path: str | Path, grid: tuple[int, int] | None = None,
-                dtype: str | torch.dtype = torch.float32) -> ImagePolicy:
-    """The ``family`` policy at ``path`` (hub id or local directory) with weights in ``dtype``; ``grid``
-    (rows, cols of codes) for the families whose image size is a choice (Emu3, X-Omni)."""
-    cls = family_class(family)
-    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    return cls.from_pretrained(path, grid=tuple(grid), dtype=dtype) if grid else cls.from_pretrained(path, dtype=dtype)
+    def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.body.embed_tokens(codes + self.space.offset)
 
-
-def _check_hub_id(repo: str) -> None:
-    """A hub id must be in the local hub cache, or (online) exist on the hub; offline and uncached fails."""
-    import huggingface_hub
-
-    if isinstance(huggingface_hub.try_to_load_from_cache(repo, "config.json"), str):
-        return
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        raise FileNotFoundError(f"model.path {repo!r}: no such local directory, and HF_HUB_OFFLINE is set with no "
-                                "cached copy of that hub model")
-    try:
-        found = huggingface_hub.repo_exists(repo)
-    except Exception as err:  # noqa: BLE001 - no network here: the actors will try (and say why they fail)
-        logging.getLogger(__name__).warning("could not check hub model %r (%s); actors will try to download it",
-                                            repo, type(err).__name__)
-        return
-    if not found:
-        raise FileNotFoundError(f"model.path {repo!r}: no such local directory and no such hub model")
-
-
-def check_checkpoint(family: str, path: str, num_codes: int | None = None) -> None:
-    """Fail fast, before any cluster starts: unknown family, a local path that does not exist, or a
-    checkpoint whose image vocabulary differs from ``num_codes`` (when the config states one).
-    Reads only the checkpoint's config files."""
-    cls = family_class(family)
-    looks_local = path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") != 1
-    if looks_local and not Path(path).expanduser().exists():
-        raise FileNotFoundError(f"model.path {path!r} does not exist (and is not a hub id 'org/name')")
-    if not looks_local:
-        _check_hub_id(path)
-    checker = getattr(cls, "image_vocabulary", None)
-    if num_codes is not None and checker is not None and Path(path).exists():
-        found = checker(path)
-        if found != num_codes:
-            raise ValueError(f"model.path {path!r}: the checkpoint's image vocabulary has {found} codes, but "
-                             f"model.image_codes is {num_codes}")
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        lo = self.space.offset
+        return head_rows(self.module.lm_head, hidden, lo, lo + self.space.num_codes)

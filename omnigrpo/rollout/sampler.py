@@ -16,10 +16,14 @@ and the k3 KL stay finite (the ratio is then ~0 and clipped).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from omnigrpo.rollout.policy import ImageLM, PromptBatch
+
+if TYPE_CHECKING:  # a type only: the sampler runs without pydantic (the GPU benchmark)
+    from omnigrpo.config.schema import RolloutConfig
 
 LOGPROB_FLOOR = -30.0
 
@@ -35,6 +39,11 @@ class SamplingParams:
     @property
     def guided(self) -> bool:
         return self.cfg_scale != 1.0
+
+    @classmethod
+    def of(cls, rollout: RolloutConfig) -> SamplingParams:
+        """The sampling settings of a run's ``rollout`` section."""
+        return cls(rollout.temperature, rollout.top_k, rollout.top_p, rollout.min_p, rollout.cfg_scale)
 
 
 def guided_logprobs(cond: torch.Tensor, uncond: torch.Tensor | None, params: SamplingParams) -> torch.Tensor:

@@ -13,16 +13,17 @@ into a Ray actor.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from transformers.utils import logging as hf_logging
 
-from omnigrpo.cluster.broadcast import WeightBroadcast
-from omnigrpo.rollout.policy import PromptBatch, load_policy
+from omnigrpo.config.runtime import reseed, use_threads
+from omnigrpo.rollout.loader import load_policy
+from omnigrpo.rollout.policy import PromptBatch
 from omnigrpo.rollout.sampler import SamplingParams, sample_images
+from omnigrpo.sync.broadcast import WeightBroadcast
 
 
 @dataclass
@@ -95,7 +96,7 @@ class RolloutWorker:
 
     def setup(self) -> int:
         hf_logging.disable_progress_bar()
-        torch.set_num_threads(self.threads or os.cpu_count() or 1)
+        use_threads(self.threads)
         self.policy = load_policy(self.family, self.model_path, self.grid, self.dtype)
         # a GPU Ray assigned this actor (cluster.rollout_gpus) is its device 0; else the CPU
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -164,7 +165,7 @@ class RolloutWorker:
             logging.getLogger(__name__).warning(
                 "rollout RNG state saved on another device type: reseeding (the resumed run samples a different "
                 "stream than an uninterrupted one would)")
-            self.generator.manual_seed(self.seed + 104729 * version)
+            self.generator.manual_seed(reseed(self.seed, version))
         self.version = version
 
     def checksum(self) -> float:

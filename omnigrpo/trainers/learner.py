@@ -32,10 +32,12 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
-from omnigrpo.cluster.broadcast import WeightBroadcast
-from omnigrpo.platform.config import Config
-from omnigrpo.rollout.policy import PromptBatch, load_policy
+from omnigrpo.config.runtime import learner_seeds, use_threads
+from omnigrpo.config.schema import Config
+from omnigrpo.rollout.loader import load_policy
+from omnigrpo.rollout.policy import PromptBatch
 from omnigrpo.rollout.sampler import SamplingParams, sequence_logprobs
+from omnigrpo.sync.broadcast import WeightBroadcast
 from omnigrpo.trainers import adapter, grpo
 from omnigrpo.trainers.checkpoint import write_checkpoint
 
@@ -56,11 +58,6 @@ class TrainBatch:
                           self.advantages.to(device), self.valid.to(device))
 
 
-def sampling_params(cfg: Config) -> SamplingParams:
-    r = cfg.rollout
-    return SamplingParams(r.temperature, r.top_k, r.top_p, r.min_p, r.cfg_scale)
-
-
 class Learner:
     """DeepSpeed GRPO learner (rank ``rank`` of ``world_size``) over the policy at ``model_path``."""
 
@@ -74,7 +71,7 @@ class Learner:
         self.world_size = world_size
         self.version = 0
         self.in_update = False
-        self.params = sampling_params(cfg)
+        self.params = SamplingParams.of(cfg.rollout)
 
     def setup(self, extensions_dir: str | None = None, threads: int | None = None, resume: bool = False) -> int:
         """Load policy and reference, join the process group, build the DeepSpeed engine.
@@ -92,8 +89,9 @@ class Learner:
         import deepspeed  # after DS_ACCELERATOR is set: it picks the accelerator at import
 
         hf_logging.disable_progress_bar()
-        torch.set_num_threads(threads or os.cpu_count() or 1)
-        torch.manual_seed(self.cfg.run.seed + self.rank)
+        use_threads(threads)
+        init_seed, shuffle_seed = learner_seeds(self.cfg.run.seed, self.rank)
+        torch.manual_seed(init_seed)
         family, grid = self.cfg.model.family, tuple(self.cfg.model.image_grid) or None
         tr = self.cfg.trainer
         # LoRA resume: the checkpoint's weights are merged; start from the plain base and let DeepSpeed
@@ -139,7 +137,7 @@ class Learner:
         )
         # scores through the engine's (ZeRO-managed) module, inside the LoRA wrapper if any
         self.lm = self.policy.lm(adapter.base(self.engine.module))
-        self.generator = torch.Generator().manual_seed(self.cfg.run.seed + 1000)  # same shuffle on every rank
+        self.generator = torch.Generator().manual_seed(shuffle_seed)  # same shuffle on every rank
         if resume:
             self.engine.load_checkpoint(str(Path(self.model_path) / "optimizer"), tag="state",
                                         load_module_strict=True, load_optimizer_states=True)
@@ -248,7 +246,7 @@ class Learner:
                         run_state: dict | None = None) -> str:
         """Atomically write ``root/{name}-NNNNNN``: the policy (a ``model.path``-ready directory), the
         DeepSpeed optimiser state (every rank's shard), the learners' generator and version, and
-        ``run_state`` (the driver's part, see ``omnigrpo.platform.driver``). Every rank must call it;
+        ``run_state`` (the driver's part, see ``omnigrpo.app.driver``). Every rank must call it;
         rank 0 publishes. ``step`` defaults to the updates made."""
         import torch.distributed as dist
 

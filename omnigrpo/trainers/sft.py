@@ -25,11 +25,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from omnigrpo.platform import world as worlds
-from omnigrpo.platform.config import Config
-from omnigrpo.rollout.builtin import WorldPolicy
-from omnigrpo.rollout.codebook import PatchCodebook
+from omnigrpo.config.runtime import use_threads
+from omnigrpo.config.schema import Config
+from omnigrpo.rollout.families.builtin import WorldPolicy
+from omnigrpo.rollout.families.codebook import PatchCodebook
 from omnigrpo.rollout.sampler import SamplingParams, sequence_logprobs
+from omnigrpo.worlds import registry as worlds
 
 log = logging.getLogger(__name__)
 _SFT_FORMAT = 2  # bump when the SFT procedure changes, so stale caches are not reused
@@ -75,7 +76,7 @@ def sft_checkpoint(cfg: Config, threads: int | None = None) -> Path:
 
 def train_sft(cfg: Config, out_dir: Path, threads: int | None = None) -> dict:
     """Fit the codebook and train a fresh policy; writes a ``save_pretrained`` directory."""
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+    use_threads(threads)
     rng = np.random.default_rng(cfg.run.seed)
     world = worlds.get(cfg.world.name)
     items = world.train_items()

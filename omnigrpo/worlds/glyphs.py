@@ -24,12 +24,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from omnigrpo.worlds.world import sample_rendered
+
 IMAGE_SHAPE = (24, 72)
-FONT = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSansMono-Bold.ttf"
 ALPHABET = "ACEHKLMNPRTUVXY34679"
 COLORS: dict[str, tuple[int, int, int]] = {"white": (240, 240, 240), "yellow": (250, 220, 60), "cyan": (90, 220, 250)}
 BACKGROUND = (16, 16, 16)
@@ -103,10 +103,18 @@ def vocabulary() -> list[str]:
     return sorted({"write", '"', "_", *ALPHABET})
 
 
+def font_path() -> Path:
+    """DejaVu Sans Mono Bold, the TrueType font matplotlib's wheel ships (matplotlib is imported only here,
+    so loading a config or listing worlds does not pay for it)."""
+    import matplotlib
+
+    return Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSansMono-Bold.ttf"
+
+
 @functools.cache
 def _font(advance: int) -> ImageFont.FreeTypeFont:
     """The font at the size whose character advance is ``advance`` pixels (1233/2048 em in this font)."""
-    return ImageFont.truetype(str(FONT), size=advance * 2048 / 1233)
+    return ImageFont.truetype(str(font_path()), size=advance * 2048 / 1233)
 
 
 def render(item: Item, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -132,15 +140,5 @@ def render(item: Item, rng: np.random.Generator | None = None) -> np.ndarray:
 
 
 def sample_pairs(items: list[Item], n: int, rng: np.random.Generator) -> tuple[list[Item], np.ndarray]:
-    """Draw ``n`` random items and render them with variation.
-
-    Returns:
-        the items and uint8 images ``[n, 24, 72, 3]``.
-    """
-    picks = [items[i] for i in rng.integers(0, len(items), size=n)]
-    return picks, np.stack([render(s, rng) for s in picks])
-
-
-def prompts_of(items: list[Item]) -> tuple[list[str], list[dict]]:
-    """Prompts and their metadata, the form every prompt source hands to the driver."""
-    return [s.prompt for s in items], [s.metadata for s in items]
+    """``n`` random items rendered with variation: the items and uint8 images ``[n, *IMAGE_SHAPE, 3]``."""
+    return sample_rendered(items, n, rng, render)

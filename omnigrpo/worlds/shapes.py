@@ -5,7 +5,7 @@ its rewards ask. A 32x32 scene with one coloured shape at one position is small 
 judge quickly, yet compositional: a fixed set of (shape, colour, position) combinations is never seen
 in SFT or RL prompts, and accuracy on it measures whether the policy learned to follow instructions.
 
-Prompts read ``"a red circle at the top left"``. The judge lives in ``omnigrpo.rewards.shapes``; it
+Prompts read ``"a red circle at the top left"``. The judge lives in ``omnigrpo.rewards.judges.shapes``; it
 reads pixels, never tokens.
 """
 
@@ -15,6 +15,8 @@ import itertools
 from dataclasses import dataclass
 
 import numpy as np
+
+from omnigrpo.worlds.world import sample_rendered
 
 IMAGE_SIZE = 32
 IMAGE_SHAPE = (IMAGE_SIZE, IMAGE_SIZE)
@@ -69,21 +71,13 @@ def all_scenes() -> list[Scene]:
     return [Scene(s, c, p) for s, c, p in itertools.product(SHAPES, COLORS, POSITIONS)]
 
 
-def train_scenes() -> list[Scene]:
+def train_items() -> list[Scene]:
     """The combinations SFT and RL may use (all but :data:`HELD_OUT`)."""
     return [s for s in all_scenes() if (s.shape, s.color, s.position) not in HELD_OUT]
 
 
-def held_out_scenes() -> list[Scene]:
-    return [Scene(*combo) for combo in HELD_OUT]
-
-
-def train_items() -> list[Scene]:
-    return train_scenes()
-
-
 def held_out_items() -> list[Scene]:
-    return held_out_scenes()
+    return [Scene(*combo) for combo in HELD_OUT]
 
 
 def words(prompt: str) -> list[str]:
@@ -128,15 +122,5 @@ def render(scene: Scene, rng: np.random.Generator | None = None) -> np.ndarray:
 
 
 def sample_pairs(scenes: list[Scene], n: int, rng: np.random.Generator) -> tuple[list[Scene], np.ndarray]:
-    """Draw ``n`` random scenes from ``scenes`` and render them with jitter.
-
-    Returns:
-        the scenes and uint8 images ``[n, 32, 32, 3]``.
-    """
-    picks = [scenes[i] for i in rng.integers(0, len(scenes), size=n)]
-    return picks, np.stack([render(s, rng) for s in picks])
-
-
-def prompts_of(scenes: list[Scene]) -> tuple[list[str], list[dict]]:
-    """Prompts and their metadata, the form every prompt source hands to the driver."""
-    return [s.prompt for s in scenes], [s.metadata for s in scenes]
+    """``n`` random items rendered with variation: the items and uint8 images ``[n, *IMAGE_SHAPE, 3]``."""
+    return sample_rendered(scenes, n, rng, render)

@@ -9,9 +9,9 @@ import ray
 import torch
 from mlflow.tracking import MlflowClient
 
-from omnigrpo.platform.driver import train
-from omnigrpo.platform.tracking import store_uri
-from omnigrpo.rollout.builtin import WorldPolicy
+from omnigrpo.app.driver import train
+from omnigrpo.app.tracking import store_uri
+from omnigrpo.rollout.families.builtin import WorldPolicy
 
 FLAKY = '''
 import math

@@ -6,10 +6,11 @@ from pathlib import Path
 import ray
 from mlflow.tracking import MlflowClient
 
+from omnigrpo.worlds.world import prompts_of
+from omnigrpo.app.driver import train
+from omnigrpo.app.tracking import store_uri
 from omnigrpo.cluster import actors
-from omnigrpo.platform import shapes
-from omnigrpo.platform.driver import train
-from omnigrpo.platform.tracking import store_uri
+from omnigrpo.worlds import shapes
 
 ROOT = Path(__file__).parents[2]
 
@@ -44,7 +45,7 @@ def test_chunked_rollout_keeps_groups_and_order_with_the_judges(tiny_config, sft
     actors.connect(cfg)
     try:
         workers = actors.spawn(cfg, str(sft_path), os.environ["TORCH_EXTENSIONS_DIR"])
-        prompts, metadata = shapes.prompts_of(shapes.train_scenes()[:5])
+        prompts, metadata = prompts_of(shapes.train_items()[:5])
         timings: dict[str, float] = {}
         batch, result = actors.generate_and_score(workers, prompts, metadata, 3, chunks=3, timings=timings)
         assert batch.prompts == [p for p in prompts for _ in range(3)]

@@ -7,9 +7,9 @@ import pytest
 from conftest import TINY
 from mlflow.tracking import MlflowClient
 
-from omnigrpo.platform.cli import main
-from omnigrpo.platform.evaluator import evaluate_checkpoint
-from omnigrpo.platform.tracking import store_uri
+from omnigrpo.app.evaluator import evaluate_checkpoint
+from omnigrpo.app.tracking import store_uri
+from omnigrpo.cli import main
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 
@@ -54,9 +54,9 @@ def test_bad_checkpoint_or_world_fails_clearly(tiny_config, sft_path, tmp_path, 
 
 
 def test_eval_of_a_family_checkpoint_on_a_prompt_file(tiny_config, tmp_path, monkeypatch):
-    from omnigrpo.rollout import tiny
+    from omnigrpo.rollout.families import tiny
 
-    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "rollout"))  # sized_reward.py
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "plugins"))  # sized_reward.py
     path = tiny.build("emu3", tmp_path / "emu3")
     prompts = tmp_path / "p.txt"
     prompts.write_text('a cat\na sign that says "OPEN"\n')

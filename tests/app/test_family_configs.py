@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from omnigrpo.cluster import placement
-from omnigrpo.platform.config import load_config
+from omnigrpo.config.loader import load_config
 
 CONFIGS = Path(__file__).parents[2] / "configs"
 

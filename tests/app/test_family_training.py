@@ -7,12 +7,12 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from omnigrpo.platform.driver import train
-from omnigrpo.platform.tracking import store_uri
-from omnigrpo.rollout import tiny
-from omnigrpo.rollout.policy import family_class, load_policy
+from omnigrpo.app.driver import train
+from omnigrpo.app.tracking import store_uri
+from omnigrpo.rollout.families import tiny
+from omnigrpo.rollout.loader import family_class, load_policy
 
-HERE = Path(__file__).parents[1] / "rollout"  # sized_reward.py
+HERE = Path(__file__).parents[1] / "plugins"  # sized_reward.py
 
 
 # each family also exercises one learner option: plain, gradient checkpointing, LoRA

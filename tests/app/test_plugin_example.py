@@ -5,9 +5,9 @@ from pathlib import Path
 import torch
 from mlflow.tracking import MlflowClient
 
-from omnigrpo.platform.driver import train
-from omnigrpo.platform.tracking import store_uri
-from omnigrpo.rollout.builtin import WorldPolicy
+from omnigrpo.app.driver import train
+from omnigrpo.app.tracking import store_uri
+from omnigrpo.rollout.families.builtin import WorldPolicy
 
 ROOT = Path(__file__).parents[2]
 

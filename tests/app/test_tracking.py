@@ -1,7 +1,7 @@
 import numpy as np
 from mlflow.tracking import MlflowClient
 
-from omnigrpo.platform.tracking import Tracker, _redact, flatten, store_uri
+from omnigrpo.app.tracking import Tracker, _redact, flatten, store_uri
 
 
 def test_flatten_names_nested_keys():

@@ -6,18 +6,18 @@ import pytest
 import ray
 import torch
 
-from omnigrpo.platform import shapes
-from omnigrpo.platform.bench import run_bench
-from omnigrpo.rollout.baseline import hf_generate, hf_generate_batched
-from omnigrpo.rollout.builtin import WorldPolicy
+from omnigrpo.bench.generate import hf_generate, hf_generate_batched
+from omnigrpo.bench.harness import run_bench
+from omnigrpo.rollout.families.builtin import WorldPolicy
 from omnigrpo.rollout.sampler import SamplingParams, sample_images
+from omnigrpo.worlds import shapes
 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
 def test_generate_baselines_draw_the_same_images_greedily(sft_path, cfg_scale):
     """With top-k 1 every sampler must pick the mode of the same guided distribution, token after token."""
     policy = WorldPolicy.from_pretrained(sft_path)
-    batch = policy.prompt_batch([s.prompt for s in shapes.held_out_scenes()[:4]])
+    batch = policy.prompt_batch([s.prompt for s in shapes.held_out_items()[:4]])
     params = SamplingParams(top_k=1, cfg_scale=cfg_scale)
     ours, _ = sample_images(policy.lm(), batch, params)
     assert torch.equal(hf_generate(policy.model, batch, policy.space, params), ours)
@@ -55,7 +55,7 @@ def test_every_part_runs_and_reports(tiny_config, sft_path, tmp_path, capsys):
 
 
 def test_rollout_bench_on_a_tiny_janus_made_by_the_cli(tiny_config, tmp_path, capsys):
-    from omnigrpo.platform.cli import main
+    from omnigrpo.cli import main
 
     assert main(["tiny", "janus", str(tmp_path / "janus")]) == 0
     assert main(["tiny", "chameleon", str(tmp_path / "x")]) == 2 and "no tiny builder" in capsys.readouterr().err
@@ -67,8 +67,8 @@ def test_rollout_bench_on_a_tiny_janus_made_by_the_cli(tiny_config, tmp_path, ca
 
 def test_hf_generate_draws_what_we_draw_on_emu3_greedily(tmp_path):
     """Emu3: the baseline also forces the end-of-line after every row; with top-k 1 both pick the same codes."""
-    from omnigrpo.rollout import tiny
-    from omnigrpo.rollout.policy import load_policy
+    from omnigrpo.rollout.families import tiny
+    from omnigrpo.rollout.loader import load_policy
 
     policy = load_policy("emu3", tiny.build("emu3", tmp_path / "emu3"))
     batch = policy.prompt_batch(["a red circle", "a cat in the garden"])

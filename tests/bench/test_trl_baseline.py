@@ -7,20 +7,21 @@ import pytest
 import torch
 from trl.trainer.utils import add_fused_lm_head
 
-from omnigrpo.platform import shapes
-from omnigrpo.platform.config import ModelConfig
-from omnigrpo.platform.registry import build_reward
-from omnigrpo.rollout.builtin import WorldPolicy
-from omnigrpo.rollout.codebook import PatchCodebook
+from omnigrpo.worlds.world import prompts_of
+from omnigrpo.bench.trl import restrict_to_image_codes, run_trl_grpo
+from omnigrpo.config.schema import ModelConfig
+from omnigrpo.rewards.registry import build_reward
+from omnigrpo.rollout.families.builtin import WorldPolicy
+from omnigrpo.rollout.families.codebook import PatchCodebook
 from omnigrpo.rollout.sampler import SamplingParams, sample_images, sequence_logprobs
-from omnigrpo.trainers.trl_baseline import restrict_to_image_codes, run_trl_grpo
+from omnigrpo.worlds import shapes
 
 
 @pytest.fixture(scope="module")
 def tiny_policy_dir(tmp_path_factory):
     """A random tiny policy checkpoint (no SFT: the baseline's plumbing, not its learning, is under test)."""
     rng = np.random.default_rng(0)
-    _, images = shapes.sample_pairs(shapes.train_scenes(), 32, rng)
+    _, images = shapes.sample_pairs(shapes.train_items(), 32, rng)
     codebook = PatchCodebook.fit(images, 32, seed=0)
     cfg = ModelConfig(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
     path = tmp_path_factory.mktemp("tiny_policy")
@@ -49,7 +50,7 @@ def test_image_only_head_matches_omnigrpo_logprobs(tiny_policy_dir):
 
 
 def test_trl_grpo_two_steps(tiny_policy_dir, tmp_path):
-    prompts, metadata = shapes.prompts_of(shapes.train_scenes())
+    prompts, metadata = prompts_of(shapes.train_items())
     result = run_trl_grpo(str(tiny_policy_dir), prompts, metadata, build_reward("shapes"), steps=2,
                           prompts_per_step=2, group_size=4, lr=1e-3, beta=0.02, temperature=1.0, seed=0,
                           out_dir=str(tmp_path / "trl"), threads=2)

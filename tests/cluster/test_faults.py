@@ -14,8 +14,8 @@ import ray
 import requests
 from mlflow.tracking import MlflowClient
 
-from omnigrpo.platform.driver import train
-from omnigrpo.platform.tracking import store_uri
+from omnigrpo.app.driver import train
+from omnigrpo.app.tracking import store_uri
 
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
 

@@ -13,9 +13,9 @@ import pytest
 from conftest import TINY
 from mlflow.tracking import MlflowClient
 
-from omnigrpo.platform.cli import main
-from omnigrpo.platform.config import load_config
-from omnigrpo.platform.tracking import store_uri
+from omnigrpo.app.tracking import store_uri
+from omnigrpo.cli import main
+from omnigrpo.config.loader import load_config
 
 RAY = str(Path(sys.executable).parent / "ray")
 

@@ -5,9 +5,9 @@ import os
 import ray
 import torch
 
+from omnigrpo.app.driver import train
 from omnigrpo.cluster import actors
-from omnigrpo.platform.driver import train
-from omnigrpo.rollout.builtin import WorldPolicy
+from omnigrpo.rollout.families.builtin import WorldPolicy
 
 
 def test_two_ranks_stay_identical_and_rollouts_get_their_weights(tiny_config, sft_path, tmp_path):

@@ -9,8 +9,8 @@ import ray
 from mlflow.tracking import MlflowClient
 from ray.cluster_utils import Cluster
 
-from omnigrpo.platform.driver import train
-from omnigrpo.platform.tracking import store_uri
+from omnigrpo.app.driver import train
+from omnigrpo.app.tracking import store_uri
 
 
 def test_a_run_across_two_nodes(tiny_config, sft_path):

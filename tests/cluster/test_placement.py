@@ -3,10 +3,10 @@
 import pytest
 import ray
 
+from omnigrpo.cli import main
 from omnigrpo.cluster import placement
 from omnigrpo.cluster.placement import ClusterShortfall, bundles, check_fits, demands
-from omnigrpo.platform.cli import main
-from omnigrpo.platform.config import load_config
+from omnigrpo.config.loader import load_config
 
 
 def _cfg(*overrides):

@@ -3,8 +3,9 @@ from pathlib import Path
 import pytest
 import ray
 
-from omnigrpo.platform.cli import main
-from omnigrpo.platform.config import Config, ConfigError, load_config
+from omnigrpo.cli import main
+from omnigrpo.config.loader import ConfigError, load_config
+from omnigrpo.config.schema import Config
 
 CONFIG_DIR = Path(__file__).parents[2] / "configs"
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))

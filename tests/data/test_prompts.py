@@ -3,14 +3,14 @@ from pathlib import Path
 
 import pytest
 
-from omnigrpo.platform import shapes
-from omnigrpo.platform.cli import main
-from omnigrpo.platform.prompts import PromptFileError, load_prompts
+from omnigrpo.cli import main
+from omnigrpo.data.prompts import PromptFileError, load_prompts
+from omnigrpo.worlds import shapes
 
 
 def test_world_prompts_exclude_the_held_out_set():
     prompts, metadata = load_prompts("shapes")
-    held = {s.prompt for s in shapes.held_out_scenes()}
+    held = {s.prompt for s in shapes.held_out_items()}
     assert prompts and not held & set(prompts)
     assert metadata[0].keys() == {"shape", "color", "position"}
 

@@ -1,6 +1,6 @@
 import pytest
 
-from omnigrpo.platform.registry import (
+from omnigrpo.rewards.registry import (
     Registry,
     RewardNotFound,
     build_reward,

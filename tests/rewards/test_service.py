@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import requests
 
-from omnigrpo.platform import shapes
-from omnigrpo.platform.config import RewardSpec
-from omnigrpo.platform.registry import build_reward
+from omnigrpo.config.schema import RewardSpec
+from omnigrpo.rewards.registry import build_reward
 from omnigrpo.rewards.service import TOKEN_ENV, decode_image, encode_image, make_server
 from omnigrpo.rewards.worker import RewardWorker
+from omnigrpo.worlds import shapes
 
 
 def _batch(n=5):
-    scenes = shapes.train_scenes()[:n]
+    scenes = shapes.train_items()[:n]
     return np.stack([shapes.render(s, np.random.default_rng(i)) for i, s in enumerate(scenes)]), \
         [s.prompt for s in scenes], [s.metadata for s in scenes]
 

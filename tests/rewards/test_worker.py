@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from omnigrpo.platform import shapes
-from omnigrpo.platform.config import RewardSpec
+from omnigrpo.config.schema import RewardSpec
 from omnigrpo.rewards.worker import RewardResult, RewardWorker, combine
+from omnigrpo.worlds import shapes
 
 PLUGIN = '''
 import math
@@ -47,7 +47,7 @@ def plugin(tmp_path, monkeypatch):
 
 
 def _batch(n=4):
-    scenes = shapes.train_scenes()[:n]
+    scenes = shapes.train_items()[:n]
     return np.stack([shapes.render(s) for s in scenes]), [s.prompt for s in scenes], [{} for _ in scenes]
 
 

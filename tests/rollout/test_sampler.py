@@ -4,18 +4,18 @@ import numpy as np
 import pytest
 import torch
 
-from omnigrpo.platform import shapes
-from omnigrpo.platform.config import ModelConfig
-from omnigrpo.rollout.builtin import WorldPolicy
-from omnigrpo.rollout.codebook import PatchCodebook
+from omnigrpo.config.schema import ModelConfig
+from omnigrpo.rollout.families.builtin import WorldPolicy
+from omnigrpo.rollout.families.codebook import PatchCodebook
 from omnigrpo.rollout.sampler import SamplingParams, draw, guided_logprobs, sample_images, sequence_logprobs
+from omnigrpo.worlds import shapes
 
 TINY = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
 
 
 @pytest.fixture(scope="module")
 def policy():
-    _, images = shapes.sample_pairs(shapes.train_scenes(), 64, np.random.default_rng(0))
+    _, images = shapes.sample_pairs(shapes.train_items(), 64, np.random.default_rng(0))
     return WorldPolicy.create(TINY, PatchCodebook.fit(images, 32, seed=0), seed=0)
 
 

@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from omnigrpo.cluster.broadcast import WeightBroadcast, plan_buckets
+from omnigrpo.sync.broadcast import WeightBroadcast, plan_buckets
 
 
 def _weights(seed: int) -> dict[str, torch.Tensor]:

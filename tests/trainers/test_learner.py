@@ -6,13 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from omnigrpo.platform import shapes
-from omnigrpo.platform.config import RewardSpec
+from omnigrpo.worlds.world import prompts_of
+from omnigrpo.config.schema import RewardSpec
 from omnigrpo.rewards.worker import RewardWorker
-from omnigrpo.rollout.builtin import WorldPolicy
+from omnigrpo.rollout.families.builtin import WorldPolicy
+from omnigrpo.rollout.sampler import SamplingParams
 from omnigrpo.rollout.worker import RolloutWorker
 from omnigrpo.trainers.grpo import group_advantages
-from omnigrpo.trainers.learner import Learner, TrainBatch, merge_metrics, sampling_params
+from omnigrpo.trainers.learner import Learner, TrainBatch, merge_metrics
+from omnigrpo.worlds import shapes
 
 REDNESS = '''
 from pathlib import Path
@@ -29,7 +31,7 @@ def redness(images, prompts, metadata):
 def _workers(cfg, sft_path):
     learner = Learner(cfg, str(sft_path))
     learner.setup(threads=2)
-    rollout = RolloutWorker(str(sft_path), sampling_params(cfg), seed=cfg.run.seed, threads=2)
+    rollout = RolloutWorker(str(sft_path), SamplingParams.of(cfg.rollout), seed=cfg.run.seed, threads=2)
     rollout.setup()
     reward = RewardWorker(cfg.rewards)
     reward.setup()
@@ -54,7 +56,7 @@ def test_grpo_raises_the_reward_and_moves_the_weights(tiny_config, sft_path, tmp
                       "rewards=[{name: 'red_reward:redness'}]")
     learner, rollout, reward = _workers(cfg, sft_path)
     before = {k: v.clone() for k, v in learner.state_dict().items()}
-    prompts, metadata = shapes.prompts_of(shapes.train_scenes()[:4])
+    prompts, metadata = prompts_of(shapes.train_items()[:4])
     history, versions = [], []
     for _ in range(16):
         mean, metrics, version = _step(learner, rollout, reward, prompts, metadata, 8)
@@ -74,7 +76,7 @@ def test_weight_sync_gives_the_rollout_identical_weights(tiny_config, sft_path, 
                       "trainer.loss_agg=seq-mean", "trainer.mini_batches=2", "trainer.epochs=2")
     learner, rollout, reward = _workers(cfg, sft_path)
     start = rollout.checksum()
-    prompts, metadata = shapes.prompts_of(shapes.train_scenes()[:4])
+    prompts, metadata = prompts_of(shapes.train_items()[:4])
     _, metrics, _ = _step(learner, rollout, reward, prompts, metadata, 4)
     assert rollout.version == learner.version == 1
     weights = learner.state_dict()
@@ -87,7 +89,7 @@ def test_weight_sync_gives_the_rollout_identical_weights(tiny_config, sft_path, 
 def test_a_batch_with_every_sample_excluded_changes_nothing(tiny_config, sft_path):
     cfg = tiny_config("trainer.lr=1e-2", "trainer.kl_coef=0.0")
     learner, rollout, reward = _workers(cfg, sft_path)
-    prompts, metadata = shapes.prompts_of(shapes.train_scenes()[:4])
+    prompts, metadata = prompts_of(shapes.train_items()[:4])
     _step(learner, rollout, reward, prompts, metadata, 4)  # a real update first: AdamW now has momentum
     batch = rollout.generate(prompts, metadata, 4)
     before = learner.state_dict()
@@ -108,7 +110,7 @@ def test_micro_batching_does_not_change_the_update(tiny_config, sft_path, stage)
         cfg = tiny_config(f"trainer.zero_stage={stage}", f"trainer.micro_batch_size={micro}", "trainer.lr=1e-2",
                           "trainer.kl_coef=0.1", "run.seed=5")
         learner, rollout, _ = _workers(cfg, sft_path)
-        prompts, metadata = shapes.prompts_of(shapes.train_scenes()[:4])
+        prompts, metadata = prompts_of(shapes.train_items()[:4])
         batch = rollout.generate(prompts, metadata, 4)  # same seed: same images for both settings
         valid = torch.tensor([True] * 3 + [False] * 5 + [True] * 8)
         adv = torch.linspace(-1.0, 1.0, 16)
@@ -124,7 +126,7 @@ def test_learner_agrees_with_the_sampler_under_guidance_and_filters(tiny_config,
     cfg = tiny_config("rollout.cfg_scale=3.0", "rollout.top_k=20", "rollout.min_p=0.02", "rollout.temperature=0.9",
                       "trainer.mini_batches=2", "trainer.epochs=2", "trainer.micro_batch_size=4")
     learner, rollout, reward = _workers(cfg, sft_path)
-    prompts, metadata = shapes.prompts_of(shapes.train_scenes()[:4])
+    prompts, metadata = prompts_of(shapes.train_items()[:4])
     _, metrics, _ = _step(learner, rollout, reward, prompts, metadata, 4)
     assert metrics["grpo/logprob_mismatch"] < 1e-5
 
@@ -144,7 +146,7 @@ def test_lora_trains_adapters_only_and_syncs_merged_weights(tiny_config, sft_pat
     assert trainable and all(".lora_" in n for n in trainable)
     before = {k: v.clone() for k, v in learner.state_dict().items()}
     assert list(before) == list(rollout.policy.model.state_dict())  # merged: the plain model's names, in order
-    prompts, metadata = shapes.prompts_of(shapes.train_scenes()[:4])
+    prompts, metadata = prompts_of(shapes.train_items()[:4])
     history = []
     for _ in range(12):
         mean, metrics, _ = _step(learner, rollout, reward, prompts, metadata, 8)
@@ -165,14 +167,14 @@ def test_lora_trains_adapters_only_and_syncs_merged_weights(tiny_config, sft_pat
 
 def test_bfloat16_rollout_and_learner(tiny_config, tmp_path):
     """``model.dtype=bfloat16``: half-size weights on both sides, a DeepSpeed bf16 update, a small gap."""
-    from omnigrpo.rollout import tiny
+    from omnigrpo.rollout.families import tiny
 
     path = str(tiny.build("janus", tmp_path / "janus"))
     cfg = tiny_config("model.family=janus", f"model.path={path}", "model.dtype=bfloat16", "rollout.cfg_scale=2",
                       "trainer.lr=1e-2", "rollout.prompts_per_step=2", "trainer.micro_batch_size=4")  # batch 8
     learner = Learner(cfg, path)
     learner.setup(threads=2)
-    rollout = RolloutWorker(path, sampling_params(cfg), seed=0, threads=2, family="janus", dtype="bfloat16")
+    rollout = RolloutWorker(path, SamplingParams.of(cfg.rollout), seed=0, threads=2, family="janus", dtype="bfloat16")
     rollout.setup()
     assert next(rollout.policy.model.parameters()).dtype == torch.bfloat16
     batch = rollout.generate(["a cat", "a dog"], [{}, {}], 4)

@@ -2,7 +2,7 @@ import json
 
 import torch
 
-from omnigrpo.rollout.builtin import WorldPolicy
+from omnigrpo.rollout.families.builtin import WorldPolicy
 from omnigrpo.trainers.sft import sft_checkpoint, sft_key, train_sft
 
 

@@ -3,10 +3,12 @@
 import numpy as np
 import pytest
 
-from omnigrpo.platform import glyphs
-from omnigrpo.platform.registry import build_reward
-from omnigrpo.platform.world import blank_share, get
-from omnigrpo.rollout.codebook import PatchCodebook
+from omnigrpo.worlds.world import prompts_of
+from omnigrpo.rewards.registry import build_reward
+from omnigrpo.rollout.families.codebook import PatchCodebook
+from omnigrpo.worlds import glyphs
+from omnigrpo.worlds.registry import get
+from omnigrpo.worlds.world import blank_share
 
 
 def test_splits_are_fixed_disjoint_and_within_the_grammar():
@@ -41,7 +43,7 @@ def exact():
 def test_real_ocr_reads_renders_and_their_patch_codes(exact):
     rng = np.random.default_rng(1)
     items, images = glyphs.sample_pairs(glyphs.held_out_items(), 24, rng)
-    prompts, metadata = glyphs.prompts_of(items)
+    prompts, metadata = prompts_of(items)
     assert np.mean(exact(images, prompts, metadata)) >= 0.9
     codebook = PatchCodebook.fit(glyphs.sample_pairs(glyphs.train_items(), 256, rng)[1], 512, seed=0)
     decoded = codebook.decode(codebook.encode(images))
@@ -54,6 +56,6 @@ def test_blank_and_wrong_images_score_zero(exact):
     blank = np.zeros((2, *glyphs.IMAGE_SHAPE, 3), np.uint8)
     blank[:] = glyphs.BACKGROUND
     swapped = np.stack([glyphs.render(items[1]), glyphs.render(items[0])])
-    prompts, metadata = glyphs.prompts_of(items)
+    prompts, metadata = prompts_of(items)
     assert exact(blank, prompts, metadata) == [0.0, 0.0]
     assert exact(swapped, prompts, metadata) == [0.0, 0.0]

@@ -1,17 +1,17 @@
 import numpy as np
 
-from omnigrpo.platform import shapes
+from omnigrpo.worlds import shapes
 
 
 def test_held_out_combinations_never_appear_in_training():
-    train = {(s.shape, s.color, s.position) for s in shapes.train_scenes()}
-    held = {(s.shape, s.color, s.position) for s in shapes.held_out_scenes()}
+    train = {(s.shape, s.color, s.position) for s in shapes.train_items()}
+    held = {(s.shape, s.color, s.position) for s in shapes.held_out_items()}
     assert held and not train & held
     assert len(train) + len(held) == len(shapes.all_scenes())
 
 
 def test_every_attribute_value_is_still_trained():
-    train = shapes.train_scenes()
+    train = shapes.train_items()
     assert {s.shape for s in train} == set(shapes.SHAPES)
     assert {s.color for s in train} == set(shapes.COLORS)
     assert {s.position for s in train} == set(shapes.POSITIONS)
@@ -33,6 +33,6 @@ def test_render_is_a_plain_scene_with_one_colour():
 
 
 def test_sampling_is_seeded():
-    a = shapes.sample_pairs(shapes.train_scenes(), 5, np.random.default_rng(3))
-    b = shapes.sample_pairs(shapes.train_scenes(), 5, np.random.default_rng(3))
+    a = shapes.sample_pairs(shapes.train_items(), 5, np.random.default_rng(3))
+    b = shapes.sample_pairs(shapes.train_items(), 5, np.random.default_rng(3))
     assert a[0] == b[0] and np.array_equal(a[1], b[1])

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from omnigrpo.platform.registry import register_reward
+from omnigrpo.rewards.registry import register_reward
 
 
 class OpenClipScorer:

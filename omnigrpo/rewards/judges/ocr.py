@@ -29,7 +29,7 @@ from collections.abc import Callable
 import numpy as np
 from rapidfuzz.distance import Levenshtein
 
-from omnigrpo.platform.registry import register_reward
+from omnigrpo.rewards.registry import register_reward
 
 _QUOTED = re.compile(r"\"([^\"]+)\"|“([^”]+)”")
 _WORDS = re.compile(r"[\u3400-\u9fff]|[^\W_]+", re.UNICODE)

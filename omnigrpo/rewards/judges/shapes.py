@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from omnigrpo.platform import shapes
-from omnigrpo.platform.registry import register_reward
+from omnigrpo.rewards.registry import register_reward
+from omnigrpo.worlds import shapes
 
 _PALETTE = np.array(list(shapes.COLORS.values()), dtype=np.float32)
 _COLOR_NAMES = list(shapes.COLORS)
@@ -105,7 +105,7 @@ def shapes_reward() -> Callable:
     Inputs: uint8 images ``[B, H, W, 3]`` and prompts of the shapes grammar. Score range [0, 1];
     ``None`` for a prompt that names no attribute (not applicable).
 
-    >>> from omnigrpo.platform.shapes import Scene, render
+    >>> from omnigrpo.worlds.shapes import Scene, render
     >>> fn = shapes_reward()
     >>> s = Scene("circle", "red", "top left")
     >>> fn([render(s)], [s.prompt], [{}])

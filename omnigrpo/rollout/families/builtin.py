@@ -3,7 +3,7 @@
 Why: the embedded default must run with real parts and no download. The model is the real Qwen2
 class built from a small config; its vocabulary comes from a word-level tokenizer built offline with
 the ``tokenizers`` library, followed by the image-segment markers and one token per code of the
-world's :class:`~omnigrpo.rollout.codebook.PatchCodebook`. A checkpoint is an ordinary
+world's :class:`~omnigrpo.rollout.families.codebook.PatchCodebook`. A checkpoint is an ordinary
 ``save_pretrained`` directory (model, tokenizer, codebook, and ``policy.json`` naming the world), so
 rollout and learner load it through the same ``from_pretrained(path)`` a user's checkpoint takes.
 
@@ -21,10 +21,10 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from omnigrpo.platform import world as worlds
-from omnigrpo.platform.config import ModelConfig
-from omnigrpo.rollout.codebook import PatchCodebook
-from omnigrpo.rollout.policy import ImageLM, ImagePolicy, ImageSpace, PromptBatch, head_rows
+from omnigrpo.config.schema import ModelConfig
+from omnigrpo.rollout.families.codebook import PatchCodebook
+from omnigrpo.rollout.policy import ImagePolicy, ImageSpace, PromptBatch, TextVocabLM
+from omnigrpo.worlds import registry as worlds
 
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>", "<som>", "<eom>"]
 
@@ -40,21 +40,6 @@ def build_tokenizer(world: str, num_codes: int) -> PreTrainedTokenizerFast:
     )
 
 
-class TextVocabLM(ImageLM):
-    """Image codes as text-vocabulary tokens ``offset .. offset + K - 1`` of a ``*ForCausalLM``; the
-    image head is the LM head restricted to those rows (equal to masking every other logit, without
-    computing them)."""
-
-    @property
-    def body(self) -> torch.nn.Module:
-        return self.module.model
-
-    def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        return self.body.embed_tokens(codes + self.space.offset)
-
-    def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        lo = self.space.offset
-        return head_rows(self.module.lm_head, hidden, lo, lo + self.space.num_codes)
 
 
 class WorldPolicy(ImagePolicy):

@@ -25,7 +25,6 @@ zero token (the codes carry the content; a text encoder would be a third 5-GB mo
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +33,8 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransf
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
+
+from omnigrpo.config.runtime import use_threads
 
 
 class CodeConditionedFlux(FluxTransformer2DModel):
@@ -103,7 +104,7 @@ class DiffusionDecoder:
         self.path, self.steps, self.guidance, self.seed, self.threads = path, steps, guidance, seed, threads
 
     def setup(self) -> None:
-        torch.set_num_threads(self.threads or os.cpu_count() or 1)
+        use_threads(self.threads)
         root = Path(self.path)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.transformer = CodeConditionedFlux.from_pretrained(root / "transformer").to(self.device).eval()

@@ -20,8 +20,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, Emu3ForConditionalGeneration
 
-from omnigrpo.rollout.builtin import TextVocabLM
-from omnigrpo.rollout.policy import GridPolicy, ImageLM, ImageSpace, PromptBatch
+from omnigrpo.rollout.policy import GridPolicy, ImageLM, ImageSpace, PromptBatch, TextVocabLM
 
 EOL, IMAGE_START, IMAGE_WRAPPER = "<|extra_200|>", "<|image start|>", "<|image token|>"
 

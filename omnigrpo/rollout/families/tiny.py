@@ -23,8 +23,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from omnigrpo.rollout.emu3 import EOL, IMAGE_START, IMAGE_WRAPPER
-from omnigrpo.rollout.xomni import XOmniConfig, XOmniForCausalLM
+from omnigrpo.rollout.families.emu3 import EOL, IMAGE_START, IMAGE_WRAPPER
+from omnigrpo.rollout.families.xomni import XOmniConfig, XOmniForCausalLM
 
 CORPUS = [
     "a red circle at the top left", "a blue square at the bottom right", "a green triangle in the middle",
@@ -123,12 +123,12 @@ def build(family: str, directory: str | Path, seed: int = 0) -> Path:
 
 
 def diffusion_decoder(directory: str | Path, codes: int = 64, seed: int = 0, flux_dev: bool = False) -> Path:
-    """A tiny decoder directory for :class:`~omnigrpo.rollout.diffusion.DiffusionDecoder`: FLUX transformer
+    """A tiny decoder directory for :class:`~omnigrpo.rollout.families.diffusion.DiffusionDecoder`: FLUX transformer
     (1 + 1 blocks), 2-level VAE (4 px per code), 8-dim codebook projected to 32 channels. ``flux_dev``:
     FLUX.1-dev's settings (a guidance-embedding transformer, a dynamically shifted scheduler)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 
-    from omnigrpo.rollout.diffusion import CodeConditionedFlux, CodeProjector
+    from omnigrpo.rollout.families.diffusion import CodeConditionedFlux, CodeProjector
 
     directory = Path(directory)
     torch.manual_seed(seed)

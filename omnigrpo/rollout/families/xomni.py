@@ -16,7 +16,7 @@ architecture the public model code describes, loading the published state dict b
 - CFG's unconditional prompt is the image prefix alone, as in X-Omni's ``generate.py``.
 
 The SigLIP-VQ tokenizer and the FLUX decoder are separate, frozen components (not in this state dict);
-:mod:`omnigrpo.rollout.diffusion` is the decoder stage.
+:mod:`omnigrpo.rollout.families.diffusion` is the decoder stage.
 """
 
 from __future__ import annotations

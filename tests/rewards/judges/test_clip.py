@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from omnigrpo.platform import shapes
-from omnigrpo.platform.registry import build_reward
+from omnigrpo.rewards.registry import build_reward
+from omnigrpo.worlds import shapes
 
 
 def _batch():
-    scenes = shapes.train_scenes()[:3]
+    scenes = shapes.train_items()[:3]
     return np.stack([shapes.render(s) for s in scenes]), [s.prompt for s in scenes], [{} for _ in scenes]
 
 

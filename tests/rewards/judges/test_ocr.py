@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from omnigrpo.platform.registry import build_reward
-from omnigrpo.rewards.ocr import edit_score, target_text, word_recall
+from omnigrpo.rewards.judges.ocr import edit_score, target_text, word_recall
+from omnigrpo.rewards.registry import build_reward
 
 
 def render(text: str, size=(320, 96), font_size=40) -> np.ndarray:

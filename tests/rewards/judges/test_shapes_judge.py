@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from omnigrpo.platform import shapes
-from omnigrpo.platform.registry import build_reward
-from omnigrpo.rewards.shapes import parse_prompt, read_image
-from omnigrpo.rollout.codebook import PatchCodebook
+from omnigrpo.rewards.judges.shapes import parse_prompt, read_image
+from omnigrpo.rewards.registry import build_reward
+from omnigrpo.rollout.families.codebook import PatchCodebook
+from omnigrpo.worlds import shapes
 
 
 def test_reads_every_clean_scene():
@@ -16,7 +16,7 @@ def test_reads_every_clean_scene():
 
 def test_reads_codebook_reconstructions():
     rng = np.random.default_rng(0)
-    _, fit = shapes.sample_pairs(shapes.train_scenes(), 1024, rng)
+    _, fit = shapes.sample_pairs(shapes.train_items(), 1024, rng)
     codebook = PatchCodebook.fit(fit, 256, seed=0)
     scenes, images = shapes.sample_pairs(shapes.all_scenes(), 240, rng)
     strict = build_reward("shapes_strict")

@@ -10,12 +10,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from omnigrpo.platform import shapes
-from omnigrpo.platform.config import RewardSpec
-from omnigrpo.platform.registry import build_reward
+from omnigrpo.config.schema import RewardSpec
+from omnigrpo.rewards.judges.vlm import TransformersVLM, parse_score, yes_probability
+from omnigrpo.rewards.registry import build_reward
 from omnigrpo.rewards.service import ServiceRefused, decode_image
-from omnigrpo.rewards.vlm import TransformersVLM, parse_score, yes_probability
 from omnigrpo.rewards.worker import RewardWorker
+from omnigrpo.worlds import shapes
 
 WORDS = ["yes", "no", "Yes", "No", "Final", "Score:", "1", "2", "3", "4", "5", "Does", "this", "image", "show",
          "Answer", "or", "a", "red", "circle", "at", "the", "top", "left", "blue", "square", "bottom", "right"]
@@ -68,7 +68,7 @@ def vlm_dir(tmp_path_factory):
 
 
 def _batch(n=3):
-    scenes = shapes.train_scenes()[:n]
+    scenes = shapes.train_items()[:n]
     return np.stack([shapes.render(s) for s in scenes]), [s.prompt for s in scenes], [{} for _ in scenes]
 
 

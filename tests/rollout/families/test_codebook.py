@@ -1,11 +1,11 @@
 import numpy as np
 
-from omnigrpo.platform import shapes
-from omnigrpo.rollout.codebook import PatchCodebook
+from omnigrpo.rollout.families.codebook import PatchCodebook
+from omnigrpo.worlds import shapes
 
 
 def _fitted():
-    _, images = shapes.sample_pairs(shapes.train_scenes(), 256, np.random.default_rng(0))
+    _, images = shapes.sample_pairs(shapes.train_items(), 256, np.random.default_rng(0))
     return PatchCodebook.fit(images, 64, seed=0)
 
 

@@ -1,0 +1,157 @@
+"""Every check made before a cluster starts, in one place.
+
+Why: a mistake found after SFT ran or a cluster started costs minutes; found here it costs a second.
+``load_config`` has already checked each key's type and range and the rules that span keys; this
+module checks what needs more than the config: the prompt source, the checkpoint (its path or hub
+id, its image vocabulary), every reward (found, its arguments accepted, a dry run on two blank images
+of the policy's size), what a resume needs, and an evaluation's checkpoint and prompts. Every failure
+is a :class:`~omnigrpo.config.loader.ConfigError` naming the key, file or line; the CLI prints it as
+``omnigrpo:`` lines and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from omnigrpo.config.loader import ConfigError
+from omnigrpo.config.schema import Config
+from omnigrpo.data.prompts import PromptFileError, load_prompts
+from omnigrpo.rewards.protocol import call_reward
+from omnigrpo.rewards.registry import RewardArgumentError, RewardNotFound, build_reward
+from omnigrpo.rewards.worker import applies_to
+from omnigrpo.rollout.loader import CheckpointError, check_checkpoint, family_class
+from omnigrpo.worlds import registry as worlds
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What the checks found: the training prompts and, when resuming, the checkpoint and its state."""
+
+    prompts: list[str]
+    metadata: list[dict]
+    resume_from: Path | None = None
+    state: dict | None = None
+
+
+def check_run(cfg: Config) -> RunPlan:
+    """Everything a training run needs that can be checked without a cluster; raises ConfigError."""
+    prompts, metadata = check_prompts(cfg.data.prompts, "data.prompts")
+    if cfg.model.path:
+        check_model(cfg)
+    check_rewards(cfg, prompts, metadata)
+    resume_from, state = check_resume(cfg) if cfg.run.resume else (None, None)
+    return RunPlan(prompts, metadata, resume_from, state)
+
+
+def check_prompts(source: str, key: str) -> tuple[list[str], list[dict]]:
+    """The prompts of a world name or prompt file; a bad file names itself and the line."""
+    try:
+        return load_prompts(source)
+    except PromptFileError as err:
+        raise ConfigError(f"{key}: {err}") from None
+
+
+def check_model(cfg: Config) -> None:
+    """The checkpoint exists (local, or a cached / reachable hub id) and has the configured image vocabulary."""
+    try:
+        check_checkpoint(cfg.model.family, cfg.model.path, cfg.model.image_codes or None)
+    except CheckpointError as err:
+        raise ConfigError(str(err)) from None
+
+
+def image_shape(cfg: Config) -> tuple[int, int]:
+    """(height, width) of the images the rewards will see, from config files only (no weights)."""
+    shape = worlds.get(cfg.world.name).IMAGE_SHAPE
+    if cfg.model.path:
+        shape = family_class(cfg.model.family).pixels(cfg.model.path, tuple(cfg.model.image_grid) or None)
+    if cfg.decoder.path:  # the decoder paints 2 * its VAE's scale px per code, i.e. scales the code map
+        from omnigrpo.rollout.families.diffusion import DiffusionDecoder
+
+        shape = DiffusionDecoder.pixels(cfg.decoder.path, (shape[0] // 16, shape[1] // 16))  # xomni: 16 px/code
+    return shape
+
+
+def check_rewards(cfg: Config, prompts: list[str], metadata: list[dict]) -> None:
+    """Build every reward (its kwargs checked against its signature) and dry-run it on two blank images of
+    the policy's size with the first two training prompts."""
+    blank = np.zeros((2, *image_shape(cfg), 3), dtype=np.uint8)
+    two_prompts, two_metadata = (prompts * 2)[:2], (metadata * 2)[:2]
+    for i, spec in enumerate(cfg.rewards):
+        key = f"rewards.{i}"
+        if spec.tags and not any(applies_to(spec.tags, m) for m in metadata):
+            raise ConfigError(f"{key}.tags: reward {spec.name!r} has tags {spec.tags} but no training prompt "
+                              "carries any of them")
+        fn = build_checked(spec.name, spec.kwargs, key)
+        try:
+            count = len(call_reward(fn, blank, two_prompts, two_metadata))
+        except Exception as err:  # noqa: BLE001 - any failure of a user's judge is reported, never raised raw
+            raise ConfigError(f"{key}: reward {spec.name!r} failed its dry run on 2 blank images: "
+                              f"{type(err).__name__}: {err}") from None
+        if count != 2:
+            raise ConfigError(f"{key}: reward {spec.name!r} returned {count} scores for 2 images in its dry run")
+
+
+def build_checked(name: str, kwargs: dict, key: str):
+    """``build_reward`` with its failures as ConfigError naming ``key`` (``rewards.N``)."""
+    try:
+        return build_reward(name, kwargs)
+    except RewardArgumentError as err:
+        raise ConfigError(f"{key}.kwargs: {err}") from None
+    except RewardNotFound as err:
+        raise ConfigError(f"{key}.name: {err}") from None
+    except Exception as err:  # noqa: BLE001 - a factory that raises on its arguments
+        raise ConfigError(f"{key}: reward {name!r} could not be built: {type(err).__name__}: {err}") from None
+
+
+def check_resume(cfg: Config) -> tuple[Path | None, dict | None]:
+    """The newest resumable checkpoint of ``run.dir`` and its run state, checked against the cluster shape."""
+    import torch
+
+    from omnigrpo.trainers.checkpoint import latest_resumable
+
+    resume_from = latest_resumable(Path(cfg.run.dir).resolve() / "checkpoints")
+    if resume_from is None:
+        return None, None
+    state = torch.load(resume_from / "run_state.pt", weights_only=True)
+    if len(state["rollout_rng"]) != cfg.cluster.rollout_workers:
+        raise ConfigError(f"cluster.rollout_workers: resuming {resume_from} needs {len(state['rollout_rng'])}")
+    ranks = json.loads((resume_from / "omnigrpo_step.json").read_text()).get("learners", 1)
+    if ranks != cfg.cluster.learner_workers:
+        raise ConfigError(f"cluster.learner_workers: resuming {resume_from} needs {ranks} (its optimiser state is "
+                          "sharded that way)")
+    return resume_from, state
+
+
+def check_eval(cfg: Config, checkpoint: str, prompts_source: str) -> tuple[Path, list[str], list[dict]]:
+    """An evaluation's checkpoint directory and prompts (a file, or the world's held-out set)."""
+    path = Path(checkpoint).expanduser().resolve()
+    if not path.is_dir():
+        raise ConfigError(f"--checkpoint: {checkpoint!r} is not a directory")
+    if cfg.model.family == "builtin":
+        saved = path / "policy.json"
+        world = json.loads(saved.read_text()).get("world") if saved.exists() else None
+        if world is not None and world != cfg.world.name:
+            raise ConfigError(f"world.name: checkpoint {path} was trained on world {world!r}, but world.name is "
+                              f"{cfg.world.name!r}")
+    try:
+        check_checkpoint(cfg.model.family, str(path), cfg.model.image_codes or None)
+    except CheckpointError as err:
+        raise ConfigError(f"--checkpoint: {err}") from None
+    if prompts_source:
+        prompts, metadata = check_prompts(prompts_source, "--prompts")
+    else:
+        prompts, metadata = worlds.held_out_prompts(cfg.world.name)
+    for i, spec in enumerate(cfg.rewards):
+        build_checked(spec.name, spec.kwargs, f"rewards.{i}")
+    return path, prompts, metadata
+
+
+def check_submit(cfg: Config) -> None:
+    """A submitted run writes where every node sees it."""
+    if not Path(cfg.run.dir).is_absolute():
+        raise ConfigError(f"run.dir: a submitted run needs an absolute path on storage the cluster sees (got "
+                          f"{cfg.run.dir!r}; a relative one would land in the job's temporary working directory)")

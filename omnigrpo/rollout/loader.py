@@ -1,0 +1,85 @@
+"""Model families by name: load a policy from a hub id or a directory, and check a checkpoint early.
+
+Why: ``model.family`` picks the family class; the table below names each by a string, so a run only
+imports the family it uses (Janus, Emu3 and X-Omni pull in large parts of transformers). This is one
+of the two places that import omnigrpo modules by name (``docs/design.md``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from omnigrpo.rollout.policy import ImagePolicy
+
+
+class CheckpointError(ValueError):
+    """A ``model.path`` that cannot be loaded: missing, not cached offline, or the wrong image vocabulary."""
+
+FAMILIES = {
+    "builtin": "omnigrpo.rollout.families.builtin:WorldPolicy",
+    "janus": "omnigrpo.rollout.families.janus:JanusPolicy",
+    "emu3": "omnigrpo.rollout.families.emu3:Emu3Policy",
+    "xomni": "omnigrpo.rollout.families.xomni:XOmniPolicy",
+}
+
+def family_class(family: str) -> type[ImagePolicy]:
+    """The policy class of ``family`` (imported on first use)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; known: {', '.join(FAMILIES)}")
+    module, name = FAMILIES[family].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def load_policy(family: str, path: str | Path, grid: tuple[int, int] | None = None,
+                dtype: str | torch.dtype = torch.float32) -> ImagePolicy:
+    """The ``family`` policy at ``path`` (hub id or local directory) with weights in ``dtype``; ``grid``
+    (rows, cols of codes) for the families whose image size is a choice (Emu3, X-Omni)."""
+    cls = family_class(family)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    return cls.from_pretrained(path, grid=tuple(grid), dtype=dtype) if grid else cls.from_pretrained(path, dtype=dtype)
+
+
+def _check_hub_id(repo: str) -> None:
+    """A hub id must be in the local hub cache, or (online) exist on the hub; offline and uncached fails."""
+    import huggingface_hub
+
+    if isinstance(huggingface_hub.try_to_load_from_cache(repo, "config.json"), str):
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise CheckpointError(f"model.path: {repo!r} is no local directory, and HF_HUB_OFFLINE is set with no "
+                              "cached copy of that hub model")
+    try:
+        found = huggingface_hub.repo_exists(repo)
+    except Exception as err:  # noqa: BLE001 - no network here: the actors will try (and say why they fail)
+        logging.getLogger(__name__).warning("could not check hub model %r (%s); actors will try to download it",
+                                            repo, type(err).__name__)
+        return
+    if not found:
+        raise CheckpointError(f"model.path: {repo!r} is no local directory and no hub model")
+
+
+def check_checkpoint(family: str, path: str, num_codes: int | None = None) -> None:
+    """Fail fast, before any cluster starts: unknown family, a local path that does not exist, or a
+    checkpoint whose image vocabulary differs from ``num_codes`` (when the config states one).
+    Reads only the checkpoint's config files."""
+    cls = family_class(family)
+    looks_local = path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") != 1
+    if looks_local and not Path(path).expanduser().exists():
+        raise CheckpointError(f"model.path: {path!r} does not exist (and is not a hub id 'org/name')")
+    if not looks_local:
+        _check_hub_id(path)
+    checker = getattr(cls, "image_vocabulary", None)
+    if num_codes is not None and checker is not None and Path(path).exists():
+        try:
+            found = checker(path)
+        except (OSError, ValueError, KeyError) as err:  # no or a malformed config.json
+            raise CheckpointError(f"model.path: cannot read the image vocabulary of {path!r} "
+                                  f"({type(err).__name__}: {err})") from None
+        if found != num_codes:
+            raise CheckpointError(f"model.image_codes: is {num_codes}, but the checkpoint {path!r} has an image "
+                                  f"vocabulary of {found} codes")
