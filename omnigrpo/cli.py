@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+import typing
 from pathlib import Path
 
 from omnigrpo import __version__
@@ -36,8 +37,16 @@ EPILOG = """examples:
 """
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors in the same ``omnigrpo:`` form as every other bad input."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        print(f"omnigrpo: {message} (see '{self.prog} --help')", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="omnigrpo",
         description="GRPO fine-tuning of discrete autoregressive image generators (Ray, DeepSpeed, MLflow).",
         epilog=EPILOG,
@@ -112,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     command = COMMANDS[args.command]
     if args.command in CONFIG_COMMANDS:
-        unknown = [e for e in extra if "=" not in e or e.startswith("-")]
+        unknown = [e for e in extra if e.startswith("-")]  # anything else is an override, checked as one
         if unknown:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         args.overrides = [*args.overrides, *extra, *(["run.resume=true"] if getattr(args, "resume", False) else [])]

@@ -46,7 +46,7 @@ class Progress:
 
     def __init__(self, total: int, first: int = 1, stream: TextIO | None = None):
         self.stream = stream or sys.stderr
-        self.total, self.done = total, first - 1
+        self.total, self.first, self.done = total, first, first - 1
         self.live = bool(getattr(self.stream, "isatty", lambda: False)())
         self.started = time.perf_counter()
         self.bar = tqdm(total=total, initial=self.done, desc="GRPO", unit="step", file=self.stream,
@@ -61,7 +61,7 @@ class Progress:
             self.bar.set_postfix_str(summary_line(metrics), refresh=False)
             self.bar.update(1)
             return
-        per_step = (time.perf_counter() - self.started) / max(self.done - self.bar.initial, 1)
+        per_step = (time.perf_counter() - self.started) / max(step - self.first + 1, 1)
         log.info("step %d/%d %s ETA %s", step, self.total, summary_line(metrics), eta(per_step * (self.total - step)))
 
     def close(self) -> None:

@@ -24,25 +24,90 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message names every offending key."""
 
 
+class DuplicateKey(yaml.constructor.ConstructorError):
+    """A mapping that names a key twice."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last in silence)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line)
+            except TypeError:  # an unhashable key: the base class says so
+                continue
+            if first != key_node.start_mark.line:
+                raise DuplicateKey(None, None, f"key {key!r} is given twice (first on line {first + 1})",
+                                   key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Build a :class:`Config` from a YAML file plus ``key.sub=value`` overrides, or raise ConfigError."""
     raw: dict[str, Any] = {}
+    lines: dict[tuple[str, ...], int] = {}
     if path is not None:
-        text = Path(path).read_text()
-        raw = yaml.safe_load(text) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        raw, lines = read_yaml(Path(path))
     for item in overrides:
-        _apply_override(raw, item)
-    return config_from_dict(raw)
+        parts = _apply_override(raw, item)
+        lines = {k: v for k, v in lines.items() if k[:len(parts)] != parts}  # the file no longer sets these
+    return config_from_dict(raw, lines, str(path))
 
 
-def config_from_dict(raw: dict[str, Any]) -> Config:
-    """Validate a plain nested dict into a :class:`Config`."""
+def read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
+    """The mapping in a YAML file and the line of every key in it (path of keys -> 1-based line)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read the config file ({type(err).__name__}: {err})") from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        what = "" if isinstance(err, DuplicateKey) else "not valid YAML: "
+        raise ConfigError(f"{where}: {what}{err.problem or err.context}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if raw is None:
+        return {}, {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}:1: the top level must be a mapping of sections (run:, trainer:, ...), "
+                          f"not a {type(raw).__name__}")
+    return raw, _key_lines(node, ())
+
+
+def _key_lines(node: yaml.Node | None, at: tuple[str, ...]) -> dict[tuple[str, ...], int]:
+    """Path of keys (list items by index) -> the 1-based line where that key or item starts."""
+    out: dict[tuple[str, ...], int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            here = (*at, str(key.value))
+            out[here] = key.start_mark.line + 1
+            out.update(_key_lines(value, here))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, value in enumerate(node.value):
+            here = (*at, str(i))
+            out[here] = value.start_mark.line + 1
+            out.update(_key_lines(value, here))
+    return out
+
+
+def config_from_dict(raw: dict[str, Any], lines: dict[tuple[str, ...], int] | None = None,
+                     source: str = "") -> Config:
+    """Validate a plain nested dict into a :class:`Config`; ``lines`` (from :func:`read_yaml`) adds the file
+    and line of each offending key of ``source``."""
     try:
         cfg = TypeAdapter(Config).validate_python(raw)
     except ValidationError as err:
-        raise ConfigError("invalid config:\n" + "\n".join(_describe(e) for e in err.errors())) from None
+        described = [_locate(_describe(e), e["loc"], lines or {}, source) for e in err.errors()]
+        raise ConfigError("invalid config:\n" + "\n".join(described)) from None
     problems = cross_field_problems(cfg)
     if problems:
         raise ConfigError("invalid config:\n" + "\n".join(problems))
@@ -54,28 +119,45 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def _apply_override(raw: dict[str, Any], item: str) -> None:
-    """Set ``a.b.c=value`` inside ``raw``; the value is parsed as YAML (``3``, ``true``, ``[1, 2]``)."""
+def _locate(line: str, loc: tuple, lines: dict[tuple[str, ...], int], source: str) -> str:
+    """Prefix a problem line with ``file:line`` of the deepest part of ``loc`` the YAML file set."""
+    parts = tuple(str(p) for p in loc)
+    for end in range(len(parts), 0, -1):
+        if parts[:end] in lines:
+            return f"  {source}:{lines[parts[:end]]}: {line.strip()}"
+    return line
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> tuple[str, ...]:
+    """Set ``a.b.c=value`` inside ``raw``; the value is parsed as YAML (``3``, ``true``, ``[1, 2]``).
+    Returns the key's path."""
     key, sep, value = item.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"override {item!r} is not of the form key.sub=value")
     parts = key.strip().split(".")
+    if not sep or not key.strip() or not all(parts):
+        raise ConfigError(f"override {item!r} is not of the form key.sub=value")
     node: Any = raw
     for i, part in enumerate(parts[:-1]):
         if isinstance(node, list):
             node = node[_list_index(node, part, parts[: i + 1])]
             continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {'.'.join(parts[:i])} is a value, not a section")
         nxt = node.get(part)
         if nxt is None:
             nxt = node[part] = {}
         node = nxt
-    leaf = yaml.safe_load(value) if value.strip() else ""
+    try:
+        leaf = yaml.load(value, Loader=_UniqueKeyLoader) if value.strip() else ""  # noqa: S506 - SafeLoader subclass
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem})") from None
     if isinstance(node, list):
         node[_list_index(node, parts[-1], parts)] = leaf
     elif isinstance(node, dict):
         node[parts[-1]] = leaf
     else:
-        raise ConfigError(f"override {item!r}: {'.'.join(parts[:-1])} is not a section")
+        raise ConfigError(f"override {item!r}: {'.'.join(parts[:-1])} is a value, not a section")
+    return tuple(parts)
 
 
 def _list_index(node: list, part: str, path: list[str]) -> int:

@@ -20,9 +20,9 @@ Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 
 @dataclass(frozen=True, config=_STRICT)
 class RunConfig:
-    dir: str = "runs/shapes"
+    dir: Annotated[str, Field(min_length=1)] = "runs/shapes"
     """Where the run writes everything: MLflow store (by default), checkpoints, logs."""
-    seed: int = 0
+    seed: NonNegInt = 0
     """Seed of every random choice in the run: prompts, sampling, initialisation, SFT data."""
     resume: bool = False
     """Continue the newest checkpoint under ``<run.dir>/checkpoints`` (same MLflow run, optimiser state,
@@ -207,7 +207,7 @@ class EvalConfig:
 class TrackingConfig:
     uri: str = ""
     """MLflow tracking URI; empty = a sqlite store at ``<run.dir>/mlflow.db`` (no server needed)."""
-    experiment: str = "omnigrpo"
+    experiment: Annotated[str, Field(min_length=1)] = "omnigrpo"
     """MLflow experiment name."""
     run_name: str = ""
     """MLflow run name; empty lets MLflow pick one."""

@@ -9,6 +9,7 @@ reported all at once with the keys to change; ``omnigrpo.config.schema`` raises 
 from __future__ import annotations
 
 import typing
+from urllib.parse import urlsplit
 
 from omnigrpo.config.schema import Config, WorldConfig
 
@@ -48,7 +49,7 @@ def cross_field_problems(cfg: Config) -> list[str]:
     if cfg.data.prompts in WORLD_NAMES and cfg.data.prompts != cfg.world.name:
         problems.append(f"  data.prompts: {cfg.data.prompts!r} is a built-in world's prompt set, but world.name is "
                         f"{cfg.world.name!r}")
-    return problems + _model_problems(cfg)
+    return problems + _model_problems(cfg) + _credential_problems(cfg)
 
 
 def _colocated_gpus(cfg: Config) -> float:
@@ -66,6 +67,8 @@ def _model_problems(cfg: Config) -> list[str]:
     if m.image_grid and (len(m.image_grid) != 2 or m.family not in ("emu3", "xomni")):
         problems.append(f"  model.image_grid: must be [rows, cols], and only emu3 / xomni take one (family "
                         f"{m.family!r} has its size fixed by the checkpoint)")
+    if cfg.trainer.lora_rank and not cfg.trainer.lora_targets:
+        problems.append("  trainer.lora_targets: LoRA (trainer.lora_rank > 0) needs at least one target module name")
     if cfg.trainer.lora_rank and cfg.trainer.zero_stage == 3:
         problems.append("  trainer.lora_rank: LoRA runs with trainer.zero_stage 0-2 (the frozen base is replicated; "
                         "ZeRO-3 would partition it, and the adapters are too small to need it)")
@@ -75,4 +78,35 @@ def _model_problems(cfg: Config) -> list[str]:
     if m.family == "builtin" and m.image_codes and m.image_codes != cfg.world.codebook_size:
         problems.append(f"  model.image_codes: {m.image_codes} differs from world.codebook_size "
                         f"{cfg.world.codebook_size}")
+    return problems
+
+
+def has_credentials(url: str) -> bool:
+    """Does ``url`` carry a user name or password (``scheme://user:secret@host``)?
+
+    >>> has_credentials("http://user:secret@10.0.0.1:5000"), has_credentials("http://10.0.0.1:5000")
+    (True, False)
+    """
+    try:
+        parts = urlsplit(url)
+        return bool(parts.username or parts.password)
+    except ValueError:  # not a URL at all: nothing to leak
+        return False
+
+
+def _credential_problems(cfg: Config) -> list[str]:
+    """Secrets belong in the environment, never in a config that is logged and stored with the run."""
+    problems = []
+    if has_credentials(cfg.tracking.uri):
+        problems.append("  tracking.uri: credentials in the URL; set MLFLOW_TRACKING_USERNAME and "
+                        "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment instead")
+    if has_credentials(cfg.cluster.address):
+        problems.append("  cluster.address: credentials in the address; Ray reads its token from RAY_AUTH_TOKEN_PATH")
+    for i, spec in enumerate(cfg.rewards):
+        if spec.name.startswith("url:") and has_credentials(spec.name.removeprefix("url:")):
+            problems.append(f"  rewards.{i}.name: credentials in the URL; put the token in $OMNIGRPO_REWARD_TOKEN")
+        for key, value in spec.kwargs.items():
+            if isinstance(value, str) and "://" in value and has_credentials(value):
+                problems.append(f"  rewards.{i}.kwargs.{key}: credentials in the URL; pass them through the "
+                                "environment (e.g. api_key_env)")
     return problems

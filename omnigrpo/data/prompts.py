@@ -32,7 +32,7 @@ def load_prompts(source: str) -> tuple[list[str], list[dict]]:
         return train_prompts(source)
     path = Path(source).expanduser()
     if not path.exists():
-        raise PromptFileError(f"data.prompts: {source!r} is neither a built-in world ({', '.join(WORLDS)}) "
+        raise PromptFileError(f"{source!r} is neither a built-in world ({', '.join(WORLDS)}) "
                               "nor an existing file or directory")
     if path.is_dir():
         prompts, metadata = _from_datasets(path)

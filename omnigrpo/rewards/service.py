@@ -30,12 +30,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
 
 import numpy as np
 import requests
 from PIL import Image
 
+from omnigrpo.config.validation import has_credentials
 from omnigrpo.rewards.protocol import RewardFn, call_reward
 
 TOKEN_ENV = "OMNIGRPO_REWARD_TOKEN"
@@ -117,7 +117,7 @@ class RemoteReward:
 
     def __init__(self, url: str, timeout: float = 60.0, retries: int = 3, backoff: float = 0.5,
                  batch_size: int = 16, max_concurrency: int = 4):
-        if urlsplit(url).username or urlsplit(url).password:
+        if has_credentials(url):
             raise ValueError("reward service URL: put the token in $OMNIGRPO_REWARD_TOKEN, not in the URL")
         self.url = url.rstrip("/")
         self.timeout, self.retries, self.backoff = timeout, retries, backoff

@@ -28,12 +28,12 @@ import os
 import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from urllib.parse import urlsplit
 
 import numpy as np
 import torch
 from PIL import Image
 
+from omnigrpo.config.validation import has_credentials
 from omnigrpo.rewards.registry import register_reward
 from omnigrpo.rewards.service import ServiceUnavailable, encode_image, post_json
 
@@ -109,7 +109,7 @@ class OpenAIVLM:
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 120.0,
                  retries: int = 3, backoff: float = 1.0, max_new_tokens: int = 64, top_logprobs: int = 20):
-        if urlsplit(base_url).username or urlsplit(base_url).password:
+        if has_credentials(base_url):
             raise ValueError("vlm_judge: put credentials in the environment (api_key_env), not in base_url")
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.timeout, self.retries, self.backoff = model, timeout, retries, backoff

@@ -1,0 +1,69 @@
+"""Bad input that needs more than the config to find (a reward's arguments, a checkpoint, a prompt file, the
+command's own options) ends in ``omnigrpo:`` lines, exit status 2, no traceback, before any cluster starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import ray
+
+from omnigrpo.cli import main
+from omnigrpo.rollout.families import tiny
+
+SHAPES = str(Path(__file__).parents[2] / "configs" / "shapes.yaml")
+
+
+def _refused(argv: list[str], capsys, *needles: str) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines and all(line.startswith("omnigrpo: ") for line in lines), err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    assert not ray.is_initialized()
+    return err
+
+
+@pytest.mark.parametrize("rewards, needle", [
+    ("[{name: shapes, kwargs: {strict: true}}]", "rewards.0.kwargs: reward 'shapes' takes no argument 'strict'"),
+    ("[{name: ocr, kwargs: {scroe: exact}}]", "takes no argument 'scroe' (did you mean 'score'?)"),
+    ("[{name: shapes}, {name: hps, kwargs: {}}]", "rewards.1.kwargs: reward 'hps' needs the argument(s) checkpoint"),
+    ("[{name: ocr, kwargs: {score: nonsense}}]", "rewards.0: reward 'ocr' could not be built"),
+])
+def test_reward_arguments_are_checked_against_the_signature(rewards, needle, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    _refused(["train", SHAPES, f"rewards={rewards}", f"run.dir={run_dir}"], capsys, needle)
+    assert not run_dir.exists()
+
+
+def test_a_checkpoint_with_another_image_vocabulary_is_refused(tmp_path, capsys):
+    path = tiny.build("janus", tmp_path / "janus")
+    _refused(["train", SHAPES, "model.family=janus", f"model.path={path}", "model.image_codes=7",
+              f"run.dir={tmp_path / 'run'}"], capsys, "model.image_codes: is 7, but the checkpoint")
+    (tmp_path / "broken").mkdir()
+    _refused(["train", SHAPES, "model.family=janus", f"model.path={tmp_path / 'broken'}", "model.image_codes=7",
+              f"run.dir={tmp_path / 'run'}"], capsys, "model.path: cannot read the image vocabulary")
+    _refused(["train", SHAPES, "model.family=janus", f"model.path={tmp_path / 'missing'}",
+              f"run.dir={tmp_path / 'run'}"], capsys, "model.path:", "does not exist")
+
+
+def test_a_bad_prompt_line_names_the_key_file_and_line(tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a red circle"}\n{"prompt": \n')
+    _refused(["train", SHAPES, f"data.prompts={prompts}", f"run.dir={tmp_path / 'run'}"], capsys,
+             f"data.prompts: {prompts}:2: not valid JSON")
+
+
+def test_eval_bench_curves_and_tiny_options(tmp_path, capsys):
+    _refused(["eval", SHAPES, "--checkpoint", str(tmp_path / "nope")], capsys, "--checkpoint:", "is not a directory")
+    (tmp_path / "ckpt").mkdir()
+    _refused(["eval", SHAPES, "--checkpoint", str(tmp_path / "ckpt"), "--prompts", str(tmp_path / "none.txt")],
+             capsys, "--prompts: ", "none.txt' is neither a built-in world")
+    _refused(["bench", SHAPES, "--parts", "rollout,warp"], capsys, "--parts: unknown part(s) warp")
+    _refused(["curves", SHAPES, f"run.dir={tmp_path}", "--out", str(tmp_path / "c.png")], capsys,
+             "no training run of experiment")
+    _refused(["tiny", "dalle", str(tmp_path / "t")], capsys, "dalle")
+    _refused(["serve-reward", "shapes", "strict=true"], capsys, "takes no argument 'strict'")
+    _refused(["serve-reward", "shapes", "oops"], capsys, "is not key=value")

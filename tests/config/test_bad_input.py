@@ -1,0 +1,160 @@
+"""Bad input as a new user types it: every key with a wrong type and with an out-of-range value, broken YAML,
+duplicate keys, malformed overrides, secrets in URLs. Each ends in ``omnigrpo:`` lines naming the key or the
+file and line, exit status 2, no traceback, before anything starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import annotated_types
+import pytest
+
+from omnigrpo.cli import main
+from omnigrpo.config.schema import Config
+
+SHAPES = str(Path(__file__).parents[2] / "configs" / "shapes.yaml")
+
+
+def _leaves(cls: type, prefix: str = "") -> list[tuple[str, object]]:
+    """``(dotted key, annotation)`` of every field; a list of sections contributes its first item's keys."""
+    out = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls, include_extras=True)[f.name]
+        inner = typing.get_args(hint)[0] if typing.get_origin(hint) is list else hint
+        if dataclasses.is_dataclass(inner):
+            out += _leaves(inner, f"{prefix}{f.name}.0." if inner is not hint else f"{prefix}{f.name}.")
+        else:
+            out.append((f"{prefix}{f.name}", hint))
+    return out
+
+
+KEYS = _leaves(Config)
+
+
+def _wrong_type(hint: object) -> str:
+    base = typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Annotated else hint
+    return "[1, 2]" if typing.get_origin(base) is dict else "{not: right}"
+
+
+def _out_of_range(hint: object) -> str | None:
+    """A value of the right type outside the key's declared range (None: the key has no range)."""
+    if typing.get_origin(hint) is typing.Literal:
+        return "no-such-choice"
+    if typing.get_origin(hint) is not typing.Annotated:
+        return None
+    base, *meta = typing.get_args(hint)
+    for m in meta:
+        for bound in getattr(m, "metadata", [m]):
+            if isinstance(bound, annotated_types.Ge | annotated_types.Gt):
+                return str(base(bound.ge if isinstance(bound, annotated_types.Ge) else bound.gt) - 1)
+            if isinstance(bound, annotated_types.Le | annotated_types.Lt):
+                return str(base(bound.le if isinstance(bound, annotated_types.Le) else bound.lt) + 1)
+            if isinstance(bound, annotated_types.MinLen):
+                return "''"
+    return None
+
+
+def _refused(argv: list[str], capsys, *needles: str) -> str:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines and all(line.startswith("omnigrpo: ") for line in lines), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    return err
+
+
+def test_every_key_is_covered():
+    assert len(KEYS) > 80 and "rewards.0.kwargs" in dict(KEYS) and "cluster.call_timeout_s" in dict(KEYS)
+
+
+@pytest.mark.parametrize("key, hint", KEYS, ids=[k for k, _ in KEYS])
+def test_a_wrong_type_names_the_key(key, hint, capsys):
+    _refused(["train", SHAPES, "--check", f"{key}={_wrong_type(hint)}"], capsys, key)
+
+
+RANGED = [(k, v) for k, h in KEYS if (v := _out_of_range(h)) is not None]
+
+
+@pytest.mark.parametrize("key, value", RANGED, ids=[k for k, _ in RANGED])
+def test_an_out_of_range_value_names_the_key(key, value, capsys):
+    _refused(["train", SHAPES, "--check", f"{key}={value}"], capsys, key)
+
+
+def test_ranged_keys_include_every_number(capsys):
+    assert len(RANGED) > 60 and {"run.seed", "trainer.lr", "rollout.top_p", "model.family"} <= {k for k, _ in RANGED}
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("trainer:\n  steps: 3\n  steps: 4\n", "c.yaml:3:3: key 'steps' is given twice (first on line 2)"),
+    ("trainer:\n  lr: [1,\n", "c.yaml:3:1: not valid YAML"),
+    ("- just\n- a list\n", "c.yaml:1: the top level must be a mapping"),
+    ("trainer:\n  lr: -1\n", "c.yaml:2: trainer.lr: Input should be greater than 0"),
+    ("rewards:\n  - name: shapes\n    wieght: 2\n", "c.yaml:3: rewards.0.wieght: unknown key (did you mean"),
+    ("trainer: 5\n", "c.yaml:1: trainer: Input should be"),
+    ("\tbad: tab\n", "not valid YAML"),
+])
+def test_a_bad_file_names_the_file_and_line(text, needle, tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    _refused(["train", str(path), "--check"], capsys, needle)
+
+
+def test_missing_or_unreadable_files(tmp_path, capsys):
+    _refused(["train", str(tmp_path / "none.yaml"), "--check"], capsys, "none.yaml: no such config file")
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00bad")
+    _refused(["train", str(tmp_path / "bin.yaml"), "--check"], capsys, "bin.yaml: cannot read the config file")
+    _refused(["train", str(tmp_path), "--check"], capsys, "cannot read the config file")
+
+
+def test_an_override_replacing_a_file_value_is_not_blamed_on_the_file(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("trainer:\n  lr: 0.1\n")
+    err = _refused(["train", str(path), "--check", "trainer.lr=-1"], capsys, "trainer.lr: Input should be")
+    assert "c.yaml:2" not in err
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("trainer.lr", "is not of the form key.sub=value"),
+    ("=3", "is not of the form key.sub=value"),
+    ("trainer..lr=3", "is not of the form key.sub=value"),
+    ("trainer.steps=[", "the value is not valid YAML"),
+    ("trainer.lr.x=1", "trainer.lr is a value, not a section"),
+    ("rewards.5.weight=1", "list index '5' out of range"),
+    ("rewards.x.weight=1", "list index 'x' out of range"),
+    ("run.seed=-1", "run.seed: Input should be greater than or equal to 0"),
+    ("tracking.experiment=", "tracking.experiment"),
+    ("trainer.lora_rank=4", None),
+])
+def test_a_bad_override_is_refused(override, needle, capsys):
+    argv = ["train", SHAPES, "--check", override]
+    if needle is None:  # a valid override, made invalid by the next one
+        _refused([*argv, "trainer.lora_targets=[]"], capsys, "trainer.lora_targets: LoRA")
+    else:
+        _refused(argv, capsys, needle)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("tracking.uri=http://alice:secret@127.0.0.1:5000", "tracking.uri: credentials in the URL"),
+    ("cluster.address=ray://alice:secret@127.0.0.1:10001", "cluster.address: credentials"),
+    ("rewards=[{name: 'url:http://alice:secret@127.0.0.1:9'}]", "rewards.0.name: credentials in the URL"),
+    ("rewards=[{name: vlm_judge, kwargs: {base_url: 'http://a:b@127.0.0.1:9', model: m}}]",
+     "rewards.0.kwargs.base_url: credentials"),
+])
+def test_a_secret_in_a_url_is_refused_and_not_echoed(override, key, capsys):
+    assert "secret" not in _refused(["train", SHAPES, "--check", override], capsys, key)
+
+
+def test_the_console_script_exits_2_without_a_traceback(tmp_path):
+    script = Path(sys.executable).parent / "omnigrpo"
+    bad = tmp_path / "c.yaml"
+    bad.write_text("trainer:\n  steps: 1\n  steps: 2\n")
+    proc = subprocess.run([str(script), "train", str(bad)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"omnigrpo: {bad}:3:3: key 'steps' is given twice (first on line 2)"]
