@@ -24,12 +24,13 @@ bench: $(STAMP)
 	.venv/bin/omnigrpo bench configs/shapes.yaml --steps 50 --out runs/bench/shapes.json
 
 test: $(STAMP)
-	.venv/bin/ruff check omnigrpo tests bench
+	.venv/bin/ruff check omnigrpo tests
+	.venv/bin/lint-imports
 	$(PY) -m pytest -q --durations=10
 
 lint: $(STAMP)
-	.venv/bin/ruff check omnigrpo tests bench
-	.venv/bin/ruff format --check omnigrpo tests bench
+	.venv/bin/ruff check omnigrpo tests
+	.venv/bin/lint-imports
 
 clean:
 	rm -rf .venv runs .pytest_cache .ruff_cache

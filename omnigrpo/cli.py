@@ -9,6 +9,7 @@ This is the top of the package: it may import every layer, and none imports it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -204,10 +205,16 @@ def cmd_curves(cfg: Config, args: argparse.Namespace) -> int:
     from omnigrpo.app.tracking import latest_run_id, plot_curves
 
     keys = [k.strip() for k in args.keys.split(",") if k.strip()]
+    from mlflow.exceptions import MlflowException
+
     try:
         print(plot_curves(cfg, args.run_id or latest_run_id(cfg), keys, args.out))
-    except (KeyError, FileNotFoundError) as err:  # a metric the run never logged, or no run at all
-        raise ConfigError(f"--keys: {err.args[0]}" if isinstance(err, KeyError) else str(err)) from None
+    except KeyError as err:  # a metric the run never logged
+        raise ConfigError(f"--keys: {err.args[0]}") from None
+    except FileNotFoundError as err:  # no training run in the store
+        raise ConfigError(str(err)) from None
+    except MlflowException as err:  # e.g. a --run-id the store does not hold
+        raise ConfigError(f"--run-id {args.run_id!r}: {err.message.splitlines()[0]}") from None
     return 0
 
 
@@ -220,28 +227,44 @@ def cmd_submit(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def job_errors(args: argparse.Namespace):
+    """An unknown job id or an unreachable dashboard becomes an ``omnigrpo:`` error naming both."""
+    try:
+        yield
+    except (RuntimeError, ConnectionError, OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"job {args.job_id!r} at {_address(args)}: {first}") from None
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from omnigrpo.cluster import jobs
 
-    print(jobs.status(_address(args), args.job_id))
+    with job_errors(args):
+        print(jobs.status(_address(args), args.job_id))
     return 0
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
     from omnigrpo.cluster import jobs
 
-    if args.follow:
-        for chunk in jobs.follow(_address(args), args.job_id):
-            print(chunk, end="", flush=True)
-    else:
-        print(jobs.logs(_address(args), args.job_id), end="")
+    with job_errors(args):
+        if not args.follow:
+            print(jobs.logs(_address(args), args.job_id), end="")
+            return 0
+        try:
+            for chunk in jobs.follow(_address(args), args.job_id):
+                print(chunk, end="", flush=True)
+        except KeyboardInterrupt:  # the job goes on; only the following stops
+            return 130
     return 0
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
     from omnigrpo.cluster import jobs
 
-    print("stop requested" if jobs.stop(_address(args), args.job_id) else "job had already finished")
+    with job_errors(args):
+        print("stop requested" if jobs.stop(_address(args), args.job_id) else "job had already finished")
     return 0
 
 

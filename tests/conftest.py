@@ -55,6 +55,18 @@ def sft_path(cache_dir) -> Path:
     return sft_checkpoint(cfg, threads=2)
 
 
+PLUGINS = Path(__file__).parent / "plugins"
+
+
+@pytest.fixture
+def plugins(monkeypatch) -> Path:
+    """``tests/plugins`` on the import path of this process and of the Ray workers it starts, so tests name the
+    reward modules there as ``module:attr``."""
+    monkeypatch.syspath_prepend(str(PLUGINS))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(PLUGINS), os.environ.get("PYTHONPATH")])))
+    return PLUGINS
+
+
 TINY_CLIP = {
     "embed_dim": 32,
     "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},

@@ -12,6 +12,7 @@ is a :class:`~omnigrpo.config.loader.ConfigError` naming the key, file or line; 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +21,8 @@ import numpy as np
 from omnigrpo.config.loader import ConfigError
 from omnigrpo.config.schema import Config
 from omnigrpo.data.prompts import PromptFileError, load_prompts
-from omnigrpo.rewards.protocol import call_reward
-from omnigrpo.rewards.registry import RewardArgumentError, RewardNotFound, build_reward
+from omnigrpo.rewards.protocol import call_reward, is_reward_function
+from omnigrpo.rewards.registry import RewardArgumentError, RewardNotFound, build_reward, check_arguments, resolve_reward
 from omnigrpo.rewards.worker import applies_to
 from omnigrpo.rollout.loader import CheckpointError, check_checkpoint, family_class
 from omnigrpo.worlds import registry as worlds
@@ -67,12 +68,24 @@ def image_shape(cfg: Config) -> tuple[int, int]:
     """(height, width) of the images the rewards will see, from config files only (no weights)."""
     shape = worlds.get(cfg.world.name).IMAGE_SHAPE
     if cfg.model.path:
-        shape = family_class(cfg.model.family).pixels(cfg.model.path, tuple(cfg.model.image_grid) or None)
+        with unreadable("model.path", cfg.model.path):
+            shape = family_class(cfg.model.family).pixels(cfg.model.path, tuple(cfg.model.image_grid) or None)
     if cfg.decoder.path:  # the decoder paints 2 * its VAE's scale px per code, i.e. scales the code map
         from omnigrpo.rollout.families.diffusion import DiffusionDecoder
 
-        shape = DiffusionDecoder.pixels(cfg.decoder.path, (shape[0] // 16, shape[1] // 16))  # xomni: 16 px/code
+        with unreadable("decoder.path", cfg.decoder.path):  # xomni: 16 px per code
+            shape = DiffusionDecoder.pixels(cfg.decoder.path, (shape[0] // 16, shape[1] // 16))
     return shape
+
+
+@contextmanager
+def unreadable(key: str, path: str):
+    """A checkpoint whose config files are missing or malformed becomes a ConfigError naming ``key``."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{key}: cannot read the checkpoint's configuration in {path!r} "
+                          f"({type(err).__name__}: {err})") from None
 
 
 def check_rewards(cfg: Config, prompts: list[str], metadata: list[dict]) -> None:
@@ -93,6 +106,18 @@ def check_rewards(cfg: Config, prompts: list[str], metadata: list[dict]) -> None
                               f"{type(err).__name__}: {err}") from None
         if count != 2:
             raise ConfigError(f"{key}: reward {spec.name!r} returned {count} scores for 2 images in its dry run")
+
+
+def check_reward(name: str, kwargs: dict, key: str) -> None:
+    """The reward resolves and takes ``kwargs``, checked without building it (no judge is loaded)."""
+    try:
+        obj = resolve_reward(name)
+        if callable(obj):
+            check_arguments(name, obj, kwargs, skip=3 if is_reward_function(obj) else 0)
+    except RewardArgumentError as err:
+        raise ConfigError(f"{key}.kwargs: {err}") from None
+    except RewardNotFound as err:
+        raise ConfigError(f"{key}.name: {err}") from None
 
 
 def build_checked(name: str, kwargs: dict, key: str):
@@ -131,22 +156,25 @@ def check_eval(cfg: Config, checkpoint: str, prompts_source: str) -> tuple[Path,
     path = Path(checkpoint).expanduser().resolve()
     if not path.is_dir():
         raise ConfigError(f"--checkpoint: {checkpoint!r} is not a directory")
+    if prompts_source:
+        prompts, metadata = check_prompts(prompts_source, "--prompts")
+    else:
+        prompts, metadata = worlds.held_out_prompts(cfg.world.name)
     if cfg.model.family == "builtin":
         saved = path / "policy.json"
-        world = json.loads(saved.read_text()).get("world") if saved.exists() else None
-        if world is not None and world != cfg.world.name:
+        if not saved.exists():
+            raise ConfigError(f"--checkpoint: {path} is not a built-in world policy (no policy.json); for another "
+                              "family set model.family")
+        world = json.loads(saved.read_text()).get("world")
+        if world != cfg.world.name:
             raise ConfigError(f"world.name: checkpoint {path} was trained on world {world!r}, but world.name is "
                               f"{cfg.world.name!r}")
     try:
         check_checkpoint(cfg.model.family, str(path), cfg.model.image_codes or None)
     except CheckpointError as err:
         raise ConfigError(f"--checkpoint: {err}") from None
-    if prompts_source:
-        prompts, metadata = check_prompts(prompts_source, "--prompts")
-    else:
-        prompts, metadata = worlds.held_out_prompts(cfg.world.name)
-    for i, spec in enumerate(cfg.rewards):
-        build_checked(spec.name, spec.kwargs, f"rewards.{i}")
+    for i, spec in enumerate(cfg.rewards):  # found, with arguments it takes (the evaluator builds them once)
+        check_reward(spec.name, spec.kwargs, f"rewards.{i}")
     return path, prompts, metadata
 
 

@@ -210,9 +210,18 @@ def _redact(data: object) -> object:
     return data
 
 
+def existing_store(cfg: Config) -> str:
+    """The config's tracking URI, refusing (FileNotFoundError) a run directory that holds no MLflow store yet
+    (reading would create an empty one)."""
+    db = Path(cfg.run.dir).resolve() / "mlflow.db"
+    if not cfg.tracking.uri and not db.exists():
+        raise FileNotFoundError(f"run.dir: no MLflow store at {db} (has a run written there yet?)")
+    return store_uri(cfg)
+
+
 def latest_run_id(cfg: Config) -> str:
     """The newest run of ``tracking.experiment`` in the config's store; raises if there is none."""
-    client = MlflowClient(tracking_uri=store_uri(cfg))
+    client = MlflowClient(tracking_uri=existing_store(cfg))
     exp = client.get_experiment_by_name(cfg.tracking.experiment)
     runs = client.search_runs([exp.experiment_id], filter_string="attributes.run_name != ''",
                               order_by=["attributes.start_time DESC"], max_results=50) if exp else []
@@ -230,7 +239,7 @@ def plot_curves(cfg: Config, run_id: str, keys: list[str], out: str | Path) -> P
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    client = MlflowClient(tracking_uri=store_uri(cfg))
+    client = MlflowClient(tracking_uri=existing_store(cfg))
     run = client.get_run(run_id)
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):

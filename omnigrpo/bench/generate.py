@@ -18,7 +18,7 @@ temperature and top-k as :func:`omnigrpo.rollout.sampler.sample_images`:
 
 HF's CFG processor positions the unconditional branch ignoring padding, so benchmarks feed prompts of
 equal length (the shapes world's prompts all are). Needs only torch and transformers, so the GPU
-benchmark script (``bench/gpu.py``) uses it too.
+benchmark (``python -m omnigrpo.bench.gpu``) uses it too.
 """
 
 from __future__ import annotations

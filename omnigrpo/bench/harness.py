@@ -45,6 +45,8 @@ from omnigrpo.worlds import registry as worlds
 from omnigrpo.worlds.world import prompts_of
 
 log = logging.getLogger(__name__)
+PARTS = ("rollout", "trl", "sync", "rewards")
+"""The benchmark's parts, in the order they run when all are asked for."""
 GUIDED_SCALE = 3.0  # the guided rollout row uses this scale when the config samples without guidance
 
 
@@ -243,9 +245,9 @@ def table(results: dict) -> str:
 
 def run_bench(cfg: Config, parts: list[str], steps: int = 20, repeats: int = 3, out: str = "") -> dict:
     """Run the named parts (``rollout``, ``trl``, ``sync``, ``rewards``), print tables, write JSON."""
-    unknown = sorted(set(parts) - {"rollout", "trl", "sync", "rewards"})
+    unknown = sorted(set(parts) - set(PARTS))
     if unknown:
-        raise ValueError(f"unknown bench part(s) {unknown}; choose from rollout, trl, sync, rewards")
+        raise ValueError(f"unknown bench part(s) {unknown}; choose from {', '.join(PARTS)}")
     use_threads(cfg.cluster.torch_threads)
     trained = {"rollout", "trl"} & set(parts)  # sync and rewards need no trained policy
     model_path = cfg.model.path or (str(sft_checkpoint(cfg, cfg.cluster.torch_threads or None)) if trained else "")

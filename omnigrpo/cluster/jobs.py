@@ -20,7 +20,7 @@ import asyncio
 import shlex
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import yaml
@@ -68,18 +68,28 @@ def logs(address: str, job_id: str) -> str:
 
 def follow(address: str, job_id: str) -> Iterator[str]:
     """The job's output as it is written, from the start, until the job ends (Ray's asynchronous log tail,
-    driven one chunk at a time)."""
+    driven one chunk at a time; an interrupt cancels the pending read and closes the tail cleanly)."""
     loop = asyncio.new_event_loop()
     chunks = _client(address).tail_job_logs(job_id)
     try:
         while True:
+            pending = loop.create_task(_next(chunks))
             try:
-                yield loop.run_until_complete(anext(chunks))
+                yield loop.run_until_complete(pending)
             except StopAsyncIteration:
                 return
+            except BaseException:
+                pending.cancel()
+                loop.run_until_complete(asyncio.gather(pending, return_exceptions=True))
+                raise
     finally:
         loop.run_until_complete(chunks.aclose())
+        loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
+
+
+async def _next(chunks: AsyncIterator[str]) -> str:
+    return await anext(chunks)
 
 
 def stop(address: str, job_id: str) -> bool:

@@ -34,14 +34,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *anchor`` merges, it does not repeat a key
+                continue
             key = self.construct_object(key_node, deep=deep)
             try:
-                first = seen.setdefault(key, key_node.start_mark.line)
+                if key in seen:
+                    raise DuplicateKey(None, None, f"key {key!r} is given twice (first on line {seen[key] + 1})",
+                                       key_node.start_mark)
+                seen[key] = key_node.start_mark.line
             except TypeError:  # an unhashable key: the base class says so
                 continue
-            if first != key_node.start_mark.line:
-                raise DuplicateKey(None, None, f"key {key!r} is given twice (first on line {first + 1})",
-                                   key_node.start_mark)
         return super().construct_mapping(node, deep)
 
 
@@ -53,7 +55,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raw, lines = read_yaml(Path(path))
     for item in overrides:
         parts = _apply_override(raw, item)
-        lines = {k: v for k, v in lines.items() if k[:len(parts)] != parts}  # the file no longer sets these
+        # the file no longer decides this key, its contents or (for errors about it) its section's line
+        lines = {k: v for k, v in lines.items() if k[:len(parts)] != parts and parts[:len(k)] != k}
     return config_from_dict(raw, lines, str(path))
 
 

@@ -52,7 +52,7 @@ class DataConfig:
 @dataclass(frozen=True, config=_STRICT)
 class ModelConfig:
     family: Literal["builtin", "janus", "emu3", "xomni"] = "builtin"
-    """Policy family (``omnigrpo.rollout.policy.FAMILIES``): ``builtin`` (the built-in Qwen2 policy over
+    """Policy family (``omnigrpo.rollout.loader.FAMILIES``): ``builtin`` (the built-in Qwen2 policy over
     the world's patch codes), ``janus`` (Janus-Pro, transformers' ``JanusForConditionalGeneration``),
     ``emu3`` (``Emu3ForConditionalGeneration``), ``xomni`` (X-Omni, our implementation of its architecture)."""
     path: str = ""

@@ -10,7 +10,12 @@ before any worker starts, when a reward cannot be found. A reward name resolves,
 The resolved object is either a *reward function* ``(images, prompts, metadata) -> list[float | None]``
 (recognised by a first parameter named ``images``; config kwargs are bound as keywords) or a
 *factory* called once with the config kwargs that returns such a function (a class counts as a
-factory). ``async def`` reward functions are allowed.
+factory). ``async def`` reward functions are allowed. Config kwargs are checked against the reward's
+signature before it is built.
+
+The built-in judges are imported by name (``_BUILTIN_MODULES``) when a name is first resolved, not when
+this module is (they pull in open_clip, onnxruntime, requests); this and ``omnigrpo.rollout.loader`` are
+the only places that import omnigrpo modules by name (``docs/design.md``).
 """
 
 from __future__ import annotations

@@ -14,9 +14,6 @@ It applies to any decoder layer with the Llama attribute layout (``input_layerno
 built-in policy and X-Omni, Janus-Pro's Llama and Emu3. The learner never uses this path: it scores
 with the model's ordinary HF forward, and a test holds the two equal to 1e-5 in fp32 for every family,
 which is what keeps this re-implementation honest.
-
-``torch.compile`` of a layer gave nothing on CPU (BENCHMARKS.md); on GPU, CUDA graphs over
-:func:`forward_layers` are the next step, not built yet.
 """
 
 from __future__ import annotations

@@ -71,6 +71,9 @@ def check_checkpoint(family: str, path: str, num_codes: int | None = None) -> No
     looks_local = path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") != 1
     if looks_local and not Path(path).expanduser().exists():
         raise CheckpointError(f"model.path: {path!r} does not exist (and is not a hub id 'org/name')")
+    if looks_local and not (Path(path).expanduser() / "config.json").is_file():
+        raise CheckpointError(f"model.path: {path!r} holds no checkpoint (no config.json; a save_pretrained "
+                              "directory is expected)")
     if not looks_local:
         _check_hub_id(path)
     checker = getattr(cls, "image_vocabulary", None)

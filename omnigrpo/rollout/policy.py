@@ -1,4 +1,4 @@
-"""The one policy interface rollout and learner share, and the registry of model families behind it.
+"""The one policy interface rollout and learner share; every model family implements it.
 
 Why: Janus-Pro, Emu3, X-Omni and the built-in world policy disagree on almost everything a GRPO
 loop touches: how the generation prompt is written, where image codes live (text vocabulary,
@@ -14,8 +14,7 @@ care. So a family supplies two things:
   ``[..., K]`` (image mode = only image codes have logits), the full-sequence hidden states the
   learner back-propagates through, and the static-cache fast path the sampler uses.
 
-``model.family`` picks the family; :func:`load_policy` loads it; :func:`check_checkpoint` refuses a
-missing path or a checkpoint whose image vocabulary does not match, before any cluster starts.
+``model.family`` picks the family, which ``omnigrpo.rollout.loader`` imports by name and loads.
 """
 
 from __future__ import annotations
@@ -193,10 +192,6 @@ class ImagePolicy(ABC):
     def decode(self, codes: torch.Tensor) -> np.ndarray:
         """codes ``[B, T]`` -> uint8 images ``[B, H, W, 3]`` (the family's VQ decoder)."""
 
-    def code_embeddings(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes ``[B, T]`` -> the tokenizer's codebook vectors ``[B, T, C]`` (a diffusion decoder's
-        condition); families without a learned codebook raise."""
-        raise NotImplementedError(f"family {self.family!r} has no codebook embeddings for a diffusion decoder")
 
 
 class GridPolicy(ImagePolicy):
@@ -231,6 +226,17 @@ class GridPolicy(ImagePolicy):
         u_ids = torch.nn.functional.pad(plain["input_ids"], (pad, 0), value=self.pad_id)
         u_mask = torch.nn.functional.pad(plain["attention_mask"], (pad, 0), value=0)
         return PromptBatch(cond["input_ids"], u_ids, cond["attention_mask"], self.pad_id, u_mask)
+
+
+def to_uint8(pixels: torch.Tensor, channels_first: bool = True) -> np.ndarray:
+    """A decoder's output in ``[-1, 1]`` (``[B, 3, H, W]``, or ``[B, H, W, 3]`` if not ``channels_first``) ->
+    uint8 images ``[B, H, W, 3]``.
+
+    >>> to_uint8(torch.tensor([[[[-1.0]], [[0.0]], [[1.0]]]])).tolist()
+    [[[[0, 128, 255]]]]
+    """
+    images = ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return (images.permute(0, 2, 3, 1) if channels_first else images).cpu().numpy()
 
 
 def head_rows(linear: torch.nn.Linear, hidden: torch.Tensor, lo: int, hi: int) -> torch.Tensor:

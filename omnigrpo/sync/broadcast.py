@@ -3,8 +3,8 @@
 Why: after every update the rollout actors need the new weights. Through Ray's object store each
 reader deserialises its own copy of the whole state dict; a collective broadcast streams the bytes
 once per hop instead. Ray's own collective groups take over a process's *default* torch.distributed
-group, which the learner's DeepSpeed group already owns (a second group that way hangs, see
-``shared/ENVIRONMENT.md``), so this group is built directly: a ``ProcessGroupGloo`` over its own
+group, which the learner's DeepSpeed group already owns (a second group that way hangs), so this group
+is built directly: a ``ProcessGroupGloo`` over its own
 ``FileStore``, with gloo's sockets bound to ``host`` (loopback by default), separate from every
 default group.
 

@@ -74,12 +74,11 @@ class Learner:
         self.params = SamplingParams.of(cfg.rollout)
 
     def setup(self, extensions_dir: str | None = None, threads: int | None = None, resume: bool = False) -> int:
-        """Load policy and reference, join the process group, build the DeepSpeed engine.
+        """Load policy and reference, join the process group, build the DeepSpeed engine; with ``resume``,
+        continue the checkpoint at ``model_path`` (optimiser state, shuffle generator, weight version).
 
         The group meets at ``rendezvous``; by default a ``file://`` store in a fresh temporary folder,
-        which opens no listening socket (torch's TCP store listens on every interface). With ``resume``,
-        ``model_path`` is a checkpoint of :meth:`save_checkpoint`: optimiser state, sampling generator
-        and weight version continue from it."""
+        which opens no listening socket (torch's TCP store listens on every interface)."""
         gpu = torch.cuda.is_available()  # a GPU Ray assigned this actor (cluster.learner_gpus): NCCL
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if gpu else "cpu")
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's own sockets stay on loopback
@@ -92,11 +91,33 @@ class Learner:
         use_threads(threads)
         init_seed, shuffle_seed = learner_seeds(self.cfg.run.seed, self.rank)
         torch.manual_seed(init_seed)
-        family, grid = self.cfg.model.family, tuple(self.cfg.model.image_grid) or None
+        model = self._load_models(resume)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        tr = self.cfg.trainer
+        optimizer = torch.optim.AdamW(trainable, lr=tr.lr, weight_decay=tr.weight_decay)
+        ds_config = deepspeed_config(self.cfg, self.world_size)
+        if gpu:
+            torch.cuda.set_device(0)  # Ray's CUDA_VISIBLE_DEVICES leaves this actor its own GPU as device 0
+            model.to("cuda")
+            self.reference.to("cuda")
+        rendezvous = self.rendezvous or (Path(tempfile.mkdtemp(prefix="omnigrpo-pg-")) / "store").as_uri()
+        deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", init_method=rendezvous, rank=self.rank,
+                                   world_size=self.world_size, auto_mpi_discovery=False)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        # scores through the engine's (ZeRO-managed) module, inside the LoRA wrapper if any
+        self.lm = self.policy.lm(adapter.base(self.engine.module))
+        self.generator = torch.Generator().manual_seed(shuffle_seed)  # same shuffle on every rank
+        if resume:
+            self._resume()
+        return self.version
+
+    def _load_models(self, resume: bool) -> torch.nn.Module:
+        """The policy (made trainable: dropout off, checkpointing, LoRA) and the frozen reference; returns the
+        module DeepSpeed wraps."""
+        family, grid, dtype = self.cfg.model.family, tuple(self.cfg.model.image_grid) or None, self.cfg.model.dtype
         tr = self.cfg.trainer
         # LoRA resume: the checkpoint's weights are merged; start from the plain base and let DeepSpeed
         # restore base and adapters (loading the merged ones would apply the adapters twice)
-        dtype = self.cfg.model.dtype
         self.policy = load_policy(family, self.reference_path if resume and tr.lora_rank else self.model_path, grid,
                                   dtype)
         reference = self.policy if self.reference_path == self.model_path else load_policy(
@@ -104,47 +125,21 @@ class Learner:
         self.reference = copy.deepcopy(reference.model).eval().requires_grad_(False)
         # every dropout off (Emu3 ships attention_dropout 0.1): the learner's log-probs must be the
         # distribution the rollout sampled from. Eval mode, except for gradient checkpointing, which needs
-        # train mode (measured: train mode costs the tiny shapes learner ~40 % per step on CPU)
+        # train mode (train mode costs the tiny shapes learner ~40 % per step on CPU)
         model = disable_dropout(self.policy.model.train(tr.gradient_checkpointing))
         if tr.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if tr.lora_rank:  # the reference above stays the plain starting policy
             model = adapter.wrap(model, self.policy.lm().body, tr.lora_rank, tr.lora_alpha, tr.lora_targets)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=tr.lr, weight_decay=tr.weight_decay)
-        mini = self.cfg.batch_size // tr.mini_batches // self.world_size
-        self.grad_accum = mini // tr.micro_batch_size
-        rendezvous = self.rendezvous or (Path(tempfile.mkdtemp(prefix="omnigrpo-pg-")) / "store").as_uri()
-        if gpu:
-            torch.cuda.set_device(0)  # Ray's CUDA_VISIBLE_DEVICES leaves this actor its own GPU as device 0
-            model.to("cuda")
-            self.reference.to("cuda")
-        deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo",
-                                   init_method=rendezvous, rank=self.rank, world_size=self.world_size,
-                                   auto_mpi_discovery=False)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model,
-            optimizer=optimizer,
-            config={
-                "train_micro_batch_size_per_gpu": tr.micro_batch_size,
-                "gradient_accumulation_steps": self.grad_accum,
-                "gradient_clipping": tr.max_grad_norm,
-                "zero_optimization": {"stage": tr.zero_stage},
-                "zero_allow_untested_optimizer": True,
-                "bf16": {"enabled": dtype == "bfloat16"},
-                "steps_per_print": 10**9,
-            },
-        )
-        # scores through the engine's (ZeRO-managed) module, inside the LoRA wrapper if any
-        self.lm = self.policy.lm(adapter.base(self.engine.module))
-        self.generator = torch.Generator().manual_seed(shuffle_seed)  # same shuffle on every rank
-        if resume:
-            self.engine.load_checkpoint(str(Path(self.model_path) / "optimizer"), tag="state",
-                                        load_module_strict=True, load_optimizer_states=True)
-            state = torch.load(Path(self.model_path) / "learner_state.pt", weights_only=True)
-            self.generator.set_state(state["generator"])
-            self.version = int(state["version"])
-        return self.version
+        return model
+
+    def _resume(self) -> None:
+        """Optimiser state (every rank's shard), shuffle generator and weight version of the checkpoint."""
+        self.engine.load_checkpoint(str(Path(self.model_path) / "optimizer"), tag="state", load_module_strict=True,
+                                    load_optimizer_states=True)
+        state = torch.load(Path(self.model_path) / "learner_state.pt", weights_only=True)
+        self.generator.set_state(state["generator"])
+        self.version = int(state["version"])
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
         """One GRPO update on this rank's share of ``batch``; returns partial sums for :func:`merge_metrics`."""
@@ -276,6 +271,28 @@ class Learner:
         # a crash inside train_step leaves weights part-way through an update: say so in the checkpoint
         info = {"version": self.version, "partial_update": self.in_update, "learners": self.world_size}
         return str(write_checkpoint(root, step, save, self.cfg.trainer.keep_last, info, name=name, staging=staging))
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """The DeepSpeed config of a learner rank (one of ``world_size``): micro-batches accumulate to the rank's
+    share of a mini-batch.
+
+    >>> from omnigrpo.config.loader import load_config
+    >>> ds = deepspeed_config(load_config(None, ["trainer.mini_batches=2", "trainer.micro_batch_size=8"]), 2)
+    >>> ds["gradient_accumulation_steps"], ds["zero_optimization"], ds["bf16"]
+    (2, {'stage': 2}, {'enabled': False})
+    """
+    tr = cfg.trainer
+    mini = cfg.batch_size // tr.mini_batches // world_size
+    return {
+        "train_micro_batch_size_per_gpu": tr.micro_batch_size,
+        "gradient_accumulation_steps": mini // tr.micro_batch_size,
+        "gradient_clipping": tr.max_grad_norm,
+        "zero_optimization": {"stage": tr.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+        "steps_per_print": 10**9,
+    }
 
 
 def merge_metrics(parts: list[dict[str, float]]) -> dict[str, float]:

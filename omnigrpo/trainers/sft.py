@@ -31,6 +31,7 @@ from omnigrpo.rollout.families.builtin import WorldPolicy
 from omnigrpo.rollout.families.codebook import PatchCodebook
 from omnigrpo.rollout.sampler import SamplingParams, sequence_logprobs
 from omnigrpo.worlds import registry as worlds
+from omnigrpo.worlds import world as world_module
 
 log = logging.getLogger(__name__)
 _SFT_FORMAT = 2  # bump when the SFT procedure changes, so stale caches are not reused
@@ -47,8 +48,9 @@ def sft_key(cfg: Config) -> str:
         "format": _SFT_FORMAT,
         "seed": cfg.run.seed,
         "world": repr(cfg.world),
-        # the world's code draws the SFT data: a change to it must not reuse a stale checkpoint
-        "world_code": hashlib.sha256(Path(worlds.get(cfg.world.name).__file__).read_bytes()).hexdigest(),
+        # the world's code (and the drawing it shares) makes the SFT data: a change must not reuse a stale checkpoint
+        "world_code": hashlib.sha256(b"".join(Path(m.__file__).read_bytes()
+                                              for m in (world_module, worlds.get(cfg.world.name)))).hexdigest(),
         "model": repr(cfg.model),
         "sft": repr(cfg.sft),
     }

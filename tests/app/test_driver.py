@@ -13,14 +13,6 @@ from omnigrpo.app.driver import train
 from omnigrpo.app.tracking import store_uri
 from omnigrpo.rollout.families.builtin import WorldPolicy
 
-FLAKY = '''
-import math
-
-def first_is_nan(images, prompts, metadata):
-    """A judge that fails on the first sample of every batch."""
-    return [math.nan] + [0.5] * (len(images) - 1)
-'''
-
 STEP_METRICS = [
     "reward/shapes/mean", "reward/shapes/std", "reward/flaky_judge:first_is_nan/mean", "reward/total/mean",
     "reward/failed", "grpo/zero_std_frac", "kl", "entropy", "clip_frac", "grad_norm", "lr",
@@ -28,10 +20,7 @@ STEP_METRICS = [
 ]
 
 
-def test_a_short_run_trains_syncs_and_logs(tiny_config, sft_path, tmp_path, monkeypatch):
-    (tmp_path / "flaky_judge.py").write_text(FLAKY)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # Ray workers import the plugin too
+def test_a_short_run_trains_syncs_and_logs(tiny_config, sft_path, plugins):
     cfg = tiny_config("trainer.steps=3", "eval.every=2", "trainer.lr=1e-3", "tracking.image_every=2",
                       "rewards=[{name: shapes}, {name: 'flaky_judge:first_is_nan', weight: 0.5}]")
     summary = train(cfg)
@@ -63,9 +52,7 @@ def test_a_short_run_trains_syncs_and_logs(tiny_config, sft_path, tmp_path, monk
     assert Path(summary["checkpoint"]) == Path(cfg.run.dir).resolve() / "checkpoints" / run.info.run_id / "step-000003"
 
 
-def test_a_reward_that_fails_its_dry_run_stops_the_run_before_ray(tiny_config, tmp_path, monkeypatch):
-    (tmp_path / "broken_judge.py").write_text("def score(images, prompts, metadata):\n    return [1.0]\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+def test_a_reward_that_fails_its_dry_run_stops_the_run_before_ray(tiny_config, plugins):
     cfg = tiny_config("rewards=[{name: 'broken_judge:score'}]")
     with pytest.raises(Exception, match="returned 1 scores for 2 images"):
         train(cfg)
@@ -73,27 +60,11 @@ def test_a_reward_that_fails_its_dry_run_stops_the_run_before_ray(tiny_config, t
     assert not Path(cfg.run.dir).exists()
 
 
-DIES = '''
-import os
-
-CALLS = {"n": 0}
-
-def dies_on_second_batch(images, prompts, metadata):
-    """Kills its own process (the reward actor) on its second call inside Ray."""
-    if os.environ.get("OMNIGRPO_TEST_IN_RAY") and os.getpid() != int(os.environ["OMNIGRPO_TEST_DRIVER_PID"]):
-        CALLS["n"] += 1
-        if CALLS["n"] == 3:  # call 1: step-0 evaluation, call 2: step 1, call 3: step 2
-            os._exit(1)
-    return [0.5] * len(images)
-'''
 
 
-def test_a_crash_leaves_a_checkpoint_and_a_failed_run(tiny_config, sft_path, tmp_path, monkeypatch):
+def test_a_crash_leaves_a_checkpoint_and_a_failed_run(tiny_config, sft_path, plugins, monkeypatch):
     import os
 
-    (tmp_path / "dying_judge.py").write_text(DIES)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     monkeypatch.setenv("OMNIGRPO_TEST_IN_RAY", "1")
     monkeypatch.setenv("OMNIGRPO_TEST_DRIVER_PID", str(os.getpid()))
     cfg = tiny_config("trainer.steps=4", "eval.every=0", "cluster.max_restarts=0",

@@ -6,11 +6,11 @@ from pathlib import Path
 import ray
 from mlflow.tracking import MlflowClient
 
-from omnigrpo.worlds.world import prompts_of
 from omnigrpo.app.driver import train
 from omnigrpo.app.tracking import store_uri
 from omnigrpo.cluster import actors
 from omnigrpo.worlds import shapes
+from omnigrpo.worlds.world import prompts_of
 
 ROOT = Path(__file__).parents[2]
 

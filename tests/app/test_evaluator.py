@@ -53,10 +53,9 @@ def test_bad_checkpoint_or_world_fails_clearly(tiny_config, sft_path, tmp_path, 
         evaluate_checkpoint(tiny_config("world.name=glyphs", "data.prompts=glyphs"), str(sft_path), samples=1)
 
 
-def test_eval_of_a_family_checkpoint_on_a_prompt_file(tiny_config, tmp_path, monkeypatch):
+def test_eval_of_a_family_checkpoint_on_a_prompt_file(tiny_config, tmp_path, plugins):
     from omnigrpo.rollout.families import tiny
 
-    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "plugins"))  # sized_reward.py
     path = tiny.build("emu3", tmp_path / "emu3")
     prompts = tmp_path / "p.txt"
     prompts.write_text('a cat\na sign that says "OPEN"\n')

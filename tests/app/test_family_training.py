@@ -1,7 +1,6 @@
 """A full GRPO step per model family on a real local Ray cluster with a DeepSpeed learner: tiny random
 Janus-Pro / Emu3 / X-Omni checkpoints loaded through ``model.path``."""
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,20 +11,16 @@ from omnigrpo.app.tracking import store_uri
 from omnigrpo.rollout.families import tiny
 from omnigrpo.rollout.loader import family_class, load_policy
 
-HERE = Path(__file__).parents[1] / "plugins"  # sized_reward.py
-
 
 # each family also exercises one learner option: plain, gradient checkpointing, LoRA
 @pytest.mark.parametrize(("family", "option"), [("janus", "trainer.zero_stage=2"),
                                                 ("emu3", "trainer.gradient_checkpointing=true"),
                                                 ("xomni", "trainer.lora_rank=4")])
-def test_one_grpo_step_per_family(tiny_config, tmp_path, monkeypatch, family, option):
+def test_one_grpo_step_per_family(tiny_config, tmp_path, plugins, family, option):
     start = tiny.build(family, tmp_path / "start")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle at the top left\na cat\na blue square\na dog in the middle\n")
     height, width = family_class(family).pixels(start)
-    monkeypatch.syspath_prepend(str(HERE))
-    monkeypatch.setenv("PYTHONPATH", str(HERE))
     cfg = tiny_config(f"model.family={family}", f"model.path={start}", f"data.prompts={prompts}",
                       "eval.held_out=false", "trainer.steps=1", "trainer.lr=1e-2", "rollout.cfg_scale=2.0", option,
                       f"rewards=[{{name: 'sized_reward:SizedSaturation', kwargs: {{height: {height}, "
@@ -41,14 +36,12 @@ def test_one_grpo_step_per_family(tiny_config, tmp_path, monkeypatch, family, op
     assert changed, "no parameter moved"
 
 
-def test_xomni_with_a_diffusion_decoder_pool(tiny_config, tmp_path, monkeypatch):
+def test_xomni_with_a_diffusion_decoder_pool(tiny_config, tmp_path, plugins):
     """Rollout returns codes only; a pool of decoder actors paints them; the rewards get the pool's images."""
     start = tiny.build("xomni", tmp_path / "start")
     decoder = tiny.diffusion_decoder(tmp_path / "decoder")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na cat\n")
-    monkeypatch.syspath_prepend(str(HERE))
-    monkeypatch.setenv("PYTHONPATH", str(HERE))
     # 8 x 8 codes, 2x2 latent patches of a 2x VAE: 32 px (the code map alone would be 128 px)
     cfg = tiny_config("model.family=xomni", f"model.path={start}", f"data.prompts={prompts}", "eval.held_out=false",
                       "trainer.steps=1", "trainer.lr=1e-2", f"decoder.path={decoder}", "decoder.steps=2",

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import ray
+from mlflow.tracking import MlflowClient
 
 from omnigrpo.cli import main
 from omnigrpo.rollout.families import tiny
@@ -40,11 +41,18 @@ def test_reward_arguments_are_checked_against_the_signature(rewards, needle, tmp
 
 def test_a_checkpoint_with_another_image_vocabulary_is_refused(tmp_path, capsys):
     path = tiny.build("janus", tmp_path / "janus")
+    capsys.readouterr()  # transformers' save progress
     _refused(["train", SHAPES, "model.family=janus", f"model.path={path}", "model.image_codes=7",
               f"run.dir={tmp_path / 'run'}"], capsys, "model.image_codes: is 7, but the checkpoint")
+    (tmp_path / "empty").mkdir()
+    _refused(["train", SHAPES, "model.family=janus", f"model.path={tmp_path / 'empty'}",
+              f"run.dir={tmp_path / 'run'}"], capsys, "model.path:", "holds no checkpoint (no config.json")
     (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{}")
     _refused(["train", SHAPES, "model.family=janus", f"model.path={tmp_path / 'broken'}", "model.image_codes=7",
               f"run.dir={tmp_path / 'run'}"], capsys, "model.path: cannot read the image vocabulary")
+    _refused(["train", SHAPES, "model.family=janus", f"model.path={tmp_path / 'broken'}",
+              f"run.dir={tmp_path / 'run'}"], capsys, "model.path: cannot read the checkpoint's configuration")
     _refused(["train", SHAPES, "model.family=janus", f"model.path={tmp_path / 'missing'}",
               f"run.dir={tmp_path / 'run'}"], capsys, "model.path:", "does not exist")
 
@@ -63,7 +71,15 @@ def test_eval_bench_curves_and_tiny_options(tmp_path, capsys):
              capsys, "--prompts: ", "none.txt' is neither a built-in world")
     _refused(["bench", SHAPES, "--parts", "rollout,warp"], capsys, "--parts: unknown part(s) warp")
     _refused(["curves", SHAPES, f"run.dir={tmp_path}", "--out", str(tmp_path / "c.png")], capsys,
+             "run.dir: no MLflow store at")
+    MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()  # an empty store
+    capsys.readouterr()
+    _refused(["curves", SHAPES, f"run.dir={tmp_path}", "--out", str(tmp_path / "c.png")], capsys,
              "no training run of experiment")
+    _refused(["eval", SHAPES, "--checkpoint", str(tmp_path / "ckpt")], capsys, "is not a built-in world policy")
+    _refused(["curves", SHAPES, f"run.dir={tmp_path}", "--run-id", "0" * 32, "--out", str(tmp_path / "c.png")],
+             capsys, "--run-id")
+    _refused(["status", "raysubmit_none", "--address", "http://127.0.0.1:9"], capsys, "job 'raysubmit_none'")
     _refused(["tiny", "dalle", str(tmp_path / "t")], capsys, "dalle")
     _refused(["serve-reward", "shapes", "strict=true"], capsys, "takes no argument 'strict'")
     _refused(["serve-reward", "shapes", "oops"], capsys, "is not key=value")

@@ -7,7 +7,6 @@ import pytest
 import torch
 from trl.trainer.utils import add_fused_lm_head
 
-from omnigrpo.worlds.world import prompts_of
 from omnigrpo.bench.trl import restrict_to_image_codes, run_trl_grpo
 from omnigrpo.config.schema import ModelConfig
 from omnigrpo.rewards.registry import build_reward
@@ -15,6 +14,7 @@ from omnigrpo.rollout.families.builtin import WorldPolicy
 from omnigrpo.rollout.families.codebook import PatchCodebook
 from omnigrpo.rollout.sampler import SamplingParams, sample_images, sequence_logprobs
 from omnigrpo.worlds import shapes
+from omnigrpo.worlds.world import prompts_of
 
 
 @pytest.fixture(scope="module")

@@ -2,11 +2,13 @@
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -28,7 +30,8 @@ def _free_port() -> int:
 
 @pytest.fixture
 def ray_head():
-    """``ray start --head`` on loopback with auth off, as the README's single-machine recipe; yields the
+    """``ray start --head --block`` on loopback with auth off, as the README's single-machine recipe, in a process
+    group of its own (ended by that group's id: ``ray stop`` would end every Ray on the machine); yields the
     dashboard address."""
     # as a user starts a head: with the environment activated, so a job's `python` is this one
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
@@ -36,15 +39,36 @@ def ray_head():
     env.pop("RAY_ADDRESS", None)
     dashboard = _free_port()
     temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # Ray's socket paths must stay short
-    subprocess.run([RAY, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
-                    "--disable-usage-stats", f"--temp-dir={temp}"],
-                   env=env, check=True, capture_output=True, timeout=120)
+    head = subprocess.Popen([RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
+                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
+                             "--disable-usage-stats", f"--temp-dir={temp}"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"http://127.0.0.1:{dashboard}"
     try:
-        yield f"http://127.0.0.1:{dashboard}"
+        _wait_until_up(address, head)
+        yield address
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait(timeout=30)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _wait_until_up(address: str, head: subprocess.Popen, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert head.poll() is None, "ray start --head exited"
+        try:
+            with urllib.request.urlopen(f"{address}/api/version", timeout=5) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"the Ray head at {address} did not come up within {timeout}s")
 
 
 def _wait(address: str, job_id: str, capsys, timeout: float = 420.0) -> str:
@@ -64,11 +88,14 @@ def test_submitted_run_finishes_and_logs_to_mlflow(ray_head, sft_path, cache_dir
                  "trainer.steps=2", "eval.every=0", "tracking.image_every=0"]
     assert main(["submit", str(config), "--address", ray_head, *overrides]) == 0
     job_id = capsys.readouterr().out.strip().splitlines()[-1]
+    assert main(["logs", job_id, "--address", ray_head, "--follow"]) == 0  # streams until the job ends
+    followed = capsys.readouterr().out
     state = _wait(ray_head, job_id, capsys)
     assert main(["logs", job_id, "--address", ray_head]) == 0
     logs = capsys.readouterr().out
     assert state == "SUCCEEDED", logs[-3000:]
     assert "step 2/2" in logs and "final checkpoint" in logs
+    assert "step 2/2" in followed and "final checkpoint" in followed  # the whole output, as it was written
 
     cfg = load_config(config, overrides)
     client = MlflowClient(store_uri(cfg))

@@ -9,40 +9,9 @@ from omnigrpo.config.schema import RewardSpec
 from omnigrpo.rewards.worker import RewardResult, RewardWorker, combine
 from omnigrpo.worlds import shapes
 
-PLUGIN = '''
-import math
-
-def constant(images, prompts, metadata, value=0.5):
-    return [value] * len(images)
-
-def boom(images, prompts, metadata):
-    raise RuntimeError("judge is down")
-
-def short(images, prompts, metadata):
-    return [1.0] * (len(images) - 1)
-
-def nan_first(images, prompts, metadata):
-    return [math.nan] + [1.0] * (len(images) - 1)
-
-def text_only(images, prompts, metadata):
-    return [1.0 if m.get("text") else None for m in metadata]
-
-async def async_half(images, prompts, metadata):
-    return [0.5] * len(images)
-
-class Brightness:
-    """A factory: built once with kwargs, then called per batch."""
-    def __init__(self, scale=1.0):
-        self.scale = scale
-    def __call__(self, images, prompts, metadata):
-        return [self.scale * float(im.mean()) / 255 for im in images]
-'''
-
 
 @pytest.fixture
-def plugin(tmp_path, monkeypatch):
-    (tmp_path / "my_rewards.py").write_text(PLUGIN)
-    monkeypatch.syspath_prepend(str(tmp_path))
+def plugin(plugins):
     return "my_rewards"
 
 

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from omnigrpo.worlds.world import prompts_of
 from omnigrpo.config.schema import RewardSpec
 from omnigrpo.rewards.worker import RewardWorker
 from omnigrpo.rollout.families.builtin import WorldPolicy
@@ -15,17 +14,7 @@ from omnigrpo.rollout.worker import RolloutWorker
 from omnigrpo.trainers.grpo import group_advantages
 from omnigrpo.trainers.learner import Learner, TrainBatch, merge_metrics
 from omnigrpo.worlds import shapes
-
-REDNESS = '''
-from pathlib import Path
-
-import numpy as np
-
-def redness(images, prompts, metadata):
-    """Share of pixels that are the world's red: an easy target, so learning is visible fast."""
-    red = np.array([220, 40, 40])
-    return [float((np.abs(im.astype(int) - red).sum(-1) < 60).mean()) for im in images]
-'''
+from omnigrpo.worlds.world import prompts_of
 
 
 def _workers(cfg, sft_path):
@@ -49,9 +38,7 @@ def _step(learner, rollout, reward, prompts, metadata, group_size):
     return float(np.nanmean(result.total)), metrics, batch.version
 
 
-def test_grpo_raises_the_reward_and_moves_the_weights(tiny_config, sft_path, tmp_path, monkeypatch):
-    (tmp_path / "red_reward.py").write_text(REDNESS)
-    monkeypatch.syspath_prepend(str(tmp_path))
+def test_grpo_raises_the_reward_and_moves_the_weights(tiny_config, sft_path, plugins):
     cfg = tiny_config("trainer.lr=3e-3", "trainer.kl_coef=0.0", "rollout.group_size=8",
                       "rewards=[{name: 'red_reward:redness'}]")
     learner, rollout, reward = _workers(cfg, sft_path)
@@ -136,9 +123,7 @@ def test_reward_specs_reach_the_worker():
     assert worker.setup() == ["shapes_strict"]
 
 
-def test_lora_trains_adapters_only_and_syncs_merged_weights(tiny_config, sft_path, tmp_path, monkeypatch):
-    (tmp_path / "red_reward.py").write_text(REDNESS)
-    monkeypatch.syspath_prepend(str(tmp_path))
+def test_lora_trains_adapters_only_and_syncs_merged_weights(tiny_config, sft_path, tmp_path, plugins):
     cfg = tiny_config("trainer.lora_rank=8", "trainer.lora_alpha=16", "trainer.lr=1e-2", "trainer.kl_coef=0.0",
                       "rollout.group_size=8", "rewards=[{name: 'red_reward:redness'}]")
     learner, rollout, reward = _workers(cfg, sft_path)

@@ -3,12 +3,11 @@
 import numpy as np
 import pytest
 
-from omnigrpo.worlds.world import prompts_of
 from omnigrpo.rewards.registry import build_reward
 from omnigrpo.rollout.families.codebook import PatchCodebook
 from omnigrpo.worlds import glyphs
 from omnigrpo.worlds.registry import get
-from omnigrpo.worlds.world import blank_share
+from omnigrpo.worlds.world import blank_share, prompts_of
 
 
 def test_splits_are_fixed_disjoint_and_within_the_grammar():

@@ -35,6 +35,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from omnigrpo.config.runtime import use_threads
+from omnigrpo.rollout.policy import to_uint8
 
 
 class CodeConditionedFlux(FluxTransformer2DModel):
@@ -111,7 +112,6 @@ class DiffusionDecoder:
         self.projector = CodeProjector.from_pretrained(root / "projector").to(self.device).eval()
         self.vae = AutoencoderKL.from_pretrained(root / "vae").to(self.device).eval()
         self.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")
-        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.generator = torch.Generator(self.device).manual_seed(self.seed)
 
     def _shift(self, seq_len: int) -> dict[str, float]:
@@ -167,4 +167,4 @@ class DiffusionDecoder:
         vc = self.vae.config
         latents = latents / vc.scaling_factor + (vc.shift_factor or 0.0)
         pixels = self.vae.decode(latents).sample  # [N, 3, H, W] in [-1, 1]
-        return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return to_uint8(pixels)

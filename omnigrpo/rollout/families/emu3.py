@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, Emu3ForConditionalGeneration
 
-from omnigrpo.rollout.policy import GridPolicy, ImageLM, ImageSpace, PromptBatch, TextVocabLM
+from omnigrpo.rollout.policy import GridPolicy, ImageLM, ImageSpace, PromptBatch, TextVocabLM, to_uint8
 
 EOL, IMAGE_START, IMAGE_WRAPPER = "<|extra_200|>", "<|image start|>", "<|image token|>"
 
@@ -79,8 +79,5 @@ class Emu3Policy(GridPolicy):
     def decode(self, codes: torch.Tensor) -> np.ndarray:
         grid = codes.view(-1, self.space.rows, self.space.cols)
         pixels = self.model.model.vqmodel.decode(grid)  # [B, 3, H, W] in [-1, 1]
-        return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return to_uint8(pixels)
 
-    def code_embeddings(self, codes: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.model.model.vqmodel.quantize.embedding(codes).float()

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, JanusForConditionalGeneration
 
-from omnigrpo.rollout.policy import ImageLM, ImagePolicy, ImageSpace, PromptBatch
+from omnigrpo.rollout.policy import ImageLM, ImagePolicy, ImageSpace, PromptBatch, to_uint8
 
 SFT_FORMAT = "<|User|>: {prompt}\n\n<|Assistant|>:"
 
@@ -89,9 +89,5 @@ class JanusPolicy(ImagePolicy):
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> np.ndarray:
         pixels = self.model.decode_image_tokens(codes)  # [B, H, W, 3] in [-1, 1]
-        return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+        return to_uint8(pixels, channels_first=False)
 
-    def code_embeddings(self, codes: torch.Tensor) -> torch.Tensor:
-        """The VQ codebook vectors of ``codes`` ``[B, T]`` -> ``[B, T, embed_dim]``."""
-        with torch.no_grad():
-            return self.model.model.vqmodel.quantize.embedding(codes).float()

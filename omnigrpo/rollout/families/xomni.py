@@ -192,11 +192,6 @@ class XOmniPolicy(GridPolicy):
         drop = drop_text.tolist() if drop_text is not None else [False] * len(prompts)
         return self.prefixed_batch([("" if d else p) + prefix for p, d in zip(prompts, drop, strict=True)], prefix)
 
-    def code_embeddings(self, codes: torch.Tensor) -> torch.Tensor:
-        """The policy's own image embeddings of ``codes`` ``[B, T]`` -> ``[B, T, D]`` (the diffusion decoder's
-        condition when no SigLIP-VQ codebook is configured)."""
-        with torch.no_grad():
-            return self.model.model.mm_embed_tokens(codes).float()
 
     def decode(self, codes: torch.Tensor) -> np.ndarray:
         """A code map, 16 px per code (a deterministic colour per code): X-Omni's real pixels come from its

@@ -1,0 +1,69 @@
+"""The package's layers hold: imports only go down, modules are loaded by name in two tables only, and
+loading a config stays light."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+PACKAGE = ROOT / "omnigrpo"
+BY_NAME = {"omnigrpo/rewards/registry.py", "omnigrpo/rollout/loader.py"}  # built-in rewards, model families
+
+
+def _loads_by_name(tree: ast.AST) -> list[int]:
+    """Lines that import importlib or call ``__import__``."""
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "importlib" for a in node.names):
+            lines.append(node.lineno)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "importlib":
+            lines.append(node.lineno)
+        elif isinstance(node, ast.Name) and node.id == "__import__":
+            lines.append(node.lineno)
+    return lines
+
+
+def test_modules_are_loaded_by_name_only_in_the_two_tables():
+    found = {str(p.relative_to(ROOT)): _loads_by_name(ast.parse(p.read_text())) for p in PACKAGE.rglob("*.py")}
+    found = {path: lines for path, lines in found.items() if lines}
+    assert set(found) == BY_NAME, found
+
+
+def test_the_scan_sees_every_form():
+    code = "import importlib\nfrom importlib import import_module\nimport importlib.util\nx = __import__('os')\n"
+    assert _loads_by_name(ast.parse(code)) == [1, 2, 3, 4]
+
+
+def test_lint_imports_keeps_every_contract():
+    lint = Path(sys.executable).parent / "lint-imports"
+    proc = subprocess.run([str(lint)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "2 kept, 0 broken" in proc.stdout
+
+
+def test_an_upward_import_breaks_the_layers_contract(tmp_path):
+    """The contract can fail: a copy of the package whose config imports the driver is refused."""
+    import shutil
+
+    copy = tmp_path / "repo"
+    shutil.copytree(PACKAGE, copy / "omnigrpo", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", copy)
+    schema = copy / "omnigrpo" / "config" / "schema.py"
+    schema.write_text(schema.read_text() + "\nfrom omnigrpo.app import driver  # noqa\n")
+    lint = Path(sys.executable).parent / "lint-imports"
+    proc = subprocess.run([str(lint)], cwd=copy, capture_output=True, text=True, timeout=300,
+                          env={"PYTHONPATH": str(copy), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode != 0 and "omnigrpo.config.schema -> omnigrpo.app.driver" in proc.stdout
+
+
+@pytest.mark.parametrize("module", ["torch", "matplotlib", "ray", "mlflow", "omnigrpo.worlds"])
+def test_load_config_stays_light(module):
+    code = ("import sys; from omnigrpo.config.loader import load_config; load_config('configs/glyphs.yaml'); "
+            f"print({module!r} in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "False", proc.stderr
