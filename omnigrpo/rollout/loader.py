@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from omnigrpo.rollout.hub import is_local
 from omnigrpo.rollout.policy import ImagePolicy
 
 
@@ -64,11 +65,11 @@ def _check_hub_id(repo: str) -> None:
 
 
 def check_checkpoint(family: str, path: str, num_codes: int | None = None) -> None:
-    """Fail fast, before any cluster starts: unknown family, a local path that does not exist, or a
-    checkpoint whose image vocabulary differs from ``num_codes`` (when the config states one).
-    Reads only the checkpoint's config files."""
+    """Fail fast, before any cluster starts: unknown family, a local path that does not exist or holds no
+    checkpoint, a hub id neither cached nor (online) on the hub, or a checkpoint whose image vocabulary
+    differs from ``num_codes`` (when the config states one). Reads only the checkpoint's config files."""
     cls = family_class(family)
-    looks_local = path.startswith((".", "/", "~")) or Path(path).exists() or path.count("/") != 1
+    looks_local = is_local(path)
     if looks_local and not Path(path).expanduser().exists():
         raise CheckpointError(f"model.path: {path!r} does not exist (and is not a hub id 'org/name')")
     if looks_local and not (Path(path).expanduser() / "config.json").is_file():
@@ -77,9 +78,9 @@ def check_checkpoint(family: str, path: str, num_codes: int | None = None) -> No
     if not looks_local:
         _check_hub_id(path)
     checker = getattr(cls, "image_vocabulary", None)
-    if num_codes is not None and checker is not None and Path(path).exists():
+    if num_codes is not None and checker is not None:
         try:
-            found = checker(path)
+            found = checker(path)  # a hub id: through the cache (online: fetches only the file it reads)
         except (OSError, ValueError, KeyError) as err:  # no or a malformed config.json
             raise CheckpointError(f"model.path: cannot read the image vocabulary of {path!r} "
                                   f"({type(err).__name__}: {err})") from None

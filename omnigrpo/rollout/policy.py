@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from omnigrpo.rollout import engine
+from omnigrpo.rollout.hub import checkpoint_file
 
 
 @dataclass(frozen=True)
@@ -207,10 +208,10 @@ class GridPolicy(ImagePolicy):
     @classmethod
     def saved_grid(cls, path: str | Path, grid: tuple[int, int] | None = None) -> tuple[int, int]:
         """``grid`` if given, else the one saved with the checkpoint, else the family's default."""
-        meta = Path(path) / cls.grid_file
         if grid:
             return tuple(grid)
-        return tuple(json.loads(meta.read_text())["grid"]) if meta.exists() else cls.default_grid
+        meta = checkpoint_file(path, cls.grid_file, required=False)
+        return tuple(json.loads(meta.read_text())["grid"]) if meta else cls.default_grid
 
     def save_pretrained(self, path, state_dict=None):
         path = Path(path)

@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from omnigrpo.config.schema import ModelConfig
 from omnigrpo.rollout.families.codebook import PatchCodebook
+from omnigrpo.rollout.hub import checkpoint_file, read_json
 from omnigrpo.rollout.policy import ImagePolicy, ImageSpace, PromptBatch, TextVocabLM
 from omnigrpo.worlds import registry as worlds
 
@@ -84,14 +85,15 @@ class WorldPolicy(ImagePolicy):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32) -> WorldPolicy:
-        """Load a checkpoint directory written by :meth:`save_pretrained` (fp32, eval mode)."""
-        path = Path(path)
-        if not (path / "policy.json").exists():
+        """Load a checkpoint written by :meth:`save_pretrained`: a directory or a hub id (eval mode)."""
+        saved = checkpoint_file(path, "policy.json", required=False)
+        if saved is None:
             raise FileNotFoundError(f"{path} is not a built-in world policy checkpoint (no policy.json)")
-        world = json.loads((path / "policy.json").read_text())["world"]
+        world = json.loads(saved.read_text())["world"]
         model = Qwen2ForCausalLM.from_pretrained(path, dtype=dtype)
         tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
-        codebook = PatchCodebook.load(path)
+        checkpoint_file(path, "codebook.json")  # both codebook files in one directory (a hub snapshot)
+        codebook = PatchCodebook.load(checkpoint_file(path, "codebook.npy").parent)
         if model.config.vocab_size != len(tokenizer) or len(tokenizer) != (
             tokenizer.convert_tokens_to_ids("<img_0>") + codebook.size
         ):
@@ -114,11 +116,11 @@ class WorldPolicy(ImagePolicy):
 
     @staticmethod
     def pixels(path: str | Path, grid: tuple[int, int] | None = None) -> tuple[int, int]:
-        return tuple(json.loads((Path(path) / "codebook.json").read_text())["image_shape"])
+        return tuple(read_json(path, "codebook.json")["image_shape"])
 
     @staticmethod
     def image_vocabulary(path: str | Path) -> int:
-        return int(np.load(Path(path) / "codebook.npy", mmap_mode="r").shape[0])
+        return int(np.load(checkpoint_file(path, "codebook.npy"), mmap_mode="r").shape[0])
 
     def prompt_text(self, prompt: str) -> str:
         """The tokenizer's input for a prompt: ``<bos>``, the world's words, ``<som>``."""

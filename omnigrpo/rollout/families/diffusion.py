@@ -24,7 +24,6 @@ zero token (the codes carry the content; a text encoder would be a third 5-GB mo
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +34,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from omnigrpo.config.runtime import use_threads
+from omnigrpo.rollout.hub import read_json
 from omnigrpo.rollout.policy import to_uint8
 
 
@@ -106,12 +106,13 @@ class DiffusionDecoder:
 
     def setup(self) -> None:
         use_threads(self.threads)
-        root = Path(self.path)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.transformer = CodeConditionedFlux.from_pretrained(root / "transformer").to(self.device).eval()
-        self.projector = CodeProjector.from_pretrained(root / "projector").to(self.device).eval()
-        self.vae = AutoencoderKL.from_pretrained(root / "vae").to(self.device).eval()
-        self.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(root / "scheduler")
+        # each part by subfolder: a local directory or a hub id, resolved as diffusers pipelines are
+        part = {"pretrained_model_name_or_path": str(self.path)}
+        self.transformer = CodeConditionedFlux.from_pretrained(**part, subfolder="transformer").to(self.device).eval()
+        self.projector = CodeProjector.from_pretrained(**part, subfolder="projector").to(self.device).eval()
+        self.vae = AutoencoderKL.from_pretrained(**part, subfolder="vae").to(self.device).eval()
+        self.scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(**part, subfolder="scheduler")
         self.generator = torch.Generator(self.device).manual_seed(self.seed)
 
     def _shift(self, seq_len: int) -> dict[str, float]:
@@ -127,7 +128,7 @@ class DiffusionDecoder:
     @staticmethod
     def pixels(path: str | Path, grid: tuple[int, int]) -> tuple[int, int]:
         """(height, width) of decoded images for a ``grid`` of codes, from the VAE's config only."""
-        vae = json.loads((Path(path) / "vae" / "config.json").read_text())
+        vae = read_json(path, "vae/config.json")
         scale = 2 * 2 ** (len(vae["block_out_channels"]) - 1)
         return grid[0] * scale, grid[1] * scale
 

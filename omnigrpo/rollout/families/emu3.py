@@ -13,13 +13,13 @@ checkpoint's VQ model, 8 px per code.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import AutoTokenizer, Emu3ForConditionalGeneration
 
+from omnigrpo.rollout.hub import read_json
 from omnigrpo.rollout.policy import GridPolicy, ImageLM, ImageSpace, PromptBatch, TextVocabLM, to_uint8
 
 EOL, IMAGE_START, IMAGE_WRAPPER = "<|extra_200|>", "<|image start|>", "<|image token|>"
@@ -57,13 +57,13 @@ class Emu3Policy(GridPolicy):
     @staticmethod
     def pixels(path: str | Path, grid: tuple[int, int] | None = None) -> tuple[int, int]:
         grid = Emu3Policy.saved_grid(path, grid)
-        cfg = json.loads((Path(path) / "config.json").read_text())
+        cfg = read_json(path)
         scale = 2 ** (len(cfg["vq_config"].get("channel_multiplier", [1, 2, 2, 4])) - 1)
         return grid[0] * scale, grid[1] * scale
 
     @staticmethod
     def image_vocabulary(path: str | Path) -> int:
-        return int(json.loads((Path(path) / "config.json").read_text())["vq_config"]["codebook_size"])
+        return int(read_json(path)["vq_config"]["codebook_size"])
 
     def lm(self, module=None) -> ImageLM:
         return Emu3LM(self.model if module is None else module, self.space)

@@ -12,13 +12,13 @@ decoded by the checkpoint's VQ model inside the rollout worker.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import AutoTokenizer, JanusForConditionalGeneration
 
+from omnigrpo.rollout.hub import read_json
 from omnigrpo.rollout.policy import ImageLM, ImagePolicy, ImageSpace, PromptBatch, to_uint8
 
 SFT_FORMAT = "<|User|>: {prompt}\n\n<|Assistant|>:"
@@ -59,14 +59,14 @@ class JanusPolicy(ImagePolicy):
 
     @staticmethod
     def pixels(path: str | Path, grid: tuple[int, int] | None = None) -> tuple[int, int]:
-        cfg = json.loads((Path(path) / "config.json").read_text())
+        cfg = read_json(path)
         side = int(round(cfg["vision_config"].get("num_image_tokens", 576) ** 0.5))
         scale = 2 ** (len(cfg["vq_config"].get("channel_multiplier", [1, 1, 2, 2, 4])) - 1)
         return side * scale, side * scale
 
     @staticmethod
     def image_vocabulary(path: str | Path) -> int:
-        return int(json.loads((Path(path) / "config.json").read_text())["vq_config"]["num_embeddings"])
+        return int(read_json(path)["vq_config"]["num_embeddings"])
 
     def save_pretrained(self, path, state_dict=None):
         self.model.save_pretrained(path, state_dict=state_dict)

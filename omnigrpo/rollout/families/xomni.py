@@ -21,7 +21,6 @@ The SigLIP-VQ tokenizer and the FLUX decoder are separate, frozen components (no
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +30,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding
 
 from omnigrpo.rollout import engine
+from omnigrpo.rollout.hub import read_json
 from omnigrpo.rollout.policy import GridPolicy, ImageLM, ImageSpace, PromptBatch, head_rows
 
 
@@ -178,7 +178,7 @@ class XOmniPolicy(GridPolicy):
 
     @staticmethod
     def image_vocabulary(path: str | Path) -> int:
-        return int(json.loads((Path(path) / "config.json").read_text())["image_vocab_size"])
+        return int(read_json(path)["image_vocab_size"])
 
     def lm(self, module=None) -> XOmniLM:
         return XOmniLM(self.model if module is None else module, self.space)

@@ -1,0 +1,80 @@
+"""Each shipped family config runs as shipped, its model found by hub id in a Hugging Face cache, offline.
+
+A tiny checkpoint of the real class is placed in the cache layout (``hub/models--ORG--NAME/snapshots/<sha>/``,
+``refs/main``) under the config's own ``model.path``, with ``HF_HUB_OFFLINE=1``, and ``omnigrpo train`` runs the
+config for two steps in a fresh process. Overridden: resources, batch sizes, steps, the tiny checkpoint's image
+size and vocabulary, and local stand-ins for the judges and decoder whose weights are not on this machine.
+``model.path`` is never overridden: the run must resolve the hub id.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from omnigrpo.rollout.families import tiny
+
+ROOT = Path(__file__).parents[2]
+SHA = "0123456789abcdef0123456789abcdef01234567"
+SMALL = ["cluster.address=", "cluster.placement=colocated", "cluster.learner_workers=1", "cluster.rollout_workers=1",
+         "cluster.reward_workers=1", "cluster.learner_gpus=0", "cluster.rollout_gpus=0", "cluster.reward_gpus=0",
+         "cluster.decoder_gpus=0", "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.sample_batch=0",
+         "trainer.micro_batch_size=4", "trainer.steps=2", "tracking.image_every=0"]
+SIZED = "{name: 'sized_reward:SizedSaturation', kwargs: {height: %d, width: %d}}"
+OCR = "{name: ocr, required: false, tags: [text], kwargs: {score: edit, detect: false}}"
+CASES = {  # config -> (family, its own overrides)
+    "janus_pro_1b.yaml": ("janus", ["model.image_codes=64", f"rewards=[{SIZED % (32, 32)}, {OCR}]"]),
+    "emu3_gen.yaml": ("emu3", ["model.image_codes=64", "model.image_grid=[8, 8]", "rollout.top_k=16",
+                               f"rewards=[{SIZED % (32, 32)}]"]),
+    "xomni.yaml": ("xomni", ["model.image_codes=64", "model.image_grid=[8, 8]", "rollout.chunks=1",
+                             f"rewards=[{SIZED % (32, 32)}, {OCR}]"]),
+}
+
+
+def place_in_cache(checkpoint: Path, hf_home: Path, repo: str) -> Path:
+    """Copy a checkpoint directory where the hub cache keeps ``repo``'s main revision."""
+    entry = hf_home / "hub" / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(checkpoint, entry / "snapshots" / SHA)
+    (entry / "refs").mkdir()
+    (entry / "refs" / "main").write_text(SHA)
+    return entry
+
+
+@pytest.mark.parametrize("config", sorted(CASES))
+def test_a_shipped_config_runs_from_its_hub_id_offline(config, tmp_path, plugins):
+    family, overrides = CASES[config]
+    repo = yaml.safe_load((ROOT / "configs" / config).read_text())["model"]["path"]
+    assert repo.count("/") == 1 and not repo.startswith(("/", ".")), f"{config} names no hub id"
+    hf_home = tmp_path / "hf"
+    place_in_cache(tiny.build(family, tmp_path / "tiny"), hf_home, repo)
+    if family == "xomni":  # the diffusion decoder's weights are not on this machine either: a tiny one
+        overrides = [*overrides, f"decoder.path={tiny.diffusion_decoder(tmp_path / 'decoder')}", "decoder.steps=2"]
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "OMNIGRPO_CACHE_DIR": str(tmp_path / "c")}
+    cli = Path(sys.executable).parent / "omnigrpo"
+    proc = subprocess.run([str(cli), "train", f"configs/{config}", *SMALL, *overrides, f"run.dir={run_dir}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    run = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
+    assert run.data.params["model.path"] == repo and run.info.status == "FINISHED"
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "reward/total/mean"))
+    assert steps == [1, 2]
+    assert run.data.metrics["reward/sized_reward:SizedSaturation/failed"] == 0  # images of the family's size
+
+
+def test_an_uncached_hub_id_offline_is_refused_before_anything_starts(tmp_path):
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    cli = Path(sys.executable).parent / "omnigrpo"
+    proc = subprocess.run([str(cli), "train", "configs/janus_pro_1b.yaml", f"run.dir={tmp_path / 'run'}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "model.path: 'deepseek-community/Janus-Pro-1B' is no local directory, and HF_HUB_OFFLINE" in proc.stderr
+    assert not (tmp_path / "run").exists()
