@@ -81,6 +81,7 @@ def train(cfg: Config) -> dict:
         if state is None:
             workers = actors.spawn(cfg, model_path, extensions)
             tracker.start()
+            tracker.set_tags(actors.placement_tags(workers))
             return Loop(cfg, workers, tracker, run_dir, cursor, {"reference_path": model_path}).run()
         log.info("resuming %s at step %d", plan.resume_from, state["step"])
         workers = actors.spawn(cfg, str(plan.resume_from), extensions, state["reference_path"], resume=True)
@@ -89,6 +90,7 @@ def train(cfg: Config) -> dict:
         workers.version = state["version"]
         cursor.restore(state["cursor"])
         tracker.start(resume_run_id=state["run_id"])
+        tracker.set_tags(actors.placement_tags(workers))
         return Loop(cfg, workers, tracker, run_dir, cursor, state).run()
     except BaseException:
         tracker.end(failed=True)

@@ -146,6 +146,11 @@ class Tracker:
         except Exception as err:  # noqa: BLE001
             log.warning("sample grid %r of step %d not logged: %s", key, step, str(err)[:200])
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Run tags (shown beside the run in MLflow), e.g. where each role's actors were placed."""
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
+
     def log_dict(self, data: dict, name: str, wait_s: float = 120.0) -> None:
         """A JSON artifact; waits up to ``wait_s`` for an unreachable server (buffered metrics go first)."""
         self._drain(wait_s)

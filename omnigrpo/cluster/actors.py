@@ -32,6 +32,7 @@ from omnigrpo.rewards.worker import RewardResult, RewardWorker
 from omnigrpo.rollout.families.diffusion import DiffusionDecoder
 from omnigrpo.rollout.sampler import SamplingParams
 from omnigrpo.rollout.worker import RolloutBatch, RolloutWorker
+from omnigrpo.sync.network import LOOPBACK, is_loopback
 from omnigrpo.trainers.learner import Learner, merge_metrics
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ class Workers:
     reform_failed: bool = False
     timeouts: int = 0
     """Reward / decoder calls that exceeded ``cluster.call_timeout_s`` (``fault/call_timeouts``)."""
+    where: dict = dataclasses.field(default_factory=dict)
+    """``(role, index) -> node address`` the actors' sockets bind across hosts; empty on loopback."""
 
     @property
     def learner(self):
@@ -113,28 +116,60 @@ def spawn(cfg: Config, model_path: str, extensions_dir: str, reference_path: str
     rollouts = [_rollout_actor(cfg, model_path, i, plan) for i in range(cfg.cluster.rollout_workers)]
     rewards = [_reward_actor(cfg, i, plan) for i in range(cfg.cluster.reward_workers)]
     decoders = [_decoder_actor(cfg, i, plan) for i in range(cfg.cluster.decoder_workers if cfg.decoder.path else 0)]
-    size = cfg.cluster.learner_workers
-    # the group meets at a file store in the run directory (shared storage on a multi-node cluster)
-    Path(cfg.run.dir).resolve().mkdir(parents=True, exist_ok=True)
-    rendezvous = (Path(cfg.run.dir).resolve() / f".rendezvous-{secrets.token_hex(4)}").as_uri()
+    size, where = cfg.cluster.learner_workers, bind_addresses(plan)
     learners = [ray.remote(Learner).options(**plan.options("learner", rank), **env).remote(
-        cfg, model_path, rendezvous=rendezvous if size > 1 else None, rank=rank, world_size=size,
-        reference_path=reference_path) for rank in range(size)]
+        cfg, model_path, rank=rank, world_size=size, reference_path=reference_path,
+        address=where.get(("learner", rank), LOOPBACK)) for rank in range(size)]
+    rendezvous = learner_rendezvous(cfg, learners, where)
     ray.get([w.setup.remote() for w in rollouts + rewards + decoders]
-            + [learner.setup.remote(extensions_dir, threads, resume) for learner in learners])
+            + [learner.setup.remote(extensions_dir, threads, resume, rendezvous) for learner in learners])
     workers = Workers(rollouts=rollouts, rewards=rewards, learners=learners, cfg=cfg, model_path=model_path,
-                      placement=plan, decoders=decoders)
+                      placement=plan, decoders=decoders, where=where)
     if cfg.cluster.weight_sync == "broadcast":
         join_weight_group(workers)
     return workers
 
 
+def placement_tags(workers: Workers) -> dict[str, str]:
+    """Where each role's actors run, as run tags: ``placement/<role>`` = their node addresses in index order
+    (comma-separated; a replacement may land elsewhere later)."""
+    where: dict[str, list[str]] = {}
+    for (role, _index), address in sorted(workers.placement.addresses().items()):
+        where.setdefault(role, []).append(address)
+    return {f"placement/{role}": ",".join(addresses) for role, addresses in where.items()}
+
+
+def bind_addresses(plan: placement.Placement) -> dict[tuple[str, int], str]:
+    """Where each actor's sockets bind: nothing (loopback) on a cluster whose nodes are all on loopback,
+    else the address Ray reports for the actor's node."""
+    where = plan.addresses()
+    return {} if all(is_loopback(a) for a in where.values()) else where
+
+
+def learner_rendezvous(cfg: Config, learners: list, where: dict) -> str | None:
+    """Where the learner group meets: none for one rank; a file in the run directory on one machine; across
+    hosts, the TCP store rank 0 serves on its node address."""
+    if len(learners) == 1:
+        return None
+    if where:
+        return ray.get(learners[0].serve.remote("learners", len(learners), cfg.cluster.sync_timeout_s))
+    Path(cfg.run.dir).resolve().mkdir(parents=True, exist_ok=True)
+    return (Path(cfg.run.dir).resolve() / f".rendezvous-{secrets.token_hex(4)}").as_uri()
+
+
 def join_weight_group(workers: Workers) -> None:
-    """Form the broadcast group: learner rank 0 (sender) and every rollout actor, meeting at a file store."""
-    store = str(Path(workers.cfg.run.dir).resolve() / f".weights-{secrets.token_hex(4)}")
+    """Form the broadcast group: learner rank 0 (sender) and every rollout actor, meeting at a file store on
+    one machine, or at a TCP store the learner serves on its node address across hosts."""
     size, timeout = 1 + len(workers.rollouts), workers.cfg.cluster.sync_timeout_s
+    if workers.where:
+        store = ray.get(workers.learner.serve.remote("weights", size, timeout))
+    else:
+        Path(workers.cfg.run.dir).resolve().mkdir(parents=True, exist_ok=True)
+        store = str(Path(workers.cfg.run.dir).resolve() / f".weights-{secrets.token_hex(4)}")
+    hosts = [workers.where.get(("rollout", i), LOOPBACK) for i in range(len(workers.rollouts))]
     ray.get([workers.learner.join_weight_group.remote(store, size, timeout)]
-            + [w.join_weight_group.remote(store, i + 1, size, timeout) for i, w in enumerate(workers.rollouts)])
+            + [w.join_weight_group.remote(store, i + 1, size, timeout, host)
+               for i, (w, host) in enumerate(zip(workers.rollouts, hosts, strict=True))])
     workers.broadcast = True
 
 

@@ -81,6 +81,14 @@ class Placement:
                                                     placement_group_bundle_index=self.bundle_of[role, index])
         return {"num_cpus": d.cpus, "num_gpus": d.gpus, "scheduling_strategy": strategy}
 
+    def addresses(self) -> dict[tuple[str, int], str]:
+        """The node address (as Ray reports it) of every actor's bundle: ``(role, index) -> address``."""
+        import ray
+
+        node_of = ray.util.placement_group_table(self.group)["bundles_to_node_id"]
+        address = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+        return {key: address[node_of[bundle]] for key, bundle in self.bundle_of.items()}
+
 
 def bundles(cfg: Config, wanted: list[Demand]) -> tuple[list[dict[str, float]], dict[tuple[str, int], int]]:
     """Bundles of the configured mode and the bundle index of every actor."""

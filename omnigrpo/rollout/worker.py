@@ -24,6 +24,7 @@ from omnigrpo.rollout.loader import load_policy
 from omnigrpo.rollout.policy import PromptBatch
 from omnigrpo.rollout.sampler import SamplingParams, sample_images
 from omnigrpo.sync.broadcast import WeightBroadcast
+from omnigrpo.sync.network import LOOPBACK
 
 
 @dataclass
@@ -140,9 +141,9 @@ class RolloutWorker:
         self.version = version
         return version
 
-    def join_weight_group(self, store_path: str, rank: int, size: int, timeout_s: float) -> None:
-        """Join the weight-broadcast group as receiver ``rank`` (the learner's rank 0 sends)."""
-        self.sync_group = WeightBroadcast(store_path, rank, size, timeout_s)
+    def join_weight_group(self, store: str, rank: int, size: int, timeout_s: float, host: str = LOOPBACK) -> None:
+        """Join the weight-broadcast group as receiver ``rank`` (the learner's rank 0 sends), bound to ``host``."""
+        self.sync_group = WeightBroadcast(store, rank, size, timeout_s, host)
 
     def receive_weights(self, bucket_bytes: int) -> int:
         """Receive a broadcast straight into the policy's tensors; the sender's version becomes ours."""

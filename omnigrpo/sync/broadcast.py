@@ -5,7 +5,8 @@ reader deserialises its own copy of the whole state dict; a collective broadcast
 once per hop instead. Ray's own collective groups take over a process's *default* torch.distributed
 group, which the learner's DeepSpeed group already owns (a second group that way hangs), so this group
 is built directly: a ``ProcessGroupGloo`` over its own
-``FileStore``, with gloo's sockets bound to ``host`` (loopback by default), separate from every
+store (a file on one machine, a TCP store across hosts: ``omnigrpo.sync.network``), with gloo's
+sockets bound to ``host`` (loopback by default, the node's address across hosts), separate from every
 default group.
 
 Small tensors (norms, biases) are packed into flat buffers of up to ``bucket_mb`` (one dtype per
@@ -25,6 +26,8 @@ import hashlib
 
 import torch
 import torch.distributed as dist
+
+from omnigrpo.sync.network import LOOPBACK, open_store
 
 
 def plan_buckets(tensors: dict[str, torch.Tensor], bucket_bytes: int) -> list[list[str]]:
@@ -49,15 +52,16 @@ def fingerprint(tensors: dict[str, torch.Tensor]) -> int:
 
 
 class WeightBroadcast:
-    """Member ``rank`` of a ``size``-member gloo group meeting at the file ``store_path`` (rank 0 sends)."""
+    """Member ``rank`` of a ``size``-member gloo group (rank 0 sends) meeting at ``store`` (a file path, or
+    ``tcp://host:port``; rank 0 passes the store it serves as ``served``), its sockets bound to ``host``."""
 
-    def __init__(self, store_path: str, rank: int, size: int, timeout_s: float = 120.0, host: str = "127.0.0.1"):
+    def __init__(self, store: str, rank: int, size: int, timeout_s: float = 120.0, host: str = LOOPBACK,
+                 served: dist.Store | None = None):
         self.rank, self.size = rank, size
-        store = dist.FileStore(store_path, size)
         options = dist.ProcessGroupGloo._Options()
         options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
         options._timeout = datetime.timedelta(seconds=timeout_s)
-        self.group = dist.ProcessGroupGloo(store, rank, size, options)
+        self.group = dist.ProcessGroupGloo(served or open_store(store, size, timeout_s), rank, size, options)
 
     def send(self, tensors: dict[str, torch.Tensor], version: int, bucket_bytes: int) -> int:
         """Rank 0: broadcast ``tensors`` stamped with ``version``; returns the bytes sent. GPU tensors are

@@ -38,6 +38,7 @@ from omnigrpo.rollout.loader import load_policy
 from omnigrpo.rollout.policy import PromptBatch
 from omnigrpo.rollout.sampler import SamplingParams, sequence_logprobs
 from omnigrpo.sync.broadcast import WeightBroadcast
+from omnigrpo.sync.network import LOOPBACK, interface_of, is_loopback, open_store, serve_store
 from omnigrpo.trainers import adapter, grpo
 from omnigrpo.trainers.checkpoint import write_checkpoint
 
@@ -61,27 +62,32 @@ class TrainBatch:
 class Learner:
     """DeepSpeed GRPO learner (rank ``rank`` of ``world_size``) over the policy at ``model_path``."""
 
-    def __init__(self, cfg: Config, model_path: str, rendezvous: str | None = None, rank: int = 0,
-                 world_size: int = 1, reference_path: str | None = None):
+    def __init__(self, cfg: Config, model_path: str, rank: int = 0, world_size: int = 1,
+                 reference_path: str | None = None, address: str = LOOPBACK):
         self.cfg = cfg
         self.model_path = model_path
         self.reference_path = reference_path or model_path  # KL is always against the run's start policy
-        self.rendezvous = rendezvous
         self.rank = rank
         self.world_size = world_size
+        self.address = address
+        """The address this rank's sockets bind: loopback on one machine, its node's own across hosts."""
+        self.served: dict[str, object] = {}  # TCP stores this rank serves: the learner group's, the broadcast's
         self.version = 0
         self.in_update = False
         self.params = SamplingParams.of(cfg.rollout)
 
-    def setup(self, extensions_dir: str | None = None, threads: int | None = None, resume: bool = False) -> int:
+    def setup(self, extensions_dir: str | None = None, threads: int | None = None, resume: bool = False,
+              rendezvous: str | None = None) -> int:
         """Load policy and reference, join the process group, build the DeepSpeed engine; with ``resume``,
         continue the checkpoint at ``model_path`` (optimiser state, shuffle generator, weight version).
 
-        The group meets at ``rendezvous``; by default a ``file://`` store in a fresh temporary folder,
-        which opens no listening socket (torch's TCP store listens on every interface)."""
+        The group meets at ``rendezvous``: by default a ``file://`` store in a fresh temporary folder, which
+        opens no listening socket; across hosts the ``tcp://`` store rank 0 serves (:meth:`serve`)."""
         gpu = torch.cuda.is_available()  # a GPU Ray assigned this actor (cluster.learner_gpus): NCCL
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if gpu else "cpu")
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's own sockets stay on loopback
+        interface = "lo" if is_loopback(self.address) else interface_of(self.address)
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)  # gloo binds here: loopback, or the node's address
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", interface)
         if extensions_dir:
             os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir)
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
@@ -100,9 +106,14 @@ class Learner:
             torch.cuda.set_device(0)  # Ray's CUDA_VISIBLE_DEVICES leaves this actor its own GPU as device 0
             model.to("cuda")
             self.reference.to("cuda")
-        rendezvous = self.rendezvous or (Path(tempfile.mkdtemp(prefix="omnigrpo-pg-")) / "store").as_uri()
-        deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo", init_method=rendezvous, rank=self.rank,
-                                   world_size=self.world_size, auto_mpi_discovery=False)
+        rendezvous = rendezvous or (Path(tempfile.mkdtemp(prefix="omnigrpo-pg-")) / "store").as_uri()
+        backend = "nccl" if gpu else "gloo"
+        if rendezvous.startswith("tcp://"):  # across hosts: rank 0 serves the store, the others are its clients
+            timeout = self.cfg.cluster.sync_timeout_s
+            store = self.served.get("learners") or open_store(rendezvous, self.world_size, timeout)
+            torch.distributed.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size)
+        deepspeed.init_distributed(dist_backend=backend, init_method=rendezvous, rank=self.rank,
+                                   world_size=self.world_size, auto_mpi_discovery=False)  # joins the group above
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         # scores through the engine's (ZeRO-managed) module, inside the LoRA wrapper if any
         self.lm = self.policy.lm(adapter.base(self.engine.module))
@@ -217,10 +228,16 @@ class Learner:
         with self._full_weights() as weights:
             return {k: v.detach().to("cpu", copy=True) for k, v in weights.items()} if self.rank == 0 else {}
 
-    def join_weight_group(self, store_path: str, size: int, timeout_s: float) -> None:
+    def serve(self, group: str, size: int, timeout_s: float) -> str:
+        """Rank 0 across hosts: serve the TCP store where ``group`` (``learners`` or ``weights``) meets, on this
+        node's address; returns its ``tcp://`` spec for the other members."""
+        self.served[group], spec = serve_store(self.address, size, timeout_s)
+        return spec
+
+    def join_weight_group(self, store: str, size: int, timeout_s: float) -> None:
         """Rank 0 joins the weight-broadcast group as its sender (rank 0 of ``size``)."""
         if self.rank == 0:
-            self.sync_group = WeightBroadcast(store_path, 0, size, timeout_s)
+            self.sync_group = WeightBroadcast(store, 0, size, timeout_s, self.address, self.served.get("weights"))
 
     def broadcast_weights(self, bucket_bytes: int) -> int:
         """Send the current weights to the broadcast group (every rank must call: ZeRO-3 gathers first);
