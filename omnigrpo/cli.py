@@ -13,7 +13,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import sys
 import typing
 from pathlib import Path
@@ -148,19 +147,18 @@ def refuse(err: BaseException) -> int:
     return 2
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the driver, which writes a crash checkpoint
-
-
 def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
     from omnigrpo.cluster.environment import prepare_local_ray_env
 
-    signal.signal(signal.SIGTERM, _terminate)  # `omnigrpo stop` / `ray job stop` send SIGTERM
     prepare_local_ray_env(cfg.cluster.address)  # before the driver imports Ray
     from omnigrpo.app.driver import train
     from omnigrpo.app.tracking import store_uri
 
-    summary = train(cfg)
+    summary = train(cfg, stop_on_sigterm=True)  # `omnigrpo stop` / `ray job stop` send SIGTERM
+    if "stopped_at" in summary:
+        print(f"stopped after step {summary['stopped_at']}: {summary['checkpoint']}; continue with "
+              "omnigrpo train CONFIG --resume (same run.dir)")
+        return 0
     for key in summary["before"]:
         before, after = summary["before"][key], summary["after"][key]
         print(f"held-out {key[5:]:<12} before RL {before:.3f}, after RL {after:.3f} ({after - before:+.3f})")

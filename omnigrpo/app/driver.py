@@ -10,6 +10,8 @@ marked FAILED before the error propagates.
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,6 +38,8 @@ from omnigrpo.worlds import registry as worlds
 from omnigrpo.worlds.world import blank_share
 
 log = logging.getLogger(__name__)
+STOP = threading.Event()
+"""Set to ask a running loop to stop after its current step, with a resumable checkpoint (``omnigrpo stop``)."""
 
 
 @contextmanager
@@ -64,8 +68,23 @@ def evaluate(cfg: Config, workers: actors.Workers, tracker: Tracker, step: int) 
     return metrics
 
 
-def train(cfg: Config) -> dict:
-    """Run a whole GRPO job; returns the held-out metrics before and after and the checkpoint path."""
+def install_stop_handler() -> None:
+    """A first SIGTERM asks the loop to stop after its step with a resumable checkpoint; a second one ends the
+    run at once (a crash checkpoint). Installed after Ray's own driver handler, which it replaces."""
+
+    def terminate(signum: int, frame: object) -> None:
+        if STOP.is_set():
+            raise SystemExit(128 + signum)  # unwinds through the loop, which writes a crash checkpoint
+        STOP.set()
+        log.warning("stop requested: finishing this step, then writing a checkpoint (SIGTERM again stops at once)")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, terminate)
+
+
+def train(cfg: Config, stop_on_sigterm: bool = False) -> dict:
+    """Run a whole GRPO job; returns the held-out metrics before and after and the checkpoint path (or, stopped
+    on request, ``stopped_at`` and that step's checkpoint). ``stop_on_sigterm``: see :func:`install_stop_handler`."""
     plan = preflight.check_run(cfg)  # raises ConfigError naming the key before anything starts
     run_dir = Path(cfg.run.dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -73,6 +92,9 @@ def train(cfg: Config) -> dict:
     cursor = PromptCursor(plan.prompts, plan.metadata, seed=cfg.run.seed)
     started_ray = not ray.is_initialized()
     actors.connect(cfg)
+    if stop_on_sigterm:
+        STOP.clear()
+        install_stop_handler()
     tracker = Tracker(cfg)
     workers = None
     try:
@@ -115,11 +137,16 @@ class Loop:
     version: int = 0
     """Weight version the rollout actors hold; steps and versions differ once a step makes no update."""
     before: dict = field(default_factory=dict)
+    stage: str = "start"
+    """What the loop is doing: a crash during ``learn`` or ``sync`` leaves weights of no completed step."""
+    last_state: dict | None = None
+    """The run state at the end of the last completed step: a crash outside learn/sync resumes from it."""
 
     def run(self) -> dict:
         cfg = self.cfg
         first = self.resumed.get("step", 0) + 1
         self.version = self.resumed.get("version", 0)
+        self.last_state = self.resumed if "step" in self.resumed else None
         self.before = self.resumed.get("before") or evaluate(cfg, self.workers, self.tracker, 0)
         progress = Progress(cfg.trainer.steps, first)
         step = first - 1
@@ -128,16 +155,35 @@ class Loop:
                 metrics = self.step(step)
                 progress.step(step, metrics)
                 self.after_step(step)
+                if STOP.is_set() and step < cfg.trainer.steps:
+                    progress.close()
+                    return self.stop(step)
         except BaseException:
             progress.close()
-            log.exception("run failed at step %d; writing a checkpoint", step)
-            try:
-                actors.save_checkpoint(self.workers, str(self.checkpoints), None, "crash")
-            except Exception:  # noqa: BLE001 - the learner itself may be what died
-                log.exception("could not write the crash checkpoint")
+            self.crash(step)
             raise
         progress.close()
         return self.finish()
+
+    def crash(self, step: int) -> None:
+        """A crash checkpoint; resumable (it carries the last completed step's run state) unless the crash came
+        while the learner was updating or sending the weights."""
+        resumable = self.last_state if self.stage not in ("learn", "sync") else None
+        log.exception("run failed at step %d (%s); writing a %scheckpoint", step, self.stage,
+                      "resumable " if resumable else "")
+        try:
+            actors.save_checkpoint(self.workers, str(self.checkpoints), None, "crash", resumable)
+        except Exception:  # noqa: BLE001 - the learner itself may be what died
+            log.exception("could not write the crash checkpoint")
+
+    def stop(self, step: int) -> dict:
+        """Stopped on request after ``step``: a resumable step checkpoint, the MLflow run marked KILLED."""
+        final = actors.save_checkpoint(self.workers, str(self.checkpoints), step, "step", self.run_state(step))
+        log.warning("stopped after step %d on request; resume with --resume (checkpoint %s)", step, final)
+        self.tracker.end(stopped=True)
+        return {"before": self.before, "after": {}, "checkpoint": final, "run_id": self.tracker.run_id,
+                "stopped_at": step, "rollout_versions": ray.get([w.weight_version.remote()
+                                                                 for w in self.workers.rollouts])}
 
     @property
     def checkpoints(self) -> Path:
@@ -148,6 +194,7 @@ class Loop:
         cfg, workers, timings = self.cfg, self.workers, {}
         t0 = time.perf_counter()
         # 1. rollout and reward: sample the step's prompts, judged piece by piece as they are sampled
+        self.stage = "rollout"
         prompts, metadata = self.cursor.take(cfg.rollout.prompts_per_step)
         batch, result = actors.generate_and_score(workers, prompts, metadata, cfg.rollout.group_size,
                                                   cfg.rollout.chunks, timings)
@@ -158,17 +205,20 @@ class Loop:
         totals = torch.from_numpy(np.where(result.valid, result.total, 0.0)).float()
         adv, zero_std = group_advantages(totals, batch.group, valid, scale=cfg.trainer.scale_rewards)
         # 3. learn: one GRPO update on every learner rank
+        self.stage = "learn"
         with timed(timings, "learn"):
             learned = actors.train_step(workers, TrainBatch(batch.prompt_batch, batch.codes, batch.logprobs, adv,
                                                             valid))
         learned_version = int(learned.pop("version"))  # the learner stamps the weights it made
         # 4. sync: the new weights to every rollout actor (nothing to send when no update was made)
+        self.stage = "sync"
         with timed(timings, "sync"):
             if learned_version != self.version:
                 self.version = learned_version
                 actors.sync_weights(workers, self.version)
         timings["timing/step_s"] = time.perf_counter() - t0
         # 5. log: the step's metrics and, now and then, a grid of its samples
+        self.stage = "log"
         metrics = self.step_metrics(batch, result, learned, timings, zero_std)
         self.tracker.log(metrics, step)
         if cfg.tracking.image_every and step % cfg.tracking.image_every == 0:
@@ -189,12 +239,13 @@ class Loop:
                 "throughput/samples_per_s": len(batch.prompts) / timings["timing/step_s"]}
 
     def after_step(self, step: int) -> None:
-        """Held-out evaluation and checkpoints on their schedules."""
+        """The step's run state kept for a crash; held-out evaluation and checkpoints on their schedules."""
         cfg = self.cfg
+        self.last_state = self.run_state(step)
         if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.trainer.steps:
             evaluate(cfg, self.workers, self.tracker, step)
         if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
-            actors.save_checkpoint(self.workers, str(self.checkpoints), step, "step", self.run_state(step))
+            actors.save_checkpoint(self.workers, str(self.checkpoints), step, "step", self.last_state)
 
     def run_state(self, step: int) -> dict:
         """What the driver needs to continue after ``step`` exactly as if never interrupted."""

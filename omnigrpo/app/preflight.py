@@ -136,11 +136,14 @@ def check_resume(cfg: Config) -> tuple[Path | None, dict | None]:
     """The newest resumable checkpoint of ``run.dir`` and its run state, checked against the cluster shape."""
     import torch
 
-    from omnigrpo.trainers.checkpoint import latest_resumable
+    from omnigrpo.trainers.checkpoint import latest_checkpoint, latest_resumable
 
-    resume_from = latest_resumable(Path(cfg.run.dir).resolve() / "checkpoints")
-    if resume_from is None:
-        return None, None
+    root = Path(cfg.run.dir).resolve() / "checkpoints"
+    resume_from = latest_resumable(root)
+    newest = latest_checkpoint(root)
+    if resume_from is None or (newest is not None and newest != resume_from
+                               and newest.stat().st_mtime > resume_from.stat().st_mtime):
+        raise ConfigError(nothing_to_resume(root, newest))
     state = torch.load(resume_from / "run_state.pt", weights_only=True)
     if len(state["rollout_rng"]) != cfg.cluster.rollout_workers:
         raise ConfigError(f"cluster.rollout_workers: resuming {resume_from} needs {len(state['rollout_rng'])}")
@@ -149,6 +152,18 @@ def check_resume(cfg: Config) -> tuple[Path | None, dict | None]:
         raise ConfigError(f"cluster.learner_workers: resuming {resume_from} needs {ranks} (its optimiser state is "
                           "sharded that way)")
     return resume_from, state
+
+
+def nothing_to_resume(root: Path, newest: Path | None) -> str:
+    """Why ``run.resume`` cannot continue exactly: no checkpoint, or a newer one without a run state."""
+    if newest is None:
+        return (f"run.resume: no checkpoint under {root} to resume; drop --resume (run.resume=true) to start a "
+                "fresh run, or point run.dir at the run to continue")
+    info = json.loads((newest / "omnigrpo_step.json").read_text())
+    why = "in the middle of an update" if info.get("partial_update") else "while the weights were being updated or sent"
+    return (f"run.resume: the newest checkpoint, {newest}, was written {why} and cannot be resumed exactly; "
+            f"start a new run from its weights with model.path={newest} (and another run.dir), or remove it to "
+            "resume the checkpoint before it")
 
 
 def check_eval(cfg: Config, checkpoint: str, prompts_source: str) -> tuple[Path, list[str], list[dict]]:

@@ -165,8 +165,9 @@ class Tracker:
             time.sleep(2.0)
         return True
 
-    def end(self, failed: bool = False, wait_s: float = 120.0) -> None:
-        """Flush what is buffered (retrying for up to ``wait_s``), then mark the run finished or failed.
+    def end(self, failed: bool = False, wait_s: float = 120.0, stopped: bool = False) -> None:
+        """Flush what is buffered (retrying for up to ``wait_s``), then mark the run finished, failed or (a run
+        stopped on request, resumable) killed.
         Metrics the store never accepted are written to ``<run.dir>/unsent_metrics.jsonl``."""
         if not self.run_id:
             return
@@ -178,8 +179,8 @@ class Tracker:
                     f.write(json.dumps([{"key": m.key, "value": m.value, "step": m.step} for m in batch]) + "\n")
             log.error("MLflow still unreachable: %d step(s) of metrics written to %s", len(self.pending), path)
             return
-        status = RunStatus.to_string(RunStatus.FAILED if failed else RunStatus.FINISHED)
-        self.client.set_terminated(self.run_id, status=status)
+        status = RunStatus.FAILED if failed else RunStatus.KILLED if stopped else RunStatus.FINISHED
+        self.client.set_terminated(self.run_id, status=RunStatus.to_string(status))
 
 
 def _captioned(image: np.ndarray, caption: str, scale: int = 4) -> torch.Tensor:

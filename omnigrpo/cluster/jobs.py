@@ -47,8 +47,11 @@ def submit(cfg: Config, config_name: str, address: str, env_vars: dict[str, str]
         # the resolved config travels whole, so the cluster never re-reads the user's files
         (staging / CONFIG_NAME).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         package = Path(omnigrpo.__file__).resolve().parent
+        # Ray SIGKILLs a stopped job RAY_JOB_STOP_WAIT_TIME_S after its SIGTERM (3 s by default): long enough here
+        # for the run to finish its step and write a resumable checkpoint
+        grace = {"RAY_JOB_STOP_WAIT_TIME_S": str(cfg.cluster.stop_grace_s)}
         runtime_env = {"working_dir": str(staging), "py_modules": [str(package)],
-                       "env_vars": dict(env_vars or {})}
+                       "env_vars": {**grace, **(env_vars or {})}}
         entrypoint = shlex.join(["python", "-m", "omnigrpo.cli", "train", CONFIG_NAME])
         return _client(address).submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
                                            submission_id=submission_id,

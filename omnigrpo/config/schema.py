@@ -268,6 +268,10 @@ class ClusterConfig:
     call_timeout_s: Annotated[float, Field(ge=0.0)] = 900.0
     """Longest a reward or decoder actor may take for one shard; past it the actor is killed, replaced and the
     shard retried (counts against ``cluster.max_restarts``; ``fault/call_timeouts``). 0 = wait forever."""
+    stop_grace_s: NonNegInt = 600
+    """Seconds a run asked to stop (``omnigrpo stop``, or a first SIGTERM) has to finish its step and write a
+    resumable checkpoint; a submitted job gets this as Ray's ``RAY_JOB_STOP_WAIT_TIME_S``. A second SIGTERM
+    ends the run at once with a crash checkpoint."""
     torch_threads: NonNegInt = 0
     """Intra-op threads per worker; 0 = all cores (the stages of a step run one after another)."""
 

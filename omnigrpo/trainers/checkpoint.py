@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 _NAME = re.compile(r"^step-(\d+)$")
+_RESUMABLE = re.compile(r"^(?:step|crash)-\d+$")
 
 
 def write_checkpoint(root: str | Path, step: int, save: Callable[[Path], None], keep_last: int,
@@ -62,10 +63,21 @@ def list_checkpoints(root: str | Path) -> list[Path]:
 
 
 def latest_resumable(root: str | Path) -> Path | None:
-    """The newest ``step-*`` checkpoint under ``root/<run id>/`` that carries a run state (resumable)."""
+    """The newest checkpoint under ``root/<run id>/`` that carries a run state: a ``step-*`` one, or a
+    ``crash-*`` one written between updates."""
+    found = [p for p in _all(root) if (p / "run_state.pt").exists()]
+    return max(found, key=lambda p: (p.stat().st_mtime, p.name)) if found else None
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest complete checkpoint of any kind under ``root/<run id>/`` (resumable or not)."""
+    found = _all(root)
+    return max(found, key=lambda p: (p.stat().st_mtime, p.name)) if found else None
+
+
+def _all(root: str | Path) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
-        return None
-    found = [p for run in root.iterdir() if run.is_dir() for p in list_checkpoints(run)
-             if (p / "run_state.pt").exists()]
-    return max(found, key=lambda p: (p.stat().st_mtime, p.name)) if found else None
+        return []
+    return [p for run in root.iterdir() if run.is_dir() for p in run.iterdir()
+            if p.is_dir() and _RESUMABLE.match(p.name) and (p / "omnigrpo_step.json").exists()]

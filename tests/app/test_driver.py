@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from omnigrpo.app.driver import train
 from omnigrpo.app.tracking import store_uri
 from omnigrpo.rollout.families.builtin import WorldPolicy
+from omnigrpo.trainers.checkpoint import latest_resumable
 
 STEP_METRICS = [
     "reward/shapes/mean", "reward/shapes/std", "reward/flaky_judge:first_is_nan/mean", "reward/total/mean",
@@ -80,3 +81,6 @@ def test_a_crash_leaves_a_checkpoint_and_a_failed_run(tiny_config, sft_path, plu
     info = json.loads((checkpoints[0] / "omnigrpo_step.json").read_text())
     assert info == {"step": 1, "version": 1, "partial_update": False, "learners": 1}
     WorldPolicy.from_pretrained(checkpoints[0])  # and loads
+    # the crash came while judging step 2: the checkpoint carries step 1's run state, so --resume continues it
+    assert torch.load(checkpoints[0] / "run_state.pt", weights_only=True)["step"] == 1
+    assert latest_resumable(Path(cfg.run.dir) / "checkpoints") == checkpoints[0]
