@@ -55,6 +55,19 @@ def sft_path(cache_dir) -> Path:
     return sft_checkpoint(cfg, threads=2)
 
 
+def refused(main, argv: list[str], capsys, *needles: str) -> str:
+    """Run the CLI's ``main(argv)`` and check it refused: exit status 2, every stderr line an ``omnigrpo:`` line
+    (no traceback), each of ``needles`` in the message; returns stderr."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines and all(line.startswith("omnigrpo: ") for line in lines), err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    return err
+
+
 PLUGINS = Path(__file__).parent / "plugins"
 
 

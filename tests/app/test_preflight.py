@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import ray
+from conftest import refused
 from mlflow.tracking import MlflowClient
 
 from omnigrpo.cli import main
@@ -16,15 +17,11 @@ SHAPES = str(Path(__file__).parents[2] / "configs" / "shapes.yaml")
 
 
 def _refused(argv: list[str], capsys, *needles: str) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert lines and all(line.startswith("omnigrpo: ") for line in lines), err
-    for needle in needles:
-        assert needle in err, (needle, err)
-    assert not ray.is_initialized()
+    err = refused(main, argv, capsys, *needles)
+    assert not ray.is_initialized()  # refused before any cluster started
     return err
+
+
 
 
 @pytest.mark.parametrize("rewards, needle", [

@@ -5,6 +5,7 @@ file and line, exit status 2, no traceback, before anything starts."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import subprocess
 import sys
 import typing
@@ -12,11 +13,13 @@ from pathlib import Path
 
 import annotated_types
 import pytest
+from conftest import refused
 
 from omnigrpo.cli import main
 from omnigrpo.config.schema import Config
 
 SHAPES = str(Path(__file__).parents[2] / "configs" / "shapes.yaml")
+_refused = functools.partial(refused, main)
 
 
 def _leaves(cls: type, prefix: str = "") -> list[tuple[str, object]]:
@@ -58,16 +61,6 @@ def _out_of_range(hint: object) -> str | None:
     return None
 
 
-def _refused(argv: list[str], capsys, *needles: str) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert lines and all(line.startswith("omnigrpo: ") for line in lines), err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in err, (needle, err)
-    return err
 
 
 def test_every_key_is_covered():
