@@ -30,6 +30,7 @@ from omnigrpo.config.runtime import eval_seed
 from omnigrpo.config.schema import Config
 from omnigrpo.data.cursor import PromptCursor
 from omnigrpo.rewards.worker import RewardResult
+from omnigrpo.rollout.hub import absolute
 from omnigrpo.rollout.worker import RolloutBatch
 from omnigrpo.trainers.grpo import group_advantages
 from omnigrpo.trainers.learner import TrainBatch
@@ -88,12 +89,13 @@ def train(cfg: Config, stop_on_sigterm: bool = False) -> dict:
     plan = preflight.check_run(cfg)  # raises ConfigError naming the key before anything starts
     run_dir = Path(cfg.run.dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    model_path = cfg.model.path or str(sft_checkpoint(cfg, cfg.cluster.torch_threads or None))
+    model_path = absolute(cfg.model.path) or str(sft_checkpoint(cfg, cfg.cluster.torch_threads or None))
     cursor = PromptCursor(plan.prompts, plan.metadata, seed=cfg.run.seed)
     started_ray = not ray.is_initialized()
     actors.connect(cfg)
+    STOP.clear()
+    previous = signal.getsignal(signal.SIGTERM)
     if stop_on_sigterm:
-        STOP.clear()
         install_stop_handler()
     tracker = Tracker(cfg)
     workers = None
@@ -118,6 +120,8 @@ def train(cfg: Config, stop_on_sigterm: bool = False) -> dict:
         tracker.end(failed=True)
         raise
     finally:
+        if stop_on_sigterm and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
         if started_ray:
             ray.shutdown()
         elif workers is not None:  # the caller's cluster lives on: free what this run reserved
@@ -140,14 +144,16 @@ class Loop:
     stage: str = "start"
     """What the loop is doing: a crash during ``learn`` or ``sync`` leaves weights of no completed step."""
     last_state: dict | None = None
-    """The run state at the end of the last completed step: a crash outside learn/sync resumes from it."""
+    """The run state once the last step's weights reached the rollouts: a crash outside learn/sync resumes it."""
+    saved: tuple[int, str] | None = None
+    """(step, path) of the newest scheduled step checkpoint."""
 
     def run(self) -> dict:
         cfg = self.cfg
         first = self.resumed.get("step", 0) + 1
         self.version = self.resumed.get("version", 0)
-        self.last_state = self.resumed if "step" in self.resumed else None
         self.before = self.resumed.get("before") or evaluate(cfg, self.workers, self.tracker, 0)
+        self.last_state = self.resumed if "step" in self.resumed else self.run_state(first - 1)
         progress = Progress(cfg.trainer.steps, first)
         step = first - 1
         try:
@@ -178,7 +184,8 @@ class Loop:
 
     def stop(self, step: int) -> dict:
         """Stopped on request after ``step``: a resumable step checkpoint, the MLflow run marked KILLED."""
-        final = actors.save_checkpoint(self.workers, str(self.checkpoints), step, "step", self.run_state(step))
+        final = self.saved[1] if self.saved and self.saved[0] == step else actors.save_checkpoint(
+            self.workers, str(self.checkpoints), step, "step", self.last_state)
         log.warning("stopped after step %d on request; resume with --resume (checkpoint %s)", step, final)
         self.tracker.end(stopped=True)
         return {"before": self.before, "after": {}, "checkpoint": final, "run_id": self.tracker.run_id,
@@ -216,6 +223,7 @@ class Loop:
             if learned_version != self.version:
                 self.version = learned_version
                 actors.sync_weights(workers, self.version)
+        self.last_state = self.run_state(step)  # from here on a crash leaves this step's weights: resumable
         timings["timing/step_s"] = time.perf_counter() - t0
         # 5. log: the step's metrics and, now and then, a grid of its samples
         self.stage = "log"
@@ -239,20 +247,20 @@ class Loop:
                 "throughput/samples_per_s": len(batch.prompts) / timings["timing/step_s"]}
 
     def after_step(self, step: int) -> None:
-        """The step's run state kept for a crash; held-out evaluation and checkpoints on their schedules."""
+        """Held-out evaluation and checkpoints on their schedules."""
         cfg = self.cfg
-        self.last_state = self.run_state(step)
         if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.trainer.steps:
             evaluate(cfg, self.workers, self.tracker, step)
         if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
-            actors.save_checkpoint(self.workers, str(self.checkpoints), step, "step", self.last_state)
+            self.saved = (step, actors.save_checkpoint(self.workers, str(self.checkpoints), step, "step",
+                                                       self.last_state))
 
     def run_state(self, step: int) -> dict:
         """What the driver needs to continue after ``step`` exactly as if never interrupted."""
         return {"step": step, "version": self.version, "run_id": self.tracker.run_id,
                 "reference_path": self.resumed["reference_path"], "cursor": self.cursor.state(),
                 "before": self.before,
-                "rollout_rng": ray.get([w.rng_state.remote() for w in self.workers.rollouts])}
+                "rollout_rng": actors.rollout_rng_states(self.workers)}
 
     def finish(self) -> dict:
         """Final evaluation and checkpoint; the run's summary."""

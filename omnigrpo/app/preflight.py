@@ -136,15 +136,18 @@ def check_resume(cfg: Config) -> tuple[Path | None, dict | None]:
     """The newest resumable checkpoint of ``run.dir`` and its run state, checked against the cluster shape."""
     import torch
 
-    from omnigrpo.trainers.checkpoint import latest_checkpoint, latest_resumable
+    from omnigrpo.trainers.checkpoint import latest_checkpoint, latest_resumable, written
 
     root = Path(cfg.run.dir).resolve() / "checkpoints"
     resume_from = latest_resumable(root)
     newest = latest_checkpoint(root)
-    if resume_from is None or (newest is not None and newest != resume_from
-                               and newest.stat().st_mtime > resume_from.stat().st_mtime):
+    if resume_from is None or (newest is not None and written(newest) > written(resume_from)):
         raise ConfigError(nothing_to_resume(root, newest))
     state = torch.load(resume_from / "run_state.pt", weights_only=True)
+    info = json.loads((resume_from / "omnigrpo_step.json").read_text())
+    if "version" in info and "version" in state and info["version"] != state["version"]:
+        raise ConfigError(f"run.resume: {resume_from} holds weights v{info['version']} but a run state of v"
+                          f"{state['version']}; it cannot be resumed exactly (start a new run from it with model.path)")
     if len(state["rollout_rng"]) != cfg.cluster.rollout_workers:
         raise ConfigError(f"cluster.rollout_workers: resuming {resume_from} needs {len(state['rollout_rng'])}")
     ranks = json.loads((resume_from / "omnigrpo_step.json").read_text()).get("learners", 1)

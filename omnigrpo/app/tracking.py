@@ -148,8 +148,11 @@ class Tracker:
 
     def set_tags(self, tags: dict[str, str]) -> None:
         """Run tags (shown beside the run in MLflow), e.g. where each role's actors were placed."""
-        for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, value)
+        try:
+            for key, value in tags.items():
+                self.client.set_tag(self.run_id, key, value)
+        except Exception as err:  # noqa: BLE001 - tags are informative: an outage must not end the run
+            log.warning("run tags not logged: %s", str(err)[:200])
 
     def log_dict(self, data: dict, name: str, wait_s: float = 120.0) -> None:
         """A JSON artifact; waits up to ``wait_s`` for an unreachable server (buffered metrics go first)."""

@@ -161,6 +161,7 @@ def join_weight_group(workers: Workers) -> None:
     """Form the broadcast group: learner rank 0 (sender) and every rollout actor, meeting at a file store on
     one machine, or at a TCP store the learner serves on its node address across hosts."""
     size, timeout = 1 + len(workers.rollouts), workers.cfg.cluster.sync_timeout_s
+    workers.where = bind_addresses(workers.placement)  # a replacement may sit on another node than its predecessor
     if workers.where:
         store = ray.get(workers.learner.serve.remote("weights", size, timeout))
     else:
@@ -171,6 +172,19 @@ def join_weight_group(workers: Workers) -> None:
             + [w.join_weight_group.remote(store, i + 1, size, timeout, host)
                for i, (w, host) in enumerate(zip(workers.rollouts, hosts, strict=True))])
     workers.broadcast = True
+
+
+def rollout_rng_states(workers: Workers) -> list:
+    """Every rollout actor's sampling-generator state (for the run state); a dead actor is replaced first and
+    its replacement's fresh stream is the one saved."""
+    states = []
+    for i in range(len(workers.rollouts)):
+        try:
+            states.append(ray.get(workers.rollouts[i].rng_state.remote()))
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
+            _replace(workers, "rollout", i, err)
+            states.append(ray.get(workers.rollouts[i].rng_state.remote()))
+    return states
 
 
 def train_step(workers: Workers, batch) -> dict[str, float]:

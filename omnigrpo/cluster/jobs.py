@@ -96,5 +96,6 @@ async def _next(chunks: AsyncIterator[str]) -> str:
 
 
 def stop(address: str, job_id: str) -> bool:
-    """Ask the job to stop; True if a stop was sent (the run writes a crash checkpoint on the way out)."""
+    """Ask the job to stop (SIGTERM): the run finishes its step and writes a resumable checkpoint within
+    ``cluster.stop_grace_s``; True if a stop was sent."""
     return bool(_client(address).stop_job(job_id))

@@ -23,6 +23,16 @@ def is_local(path: str | Path) -> bool:
     return text.startswith((".", "/", "~")) or Path(text).expanduser().exists() or text.count("/") != 1
 
 
+def absolute(path: str) -> str:
+    """A local path made absolute (``~`` expanded), so every actor on every node reads the same directory and
+    none mistakes ``runs/step-000010`` for a hub id; a hub id unchanged.
+
+    >>> absolute("deepseek-community/Janus-Pro-1B")
+    'deepseek-community/Janus-Pro-1B'
+    """
+    return str(Path(path).expanduser().resolve()) if path and is_local(path) else path
+
+
 def checkpoint_file(path: str | Path, name: str, required: bool = True) -> Path | None:
     """The file ``name`` (may contain ``/``) of the checkpoint at ``path``; None when it is absent and not
     ``required`` (a hub id offline without that file in the cache counts as absent)."""

@@ -18,8 +18,11 @@ LOOPBACK = "127.0.0.1"
 
 
 def is_loopback(address: str) -> bool:
-    """>>> is_loopback("127.0.0.1"), is_loopback("10.0.0.2")
-    (True, False)"""
+    """Is ``address`` this machine's loopback?
+
+    >>> is_loopback("127.0.0.1"), is_loopback("10.0.0.2")
+    (True, False)
+    """
     return address.startswith("127.") or address in ("localhost", "::1")
 
 
@@ -33,12 +36,21 @@ def interface_of(address: str) -> str:
     raise OSError(f"no network interface of this machine has the address {address}")
 
 
-def serve_store(host: str, size: int, timeout_s: float) -> tuple[dist.TCPStore, str]:
-    """A TCP store served here on ``host`` (a free port), for ``size`` members; returns it and its
-    ``tcp://host:port`` spec for the others."""
-    store = dist.TCPStore(host, 0, size, is_master=True, timeout=datetime.timedelta(seconds=timeout_s),
-                          wait_for_workers=False)
-    return store, f"tcp://{host}:{store.port}"
+def serve_store(host: str, size: int, timeout_s: float) -> tuple[Served, str]:
+    """A TCP store served here on ``host`` only (a free port; torch's own server would listen on every
+    interface), for ``size`` members; returns it and its ``tcp://host:port`` spec for the others."""
+    listener = socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
+    port = listener.getsockname()[1]
+    store = dist.TCPStore(host, port, size, is_master=True, timeout=datetime.timedelta(seconds=timeout_s),
+                          wait_for_workers=False, master_listen_fd=listener.fileno())
+    return Served(store, listener), f"tcp://{host}:{port}"
+
+
+class Served:
+    """A served store and the listening socket it owns (kept open as long as the store is)."""
+
+    def __init__(self, store: dist.TCPStore, listener: socket.socket):
+        self.store, self.listener = store, listener
 
 
 def open_store(spec: str, size: int, timeout_s: float) -> dist.Store:

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,7 +40,8 @@ def write_checkpoint(root: str | Path, step: int, save: Callable[[Path], None], 
     aside = None
     try:
         save(tmp)
-        (tmp / "omnigrpo_step.json").write_text(json.dumps({"step": step, **(info or {})}))
+        stamp = {"step": step, "written_ns": time.time_ns(), **(info or {})}
+        (tmp / "omnigrpo_step.json").write_text(json.dumps(stamp))
         if target.exists():
             aside = target.with_name(f".{target.name}-old")
             os.replace(target, aside)
@@ -66,13 +68,19 @@ def latest_resumable(root: str | Path) -> Path | None:
     """The newest checkpoint under ``root/<run id>/`` that carries a run state: a ``step-*`` one, or a
     ``crash-*`` one written between updates."""
     found = [p for p in _all(root) if (p / "run_state.pt").exists()]
-    return max(found, key=lambda p: (p.stat().st_mtime, p.name)) if found else None
+    return max(found, key=written) if found else None
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
     """The newest complete checkpoint of any kind under ``root/<run id>/`` (resumable or not)."""
     found = _all(root)
-    return max(found, key=lambda p: (p.stat().st_mtime, p.name)) if found else None
+    return max(found, key=written) if found else None
+
+
+def written(checkpoint: Path) -> tuple[int, str]:
+    """When a checkpoint was published (recorded in it; the directory's time where it predates that)."""
+    info = json.loads((checkpoint / "omnigrpo_step.json").read_text())
+    return info.get("written_ns") or int(checkpoint.stat().st_mtime * 1e9), checkpoint.name
 
 
 def _all(root: str | Path) -> list[Path]:

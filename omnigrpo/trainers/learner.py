@@ -110,7 +110,8 @@ class Learner:
         backend = "nccl" if gpu else "gloo"
         if rendezvous.startswith("tcp://"):  # across hosts: rank 0 serves the store, the others are its clients
             timeout = self.cfg.cluster.sync_timeout_s
-            store = self.served.get("learners") or open_store(rendezvous, self.world_size, timeout)
+            served = self.served.get("learners")
+            store = served.store if served else open_store(rendezvous, self.world_size, timeout)
             torch.distributed.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size)
         deepspeed.init_distributed(dist_backend=backend, init_method=rendezvous, rank=self.rank,
                                    world_size=self.world_size, auto_mpi_discovery=False)  # joins the group above
@@ -237,7 +238,8 @@ class Learner:
     def join_weight_group(self, store: str, size: int, timeout_s: float) -> None:
         """Rank 0 joins the weight-broadcast group as its sender (rank 0 of ``size``)."""
         if self.rank == 0:
-            self.sync_group = WeightBroadcast(store, 0, size, timeout_s, self.address, self.served.get("weights"))
+            served = self.served.get("weights")
+            self.sync_group = WeightBroadcast(store, 0, size, timeout_s, self.address, served and served.store)
 
     def broadcast_weights(self, bucket_bytes: int) -> int:
         """Send the current weights to the broadcast group (every rank must call: ZeRO-3 gathers first);

@@ -79,7 +79,7 @@ def test_a_crash_leaves_a_checkpoint_and_a_failed_run(tiny_config, sft_path, plu
     checkpoints = sorted((Path(cfg.run.dir) / "checkpoints" / runs[0].info.run_id).iterdir())
     assert [p.name for p in checkpoints] == ["crash-000001"]  # the one update that completed is saved
     info = json.loads((checkpoints[0] / "omnigrpo_step.json").read_text())
-    assert info == {"step": 1, "version": 1, "partial_update": False, "learners": 1}
+    assert info.pop("written_ns") > 0 and info == {"step": 1, "version": 1, "partial_update": False, "learners": 1}
     WorldPolicy.from_pretrained(checkpoints[0])  # and loads
     # the crash came while judging step 2: the checkpoint carries step 1's run state, so --resume continues it
     assert torch.load(checkpoints[0] / "run_state.pt", weights_only=True)["step"] == 1

@@ -61,12 +61,12 @@ def test_a_checkpoint_written_mid_update_is_not_resumed(tmp_path):
     root = tmp_path / "run" / "checkpoints" / "r1"
     (root / "step-000002").mkdir(parents=True)
     torch.save({"step": 2, "rollout_rng": [torch.zeros(1)]}, root / "step-000002" / "run_state.pt")
-    (root / "step-000002" / "omnigrpo_step.json").write_text(json.dumps({"step": 2}))
+    (root / "step-000002" / "omnigrpo_step.json").write_text(json.dumps({"step": 2, "written_ns": 1}))
     cfg = load_config(None, [f"run.dir={tmp_path / 'run'}", "run.resume=true"])
     assert check_resume(cfg)[0] == root / "step-000002"
-    time.sleep(0.05)  # the crash comes later
-    (root / "crash-000003").mkdir()
-    (root / "crash-000003" / "omnigrpo_step.json").write_text(json.dumps({"step": 3, "partial_update": True}))
+    (root / "crash-000003").mkdir()  # written later, in the middle of an update
+    (root / "crash-000003" / "omnigrpo_step.json").write_text(json.dumps({"step": 3, "written_ns": 2,
+                                                                          "partial_update": True}))
     with pytest.raises(ConfigError, match="crash-000003, was written in the middle of an update and cannot be "
                                           "resumed exactly"):
         check_resume(cfg)

@@ -73,6 +73,7 @@ class Hosts:
         self.groups: list[subprocess.Popen] = []
         token = tmp / "ray_token"
         token.write_text(secrets.token_hex(32))
+        token.chmod(0o600)
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
                     "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
                     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
@@ -112,25 +113,29 @@ class Hosts:
         raise TimeoutError(f"{log}: no {text!r} within {timeout}s")
 
     def down(self) -> None:
-        for proc in reversed(self.groups):  # SIGTERM to the whole group, then SIGKILL what is left
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                continue
+        live = [p for p in reversed(self.groups) if p.poll() is None]  # an exited group's id may be reused
+        for proc in live:  # SIGTERM to the whole group, then SIGKILL what is left
+            _signal_group(proc, signal.SIGTERM)
         deadline = time.monotonic() + 30
-        for proc in self.groups:
+        for proc in live:
             try:
                 proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
-                pass
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+                _signal_group(proc, signal.SIGKILL)
         for ns in self.ns.values():
             for pid in subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split():
-                os.kill(int(pid), signal.SIGKILL)  # anything left inside the test's own namespaces
+                try:
+                    os.kill(int(pid), signal.SIGKILL)  # anything left inside the test's own namespaces
+                except ProcessLookupError:
+                    pass
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 @pytest.fixture(scope="module")
@@ -141,8 +146,7 @@ def hosts(tmp_path_factory):
         if os.environ.get("CI") == "true":
             pytest.fail(f"two-host test cannot run under CI: {why}")
         pytest.skip(why)
-    tmp = tmp_path_factory.mktemp("hosts")
-    h = Hosts(tmp)
+    h = Hosts(tmp_path_factory.mktemp("hosts"))
     try:
         h.up()
         a, b = h.address["a"], h.address["b"]
@@ -155,8 +159,8 @@ def hosts(tmp_path_factory):
                                "--num-cpus=4", "--disable-usage-stats",
                                f"--temp-dir={Path('/tmp') / ('r' + h.ns['b'])}"], "worker.log")
         h.wait_for("worker.log", "Ray runtime started", worker)
-        mlflow = h.start("a", [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
-                               "--artifacts-destination", str(tmp / "artifacts"), "--host", a,
+        mlflow = h.start("a", [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{h.tmp / 'mlflow.db'}",
+                               "--artifacts-destination", str(h.tmp / "artifacts"), "--host", a,
                                "--port", str(MLFLOW_PORT), "--workers", "1"], "mlflow.log")
         h.wait_for("mlflow.log", "Uvicorn running", mlflow, timeout=120)
         yield h
