@@ -118,7 +118,8 @@ def _config_arguments(parser: argparse.ArgumentParser, config_help: str) -> None
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)  # overrides may follow options such as --check
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # force: bind to the stderr of this call (an embedding process, or a test, may have replaced it since)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     command = COMMANDS[args.command]
     if args.command in CONFIG_COMMANDS:
         unknown = [e for e in extra if e.startswith("-")]  # anything else is an override, checked as one
