@@ -4,7 +4,7 @@ PY      := .venv/bin/python
 PIP     := DS_BUILD_OPS=0 .venv/bin/pip install --quiet --disable-pip-version-check -c constraints.txt
 STAMP   := .venv/.installed
 
-.PHONY: demo glyphs bench test lint install clean
+.PHONY: demo glyphs bench test gpu-check lint install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -27,6 +27,9 @@ test: $(STAMP)
 	.venv/bin/ruff check omnigrpo tests
 	.venv/bin/lint-imports
 	$(PY) -m pytest -q --durations=10
+
+gpu-check: $(STAMP)  # on a CUDA machine: the tests marked gpu, then the GPU benchmark (omnigrpo/bench/gpu_check.sh)
+	PATH=$(CURDIR)/.venv/bin:$$PATH omnigrpo/bench/gpu_check.sh runs/gpu-check
 
 lint: $(STAMP)
 	.venv/bin/ruff check omnigrpo tests

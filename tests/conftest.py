@@ -16,7 +16,7 @@ import torch
 from omnigrpo.cluster.environment import prepare_local_ray_env
 
 prepare_local_ray_env("")  # as the CLI does, before anything imports Ray
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "omnigrpo" / "torch_extensions"))
 
 from omnigrpo.config.loader import load_config  # noqa: E402

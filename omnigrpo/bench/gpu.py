@@ -96,32 +96,35 @@ def timed(fn: Callable[[], object], repeats: int, device: torch.device, warmup: 
     return median_seconds(fn, repeats, warmup, sync)
 
 
+SIDES = {"ours": "our sampler", "hf_batched_cfg": "HF generate, batched CFG",
+         "hf_unbatched_cfg": "HF generate, HF's CFG"}
+
+
 def bench_rollout(model: LlamaForCausalLM, prompts: PromptBatch, space: ImageSpace, params: SamplingParams,
-                  repeats: int, device: torch.device) -> dict[str, object]:
-    """Images/s and image tokens/s of our sampler and of HF ``generate`` (both CFG styles)."""
+                  repeats: int, device: torch.device, side: str) -> dict[str, float]:
+    """Images/s and image tokens/s of one ``side`` of :data:`SIDES`: our sampler or HF ``generate``."""
     b, t = len(prompts), space.tokens_per_image
 
     def ours() -> object:
         with torch.device(device):  # the sampler allocates its step tensors on the default device
             return sample_images(TextVocabLM(model, space), prompts, params)
 
-    def hf_unbatched() -> object:
-        return hf_generate(model, prompts, space, params)
+    fn = {"ours": ours, "hf_unbatched_cfg": lambda: hf_generate(model, prompts, space, params),
+          "hf_batched_cfg": lambda: hf_generate_batched(model, prompts, space, params)}[side]
+    seconds = timed(fn, repeats, device)
+    return {"seconds": seconds, "tokens_per_s": b * t / seconds, "images_per_s": b / seconds}
 
-    def hf_batched() -> object:
-        return hf_generate_batched(model, prompts, space, params)
 
-    out: dict[str, object] = {}
-    for name, fn in [("ours", ours), ("hf_unbatched_cfg", hf_unbatched), ("hf_batched_cfg", hf_batched)]:
-        seconds = timed(fn, repeats, device)
-        out[name] = {"seconds": seconds, "tokens_per_s": b * t / seconds, "images_per_s": b / seconds}
-    hf, hfb, ours_s = out["hf_unbatched_cfg"], out["hf_batched_cfg"], out["ours"]
-    out["ratio_ours_over_hf"] = ours_s["tokens_per_s"] / hf["tokens_per_s"]  # type: ignore[index]
-    out["ratio_ours_over_hf_batched"] = ours_s["tokens_per_s"] / hfb["tokens_per_s"]  # type: ignore[index]
-    out["hf_cfg_note"] = ("hf_unbatched_cfg = generate(guidance_scale, negative_prompt_ids): HF's CFG processor runs "
-                          "a second forward of batch B per step for the uncond branch; ours runs one forward of 2B. "
-                          "hf_batched_cfg = generate on the doubled batch with a cond/uncond mixing processor.")
-    return out
+def ratios(rollout: dict[str, object]) -> None:
+    """Add our tokens/s over each HF side measured so far to ``rollout``."""
+    ours = rollout["ours"]["tokens_per_s"]  # type: ignore[index]
+    for side, key in [("hf_unbatched_cfg", "ratio_ours_over_hf"), ("hf_batched_cfg", "ratio_ours_over_hf_batched")]:
+        if side in rollout:
+            rollout[key] = ours / rollout[side]["tokens_per_s"]  # type: ignore[index]
+    rollout["hf_cfg_note"] = ("hf_unbatched_cfg = generate(guidance_scale, negative_prompt_ids): HF's CFG processor "
+                              "runs a second forward of batch B per step for the uncond branch; ours runs one forward "
+                              "of 2B. hf_batched_cfg = generate on the doubled batch with a cond/uncond mixing "
+                              "processor.")
 
 
 def copy_bandwidth(nbytes: int, device: torch.device) -> float:
@@ -198,24 +201,29 @@ def machine(device: torch.device) -> dict[str, str]:
 
 
 def table(result: dict[str, dict]) -> str:
-    """Markdown summary of ``result``."""
-    r, d, lrn, m = result["rollout"], result["decode"], result["learner"], result["machine"]
+    """Markdown summary of what ``result`` holds so far."""
+    r, m = result.get("rollout", {}), result["machine"]
     rows = [f"{m['name']} | torch {m['torch']} | transformers {m['transformers']} | {m['date']}", "",
             "| measure | value |", "|---|---|"]
-    for side in ("ours", "hf_unbatched_cfg", "hf_batched_cfg"):
-        rows.append(f"| rollout {side} | {r[side]['tokens_per_s']:.1f} tok/s, {r[side]['images_per_s']:.3f} img/s |")
-    rows += [f"| ratio ours/hf (HF CFG) | {r['ratio_ours_over_hf']:.2f}x |",
-             f"| ratio ours/hf (batched CFG) | {r['ratio_ours_over_hf_batched']:.2f}x |",
-             f"| decode step (ours, {d['rows']} rows) | {d['step_ms']:.2f} ms |",
-             f"| decode floor ({d['copy_bandwidth_gb_s']:.0f} GB/s copy) | {d['floor_ms']:.3f} ms |",
-             f"| decode efficiency (floor/actual) | {d['efficiency']:.1%} |",
-             f"| learner fwd+bwd ({lrn['sequences']} seq) | {lrn['step_s'] * 1e3:.1f} ms, "
-             f"{lrn['tokens_per_s']:.0f} tok/s |",
-             f"| learner MFU | {lrn['mfu']:.1%} ({lrn['achieved_tflops']:.3g} / {lrn['matmul_tflops']:.3g} TFLOP/s) |"]
+    rows += [f"| rollout {side} | {r[side]['tokens_per_s']:.1f} tok/s, {r[side]['images_per_s']:.3f} img/s |"
+             for side in SIDES if side in r]
+    rows += [f"| ratio ours/hf ({label}) | {r[key]:.2f}x |" for key, label in
+             [("ratio_ours_over_hf", "HF CFG"), ("ratio_ours_over_hf_batched", "batched CFG")] if key in r]
+    if "decode" in result:
+        d = result["decode"]
+        rows += [f"| decode step (ours, {d['rows']} rows) | {d['step_ms']:.2f} ms |",
+                 f"| decode floor ({d['copy_bandwidth_gb_s']:.0f} GB/s copy) | {d['floor_ms']:.3f} ms |",
+                 f"| decode efficiency (floor/actual) | {d['efficiency']:.1%} |"]
+    if "learner" in result:
+        lrn = result["learner"]
+        rows += [f"| learner fwd+bwd ({lrn['sequences']} seq) | {lrn['step_s'] * 1e3:.1f} ms, "
+                 f"{lrn['tokens_per_s']:.0f} tok/s |",
+                 f"| learner MFU | {lrn['mfu']:.1%} ({lrn['achieved_tflops']:.3g} / {lrn['matmul_tflops']:.3g} "
+                 "TFLOP/s) |"]
     return "\n".join(rows)
 
 
-def main(argv: list[str] | None = None) -> dict[str, object]:
+def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="toy model on CPU in fp32 (seconds; for tests)")
     parser.add_argument("--batch", type=int, default=None, help="prompts per rollout (default 16; tiny 4)")
@@ -227,8 +235,14 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measure (median), after 1 warm-up")
     parser.add_argument("--copy-mib", type=int, default=None, help="copy-bandwidth buffer (default 2048; tiny 64)")
     parser.add_argument("--matmul-n", type=int, default=None, help="matmul-rate size n (default 8192; tiny 256)")
-    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here (after each measure)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, object]:
+    """Measure in order of cost (ours, decode floor, learner, then HF's two baselines), printing and saving after
+    each, so a run stopped by a time limit keeps what it measured."""
+    args = parse(argv)
     tiny = args.tiny
     device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
     dtype = torch.float32 if tiny else torch.bfloat16
@@ -239,25 +253,37 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, cfg_scale=args.cfg_scale)
     batch, plen, micro = args.batch or (4 if tiny else 16), args.prompt_len or (8 if tiny else 32), args.micro_batch
     prompts = make_prompts(batch, plen, space.offset, device)
-    rollout = bench_rollout(model, prompts, space, params, args.repeats, device)
-    bandwidth = copy_bandwidth((args.copy_mib or (64 if tiny else 2048)) << 20, device)
-    decode = bench_decode(model, prompts, space, rollout["ours"]["seconds"], args.repeats, bandwidth, device)
-    peak = matmul_rate(args.matmul_n or (256 if tiny else 8192), dtype, device)
-    learner_prompts = make_prompts(micro or (2 if tiny else 8), plen, space.offset, device)
-    learner = bench_learner(model, learner_prompts, space, params, args.repeats, peak, device)
-
+    rollout: dict[str, object] = {}
     result: dict[str, object] = {
-        "machine": machine(device), "rollout": rollout, "decode": decode, "learner": learner,
+        "machine": machine(device), "rollout": rollout,
         "config": {"tiny": tiny, "dtype": str(dtype), "batch": batch, "prompt_len": plen,
                    "tokens_per_image": space.tokens_per_image, "image_offset": space.offset,
                    "num_codes": space.num_codes, "cfg_scale": params.cfg_scale, "temperature": params.temperature,
                    "top_k": params.top_k, "repeats": args.repeats,
                    "params": sum(p.numel() for p in model.parameters()), "matmul_params": matmul_params(model)},
     }
+
+    def done(what: str) -> None:
+        print(f"measured {what}", flush=True)
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(result, indent=2))
+
+    rollout["ours"] = bench_rollout(model, prompts, space, params, args.repeats, device, "ours")
+    done(f"rollout ours: {rollout['ours']}")
+    bandwidth = copy_bandwidth((args.copy_mib or (64 if tiny else 2048)) << 20, device)
+    result["decode"] = bench_decode(model, prompts, space, rollout["ours"]["seconds"], args.repeats, bandwidth,
+                                    device)
+    done("decode floor")
+    peak = matmul_rate(args.matmul_n or (256 if tiny else 8192), dtype, device)
+    learner_prompts = make_prompts(micro or (2 if tiny else 8), plen, space.offset, device)
+    result["learner"] = bench_learner(model, learner_prompts, space, params, args.repeats, peak, device)
+    done("learner")
+    for side in ("hf_batched_cfg", "hf_unbatched_cfg"):
+        rollout[side] = bench_rollout(model, prompts, space, params, args.repeats, device, side)
+        ratios(rollout)
+        done(f"rollout {side}: {rollout[side]}")
     print(table(result))  # type: ignore[arg-type]
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
     return result
 
 

@@ -248,12 +248,11 @@ class Learner:
             return self.sync_group.send(weights, self.version, bucket_bytes) if self.rank == 0 else 0
 
     def checksum(self) -> float:
-        """Sum of this rank's full weights (ZeRO 0-2 keep them whole on every rank; LoRA: merged), to compare
-        ranks and rollouts after a sync."""
-        with torch.no_grad():  # tied weights (Janus's head and embeddings) count once, as in parameters()
-            buffers = {b.data_ptr() for b in self.engine.module.buffers()}
-            unique = {t.data_ptr(): t for t in adapter.merged_state_dict(self.engine.module).values()
-                      if t.data_ptr() not in buffers}
+        """Sum of the full weights (LoRA: merged; under ZeRO-3 every rank must call, as they are gathered), to
+        compare ranks and rollouts after a sync."""
+        with torch.no_grad(), self._full_weights() as weights:  # tied weights (Janus's head and embeddings) count
+            buffers = {b.data_ptr() for b in self.engine.module.buffers()}  # once, as in parameters()
+            unique = {t.data_ptr(): t for t in weights.values() if t.data_ptr() not in buffers}
             return float(sum(t.double().sum() for t in unique.values()))
 
     def save_checkpoint(self, root: str | Path, step: int | None = None, name: str = "step",
