@@ -72,6 +72,16 @@ def text_metrics(cfg: Config, images: np.ndarray, prompts: list[str], metadata: 
     return metrics
 
 
+def paint(cfg: Config, codes, grid: tuple[int, int]) -> np.ndarray:
+    """Images ``[N, H, W, 3]`` of ``codes`` ``[N, T]`` from the run's diffusion decoder (``decoder.*``)."""
+    from omnigrpo.rollout.families.diffusion import DiffusionDecoder
+
+    decoder = DiffusionDecoder(cfg.decoder.path, steps=cfg.decoder.steps, guidance=cfg.decoder.guidance,
+                               seed=checkpoint_eval_seed(cfg.run.seed), threads=cfg.cluster.torch_threads)
+    decoder.setup()
+    return decoder.decode(codes, grid)
+
+
 def evaluate_checkpoint(cfg: Config, checkpoint: str, prompts_source: str = "", samples: int = 0,
                         out: str = "") -> dict:
     """Sample, judge and report; returns the report (also written to ``out`` and logged to MLflow).
@@ -89,9 +99,11 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, prompts_source: str = "", 
     rollout = RolloutWorker(str(path), SamplingParams.of(cfg.rollout), seed=checkpoint_eval_seed(cfg.run.seed),
                             threads=cfg.cluster.torch_threads, family=cfg.model.family,
                             grid=tuple(cfg.model.image_grid) or None, sample_batch=cfg.rollout.sample_batch,
-                            dtype=cfg.model.dtype)
+                            dtype=cfg.model.dtype, decode=not cfg.decoder.path)
     rollout.setup()
     batch = rollout.generate(prompts, metadata, per_prompt)
+    if cfg.decoder.path:  # X-Omni: the configured diffusion decoder paints the codes, as in training
+        batch.images = paint(cfg, batch.codes, batch.grid)
     result = rewards.score(batch.images, batch.prompts, batch.metadata)
     metrics = {"eval/reward_mean": float(np.nanmean(result.total)) if result.valid.any() else float("nan"),
                **result.metrics(prefix="eval/reward")}

@@ -41,6 +41,7 @@ class RunPlan:
 def check_run(cfg: Config) -> RunPlan:
     """Everything a training run needs that can be checked without a cluster; raises ConfigError."""
     prompts, metadata = check_prompts(cfg.data.prompts, "data.prompts")
+    check_decoder(cfg)
     if cfg.model.path:
         check_model(cfg)
     check_rewards(cfg, prompts, metadata)
@@ -54,6 +55,15 @@ def check_prompts(source: str, key: str) -> tuple[list[str], list[dict]]:
         return load_prompts(source)
     except PromptFileError as err:
         raise ConfigError(f"{key}: {err}") from None
+
+
+def check_decoder(cfg: Config) -> None:
+    """X-Omni's pixels come from its diffusion decoder: without one the judges would score the policy's palette
+    code map (16 px of one colour per code), which rewards nothing a user wants."""
+    if cfg.model.family == "xomni" and not cfg.decoder.path:
+        raise ConfigError("decoder.path: X-Omni paints its images with a diffusion decoder; without one the rewards "
+                          "would score a palette map of its codes. Set decoder.path to the decoder's directory or "
+                          "hub id (omnigrpo.rollout.families.diffusion)")
 
 
 def check_model(cfg: Config) -> None:
@@ -171,6 +181,7 @@ def nothing_to_resume(root: Path, newest: Path | None) -> str:
 
 def check_eval(cfg: Config, checkpoint: str, prompts_source: str) -> tuple[Path, list[str], list[dict]]:
     """An evaluation's checkpoint directory and prompts (a file, or the world's held-out set)."""
+    check_decoder(cfg)
     path = Path(checkpoint).expanduser().resolve()
     if not path.is_dir():
         raise ConfigError(f"--checkpoint: {checkpoint!r} is not a directory")

@@ -8,8 +8,9 @@ CLI, ``python -m omnigrpo.cli train config.yaml [overrides]``, which inside a jo
 cluster through the ``RAY_ADDRESS`` Ray sets. The same run can therefore be started by hand with
 ``ray job submit --address ... --working-dir DIR -- omnigrpo train config.yaml``.
 
-The cluster's nodes need omnigrpo's dependencies installed (same image or venv); only the package
-source and config travel. Auth follows Ray: with token auth on (Ray 2.60's default) set
+The cluster's nodes need omnigrpo's dependencies installed (same image or venv); the package source, the
+config and what the config names on this machine only (prompt files by relative path, reward modules that are
+local source: ``omnigrpo.cluster.payload``) travel. Auth follows Ray: with token auth on (Ray 2.60's default) set
 ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH`` on both sides; the token is never put in the
 job's runtime environment or arguments.
 """
@@ -23,13 +24,18 @@ import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import yaml
+import tenacity
 
 import omnigrpo
-from omnigrpo.config.loader import to_dict
+from omnigrpo.cluster.payload import CONFIG_NAME, gather
 from omnigrpo.config.schema import Config
 
-CONFIG_NAME = "config.yaml"
+
+def _agent_wait() -> tenacity.Retrying:
+    """Ray answers "No available agent to submit job, please try again later" until a new head's job agent is up."""
+    return tenacity.Retrying(retry=tenacity.retry_if_exception(lambda err: "No available agent" in str(err)),
+                             wait=tenacity.wait_exponential(multiplier=1, max=10),
+                             stop=tenacity.stop_after_delay(120), reraise=True)
 
 
 def _client(address: str):
@@ -42,10 +48,11 @@ def submit(cfg: Config, config_name: str, address: str, env_vars: dict[str, str]
            submission_id: str | None = None) -> str:
     """Submit a run of the resolved, checked config ``cfg`` (``config_name``: the user's file, for the job's
     metadata); returns the job id."""
+    payload = gather(cfg)  # refuses what the cluster could not see, before anything is sent
     staging = Path(tempfile.mkdtemp(prefix="omnigrpo-job-"))
     try:
         # the resolved config travels whole, so the cluster never re-reads the user's files
-        (staging / CONFIG_NAME).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        payload.write(staging)
         package = Path(omnigrpo.__file__).resolve().parent
         # Ray SIGKILLs a stopped job RAY_JOB_STOP_WAIT_TIME_S after its SIGTERM (3 s by default): long enough here
         # for the run to finish its step and write a resumable checkpoint
@@ -53,9 +60,11 @@ def submit(cfg: Config, config_name: str, address: str, env_vars: dict[str, str]
         runtime_env = {"working_dir": str(staging), "py_modules": [str(package)],
                        "env_vars": {**grace, **(env_vars or {})}}
         entrypoint = shlex.join(["python", "-m", "omnigrpo.cli", "train", CONFIG_NAME])
-        return _client(address).submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
-                                           submission_id=submission_id,
-                                           metadata={"omnigrpo": omnigrpo.__version__, "config": config_name})
+        metadata = {"omnigrpo": omnigrpo.__version__, "config": config_name}
+        for attempt in _agent_wait():  # a head that has just started may not have its job agent up yet
+            with attempt:
+                return _client(address).submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
+                                                   submission_id=submission_id, metadata=metadata)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # Ray uploaded its own copy
 

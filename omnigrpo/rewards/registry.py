@@ -23,9 +23,14 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib
+import importlib.util
 import inspect
+import site
+import sys
+import sysconfig
 from collections.abc import Callable
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
 from omnigrpo.rewards.protocol import RewardFn, is_reward_function
@@ -156,3 +161,23 @@ def check_arguments(name: str, obj: Any, kwargs: dict[str, Any], skip: int = 0) 
                and p.name not in kwargs]
     if missing:
         raise RewardArgumentError(f"reward {name!r} needs the argument(s) {', '.join(missing)} in its kwargs")
+
+
+def local_source(name: str) -> Path | None:
+    """The ``.py`` file or package directory of a ``module:attr`` reward's top-level module when it is source on
+    this machine outside the installed environment (so ``omnigrpo submit`` ships it); None for built-ins, entry
+    points, ``url:`` rewards, omnigrpo itself and installed or standard-library modules."""
+    if name.startswith("url:") or ":" not in name:
+        return None
+    top = name.split(":", 1)[0].split(".")[0]
+    spec = importlib.util.find_spec(top) if top != "omnigrpo" else None
+    if spec is None or not spec.origin or not Path(spec.origin).exists():
+        return None  # missing (the preflight reports it), built-in, frozen or a namespace package
+    origin = Path(spec.origin).resolve()
+    source = origin.parent if spec.submodule_search_locations else origin
+    paths = sysconfig.get_paths()
+    installed = [*site.getsitepackages(), site.getusersitepackages(), paths["stdlib"], paths["platstdlib"],
+                 sys.prefix, sys.base_prefix]
+    if any(source.is_relative_to(Path(root).resolve()) for root in installed):
+        return None
+    return source

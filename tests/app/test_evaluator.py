@@ -64,3 +64,17 @@ def test_eval_of_a_family_checkpoint_on_a_prompt_file(tiny_config, tmp_path, plu
     report = evaluate_checkpoint(cfg, str(path), prompts_source=str(prompts), samples=2, out=str(tmp_path / "r.json"))
     assert report["num_prompts"] == 2 and report["samples_per_prompt"] == 2
     assert 0.0 <= report["metrics"]["eval/reward_mean"] <= 1.0  # every image reached the reward at 32 x 32
+
+
+def test_eval_of_xomni_paints_through_its_diffusion_decoder(tiny_config, tmp_path, plugins):
+    from omnigrpo.rollout.families import tiny
+
+    path, decoder = tiny.build("xomni", tmp_path / "xomni"), tiny.diffusion_decoder(tmp_path / "decoder")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\na red circle\n")
+    # 8 x 8 codes: the decoder paints 32 px; the palette code map would be 128 px and fail SizedSaturation
+    cfg = tiny_config("model.family=xomni", f"model.path={path}", f"decoder.path={decoder}", "decoder.steps=2",
+                      "rewards=[{name: 'sized_reward:SizedSaturation', kwargs: {height: 32, width: 32}}]")
+    report = evaluate_checkpoint(cfg, str(path), prompts_source=str(prompts), samples=2, out=str(tmp_path / "r.json"))
+    assert report["metrics"]["eval/reward/failed"] == 0.0, report["metrics"]
+    assert 0.0 <= report["metrics"]["eval/reward_mean"] <= 1.0

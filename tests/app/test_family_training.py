@@ -9,6 +9,7 @@ from mlflow.tracking import MlflowClient
 from omnigrpo.app.driver import train
 from omnigrpo.app.tracking import store_uri
 from omnigrpo.rollout.families import tiny
+from omnigrpo.rollout.families.diffusion import DiffusionDecoder
 from omnigrpo.rollout.loader import family_class, load_policy
 
 
@@ -21,7 +22,12 @@ def test_one_grpo_step_per_family(tiny_config, tmp_path, plugins, family, option
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle at the top left\na cat\na blue square\na dog in the middle\n")
     height, width = family_class(family).pixels(start)
-    cfg = tiny_config(f"model.family={family}", f"model.path={start}", f"data.prompts={prompts}",
+    painted = []
+    if family == "xomni":  # X-Omni's pixels come from its diffusion decoder
+        decoder = tiny.diffusion_decoder(tmp_path / "decoder")
+        height, width = DiffusionDecoder.pixels(str(decoder), (8, 8))
+        painted = [f"decoder.path={decoder}", "decoder.steps=2"]
+    cfg = tiny_config(f"model.family={family}", f"model.path={start}", f"data.prompts={prompts}", *painted,
                       "eval.held_out=false", "trainer.steps=1", "trainer.lr=1e-2", "rollout.cfg_scale=2.0", option,
                       f"rewards=[{{name: 'sized_reward:SizedSaturation', kwargs: {{height: {height}, "
                       f"width: {width}}}}}]")

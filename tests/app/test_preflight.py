@@ -54,6 +54,17 @@ def test_a_checkpoint_with_another_image_vocabulary_is_refused(tmp_path, capsys)
               f"run.dir={tmp_path / 'run'}"], capsys, "model.path:", "does not exist")
 
 
+def test_xomni_without_a_decoder_is_refused_for_training_and_evaluation(tmp_path, capsys):
+    path = tiny.build("xomni", tmp_path / "xomni")
+    capsys.readouterr()
+    needle = "decoder.path: X-Omni paints its images with a diffusion decoder"
+    _refused(["train", SHAPES, "model.family=xomni", f"model.path={path}", f"run.dir={tmp_path / 'run'}"], capsys,
+             needle)
+    _refused(["eval", SHAPES, "--checkpoint", str(path), "model.family=xomni", f"model.path={path}",
+              f"run.dir={tmp_path / 'run'}"],
+             capsys, needle)
+
+
 def test_a_bad_prompt_line_names_the_key_file_and_line(tmp_path, capsys):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "a red circle"}\n{"prompt": \n')

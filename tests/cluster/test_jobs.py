@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import TINY
+from conftest import PLUGINS, TINY
 from mlflow.tracking import MlflowClient
 
 from omnigrpo.app.tracking import store_uri
@@ -82,10 +82,19 @@ def _wait(address: str, job_id: str, capsys, timeout: float = 420.0) -> str:
     raise TimeoutError(f"job {job_id} still running after {timeout}s")
 
 
-def test_submitted_run_finishes_and_logs_to_mlflow(ray_head, sft_path, cache_dir, tmp_path, capsys):
+def test_submitted_run_finishes_and_logs_to_mlflow(ray_head, sft_path, cache_dir, tmp_path, capsys, monkeypatch):
+    """The run also names a prompt file by a relative path and a reward module that exists only here (not on the
+    cluster's import path): both must travel with the job."""
     config = Path(__file__).parents[2] / "configs" / "shapes.yaml"
+    monkeypatch.chdir(tmp_path)
+    Path("prompts.txt").write_text("a red circle at the top left\na blue square at the bottom right\n"
+                                   "a green triangle at the top right\na yellow circle at the bottom left\n")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "shipped_judge.py").write_text((PLUGINS / "red_reward.py").read_text())
+    monkeypatch.syspath_prepend(str(tmp_path / "mine"))
     overrides = [*TINY, f"run.cache_dir={cache_dir}", f"run.dir={tmp_path / 'run'}", f"model.path={sft_path}",
-                 "trainer.steps=2", "eval.every=0", "tracking.image_every=0"]
+                 "trainer.steps=2", "eval.every=0", "tracking.image_every=0", "data.prompts=prompts.txt",
+                 "rewards=[{name: shapes}, {name: 'shipped_judge:redness', weight: 0.5}]"]
     assert main(["submit", str(config), "--address", ray_head, *overrides]) == 0
     job_id = capsys.readouterr().out.strip().splitlines()[-1]
     assert main(["logs", job_id, "--address", ray_head, "--follow"]) == 0  # streams until the job ends
@@ -102,12 +111,21 @@ def test_submitted_run_finishes_and_logs_to_mlflow(ray_head, sft_path, cache_dir
     run = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])[0]
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "reward/total/mean")]
     assert sorted(steps) == [1, 2] and run.info.status == "FINISHED"
+    metrics = run.data.metrics
+    assert metrics["reward/failed"] == 0 and any("shipped_judge" in k for k in metrics), sorted(metrics)
 
 
-def test_a_bad_config_is_refused_before_submission(tmp_path, capsys):
+def test_a_bad_config_is_refused_before_submission(tmp_path, capsys, monkeypatch):
     config = Path(__file__).parents[2] / "configs" / "shapes.yaml"
     # nothing listens on this address: the config error must come first
     code = main(["submit", str(config), "--address", "http://127.0.0.1:9", "trainer.stepz=2"])
     assert code == 2 and "trainer.stepz: unknown key (did you mean trainer.steps?)" in capsys.readouterr().err
     code = main(["submit", str(config), "--address", "http://127.0.0.1:9", "run.dir=runs/relative"])
     assert code == 2 and "run.dir: a submitted run needs an absolute path" in capsys.readouterr().err
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text("{}")
+    monkeypatch.chdir(tmp_path)
+    code = main(["submit", str(config), "--address", "http://127.0.0.1:9", f"run.dir={tmp_path / 'run'}",
+                 "model.family=janus", "model.path=ckpt"])
+    err = capsys.readouterr().err
+    assert code == 2 and "model.path: a submitted run needs a checkpoint the cluster sees" in err, err
