@@ -103,12 +103,13 @@ def train(cfg: Config, stop_on_sigterm: bool = False) -> dict:
         extensions = str(cache_root(cfg) / "torch_extensions")
         state = plan.state
         if state is None:
-            workers = actors.spawn(cfg, model_path, extensions)
+            workers = actors.spawn(cfg, model_path, extensions, dry_run=plan.dry_run)
             tracker.start()
             tracker.set_tags(actors.placement_tags(workers))
             return Loop(cfg, workers, tracker, run_dir, cursor, {"reference_path": model_path}).run()
         log.info("resuming %s at step %d", plan.resume_from, state["step"])
-        workers = actors.spawn(cfg, str(plan.resume_from), extensions, state["reference_path"], resume=True)
+        workers = actors.spawn(cfg, str(plan.resume_from), extensions, state["reference_path"], resume=True,
+                               dry_run=plan.dry_run)
         ray.get([w.restore.remote(rng, state["version"]) for w, rng in zip(workers.rollouts, state["rollout_rng"],
                                                                           strict=True)])
         workers.version = state["version"]

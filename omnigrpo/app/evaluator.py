@@ -25,11 +25,12 @@ import numpy as np
 
 from omnigrpo.app.preflight import check_eval
 from omnigrpo.app.tracking import Tracker
+from omnigrpo.config.loader import ConfigError
 from omnigrpo.config.runtime import checkpoint_eval_seed
 from omnigrpo.config.schema import Config
 from omnigrpo.rewards.judges.ocr import target_text
 from omnigrpo.rewards.registry import build_reward
-from omnigrpo.rewards.worker import RewardWorker
+from omnigrpo.rewards.worker import JudgeStartError, RewardWorker
 from omnigrpo.rollout.sampler import SamplingParams
 from omnigrpo.rollout.worker import RolloutWorker
 from omnigrpo.worlds import registry as worlds
@@ -95,7 +96,10 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, prompts_source: str = "", 
     path, prompts, metadata = check_eval(cfg, checkpoint, prompts_source)  # before loading anything
     per_prompt = samples or cfg.eval.samples_per_prompt
     rewards = RewardWorker(cfg.rewards)
-    rewards.setup()  # builds every judge first: a bad reward fails before any sampling
+    try:
+        rewards.setup()  # builds every judge first: a bad reward fails before any sampling
+    except JudgeStartError as err:
+        raise ConfigError(str(err)) from None
     rollout = RolloutWorker(str(path), SamplingParams.of(cfg.rollout), seed=checkpoint_eval_seed(cfg.run.seed),
                             threads=cfg.cluster.torch_threads, family=cfg.model.family,
                             grid=tuple(cfg.model.image_grid) or None, sample_batch=cfg.rollout.sample_batch,

@@ -26,9 +26,10 @@ from ray._private import ray_constants
 
 from omnigrpo.cluster import placement
 from omnigrpo.cluster.environment import prepare_local_ray_env, wants_local_cluster
+from omnigrpo.config.loader import ConfigError
 from omnigrpo.config.runtime import actor_seed
 from omnigrpo.config.schema import Config
-from omnigrpo.rewards.worker import RewardResult, RewardWorker
+from omnigrpo.rewards.worker import DryRun, JudgeStartError, RewardResult, RewardWorker
 from omnigrpo.rollout.families.diffusion import DiffusionDecoder
 from omnigrpo.rollout.sampler import SamplingParams
 from omnigrpo.rollout.worker import RolloutBatch, RolloutWorker
@@ -106,9 +107,10 @@ class Pending:
 
 
 def spawn(cfg: Config, model_path: str, extensions_dir: str, reference_path: str | None = None,
-          resume: bool = False) -> Workers:
-    """Create and set up every actor of a run; raises if any setup fails. With ``resume``, ``model_path``
-    is a checkpoint and ``reference_path`` the run's starting policy."""
+          resume: bool = False, dry_run: DryRun | None = None) -> Workers:
+    """Create and set up every actor of a run; raises if any setup fails, as ConfigError when a reward could not
+    be built or failed its ``dry_run`` in its actor. With ``resume``, ``model_path`` is a checkpoint and
+    ``reference_path`` the run's starting policy."""
     plan = placement.build(cfg)  # fails naming the role and shortfall before any model loads
     threads = cfg.cluster.torch_threads
     accelerator = "cuda" if cfg.cluster.learner_gpus else "cpu"
@@ -121,8 +123,11 @@ def spawn(cfg: Config, model_path: str, extensions_dir: str, reference_path: str
         cfg, model_path, rank=rank, world_size=size, reference_path=reference_path,
         address=where.get(("learner", rank), LOOPBACK)) for rank in range(size)]
     rendezvous = learner_rendezvous(cfg, learners, where)
-    ray.get([w.setup.remote() for w in rollouts + rewards + decoders]
-            + [learner.setup.remote(extensions_dir, threads, resume, rendezvous) for learner in learners])
+    try:
+        ray.get([w.setup.remote(dry_run) for w in rewards] + [w.setup.remote() for w in rollouts + decoders]
+                + [learner.setup.remote(extensions_dir, threads, resume, rendezvous) for learner in learners])
+    except JudgeStartError as err:  # Ray's error is also an instance of the actor's exception class
+        raise ConfigError(str(getattr(err, "cause", None) or err)) from None
     workers = Workers(rollouts=rollouts, rewards=rewards, learners=learners, cfg=cfg, model_path=model_path,
                       placement=plan, decoders=decoders, where=where)
     if cfg.cluster.weight_sync == "broadcast":

@@ -1,6 +1,6 @@
 """What a reward is: a function ``(images, prompts, metadata) -> list[float | None]``, maybe ``async``.
 
-Why: the registry, the reward worker, the reward service and the driver's dry run all call rewards;
+Why: the registry, the reward worker, the reward service and the evaluator all call rewards;
 they share this one definition of the call (and of telling a reward function from a factory), so
 the modules that use it need not import each other.
 """
@@ -35,3 +35,13 @@ def call_reward(fn, images, prompts, metadata):
 
 async def _await(awaitable):
     return await awaitable
+
+
+def judge_device(device: str) -> str:
+    """``auto``: the GPU this process was given (a reward actor with ``cluster.reward_gpus`` sees its own as
+    device 0; one without sees none), else the CPU; any other value as given."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

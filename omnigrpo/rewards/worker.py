@@ -89,6 +89,19 @@ def combine(
     return np.where(valid, total, np.nan), valid
 
 
+class JudgeStartError(RuntimeError):
+    """A reward could not be built or failed its dry run where it runs (its message names ``rewards.N``)."""
+
+
+@dataclass(frozen=True)
+class DryRun:
+    """What a reward actor dry-runs its judges on: image ``shape`` (H, W) and two prompts with metadata."""
+
+    shape: tuple[int, int]
+    prompts: list[str]
+    metadata: list[dict]
+
+
 class RewardWorker:
     """Builds each configured reward once (in :meth:`setup`) and scores batches of images."""
 
@@ -96,9 +109,33 @@ class RewardWorker:
         self.specs = list(specs)
         self.fns: list = []
 
-    def setup(self) -> list[str]:
-        self.fns = [build_reward(s.name, s.kwargs) for s in self.specs]
+    def setup(self, dry_run: DryRun | None = None) -> list[str]:
+        """Build every reward here, on this process's devices; with ``dry_run``, call each on two blank images.
+        Raises :class:`JudgeStartError` naming the reward (``rewards.N``) that could not be built or failed."""
+        self.fns = []
+        for i, spec in enumerate(self.specs):
+            try:
+                self.fns.append(build_reward(spec.name, spec.kwargs))
+            except Exception as err:  # noqa: BLE001 - reported with the reward's config key
+                raise JudgeStartError(f"rewards.{i}: reward {spec.name!r} could not be built: "
+                                      f"{type(err).__name__}: {err}") from None
+        if dry_run is not None:
+            self.dry_run(dry_run)
         return [s.name for s in self.specs]
+
+    def dry_run(self, inputs: DryRun) -> None:
+        """Each reward on two blank images ``[2, H, W, 3]`` of the policy's size: a judge that cannot score
+        stops the run at start-up, not at step 1."""
+        blank = np.zeros((2, *inputs.shape, 3), dtype=np.uint8)
+        for i, (spec, fn) in enumerate(zip(self.specs, self.fns, strict=True)):
+            try:
+                count = len(call_reward(fn, blank, inputs.prompts, inputs.metadata))
+            except Exception as err:  # noqa: BLE001 - any failure of a user's judge is reported, never raised raw
+                raise JudgeStartError(f"rewards.{i}: reward {spec.name!r} failed its dry run on 2 blank images: "
+                                      f"{type(err).__name__}: {err}") from None
+            if count != 2:
+                raise JudgeStartError(f"rewards.{i}: reward {spec.name!r} returned {count} scores for 2 images in "
+                                      "its dry run")
 
     def score(self, images: np.ndarray, prompts: list[str], metadata: list[dict]) -> RewardResult:
         """Score uint8 images ``[N, H, W, 3]`` against their prompts and metadata."""

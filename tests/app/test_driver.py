@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from omnigrpo.app.driver import train
 from omnigrpo.app.tracking import store_uri
+from omnigrpo.config.loader import ConfigError
 from omnigrpo.rollout.families.builtin import WorldPolicy
 from omnigrpo.trainers.checkpoint import latest_resumable
 
@@ -53,12 +55,16 @@ def test_a_short_run_trains_syncs_and_logs(tiny_config, sft_path, plugins):
     assert Path(summary["checkpoint"]) == Path(cfg.run.dir).resolve() / "checkpoints" / run.info.run_id / "step-000003"
 
 
-def test_a_reward_that_fails_its_dry_run_stops_the_run_before_ray(tiny_config, plugins):
-    cfg = tiny_config("rewards=[{name: 'broken_judge:score'}]")
-    with pytest.raises(Exception, match="returned 1 scores for 2 images"):
+def test_judges_load_and_dry_run_in_their_actors_and_a_failure_stops_the_run(tiny_config, plugins, tmp_path):
+    where = tmp_path / "built_in_pid"
+    cfg = tiny_config(f"rewards=[{{name: 'located_judge:located', kwargs: {{path: '{where}'}}}}, "
+                      "{name: 'broken_judge:score'}]")
+    with pytest.raises(ConfigError, match="rewards.1: reward 'broken_judge:score' returned 1 scores for 2 images "
+                                          "in its dry run"):
         train(cfg)
+    assert int(where.read_text()) != os.getpid()  # built in a reward actor, never on the driver
     assert not ray.is_initialized()
-    assert not Path(cfg.run.dir).exists()
+    assert not (Path(cfg.run.dir) / "checkpoints").exists()
 
 
 

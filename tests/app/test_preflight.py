@@ -28,12 +28,21 @@ def _refused(argv: list[str], capsys, *needles: str) -> str:
     ("[{name: shapes, kwargs: {strict: true}}]", "rewards.0.kwargs: reward 'shapes' takes no argument 'strict'"),
     ("[{name: ocr, kwargs: {scroe: exact}}]", "takes no argument 'scroe' (did you mean 'score'?)"),
     ("[{name: shapes}, {name: hps, kwargs: {}}]", "rewards.1.kwargs: reward 'hps' needs the argument(s) checkpoint"),
-    ("[{name: ocr, kwargs: {score: nonsense}}]", "rewards.0: reward 'ocr' could not be built"),
 ])
 def test_reward_arguments_are_checked_against_the_signature(rewards, needle, tmp_path, capsys):
     run_dir = tmp_path / "run"
     _refused(["train", SHAPES, f"rewards={rewards}", f"run.dir={run_dir}"], capsys, needle)
     assert not run_dir.exists()
+
+
+def test_a_judge_that_fails_to_load_in_its_actor_ends_the_run_at_start_up(tmp_path, capsys):
+    """Judges load in the reward actors (on their devices), so this failure comes after the cluster started: the
+    same ``omnigrpo:`` line and exit status, no traceback, nothing trained."""
+    assert main(["train", SHAPES, "rewards=[{name: ocr, kwargs: {score: nonsense}}]",
+                 f"run.dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert "omnigrpo: rewards.0: reward 'ocr' could not be built: ValueError" in err and "Traceback" not in err, err
+    assert not ray.is_initialized() and not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_a_checkpoint_with_another_image_vocabulary_is_refused(tmp_path, capsys):

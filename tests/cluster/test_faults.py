@@ -74,7 +74,7 @@ from pathlib import Path
 
 def hangs_once(images, prompts, metadata):
     marker = Path(os.environ["HANG_MARKER"])
-    if not marker.exists():  # the first call anywhere hangs (a stuck judge); its replacement answers
+    if not marker.exists() and images.any():  # the first real call hangs (a stuck judge), not the blank dry run
         marker.write_text("hung")
         time.sleep(3600)
     return [float(im.mean()) / 255.0 for im in images]
@@ -86,14 +86,11 @@ def test_a_hung_reward_call_times_out_and_is_retried_on_a_replacement(tiny_confi
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     monkeypatch.setenv("HANG_MARKER", str(tmp_path / "hung"))
-    (tmp_path / "hung").write_text("dry run")  # the driver's dry run must not hang
     # two chunks: the hung actor also holds the second chunk's shard, which must not cost a second replacement
     cfg = tiny_config("trainer.steps=2", "eval.every=0", "eval.held_out=false", "tracking.image_every=0",
                       f"model.path={sft_path}", "cluster.call_timeout_s=8", "rollout.chunks=2",
                       "rewards=[{name: 'hang_reward:hangs_once'}]")
     thread, result = _run_in_thread(cfg)
-    _wait_for(lambda: ray.is_initialized() and bool(ray.util.list_named_actors()), 120, "actors never started")
-    (tmp_path / "hung").unlink()  # armed: the first reward call of the run hangs
     thread.join(timeout=300)
     assert "error" not in result, result.get("error")
     client = MlflowClient(store_uri(cfg))

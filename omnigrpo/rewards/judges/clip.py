@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from omnigrpo.rewards.protocol import judge_device
 from omnigrpo.rewards.registry import register_reward
 
 
@@ -33,8 +34,10 @@ class OpenClipScorer:
     """
 
     def __init__(self, model: str, pretrained: str | None = None, checkpoint: str | None = None,
-                 device: str = "cpu", batch_size: int = 32):
+                 device: str = "auto", batch_size: int = 32):
         import open_clip
+
+        device = judge_device(device)  # "auto": the reward actor's GPU if it was given one
 
         self.model, _, self.preprocess = open_clip.create_model_and_transforms(
             model, pretrained=pretrained, device=device)
@@ -78,7 +81,7 @@ def _per_sample(scorer: OpenClipScorer) -> Callable:
 
 @register_reward("clip")
 def clip_reward(model: str = "ViT-L-14", pretrained: str | None = "openai", checkpoint: str | None = None,
-                device: str = "cpu") -> Callable:
+                device: str = "auto") -> Callable:
     """CLIP score: cosine(image, prompt) under an open_clip model.
 
     Inputs: uint8 images ``[B, H, W, 3]`` and prompts. Backbone: ``model`` (default OpenAI ViT-L/14;
@@ -89,7 +92,7 @@ def clip_reward(model: str = "ViT-L-14", pretrained: str | None = "openai", chec
 
 @register_reward("hps")
 def hps_reward(checkpoint: str, model: str = "ViT-H-14", pretrained: str | None = None,
-               device: str = "cpu") -> Callable:
+               device: str = "auto") -> Callable:
     """HPSv2 / v2.1 human-preference score: cosine(image, prompt) under the HPS-tuned OpenCLIP ViT-H-14.
 
     Inputs: uint8 images ``[B, H, W, 3]`` (resized by the model's own 224 px transform) and prompts.
@@ -125,12 +128,13 @@ class AestheticHead(torch.nn.Module):
 
 @register_reward("aesthetic")
 def aesthetic_reward(head: str, model: str = "ViT-L-14", pretrained: str | None = "openai",
-                     device: str = "cpu") -> Callable:
+                     device: str = "auto") -> Callable:
     """LAION aesthetic score: CLIP ViT-L/14 image embedding into the aesthetic MLP head.
 
     Inputs: uint8 images ``[B, H, W, 3]`` only (prompts are ignored). ``head``: a local state dict
     of the MLP (e.g. ``sac+logos+ava1-l14-linearMSE.pth``). Range ~1-10.
     """
+    device = judge_device(device)
     scorer = OpenClipScorer(model, pretrained, None, device)
     mlp = AestheticHead(torch.load(head, map_location="cpu", weights_only=True)).to(device).eval()
 
@@ -144,7 +148,7 @@ def aesthetic_reward(head: str, model: str = "ViT-L-14", pretrained: str | None 
 @register_reward("pickscore")
 def pickscore_reward(model: str = "yuvalkirstain/PickScore_v1",
                      processor: str | None = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", scale: float = 1 / 26,
-                     device: str = "cpu", batch_size: int = 32) -> Callable:
+                     device: str = "auto", batch_size: int = 32) -> Callable:
     """PickScore: a transformers CLIP (ViT-H-14) fine-tuned on Pick-a-Pic preferences.
 
     Inputs: uint8 images ``[B, H, W, 3]`` and prompts, through the processor's own transform and
@@ -154,6 +158,7 @@ def pickscore_reward(model: str = "yuvalkirstain/PickScore_v1",
     """
     from transformers import AutoModel, AutoProcessor
 
+    device = judge_device(device)
     proc = AutoProcessor.from_pretrained(processor or model)
     net = AutoModel.from_pretrained(model).to(device).eval().requires_grad_(False)
 

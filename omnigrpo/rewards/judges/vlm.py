@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 
 from omnigrpo.config.validation import has_credentials
+from omnigrpo.rewards.protocol import judge_device
 from omnigrpo.rewards.registry import register_reward
 from omnigrpo.rewards.service import ServiceUnavailable, encode_image, post_json
 
@@ -71,10 +72,11 @@ def yes_probability(logprobs: dict[str, float]) -> float:
 class TransformersVLM:
     """An in-process VLM: ``first_token_logprobs`` and ``generate`` for one image and question."""
 
-    def __init__(self, model: str, processor: str | None = None, device: str = "cpu", max_new_tokens: int = 64,
+    def __init__(self, model: str, processor: str | None = None, device: str = "auto", max_new_tokens: int = 64,
                  top_logprobs: int = 20):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        device = judge_device(device)  # "auto": the reward actor's GPU if it was given one
         self.processor = AutoProcessor.from_pretrained(processor or model)
         self.model = AutoModelForImageTextToText.from_pretrained(model).to(device).eval().requires_grad_(False)
         self.device, self.max_new_tokens, self.top_logprobs = device, max_new_tokens, top_logprobs
@@ -136,7 +138,7 @@ class OpenAIVLM:
 @register_reward("vlm_judge")
 def vlm_judge_reward(model: str, backend: str = "transformers", base_url: str | None = None,
                      processor: str | None = None, template: str = "alignment", mode: str = "yes",
-                     max_concurrency: int = 8, device: str = "cpu", **backend_kwargs) -> Callable:
+                     max_concurrency: int = 8, device: str = "auto", **backend_kwargs) -> Callable:
     """A VLM asked about each image and its prompt (Qwen2-VL / Qwen2.5-VL family).
 
     Inputs: uint8 images ``[B, H, W, 3]`` and prompts. ``template``: ``alignment`` (yes/no) or
@@ -167,7 +169,7 @@ def vlm_judge_reward(model: str, backend: str = "transformers", base_url: str | 
         except (ServiceUnavailable, KeyError, IndexError, TypeError) as err:
             # this sample's answer never came or cannot be read: a failure of this sample only.
             # A refusal (ServiceRefused: wrong key, unknown model) propagates and fails the whole batch,
-            # so the driver's dry run stops a misconfigured run before it starts.
+            # so the reward actor's dry run stops a misconfigured run at start-up.
             log.warning("vlm_judge: %s: %s", type(err).__name__, err)
             return math.nan
 
