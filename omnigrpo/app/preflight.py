@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from omnigrpo.app import planner
 from omnigrpo.config.loader import ConfigError
 from omnigrpo.config.schema import Config
 from omnigrpo.data.prompts import PromptFileError, load_prompts
@@ -43,6 +44,8 @@ def check_run(cfg: Config) -> RunPlan:
     prompts, metadata = check_prompts(cfg.data.prompts, "data.prompts")
     if cfg.model.path:
         check_model(cfg)
+    if cfg.cluster.gpu_memory_gb:
+        check_memory(cfg)
     check_rewards(cfg, prompts, metadata)
     resume_from, state = check_resume(cfg) if cfg.run.resume else (None, None)
     return RunPlan(prompts, metadata, resume_from, state)
@@ -62,6 +65,21 @@ def check_model(cfg: Config) -> None:
         check_checkpoint(cfg.model.family, cfg.model.path, cfg.model.image_codes or None)
     except CheckpointError as err:
         raise ConfigError(str(err)) from None
+
+
+def memory_plan(cfg: Config, prompt_tokens: int = planner.PROMPT_TOKENS) -> planner.MemoryPlan:
+    """The config's memory plan; a checkpoint whose ``config.json`` cannot be read names ``model.path``."""
+    if cfg.model.path:
+        check_model(cfg)
+    with unreadable("model.path", cfg.model.path or "(built-in)"):
+        return planner.plan(cfg, prompt_tokens)
+
+
+def check_memory(cfg: Config) -> None:
+    """With ``cluster.gpu_memory_gb`` set, every GPU's planned load fits in it (``omnigrpo plan`` shows why not)."""
+    problems = planner.shortfalls(memory_plan(cfg))
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 def image_shape(cfg: Config) -> tuple[int, int]:
