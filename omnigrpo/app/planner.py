@@ -178,14 +178,16 @@ def plan(cfg: Config, prompt_tokens: int = PROMPT_TOKENS) -> MemoryPlan:
 
 def render(p: MemoryPlan) -> str:
     """The plan as a table: one column per role (bytes per actor), then one line per distinct GPU load."""
-    gib = lambda n: f"{n / GIB:8.2f}"  # noqa: E731
+    small = max((r.total for r in p.roles), default=0) < GIB  # the built-in worlds: MiB
+    unit, scale = ("MiB", 2**20) if small else ("GiB", GIB)
+    gib = lambda n: f"{n / scale:8.2f}"  # noqa: E731
     names = [f"{r.role} x{r.count}" for r in p.roles]
     keys = list(dict.fromkeys(k for r in p.roles for k in r.parts))
     s = p.size
     lines = [f"model: {s.params / 1e9:.3f} B parameters ({s.layers} layers, hidden {s.hidden}, {s.kv_heads} kv heads "
              f"x {s.head_dim}, MLP {s.intermediate}), {s.image_tokens} image tokens of {s.codes} codes"
              + (f", LoRA {s.adapter / 1e6:.1f} M trainable" if s.adapter else ""),
-             "", "GiB per actor".ljust(24) + "".join(f"{n:>16}" for n in names)]
+             "", f"{unit} per actor".ljust(24) + "".join(f"{n:>16}" for n in names)]
     for k in keys:
         lines.append(k.ljust(24) + "".join(f"{gib(r.parts[k]):>16}" if k in r.parts else f"{'':>16}"
                                            for r in p.roles))
@@ -200,7 +202,7 @@ def render(p: MemoryPlan) -> str:
             continue
         seen.add((label, g.need))
         verdict = "" if p.gpu_bytes is None else ("  fits" if g.need <= p.gpu_bytes else "  DOES NOT FIT")
-        lines.append(f"  {label:<40}{gib(g.need)} GiB{verdict}")
+        lines.append(f"  {label:<40}{gib(g.need)} {unit}{verdict}")
     if not p.gpus:
         lines.append("  no role has a GPU (cluster.*_gpus = 0): nothing to check")
     return "\n".join(lines)

@@ -140,7 +140,7 @@ def test_a_hub_id_with_only_its_config_resolves_offline(hub_cache):
 def test_plan_prints_a_table_for_every_shipped_config(name, hub_cache, capsys):
     code = main(["plan", str(CONFIGS / name)])
     out = capsys.readouterr().out
-    assert code in (0, 1) and "GiB per actor" in out and "learner x" in out and "weights" in out, out
+    assert code in (0, 1) and "iB per actor" in out and "learner x" in out and "weights" in out, out
     assert main(["plan", str(CONFIGS / name), "--json"]) in (0, 1)
     data = json.loads(capsys.readouterr().out)
     assert {r["role"] for r in data["roles"]} >= {"learner", "rollout", "reward"}
@@ -168,7 +168,7 @@ def test_janus_pro_7b_needs_its_choices(hub_cache):
 def test_train_refuses_a_config_that_cannot_fit(hub_cache, capsys, tmp_path):
     err = _refused(["train", str(CONFIGS / "janus_pro_7b.yaml"), "trainer.lora_rank=0", "trainer.zero_stage=0",
                     "cluster.gpu_memory_gb=80", f"run.dir={tmp_path / 'run'}"], capsys,
-                   "cluster.gpu_memory_gb: a GPU holding", "learner 0 needs", "but has 80.0 GiB",
+                   "cluster.gpu_memory_gb: a GPU holding learner 0 + rollout 0", "but has 80.0 GiB",
                    "largest: learner")
     assert "optimizer" in err and not (tmp_path / "run").exists()
 
