@@ -31,6 +31,7 @@ EPILOG = """examples:
   omnigrpo eval configs/glyphs.yaml --checkpoint CKPT --prompts longtext.txt   # + OCR word recall
   omnigrpo bench configs/shapes.yaml --parts rollout,rewards,sync,trl
   omnigrpo submit configs/shapes.yaml --address http://HEAD:8265 run.dir=/shared/runs/a  # then status/logs/stop
+  omnigrpo plan configs/janus_pro_7b.yaml cluster.gpu_memory_gb=80   # GPU memory per role and per GPU
   omnigrpo curves configs/glyphs.yaml --keys reward/total/mean,eval/exact_match --out docs/glyphs.png
   omnigrpo tiny janus /tmp/janus-tiny && omnigrpo train configs/janus_pro_1b.yaml model.path=/tmp/janus-tiny ...
   omnigrpo serve-reward ocr score=recall --port 8765   # then rewards: [{name: "url:http://127.0.0.1:8765"}]
@@ -74,6 +75,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="GRPO steps of each trainer in the TRL comparison")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median reported)")
     p.add_argument("--out", default="", help="JSON path (default <run.dir>/bench.json)")
+    text = "print the GPU memory a config needs per role and per GPU (from the checkpoint's config.json only)"
+    p = sub.add_parser("plan", help=text, description=text)
+    _config_arguments(p, "YAML config file")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--prompt-tokens", type=int, default=64, help="prompt tokens assumed per sample (default 64)")
     text = "export a run's metric curves from its MLflow store as a PNG"
     p = sub.add_parser("curves", help=text, description=text)
     _config_arguments(p, "YAML config file of the run (locates its MLflow store and experiment)")
@@ -200,6 +206,15 @@ def cmd_bench(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(cfg: Config, args: argparse.Namespace) -> int:
+    from omnigrpo.app import planner
+    from omnigrpo.app.preflight import memory_plan
+
+    plan = memory_plan(cfg, args.prompt_tokens)
+    print(json.dumps(plan.to_json(), indent=2) if args.json else planner.render(plan))
+    return 0 if plan.fits is not False else 1
+
+
 def cmd_curves(cfg: Config, args: argparse.Namespace) -> int:
     from omnigrpo.app.tracking import latest_run_id, plot_curves
 
@@ -312,9 +327,10 @@ def _address(args: argparse.Namespace) -> str:
     return address if "://" in address else f"http://{address}"
 
 
-CONFIG_COMMANDS = ("train", "sft", "eval", "bench", "curves", "submit")
+CONFIG_COMMANDS = ("train", "sft", "eval", "bench", "plan", "curves", "submit")
 """Sub-commands that take a config and overrides (their functions receive the loaded Config)."""
-COMMANDS = {"train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "bench": cmd_bench, "curves": cmd_curves,
+COMMANDS = {"train": cmd_train, "sft": cmd_sft, "eval": cmd_eval, "bench": cmd_bench, "plan": cmd_plan,
+            "curves": cmd_curves,
             "submit": cmd_submit, "status": cmd_status, "logs": cmd_logs, "stop": cmd_stop, "tiny": cmd_tiny,
             "serve-reward": cmd_serve_reward}
 

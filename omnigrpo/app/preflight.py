@@ -3,9 +3,10 @@
 Why: a mistake found after SFT ran or a cluster started costs minutes; found here it costs a second.
 ``load_config`` has already checked each key's type and range and the rules that span keys; this
 module checks what needs more than the config: the prompt source, the checkpoint (its path or hub
-id, its image vocabulary), every reward (found, its arguments accepted; the judges themselves load and dry-run in the reward
-actors, on their devices), X-Omni's decoder, what a resume needs, and an evaluation's checkpoint and prompts. Every failure
-is a :class:`~omnigrpo.config.loader.ConfigError` naming the key, file or line; the CLI prints it as
+id, its image vocabulary), X-Omni's decoder, the memory plan against the GPUs, every reward (found,
+its arguments accepted; the judges themselves load and dry-run in the reward actors, on their
+devices), what a resume needs, and an evaluation's checkpoint and prompts. Every failure is a
+:class:`~omnigrpo.config.loader.ConfigError` naming the key, file or line; the CLI prints it as
 ``omnigrpo:`` lines and exits with status 2.
 """
 
@@ -16,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from omnigrpo.app import planner
 from omnigrpo.config.loader import ConfigError
 from omnigrpo.config.schema import Config
 from omnigrpo.data.prompts import PromptFileError, load_prompts
@@ -43,6 +45,8 @@ def check_run(cfg: Config) -> RunPlan:
     check_decoder(cfg)
     if cfg.model.path:
         check_model(cfg)
+    if cfg.cluster.gpu_memory_gb:
+        check_memory(cfg)
     dry_run = check_rewards(cfg, prompts, metadata)
     resume_from, state = check_resume(cfg) if cfg.run.resume else (None, None)
     return RunPlan(prompts, metadata, dry_run, resume_from, state)
@@ -71,6 +75,21 @@ def check_model(cfg: Config) -> None:
         check_checkpoint(cfg.model.family, cfg.model.path, cfg.model.image_codes or None)
     except CheckpointError as err:
         raise ConfigError(str(err)) from None
+
+
+def memory_plan(cfg: Config, prompt_tokens: int = planner.PROMPT_TOKENS) -> planner.MemoryPlan:
+    """The config's memory plan; a checkpoint whose ``config.json`` cannot be read names ``model.path``."""
+    if cfg.model.path:
+        check_model(cfg)
+    with unreadable("model.path", cfg.model.path or "(built-in)"):
+        return planner.plan(cfg, prompt_tokens)
+
+
+def check_memory(cfg: Config) -> None:
+    """With ``cluster.gpu_memory_gb`` set, every GPU's planned load fits in it (``omnigrpo plan`` shows why not)."""
+    problems = planner.shortfalls(memory_plan(cfg))
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 def image_shape(cfg: Config) -> tuple[int, int]:

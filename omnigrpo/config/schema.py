@@ -142,6 +142,9 @@ class RewardSpec:
     fails drops out of that sample's total, which is re-normalised over the rewards that scored."""
     kwargs: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments for the reward's factory."""
+    memory_gb: Annotated[float, Field(ge=0.0)] = 0.0
+    """GPU memory in GiB this judge needs on a reward actor, for ``omnigrpo plan`` and the check before
+    launch; 0 = the built-in table's figure (``omnigrpo.app.planner.JUDGE_GIB``), or nothing for other judges."""
     tags: list[str] = Field(default_factory=list)
     """If set, the reward applies only to prompts whose metadata ``tags`` share one of these; it is
     not computed for the others (not applicable, like a ``None`` score)."""
@@ -272,6 +275,10 @@ class ClusterConfig:
     """Seconds a run asked to stop (``omnigrpo stop``, or a first SIGTERM) has to finish its step and write a
     resumable checkpoint; a submitted job gets this as Ray's ``RAY_JOB_STOP_WAIT_TIME_S``. A second SIGTERM
     ends the run at once with a crash checkpoint."""
+    gpu_memory_gb: Annotated[float, Field(ge=0.0)] = 0.0
+    """Memory of each GPU in GiB (``nvidia-smi``'s MiB / 1024; 80 for an 80 GB A100/H100). When set,
+    ``omnigrpo train`` refuses before launch a config whose plan (``omnigrpo plan``) does not fit; 0 = unknown
+    (nothing is checked)."""
     torch_threads: NonNegInt = 0
     """Intra-op threads per worker; 0 = all cores (the stages of a step run one after another)."""
 

@@ -105,7 +105,8 @@ class Learner:
         if gpu:
             torch.cuda.set_device(0)  # Ray's CUDA_VISIBLE_DEVICES leaves this actor its own GPU as device 0
             model.to("cuda")
-            self.reference.to("cuda")
+            if self.reference is not None and tr.zero_stage != 3:  # ZeRO-3 places the reference's partitions
+                self.reference.to("cuda")
         rendezvous = rendezvous or (Path(tempfile.mkdtemp(prefix="omnigrpo-pg-")) / "store").as_uri()
         backend = "nccl" if gpu else "gloo"
         if rendezvous.startswith("tcp://"):  # across hosts: rank 0 serves the store, the others are its clients
@@ -116,6 +117,9 @@ class Learner:
         deepspeed.init_distributed(dist_backend=backend, init_method=rendezvous, rank=self.rank,
                                    world_size=self.world_size, auto_mpi_discovery=False)  # joins the group above
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        self.sharded_reference = False
+        if self.reference is not None and tr.zero_stage == 3:
+            self._shard_reference(ds_config)
         # scores through the engine's (ZeRO-managed) module, inside the LoRA wrapper if any
         self.lm = self.policy.lm(adapter.base(self.engine.module))
         self.generator = torch.Generator().manual_seed(shuffle_seed)  # same shuffle on every rank
@@ -124,26 +128,43 @@ class Learner:
         return self.version
 
     def _load_models(self, resume: bool) -> torch.nn.Module:
-        """The policy (made trainable: dropout off, checkpointing, LoRA) and the frozen reference; returns the
-        module DeepSpeed wraps."""
+        """The policy (made trainable: dropout off, checkpointing, LoRA) and the KL reference; returns the module
+        DeepSpeed wraps.
+
+        The reference costs a second copy of the weights only where it must: none with ``kl_coef == 0``; with
+        LoRA the base model with its adapters disabled (the base weights are frozen, so they *are* the start
+        policy); a full fine-tune keeps a frozen copy (``_shard_reference`` partitions it under ZeRO-3)."""
         family, grid, dtype = self.cfg.model.family, tuple(self.cfg.model.image_grid) or None, self.cfg.model.dtype
         tr = self.cfg.trainer
         # LoRA resume: the checkpoint's weights are merged; start from the plain base and let DeepSpeed
         # restore base and adapters (loading the merged ones would apply the adapters twice)
         self.policy = load_policy(family, self.reference_path if resume and tr.lora_rank else self.model_path, grid,
                                   dtype)
-        reference = self.policy if self.reference_path == self.model_path else load_policy(
-            family, self.reference_path, grid, dtype)
-        self.reference = copy.deepcopy(reference.model).eval().requires_grad_(False)
+        self.reference: torch.nn.Module | None = None
+        if tr.kl_coef > 0 and not tr.lora_rank:
+            reference = self.policy if self.reference_path == self.model_path else load_policy(
+                family, self.reference_path, grid, dtype)
+            self.reference = copy.deepcopy(reference.model).eval().requires_grad_(False)
         # every dropout off (Emu3 ships attention_dropout 0.1): the learner's log-probs must be the
         # distribution the rollout sampled from. Eval mode, except for gradient checkpointing, which needs
         # train mode (train mode costs the tiny shapes learner ~40 % per step on CPU)
         model = disable_dropout(self.policy.model.train(tr.gradient_checkpointing))
         if tr.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if tr.lora_rank:  # the reference above stays the plain starting policy
+        if tr.lora_rank:  # the reference is this model with its adapters disabled
             model = adapter.wrap(model, self.policy.lm().body, tr.lora_rank, tr.lora_alpha, tr.lora_targets)
         return model
+
+    def _shard_reference(self, ds_config: dict) -> None:
+        """Under ZeRO-3 the frozen reference is partitioned over the learner group like the policy: a DeepSpeed
+        engine without an optimiser (ZeRO-Inference), so each rank holds 1/world_size of its weights and every
+        rank gathers a layer's weights for the duration of its forward."""
+        import deepspeed
+
+        config = {k: v for k, v in ds_config.items() if k not in ("gradient_clipping", "zero_allow_untested_optimizer")}
+        self.reference_engine, *_ = deepspeed.initialize(model=self.reference, config=config)
+        self.reference = self.reference_engine.module
+        self.sharded_reference = True
 
     def _resume(self) -> None:
         """Optimiser state (every rank's shard), shuffle generator and weight version of the checkpoint."""
@@ -165,6 +186,8 @@ class Learner:
         ref = torch.full((n, t), float("nan"), device=batch.codes.device)
         sums = {"kl": 0.0, "entropy": 0.0, "clip_frac": 0.0, "tokens": 0.0, "mismatch": 0.0, "loss": 0.0}
         grad_norms = []
+        if self.sharded_reference:  # a collective: every rank scores an equal share, then all share it
+            self._gather_reference(batch, ref)
         for epoch in range(tr.epochs):
             order = torch.randperm(n, generator=self.generator)
             for mini in order.chunk(tr.mini_batches):
@@ -174,7 +197,9 @@ class Learner:
                     self._fill_reference(batch, ref, micro)
                     logp, ent = sequence_logprobs(self.lm, batch.prompts.select(micro), batch.codes[micro],
                                                   self.params)
-                    terms = grpo.grpo_token_loss(logp, batch.old_logprobs[micro], ref[micro],
+                    # no reference (kl_coef 0): ref = logp, so k3 and the logged kl are exactly 0
+                    ref_rows = ref[micro] if self.has_reference else logp.detach()
+                    terms = grpo.grpo_token_loss(logp, batch.old_logprobs[micro], ref_rows,
                                                  batch.advantages[micro], tr.clip_eps_low, tr.clip_eps_high,
                                                  tr.kl_coef)
                     m = mask[micro]
@@ -203,14 +228,39 @@ class Learner:
                 "grpo/skipped_update": 0.0, "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
                 "lr": self.optimizer.param_groups[0]["lr"], "version": float(self.version)}
 
+    @property
+    def has_reference(self) -> bool:
+        """A KL reference exists: a frozen copy (full fine-tuning) or the adapter-free base (LoRA)."""
+        return self.cfg.trainer.kl_coef > 0
+
     @torch.no_grad()
+    def _reference_logprobs(self, batch: TrainBatch, rows: torch.Tensor) -> torch.Tensor:
+        """Reference log-probs ``[len(rows), T]``: the frozen copy's, or (LoRA) the policy's with adapters off."""
+        prompts, codes = batch.prompts.select(rows), batch.codes[rows]
+        if self.reference is not None:
+            return sequence_logprobs(self.policy.lm(self.reference), prompts, codes, self.params)[0]
+        with self.engine.module.disable_adapter():  # LoRA: the frozen base is the start policy
+            return sequence_logprobs(self.lm, prompts, codes, self.params)[0]
+
     def _fill_reference(self, batch: TrainBatch, ref: torch.Tensor, rows: torch.Tensor) -> None:
         """Reference log-probs ``ref[rows]`` ``[len(rows), T]``, computed once per row (NaN = not yet)."""
+        if not self.has_reference or self.sharded_reference:
+            return
         todo = rows[torch.isnan(ref[rows, 0]).cpu()]  # ``rows`` lives on the CPU, ``ref`` on the device
         if len(todo):
-            lp, _ = sequence_logprobs(self.policy.lm(self.reference), batch.prompts.select(todo),
-                                      batch.codes[todo], self.params)
-            ref[todo] = lp
+            ref[todo] = self._reference_logprobs(batch, todo)
+
+    def _gather_reference(self, batch: TrainBatch, ref: torch.Tensor) -> None:
+        """ZeRO-3 reference: rank r scores rows ``chunk(world_size)[r]`` in micro-batches (the same number of
+        forwards on every rank, as the gathered layers require), then ``ref`` ``[N, T]`` is all-gathered."""
+        rows = torch.arange(ref.shape[0]).chunk(self.world_size)[self.rank]
+        mine = torch.cat([self._reference_logprobs(batch, r) for r in rows.split(self.cfg.trainer.micro_batch_size)])
+        if self.world_size == 1:
+            ref.copy_(mine)
+            return
+        parts = [torch.empty_like(mine) for _ in range(self.world_size)]
+        torch.distributed.all_gather(parts, mine)
+        ref.copy_(torch.cat(parts))
 
     @contextmanager
     def _full_weights(self):

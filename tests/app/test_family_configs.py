@@ -12,7 +12,8 @@ CONFIGS = Path(__file__).parents[2] / "configs"
 
 
 @pytest.mark.parametrize(("name", "family", "gpus"), [("janus_pro_1b.yaml", "janus", 8),
-                                                       ("emu3_gen.yaml", "emu3", 16), ("xomni.yaml", "xomni", 8)])
+                                                       ("emu3_gen.yaml", "emu3", 16), ("xomni.yaml", "xomni", 8),
+                                                       ("janus_pro_7b.yaml", "janus", 8)])
 def test_family_config_loads_and_fits_its_cluster(name, family, gpus):
     cfg = load_config(CONFIGS / name)
     assert cfg.model.family == family and cfg.model.path and cfg.batch_size == 512

@@ -1,7 +1,8 @@
-"""A data-parallel learner group: two DeepSpeed ranks (ZeRO-2) take the step one learner takes."""
+"""A data-parallel learner group: two DeepSpeed ranks (ZeRO-2, ZeRO-3) take the step one learner takes."""
 
 import os
 
+import pytest
 import ray
 import torch
 
@@ -10,8 +11,9 @@ from omnigrpo.cluster import actors
 from omnigrpo.rollout.families.builtin import WorldPolicy
 
 
-def test_two_ranks_stay_identical_and_rollouts_get_their_weights(tiny_config, sft_path, tmp_path):
-    cfg = tiny_config("cluster.learner_workers=2", "trainer.zero_stage=2", f"model.path={sft_path}")
+@pytest.mark.parametrize("stage", [2, 3])  # ZeRO-3: the KL reference is sharded too, its log-probs all-gathered
+def test_two_ranks_stay_identical_and_rollouts_get_their_weights(tiny_config, sft_path, tmp_path, stage):
+    cfg = tiny_config("cluster.learner_workers=2", f"trainer.zero_stage={stage}", f"model.path={sft_path}")
     actors.connect(cfg)
     try:
         workers = actors.spawn(cfg, str(sft_path), os.environ["TORCH_EXTENSIONS_DIR"])

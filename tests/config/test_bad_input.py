@@ -65,6 +65,7 @@ def _out_of_range(hint: object) -> str | None:
 
 def test_every_key_is_covered():
     assert len(KEYS) > 80 and "rewards.0.kwargs" in dict(KEYS) and "cluster.call_timeout_s" in dict(KEYS)
+    assert "cluster.gpu_memory_gb" in dict(KEYS) and "rewards.0.memory_gb" in dict(KEYS)
 
 
 @pytest.mark.parametrize("key, hint", KEYS, ids=[k for k, _ in KEYS])

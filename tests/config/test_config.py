@@ -97,5 +97,5 @@ def test_help_lists_the_commands(capsys):
         main(["--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    assert "{train,sft,eval,bench,curves,submit,status,logs,stop,tiny,serve-reward}" in out
+    assert "{train,sft,eval,bench,plan,curves,submit,status,logs,stop,tiny,serve-reward}" in out
     assert "omnigrpo train configs/shapes.yaml" in out

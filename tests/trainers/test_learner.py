@@ -71,6 +71,9 @@ def test_weight_sync_gives_the_rollout_identical_weights(tiny_config, sft_path, 
     assert rollout.checksum() != start
     assert np.isfinite(metrics["grad_norm"]) and metrics["grad_norm"] > 0
     assert metrics["kl"] >= 0.0 and 0.0 <= metrics["clip_frac"] <= 1.0
+    # ZeRO-3: the frozen reference is partitioned like the policy (ZeRO-Inference), not a full copy per rank
+    assert learner.sharded_reference == (stage == 3)
+    assert all(hasattr(p, "ds_id") == (stage == 3) for p in learner.reference.parameters())
 
 
 def test_a_batch_with_every_sample_excluded_changes_nothing(tiny_config, sft_path):
@@ -173,3 +176,29 @@ def test_bfloat16_rollout_and_learner(tiny_config, tmp_path):
     assert 0 < metrics["grpo/logprob_mismatch"] < 0.05  # bf16 kernels differ; fp32 agrees to 1e-5
     rollout.load_weights(after, learner.version)
     assert rollout.checksum() == pytest.approx(learner.checksum(), rel=1e-6)
+
+
+def test_lora_reference_is_the_base_with_adapters_off(tiny_config, sft_path):
+    """LoRA holds no second copy of the weights: the KL reference is the frozen base with adapters disabled, so
+    the KL is exactly 0 before the first update (adapters start at B = 0) and positive after it."""
+    cfg = tiny_config("trainer.lora_rank=8", "trainer.lr=3e-2", "trainer.kl_coef=0.1")
+    learner, rollout, reward = _workers(cfg, sft_path)
+    assert learner.reference is None and learner.has_reference
+    owned = {id(p) for p in learner.engine.module.parameters()}
+    held = [p for m in vars(learner).values() if isinstance(m, torch.nn.Module) for p in m.parameters()]
+    assert all(id(p) in owned for p in held)  # every module the learner holds is the engine's own
+    prompts, metadata = prompts_of(shapes.train_items()[:4])
+    _, first, _ = _step(learner, rollout, reward, prompts, metadata, 4)
+    assert first["kl"] == 0.0
+    _, second, _ = _step(learner, rollout, reward, prompts, metadata, 4)
+    assert second["kl"] > 0.0
+
+
+def test_no_reference_without_a_kl_term(tiny_config, sft_path):
+    cfg = tiny_config("trainer.kl_coef=0.0", "trainer.lr=1e-2")
+    learner, rollout, reward = _workers(cfg, sft_path)
+    assert learner.reference is None and not learner.has_reference
+    prompts, metadata = prompts_of(shapes.train_items()[:4])
+    for _ in range(2):
+        _, metrics, _ = _step(learner, rollout, reward, prompts, metadata, 4)
+        assert metrics["kl"] == 0.0 and np.isfinite(metrics["loss"])

@@ -43,6 +43,23 @@ def build_tokenizer(world: str, num_codes: int) -> PreTrainedTokenizerFast:
 
 
 
+def qwen2_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> Qwen2Config:
+    """The built-in policy's architecture: ``model.*`` sizes over the tokenizer's vocabulary."""
+    return Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
 class WorldPolicy(ImagePolicy):
     """Model + tokenizer + codebook, with the prompt and decoding conventions of a built-in world."""
 
@@ -67,19 +84,7 @@ class WorldPolicy(ImagePolicy):
     def create(cls, cfg: ModelConfig, codebook: PatchCodebook, seed: int, world: str = "shapes") -> WorldPolicy:
         """A randomly initialised policy of the configured size (what SFT starts from)."""
         tokenizer = build_tokenizer(world, codebook.size)
-        config = Qwen2Config(
-            vocab_size=len(tokenizer),
-            hidden_size=cfg.hidden_size,
-            intermediate_size=cfg.intermediate_size,
-            num_hidden_layers=cfg.num_layers,
-            num_attention_heads=cfg.num_heads,
-            num_key_value_heads=cfg.num_kv_heads,
-            max_position_embeddings=512,
-            tie_word_embeddings=False,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
+        config = qwen2_config(cfg, tokenizer)
         torch.manual_seed(seed)
         return cls(Qwen2ForCausalLM(config), tokenizer, codebook, world)
 

@@ -1,0 +1,226 @@
+"""``omnigrpo plan``: the GPU memory a config needs, per role and per GPU, before anything is launched.
+
+Why: a 7B policy that does not fit is otherwise found out by an out-of-memory error minutes into a run,
+after the cluster started and the weights loaded. Every figure here is arithmetic on the config and the
+checkpoint's ``config.json`` (``omnigrpo.app.sizing``: exact parameter counts from a ``meta``-device build).
+
+Per role, in bytes (``b`` = bytes of ``model.dtype``, ``P`` = parameters, ``T`` = trainable parameters: all
+of them, or the LoRA adapters; ``W`` = ``cluster.learner_workers``, ``z`` = ``trainer.zero_stage``):
+
+- learner rank: weights ``P b`` (ZeRO-3: ``P b / W``) plus adapters ``A b``; reference ``P b`` for a full
+  fine-tune with ``kl_coef > 0`` (ZeRO-3: ``/ W``; LoRA: the base with adapters off, 0; ``kl_coef = 0``: 0);
+  gradients ``T b`` (``z >= 2``: ``/ W``); an fp32 master copy ``4 T`` whenever DeepSpeed's optimiser wraps
+  the parameters (``z >= 1``, or bf16) (``z >= 1``: ``/ W``); AdamW moments ``2 * 4 T`` (``z >= 1``: ``/ W``);
+  activations (:func:`activation_bytes`);
+- rollout actor: weights ``P b`` plus the static KV cache
+  ``rows * layers * 2 * kv_heads * head_dim * (prompt + image tokens) * b``, ``rows`` = images per sampler call
+  (``rollout.sample_batch``, else the actor's share of the step) times 2 with CFG;
+- reward actor: the judges' table (:data:`JUDGE_GIB`) or each reward's ``memory_gb``;
+- decoder actor: :data:`DECODER_GIB`.
+
+Not yet measured on a GPU: activation and KV-cache figures are formulas, not measured peaks; parameter,
+gradient and optimiser bytes are checked against the tensors a CPU learner allocates (tests/app/test_planner.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from omnigrpo.app.sizing import PROMPT_TOKENS, ModelSize, model_size
+from omnigrpo.config.schema import Config
+
+GIB = 2**30
+CONTEXT_GIB = 1.0
+"""Per process on a GPU: CUDA context, kernels and allocator slack (not measured here; a common figure)."""
+JUDGE_GIB = {"hps": 4.5, "clip": 2.0, "pickscore": 4.5, "aesthetic": 2.0, "vlm_judge": 18.0, "ocr": 0.0,
+             "shapes": 0.0, "shapes_strict": 0.0}
+"""GPU memory of the built-in judges (weights as loaded plus a batch): HPS v2.1 and PickScore are OpenCLIP
+ViT-H-14 (~1 B parameters, fp32); aesthetic and a default CLIP are ViT-L/14; ``vlm_judge`` a Qwen2.5-VL-7B in
+bf16; OCR runs on the CPU (onnxruntime). Judges not in the table count 0 unless ``rewards.N.memory_gb`` says."""
+DECODER_GIB = 48.0
+"""X-Omni's diffusion decoder: a 12 B FLUX transformer loaded in fp32 by diffusers (~45 GiB) plus VAE and
+projector; a decoder pool actor needs a GPU of its own."""
+
+
+@dataclass(frozen=True)
+class RoleMemory:
+    """What one actor of ``role`` holds on its GPU, in bytes, by component."""
+
+    role: str
+    count: int
+    gpus: float
+    parts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+
+@dataclass(frozen=True)
+class GpuLoad:
+    """One GPU: which actors share it and what they need together."""
+
+    holds: list[str]
+    need: int
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    size: ModelSize
+    roles: list[RoleMemory]
+    gpus: list[GpuLoad]
+    gpu_bytes: int | None
+    """Memory of one GPU (``cluster.gpu_memory_gb``), None when unknown."""
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.gpu_bytes is None else all(g.need <= self.gpu_bytes for g in self.gpus)
+
+    def to_json(self) -> dict:
+        return {"model": asdict(self.size), "gpu_memory_bytes": self.gpu_bytes, "fits": self.fits,
+                "roles": [{**asdict(r), "total": r.total} for r in self.roles],
+                "gpus": [asdict(g) for g in self.gpus]}
+
+
+def activation_bytes(cfg: Config, size: ModelSize, prompt_tokens: int = PROMPT_TOKENS) -> int:
+    """Activations kept for the backward of one micro-batch: ``rows = micro_batch_size * (2 with CFG)`` sequences
+    of ``L = prompt + image tokens``.
+
+    Per token and layer a Llama block keeps about ``7 h + 2 kv + 4 I`` values (norm outputs, q/k/v, attention
+    output, residuals; gate, up, their product and activation), ``kv = kv_heads * head_dim``; with
+    ``trainer.gradient_checkpointing`` only each layer's input ``h`` is kept, plus one layer recomputed. The
+    image head's fp32 logits ``rows * image tokens * K * 4 B`` are kept three times (logits, log-softmax,
+    softmax for the entropy)."""
+    b = 2 if cfg.model.dtype == "bfloat16" else 4
+    rows = cfg.trainer.micro_batch_size * (2 if cfg.rollout.cfg_scale != 1.0 else 1)
+    tokens = rows * (prompt_tokens + size.image_tokens)
+    per_layer = 7 * size.hidden + 2 * size.kv_heads * size.head_dim + 4 * size.intermediate
+    if cfg.trainer.gradient_checkpointing:
+        body = tokens * (size.layers * size.hidden + per_layer) * b
+    else:
+        body = tokens * size.layers * per_layer * b
+    return body + 3 * rows * size.image_tokens * size.codes * 4
+
+
+def learner_memory(cfg: Config, size: ModelSize, prompt_tokens: int = PROMPT_TOKENS) -> dict[str, int]:
+    """One learner rank's bytes by component (see the module docstring)."""
+    tr, ranks = cfg.trainer, cfg.cluster.learner_workers
+    b = 2 if cfg.model.dtype == "bfloat16" else 4
+    z = tr.zero_stage
+    trainable = size.adapter if tr.lora_rank else size.params
+    frozen_and_trained = size.params * b + size.adapter * b
+    sharded = (lambda n: -(-n // ranks))  # noqa: E731 - ceil(n / W): DeepSpeed pads partitions
+    wraps = z >= 1 or cfg.model.dtype == "bfloat16"
+    reference = size.params * b if tr.kl_coef > 0 and not tr.lora_rank else 0
+    return {
+        "weights": sharded(frozen_and_trained) if z == 3 else frozen_and_trained,
+        "reference": sharded(reference) if z == 3 else reference,
+        "gradients": sharded(trainable * b) if z >= 2 else trainable * b,
+        "master_fp32": (sharded(trainable * 4) if z >= 1 else trainable * 4) if wraps else 0,
+        "optimizer": sharded(trainable * 8) if z >= 1 else trainable * 8,
+        "activations": activation_bytes(cfg, size, prompt_tokens),
+    }
+
+
+def sampler_rows(cfg: Config) -> int:
+    """Rows of one sampler call: images per call (``rollout.sample_batch`` or the actor's share), x2 with CFG."""
+    share = -(-cfg.batch_size // cfg.cluster.rollout_workers)
+    images = min(cfg.rollout.sample_batch, share) if cfg.rollout.sample_batch else share
+    return images * (2 if cfg.rollout.cfg_scale != 1.0 else 1)
+
+
+def rollout_memory(cfg: Config, size: ModelSize, prompt_tokens: int = PROMPT_TOKENS) -> dict[str, int]:
+    """One rollout actor's bytes: weights, the static KV cache, and the step's fp32 image-code logits."""
+    b = 2 if cfg.model.dtype == "bfloat16" else 4
+    rows = sampler_rows(cfg)
+    kv = rows * size.layers * 2 * size.kv_heads * size.head_dim * (prompt_tokens + size.image_tokens) * b
+    return {"weights": size.params * b, "kv_cache": kv, "logits": rows * size.codes * 4 * 2}
+
+
+def reward_memory(cfg: Config) -> dict[str, int]:
+    """One reward actor's bytes: every configured judge (each actor holds all of them)."""
+    out = {}
+    for i, spec in enumerate(cfg.rewards):
+        gib = spec.memory_gb or JUDGE_GIB.get(spec.name, 0.0)
+        if spec.name.startswith("url:") or spec.kwargs.get("backend") == "openai":
+            gib = spec.memory_gb  # served elsewhere: nothing on this GPU unless stated
+        out[f"judge {i}: {spec.name}"] = int(gib * GIB)
+    return out
+
+
+def plan(cfg: Config, prompt_tokens: int = PROMPT_TOKENS) -> MemoryPlan:
+    """The memory plan of ``cfg``: per role, then per GPU under ``cluster.placement``."""
+    size = model_size(cfg)
+    c = cfg.cluster
+    context = int(CONTEXT_GIB * GIB)
+    parts = {"learner": learner_memory(cfg, size, prompt_tokens), "rollout": rollout_memory(cfg, size, prompt_tokens),
+             "reward": reward_memory(cfg), "decoder": {"decoder": int(DECODER_GIB * GIB)}}
+    roles = []
+    for role in ("learner", "rollout", "reward", "decoder"):
+        count = cfg.actor_counts[role]
+        gpus = getattr(c, f"{role}_gpus")
+        if count:
+            extra = {"cuda_context": context} if gpus > 0 else {}
+            roles.append(RoleMemory(role, count, gpus, {**parts[role], **extra}))
+    on_gpu = [r for r in roles if r.gpus > 0]
+    if c.placement == "colocated":  # bundle i: actor i of every role, on one GPU while the bundle needs <= 1
+        width = max((r.count for r in on_gpu), default=0)
+        gpus = [GpuLoad([f"{r.role} {i}" for r in on_gpu if i < r.count],
+                        sum(r.total for r in on_gpu if i < r.count)) for i in range(width)]
+    else:  # split: an actor with g < 1 GPU shares its GPU with floor(1 / g) - 1 others of its role
+        gpus = []
+        for r in on_gpu:
+            per_gpu = max(1, min(r.count, int(1 / r.gpus + 1e-9))) if r.gpus < 1 else 1
+            gpus.append(GpuLoad([f"{r.role} x{per_gpu}"], r.total * per_gpu))
+    known = int(c.gpu_memory_gb * GIB) if c.gpu_memory_gb else None
+    return MemoryPlan(size, roles, gpus, known)
+
+
+def render(p: MemoryPlan) -> str:
+    """The plan as a table: one column per role (bytes per actor), then one line per distinct GPU load."""
+    small = max((r.total for r in p.roles), default=0) < GIB  # the built-in worlds: MiB
+    unit, scale = ("MiB", 2**20) if small else ("GiB", GIB)
+    gib = lambda n: f"{n / scale:8.2f}"  # noqa: E731
+    names = [f"{r.role} x{r.count}" for r in p.roles]
+    keys = list(dict.fromkeys(k for r in p.roles for k in r.parts))
+    s = p.size
+    lines = [f"model: {s.params / 1e9:.3f} B parameters ({s.layers} layers, hidden {s.hidden}, {s.kv_heads} kv heads "
+             f"x {s.head_dim}, MLP {s.intermediate}), {s.image_tokens} image tokens of {s.codes} codes"
+             + (f", LoRA {s.adapter / 1e6:.1f} M trainable" if s.adapter else ""),
+             "", f"{unit} per actor".ljust(24) + "".join(f"{n:>16}" for n in names)]
+    for k in keys:
+        lines.append(k.ljust(24) + "".join(f"{gib(r.parts[k]):>16}" if k in r.parts else f"{'':>16}"
+                                           for r in p.roles))
+    lines.append("total".ljust(24) + "".join(f"{gib(r.total):>16}" for r in p.roles))
+    lines.append("")
+    have = f"{p.gpu_bytes / GIB:.1f} GiB" if p.gpu_bytes else "unknown (set cluster.gpu_memory_gb)"
+    lines.append(f"per GPU (GPU memory: {have}):")
+    seen = set()
+    for g in p.gpus:
+        label = " + ".join(h.rsplit(" ", 1)[0] if h[-1].isdigit() else h for h in g.holds)
+        if (label, g.need) in seen:
+            continue
+        seen.add((label, g.need))
+        verdict = "" if p.gpu_bytes is None else ("  fits" if g.need <= p.gpu_bytes else "  DOES NOT FIT")
+        lines.append(f"  {label:<40}{gib(g.need)} {unit}{verdict}")
+    if not p.gpus:
+        lines.append("  no role has a GPU (cluster.*_gpus = 0): nothing to check")
+    return "\n".join(lines)
+
+
+def shortfalls(p: MemoryPlan) -> list[str]:
+    """One line per GPU load that exceeds the GPU, naming the roles, what they need and the largest parts."""
+    out = []
+    if p.gpu_bytes is None:
+        return out
+    for g in p.gpus:
+        if g.need <= p.gpu_bytes:
+            continue
+        label = " + ".join(g.holds)
+        roles = {r.role: r for r in p.roles}
+        biggest = max((roles[h.split(" ")[0]] for h in g.holds), key=lambda r: r.total)
+        top = sorted(biggest.parts.items(), key=lambda kv: -kv[1])[:3]
+        out.append(f"cluster.gpu_memory_gb: a GPU holding {label} needs {g.need / GIB:.1f} GiB but has "
+                   f"{p.gpu_bytes / GIB:.1f} GiB (largest: {biggest.role} {biggest.total / GIB:.1f} GiB: "
+                   + ", ".join(f"{k} {v / GIB:.1f}" for k, v in top) + "); see omnigrpo plan")
+    return list(dict.fromkeys(out))
