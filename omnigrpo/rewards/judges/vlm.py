@@ -35,7 +35,7 @@ from PIL import Image
 
 from omnigrpo.config.validation import has_credentials
 from omnigrpo.rewards.registry import register_reward
-from omnigrpo.rewards.service import ServiceUnavailable, encode_image, post_json
+from omnigrpo.rewards.transport import ServiceUnavailable, encode_image, post_json
 
 TEMPLATES = {
     "alignment": 'Does this image show "{prompt}"? Answer yes or no.',
