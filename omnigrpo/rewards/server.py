@@ -133,11 +133,11 @@ class Batcher:
         return batch, None, False
 
     def _score(self, reward: RewardFn, batch: list[_Job]) -> None:
-        images = np.concatenate([job.images for job in batch])
         prompts = [p for job in batch for p in job.prompts]
         metadata = [m for job in batch for m in job.metadata]
         self.calls.append(len(prompts))
         try:
+            images = np.concatenate([job.images for job in batch])
             out = call_reward(reward, images, prompts, metadata)
             if not isinstance(out, list | tuple | np.ndarray) or len(out) != len(prompts):
                 got = len(out) if hasattr(out, "__len__") else type(out).__name__

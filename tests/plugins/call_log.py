@@ -7,7 +7,9 @@ import time
 
 
 class CallLog:
-    def __init__(self, path: str, seconds: float = 0.0, replica: str = ""):
+    def __init__(self, path: str, seconds: float = 0.0, replica: str = "", fail: str = "-"):
+        if replica == fail:
+            raise RuntimeError(f"no GPU left for replica {replica}")
         self.path, self.seconds, self.replica = path, seconds, replica
         self.built_in = threading.current_thread().name
 

@@ -2,6 +2,7 @@
 client's retries against real servers with real failures (503, 429 + Retry-After, 500, 400, down, slow, garbage)."""
 
 import json
+import math
 import subprocess
 import sys
 import threading
@@ -310,3 +311,20 @@ def test_a_public_bind_needs_a_token(monkeypatch, capsys):
             "--host: refusing to serve on 0.0.0.0", TOKEN_ENV)
     refused(main, ["serve-reward", "shapes", "--replicas", "0"], capsys, "--replicas: must be at least 1")
     refused(main, ["serve-reward", "shapes", "wieght=2"], capsys, "takes no argument 'wieght'")
+
+
+def test_a_replica_that_cannot_be_built_stops_the_cli_before_serving(plugins, tmp_path, capsys):
+    refused(main, ["serve-reward", "call_log:CallLog", f"path={tmp_path / 'log'}", "replica=r{replica}", "fail=r1",
+                   "--replicas", "2", "--port", "0"], capsys, "could not be built", "no GPU left for replica r1")
+
+
+def test_nan_and_none_cross_the_wire_as_failed_and_not_applicable():
+    server = _serve(lambda images, prompts, metadata: [math.nan, None] + [0.5] * (len(images) - 2))
+    try:
+        worker = RewardWorker([RewardSpec(name="shapes"), RewardSpec(name=f"url:{server.url}", required=False)])
+        worker.setup()
+        result = worker.score(*_batch(3))
+        assert result.failed[1].tolist() == [True, False, False]
+        assert result.applicable[1].tolist() == [True, False, True] and result.scores[1][2] == 0.5
+    finally:
+        server.stop()
