@@ -245,8 +245,9 @@ class RewardServer:
             self._socket.close()
             raise
         self.host, self.port = self._socket.getsockname()[:2]
-        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", loop="asyncio",
-                                http="h11", ws="none", timeout_graceful_shutdown=5)
+        # uvicorn leaves the process's logging alone and stays quiet: no access log (never any header)
+        config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False, lifespan="off",
+                                loop="asyncio", http="h11", ws="none", timeout_graceful_shutdown=5)
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 

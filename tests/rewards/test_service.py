@@ -311,6 +311,8 @@ def test_a_public_bind_needs_a_token(monkeypatch, capsys):
             "--host: refusing to serve on 0.0.0.0", TOKEN_ENV)
     refused(main, ["serve-reward", "shapes", "--replicas", "0"], capsys, "--replicas: must be at least 1")
     refused(main, ["serve-reward", "shapes", "wieght=2"], capsys, "takes no argument 'wieght'")
+    with RewardServer(lambda images, prompts, metadata: [1.0] * len(images), "t") as busy:
+        refused(main, ["serve-reward", "shapes", "--port", str(busy.port)], capsys, "--host/--port: cannot listen")
 
 
 def test_a_replica_that_cannot_be_built_stops_the_cli_before_serving(plugins, tmp_path, capsys):
