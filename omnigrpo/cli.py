@@ -107,11 +107,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     serve = sub.add_parser("serve-reward", help="serve one reward over HTTP (PNG + JSON, never pickle)",
                            description="Serve one reward over HTTP; a run uses it as {name: 'url:http://HOST:PORT'}. "
-                                       "Set OMNIGRPO_REWARD_TOKEN to require a bearer token.")
+                                       "Concurrent requests are scored together in batches. Set OMNIGRPO_REWARD_TOKEN "
+                                       "to require a bearer token (needed to bind anything but loopback).")
     serve.add_argument("name", help="reward name, entry point or module:attr")
     serve.add_argument("kwargs", nargs="*", help="key=value arguments for the reward's factory (YAML values)")
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8765, help="port (0 picks a free one)")
+    serve.add_argument("--replicas", type=int, default=1,
+                       help="judge instances, each built in its own thread ('{replica}' in an argument: its index)")
+    serve.add_argument("--max-batch", type=int, default=64, help="most images scored in one judge call")
+    serve.add_argument("--max-wait-ms", type=float, default=20.0,
+                       help="longest wait for more requests to join a judge call")
     return parser
 
 
@@ -297,8 +303,8 @@ def cmd_tiny(args: argparse.Namespace) -> int:
 def cmd_serve_reward(args: argparse.Namespace) -> int:
     import yaml
 
-    from omnigrpo.app.preflight import build_checked
-    from omnigrpo.rewards.service import make_server
+    from omnigrpo.app.preflight import build_checked, check_reward
+    from omnigrpo.rewards.server import PublicBindRefused, RewardServer, per_replica
 
     kwargs = {}
     for item in args.kwargs:
@@ -309,16 +315,30 @@ def cmd_serve_reward(args: argparse.Namespace) -> int:
             kwargs[key] = yaml.safe_load(value)
         except yaml.YAMLError as err:
             raise ConfigError(f"reward argument {key}: {value!r} is not a YAML value ({err})") from None
-    reward = build_checked(args.name, kwargs, "serve-reward")
-    server = make_server(reward, args.name, args.host, args.port)
-    host, port = server.server_address[:2]
-    print(f"serving reward {args.name!r} on http://{host}:{port}", flush=True)
+    for flag, value, least in [("--replicas", args.replicas, 1), ("--max-batch", args.max_batch, 1),
+                               ("--max-wait-ms", args.max_wait_ms, 0)]:
+        if value < least:
+            raise ConfigError(f"{flag}: must be at least {least}, got {value}")
+    check_reward(args.name, kwargs, "serve-reward")  # before binding or loading any judge
     try:
-        server.serve_forever()
+        server = RewardServer(lambda index: build_checked(args.name, per_replica(kwargs, index), "serve-reward"),
+                              args.name, args.host, args.port, factory=True, replicas=args.replicas,
+                              max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+    except PublicBindRefused as err:
+        raise ConfigError(f"--host: {err}") from None
+    except OSError as err:
+        raise ConfigError(f"--host/--port: cannot listen on {args.host}:{args.port}: {err.strerror or err}") from None
+    try:
+        server.batcher.start()  # every replica built (and its arguments checked) before serving
+    except BaseException:
+        server.stop()
+        raise
+    print(f"serving reward {args.name!r} ({args.replicas} replica(s), judge calls of up to {args.max_batch} "
+          f"images) on {server.url}", flush=True)
+    try:
+        server.serve_forever(started=True)
     except KeyboardInterrupt:
         pass
-    finally:
-        server.server_close()
     return 0
 
 

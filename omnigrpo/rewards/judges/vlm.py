@@ -6,9 +6,10 @@ quality on a 1-5 scale. Large judges are served by vLLM or SGLang, so the same j
 - ``backend="transformers"``: ``AutoModelForImageTextToText`` + ``AutoProcessor`` (Qwen2-VL /
   Qwen2.5-VL family) from a hub id or local directory, in the reward worker;
 - ``backend="openai"``: any OpenAI-compatible ``/chat/completions`` endpoint (``base_url`` such as
-  ``http://127.0.0.1:8000/v1``), the image sent as a PNG data URL, with a timeout, retries with
-  exponential backoff, a concurrency limit, and the API key read from the environment variable named
-  by ``api_key_env`` (never from the config, never logged).
+  ``http://127.0.0.1:8000/v1``), the image sent as a PNG data URL, with a timeout, the retries of
+  :mod:`omnigrpo.rewards.transport` (429/5xx and connection errors, backoff with jitter,
+  ``Retry-After``), a concurrency limit, and the API key read from the environment variable named by
+  ``api_key_env`` (never from the config, never logged).
 
 Two ways to score (``mode``):
 
@@ -36,7 +37,7 @@ from PIL import Image
 from omnigrpo.config.validation import has_credentials
 from omnigrpo.rewards.protocol import judge_device
 from omnigrpo.rewards.registry import register_reward
-from omnigrpo.rewards.service import ServiceUnavailable, encode_image, post_json
+from omnigrpo.rewards.transport import ServiceUnavailable, encode_image, post_json
 
 TEMPLATES = {
     "alignment": 'Does this image show "{prompt}"? Answer yes or no.',

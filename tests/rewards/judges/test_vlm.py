@@ -13,7 +13,7 @@ import pytest
 from omnigrpo.config.schema import RewardSpec
 from omnigrpo.rewards.judges.vlm import TransformersVLM, parse_score, yes_probability
 from omnigrpo.rewards.registry import build_reward
-from omnigrpo.rewards.service import ServiceRefused, decode_image
+from omnigrpo.rewards.transport import ServiceRefused, decode_image
 from omnigrpo.rewards.worker import RewardWorker
 from omnigrpo.worlds import shapes
 
@@ -76,13 +76,22 @@ class _OpenAIServer:
     """A minimal OpenAI-compatible /v1/chat/completions server backed by an in-process VLM."""
 
     def __init__(self, vlm: TransformersVLM, api_key: str = "", delay: float = 0.0, garbage: bool = False,
-                 canned: str | None = None):
+                 canned: str | None = None, first: tuple[int, ...] = ()):
+        """``first``: the statuses of the first answers (429 with ``Retry-After: 1``), before real ones."""
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 owner.requests += 1
+                if owner.requests <= len(first):
+                    status = first[owner.requests - 1]
+                    self.send_response(status)
+                    if status == 429:
+                        self.send_header("Retry-After", "1")
+                    self.send_header("Content-Length", "2")
+                    self.end_headers()
+                    return self.wfile.write(b"{}")
                 if api_key and self.headers.get("Authorization") != f"Bearer {api_key}":
                     return self._send(401, b'{"error": "bad key"}')
                 time.sleep(delay)
@@ -146,6 +155,20 @@ def test_http_judge_matches_the_in_process_one_and_sends_the_key(vlm_dir, monkey
         with pytest.raises(ServiceRefused, match="401"):  # fails the batch, and so the driver's dry run
             keyless(*batch)
         assert server.requests - before <= 3  # one request per sample at most: a 401 is not retried
+    finally:
+        server.close()
+
+
+def test_http_judge_retries_503_and_honours_retry_after(vlm_dir):
+    vlm = TransformersVLM(str(vlm_dir), top_logprobs=64)
+    server = _OpenAIServer(vlm, first=(503, 429))
+    try:
+        remote = build_reward("vlm_judge", {"model": "tiny", "backend": "openai", "base_url": server.base_url,
+                                            "top_logprobs": 64, "max_concurrency": 1, "retries": 3, "backoff": 0.01})
+        local = build_reward("vlm_judge", {"model": str(vlm_dir), "top_logprobs": 64})
+        start = time.monotonic()
+        assert remote(*_batch(2)) == pytest.approx(local(*_batch(2)), abs=1e-6)  # no NaN: the retries scored
+        assert time.monotonic() - start >= 0.9 and server.requests == 4  # waited the 429's Retry-After
     finally:
         server.close()
 
