@@ -172,6 +172,14 @@ class TrainerConfig:
     """Optimiser steps per pass; the batch is split into this many mini-batches."""
     micro_batch_size: PositiveInt = 32
     """Samples per forward/backward; gradients accumulate over a mini-batch."""
+    old_logprobs: Literal["sampler", "learner"] = "sampler"
+    """Old log-probs of the PPO ratio: ``sampler`` (those the rollout drew with) or ``learner`` (recomputed by
+    the learner before the update's first optimiser step, as verl and OpenRLHF do: the ratio starts at exactly
+    1 even where the sampler's kernels or dtype differ; one extra no-grad forward of the batch per rank)."""
+    tis_cap: Annotated[float, Field(ge=0.0)] = 0.0
+    """Truncated importance sampling against the sampler: each token's loss is weighted by
+    ``min(exp(learner_old - sampler), tis_cap)`` (needs ``old_logprobs: learner``); 0 = off. Corrects for what
+    the sampler drew differently from the learner (bf16 kernels, a code at the top-k edge)."""
     max_grad_norm: Annotated[float, Field(gt=0.0)] = 1.0
     """Gradient clipping threshold (global L2 norm)."""
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0

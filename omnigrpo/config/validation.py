@@ -46,6 +46,9 @@ def cross_field_problems(cfg: Config) -> list[str]:
     if 0 < learner_gpus < 1 and (cfg.cluster.placement == "split" or _colocated_gpus(cfg) <= 0.5):
         problems.append(f"  cluster.learner_gpus: {learner_gpus:g} could put two NCCL ranks on one GPU; a fraction "
                         "works only colocated, with each bundle's GPUs (all roles of index i) above 0.5")
+    if cfg.trainer.tis_cap and cfg.trainer.old_logprobs != "learner":
+        problems.append(f"  trainer.tis_cap: {cfg.trainer.tis_cap:g} needs trainer.old_logprobs: learner (the "
+                        "weights correct the sampler's log-probs towards the learner's recomputed ones)")
     if cfg.data.prompts in WORLD_NAMES and cfg.data.prompts != cfg.world.name:
         problems.append(f"  data.prompts: {cfg.data.prompts!r} is a built-in world's prompt set, but world.name is "
                         f"{cfg.world.name!r}")

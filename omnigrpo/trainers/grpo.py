@@ -9,6 +9,8 @@ where tests can check it against hand-computed values.
   sample std (as TRL). A group with fewer than two valid samples carries no signal: advantage 0.
 - Per token: ``-min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A) + beta * k3``, with
   ``ratio = exp(logp - old_logp)`` and ``k3 = exp(ref - logp) - (ref - logp) - 1``.
+- Optionally (``trainer.tis_cap``) each token's loss is weighted by ``min(exp(old - sampler), cap)``: the
+  learner's recomputed old log-probs against the sampler's (truncated importance sampling).
 - token-mean averages over every valid token of the batch (long images weigh more); seq-mean
   averages within each image, then over images.
 """
@@ -85,6 +87,19 @@ def grpo_token_loss(
     kl = torch.exp(delta) - delta - 1.0
     clipped = ((ratio < 1.0 - clip_eps_low) & (adv < 0)) | ((ratio > 1.0 + clip_eps_high) & (adv > 0))
     return LossTerms(loss=-surrogate + kl_coef * kl, kl=kl, ratio=ratio, clipped=clipped)
+
+
+def truncated_importance_weights(proximal: torch.Tensor, behaviour: torch.Tensor,
+                                 cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token weights ``min(exp(proximal - behaviour), cap)`` ``[B, T]`` (no gradient) and where the cap
+    bit: the correction from the sampler's distribution (``behaviour``) to the learner's (``proximal``).
+
+    >>> w, capped = truncated_importance_weights(torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, -5.0]]), 2.0)
+    >>> w.tolist(), capped.tolist()
+    ([[1.0, 2.0]], [[False, True]])
+    """
+    raw = torch.exp((proximal - behaviour).detach())
+    return raw.clamp(max=cap), raw > cap
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, normaliser: float) -> torch.Tensor:

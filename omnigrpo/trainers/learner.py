@@ -41,6 +41,7 @@ from omnigrpo.sync.broadcast import WeightBroadcast
 from omnigrpo.sync.network import LOOPBACK, interface_of, is_loopback, open_store, serve_store
 from omnigrpo.trainers import adapter, grpo
 from omnigrpo.trainers.checkpoint import write_checkpoint
+from omnigrpo.trainers.engine import deepspeed_config, disable_dropout, grad_norm
 
 
 @dataclass
@@ -184,10 +185,12 @@ class Learner:
         self.in_update = True
         mask = batch.valid[:, None].expand(n, t).float()
         ref = torch.full((n, t), float("nan"), device=batch.codes.device)
-        sums = {"kl": 0.0, "entropy": 0.0, "clip_frac": 0.0, "tokens": 0.0, "mismatch": 0.0, "loss": 0.0}
+        sums = {"kl": 0.0, "entropy": 0.0, "clip_frac": 0.0, "tokens": 0.0, "mismatch": 0.0, "loss": 0.0,
+                "tis_capped": 0.0}
         grad_norms = []
         if self.sharded_reference:  # a collective: every rank scores an equal share, then all share it
             self._gather_reference(batch, ref)
+        old, tis = self._old_logprobs(batch, mask, sums)
         for epoch in range(tr.epochs):
             order = torch.randperm(n, generator=self.generator)
             for mini in order.chunk(tr.mini_batches):
@@ -199,16 +202,16 @@ class Learner:
                                                   self.params)
                     # no reference (kl_coef 0): ref = logp, so k3 and the logged kl are exactly 0
                     ref_rows = ref[micro] if self.has_reference else logp.detach()
-                    terms = grpo.grpo_token_loss(logp, batch.old_logprobs[micro], ref_rows,
-                                                 batch.advantages[micro], tr.clip_eps_low, tr.clip_eps_high,
-                                                 tr.kl_coef)
+                    terms = grpo.grpo_token_loss(logp, old[micro], ref_rows, batch.advantages[micro],
+                                                 tr.clip_eps_low, tr.clip_eps_high, tr.kl_coef)
+                    per_token = terms.loss if tis is None else terms.loss * tis[micro]
                     m = mask[micro]
                     # DeepSpeed averages gradients over ranks; scaling by world_size makes that a sum
-                    loss = grpo.aggregate(terms.loss, m, tr.loss_agg, norm) * self.world_size
+                    loss = grpo.aggregate(per_token, m, tr.loss_agg, norm) * self.world_size
                     boundary = self.engine.is_gradient_accumulation_boundary()
                     self.engine.backward(loss, scale_wrt_gas=False)
                     if boundary and tr.zero_stage == 0:  # ZeRO 0 does not record the norm itself
-                        grad_norms.append(_grad_norm(self.engine.module))
+                        grad_norms.append(grad_norm(self.engine.module))
                     self.engine.step()
                     if boundary and tr.zero_stage > 0:
                         grad_norms.append(float(self.engine.get_global_grad_norm()))
@@ -227,6 +230,24 @@ class Learner:
         return {**{f"sum/{k}": v for k, v in sums.items()}, "loss_norm": grpo.normaliser(mask, tr.loss_agg),
                 "grpo/skipped_update": 0.0, "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
                 "lr": self.optimizer.param_groups[0]["lr"], "version": float(self.version)}
+
+    @torch.no_grad()
+    def _old_logprobs(self, batch: TrainBatch, mask: torch.Tensor,
+                      sums: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The ratio's old log-probs ``[N, T]`` (the sampler's, or recomputed here before any optimiser step:
+        every rank scores the whole batch, a collective under ZeRO-3) and the truncated importance weights
+        ``[N, T]`` against the sampler (None when off); rank 0 counts the capped tokens."""
+        tr = self.cfg.trainer
+        if tr.old_logprobs == "sampler":
+            return batch.old_logprobs, None
+        old = torch.empty_like(batch.old_logprobs)
+        for rows in torch.arange(len(old), device=old.device).split(tr.micro_batch_size):
+            old[rows] = sequence_logprobs(self.lm, batch.prompts.select(rows), batch.codes[rows], self.params)[0]
+        if not tr.tis_cap:
+            return old, None
+        weights, capped = grpo.truncated_importance_weights(old, batch.old_logprobs, tr.tis_cap)
+        sums["tis_capped"] = float((capped.float() * mask).sum()) if self.rank == 0 else 0.0
+        return old, weights
 
     @property
     def has_reference(self) -> bool:
@@ -341,28 +362,6 @@ class Learner:
         return str(write_checkpoint(root, step, save, self.cfg.trainer.keep_last, info, name=name, staging=staging))
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict:
-    """The DeepSpeed config of a learner rank (one of ``world_size``): micro-batches accumulate to the rank's
-    share of a mini-batch.
-
-    >>> from omnigrpo.config.loader import load_config
-    >>> ds = deepspeed_config(load_config(None, ["trainer.mini_batches=2", "trainer.micro_batch_size=8"]), 2)
-    >>> ds["gradient_accumulation_steps"], ds["zero_optimization"], ds["bf16"]
-    (2, {'stage': 2}, {'enabled': False})
-    """
-    tr = cfg.trainer
-    mini = cfg.batch_size // tr.mini_batches // world_size
-    return {
-        "train_micro_batch_size_per_gpu": tr.micro_batch_size,
-        "gradient_accumulation_steps": mini // tr.micro_batch_size,
-        "gradient_clipping": tr.max_grad_norm,
-        "zero_optimization": {"stage": tr.zero_stage},
-        "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
-        "steps_per_print": 10**9,
-    }
-
-
 def merge_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
     """The step's learner metrics from every rank's :meth:`Learner.train_step` result."""
     head = parts[0]
@@ -379,25 +378,11 @@ def merge_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
         "grad_norm": head["grad_norm"],  # the global norm: the same on every rank
         "lr": head["lr"],
         "grpo/logprob_mismatch": max(p["sum/mismatch"] for p in parts),
+        "grpo/tis_clip_frac": total["sum/tis_capped"] / tokens,
         "version": head["version"],
     }
-
-
-def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
-    """Zero every ``nn.Dropout`` and every attention module's ``attention_dropout`` (as TRL does for RL)."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
-    return model
 
 
 def staging_dir(root: str | Path, step: int, name: str) -> Path:
     """Where every rank writes a checkpoint before rank 0 publishes it (the same path on all ranks)."""
     return Path(root) / f".{name}-{step:06d}.staging"
-
-
-def _grad_norm(module: torch.nn.Module) -> float:
-    grads = [p.grad for p in module.parameters() if p.grad is not None]
-    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0

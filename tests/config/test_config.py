@@ -57,6 +57,7 @@ def test_configs_are_frozen():
         ("trainer.micro_batch_size=7", "micro_batch_size: 7 must divide each learner's share of a mini-batch, 64"),
         ("rewards=[{name: shapes}, {name: shapes}]", "'shapes' is listed twice"),
         ("rewards=[]", "at least one reward"),
+        ("trainer.tis_cap=2", "trainer.tis_cap: 2 needs trainer.old_logprobs: learner"),
     ],
 )
 def test_bad_configs_name_the_key(override, message):

@@ -202,3 +202,33 @@ def test_no_reference_without_a_kl_term(tiny_config, sft_path):
     for _ in range(2):
         _, metrics, _ = _step(learner, rollout, reward, prompts, metadata, 4)
         assert metrics["kl"] == 0.0 and np.isfinite(metrics["loss"])
+
+
+def _one_update(cfg, sft_path, shift: float):
+    """One update of the tiny config on a fixed batch whose sampler log-probs are shifted by ``shift`` on every
+    other token (a sampler that disagrees with the learner); returns the metrics and the new weights."""
+    learner, rollout, _ = _workers(cfg, sft_path)
+    prompts, metadata = prompts_of(shapes.train_items()[:4])
+    batch = rollout.generate(prompts, metadata, 4)
+    sampler = batch.logprobs.clone()
+    sampler[:, ::2] -= shift
+    adv = torch.linspace(-1.0, 1.0, 16)
+    metrics = merge_metrics([learner.train_step(TrainBatch(batch.prompt_batch, batch.codes, sampler, adv,
+                                                           torch.ones(16, dtype=torch.bool)))])
+    return metrics, learner.state_dict()
+
+
+def test_learner_recomputed_old_logprobs_and_truncated_importance_weights(tiny_config, sft_path):
+    base = ("trainer.lr=1e-2", "trainer.kl_coef=0.0", "run.seed=3", "trainer.micro_batch_size=4")
+    plain, _ = _one_update(tiny_config(*base), sft_path, 0.0)
+    # the sampler disagrees by 0.5 nats on half the tokens: with its log-probs the first ratio is clipped...
+    shifted, _ = _one_update(tiny_config(*base), sft_path, 0.5)
+    assert shifted["clip_frac"] > 0.1 and plain["clip_frac"] == 0.0
+    # ...recomputed by the learner it starts at 1: the update is the one an agreeing sampler gets
+    fixed, w_fixed = _one_update(tiny_config(*base, "trainer.old_logprobs=learner"), sft_path, 0.5)
+    assert fixed["clip_frac"] == 0.0 and fixed["grpo/tis_clip_frac"] == 0.0
+    assert fixed["loss"] == pytest.approx(plain["loss"], abs=1e-5)
+    # truncated importance sampling weighs each token by min(exp(learner - sampler), cap): exp(0.5) = 1.65 > 1.2
+    tis, w_tis = _one_update(tiny_config(*base, "trainer.old_logprobs=learner", "trainer.tis_cap=1.2"), sft_path, 0.5)
+    assert tis["clip_frac"] == 0.0 and tis["grpo/tis_clip_frac"] == pytest.approx(0.5, abs=0.02)
+    assert any(not torch.equal(w_fixed[k], w_tis[k]) for k in w_tis)  # the weights counted

@@ -1,0 +1,48 @@
+"""What a learner rank's DeepSpeed engine is built from: its config, a dropout-free model, the gradient norm.
+
+Why apart from ``learner``: these are pure functions of the run config and a module, testable (and doctested)
+without a process group or an engine.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from omnigrpo.config.schema import Config
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """The DeepSpeed config of a learner rank (one of ``world_size``): micro-batches accumulate to the rank's
+    share of a mini-batch.
+
+    >>> from omnigrpo.config.loader import load_config
+    >>> ds = deepspeed_config(load_config(None, ["trainer.mini_batches=2", "trainer.micro_batch_size=8"]), 2)
+    >>> ds["gradient_accumulation_steps"], ds["zero_optimization"], ds["bf16"]
+    (2, {'stage': 2}, {'enabled': False})
+    """
+    tr = cfg.trainer
+    mini = cfg.batch_size // tr.mini_batches // world_size
+    return {
+        "train_micro_batch_size_per_gpu": tr.micro_batch_size,
+        "gradient_accumulation_steps": mini // tr.micro_batch_size,
+        "gradient_clipping": tr.max_grad_norm,
+        "zero_optimization": {"stage": tr.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+        "steps_per_print": 10**9,
+    }
+
+
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Zero every ``nn.Dropout`` and every attention module's ``attention_dropout`` (as TRL does for RL)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    return model
+
+
+def grad_norm(module: torch.nn.Module) -> float:
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
