@@ -87,8 +87,9 @@ class Learner:
         gpu = torch.cuda.is_available()  # a GPU Ray assigned this actor (cluster.learner_gpus): NCCL
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if gpu else "cpu")
         interface = "lo" if is_loopback(self.address) else interface_of(self.address)
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)  # gloo binds here: loopback, or the node's address
-        os.environ.setdefault("NCCL_SOCKET_IFNAME", interface)
+        # gloo and NCCL bind here: loopback, or the interface of the node's address. Set, not defaulted: a value
+        # inherited from elsewhere (a driver that ran a local learner) would bind the wrong interface
+        os.environ.update(GLOO_SOCKET_IFNAME=interface, NCCL_SOCKET_IFNAME=interface)
         if extensions_dir:
             os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir)
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
