@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help=text, description=text)
     _config_arguments(p, "YAML config file (the model, prompts and rewards benchmarked)")
     p.add_argument("--parts", default="rollout,rewards,sync,trl", help="comma-separated subset to run")
-    p.add_argument("--steps", type=int, default=20, help="GRPO steps of each trainer in the TRL comparison")
+    p.add_argument("--steps", type=int, default=20, help="GRPO steps of each run in the TRL and placement comparisons")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median reported)")
     p.add_argument("--out", default="", help="JSON path (default <run.dir>/bench.json)")
     text = "print the GPU memory a config needs per role and per GPU (from the checkpoint's config.json only)"
