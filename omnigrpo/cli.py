@@ -68,11 +68,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", default="", help="prompt file instead of the world's held-out prompts")
     p.add_argument("--samples", type=int, default=0, help="images per prompt (default eval.samples_per_prompt)")
     p.add_argument("--out", default="", help="report path (default <run.dir>/eval/<checkpoint name>.json)")
-    text = "benchmarks side by side: sampler vs HF generate, GRPO vs TRL, weight sync, rewards"
+    text = "benchmarks side by side: sampler vs HF generate, GRPO vs TRL, weight sync, rewards, placements"
     p = sub.add_parser("bench", help=text, description=text)
     _config_arguments(p, "YAML config file (the model, prompts and rewards benchmarked)")
     p.add_argument("--parts", default="rollout,rewards,sync,trl", help="comma-separated subset to run")
-    p.add_argument("--steps", type=int, default=20, help="GRPO steps of each trainer in the TRL comparison")
+    p.add_argument("--steps", type=int, default=20, help="GRPO steps of each run in the TRL and placement comparisons")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median reported)")
     p.add_argument("--out", default="", help="JSON path (default <run.dir>/bench.json)")
     text = "print the GPU memory a config needs per role and per GPU (from the checkpoint's config.json only)"

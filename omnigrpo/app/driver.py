@@ -140,7 +140,8 @@ class Loop:
     cursor: PromptCursor
     resumed: dict
     version: int = 0
-    """Weight version the rollout actors hold; steps and versions differ once a step makes no update."""
+    """Weight version the rollout actors (hybrid: the learner ranks) sample with; steps and versions differ once a
+    step makes no update."""
     before: dict = field(default_factory=dict)
     stage: str = "start"
     """What the loop is doing: a crash during ``learn`` or ``sync`` leaves weights of no completed step."""
@@ -218,8 +219,10 @@ class Loop:
             learned = actors.train_step(workers, TrainBatch(batch.prompt_batch, batch.codes, batch.logprobs, adv,
                                                             valid))
         learned_version = int(learned.pop("version"))  # the learner stamps the weights it made
-        # 4. sync: the new weights to every rollout actor (nothing to send when no update was made)
+        # 4. sync: the new weights to every rollout actor (nothing to send when no update was made, nor under
+        # hybrid placement, where the learner ranks sample with their own weights)
         self.stage = "sync"
+        workers.sync_bytes = 0
         with timed(timings, "sync"):
             if learned_version != self.version:
                 self.version = learned_version
@@ -244,6 +247,7 @@ class Loop:
         return {**result.metrics(), **learned, **timings, "grpo/zero_std_frac": zero_std,
                 "fault/actor_restarts": w.restarts, "fault/sync_fallbacks": w.sync_fallbacks,
                 "fault/call_timeouts": w.timeouts, "sync/broadcast": float(w.broadcast),
+                "sync/bytes": float(w.sync_bytes),
                 "guard/blank_frac": blank_share(batch.images, background),
                 "throughput/samples_per_s": len(batch.prompts) / timings["timing/step_s"]}
 

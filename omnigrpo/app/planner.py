@@ -124,7 +124,7 @@ def learner_memory(cfg: Config, size: ModelSize, prompt_tokens: int = PROMPT_TOK
 
 def sampler_rows(cfg: Config) -> int:
     """Rows of one sampler call: images per call (``rollout.sample_batch`` or the actor's share), x2 with CFG."""
-    share = -(-cfg.batch_size // cfg.cluster.rollout_workers)
+    share = -(-cfg.batch_size // cfg.samplers)
     images = min(cfg.rollout.sample_batch, share) if cfg.rollout.sample_batch else share
     return images * (2 if cfg.rollout.cfg_scale != 1.0 else 1)
 
@@ -155,6 +155,12 @@ def plan(cfg: Config, prompt_tokens: int = PROMPT_TOKENS) -> MemoryPlan:
     context = int(CONTEXT_GIB * GIB)
     parts = {"learner": learner_memory(cfg, size, prompt_tokens), "rollout": rollout_memory(cfg, size, prompt_tokens),
              "reward": reward_memory(cfg), "decoder": {"decoder": int(DECODER_GIB * GIB)}}
+    if c.placement == "hybrid":  # each learner rank samples too: the policy once, plus its sampling phase
+        sampling = parts.pop("rollout")
+        b = 2 if cfg.model.dtype == "bfloat16" else 4
+        packed = size.layers * size.hidden * (size.hidden + 2 * size.kv_heads * size.head_dim + 2 * size.intermediate)
+        parts["learner"] |= {"sampler kv_cache": sampling["kv_cache"], "sampler logits": sampling["logits"],
+                             "sampler packed copy": packed * b}
     roles = []
     for role in ("learner", "rollout", "reward", "decoder"):
         count = cfg.actor_counts[role]
@@ -163,7 +169,7 @@ def plan(cfg: Config, prompt_tokens: int = PROMPT_TOKENS) -> MemoryPlan:
             extra = {"cuda_context": context} if gpus > 0 else {}
             roles.append(RoleMemory(role, count, gpus, {**parts[role], **extra}))
     on_gpu = [r for r in roles if r.gpus > 0]
-    if c.placement == "colocated":  # bundle i: actor i of every role, on one GPU while the bundle needs <= 1
+    if c.placement in ("colocated", "hybrid"):  # bundle i: actor i of every role, on one GPU while it needs <= 1
         width = max((r.count for r in on_gpu), default=0)
         gpus = [GpuLoad([f"{r.role} {i}" for r in on_gpu if i < r.count],
                         sum(r.total for r in on_gpu if i < r.count)) for i in range(width)]

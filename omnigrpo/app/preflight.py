@@ -169,8 +169,9 @@ def check_resume(cfg: Config) -> tuple[Path | None, dict | None]:
     if "version" in info and "version" in state and info["version"] != state["version"]:
         raise ConfigError(f"run.resume: {resume_from} holds weights v{info['version']} but a run state of v"
                           f"{state['version']}; it cannot be resumed exactly (start a new run from it with model.path)")
-    if len(state["rollout_rng"]) != cfg.cluster.rollout_workers:
-        raise ConfigError(f"cluster.rollout_workers: resuming {resume_from} needs {len(state['rollout_rng'])}")
+    if len(state["rollout_rng"]) != cfg.samplers:
+        key = "learner_workers (hybrid)" if cfg.cluster.placement == "hybrid" else "rollout_workers"
+        raise ConfigError(f"cluster.{key}: resuming {resume_from} needs {len(state['rollout_rng'])} samplers")
     ranks = json.loads((resume_from / "omnigrpo_step.json").read_text()).get("learners", 1)
     if ranks != cfg.cluster.learner_workers:
         raise ConfigError(f"cluster.learner_workers: resuming {resume_from} needs {ranks} (its optimiser state is "

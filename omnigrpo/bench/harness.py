@@ -13,6 +13,9 @@ run. Four parts, each printing a table and landing in one JSON file:
    the object store, the gloo broadcast in ``cluster.sync_bucket_mb`` buckets, and one call per tensor,
    for a random policy of ``model.*``'s sizes (override them to measure a realistic size).
 4. ``rewards``: images/s of every configured judge on the world's rendered images.
+5. ``placement``: the same GRPO run (``--steps``, from the same weights and seed) under ``cluster.placement``
+   colocated and hybrid: median step, rollout and sync seconds after the first step, samples/s, the weight
+   bytes sent per step and the last step's reward.
 
 Timings are medians over ``--repeats`` after one warm-up.
 """
@@ -45,7 +48,7 @@ from omnigrpo.worlds import registry as worlds
 from omnigrpo.worlds.world import prompts_of
 
 log = logging.getLogger(__name__)
-PARTS = ("rollout", "trl", "sync", "rewards")
+PARTS = ("rollout", "trl", "sync", "rewards", "placement")
 """The benchmark's parts, in the order they run when all are asked for."""
 GUIDED_SCALE = 3.0  # the guided rollout row uses this scale when the config samples without guidance
 
@@ -209,6 +212,38 @@ def bench_trl(cfg: Config, model_path: str, steps: int) -> dict:
                          "rewards": [s.name for s in cfg.rewards]}}
 
 
+def bench_placement(cfg: Config, model_path: str, steps: int) -> dict:
+    """``steps`` GRPO steps under colocated, then hybrid placement, from the same weights and seed."""
+    from omnigrpo.app.driver import train
+    from omnigrpo.app.tracking import Tracker
+
+    out = {}
+    keys = ("timing/step_s", "timing/rollout_s", "timing/sync_s", "throughput/samples_per_s", "sync/bytes",
+            "reward/total/mean")
+    for mode in ("colocated", "hybrid"):
+        run_cfg = dataclasses.replace(
+            cfg, run=dataclasses.replace(cfg.run, dir=str(Path(cfg.run.dir) / "bench" / mode), resume=False),
+            model=dataclasses.replace(cfg.model, path=model_path),
+            trainer=dataclasses.replace(cfg.trainer, steps=steps, save_every=0),
+            eval=dataclasses.replace(cfg.eval, every=0, held_out=False),
+            cluster=dataclasses.replace(cfg.cluster, placement=mode),
+            tracking=dataclasses.replace(cfg.tracking, uri="", image_every=0, run_name=f"bench-{mode}"))
+        summary = train(run_cfg)
+        client = Tracker(run_cfg).client
+        h = {k: [m.value for m in sorted(client.get_metric_history(summary["run_id"], k), key=lambda m: m.step)]
+             for k in keys}
+        warm = slice(1, None) if steps > 1 else slice(None)  # the first step pays for warm-up
+        out[mode] = {"step_s": float(np.median(h["timing/step_s"][warm])),
+                     "rollout_s": float(np.median(h["timing/rollout_s"][warm])),
+                     "sync_s": float(np.median(h["timing/sync_s"][warm])),
+                     "samples_per_s": float(np.median(h["throughput/samples_per_s"][warm])),
+                     "sync_bytes": float(np.median(h["sync/bytes"][warm])),
+                     "reward_last": h["reward/total/mean"][-1]}
+    return {"steps": steps, "learner_workers": cfg.cluster.learner_workers,
+            "rollout_workers": cfg.cluster.rollout_workers, "modes": out,
+            "hybrid_vs_colocated_samples_per_s": out["hybrid"]["samples_per_s"] / out["colocated"]["samples_per_s"]}
+
+
 def table(results: dict) -> str:
     """Markdown tables of whatever parts ``results`` holds."""
     lines = [f"machine: {results['machine']}"]
@@ -237,6 +272,15 @@ def table(results: dict) -> str:
                   "| path | MB | tensors | ms | s/GB |", "|---|---|---|---|---|"]
         lines += [f"| {label} | {m['bytes'] / 1e6:.1f} | {m['tensors']} | {m['seconds'] * 1e3:.1f} | "
                   f"{m['s_per_gb']:.2f} |" for label, m in s["paths"].items()]
+    if "placement" in results:
+        p = results["placement"]
+        lines += ["", f"placement, {p['steps']} GRPO steps each (medians after the first step)",
+                  "| placement | step s | rollout s | sync s | sync MB | samples/s | reward last step |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {mode} | {m['step_s']:.3f} | {m['rollout_s']:.3f} | {m['sync_s']:.4f} | "
+                  f"{m['sync_bytes'] / 1e6:.2f} | {m['samples_per_s']:.1f} | {m['reward_last']:.3f} |"
+                  for mode, m in p["modes"].items()]
+        lines.append(f"hybrid / colocated samples/s: {p['hybrid_vs_colocated_samples_per_s']:.2f}x")
     if "rewards" in results:
         lines += ["", "| judge | images/s |", "|---|---|"]
         lines += [f"| {name} | {m['images_per_s']:.1f} |" for name, m in results["rewards"].items()]
@@ -244,12 +288,13 @@ def table(results: dict) -> str:
 
 
 def run_bench(cfg: Config, parts: list[str], steps: int = 20, repeats: int = 3, out: str = "") -> dict:
-    """Run the named parts (``rollout``, ``trl``, ``sync``, ``rewards``), print tables, write JSON."""
+    """Run the named parts (``rollout``, ``trl``, ``sync``, ``rewards``, ``placement``), print tables, write
+    JSON."""
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         raise ValueError(f"unknown bench part(s) {unknown}; choose from {', '.join(PARTS)}")
     use_threads(cfg.cluster.torch_threads)
-    trained = {"rollout", "trl"} & set(parts)  # sync and rewards need no trained policy
+    trained = {"rollout", "trl", "placement"} & set(parts)  # sync and rewards need no trained policy
     model_path = cfg.model.path or (str(sft_checkpoint(cfg, cfg.cluster.torch_threads or None)) if trained else "")
     results: dict = {"machine": machine(), "model": model_path, "world": cfg.world.name}
     if "rollout" in parts:
@@ -260,6 +305,8 @@ def run_bench(cfg: Config, parts: list[str], steps: int = 20, repeats: int = 3, 
         results["sync"] = bench_sync(cfg, repeats)
     if "trl" in parts:
         results["trl"] = bench_trl(cfg, model_path, steps)
+    if "placement" in parts:
+        results["placement"] = bench_placement(cfg, model_path, steps)
     print(table(results), flush=True)
     target = Path(out) if out else Path(cfg.run.dir) / "bench.json"
     target.parent.mkdir(parents=True, exist_ok=True)

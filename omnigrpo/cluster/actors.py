@@ -8,6 +8,12 @@ Placement comes from ``omnigrpo.cluster.placement``: one placement group per run
 ``cluster.*`` resources per role (by default an equal share of the CPUs each, colocated: the stages of
 a step run one after another, so every actor uses all cores while it works). A rollout or reward actor
 that dies is replaced in its bundle and its batch retried (``collect``), up to ``cluster.max_restarts``.
+
+With ``cluster.placement: hybrid`` the learner ranks are the rollout pool (``Workers.rollouts`` *is*
+``Workers.learners``: :class:`~omnigrpo.trainers.hybrid.HybridLearner` answers the rollout calls), so the
+sharded and chunked sampling below runs unchanged on them, reward actors still judge a chunk while the next
+one samples, and :func:`sync_weights` sends nothing. A learner rank that dies ends the run (crash
+checkpoint), as it does in the other placements.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from omnigrpo.rollout.families.diffusion import DiffusionDecoder
 from omnigrpo.rollout.sampler import SamplingParams
 from omnigrpo.rollout.worker import RolloutBatch, RolloutWorker
 from omnigrpo.sync.network import LOOPBACK, is_loopback
+from omnigrpo.trainers.hybrid import HybridLearner
 from omnigrpo.trainers.learner import Learner, merge_metrics
 
 log = logging.getLogger(__name__)
@@ -88,6 +95,15 @@ class Workers:
     """Reward / decoder calls that exceeded ``cluster.call_timeout_s`` (``fault/call_timeouts``)."""
     where: dict = dataclasses.field(default_factory=dict)
     """``(role, index) -> node address`` the actors' sockets bind across hosts; empty on loopback."""
+    sync_bytes: int = 0
+    """Weight bytes the last sync sent (``sync/bytes``; 0 under hybrid placement, which never sends any)."""
+    weight_bytes: int = 0
+    """Bytes of the full policy's parameters (asked of the learner once, for the object-store path)."""
+
+    @property
+    def hybrid(self) -> bool:
+        """The learner ranks sample (``cluster.placement: hybrid``): no rollout actors, no weight sync."""
+        return self.cfg.cluster.placement == "hybrid"
 
     @property
     def learner(self):
@@ -115,11 +131,12 @@ def spawn(cfg: Config, model_path: str, extensions_dir: str, reference_path: str
     threads = cfg.cluster.torch_threads
     accelerator = "cuda" if cfg.cluster.learner_gpus else "cpu"
     env = {"runtime_env": {"env_vars": {"DS_ACCELERATOR": accelerator, "TORCH_EXTENSIONS_DIR": extensions_dir}}}
-    rollouts = [_rollout_actor(cfg, model_path, i, plan) for i in range(cfg.cluster.rollout_workers)]
+    hybrid = cfg.cluster.placement == "hybrid"
+    rollouts = [_rollout_actor(cfg, model_path, i, plan) for i in range(cfg.actor_counts["rollout"])]
     rewards = [_reward_actor(cfg, i, plan) for i in range(cfg.cluster.reward_workers)]
     decoders = [_decoder_actor(cfg, i, plan) for i in range(cfg.cluster.decoder_workers if cfg.decoder.path else 0)]
     size, where = cfg.cluster.learner_workers, bind_addresses(plan)
-    learners = [ray.remote(Learner).options(**plan.options("learner", rank), **env).remote(
+    learners = [ray.remote(HybridLearner if hybrid else Learner).options(**plan.options("learner", rank), **env).remote(
         cfg, model_path, rank=rank, world_size=size, reference_path=reference_path,
         address=where.get(("learner", rank), LOOPBACK)) for rank in range(size)]
     rendezvous = learner_rendezvous(cfg, learners, where)
@@ -128,9 +145,9 @@ def spawn(cfg: Config, model_path: str, extensions_dir: str, reference_path: str
                 + [learner.setup.remote(extensions_dir, threads, resume, rendezvous) for learner in learners])
     except JudgeStartError as err:  # Ray's error is also an instance of the actor's exception class
         raise ConfigError(str(getattr(err, "cause", None) or err)) from None
-    workers = Workers(rollouts=rollouts, rewards=rewards, learners=learners, cfg=cfg, model_path=model_path,
-                      placement=plan, decoders=decoders, where=where)
-    if cfg.cluster.weight_sync == "broadcast":
+    workers = Workers(rollouts=learners if hybrid else rollouts, rewards=rewards, learners=learners, cfg=cfg,
+                      model_path=model_path, placement=plan, decoders=decoders, where=where)
+    if cfg.cluster.weight_sync == "broadcast" and not hybrid:
         join_weight_group(workers)
     return workers
 
@@ -214,7 +231,7 @@ def release(workers: Workers) -> None:
     """Stop every actor of the run and free its placement group (for callers that keep Ray running)."""
     from ray.util.placement_group import remove_placement_group
 
-    for actor in workers.rollouts + workers.rewards + workers.decoders + workers.learners:
+    for actor in ([] if workers.hybrid else workers.rollouts) + workers.rewards + workers.decoders + workers.learners:
         ray.kill(actor)
     remove_placement_group(workers.placement.group)
 
@@ -243,6 +260,9 @@ def _reward_actor(cfg: Config, index: int, plan: placement.Placement):
 def _replace(workers: Workers, role: str, index: int, err: Exception) -> None:
     """Start a fresh actor in place of a dead one (a rollout replacement gets the current weights), or
     re-raise ``err`` once ``cluster.max_restarts`` replacements are used up."""
+    if role == "rollout" and workers.hybrid:
+        log.error("learner rank %d died while sampling (hybrid placement: a learner rank is not replaced)", index)
+        raise err
     if workers.restarts >= workers.cfg.cluster.max_restarts:
         log.error("%s actor %d died and the run already replaced %d actor(s) (cluster.max_restarts)", role, index,
                   workers.restarts)
@@ -386,6 +406,10 @@ def sync_weights(workers: Workers, version: int) -> None:
     """Learner -> every rollout actor: a bucketed broadcast over the dedicated group, or (configured, or
     as the fallback when a broadcast fails or times out) the object store, one put shared by all readers.
     After a rollout actor was replaced, the broadcast group is first re-formed with the newcomer."""
+    workers.sync_bytes = 0
+    if workers.hybrid:  # the learners sample with the weights they just made: nothing to send
+        workers.version = version
+        return
     if workers.reform:
         workers.reform = False
         try:
@@ -400,10 +424,11 @@ def sync_weights(workers: Workers, version: int) -> None:
         refs = [learner.broadcast_weights.remote(bucket) for learner in workers.learners]
         refs += [w.receive_weights.remote(bucket) for w in workers.rollouts]
         try:
-            got = ray.get(refs, timeout=workers.cfg.cluster.sync_timeout_s + 30)[len(workers.learners):]
+            answers = ray.get(refs, timeout=workers.cfg.cluster.sync_timeout_s + 30)
+            got = answers[len(workers.learners):]
             if got != [version] * len(workers.rollouts):
                 raise RuntimeError(f"rollout actors report weight versions {got} after broadcasting v{version}")
-            workers.version = version
+            workers.version, workers.sync_bytes = version, int(answers[0])
             return
         except (ray.exceptions.RayError, RuntimeError) as err:
             log.warning("weight broadcast of v%d failed (%s); this sync goes through the object store, and the "
@@ -411,6 +436,9 @@ def sync_weights(workers: Workers, version: int) -> None:
             workers.broadcast, workers.reform = False, not workers.reform_failed
             workers.sync_fallbacks += 1
     weights = weights_ref(workers)
+    if not workers.weight_bytes:
+        workers.weight_bytes = ray.get(workers.learner.weight_bytes.remote())
+    workers.sync_bytes = workers.weight_bytes  # one put, read by every rollout actor
     for i, w in enumerate(workers.rollouts):
         try:
             ray.get(w.load_weights.remote(weights, version))

@@ -7,7 +7,9 @@ cluster) and the mode:
 - ``split``: every actor gets a bundle of its own (separate pools: rollout never waits for the
   learner's memory, at the price of idle devices while the other stage runs);
 - ``colocated``: actor ``i`` of every role shares bundle ``i`` (verl-style: the stages of a step run
-  one after another, so they can take turns on the same devices).
+  one after another, so they can take turns on the same devices);
+- ``hybrid``: as colocated, without rollout actors: learner rank ``i`` samples too, and bundle ``i`` holds
+  it with reward (and decoder) actor ``i``; no bundle is reserved for rollouts.
 
 Before any model loads, :func:`check_fits` compares the demand with the cluster and fails naming the
 role and the shortfall; then :func:`build` reserves one placement group (strategy ``PACK``) and waits

@@ -241,9 +241,13 @@ class ClusterConfig:
     learner_workers: PositiveInt = 1
     """Learner actors forming one DeepSpeed data-parallel group; each takes an equal share of every
     mini-batch (so ``trainer.micro_batch_size`` must divide the mini-batch / learner_workers)."""
-    placement: Literal["colocated", "split"] = "colocated"
+    placement: Literal["colocated", "split", "hybrid"] = "colocated"
     """``colocated``: actor i of every role shares bundle i of the run's placement group (the stages of a
-    step take turns on it); ``split``: one bundle per actor (separate pools). See cluster/placement.py."""
+    step take turns on it); ``split``: one bundle per actor (separate pools). See cluster/placement.py.
+    ``hybrid``: no rollout actors; every learner rank samples its share of a step's prompts with its own live
+    weights (no weight sync, the policy held once per rank; ``rollout_workers``, ``rollout_cpus`` and
+    ``rollout_gpus`` are ignored); reward (and decoder) actor i share bundle i with learner rank i.
+    trainer.zero_stage 0-2 (see trainers/hybrid.py)."""
     rollout_cpus: Annotated[float, Field(ge=0.0)] = 0.0
     """CPUs each rollout actor reserves; 0 = an equal share of the cluster with the other actors."""
     rollout_gpus: Annotated[float, Field(ge=0.0)] = 0.0
@@ -311,8 +315,15 @@ class Config:
     def actor_counts(self) -> dict[str, int]:
         """Actors per role (a decoder pool only with ``decoder.path``)."""
         c = self.cluster
-        return {"rollout": c.rollout_workers, "decoder": c.decoder_workers if self.decoder.path else 0,
+        rollouts = 0 if c.placement == "hybrid" else c.rollout_workers  # hybrid: the learner ranks sample
+        return {"rollout": rollouts, "decoder": c.decoder_workers if self.decoder.path else 0,
                 "reward": c.reward_workers, "learner": c.learner_workers}
+
+    @property
+    def samplers(self) -> int:
+        """Processes that sample a step's prompts: the rollout actors, or (hybrid) the learner ranks."""
+        c = self.cluster
+        return c.learner_workers if c.placement == "hybrid" else c.rollout_workers
 
     @property
     def batch_size(self) -> int:

@@ -75,6 +75,9 @@ def _model_problems(cfg: Config) -> list[str]:
     if cfg.trainer.lora_rank and cfg.trainer.zero_stage == 3:
         problems.append("  trainer.lora_rank: LoRA runs with trainer.zero_stage 0-2 (the frozen base is replicated; "
                         "ZeRO-3 would partition it, and the adapters are too small to need it)")
+    if cfg.cluster.placement == "hybrid" and cfg.trainer.zero_stage == 3:
+        problems.append("  cluster.placement: hybrid samples with trainer.zero_stage 0-2 (under ZeRO-3 the fast "
+                        "sampler would run under DeepSpeed's per-module gather hooks; use colocated or split)")
     if cfg.decoder.path and m.family != "xomni":
         problems.append(f"  decoder.path: the diffusion decoder stage paints X-Omni's codes (model.family xomni), "
                         f"not {m.family!r}'s (their VQ decoder runs in the rollout worker)")

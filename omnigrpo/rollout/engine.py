@@ -62,7 +62,7 @@ def fuse(layers: Sequence[torch.nn.Module]) -> list[tuple[torch.Tensor, torch.Te
     weight load (``load_state_dict``, the broadcast's in-place receive) writes through the views into
     the packed matrices. Meant for sampling modules (an optimiser stepping the views in place still
     updates the packed matrices, but ZeRO re-points parameters into its own buffers, so a DeepSpeed
-    learner never packs).
+    learner never packs: its sampler, under ``cluster.placement: hybrid``, uses :func:`pack_copies`).
 
     Returns per layer ``(qkv weight [Hq*d + 2*Hkv*d, D], qkv bias or None, gate_up weight [2*I, D],
     head counts (Hq, Hkv, Hkv))``."""
@@ -73,6 +73,28 @@ def fuse(layers: Sequence[torch.nn.Module]) -> list[tuple[torch.Tensor, torch.Te
         qkv_b = _pack([attn.q_proj, attn.k_proj, attn.v_proj], "bias") if attn.q_proj.bias is not None else None
         heads = [m.out_features // attn.head_dim for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
         packed.append((qkv_w, qkv_b, _pack([mlp.gate_proj, mlp.up_proj], "weight"), heads))
+    return packed
+
+
+def pack_copies(layers: Sequence[torch.nn.Module], read=getattr) -> list[tuple]:
+    """:func:`fuse`'s packed matrices as fresh copies, leaving the modules' own parameters where they are: for
+    sampling with a module an optimiser (DeepSpeed) owns, whose parameters must not be re-pointed.
+
+    ``read(linear, "weight" | "bias")`` gives a projection's weight (the learner passes one that merges a
+    LoRA adapter). The copies cost the q/k/v and gate/up weights once more (``(Hq + 2 Hkv) d D + 2 I D``
+    elements per layer, about 2/3 of a Llama layer); the caller frees them after its sampling phase, as
+    they go stale at the next optimiser step."""
+    packed = []
+    with torch.no_grad():
+        for layer in layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+            qkv_w = torch.cat([read(m, "weight").detach() for m in qkv])
+            qkv_b = torch.cat([read(m, "bias").detach() for m in qkv]) if read(attn.q_proj, "bias") is not None \
+                else None
+            heads = [m.out_features // attn.head_dim for m in qkv]
+            gate_up = torch.cat([read(m, "weight").detach() for m in (mlp.gate_proj, mlp.up_proj)])
+            packed.append((qkv_w, qkv_b, gate_up, heads))
     return packed
 
 

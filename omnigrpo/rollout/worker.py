@@ -21,7 +21,7 @@ from transformers.utils import logging as hf_logging
 
 from omnigrpo.config.runtime import reseed, use_threads
 from omnigrpo.rollout.loader import load_policy
-from omnigrpo.rollout.policy import PromptBatch
+from omnigrpo.rollout.policy import ImageLM, ImagePolicy, PromptBatch
 from omnigrpo.rollout.sampler import SamplingParams, sample_images
 from omnigrpo.sync.broadcast import WeightBroadcast
 from omnigrpo.sync.network import LOOPBACK
@@ -78,6 +78,34 @@ class RolloutBatch:
         )
 
 
+def draw_batch(policy: ImagePolicy, lm: ImageLM, prompts: list[str], metadata: list[dict], group_size: int,
+               params: SamplingParams, generator: torch.Generator, device: torch.device, version: int,
+               sample_batch: int = 0, decode: bool = True) -> RolloutBatch:
+    """``group_size`` images for each prompt, sampled through ``lm`` (the fast path) and decoded by ``policy``,
+    stamped with weight ``version``: the one sampling routine of rollout actors and of hybrid learners."""
+    repeated = [p for p in prompts for _ in range(group_size)]
+    batch = policy.prompt_batch(repeated)
+    step = sample_batch or len(repeated)  # pieces bound the KV cache; one generator stream throughout
+    codes, logprobs, images = [], [], []
+    for start in range(0, len(repeated), step):
+        piece = batch.select(slice(start, start + step)).to(device)
+        c, lp = sample_images(lm, piece, params, generator)
+        images.append(policy.decode(c) if decode else np.zeros((len(c), 0, 0, 3), np.uint8))
+        codes.append(c.cpu())
+        logprobs.append(lp.cpu())
+    return RolloutBatch(
+        prompts=repeated,
+        metadata=[dict(m) for m in metadata for _ in range(group_size)],
+        group=torch.arange(len(prompts)).repeat_interleave(group_size),
+        prompt_batch=batch,
+        codes=torch.cat(codes),
+        logprobs=torch.cat(logprobs),
+        images=np.concatenate(images),
+        version=version,
+        grid=(policy.space.rows, policy.space.cols),
+    )
+
+
 class RolloutWorker:
     """Samples and decodes images with the ``family`` policy at ``model_path``.
 
@@ -111,29 +139,9 @@ class RolloutWorker:
         """Draw ``group_size`` images for each prompt; with ``seed``, from a generator of its own, which
         leaves the training stream untouched (evaluation), so a resumed run samples what an
         uninterrupted one would."""
-        repeated = [p for p in prompts for _ in range(group_size)]
-        batch = self.policy.prompt_batch(repeated)
         generator = self.generator if seed is None else torch.Generator(self.device).manual_seed(seed)
-        step = self.sample_batch or len(repeated)  # pieces bound the KV cache; one generator stream throughout
-        codes, logprobs, images = [], [], []
-        for start in range(0, len(repeated), step):
-            piece = batch.select(slice(start, start + step)).to(self.device)
-            c, lp = sample_images(self.lm, piece, self.params, generator)
-            images.append(self.policy.decode(c) if self.decode else np.zeros((len(c), 0, 0, 3), np.uint8))
-            codes.append(c.cpu())
-            logprobs.append(lp.cpu())
-        codes, logprobs, images = torch.cat(codes), torch.cat(logprobs), np.concatenate(images)
-        return RolloutBatch(
-            prompts=repeated,
-            metadata=[dict(m) for m in metadata for _ in range(group_size)],
-            group=torch.arange(len(prompts)).repeat_interleave(group_size),
-            prompt_batch=batch,
-            codes=codes,
-            logprobs=logprobs,
-            images=images,
-            version=self.version,
-            grid=(self.policy.space.rows, self.policy.space.cols),
-        )
+        return draw_batch(self.policy, self.lm, prompts, metadata, group_size, self.params, generator,
+                          self.device, self.version, self.sample_batch, self.decode)
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
         """Replace the policy's weights (all of them: a partial sync is an error) and its version."""

@@ -301,6 +301,12 @@ class Learner:
         with self._full_weights() as weights:
             return {k: v.detach().to("cpu", copy=True) for k, v in weights.items()} if self.rank == 0 else {}
 
+    def weight_bytes(self) -> int:
+        """Bytes of the full policy's parameters, as a sync sends them (LoRA: the plain model's, adapters merged;
+        ZeRO-3: the whole parameters, not this rank's partition)."""
+        named = adapter.base(self.engine.module).named_parameters()
+        return sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for name, p in named if ".lora_" not in name)
+
     def serve(self, group: str, size: int, timeout_s: float) -> str:
         """Rank 0 across hosts: serve the TCP store where ``group`` (``learners`` or ``weights``) meets, on this
         node's address; returns its ``tcp://`` spec for the other members."""

@@ -176,3 +176,14 @@ def test_train_refuses_a_config_that_cannot_fit(hub_cache, capsys, tmp_path):
 def test_plan_without_gpus_has_nothing_to_check(capsys):
     assert main(["plan", str(CONFIGS / "shapes.yaml"), "cluster.gpu_memory_gb=1"]) == 0
     assert "nothing to check" in capsys.readouterr().out
+
+
+def test_hybrid_puts_the_sampler_on_the_learner_and_no_rollout_role(hub_cache):
+    colocated = _gpu_plan("janus_pro_7b.yaml")
+    hybrid = _gpu_plan("janus_pro_7b.yaml", "cluster.placement=hybrid")
+    assert "rollout" not in {r.role for r in hybrid.roles}
+    learner = next(r for r in hybrid.roles if r.role == "learner")
+    rollout = next(r for r in colocated.roles if r.role == "rollout")
+    assert learner.parts["sampler kv_cache"] == rollout.parts["kv_cache"]
+    assert 0 < learner.parts["sampler packed copy"] < rollout.parts["weights"]
+    assert max(g.need for g in hybrid.gpus) < max(g.need for g in colocated.gpus)  # the policy held once per GPU

@@ -75,3 +75,14 @@ def test_hf_generate_draws_what_we_draw_on_emu3_greedily(tmp_path):
     params = SamplingParams(top_k=1)
     ours, _ = sample_images(policy.lm(), batch, params)
     assert torch.equal(hf_generate(policy.model, batch, policy.space, params), ours)
+
+
+def test_the_placement_part_compares_colocated_and_hybrid(tiny_config, sft_path, tmp_path, capsys):
+    cfg = tiny_config(f"model.path={sft_path}")
+    results = run_bench(cfg, ["placement"], steps=3, repeats=1, out=str(tmp_path / "b.json"))
+    assert not ray.is_initialized()
+    modes = results["placement"]["modes"]
+    assert set(modes) == {"colocated", "hybrid"}
+    assert modes["hybrid"]["sync_bytes"] == 0 and modes["colocated"]["sync_bytes"] > 0
+    assert all(m["samples_per_s"] > 0 and m["step_s"] > 0 for m in modes.values())
+    assert "hybrid / colocated samples/s" in capsys.readouterr().out

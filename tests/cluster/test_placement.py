@@ -30,6 +30,16 @@ def test_colocated_actors_share_bundles_split_ones_do_not():
     assert len(apart) == 5 and len(set(where.values())) == 5
 
 
+def test_hybrid_reserves_learner_bundles_and_no_rollout_ones():
+    cfg = _cfg("cluster.placement=hybrid", "cluster.learner_cpus=2", "cluster.learner_gpus=1", "cluster.reward_cpus=1")
+    wanted = {d.role: d for d in demands(cfg, 16)}
+    assert wanted["rollout"].count == 0 and cfg.samplers == 2  # the learner ranks sample
+    sizes, where = bundles(cfg, list(wanted.values()))
+    assert sizes == [{"CPU": 3.0, "GPU": 1.0}, {"CPU": 2.0, "GPU": 1.0}]
+    assert where["learner", 0] == where["reward", 0] == 0 and where["learner", 1] == 1
+    assert not any(role == "rollout" for role, _ in where)
+
+
 def test_a_short_cluster_is_named_by_role_and_amount():
     cfg = _cfg("cluster.learner_cpus=4", "cluster.reward_gpus=1")
     with pytest.raises(ClusterShortfall) as err:
