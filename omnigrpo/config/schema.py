@@ -175,7 +175,8 @@ class TrainerConfig:
     old_logprobs: Literal["sampler", "learner"] = "sampler"
     """Old log-probs of the PPO ratio: ``sampler`` (those the rollout drew with) or ``learner`` (recomputed by
     the learner before the update's first optimiser step, as verl and OpenRLHF do: the ratio starts at exactly
-    1 even where the sampler's kernels or dtype differ; one extra no-grad forward of the batch per rank)."""
+    1 even where the sampler's kernels or dtype differ; one extra no-grad forward of the batch, shared by the
+    learner ranks)."""
     tis_cap: Annotated[float, Field(ge=0.0)] = 0.0
     """Truncated importance sampling against the sampler: each token's loss is weighted by
     ``min(exp(learner_old - sampler), tis_cap)`` (needs ``old_logprobs: learner``); 0 = off. Corrects for what

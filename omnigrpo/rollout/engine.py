@@ -56,7 +56,8 @@ def causal_mask(valid: torch.Tensor) -> torch.Tensor:
     return ((valid[:, None, :] & causal) | eye)[:, None]
 
 
-def fuse(layers: Sequence[torch.nn.Module]) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
+def fuse(layers: Sequence[torch.nn.Module], read=getattr,
+         repoint: bool = True) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
     """Pack each layer's q/k/v projections and its MLP's gate/up projections into one matrix each, and
     make the modules' own weights views of it: one GEMM instead of three (two), no extra memory, and a
     weight load (``load_state_dict``, the broadcast's in-place receive) writes through the views into
@@ -64,15 +65,18 @@ def fuse(layers: Sequence[torch.nn.Module]) -> list[tuple[torch.Tensor, torch.Te
     updates the packed matrices, but ZeRO re-points parameters into its own buffers, so a DeepSpeed
     learner never packs: its sampler, under ``cluster.placement: hybrid``, uses :func:`pack_copies`).
 
+    ``read(linear, "weight" | "bias")`` gives a projection's tensor; ``repoint=False`` leaves the modules alone.
+
     Returns per layer ``(qkv weight [Hq*d + 2*Hkv*d, D], qkv bias or None, gate_up weight [2*I, D],
     head counts (Hq, Hkv, Hkv))``."""
     packed = []
     for layer in layers:
         attn, mlp = layer.self_attn, layer.mlp
-        qkv_w = _pack([attn.q_proj, attn.k_proj, attn.v_proj], "weight")
-        qkv_b = _pack([attn.q_proj, attn.k_proj, attn.v_proj], "bias") if attn.q_proj.bias is not None else None
-        heads = [m.out_features // attn.head_dim for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
-        packed.append((qkv_w, qkv_b, _pack([mlp.gate_proj, mlp.up_proj], "weight"), heads))
+        qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+        qkv_w = _pack(qkv, "weight", read, repoint)
+        qkv_b = _pack(qkv, "bias", read, repoint) if read(attn.q_proj, "bias") is not None else None
+        heads = [m.out_features // attn.head_dim for m in qkv]
+        packed.append((qkv_w, qkv_b, _pack([mlp.gate_proj, mlp.up_proj], "weight", read, repoint), heads))
     return packed
 
 
@@ -80,28 +84,18 @@ def pack_copies(layers: Sequence[torch.nn.Module], read=getattr) -> list[tuple]:
     """:func:`fuse`'s packed matrices as fresh copies, leaving the modules' own parameters where they are: for
     sampling with a module an optimiser (DeepSpeed) owns, whose parameters must not be re-pointed.
 
-    ``read(linear, "weight" | "bias")`` gives a projection's weight (the learner passes one that merges a
-    LoRA adapter). The copies cost the q/k/v and gate/up weights once more (``(Hq + 2 Hkv) d D + 2 I D``
-    elements per layer, about 2/3 of a Llama layer); the caller frees them after its sampling phase, as
-    they go stale at the next optimiser step."""
-    packed = []
+    ``read`` as in :func:`fuse` (the learner passes one that merges a LoRA adapter). The copies cost the q/k/v
+    and gate/up weights once more (``(Hq + 2 Hkv) d D + 2 I D`` elements per layer, about 2/3 of a Llama
+    layer); the caller frees them after its sampling phase, as they go stale at the next optimiser step."""
     with torch.no_grad():
-        for layer in layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
-            qkv_w = torch.cat([read(m, "weight").detach() for m in qkv])
-            qkv_b = torch.cat([read(m, "bias").detach() for m in qkv]) if read(attn.q_proj, "bias") is not None \
-                else None
-            heads = [m.out_features // attn.head_dim for m in qkv]
-            gate_up = torch.cat([read(m, "weight").detach() for m in (mlp.gate_proj, mlp.up_proj)])
-            packed.append((qkv_w, qkv_b, gate_up, heads))
-    return packed
+        return fuse(layers, read, repoint=False)
 
 
-def _pack(linears: list[torch.nn.Linear], name: str) -> torch.Tensor:
-    whole = torch.cat([getattr(m, name).detach() for m in linears])
-    for m, part in zip(linears, whole.split([m.out_features for m in linears]), strict=True):
-        setattr(m, name, torch.nn.Parameter(part, requires_grad=getattr(m, name).requires_grad))
+def _pack(linears: list[torch.nn.Linear], name: str, read=getattr, repoint: bool = True) -> torch.Tensor:
+    whole = torch.cat([read(m, name).detach() for m in linears])
+    if repoint:
+        for m, part in zip(linears, whole.split([m.out_features for m in linears]), strict=True):
+            setattr(m, name, torch.nn.Parameter(part, requires_grad=getattr(m, name).requires_grad))
     return whole
 
 

@@ -190,7 +190,7 @@ class Learner:
                 "tis_capped": 0.0}
         grad_norms = []
         if self.sharded_reference:  # a collective: every rank scores an equal share, then all share it
-            self._gather_reference(batch, ref)
+            ref.copy_(self._scored_by_rank(n, lambda rows: self._reference_logprobs(batch, rows)))
         old, tis = self._old_logprobs(batch, mask, sums)
         for epoch in range(tr.epochs):
             order = torch.randperm(n, generator=self.generator)
@@ -235,15 +235,14 @@ class Learner:
     @torch.no_grad()
     def _old_logprobs(self, batch: TrainBatch, mask: torch.Tensor,
                       sums: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The ratio's old log-probs ``[N, T]`` (the sampler's, or recomputed here before any optimiser step:
-        every rank scores the whole batch, a collective under ZeRO-3) and the truncated importance weights
-        ``[N, T]`` against the sampler (None when off); rank 0 counts the capped tokens."""
+        """The ratio's old log-probs ``[N, T]`` (the sampler's, or recomputed here before any optimiser step, each
+        rank an equal share) and the truncated importance weights ``[N, T]`` against the sampler (None when off);
+        rank 0 counts the capped tokens."""
         tr = self.cfg.trainer
         if tr.old_logprobs == "sampler":
             return batch.old_logprobs, None
-        old = torch.empty_like(batch.old_logprobs)
-        for rows in torch.arange(len(old), device=old.device).split(tr.micro_batch_size):
-            old[rows] = sequence_logprobs(self.lm, batch.prompts.select(rows), batch.codes[rows], self.params)[0]
+        old = self._scored_by_rank(len(batch.codes), lambda rows: sequence_logprobs(
+            self.lm, batch.prompts.select(rows), batch.codes[rows], self.params)[0])
         if not tr.tis_cap:
             return old, None
         weights, capped = grpo.truncated_importance_weights(old, batch.old_logprobs, tr.tis_cap)
@@ -272,17 +271,17 @@ class Learner:
         if len(todo):
             ref[todo] = self._reference_logprobs(batch, todo)
 
-    def _gather_reference(self, batch: TrainBatch, ref: torch.Tensor) -> None:
-        """ZeRO-3 reference: rank r scores rows ``chunk(world_size)[r]`` in micro-batches (the same number of
-        forwards on every rank, as the gathered layers require), then ``ref`` ``[N, T]`` is all-gathered."""
-        rows = torch.arange(ref.shape[0]).chunk(self.world_size)[self.rank]
-        mine = torch.cat([self._reference_logprobs(batch, r) for r in rows.split(self.cfg.trainer.micro_batch_size)])
+    def _scored_by_rank(self, n: int, score) -> torch.Tensor:
+        """``score(rows)`` ``[len(rows), T]`` for all ``n`` rows of a batch ``[N, T]``: rank r scores rows
+        ``chunk(world_size)[r]`` in micro-batches (the same number of forwards on every rank, as ZeRO-3's gathered
+        layers require), then the shares are all-gathered."""
+        rows = torch.arange(n).chunk(self.world_size)[self.rank]
+        mine = torch.cat([score(r) for r in rows.split(self.cfg.trainer.micro_batch_size)])
         if self.world_size == 1:
-            ref.copy_(mine)
-            return
+            return mine
         parts = [torch.empty_like(mine) for _ in range(self.world_size)]
         torch.distributed.all_gather(parts, mine)
-        ref.copy_(torch.cat(parts))
+        return torch.cat(parts)
 
     @contextmanager
     def _full_weights(self):
