@@ -3,8 +3,9 @@
 Why: this is the one module a reader needs to understand a run, so it only orchestrates; sampling,
 judging and the loss live in ``rollout``, ``rewards`` and ``trainers``, Ray in ``cluster``, and every
 check made before a cluster starts in ``preflight``. A step's rollout batch is drawn with one weight
-version, which the driver checks. On a crash the learner writes a checkpoint and the MLflow run is
-marked FAILED before the error propagates.
+version, which the driver checks. With ``trainer.max_staleness: k`` the rollouts draw batch ``s + k`` while
+the learner trains on batch ``s`` (``omnigrpo.app.lookahead``); the weights are sent once both are done. On a
+crash the learner writes a checkpoint and the MLflow run is marked FAILED before the error propagates.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from omnigrpo.app import preflight
 from omnigrpo.app.console import Progress
 from omnigrpo.app.evaluator import world_metrics
+from omnigrpo.app.lookahead import Lookahead
 from omnigrpo.app.tracking import Tracker
 from omnigrpo.cluster import actors
 from omnigrpo.config.runtime import eval_seed
@@ -149,11 +151,15 @@ class Loop:
     """The run state once the last step's weights reached the rollouts: a crash outside learn/sync resumes it."""
     saved: tuple[int, str] | None = None
     """(step, path) of the newest scheduled step checkpoint."""
+    ahead: Lookahead | None = None
+    """Rollout batches drawn ahead of the learner (``trainer.max_staleness``; none ahead when 0)."""
 
     def run(self) -> dict:
         cfg = self.cfg
         first = self.resumed.get("step", 0) + 1
         self.version = self.resumed.get("version", 0)
+        self.ahead = Lookahead(cfg, self.workers, self.cursor)
+        self.ahead.restore(self.resumed.get("ahead", []))
         self.before = self.resumed.get("before") or evaluate(cfg, self.workers, self.tracker, 0)
         self.last_state = self.resumed if "step" in self.resumed else self.run_state(first - 1)
         progress = Progress(cfg.trainer.steps, first)
@@ -170,6 +176,8 @@ class Loop:
             progress.close()
             self.crash(step)
             raise
+        finally:
+            self.ahead.close()
         progress.close()
         return self.finish()
 
@@ -202,13 +210,15 @@ class Loop:
         """One GRPO step, in five stages; returns and logs its metrics."""
         cfg, workers, timings = self.cfg, self.workers, {}
         t0 = time.perf_counter()
-        # 1. rollout and reward: sample the step's prompts, judged piece by piece as they are sampled
+        # 1. rollout and reward: the step's prompts, judged piece by piece as they are sampled (drawn now, or
+        # ahead with older weights under trainer.max_staleness, which then starts drawing step + k's batch)
         self.stage = "rollout"
-        prompts, metadata = self.cursor.take(cfg.rollout.prompts_per_step)
-        batch, result = actors.generate_and_score(workers, prompts, metadata, cfg.rollout.group_size,
-                                                  cfg.rollout.chunks, timings)
-        if batch.version != self.version:
-            raise RuntimeError(f"step {step}: rollout used weights v{batch.version}, expected v{self.version}")
+        drawn = self.ahead.take(step, self.version)
+        batch, result = drawn.batch, drawn.result
+        timings.update(drawn.timings)
+        if batch.version != drawn.expected_version:
+            raise RuntimeError(f"step {step}: rollout used weights v{batch.version}, expected "
+                               f"v{drawn.expected_version}")
         # 2. advantages: group-normalised totals; excluded samples carry no weight
         valid = torch.from_numpy(result.valid)
         totals = torch.from_numpy(np.where(result.valid, result.total, 0.0)).float()
@@ -217,8 +227,9 @@ class Loop:
         self.stage = "learn"
         with timed(timings, "learn"):
             learned = actors.train_step(workers, TrainBatch(batch.prompt_batch, batch.codes, batch.logprobs, adv,
-                                                            valid))
+                                                            valid, torch.full((len(valid),), batch.version)))
         learned_version = int(learned.pop("version"))  # the learner stamps the weights it made
+        self.ahead.join(timings)  # the next batch drawn ahead is complete: the rollouts are free for new weights
         # 4. sync: the new weights to every rollout actor (nothing to send when no update was made, nor under
         # hybrid placement, where the learner ranks sample with their own weights)
         self.stage = "sync"
@@ -264,7 +275,7 @@ class Loop:
         """What the driver needs to continue after ``step`` exactly as if never interrupted."""
         return {"step": step, "version": self.version, "run_id": self.tracker.run_id,
                 "reference_path": self.resumed["reference_path"], "cursor": self.cursor.state(),
-                "before": self.before,
+                "before": self.before, "ahead": self.ahead.state() if self.ahead else [],
                 "rollout_rng": actors.rollout_rng_states(self.workers)}
 
     def finish(self) -> dict:

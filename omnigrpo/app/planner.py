@@ -18,6 +18,12 @@ of them, or the LoRA adapters; ``W`` = ``cluster.learner_workers``, ``z`` = ``tr
 - reward actor: the judges' table (:data:`JUDGE_GIB`) or each reward's ``memory_gb``;
 - decoder actor: :data:`DECODER_GIB`.
 
+Placement: ``colocated`` adds up actor ``i`` of every role on one GPU (the sum is the peak: it also holds when
+asynchronous rollout, ``trainer.max_staleness > 0``, samples while the learner steps); ``hybrid`` moves the
+sampler's KV cache, logits and packed weight copy into the learner rank; ``split`` counts each role on its own
+GPUs. Asynchronous rollout also keeps ``max_staleness`` judged batches in the driver's host memory
+(:func:`ahead_bytes`: codes, log-probs and uint8 images at :data:`PIXELS_PER_CODE` pixels per code).
+
 Not yet measured on a GPU: activation and KV-cache figures are formulas, not measured peaks; parameter,
 gradient and optimiser bytes are checked against the tensors a CPU learner allocates (tests/app/test_planner.py).
 """
@@ -30,6 +36,8 @@ from omnigrpo.app.sizing import PROMPT_TOKENS, ModelSize, model_size
 from omnigrpo.config.schema import Config
 
 GIB = 2**30
+PIXELS_PER_CODE = 16 * 16
+"""Pixels one image code paints (the 16x-downsampling VQ tokenizers of Janus, Emu3 and X-Omni)."""
 CONTEXT_GIB = 1.0
 """Per process on a GPU: CUDA context, kernels and allocator slack (not measured here; a common figure)."""
 JUDGE_GIB = {"hps": 4.5, "clip": 2.0, "pickscore": 4.5, "aesthetic": 2.0, "vlm_judge": 18.0, "ocr": 0.0,
@@ -71,6 +79,8 @@ class MemoryPlan:
     gpus: list[GpuLoad]
     gpu_bytes: int | None
     """Memory of one GPU (``cluster.gpu_memory_gb``), None when unknown."""
+    host_ahead: int = 0
+    """Driver host memory for the batches drawn ahead (``trainer.max_staleness``), bytes."""
 
     @property
     def fits(self) -> bool | None:
@@ -79,7 +89,14 @@ class MemoryPlan:
     def to_json(self) -> dict:
         return {"model": asdict(self.size), "gpu_memory_bytes": self.gpu_bytes, "fits": self.fits,
                 "roles": [{**asdict(r), "total": r.total} for r in self.roles],
-                "gpus": [asdict(g) for g in self.gpus]}
+                "gpus": [asdict(g) for g in self.gpus], "host_ahead_bytes": self.host_ahead}
+
+
+def ahead_bytes(cfg: Config, size: ModelSize) -> int:
+    """Host bytes of the ``trainer.max_staleness`` batches the driver holds: per sample int64 codes and fp32
+    log-probs per image token, and the uint8 RGB image."""
+    per_sample = size.image_tokens * (8 + 4) + size.image_tokens * PIXELS_PER_CODE * 3
+    return cfg.trainer.max_staleness * cfg.batch_size * per_sample
 
 
 def activation_bytes(cfg: Config, size: ModelSize, prompt_tokens: int = PROMPT_TOKENS) -> int:
@@ -179,7 +196,7 @@ def plan(cfg: Config, prompt_tokens: int = PROMPT_TOKENS) -> MemoryPlan:
             per_gpu = max(1, min(r.count, int(1 / r.gpus + 1e-9))) if r.gpus < 1 else 1
             gpus.append(GpuLoad([f"{r.role} x{per_gpu}"], r.total * per_gpu))
     known = int(c.gpu_memory_gb * GIB) if c.gpu_memory_gb else None
-    return MemoryPlan(size, roles, gpus, known)
+    return MemoryPlan(size, roles, gpus, known, ahead_bytes(cfg, size))
 
 
 def render(p: MemoryPlan) -> str:
@@ -211,6 +228,9 @@ def render(p: MemoryPlan) -> str:
         lines.append(f"  {label:<40}{gib(g.need)} {unit}{verdict}")
     if not p.gpus:
         lines.append("  no role has a GPU (cluster.*_gpus = 0): nothing to check")
+    if p.host_ahead:
+        lines.append(f"driver host memory for the batches drawn ahead (trainer.max_staleness): "
+                     f"{p.host_ahead / 2**20:.1f} MiB")
     return "\n".join(lines)
 
 

@@ -128,7 +128,6 @@ def spawn(cfg: Config, model_path: str, extensions_dir: str, reference_path: str
     be built or failed its ``dry_run`` in its actor. With ``resume``, ``model_path`` is a checkpoint and
     ``reference_path`` the run's starting policy."""
     plan = placement.build(cfg)  # fails naming the role and shortfall before any model loads
-    threads = cfg.cluster.torch_threads
     accelerator = "cuda" if cfg.cluster.learner_gpus else "cpu"
     env = {"runtime_env": {"env_vars": {"DS_ACCELERATOR": accelerator, "TORCH_EXTENSIONS_DIR": extensions_dir}}}
     hybrid = cfg.cluster.placement == "hybrid"
@@ -142,7 +141,8 @@ def spawn(cfg: Config, model_path: str, extensions_dir: str, reference_path: str
     rendezvous = learner_rendezvous(cfg, learners, where)
     try:
         ray.get([w.setup.remote(dry_run) for w in rewards] + [w.setup.remote() for w in rollouts + decoders]
-                + [learner.setup.remote(extensions_dir, threads, resume, rendezvous) for learner in learners])
+                + [learner.setup.remote(extensions_dir, plan.threads("learner"), resume, rendezvous)
+                   for learner in learners])
     except JudgeStartError as err:  # Ray's error is also an instance of the actor's exception class
         raise ConfigError(str(getattr(err, "cause", None) or err)) from None
     workers = Workers(rollouts=learners if hybrid else rollouts, rewards=rewards, learners=learners, cfg=cfg,
@@ -242,14 +242,14 @@ def _rollout_actor(cfg: Config, model_path: str, index: int, plan: placement.Pla
     name = f"omnigrpo-rollout-{index}-{secrets.token_hex(4)}"
     cls = ray.remote(RolloutWorker).options(max_concurrency=1, name=name, **plan.options("rollout", index))
     return cls.remote(model_path, SamplingParams.of(cfg.rollout), actor_seed(cfg.run.seed, "rollout", index, restart),
-                      cfg.cluster.torch_threads, cfg.model.family, tuple(cfg.model.image_grid) or None,
+                      plan.threads("rollout"), cfg.model.family, tuple(cfg.model.image_grid) or None,
                       not cfg.decoder.path, cfg.rollout.sample_batch, cfg.model.dtype)
 
 
 def _decoder_actor(cfg: Config, index: int, plan: placement.Placement, restart: int = 0):
     cls = ray.remote(DiffusionDecoder).options(**plan.options("decoder", index))
     return cls.remote(cfg.decoder.path, cfg.decoder.steps, cfg.decoder.guidance,
-                      actor_seed(cfg.run.seed, "decoder", index, restart), cfg.cluster.torch_threads)
+                      actor_seed(cfg.run.seed, "decoder", index, restart), plan.threads("decoder"))
 
 
 def _reward_actor(cfg: Config, index: int, plan: placement.Placement):

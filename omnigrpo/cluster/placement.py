@@ -83,6 +83,15 @@ class Placement:
                                                     placement_group_bundle_index=self.bundle_of[role, index])
         return {"num_cpus": d.cpus, "num_gpus": d.gpus, "scheduling_strategy": strategy}
 
+    def threads(self, role: str) -> int:
+        """Torch intra-op threads of a ``role`` actor: ``cluster.torch_threads``, or when that is 0 every core
+        (0) while the stages of a step take turns, and the role's CPU share (at least 1) when rollout overlaps
+        the learner (``trainer.max_staleness > 0``): two actors each spinning on every core of the same CPUs
+        run several times slower than one thread each."""
+        if self.cfg.cluster.torch_threads or not self.cfg.trainer.max_staleness:
+            return self.cfg.cluster.torch_threads
+        return max(1, int(self.wanted[role].cpus + 1e-6))
+
     def addresses(self) -> dict[tuple[str, int], str]:
         """The node address (as Ray reports it) of every actor's bundle: ``(role, index) -> address``."""
         import ray

@@ -13,6 +13,8 @@ from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 
 _STRICT = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+ASYNC_TIS_CAP = 2.0
+"""``trainer.tis_cap`` when unset and ``trainer.max_staleness > 0`` (verl's truncated-IS default)."""
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegInt = Annotated[int, Field(ge=0)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
@@ -172,15 +174,24 @@ class TrainerConfig:
     """Optimiser steps per pass; the batch is split into this many mini-batches."""
     micro_batch_size: PositiveInt = 32
     """Samples per forward/backward; gradients accumulate over a mini-batch."""
-    old_logprobs: Literal["sampler", "learner"] = "sampler"
+    max_staleness: NonNegInt = 0
+    """Asynchronous rollout with a fixed lag k: the rollout actors draw step s's batch with the weights of step
+    ``s - 1 - k`` (step 0's for the first k+1 steps) while the learner trains on an earlier batch. 0 = the
+    synchronous loop (every batch drawn with the newest weights). Not with ``cluster.placement: hybrid`` (the
+    learner ranks are the samplers there). A fixed lag keeps runs reproducible; batches drawn ahead are kept in
+    the run state, so resuming stays exact (docs/design.md, asynchronous rollout)."""
+    old_logprobs: Literal["auto", "sampler", "learner"] = "auto"
     """Old log-probs of the PPO ratio: ``sampler`` (those the rollout drew with) or ``learner`` (recomputed by
     the learner before the update's first optimiser step, as verl and OpenRLHF do: the ratio starts at exactly
     1 even where the sampler's kernels or dtype differ; one extra no-grad forward of the batch, shared by the
-    learner ranks)."""
-    tis_cap: Annotated[float, Field(ge=0.0)] = 0.0
+    learner ranks). ``auto``: ``learner`` when ``max_staleness > 0`` (decoupled PPO: the clip is taken around
+    the learner's current policy, the sampler's stale one enters through ``tis_cap``), else ``sampler``."""
+    tis_cap: Annotated[float, Field(ge=0.0)] | None = None
     """Truncated importance sampling against the sampler: each token's loss is weighted by
-    ``min(exp(learner_old - sampler), tis_cap)`` (needs ``old_logprobs: learner``); 0 = off. Corrects for what
-    the sampler drew differently from the learner (bf16 kernels, a code at the top-k edge)."""
+    ``min(exp(learner_old - sampler), tis_cap)`` (needs recomputed old log-probs); 0 = off. Corrects for what
+    the sampler drew differently from the learner (bf16 kernels, a code at the top-k edge, weights up to
+    ``max_staleness`` updates old). Unset: 2.0 when ``max_staleness > 0`` (the behaviour correction
+    asynchronous rollout needs), else off."""
     max_grad_norm: Annotated[float, Field(gt=0.0)] = 1.0
     """Gradient clipping threshold (global L2 norm)."""
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
@@ -202,6 +213,18 @@ class TrainerConfig:
     """Write a checkpoint every N steps (0: only at the end and on a crash)."""
     keep_last: PositiveInt = 2
     """Checkpoints kept on disk; older ones are deleted."""
+
+    @property
+    def recompute_old(self) -> bool:
+        """The learner recomputes the ratio's old log-probs (``old_logprobs`` resolved)."""
+        return self.old_logprobs == "learner" or (self.old_logprobs == "auto" and self.max_staleness > 0)
+
+    @property
+    def behaviour_cap(self) -> float:
+        """The truncated importance weights' cap (``tis_cap`` resolved; 0 = off)."""
+        if self.tis_cap is not None:
+            return self.tis_cap
+        return ASYNC_TIS_CAP if self.max_staleness > 0 else 0.0
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -293,7 +316,8 @@ class ClusterConfig:
     ``omnigrpo train`` refuses before launch a config whose plan (``omnigrpo plan``) does not fit; 0 = unknown
     (nothing is checked)."""
     torch_threads: NonNegInt = 0
-    """Intra-op threads per worker; 0 = all cores (the stages of a step run one after another)."""
+    """Intra-op threads per worker; 0 = all cores while the stages of a step run one after another, each role's
+    CPU share (at least 1) when rollout overlaps learning (``trainer.max_staleness > 0``)."""
 
 
 @dataclass(frozen=True, config=_STRICT)

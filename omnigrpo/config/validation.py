@@ -46,9 +46,12 @@ def cross_field_problems(cfg: Config) -> list[str]:
     if 0 < learner_gpus < 1 and (cfg.cluster.placement == "split" or _colocated_gpus(cfg) <= 0.5):
         problems.append(f"  cluster.learner_gpus: {learner_gpus:g} could put two NCCL ranks on one GPU; a fraction "
                         "works only colocated, with each bundle's GPUs (all roles of index i) above 0.5")
-    if cfg.trainer.tis_cap and cfg.trainer.old_logprobs != "learner":
-        problems.append(f"  trainer.tis_cap: {cfg.trainer.tis_cap:g} needs trainer.old_logprobs: learner (the "
+    if cfg.trainer.behaviour_cap and not cfg.trainer.recompute_old:
+        problems.append(f"  trainer.tis_cap: {cfg.trainer.behaviour_cap:g} needs trainer.old_logprobs: learner (the "
                         "weights correct the sampler's log-probs towards the learner's recomputed ones)")
+    if cfg.trainer.max_staleness and cfg.cluster.placement == "hybrid":
+        problems.append(f"  trainer.max_staleness: {cfg.trainer.max_staleness} needs rollout actors (cluster.placement "
+                        "colocated or split); under hybrid placement the learner ranks sample between updates")
     if cfg.data.prompts in WORLD_NAMES and cfg.data.prompts != cfg.world.name:
         problems.append(f"  data.prompts: {cfg.data.prompts!r} is a built-in world's prompt set, but world.name is "
                         f"{cfg.world.name!r}")

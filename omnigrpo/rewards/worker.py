@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from omnigrpo.config.schema import RewardSpec
 from omnigrpo.rewards.protocol import call_reward
@@ -58,6 +59,18 @@ class RewardResult:
             valid=np.concatenate([p.valid for p in parts]),
             errors={k: v for p in parts for k, v in p.errors.items()},
         )
+
+    def state(self) -> dict:
+        """The result as tensors, strings and numbers only (for the run state, loaded with ``weights_only``)."""
+        arrays = {k: torch.from_numpy(np.ascontiguousarray(getattr(self, k)))
+                  for k in ("scores", "failed", "applicable", "total", "valid")}
+        return {"names": list(self.names), **arrays, "errors": dict(self.errors)}
+
+    @staticmethod
+    def from_state(state: dict) -> RewardResult:
+        """Inverse of :meth:`state`."""
+        arrays = {k: state[k].numpy() for k in ("scores", "failed", "applicable", "total", "valid")}
+        return RewardResult(names=state["names"], errors=state["errors"], **arrays)
 
     def metrics(self, prefix: str = "reward") -> dict[str, float]:
         """Flat metrics: per reward mean/std over the samples it scored and its failures, the total."""

@@ -78,6 +78,24 @@ class RolloutBatch:
         )
 
 
+    def state(self) -> dict:
+        """The batch as tensors, strings and numbers only (the run state is loaded with ``weights_only``)."""
+        pb = self.prompt_batch
+        return {"prompts": list(self.prompts), "metadata": [dict(m) for m in self.metadata], "group": self.group,
+                "prompt_batch": {"ids": pb.ids, "uncond_ids": pb.uncond_ids, "mask": pb.mask, "pad_id": pb.pad_id,
+                                 "uncond_mask": pb.uncond_mask},
+                "codes": self.codes, "logprobs": self.logprobs, "images": torch.from_numpy(self.images),
+                "version": self.version, "grid": list(self.grid)}
+
+    @staticmethod
+    def from_state(state: dict) -> RolloutBatch:
+        """Inverse of :meth:`state`."""
+        return RolloutBatch(prompts=state["prompts"], metadata=state["metadata"], group=state["group"],
+                            prompt_batch=PromptBatch(**state["prompt_batch"]), codes=state["codes"],
+                            logprobs=state["logprobs"], images=state["images"].numpy(), version=state["version"],
+                            grid=tuple(state["grid"]))
+
+
 def draw_batch(policy: ImagePolicy, lm: ImageLM, prompts: list[str], metadata: list[dict], group_size: int,
                params: SamplingParams, generator: torch.Generator, device: torch.device, version: int,
                sample_batch: int = 0, decode: bool = True) -> RolloutBatch:

@@ -47,17 +47,25 @@ from omnigrpo.trainers.engine import deepspeed_config, disable_dropout, grad_nor
 @dataclass
 class TrainBatch:
     """What one GRPO update consumes. ``prompts``: ``[N, P]``; ``codes``/``old_logprobs``: ``[N, T]``;
-    ``advantages``/``valid``: ``[N]`` (``valid`` False = excluded from the loss)."""
+    ``advantages``/``valid``: ``[N]`` (``valid`` False = excluded from the loss); ``versions``: ``[N]`` weight
+    version each sample was drawn with (None: the learner's current one)."""
 
     prompts: PromptBatch
     codes: torch.Tensor
     old_logprobs: torch.Tensor
     advantages: torch.Tensor
     valid: torch.Tensor
+    versions: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> TrainBatch:
         return TrainBatch(self.prompts.to(device), self.codes.to(device), self.old_logprobs.to(device),
-                          self.advantages.to(device), self.valid.to(device))
+                          self.advantages.to(device), self.valid.to(device), self.versions)
+
+    def staleness(self, version: int) -> torch.Tensor:
+        """Updates made since each sample was drawn ``[N]`` (0 when the batch carries no versions)."""
+        if self.versions is None:
+            return torch.zeros(len(self.codes), dtype=torch.long)
+        return version - self.versions.long()
 
 
 class Learner:
@@ -180,8 +188,13 @@ class Learner:
         """One GRPO update on this rank's share of ``batch``; returns partial sums for :func:`merge_metrics`."""
         tr = self.cfg.trainer
         n, t = batch.codes.shape
+        stale = batch.staleness(self.version)
+        if int(stale.max()) > tr.max_staleness or int(stale.min()) < 0:
+            raise RuntimeError(f"learner v{self.version}: samples drawn {stale.min()}..{stale.max()} updates ago, "
+                               f"outside 0..trainer.max_staleness = {tr.max_staleness}")
         if not batch.valid.any():  # nothing to learn from; an optimiser step would still move weights
-            return {"grpo/skipped_update": 1.0, "version": float(self.version)}
+            return {"grpo/skipped_update": 1.0, "version": float(self.version),
+                    "async/staleness": float(stale.float().mean())}
         batch = batch.to(self.engine.device)
         self.in_update = True
         mask = batch.valid[:, None].expand(n, t).float()
@@ -191,7 +204,7 @@ class Learner:
         grad_norms = []
         if self.sharded_reference:  # a collective: every rank scores an equal share, then all share it
             ref.copy_(self._scored_by_rank(n, lambda rows: self._reference_logprobs(batch, rows)))
-        old, tis = self._old_logprobs(batch, mask, sums)
+        old = self._old_logprobs(batch)
         for epoch in range(tr.epochs):
             order = torch.randperm(n, generator=self.generator)
             for mini in order.chunk(tr.mini_batches):
@@ -203,10 +216,13 @@ class Learner:
                                                   self.params)
                     # no reference (kl_coef 0): ref = logp, so k3 and the logged kl are exactly 0
                     ref_rows = ref[micro] if self.has_reference else logp.detach()
-                    terms = grpo.grpo_token_loss(logp, old[micro], ref_rows, batch.advantages[micro],
+                    # None: one optimiser step per update, so the proximal policy is this very forward's
+                    proximal = logp.detach() if old is None else old[micro]
+                    terms = grpo.grpo_token_loss(logp, proximal, ref_rows, batch.advantages[micro],
                                                  tr.clip_eps_low, tr.clip_eps_high, tr.kl_coef)
-                    per_token = terms.loss if tis is None else terms.loss * tis[micro]
                     m = mask[micro]
+                    per_token = self._behaviour_weighted(terms.loss, proximal, batch.old_logprobs[micro], m,
+                                                         sums if epoch == 0 else {})
                     # DeepSpeed averages gradients over ranks; scaling by world_size makes that a sum
                     loss = grpo.aggregate(per_token, m, tr.loss_agg, norm) * self.world_size
                     boundary = self.engine.is_gradient_accumulation_boundary()
@@ -230,24 +246,35 @@ class Learner:
         self.in_update = False
         return {**{f"sum/{k}": v for k, v in sums.items()}, "loss_norm": grpo.normaliser(mask, tr.loss_agg),
                 "grpo/skipped_update": 0.0, "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
-                "lr": self.optimizer.param_groups[0]["lr"], "version": float(self.version)}
+                "lr": self.optimizer.param_groups[0]["lr"], "version": float(self.version),
+                "async/staleness": float(stale.float().mean())}
 
     @torch.no_grad()
-    def _old_logprobs(self, batch: TrainBatch, mask: torch.Tensor,
-                      sums: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The ratio's old log-probs ``[N, T]`` (the sampler's, or recomputed here before any optimiser step, each
-        rank an equal share) and the truncated importance weights ``[N, T]`` against the sampler (None when off);
-        rank 0 counts the capped tokens."""
+    def _old_logprobs(self, batch: TrainBatch) -> torch.Tensor | None:
+        """The ratio's old log-probs ``[N, T]``: the sampler's, or the learner's before its first optimiser step.
+        With one optimiser step per update (``epochs = mini_batches = 1``) every micro-batch's forward runs on
+        those very weights, so its own detached log-probs are the recomputation, exactly and for free (None);
+        otherwise one no-grad forward here, each rank an equal share."""
         tr = self.cfg.trainer
-        if tr.old_logprobs == "sampler":
-            return batch.old_logprobs, None
-        old = self._scored_by_rank(len(batch.codes), lambda rows: sequence_logprobs(
+        if not tr.recompute_old:
+            return batch.old_logprobs
+        if tr.epochs == 1 and tr.mini_batches == 1:
+            return None
+        return self._scored_by_rank(len(batch.codes), lambda rows: sequence_logprobs(
             self.lm, batch.prompts.select(rows), batch.codes[rows], self.params)[0])
-        if not tr.tis_cap:
-            return old, None
-        weights, capped = grpo.truncated_importance_weights(old, batch.old_logprobs, tr.tis_cap)
-        sums["tis_capped"] = float((capped.float() * mask).sum()) if self.rank == 0 else 0.0
-        return old, weights
+
+    def _behaviour_weighted(self, loss: torch.Tensor, proximal: torch.Tensor, sampler: torch.Tensor,
+                            mask: torch.Tensor, sums: dict[str, float]) -> torch.Tensor:
+        """The per-token ``loss`` ``[B, T]`` weighed by the truncated importance weights from the sampler's
+        log-probs to the ``proximal`` ones (``trainer.tis_cap``; unchanged when off); counts capped tokens in
+        ``sums``."""
+        cap = self.cfg.trainer.behaviour_cap
+        if not cap:
+            return loss
+        weights, capped = grpo.truncated_importance_weights(proximal, sampler, cap)
+        if sums:
+            sums["tis_capped"] += float((capped.float() * mask).sum())
+        return loss * weights
 
     @property
     def has_reference(self) -> bool:
@@ -385,6 +412,7 @@ def merge_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
         "lr": head["lr"],
         "grpo/logprob_mismatch": max(p["sum/mismatch"] for p in parts),
         "grpo/tis_clip_frac": total["sum/tis_capped"] / tokens,
+        "async/staleness": head["async/staleness"],
         "version": head["version"],
     }
 

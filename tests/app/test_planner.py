@@ -187,3 +187,14 @@ def test_hybrid_puts_the_sampler_on_the_learner_and_no_rollout_role(hub_cache):
     assert learner.parts["sampler kv_cache"] == rollout.parts["kv_cache"]
     assert 0 < learner.parts["sampler packed copy"] < rollout.parts["weights"]
     assert max(g.need for g in hybrid.gpus) < max(g.need for g in colocated.gpus)  # the policy held once per GPU
+
+
+def test_async_rollout_holds_its_batches_ahead_in_the_driver(hub_cache, capsys):
+    sync = _gpu_plan("janus_pro_7b.yaml")
+    ahead = _gpu_plan("janus_pro_7b.yaml", "trainer.max_staleness=2")
+    assert sync.host_ahead == 0 and [g.need for g in ahead.gpus] == [g.need for g in sync.gpus]
+    # Janus: 576 codes of 16 x 16 pixels -> a 384 x 384 RGB image plus 12 bytes of codes and log-probs per code
+    batch = load_config(CONFIGS / "janus_pro_7b.yaml", []).batch_size
+    assert ahead.host_ahead == 2 * batch * (384 * 384 * 3 + 576 * 12)
+    assert main(["plan", str(CONFIGS / "shapes.yaml"), "trainer.max_staleness=1"]) == 0
+    assert "batches drawn ahead" in capsys.readouterr().out

@@ -5,7 +5,13 @@ import math
 import pytest
 import torch
 
-from omnigrpo.trainers.grpo import aggregate, group_advantages, grpo_token_loss, normaliser
+from omnigrpo.trainers.grpo import (
+    aggregate,
+    group_advantages,
+    grpo_token_loss,
+    normaliser,
+    truncated_importance_weights,
+)
 
 
 def test_group_advantages_by_hand():
@@ -95,3 +101,19 @@ def test_a_floored_token_adds_no_kl_and_no_nan_gradient():
     assert t.kl[0, 0].item() == 0.0 and t.kl[0, 1].item() > 0.0
     t.loss.sum().backward()
     assert torch.isfinite(raw.grad).all() and raw.grad[0, 0].item() == 0.0
+
+
+def test_decoupled_ratio_with_truncated_behaviour_weights_by_hand():
+    """Asynchronous rollout's correction: the ratio is taken against the learner's recomputed (proximal) policy,
+    and each token's loss weighed by min(exp(proximal - behaviour), cap) against the stale sampler."""
+    logp = torch.log(torch.tensor([[1.1, 1.5, 1.0]]))
+    proximal = torch.log(torch.tensor([[1.0, 1.0, 3.0]]))
+    behaviour = torch.log(torch.tensor([[1.0, 0.8, 1.0]]))
+    terms = grpo_token_loss(logp, proximal, logp, torch.tensor([1.0]), 0.2, 0.2, 0.0)
+    weights, capped = truncated_importance_weights(proximal, behaviour, 2.0)
+    # ratios 1.1 (inside the clip), 1.5 -> 1.2 (clipped), 1/3 (below 1 - eps with A > 0: not clipped);
+    # behaviour weights 1, 1/0.8 = 1.25, 3 -> capped at 2
+    assert torch.allclose(terms.ratio, torch.tensor([[1.1, 1.5, 1 / 3]]))
+    assert torch.allclose(weights, torch.tensor([[1.0, 1.25, 2.0]]))
+    assert capped.tolist() == [[False, False, True]]
+    assert torch.allclose(terms.loss * weights, torch.tensor([[-1.1, -1.5, -2 / 3]]))

@@ -1,5 +1,6 @@
 """The DeepSpeed learner with the rollout and reward workers as plain classes (no Ray)."""
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import torch
 from omnigrpo.config.schema import RewardSpec
 from omnigrpo.rewards.worker import RewardWorker
 from omnigrpo.rollout.families.builtin import WorldPolicy
-from omnigrpo.rollout.sampler import SamplingParams
+from omnigrpo.rollout.sampler import SamplingParams, sequence_logprobs
 from omnigrpo.rollout.worker import RolloutWorker
 from omnigrpo.trainers.grpo import group_advantages
 from omnigrpo.trainers.learner import Learner, TrainBatch, merge_metrics
@@ -232,3 +233,37 @@ def test_learner_recomputed_old_logprobs_and_truncated_importance_weights(tiny_c
     tis, w_tis = _one_update(tiny_config(*base, "trainer.old_logprobs=learner", "trainer.tis_cap=1.2"), sft_path, 0.5)
     assert tis["clip_frac"] == 0.0 and tis["grpo/tis_clip_frac"] == pytest.approx(0.5, abs=0.02)
     assert any(not torch.equal(w_fixed[k], w_tis[k]) for k in w_tis)  # the weights counted
+
+
+@pytest.mark.parametrize("mini_batches", [1, 2], ids=["one-step", "two-steps"])
+def test_recomputed_old_logprobs_equal_the_learners_own_before_its_first_step(tiny_config, sft_path, mini_batches):
+    """With one optimiser step the recomputation is each micro-batch's own forward (no extra pass); with two it is
+    a no-grad pass before the first. Either way the update equals one whose sampler reported exactly the
+    learner's log-probs, whatever the sampler really reported."""
+    base = ("trainer.lr=1e-2", "trainer.kl_coef=0.0", "trainer.micro_batch_size=4", "trainer.tis_cap=0",
+            f"trainer.mini_batches={mini_batches}")
+    learner, rollout, _ = _workers(tiny_config(*base, "trainer.old_logprobs=learner"), sft_path)
+    batch = _fixed_batch(rollout)
+    assert (learner._old_logprobs(batch) is None) == (mini_batches == 1)
+    with torch.no_grad():
+        exact = sequence_logprobs(learner.lm, batch.prompts, batch.codes, learner.params)[0]
+    skewed = dataclasses.replace(batch, old_logprobs=exact - 0.3 * torch.rand(exact.shape))  # a sampler that is off
+    recomputed = merge_metrics([learner.train_step(skewed)])
+    reference, _, _ = _workers(tiny_config(*base, "trainer.old_logprobs=sampler"), sft_path)
+    agreeing = merge_metrics([reference.train_step(dataclasses.replace(batch, old_logprobs=exact))])
+    assert recomputed["clip_frac"] == agreeing["clip_frac"]
+    assert recomputed["loss"] == pytest.approx(agreeing["loss"], abs=1e-6)
+    a, b, start = learner.state_dict(), reference.state_dict(), _fresh_weights(sft_path)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert any(not torch.equal(a[k], start[k]) for k in a)  # an update was made
+
+
+def _fresh_weights(sft_path):
+    return WorldPolicy.from_pretrained(sft_path).model.state_dict()
+
+
+def _fixed_batch(rollout) -> TrainBatch:
+    prompts, metadata = prompts_of(shapes.train_items()[:4])
+    batch = rollout.generate(prompts, metadata, 4)
+    return TrainBatch(batch.prompt_batch, batch.codes, batch.logprobs, torch.linspace(-1.0, 1.0, 16),
+                      torch.ones(16, dtype=torch.bool))

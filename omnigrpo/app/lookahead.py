@@ -1,0 +1,105 @@
+"""Rollout batches drawn ahead of the learner with a fixed lag (``trainer.max_staleness: k``).
+
+Why: with separate rollout actors, sampling and judging the next batch need not wait for the learner. With a
+fixed lag the schedule is a function of the step alone, so a run is reproducible and resumes exactly: step
+``s``'s batch is drawn, in step order, with the weights the rollouts hold after step ``max(0, s - 1 - k)``.
+
+How the driver uses it, per step ``s`` (the rollouts hold the weights of step ``s - 1``):
+
+1. :meth:`Lookahead.take` returns batch ``s`` (drawing it, and any missing batch up to ``s + k - 1``, now when
+   the queue is short: the first steps, all with the starting weights) and starts drawing batch ``s + k`` in a
+   background thread with the weights the rollouts hold;
+2. the learner trains on batch ``s`` meanwhile;
+3. :meth:`Lookahead.join` waits for the background draw (the exposed part is ``timing/wait_s``); only then are
+   the new weights sent, so weights always arrive between batches, never during one.
+
+The batches drawn ahead (with their rewards) are part of the run state (:meth:`state`); the prompt cursor and
+the rollouts' generators in the same run state are already past them. ``k = 0`` is the synchronous loop: batch
+``s`` is drawn in :meth:`take` with the newest weights and nothing runs in the background.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from omnigrpo.cluster import actors
+from omnigrpo.config.schema import Config
+from omnigrpo.data.cursor import PromptCursor
+from omnigrpo.rewards.worker import RewardResult
+from omnigrpo.rollout.worker import RolloutBatch
+
+
+@dataclass
+class Drawn:
+    """One step's rollout: the batch, its rewards, the timings of drawing it and the weight version the rollouts
+    held when it was asked for (which the batch must carry)."""
+
+    batch: RolloutBatch
+    result: RewardResult
+    timings: dict[str, float]
+    expected_version: int
+
+    def state(self) -> dict:
+        return {"batch": self.batch.state(), "result": self.result.state(), "timings": dict(self.timings),
+                "expected_version": self.expected_version}
+
+    @staticmethod
+    def from_state(state: dict) -> Drawn:
+        return Drawn(RolloutBatch.from_state(state["batch"]), RewardResult.from_state(state["result"]),
+                     state["timings"], state["expected_version"])
+
+
+@dataclass
+class Lookahead:
+    """The queue of batches for steps ``next_step ..`` drawn so far, and the one being drawn in the background."""
+
+    cfg: Config
+    workers: actors.Workers
+    cursor: PromptCursor
+    ready: deque = field(default_factory=deque)
+    """Drawn batches of the next steps, in step order."""
+    running: Future | None = None
+    pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "omnigrpo-lookahead"))
+
+    @property
+    def lag(self) -> int:
+        return self.cfg.trainer.max_staleness
+
+    def draw(self, version: int) -> Drawn:
+        """Sample and judge the next prompts of the cursor with the rollouts' current weights (``version``)."""
+        cfg, timings = self.cfg, {}
+        prompts, metadata = self.cursor.take(cfg.rollout.prompts_per_step)
+        batch, result = actors.generate_and_score(self.workers, prompts, metadata, cfg.rollout.group_size,
+                                                  cfg.rollout.chunks, timings)
+        return Drawn(batch, result, timings, version)
+
+    def take(self, step: int, version: int) -> Drawn:
+        """Batch ``step``; starts drawing batch ``step + lag`` (if the run has that step) in the background."""
+        wanted = min(max(self.lag, 1), self.cfg.trainer.steps - step + 1)  # batches step .. step + lag - 1
+        while len(self.ready) < wanted:
+            self.ready.append(self.draw(version))
+        if self.lag and step + self.lag <= self.cfg.trainer.steps:
+            self.running = self.pool.submit(self.draw, version)
+        return self.ready.popleft()
+
+    def join(self, timings: dict[str, float]) -> None:
+        """Wait for the background draw, if any (``timing/wait_s``: how long the learner's side waited)."""
+        start = time.perf_counter()
+        if self.running is not None:
+            running, self.running = self.running, None
+            self.ready.append(running.result())
+        timings["timing/wait_s"] = time.perf_counter() - start
+
+    def state(self) -> list[dict]:
+        """The batches drawn ahead (call after :meth:`join`)."""
+        return [d.state() for d in self.ready]
+
+    def restore(self, states: list[dict]) -> None:
+        self.ready = deque(Drawn.from_state(s) for s in states)
+
+    def close(self) -> None:
+        """Stop taking work; a draw in flight finishes in its thread (its actors may already be gone)."""
+        self.pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,83 @@
+"""Asynchronous rollout with a fixed lag (``trainer.max_staleness``) on a real local Ray cluster."""
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from omnigrpo.app import driver
+from omnigrpo.app.driver import train
+from omnigrpo.app.tracking import store_uri
+from omnigrpo.config.loader import ConfigError, load_config
+from omnigrpo.rollout.families.builtin import WorldPolicy
+
+
+def _weights(path):
+    return WorldPolicy.from_pretrained(path).model.state_dict()
+
+
+def _history(cfg, run_id, key):
+    return [m.value for m in sorted(MlflowClient(store_uri(cfg)).get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def test_a_lag_of_two_draws_every_batch_two_updates_behind_and_learns(tiny_config, sft_path, plugins):
+    steps = 10
+    cfg = tiny_config("cluster.placement=split", "trainer.max_staleness=2", "trainer.lr=3e-3",
+                      "trainer.kl_coef=0.0", "rollout.group_size=8", f"trainer.steps={steps}", "eval.every=0",
+                      "eval.held_out=false", "tracking.image_every=0", "rewards=[{name: 'red_reward:redness'}]")
+    summary = train(cfg)
+    assert summary["rollout_versions"] == [steps]
+    # batch s is drawn with the weights of step max(0, s - 3): the learner sees each 0, 1, then 2 updates old
+    staleness = _history(cfg, summary["run_id"], "async/staleness")
+    assert staleness == [0.0, 1.0] + [2.0] * (steps - 2), staleness
+    # the behaviour correction is on (tis_cap unset -> 2.0) and the ratio starts at the learner's policy
+    assert all(0.0 <= v < 1.0 for v in _history(cfg, summary["run_id"], "grpo/tis_clip_frac"))
+    reward = _history(cfg, summary["run_id"], "reward/total/mean")
+    assert np.mean(reward[-3:]) > np.mean(reward[:3]) + 0.04, reward
+    start, final = _weights(sft_path), _weights(summary["checkpoint"])
+    assert any(not torch.equal(start[k], final[k]) for k in start)
+
+
+def test_a_stopped_async_run_resumes_with_its_batches_drawn_ahead(tiny_config, sft_path, tmp_path, monkeypatch):
+    """The batch drawn ahead at the stop goes into the run state: the resumed run trains on it, not on a fresh
+    one drawn with newer weights, and ends with the weights of an uninterrupted run."""
+    common = ("cluster.placement=split", "trainer.max_staleness=1", "trainer.lr=3e-3", "eval.every=0",
+              "tracking.image_every=0", "rollout.top_k=30", "trainer.steps=4")
+    straight = train(tiny_config(*common, f"run.dir={tmp_path / 'straight'}"))
+
+    after_step = driver.Loop.after_step
+
+    def stop_after_two(self, step):
+        after_step(self, step)
+        if step == 2:
+            driver.STOP.set()
+
+    monkeypatch.setattr(driver.Loop, "after_step", stop_after_two)
+    cut = train(tiny_config(*common, f"run.dir={tmp_path / 'cut'}"))
+    assert cut["stopped_at"] == 2
+    monkeypatch.setattr(driver.Loop, "after_step", after_step)
+    cfg = tiny_config(*common, f"run.dir={tmp_path / 'cut'}", "run.resume=true")
+    resumed = train(cfg)
+
+    a, b = _weights(straight["checkpoint"]), _weights(resumed["checkpoint"])
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert _history(cfg, resumed["run_id"], "async/staleness") == [0.0, 1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize(("overrides", "recompute", "cap"), [
+    ((), False, 0.0),
+    (("trainer.max_staleness=1",), True, 2.0),
+    (("trainer.max_staleness=1", "trainer.tis_cap=0"), True, 0.0),
+    (("trainer.max_staleness=1", "trainer.old_logprobs=sampler", "trainer.tis_cap=0"), False, 0.0),
+    (("trainer.old_logprobs=learner", "trainer.tis_cap=3"), True, 3.0),
+])
+def test_the_correction_resolves_from_the_lag(overrides, recompute, cap):
+    tr = load_config(None, list(overrides)).trainer
+    assert (tr.recompute_old, tr.behaviour_cap) == (recompute, cap)
+
+
+def test_async_rollout_needs_rollout_actors_and_a_cap_needs_recomputed_log_probs():
+    with pytest.raises(ConfigError, match="trainer.max_staleness: 1 needs rollout actors"):
+        load_config(None, ["trainer.max_staleness=1", "cluster.placement=hybrid"])
+    with pytest.raises(ConfigError, match="trainer.tis_cap: 2 needs trainer.old_logprobs: learner"):
+        load_config(None, ["trainer.max_staleness=1", "trainer.old_logprobs=sampler"])
