@@ -66,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     _config_arguments(p, "YAML config file (world, rewards, sampling settings)")
     p.add_argument("--checkpoint", required=True, help="policy directory (SFT or a run's checkpoints/...)")
     p.add_argument("--prompts", default="", help="prompt file instead of the world's held-out prompts")
-    p.add_argument("--samples", type=int, default=0, help="images per prompt (default eval.samples_per_prompt)")
+    p.add_argument("--samples", type=int, default=0,
+                   help="images per prompt, the N of the pass@k metrics (default eval.samples_per_prompt)")
     p.add_argument("--out", default="", help="report path (default <run.dir>/eval/<checkpoint name>.json)")
     text = "benchmarks side by side: sampler vs HF generate, GRPO vs TRL, weight sync, rewards, placements"
     p = sub.add_parser("bench", help=text, description=text)

@@ -53,18 +53,18 @@ def timed(timings: dict[str, float], stage: str):
 
 
 def evaluate(cfg: Config, workers: actors.Workers, tracker: Tracker, step: int) -> dict[str, float]:
-    """Held-out prompts, ``eval.samples_per_prompt`` images each: the world's metrics and mean reward
-    (nothing when ``eval.held_out`` is off)."""
+    """Held-out prompts, ``eval.samples_per_prompt`` images each: the world's metrics (with the headline's
+    pass@k) and mean reward (nothing when ``eval.held_out`` is off)."""
     if not cfg.eval.held_out:
         return {}
     prompts, metadata = worlds.held_out_prompts(cfg.world.name)
+    per_prompt = cfg.eval.samples_per_prompt
     # a stream of its own per evaluation: evaluating never shifts the training samples
-    batch = actors.generate(workers, prompts, metadata, cfg.eval.samples_per_prompt, seed=eval_seed(cfg.run.seed, step))
+    batch = actors.generate(workers, prompts, metadata, per_prompt, seed=eval_seed(cfg.run.seed, step))
     result = actors.score(workers, batch)
-    metrics = world_metrics(cfg.world.name, batch.images, batch.prompts, batch.metadata)
+    metrics = world_metrics(cfg.world.name, batch.images, batch.prompts, batch.metadata, per_prompt)
     metrics["eval/reward_mean"] = float(np.nanmean(result.total)) if result.valid.any() else float("nan")
     tracker.log(metrics, step)
-    per_prompt = cfg.eval.samples_per_prompt
     shown = [i * per_prompt + j for i in range(len(prompts)) for j in range(min(2, per_prompt))]
     tracker.log_samples(batch.images[shown], [batch.prompts[i] for i in shown], step, key="eval_samples")
     log.info("step %d held-out: %s", step, ", ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items()))

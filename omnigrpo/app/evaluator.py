@@ -10,6 +10,13 @@ Prompts are the world's held-out items by default, or any prompt file (``--promp
 prompts quote text, like X-Omni's LongText-Bench (``A poster that says "GRAND OPENING"``), also gets
 OCR word recall and exact match of the quoted text (``text/word_recall``, ``text/exact_match``).
 
+Best-of-N: the world's headline metric (first of ``world.EVAL``) and ``text/exact_match`` are 0/1 per
+sample, so each also gets ``<metric>_pass_at_<k>`` for k = 1, 2, 4, ... and N = samples per prompt: the
+chance that at least one of k samples of a prompt is right, averaged over prompts, by the unbiased
+estimator of Chen et al. 2021 (``1 - C(n - c, k) / C(n, k)`` from a prompt's n samples, c right). At
+k = 1 it is the plain mean, at k = N "any of the N": an RL policy's ``pass_at_1`` against its SFT
+start's ``pass_at_N`` is X-Omni's "one RL sample beats the SFT best of N".
+
 Everything runs in this process with the plain worker classes: no Ray cluster is needed.
 """
 
@@ -28,7 +35,7 @@ from omnigrpo.app.tracking import Tracker
 from omnigrpo.config.loader import ConfigError
 from omnigrpo.config.runtime import checkpoint_eval_seed
 from omnigrpo.config.schema import Config
-from omnigrpo.rewards.judges.ocr import target_text
+from omnigrpo.rewards.judges.ocr import RapidOCRReader, exact_score, target_text, word_recall
 from omnigrpo.rewards.registry import build_reward
 from omnigrpo.rewards.worker import JudgeStartError, RewardWorker
 from omnigrpo.rollout.sampler import SamplingParams
@@ -45,32 +52,83 @@ def _judge(reward: str, kwargs_json: str):
     return build_reward(reward, json.loads(kwargs_json))
 
 
-def world_metrics(world_name: str, images: np.ndarray, prompts: list[str], metadata: list[dict]) -> dict[str, float]:
-    """The world's held-out metrics (``world.EVAL``) of uint8 images ``[N, H, W, 3]``, as ``eval/<name>``,
-    plus the blank-pixel share."""
+def world_scores(world_name: str, images: np.ndarray, prompts: list[str],
+                 metadata: list[dict]) -> dict[str, list[float | None]]:
+    """Per-sample scores of each of the world's held-out metrics (``world.EVAL`` order, headline first)
+    for uint8 images ``[N, H, W, 3]``; ``None`` where a metric does not apply."""
     world = worlds.get(world_name)
-    metrics = {}
-    for name, (reward, kwargs) in world.EVAL.items():
-        scores = [s for s in _judge(reward, json.dumps(kwargs, sort_keys=True))(images, prompts, metadata)
-                  if s is not None]
-        metrics[f"eval/{name}"] = float(np.mean(scores)) if scores else float("nan")
-    metrics["eval/blank_frac"] = blank_share(images, world.BACKGROUND)
+    return {name: list(_judge(reward, json.dumps(kwargs, sort_keys=True))(images, prompts, metadata))
+            for name, (reward, kwargs) in world.EVAL.items()}
+
+
+def world_metrics(world_name: str, images: np.ndarray, prompts: list[str], metadata: list[dict],
+                  per_prompt: int = 1) -> dict[str, float]:
+    """The world's held-out metrics of uint8 images ``[N, H, W, 3]`` (``per_prompt`` consecutive samples
+    per prompt), as ``eval/<name>``, the headline's ``eval/<name>_pass_at_<k>`` and the blank-pixel share."""
+    scores = world_scores(world_name, images, prompts, metadata)
+    metrics = {f"eval/{name}": mean_score(values) for name, values in scores.items()}
+    headline = next(iter(scores))
+    metrics.update(pass_at_k_metrics(f"eval/{headline}", scores[headline], per_prompt))
+    metrics["eval/blank_frac"] = blank_share(images, worlds.get(world_name).BACKGROUND)
     return metrics
 
 
-def text_metrics(cfg: Config, images: np.ndarray, prompts: list[str], metadata: list[dict]) -> dict[str, float]:
-    """OCR word recall and exact match of the text the prompts quote (LongText-Bench style); empty when
-    no prompt asks for text. OCR options follow a configured ``ocr`` reward, if any."""
-    asked = [i for i, (p, m) in enumerate(zip(prompts, metadata, strict=True)) if target_text(p, m)]
+def text_metrics(cfg: Config, images: np.ndarray, prompts: list[str], metadata: list[dict],
+                 per_prompt: int = 1) -> dict[str, float]:
+    """OCR word recall and exact match of the text the prompts quote (LongText-Bench style), and exact
+    match's pass@k; empty when no prompt asks for text. Each image is read once, with the options of a
+    configured ``ocr`` reward, if any."""
+    asked = [(i, text) for i, (p, m) in enumerate(zip(prompts, metadata, strict=True))
+             if (text := target_text(p, m))]
     if not asked:
         return {}
     options = next((dict(r.kwargs) for r in cfg.rewards if r.name == "ocr"), {})
     options.pop("score", None)
-    subset = images[asked], [prompts[i] for i in asked], [metadata[i] for i in asked]
-    metrics = {}
-    for name, score in (("text/word_recall", "recall"), ("text/exact_match", "exact")):
-        metrics[name] = float(np.mean(build_reward("ocr", {**options, "score": score})(*subset)))
-    return metrics
+    reader = RapidOCRReader(**options)
+    readings = [(reader.read(images[i]), text) for i, text in asked]
+    exact = [exact_score(read, text) for read, text in readings]
+    # a prompt's samples all quote the same text, so the asked samples still come per_prompt at a time
+    return {"text/word_recall": mean_score([word_recall(read, text) for read, text in readings]),
+            "text/exact_match": mean_score(exact), **pass_at_k_metrics("text/exact_match", exact, per_prompt)}
+
+
+def mean_score(scores: list[float | None]) -> float:
+    """Mean of the scores that apply (NaN when none does)."""
+    kept = [s for s in scores if s is not None]
+    return float(np.mean(kept)) if kept else float("nan")
+
+
+def pass_ks(n: int) -> list[int]:
+    """The k reported for n samples per prompt: 1, the powers of two below n, and n."""
+    return sorted({*(2**i for i in range(n.bit_length()) if 2**i < n), n})
+
+
+def pass_at_k(correct: np.ndarray, k: int) -> float:
+    """Unbiased pass@k (Chen et al. 2021) averaged over prompts: ``correct`` ``[P, n]`` holds 0/1 scores
+    (0.5 or more counts as right) or NaN (not scored); a prompt with fewer than k scored samples is left
+    out (NaN when every prompt is).
+
+    >>> pass_at_k(np.array([[1, 0, 0, 0], [0, 0, 0, 0]]), 2)
+    0.25
+    """
+    per_prompt = []
+    for row in correct:
+        scored = row[~np.isnan(row)]
+        n, c = len(scored), int((scored >= 0.5).sum())
+        if n < k:
+            continue
+        if n - c < k:  # every k-subset holds a right sample
+            per_prompt.append(1.0)
+        else:  # 1 - C(n - c, k) / C(n, k), as a product: no huge binomials
+            per_prompt.append(1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1))))
+    return float(np.mean(per_prompt)) if per_prompt else float("nan")
+
+
+def pass_at_k_metrics(name: str, scores: list[float | None], per_prompt: int) -> dict[str, float]:
+    """``<name>_pass_at_<k>`` for each k of :func:`pass_ks`, from 0/1 scores ``[P * per_prompt]`` that come
+    ``per_prompt`` consecutive samples per prompt."""
+    correct = np.array([np.nan if s is None else s for s in scores], dtype=float).reshape(-1, per_prompt)
+    return {f"{name}_pass_at_{k}": pass_at_k(correct, k) for k in pass_ks(per_prompt)}
 
 
 def paint(cfg: Config, codes, grid: tuple[int, int]) -> np.ndarray:
@@ -112,9 +170,9 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, prompts_source: str = "", 
     metrics = {"eval/reward_mean": float(np.nanmean(result.total)) if result.valid.any() else float("nan"),
                **result.metrics(prefix="eval/reward")}
     if prompts_source:
-        metrics.update(text_metrics(cfg, batch.images, batch.prompts, batch.metadata))
+        metrics.update(text_metrics(cfg, batch.images, batch.prompts, batch.metadata, per_prompt))
     else:
-        metrics.update(world_metrics(cfg.world.name, batch.images, batch.prompts, batch.metadata))
+        metrics.update(world_metrics(cfg.world.name, batch.images, batch.prompts, batch.metadata, per_prompt))
     per_prompt_rows = []
     for i, prompt in enumerate(prompts):
         rows = slice(i * per_prompt, (i + 1) * per_prompt)

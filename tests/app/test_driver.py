@@ -48,6 +48,8 @@ def test_a_short_run_trains_syncs_and_logs(tiny_config, sft_path, plugins):
     evals = client.get_metric_history(run.info.run_id, "eval/strict_acc")
     assert sorted(m.step for m in evals) == [0, 2, 3]
     assert all(0.0 <= m.value <= 1.0 for m in evals)
+    best_of_2 = client.get_metric_history(run.info.run_id, "eval/strict_acc_pass_at_2")  # 2 samples per prompt
+    assert sorted(m.step for m in best_of_2) == [0, 2, 3]
     assert all(math.isfinite(m.value) for m in client.get_metric_history(run.info.run_id, "kl"))
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "summary.json", "images"} <= artifacts
