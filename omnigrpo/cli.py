@@ -30,6 +30,7 @@ EPILOG = """examples:
   omnigrpo eval configs/glyphs.yaml --checkpoint runs/glyphs/checkpoints/RUN/step-300
   omnigrpo eval configs/glyphs.yaml --checkpoint CKPT --prompts longtext.txt   # + OCR word recall
   omnigrpo bench configs/shapes.yaml --parts rollout,rewards,sync,trl
+  omnigrpo bench configs/shapes.yaml --parts trl --modes colocated,hybrid --rounds 3   # vs TRL, alternating
   omnigrpo submit configs/shapes.yaml --address http://HEAD:8265 run.dir=/shared/runs/a  # then status/logs/stop
   omnigrpo plan configs/janus_pro_7b.yaml cluster.gpu_memory_gb=80   # GPU memory per role and per GPU
   omnigrpo curves configs/glyphs.yaml --keys reward/total/mean,eval/exact_match --out docs/glyphs.png
@@ -69,12 +70,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=0,
                    help="images per prompt, the N of the pass@k metrics (default eval.samples_per_prompt)")
     p.add_argument("--out", default="", help="report path (default <run.dir>/eval/<checkpoint name>.json)")
-    text = "benchmarks side by side: sampler vs HF generate, GRPO vs TRL, weight sync, rewards, placements"
+    text = "benchmarks side by side: sampler vs HF generate, GRPO (in each mode) vs TRL, weight sync, rewards"
     p = sub.add_parser("bench", help=text, description=text)
     _config_arguments(p, "YAML config file (the model, prompts and rewards benchmarked)")
     p.add_argument("--parts", default="rollout,rewards,sync,trl", help="comma-separated subset to run")
-    p.add_argument("--steps", type=int, default=20, help="GRPO steps of each run in the TRL and placement comparisons")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median reported)")
+    p.add_argument("--steps", type=int, default=20, help="GRPO steps of each run in the TRL comparison")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="TRL comparison: rounds, each running omnigrpo in every mode and then TRL (median reported)")
+    p.add_argument("--modes", default="", help="TRL comparison: comma-separated omnigrpo modes, e.g. colocated,hybrid "
+                                               "(default: the config's cluster.placement; an unknown one lists all)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement of the other parts (median)")
     p.add_argument("--out", default="", help="JSON path (default <run.dir>/bench.json)")
     text = "print the GPU memory a config needs per role and per GPU (from the checkpoint's config.json only)"
     p = sub.add_parser("plan", help=text, description=text)
@@ -209,7 +214,11 @@ def cmd_bench(cfg: Config, args: argparse.Namespace) -> int:
     if unknown or not parts:
         raise ConfigError(f"--parts: unknown part(s) {', '.join(unknown) or '(none given)'}; choose from "
                           f"{', '.join(PARTS)}")
-    run_bench(cfg, parts, steps=args.steps, repeats=args.repeats, out=args.out)
+    for flag, value in [("--steps", args.steps), ("--rounds", args.rounds), ("--repeats", args.repeats)]:
+        if value < 1:
+            raise ConfigError(f"{flag}: must be at least 1, got {value}")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()] or None
+    run_bench(cfg, parts, steps=args.steps, repeats=args.repeats, out=args.out, rounds=args.rounds, modes=modes)
     return 0
 
 

@@ -6,18 +6,16 @@ run. Four parts, each printing a table and landing in one JSON file:
 1. ``rollout``: our sampler vs HF ``generate`` on the same policy, batch (``prompts_per_step *
    group_size`` images of equal-length prompts), guidance and sampling settings, both restricted to
    image codes (``omnigrpo.bench.generate``); with and without classifier-free guidance.
-2. ``trl``: GRPO on the config's world, omnigrpo vs TRL's ``GRPOTrainer``, one after the other from the
-   same weights with the same prompts per step, group size, reward, learning rate, beta and steps:
-   samples/s (training time only, loading excluded on both sides) and reward at the first and last step.
+2. ``trl``: GRPO on the config's world, omnigrpo (in each of ``--modes``, e.g. its placements) vs TRL's
+   ``GRPOTrainer``, alternating for ``--rounds`` rounds from the same weights, prompts per step, group size,
+   reward, learning rate, beta and steps, by the protocol of ``omnigrpo.bench.protocol``: samples/s
+   (training time only) with its spread over rounds, reward, and where each omnigrpo step's time goes.
 3. ``sync``: seconds per GB of the learner -> rollout weight sync on a real Ray cluster, three ways:
    the object store, the gloo broadcast in ``cluster.sync_bucket_mb`` buckets, and one call per tensor,
    for a random policy of ``model.*``'s sizes (override them to measure a realistic size).
 4. ``rewards``: images/s of every configured judge on the world's rendered images.
-5. ``placement``: the same GRPO run (``--steps``, from the same weights and seed) under ``cluster.placement``
-   colocated and hybrid: median step, rollout and sync seconds after the first step, samples/s, the weight
-   bytes sent per step and the last step's reward.
 
-Timings are medians over ``--repeats`` after one warm-up.
+Timings of parts 1, 3 and 4 are medians over ``--repeats`` after one warm-up.
 """
 
 from __future__ import annotations
@@ -35,6 +33,7 @@ import torch
 import transformers
 
 from omnigrpo.bench.generate import hf_generate, hf_generate_batched, hf_generate_janus, median_seconds
+from omnigrpo.bench.protocol import bench_trl, mode_configs, table_lines
 from omnigrpo.config.runtime import use_threads
 from omnigrpo.config.schema import Config
 from omnigrpo.rewards.worker import RewardWorker
@@ -48,7 +47,7 @@ from omnigrpo.worlds import registry as worlds
 from omnigrpo.worlds.world import prompts_of
 
 log = logging.getLogger(__name__)
-PARTS = ("rollout", "trl", "sync", "rewards", "placement")
+PARTS = ("rollout", "trl", "sync", "rewards")
 """The benchmark's parts, in the order they run when all are asked for."""
 GUIDED_SCALE = 3.0  # the guided rollout row uses this scale when the config samples without guidance
 
@@ -167,83 +166,6 @@ def bench_sync(cfg: Config, repeats: int) -> dict:
     return {"rollout_actors": cfg.cluster.rollout_workers, "paths": out}
 
 
-def bench_trl(cfg: Config, model_path: str, steps: int) -> dict:
-    """``steps`` GRPO steps with omnigrpo, then with TRL, from the same weights and settings."""
-    from omnigrpo.app.driver import train
-    from omnigrpo.app.tracking import Tracker
-    from omnigrpo.bench.trl import run_trl_grpo
-
-    root = Path(cfg.run.dir) / "bench"
-    ours_cfg = dataclasses.replace(
-        cfg, run=dataclasses.replace(cfg.run, dir=str(root / "omnigrpo"), resume=False),
-        model=dataclasses.replace(cfg.model, path=model_path),
-        trainer=dataclasses.replace(cfg.trainer, steps=steps, save_every=0),
-        eval=dataclasses.replace(cfg.eval, every=0, samples_per_prompt=1),
-        tracking=dataclasses.replace(cfg.tracking, uri="", image_every=0, run_name="bench-omnigrpo"))
-    summary = train(ours_cfg)
-    client = Tracker(ours_cfg).client
-    history = {key: [m.value for m in sorted(client.get_metric_history(summary["run_id"], key), key=lambda m: m.step)]
-               for key in ("timing/step_s", "reward/total/mean")}
-    ours_wall = float(sum(history["timing/step_s"]))
-    samples = steps * cfg.batch_size
-    ours = {"wall_s": ours_wall, "samples": samples, "samples_per_s": samples / ours_wall,
-            "reward_first": history["reward/total/mean"][0], "reward_last": history["reward/total/mean"][-1],
-            "reward_curve": history["reward/total/mean"]}
-
-    prompts, metadata = worlds.train_prompts(cfg.world.name)
-    judge = RewardWorker(cfg.rewards)
-    judge.setup()
-
-    def total(images, prompts, metadata):  # the same combined reward ours optimises; excluded -> unscored
-        result = judge.score(np.asarray(images), prompts, metadata)
-        return [float(t) if ok else None for t, ok in zip(result.total, result.valid, strict=True)]
-
-    r = cfg.rollout
-    theirs = run_trl_grpo(model_path, prompts, metadata, total, steps=steps, prompts_per_step=r.prompts_per_step,
-                          group_size=r.group_size, lr=cfg.trainer.lr, beta=cfg.trainer.kl_coef,
-                          temperature=r.temperature, seed=cfg.run.seed, out_dir=str(root / "trl"),
-                          threads=cfg.cluster.torch_threads or os.cpu_count())
-    theirs = {k: theirs[k] for k in ("wall_s", "samples", "samples_per_s", "reward_first", "reward_last",
-                                     "reward_curve", "max_non_image_tokens")}
-    return {"steps": steps, "omnigrpo": ours, "trl": theirs,
-            "speedup_samples_per_s": ours["samples_per_s"] / theirs["samples_per_s"],
-            "settings": {"prompts_per_step": r.prompts_per_step, "group_size": r.group_size, "lr": cfg.trainer.lr,
-                         "beta": cfg.trainer.kl_coef, "temperature": r.temperature,
-                         "rewards": [s.name for s in cfg.rewards]}}
-
-
-def bench_placement(cfg: Config, model_path: str, steps: int) -> dict:
-    """``steps`` GRPO steps under colocated, then hybrid placement, from the same weights and seed."""
-    from omnigrpo.app.driver import train
-    from omnigrpo.app.tracking import Tracker
-
-    out = {}
-    keys = ("timing/step_s", "timing/rollout_s", "timing/sync_s", "throughput/samples_per_s", "sync/bytes",
-            "reward/total/mean")
-    for mode in ("colocated", "hybrid"):
-        run_cfg = dataclasses.replace(
-            cfg, run=dataclasses.replace(cfg.run, dir=str(Path(cfg.run.dir) / "bench" / mode), resume=False),
-            model=dataclasses.replace(cfg.model, path=model_path),
-            trainer=dataclasses.replace(cfg.trainer, steps=steps, save_every=0),
-            eval=dataclasses.replace(cfg.eval, every=0, held_out=False),
-            cluster=dataclasses.replace(cfg.cluster, placement=mode),
-            tracking=dataclasses.replace(cfg.tracking, uri="", image_every=0, run_name=f"bench-{mode}"))
-        summary = train(run_cfg)
-        client = Tracker(run_cfg).client
-        h = {k: [m.value for m in sorted(client.get_metric_history(summary["run_id"], k), key=lambda m: m.step)]
-             for k in keys}
-        warm = slice(1, None) if steps > 1 else slice(None)  # the first step pays for warm-up
-        out[mode] = {"step_s": float(np.median(h["timing/step_s"][warm])),
-                     "rollout_s": float(np.median(h["timing/rollout_s"][warm])),
-                     "sync_s": float(np.median(h["timing/sync_s"][warm])),
-                     "samples_per_s": float(np.median(h["throughput/samples_per_s"][warm])),
-                     "sync_bytes": float(np.median(h["sync/bytes"][warm])),
-                     "reward_last": h["reward/total/mean"][-1]}
-    return {"steps": steps, "learner_workers": cfg.cluster.learner_workers,
-            "rollout_workers": cfg.cluster.rollout_workers, "modes": out,
-            "hybrid_vs_colocated_samples_per_s": out["hybrid"]["samples_per_s"] / out["colocated"]["samples_per_s"]}
-
-
 def table(results: dict) -> str:
     """Markdown tables of whatever parts ``results`` holds."""
     lines = [f"machine: {results['machine']}"]
@@ -259,42 +181,30 @@ def table(results: dict) -> str:
                 lines.append(f"| {label} | {side} | {m['tokens_per_s']:.0f} | {m['images_per_s']:.1f} | "
                              f"{'' if ratio is None else f'{ratio:.2f}x'} |")
     if "trl" in results:
-        t = results["trl"]
-        lines += ["", f"GRPO, {t['steps']} steps each: omnigrpo vs TRL GRPOTrainer",
-                  "| trainer | samples/s | reward first step | reward last step |", "|---|---|---|---|"]
-        for side in ("omnigrpo", "trl"):
-            m = t[side]
-            lines.append(f"| {side} | {m['samples_per_s']:.1f} | {m['reward_first']:.3f} | {m['reward_last']:.3f} |")
-        lines.append(f"omnigrpo / TRL samples/s: {t['speedup_samples_per_s']:.2f}x")
+        lines += table_lines(results["trl"])
     if "sync" in results:
         s = results["sync"]
         lines += ["", f"weight sync to {s['rollout_actors']} rollout actor(s)",
                   "| path | MB | tensors | ms | s/GB |", "|---|---|---|---|---|"]
         lines += [f"| {label} | {m['bytes'] / 1e6:.1f} | {m['tensors']} | {m['seconds'] * 1e3:.1f} | "
                   f"{m['s_per_gb']:.2f} |" for label, m in s["paths"].items()]
-    if "placement" in results:
-        p = results["placement"]
-        lines += ["", f"placement, {p['steps']} GRPO steps each (medians after the first step)",
-                  "| placement | step s | rollout s | sync s | sync MB | samples/s | reward last step |",
-                  "|---|---|---|---|---|---|---|"]
-        lines += [f"| {mode} | {m['step_s']:.3f} | {m['rollout_s']:.3f} | {m['sync_s']:.4f} | "
-                  f"{m['sync_bytes'] / 1e6:.2f} | {m['samples_per_s']:.1f} | {m['reward_last']:.3f} |"
-                  for mode, m in p["modes"].items()]
-        lines.append(f"hybrid / colocated samples/s: {p['hybrid_vs_colocated_samples_per_s']:.2f}x")
     if "rewards" in results:
         lines += ["", "| judge | images/s |", "|---|---|"]
         lines += [f"| {name} | {m['images_per_s']:.1f} |" for name, m in results["rewards"].items()]
     return "\n".join(lines)
 
 
-def run_bench(cfg: Config, parts: list[str], steps: int = 20, repeats: int = 3, out: str = "") -> dict:
-    """Run the named parts (``rollout``, ``trl``, ``sync``, ``rewards``, ``placement``), print tables, write
-    JSON."""
+def run_bench(cfg: Config, parts: list[str], steps: int = 20, repeats: int = 3, out: str = "", rounds: int = 3,
+              modes: list[str] | None = None) -> dict:
+    """Run the named parts (``rollout``, ``trl``, ``sync``, ``rewards``), print tables, write JSON. ``rounds`` and
+    ``modes`` (default: the config's own ``cluster.placement``) shape the ``trl`` part."""
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         raise ValueError(f"unknown bench part(s) {unknown}; choose from {', '.join(PARTS)}")
+    if "trl" in parts:
+        mode_configs(cfg, modes or [cfg.cluster.placement])  # a bad mode: a ConfigError before anything runs
     use_threads(cfg.cluster.torch_threads)
-    trained = {"rollout", "trl", "placement"} & set(parts)  # sync and rewards need no trained policy
+    trained = {"rollout", "trl"} & set(parts)  # sync and rewards need no trained policy
     model_path = cfg.model.path or (str(sft_checkpoint(cfg, cfg.cluster.torch_threads or None)) if trained else "")
     results: dict = {"machine": machine(), "model": model_path, "world": cfg.world.name}
     if "rollout" in parts:
@@ -304,9 +214,7 @@ def run_bench(cfg: Config, parts: list[str], steps: int = 20, repeats: int = 3, 
     if "sync" in parts:
         results["sync"] = bench_sync(cfg, repeats)
     if "trl" in parts:
-        results["trl"] = bench_trl(cfg, model_path, steps)
-    if "placement" in parts:
-        results["placement"] = bench_placement(cfg, model_path, steps)
+        results["trl"] = bench_trl(cfg, model_path, steps, rounds, modes)
     print(table(results), flush=True)
     target = Path(out) if out else Path(cfg.run.dir) / "bench.json"
     target.parent.mkdir(parents=True, exist_ok=True)

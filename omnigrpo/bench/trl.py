@@ -3,10 +3,10 @@
 Why: "faster than TRL" or "learns like TRL" only means something if TRL runs the same experiment. Same
 here means: the same starting weights (a :class:`~omnigrpo.rollout.policy.WorldPolicy` checkpoint),
 ``prompts_per_step`` distinct training prompts per optimiser step (a fresh seeded shuffle each pass over
-the prompts), ``group_size`` images per prompt, the same reward function on decoded pixels, one on-policy
-AdamW step per batch (lr constant, no weight decay, gradient norm clipped at 1), PPO clip 0.2, k3 KL
-against the start policy with coefficient ``beta``, group-std advantages, loss averaged over every token
-of the batch (TRL's ``dapo``, i.e. omnigrpo's ``token-mean``), fp32 on CPU.
+the prompts), ``group_size`` images per prompt, the same reward function on decoded pixels, the same lr, k3 KL
+coefficient ``beta`` and temperature; everything else TRL is told is frozen in ``trl_settings.yaml`` beside
+this file (one on-policy AdamW step per batch at a constant lr, PPO clip 0.2, group-std advantages, TRL's
+``dapo`` loss = omnigrpo's ``token-mean``, fp32 on CPU), and each summary echoes what the trainer held.
 
 Same also means the same *distribution*. omnigrpo samples and scores only the image codes (the other
 logits are dropped), always exactly ``tokens_per_image`` of them. TRL knows nothing of images, so the LM head gets a
@@ -25,9 +25,11 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
 
 import torch
+import yaml
 from datasets import Dataset
 from transformers import PreTrainedModel, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
@@ -36,6 +38,26 @@ from omnigrpo.rollout.families.builtin import WorldPolicy
 from omnigrpo.rollout.policy import ImageSpace
 
 NON_IMAGE_LOGIT = -1e4  # exp() of it (minus any realistic logit) is exactly 0 in fp32
+SETTINGS_PATH = Path(__file__).with_name("trl_settings.yaml")
+
+
+def frozen_settings() -> dict[str, object]:
+    """The GRPOConfig fields the baseline does not derive from the omnigrpo config (``trl_settings.yaml``)."""
+    return yaml.safe_load(SETTINGS_PATH.read_text(encoding="utf-8"))
+
+
+def grpo_args(derived: dict[str, object]) -> GRPOConfig:
+    """TRL's configuration: the frozen settings plus ``derived``; a field set by both is an error, not a choice."""
+    frozen = frozen_settings()
+    both = sorted(set(frozen) & set(derived))
+    if both:
+        raise ValueError(f"{SETTINGS_PATH.name} sets {', '.join(both)}, which the benchmark derives from the config")
+    return GRPOConfig(**derived, **frozen)
+
+
+def held(args: GRPOConfig, names: list[str]) -> dict[str, object]:
+    """The values ``args`` holds for ``names``, as plain data (TRL turns some strings into enums)."""
+    return {n: (v.value if isinstance(v := getattr(args, n), Enum) else v) for n in names}
 
 
 def restrict_to_image_codes(model: PreTrainedModel, space: ImageSpace) -> None:
@@ -112,7 +134,8 @@ def run_trl_grpo(policy_dir: str, prompts: list[str], metadata: list[dict], judg
         ``steps``, ``samples``, ``wall_s`` (training only, no loading), ``first_step_s``, ``samples_per_s``,
         ``reward_first``, ``reward_last``, ``reward_curve`` (mean reward of each step's batch, drawn before its
         update), ``param_delta`` (L2 norm of the weight change), ``max_non_image_tokens`` (0: every
-        completion was exactly one image's codes), ``logs`` (TRL's per-step metrics) and the settings.
+        completion was exactly one image's codes), ``logs`` (TRL's per-step metrics), ``args`` (every
+        GRPOConfig field set, as the trainer held it after training) and the settings.
     """
     if threads:
         torch.set_num_threads(threads)
@@ -131,18 +154,13 @@ def run_trl_grpo(policy_dir: str, prompts: list[str], metadata: list[dict], judg
         "raw_prompt": prompts,
         "metadata": [json.dumps(m) for m in metadata],
     })
-    args = GRPOConfig(
-        output_dir=out_dir, max_steps=steps, seed=seed, data_seed=seed, use_cpu=True, bf16=False, fp16=False,
-        activation_checkpointing=False, report_to="none", save_strategy="no", logging_strategy="steps",
-        logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
-        # one optimiser step = one generation batch of prompts_per_step groups, consumed once (on-policy)
-        num_generations=group_size, per_device_train_batch_size=micro, gradient_accumulation_steps=batch // micro,
-        generation_batch_size=batch, num_iterations=1, shuffle_dataset=True,
-        max_completion_length=policy.space.tokens_per_image, temperature=temperature, top_p=1.0, top_k=0,
-        learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        optim="adamw_torch", beta=beta, epsilon=0.2, scale_rewards="group", loss_type="dapo",
-        importance_sampling_level="token",
-    )
+    derived = {  # one optimiser step = one generation batch of prompts_per_step groups, consumed once
+        "output_dir": out_dir, "max_steps": steps, "seed": seed, "data_seed": seed, "learning_rate": lr, "beta": beta,
+        "temperature": temperature, "num_generations": group_size, "generation_batch_size": batch,
+        "per_device_train_batch_size": micro, "gradient_accumulation_steps": batch // micro,
+        "max_completion_length": policy.space.tokens_per_image,
+    }
+    args = grpo_args(derived)
     audit = {"max_non_image_tokens": 0, "completions": 0}
     recorder = _Recorder()
     trainer = GRPOTrainer(model=policy.model, reward_funcs=_image_reward(policy, judge, audit), args=args,
@@ -156,12 +174,13 @@ def run_trl_grpo(policy_dir: str, prompts: list[str], metadata: list[dict], judg
     with torch.no_grad():
         delta = sum(float((p.detach() - s).pow(2).sum()) for p, s in zip(policy.model.parameters(), start, strict=True))
     result = {
-        "trainer": "trl", "trl_loss_type": "dapo", "policy_dir": str(policy_dir), "prompts_per_step": prompts_per_step,
+        "trainer": "trl", "policy_dir": str(policy_dir), "prompts_per_step": prompts_per_step,
         "group_size": group_size, "micro_batch_size": micro, "lr": lr, "beta": beta, "temperature": temperature,
         "seed": seed, "threads": torch.get_num_threads(), "steps": steps, "samples": samples, "wall_s": wall,
         "first_step_s": recorder.marks["first_step"] - recorder.marks["begin"], "samples_per_s": samples / wall,
         "reward_first": recorder.rewards[0], "reward_last": recorder.rewards[-1],
         "reward_curve": recorder.rewards, "param_delta": delta**0.5, **audit, "logs": recorder.logs,
+        "args": held(trainer.args, sorted({*derived, *frozen_settings()} - {"output_dir"})),
     }
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / "trl_grpo.json").write_text(json.dumps(result, indent=2))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,15 @@ def config_from_dict(raw: dict[str, Any], lines: dict[tuple[str, ...], int] | No
     return cfg
 
 
+def with_overrides(cfg: Config, overrides: Mapping[str, Any], source: str = "overrides") -> Config:
+    """``cfg`` with each ``{"section.key": value}`` set, validated as a loaded config is (an unknown key is named,
+    with the nearest valid one): the ``key.sub=value`` overrides of the command line, for values already typed."""
+    raw = to_dict(cfg)
+    for key, value in overrides.items():
+        _set_path(raw, key.split("."), value, f"{source}: {key}")
+    return config_from_dict(raw, source=source)
+
+
 def to_dict(cfg: Config) -> dict[str, Any]:
     """The resolved config as plain data (for YAML artifacts and MLflow params)."""
     return dataclasses.asdict(cfg)
@@ -138,29 +148,34 @@ def _apply_override(raw: dict[str, Any], item: str) -> tuple[str, ...]:
     parts = key.strip().split(".")
     if not sep or not key.strip() or not all(parts):
         raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+    try:
+        leaf = yaml.load(value, Loader=_UniqueKeyLoader) if value.strip() else ""  # noqa: S506 - SafeLoader subclass
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem})") from None
+    _set_path(raw, parts, leaf, f"override {item!r}")
+    return tuple(parts)
+
+
+def _set_path(raw: dict[str, Any], parts: list[str], leaf: Any, label: str) -> None:
+    """Set ``raw[parts[0]][parts[1]]... = leaf``, making missing sections; ``label`` names the setting in errors."""
     node: Any = raw
     for i, part in enumerate(parts[:-1]):
         if isinstance(node, list):
             node = node[_list_index(node, part, parts[: i + 1])]
             continue
         if not isinstance(node, dict):
-            raise ConfigError(f"override {item!r}: {'.'.join(parts[:i])} is a value, not a section")
+            raise ConfigError(f"{label}: {'.'.join(parts[:i])} is a value, not a section")
         nxt = node.get(part)
         if nxt is None:
             nxt = node[part] = {}
         node = nxt
-    try:
-        leaf = yaml.load(value, Loader=_UniqueKeyLoader) if value.strip() else ""  # noqa: S506 - SafeLoader subclass
-    except yaml.YAMLError as err:
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem})") from None
     if isinstance(node, list):
         node[_list_index(node, parts[-1], parts)] = leaf
     elif isinstance(node, dict):
         node[parts[-1]] = leaf
     else:
-        raise ConfigError(f"override {item!r}: {'.'.join(parts[:-1])} is a value, not a section")
-    return tuple(parts)
+        raise ConfigError(f"{label}: {'.'.join(parts[:-1])} is a value, not a section")
 
 
 def _list_index(node: list, part: str, path: list[str]) -> int:

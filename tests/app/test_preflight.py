@@ -87,6 +87,8 @@ def test_eval_bench_curves_and_tiny_options(tmp_path, capsys):
     _refused(["eval", SHAPES, "--checkpoint", str(tmp_path / "ckpt"), "--prompts", str(tmp_path / "none.txt")],
              capsys, "--prompts: ", "none.txt' is neither a built-in world")
     _refused(["bench", SHAPES, "--parts", "rollout,warp"], capsys, "--parts: unknown part(s) warp")
+    _refused(["bench", SHAPES, "--parts", "trl", "--modes", "hybrid,warp"], capsys, "--modes: unknown mode(s) warp")
+    _refused(["bench", SHAPES, "--parts", "trl", "--rounds", "0"], capsys, "--rounds: must be at least 1, got 0")
     _refused(["curves", SHAPES, f"run.dir={tmp_path}", "--out", str(tmp_path / "c.png")], capsys,
              "run.dir: no MLflow store at")
     MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments()  # an empty store

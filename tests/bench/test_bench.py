@@ -2,12 +2,15 @@
 
 import json
 
+import numpy as np
 import pytest
 import ray
 import torch
 
 from omnigrpo.bench.generate import hf_generate, hf_generate_batched
 from omnigrpo.bench.harness import run_bench
+from omnigrpo.bench.protocol import STAGES, spread
+from omnigrpo.bench.trl import frozen_settings
 from omnigrpo.rollout.families.builtin import WorldPolicy
 from omnigrpo.rollout.sampler import SamplingParams, sample_images
 from omnigrpo.worlds import shapes
@@ -27,7 +30,8 @@ def test_generate_baselines_draw_the_same_images_greedily(sft_path, cfg_scale):
 
 def test_every_part_runs_and_reports(tiny_config, sft_path, tmp_path, capsys):
     cfg = tiny_config(f"model.path={sft_path}")
-    results = run_bench(cfg, ["rollout", "rewards", "sync", "trl"], steps=2, repeats=1, out=str(tmp_path / "b.json"))
+    results = run_bench(cfg, ["rollout", "rewards", "sync", "trl"], steps=2, repeats=1, out=str(tmp_path / "b.json"),
+                        rounds=2, modes=["colocated", "hybrid"])
     assert not ray.is_initialized()
     assert json.loads((tmp_path / "b.json").read_text())["world"] == "shapes"
 
@@ -37,11 +41,7 @@ def test_every_part_runs_and_reports(tiny_config, sft_path, tmp_path, capsys):
         assert all(m["tokens_per_s"] > 0 for k, m in row.items() if not k.startswith("speedup"))
         assert row["speedup_vs_hf_generate"] > 0
 
-    trl = results["trl"]
-    for side in ("omnigrpo", "trl"):
-        assert trl[side]["samples"] == 2 * cfg.batch_size and trl[side]["samples_per_s"] > 0
-        assert len(trl[side]["reward_curve"]) == 2 and all(0 <= r <= 1 for r in trl[side]["reward_curve"])
-    assert trl["trl"]["max_non_image_tokens"] == 0 and trl["speedup_samples_per_s"] > 0
+    check_trl_protocol(results["trl"], cfg)
 
     n_params = sum(p.numel() for p in WorldPolicy.from_pretrained(sft_path).model.parameters())
     paths = results["sync"]["paths"]
@@ -51,7 +51,33 @@ def test_every_part_runs_and_reports(tiny_config, sft_path, tmp_path, capsys):
         assert m["rollouts_match_learner"] and m["still_broadcasting"]  # no silent fallback to the object store
     assert results["rewards"]["shapes"]["images_per_s"] > 0
     out = capsys.readouterr().out
-    assert "omnigrpo / TRL samples/s" in out and "s/GB" in out and "| shapes |" in out
+    assert "| omnigrpo hybrid |" in out and "| TRL |" in out and "sync MB" in out and "s/GB" in out
+    assert "| shapes |" in out
+
+
+def check_trl_protocol(t: dict, cfg) -> None:
+    """Two rounds of colocated, hybrid, then TRL; every figure from the per-round runs; TRL as frozen."""
+    runs = ["omnigrpo/colocated", "omnigrpo/hybrid", "trl"]
+    assert t["sequence"] == [{"round": r, "run": run} for r in (1, 2) for run in runs]
+    trl = t["trl"]
+    for side in [*t["omnigrpo"].values(), trl]:
+        assert len(side["runs"]) == 2
+        for run in side["runs"]:
+            assert run["samples"] == 2 * cfg.batch_size and run["samples_per_s"] > 0
+            assert len(run["reward_curve"]) == 2 and run["reward"] == pytest.approx(np.mean(run["reward_curve"]))
+        assert side["samples_per_s"] == spread([run["samples_per_s"] for run in side["runs"]])
+        assert side["reward"] == spread([run["reward"] for run in side["runs"]])
+    for mode in t["omnigrpo"].values():
+        assert mode["vs_trl"] == mode["samples_per_s"]["median"] / trl["samples_per_s"]["median"]
+        assert all(mode["stages"][f"{s}_s"] >= 0 for s in STAGES) and mode["stages"]["step_s"] > 0
+        assert mode["stages"]["step_s"] == np.median([run["stages"]["step_s"] for run in mode["runs"]])
+    assert t["omnigrpo"]["hybrid"]["stages"]["sync_bytes"] == 0 < t["omnigrpo"]["colocated"]["stages"]["sync_bytes"]
+    assert trl["max_non_image_tokens"] == 0 and t["settings"]["group_size"] == cfg.rollout.group_size
+    args = trl["runs"][0]["args"]
+    assert {k: args[k] for k in frozen_settings()} == frozen_settings()  # the file is what the trainer used
+    assert (args["learning_rate"], args["beta"], args["temperature"], args["num_generations"], args["max_steps"],
+            args["seed"]) == (cfg.trainer.lr, cfg.trainer.kl_coef, cfg.rollout.temperature, cfg.rollout.group_size,
+                              2, cfg.run.seed)
 
 
 def test_rollout_bench_on_a_tiny_janus_made_by_the_cli(tiny_config, tmp_path, capsys):
@@ -75,14 +101,3 @@ def test_hf_generate_draws_what_we_draw_on_emu3_greedily(tmp_path):
     params = SamplingParams(top_k=1)
     ours, _ = sample_images(policy.lm(), batch, params)
     assert torch.equal(hf_generate(policy.model, batch, policy.space, params), ours)
-
-
-def test_the_placement_part_compares_colocated_and_hybrid(tiny_config, sft_path, tmp_path, capsys):
-    cfg = tiny_config(f"model.path={sft_path}")
-    results = run_bench(cfg, ["placement"], steps=3, repeats=1, out=str(tmp_path / "b.json"))
-    assert not ray.is_initialized()
-    modes = results["placement"]["modes"]
-    assert set(modes) == {"colocated", "hybrid"}
-    assert modes["hybrid"]["sync_bytes"] == 0 and modes["colocated"]["sync_bytes"] > 0
-    assert all(m["samples_per_s"] > 0 and m["step_s"] > 0 for m in modes.values())
-    assert "hybrid / colocated samples/s" in capsys.readouterr().out

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from trl.trainer.utils import add_fused_lm_head
 
-from omnigrpo.bench.trl import restrict_to_image_codes, run_trl_grpo
+from omnigrpo.bench.trl import frozen_settings, grpo_args, restrict_to_image_codes, run_trl_grpo
 from omnigrpo.config.schema import ModelConfig
 from omnigrpo.rewards.registry import build_reward
 from omnigrpo.rollout.families.builtin import WorldPolicy
@@ -61,4 +63,13 @@ def test_trl_grpo_two_steps(tiny_policy_dir, tmp_path):
     assert result["param_delta"] > 0
     assert result["completions"] == 16
     assert result["max_non_image_tokens"] == 0
-    assert (tmp_path / "trl" / "trl_grpo.json").exists()
+    assert json.loads((tmp_path / "trl" / "trl_grpo.json").read_text())["args"] == result["args"]
+    frozen = frozen_settings()
+    assert {k: result["args"][k] for k in frozen} == frozen  # the trainer ran with the file's settings
+    args = result["args"]
+    assert (args["learning_rate"], args["beta"], args["num_generations"], args["max_steps"]) == (1e-3, 0.02, 4, 2)
+
+
+def test_the_frozen_settings_cannot_be_derived_too(tmp_path):
+    with pytest.raises(ValueError, match="trl_settings.yaml sets loss_type, which the benchmark derives"):
+        grpo_args({"output_dir": str(tmp_path), "loss_type": "grpo"})

@@ -4,7 +4,7 @@ import pytest
 import ray
 
 from omnigrpo.cli import main
-from omnigrpo.config.loader import ConfigError, load_config
+from omnigrpo.config.loader import ConfigError, load_config, with_overrides
 from omnigrpo.config.schema import Config
 
 CONFIG_DIR = Path(__file__).parents[2] / "configs"
@@ -64,6 +64,17 @@ def test_bad_configs_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert message in str(err.value)
+
+
+def test_typed_overrides_of_a_loaded_config_are_validated_like_the_command_line():
+    cfg = load_config(SHAPES, ["trainer.lr=1e-5"])
+    changed = with_overrides(cfg, {"cluster.placement": "hybrid", "rewards.0.weight": 2})
+    assert changed.cluster.placement == "hybrid" and changed.rewards[0].weight == 2.0
+    assert changed.trainer.lr == cfg.trainer.lr and cfg.cluster.placement == "colocated"
+    with pytest.raises(ConfigError, match="trainer.max_stalenes: unknown key"):
+        with_overrides(cfg, {"trainer.max_stalenes": 1})
+    with pytest.raises(ConfigError, match="cluster.placement: Input should be"):
+        with_overrides(cfg, {"cluster.placement": "scattered"})
 
 
 def test_malformed_override_is_refused():
