@@ -22,14 +22,16 @@ from omnigrpo.rewards.worker import RewardWorker
 from omnigrpo.worlds import registry as worlds
 
 MODES: dict[str, dict[str, object]] = {
-    "colocated": {"cluster.placement": "colocated"},
-    "split": {"cluster.placement": "split"},
-    "hybrid": {"cluster.placement": "hybrid"},
+    "colocated": {"cluster.placement": "colocated", "trainer.max_staleness": 0},
+    "split": {"cluster.placement": "split", "trainer.max_staleness": 0},
+    "hybrid": {"cluster.placement": "hybrid", "trainer.max_staleness": 0},
+    "split-async": {"cluster.placement": "split", "trainer.max_staleness": 1},
+    "colocated-async": {"cluster.placement": "colocated", "trainer.max_staleness": 1},
 }
 """omnigrpo's modes: name -> ``{"section.key": value}`` overrides of the benchmarked config."""
 REWARD_WINDOW = 10
 """A run's reward: the mean of its last this-many steps' mean reward (every step if the run is shorter)."""
-STAGES = ("step", "rollout", "reward", "learn", "sync")
+STAGES = ("step", "rollout", "reward", "learn", "wait", "sync")
 """The per-step stage times (``timing/<stage>_s``) profiled for each omnigrpo mode."""
 
 
@@ -179,8 +181,11 @@ def table_lines(t: dict) -> list[str]:
         lines.append(f"| {label} | {s['median']:.1f} | {s['min']:.1f} | {s['max']:.1f} | {m['reward']['median']:.3f} | "
                      f"{'' if ratio is None else f'{ratio:.2f}x'} |")
     lines += ["", "omnigrpo per-step stages (medians after the first step)",
-              "| mode | step s | rollout s | reward s | learn s | sync s | sync MB |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {name} | {m['stages']['step_s']:.3f} | {m['stages']['rollout_s']:.3f} | "
-              f"{m['stages']['reward_s']:.3f} | {m['stages']['learn_s']:.3f} | {m['stages']['sync_s']:.4f} | "
-              f"{m['stages']['sync_bytes'] / 1e6:.2f} |" for name, m in t["omnigrpo"].items()]
+              "| mode | step s | rollout s | reward s | learn s | wait s | sync s | sync MB |",
+              "|---|---|---|---|---|---|---|---|"]
+    for name, m in t["omnigrpo"].items():
+        st = m["stages"]
+        lines.append(f"| {name} | {st['step_s']:.3f} | {st['rollout_s']:.3f} | {st['reward_s']:.3f} | "
+                     f"{st['learn_s']:.3f} | {st.get('wait_s', 0.0):.3f} | {st['sync_s']:.4f} | "
+                     f"{st['sync_bytes'] / 1e6:.2f} |")
     return lines

@@ -37,7 +37,7 @@ def test_figures_are_medians_and_spreads_of_the_rounds():
     assert mode["reward"]["rounds"] == pytest.approx([0.5, 0.5, 0.3]) and mode["reward"]["median"] == 0.5
     assert mode["stages"]["step_s"] == pytest.approx(0.2) and mode["stages"]["sync_bytes"] == 1e5
     assert t["trl"]["samples_per_s"]["median"] == 10.0 and mode["vs_trl"] == 2.0
-    assert t["rounds"] == 3 and mode["overrides"] == {"cluster.placement": "colocated"}
+    assert t["rounds"] == 3 and mode["overrides"] == {"cluster.placement": "colocated", "trainer.max_staleness": 0}
     text = "\n".join(table_lines(t))
     assert "| omnigrpo colocated | 20.0 | 10.0 | 30.0 | 0.500 | 2.00x |" in text
     assert "| TRL | 10.0 | 8.0 | 12.0 | 0.300 |  |" in text and "| colocated | 0.200 |" in text
