@@ -57,6 +57,7 @@ import transformers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from omnigrpo.bench.generate import hf_generate, hf_generate_batched, median_seconds
+from omnigrpo.rollout.graphs import graphed_decoder
 from omnigrpo.rollout.policy import ImageSpace, PromptBatch, TextVocabLM
 from omnigrpo.rollout.sampler import SamplingParams, sample_images, sequence_logprobs
 
@@ -96,7 +97,8 @@ def timed(fn: Callable[[], object], repeats: int, device: torch.device, warmup: 
     return median_seconds(fn, repeats, warmup, sync)
 
 
-SIDES = {"ours": "our sampler", "hf_batched_cfg": "HF generate, batched CFG",
+SIDES = {"ours": "our sampler", "ours_graphs": "our sampler, CUDA-graph decode steps",
+         "hf_batched_cfg": "HF generate, batched CFG",
          "hf_unbatched_cfg": "HF generate, HF's CFG"}
 
 
@@ -105,11 +107,14 @@ def bench_rollout(model: LlamaForCausalLM, prompts: PromptBatch, space: ImageSpa
     """Images/s and image tokens/s of one ``side`` of :data:`SIDES`: our sampler or HF ``generate``."""
     b, t = len(prompts), space.tokens_per_image
 
-    def ours() -> object:
-        with torch.device(device):  # the sampler allocates its step tensors on the default device
-            return sample_images(TextVocabLM(model, space), prompts, params)
+    lm = TextVocabLM(model, space)  # one view: its captured graphs are reused across repeats
 
-    fn = {"ours": ours, "hf_unbatched_cfg": lambda: hf_generate(model, prompts, space, params),
+    def ours(graphed=None) -> object:
+        with torch.device(device):  # the sampler allocates its step tensors on the default device
+            return sample_images(lm, prompts, params, graphed=graphed)
+
+    fn = {"ours": ours, "ours_graphs": lambda: ours(graphed_decoder),
+          "hf_unbatched_cfg": lambda: hf_generate(model, prompts, space, params),
           "hf_batched_cfg": lambda: hf_generate_batched(model, prompts, space, params)}[side]
     seconds = timed(fn, repeats, device)
     return {"seconds": seconds, "tokens_per_s": b * t / seconds, "images_per_s": b / seconds}
@@ -148,8 +153,9 @@ def matmul_params(model: LlamaForCausalLM) -> int:
 
 
 def bench_decode(model: LlamaForCausalLM, prompts: PromptBatch, space: ImageSpace, rollout_s: float, repeats: int,
-                 bandwidth: float, device: torch.device) -> dict[str, float]:
-    """Our per-step decode time vs the bandwidth floor (weights + KV cache at the mean context)."""
+                 bandwidth: float, device: torch.device, graphs_s: float | None = None) -> dict[str, float]:
+    """Our per-step decode time, eager and (``graphs_s``: the graphed rollout's seconds) replayed from CUDA graphs,
+    vs the bandwidth floor (weights + KV cache at the mean context)."""
     ids = torch.cat([prompts.ids, prompts.uncond_ids])
     mask = torch.cat([prompts.mask, prompts.mask])
     with torch.no_grad():
@@ -157,13 +163,15 @@ def bench_decode(model: LlamaForCausalLM, prompts: PromptBatch, space: ImageSpac
                           repeats, device)
     t, cfg = space.tokens_per_image, model.config
     step_s = (rollout_s - prefill_s) / (t - 1)
+    graph_s = (graphs_s - prefill_s) / (t - 1) if graphs_s else None
     elem = next(model.parameters()).element_size()
     weight_bytes = matmul_params(model) * elem
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     mean_ctx = prompts.ids.shape[1] + (t - 1) / 2
     kv_bytes = 2 * cfg.num_hidden_layers * ids.shape[0] * cfg.num_key_value_heads * head_dim * mean_ctx * elem
     floor_s = (weight_bytes + kv_bytes) / bandwidth
-    return {"step_ms": step_s * 1e3, "prefill_ms": prefill_s * 1e3, "floor_ms": floor_s * 1e3,
+    graphed = {} if graph_s is None else {"graph_step_ms": graph_s * 1e3, "graph_efficiency": floor_s / graph_s}
+    return {"step_ms": step_s * 1e3, "prefill_ms": prefill_s * 1e3, "floor_ms": floor_s * 1e3, **graphed,
             "efficiency": floor_s / step_s, "weight_bytes": weight_bytes, "kv_bytes_mean": kv_bytes,
             "mean_context": mean_ctx, "copy_bandwidth_gb_s": bandwidth / 1e9, "rows": ids.shape[0]}
 
@@ -211,6 +219,9 @@ def table(result: dict[str, dict]) -> str:
              [("ratio_ours_over_hf", "HF CFG"), ("ratio_ours_over_hf_batched", "batched CFG")] if key in r]
     if "decode" in result:
         d = result["decode"]
+        if "graph_step_ms" in d:
+            rows += [f"| decode step (ours, CUDA graphs) | {d['graph_step_ms']:.2f} ms "
+                     f"({d['graph_efficiency']:.1%} of the floor) |"]
         rows += [f"| decode step (ours, {d['rows']} rows) | {d['step_ms']:.2f} ms |",
                  f"| decode floor ({d['copy_bandwidth_gb_s']:.0f} GB/s copy) | {d['floor_ms']:.3f} ms |",
                  f"| decode efficiency (floor/actual) | {d['efficiency']:.1%} |"]
@@ -271,9 +282,14 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
     rollout["ours"] = bench_rollout(model, prompts, space, params, args.repeats, device, "ours")
     done(f"rollout ours: {rollout['ours']}")
+    if device.type == "cuda":  # captured in the warm-up run, replayed in the timed ones
+        rollout["ours_graphs"] = bench_rollout(model, prompts, space, params, args.repeats, device, "ours_graphs")
+        rollout["ratio_graphs_over_eager"] = rollout["ours_graphs"]["tokens_per_s"] / rollout["ours"]["tokens_per_s"]
+        done(f"rollout ours with CUDA graphs: {rollout['ours_graphs']}")
     bandwidth = copy_bandwidth((args.copy_mib or (64 if tiny else 2048)) << 20, device)
+    graphs_s = rollout["ours_graphs"]["seconds"] if "ours_graphs" in rollout else None
     result["decode"] = bench_decode(model, prompts, space, rollout["ours"]["seconds"], args.repeats, bandwidth,
-                                    device)
+                                    device, graphs_s)
     done("decode floor")
     peak = matmul_rate(args.matmul_n or (256 if tiny else 8192), dtype, device)
     learner_prompts = make_prompts(micro or (2 if tiny else 8), plen, space.offset, device)

@@ -131,6 +131,10 @@ class RolloutConfig:
     chunks: PositiveInt = 1
     """Sample a step's prompts in this many pieces, each judged while the next one samples (same
     weights: still on-policy); pays off when rewards run on their own devices."""
+    cuda_graphs: bool = False
+    """On a CUDA device, replay each decode step from a CUDA graph captured once per batch shape (both CFG
+    branches, the draw and every layer in one launch; ``omnigrpo.rollout.graphs``). Off by default until it has
+    run on a GPU; no effect on the CPU."""
 
 
 @dataclass(frozen=True, config=_STRICT)

@@ -31,11 +31,14 @@ class StaticKV:
     Args:
         layers: the decoder layers the cache serves (their attention modules give head counts).
         batch: rows, CFG branches included.
-        max_len: prompt length plus every token the sampler will feed.
+        max_len: prompt length plus every token the sampler will feed (at least).
+        static: decode steps keep fixed shapes (what a CUDA graph needs): the step's slot is the device tensor
+            ``slot`` ``[1]`` rather than the Python ``length``, and attention spans all ``max_len`` keys with the
+            unfilled ones masked, instead of a prefix that grows by one each step.
     """
 
     def __init__(self, layers: Sequence[torch.nn.Module], batch: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, static: bool = False):
         self.keys, self.values = [], []
         for layer in layers:
             attn = layer.self_attn
@@ -44,6 +47,14 @@ class StaticKV:
             self.keys.append(torch.zeros(shape, dtype=dtype, device=device))
             self.values.append(torch.zeros(shape, dtype=dtype, device=device))
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.length = 0
+        self.static = static
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+
+    def reset(self) -> None:
+        """Empty the cache for a new batch of the same shape (stale keys stay, masked as unfilled)."""
+        self.valid.zero_()
+        self.slot.zero_()
         self.length = 0
 
 
@@ -121,10 +132,15 @@ def attend(layer: torch.nn.Module, packed: tuple, index: int, x: torch.Tensor, c
     h = rms_norm(x, layer.input_layernorm)
     q, k, v = F.linear(h, qkv_w, qkv_b).view(b, n, -1, d).transpose(1, 2).split(heads, 1)
     q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-    start, end = cache.length, cache.length + n
-    cache.keys[index].narrow(2, start, n).copy_(k)
-    cache.values[index].narrow(2, start, n).copy_(v)
-    keys, values = cache.keys[index].narrow(2, 0, end), cache.values[index].narrow(2, 0, end)
+    if cache.static and n == 1:  # fixed shapes: the slot is a device tensor, attention spans the whole cache
+        cache.keys[index].index_copy_(2, cache.slot, k)
+        cache.values[index].index_copy_(2, cache.slot, v)
+        keys, values = cache.keys[index], cache.values[index]
+    else:
+        start, end = cache.length, cache.length + n
+        cache.keys[index].narrow(2, start, n).copy_(k)
+        cache.values[index].narrow(2, start, n).copy_(v)
+        keys, values = cache.keys[index].narrow(2, 0, end), cache.values[index].narrow(2, 0, end)
     if n == 1:  # decode: grouped heads as one matmul each, no copy of the cache per group
         scores = torch.matmul(q.reshape(b, heads[1], -1, d), keys.transpose(-1, -2))
         probs = scores.mul_(attn.scaling).add_(mask).softmax(-1)
@@ -150,11 +166,16 @@ def forward_layers(layers: Sequence[torch.nn.Module], packed: list[tuple], rotar
     """
     n, start = x.shape[1], cache.length
     end = start + n
-    cache.valid[:, start:end] = new_valid
-    if n == 1:  # a decode step: every filled slot, itself included, is visible
+    if cache.static and n == 1:  # the slot from the device tensor; every key position, unfilled ones masked
+        cache.valid.index_copy_(1, cache.slot, new_valid)
+        mask = torch.zeros(cache.valid.shape[0], 1, 1, cache.valid.shape[1], dtype=x.dtype,
+                           device=x.device).masked_fill_(~cache.valid[:, None, None, :], float("-inf"))
+    elif n == 1:  # a decode step: every filled slot, itself included, is visible
+        cache.valid[:, start:end] = new_valid
         mask = torch.zeros(cache.valid.shape[0], 1, 1, end, dtype=x.dtype, device=x.device).masked_fill_(
             ~cache.valid[:, None, None, :end], float("-inf"))
     else:
+        cache.valid[:, start:end] = new_valid
         causal = torch.ones(n, end, dtype=torch.bool, device=x.device).tril(start)
         self_key = torch.zeros_like(causal)
         self_key[:, start:] = torch.eye(n, dtype=torch.bool, device=x.device)
@@ -167,4 +188,6 @@ def forward_layers(layers: Sequence[torch.nn.Module], packed: list[tuple], rotar
             out = torch.where(image[..., None], out, x) if torch.is_tensor(image) else (out if image else x)
         x = out
     cache.length = end
+    if cache.static:
+        cache.slot.add_(n)  # in place: a captured graph advances it on every replay
     return x

@@ -129,9 +129,9 @@ class ImageLM(ABC):
         ``image``: bool ``[B, L]``, True at positions fed with the image segment."""
         return self.body(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
 
-    def new_cache(self, batch: int, max_len: int) -> engine.StaticKV:
+    def new_cache(self, batch: int, max_len: int, static: bool = False) -> engine.StaticKV:
         weight = next(self.module.parameters())
-        return engine.StaticKV(self.body.layers, batch, max_len, weight.dtype, weight.device)
+        return engine.StaticKV(self.body.layers, batch, max_len, weight.dtype, weight.device, static)
 
     @property
     def packed(self) -> list[tuple]:

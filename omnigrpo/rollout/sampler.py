@@ -95,16 +95,39 @@ def _rows(prompts: PromptBatch, guided: bool) -> tuple[torch.Tensor, torch.Tenso
     return prompts.both() if guided else (prompts.ids, prompts.mask)
 
 
+def sample_code(lm: ImageLM, hidden: torch.Tensor, params: SamplingParams, b: int,
+                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One code per image from the last hidden states ``[R, 1, D]`` (``R = b`` or ``2b`` with CFG): codes ``[b]``
+    and their log-probs ``[b]`` under the sampled distribution."""
+    logits = lm.head(hidden)[:, 0]
+    cond, uncond = (logits[:b], logits[b:]) if params.guided else (logits, None)
+    logprobs = guided_logprobs(cond, uncond, params)
+    code = draw(logprobs.exp(), generator)
+    return code, gather_logprobs(logprobs, code)
+
+
+def decode_step(lm: ImageLM, hidden: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, cache,
+                params: SamplingParams, b: int, generator: torch.Generator | None):
+    """Sample a code per image and feed it (both CFG branches): codes ``[b]``, log-probs ``[b]`` and the next
+    hidden states ``[R, 1, D]``. The unit :mod:`omnigrpo.rollout.graphs` captures as one CUDA graph."""
+    code, logp = sample_code(lm, hidden, params, b, generator)
+    x = lm.embed_codes(code[:, None].repeat(hidden.shape[0] // b, 1))
+    return code, logp, lm.fast_forward(x, positions, valid, True, cache)
+
+
 @torch.no_grad()
 def sample_images(
     lm: ImageLM,
     prompts: PromptBatch,
     params: SamplingParams,
     generator: torch.Generator | None = None,
+    graphed=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one image per prompt, token by token over a static KV cache; both CFG branches in one batch.
 
-    Forced segment tokens (Emu3's end-of-line) are fed without sampling.
+    Forced segment tokens (Emu3's end-of-line) are fed without sampling. ``graphed`` (CUDA only):
+    :func:`omnigrpo.rollout.graphs.graphed_decoder`, to replay each decode step from a CUDA graph captured once
+    per batch shape.
 
     Returns:
         codes ``[B, T]`` (0 .. K-1) and their log-probs ``[B, T]`` under the sampled distribution.
@@ -113,7 +136,10 @@ def sample_images(
     ids, mask = _rows(prompts, params.guided)
     rows, segment = ids.shape[0], space.segment.tolist()
     positions = _positions(mask)
-    cache = lm.new_cache(rows, ids.shape[1] + len(segment))
+    if graphed is not None:
+        step, cache = graphed(lm, params, b, rows, ids.shape[1] + len(segment), generator)
+    else:
+        step, cache = None, lm.new_cache(rows, ids.shape[1] + len(segment))
     hidden = lm.fast_forward(lm.embed_text(ids), positions, mask.bool(), lm.prompt_image(ids), cache)[:, -1:]
     step_pos = positions[:, -1:] + 1
     valid = torch.ones(rows, 1, dtype=torch.bool, device=ids.device)
@@ -122,21 +148,17 @@ def sample_images(
     logps = torch.empty(b, space.tokens_per_image, device=ids.device)
     c = 0
     for j, is_code in enumerate(segment):
+        if is_code and c + 1 == space.tokens_per_image:  # the last code: nothing is fed after it
+            if step is not None:
+                step.hand_back()  # the caller's generator continues the graph's stream
+            codes[:, c], logps[:, c] = sample_code(lm, hidden, params, b, generator)
+            break
         if is_code:
-            logits = lm.head(hidden)[:, 0]
-            cond, uncond = (logits[:b], logits[b:]) if params.guided else (logits, None)
-            logprobs = guided_logprobs(cond, uncond, params)
-            code = draw(logprobs.exp(), generator)
-            codes[:, c] = code
-            logps[:, c] = gather_logprobs(logprobs, code)
+            fn = step or (lambda h, p: decode_step(lm, h, p, valid, cache, params, b, generator))
+            codes[:, c], logps[:, c], hidden = fn(hidden, step_pos + j)
             c += 1
-            if c == space.tokens_per_image:
-                break
-            step = code[:, None].repeat(rows // b, 1)
-            x = lm.embed_codes(step)
         else:
-            x = eol
-        hidden = lm.fast_forward(x, step_pos + j, valid, True, cache)
+            hidden = lm.fast_forward(eol, step_pos + j, valid, True, cache)
     return codes, logps
 
 

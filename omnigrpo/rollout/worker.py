@@ -20,6 +20,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from omnigrpo.config.runtime import reseed, use_threads
+from omnigrpo.rollout.graphs import graphed_decoder
 from omnigrpo.rollout.loader import load_policy
 from omnigrpo.rollout.policy import ImageLM, ImagePolicy, PromptBatch
 from omnigrpo.rollout.sampler import SamplingParams, sample_images
@@ -98,16 +99,17 @@ class RolloutBatch:
 
 def draw_batch(policy: ImagePolicy, lm: ImageLM, prompts: list[str], metadata: list[dict], group_size: int,
                params: SamplingParams, generator: torch.Generator, device: torch.device, version: int,
-               sample_batch: int = 0, decode: bool = True) -> RolloutBatch:
+               sample_batch: int = 0, decode: bool = True, graphed=None) -> RolloutBatch:
     """``group_size`` images for each prompt, sampled through ``lm`` (the fast path) and decoded by ``policy``,
-    stamped with weight ``version``: the one sampling routine of rollout actors and of hybrid learners."""
+    stamped with weight ``version``: the one sampling routine of rollout actors and of hybrid learners.
+    ``graphed``: CUDA-graph decode steps (:func:`omnigrpo.rollout.graphs.graphed_decoder`)."""
     repeated = [p for p in prompts for _ in range(group_size)]
     batch = policy.prompt_batch(repeated)
     step = sample_batch or len(repeated)  # pieces bound the KV cache; one generator stream throughout
     codes, logprobs, images = [], [], []
     for start in range(0, len(repeated), step):
         piece = batch.select(slice(start, start + step)).to(device)
-        c, lp = sample_images(lm, piece, params, generator)
+        c, lp = sample_images(lm, piece, params, generator, graphed)
         images.append(policy.decode(c) if decode else np.zeros((len(c), 0, 0, 3), np.uint8))
         codes.append(c.cpu())
         logprobs.append(lp.cpu())
@@ -128,17 +130,18 @@ class RolloutWorker:
     """Samples and decodes images with the ``family`` policy at ``model_path``.
 
     ``grid``: image size in codes (rows, cols) for families that take one (Emu3, X-Omni); ``decode``:
-    False when a diffusion decoder stage turns codes into pixels (the batch then carries no images)."""
+    False when a diffusion decoder stage turns codes into pixels (the batch then carries no images); ``graphs``:
+    on a CUDA device, decode steps replay CUDA graphs (``rollout.cuda_graphs``)."""
 
     def __init__(self, model_path: str, params: SamplingParams, seed: int, threads: int = 0, family: str = "builtin",
                  grid: tuple[int, int] | None = None, decode: bool = True, sample_batch: int = 0,
-                 dtype: str = "float32"):
+                 dtype: str = "float32", graphs: bool = False):
         self.model_path = model_path
         self.params = params
         self.seed = seed
         self.threads = threads
         self.family, self.grid, self.decode = family, grid, decode
-        self.sample_batch, self.dtype = sample_batch, dtype
+        self.sample_batch, self.dtype, self.graphs = sample_batch, dtype, graphs
         self.version = 0
 
     def setup(self) -> int:
@@ -158,8 +161,9 @@ class RolloutWorker:
         leaves the training stream untouched (evaluation), so a resumed run samples what an
         uninterrupted one would."""
         generator = self.generator if seed is None else torch.Generator(self.device).manual_seed(seed)
+        graphed = graphed_decoder if self.graphs and self.device.type == "cuda" else None
         return draw_batch(self.policy, self.lm, prompts, metadata, group_size, self.params, generator,
-                          self.device, self.version, self.sample_batch, self.decode)
+                          self.device, self.version, self.sample_batch, self.decode, graphed)
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
         """Replace the policy's weights (all of them: a partial sync is an error) and its version."""

@@ -198,3 +198,31 @@ def test_weights_broadcast_between_two_processes_holding_device_tensors(device, 
         p.join(timeout=60)
     assert out[1] == (3, True), out
     assert out[0][0] == 4 * (300 * 64 + 64 * 64 + 64), out
+
+
+@pytest.mark.parametrize("family", ["janus", "emu3"])
+def test_cuda_graph_replay_draws_what_eager_decoding_draws(device, family, tmp_path, record_property):
+    """A decode step captured once and replayed for every token (both CFG branches, the draw, the static cache)
+    draws the eager sampler's codes for the same seed and leaves its generator where eager decoding does; a
+    second call reuses the graph. On the CPU (``OMNIGRPO_TEST_DEVICE=cpu``) the uncaptured static step stands in."""
+    from omnigrpo.rollout.graphs import graphed_decoder, static_decoder
+
+    graphed = graphed_decoder if device.type == "cuda" else static_decoder
+    worker = RolloutWorker(str(tiny.build(family, tmp_path / family)), SamplingParams(cfg_scale=3.0, top_k=20),
+                           seed=0, family=family)
+    worker.setup()
+    lm, prompts = worker.lm, worker.policy.prompt_batch(["a red apple", 'a sign that says "open"', "a cat"])
+    prompts = prompts.to(worker.device)
+    params = worker.params
+    with torch.device(device):
+        eager_gen, graph_gen = (torch.Generator(device).manual_seed(11) for _ in range(2))
+        eager, eager_lp = sample_images(lm, prompts, params, eager_gen)
+        start = time.perf_counter()
+        codes, logps = sample_images(lm, prompts, params, graph_gen, graphed)
+        again, _ = sample_images(lm, prompts, params, torch.Generator(device).manual_seed(11), graphed)
+    record_property(f"graph_{family}_two_calls_s", time.perf_counter() - start)
+    assert torch.equal(codes, eager) and torch.equal(again, eager)
+    assert torch.allclose(logps, eager_lp, atol=1e-4)
+    assert torch.equal(graph_gen.get_state(), eager_gen.get_state())
+    if device.type == "cuda":
+        assert len(lm.__dict__["_omnigrpo_graphs"]) == 1  # one shape, captured once
