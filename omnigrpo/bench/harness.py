@@ -12,7 +12,8 @@ run. Four parts, each printing a table and landing in one JSON file:
    (training time only) with its spread over rounds, reward, and where each omnigrpo step's time goes.
 3. ``sync``: seconds per GB of the learner -> rollout weight sync on a real Ray cluster, three ways:
    the object store, the gloo broadcast in ``cluster.sync_bucket_mb`` buckets, and one call per tensor,
-   for a random policy of ``model.*``'s sizes (override them to measure a realistic size).
+   for a random policy of ``model.*``'s sizes (override them to measure a realistic size); a fourth, the NCCL
+   broadcast, where learner and rollout actors hold a GPU each (``cluster.sync_backend`` resolves to nccl).
 4. ``rewards``: images/s of every configured judge on the world's rendered images.
 
 Timings of parts 1, 3 and 4 are medians over ``--repeats`` after one warm-up.
@@ -140,9 +141,13 @@ def bench_sync(cfg: Config, repeats: int) -> dict:
     staging = tempfile.TemporaryDirectory(prefix="omnigrpo-bench-")
     model_path = random_policy(cfg, Path(staging.name))
     try:
-        for label, mode, bucket_mb in (("object store", "object_store", 0.0), ("broadcast, bucketed", "broadcast",
-                                       cfg.cluster.sync_bucket_mb), ("broadcast, per tensor", "broadcast", 0.0)):
-            cluster = dataclasses.replace(cfg.cluster, weight_sync=mode, sync_bucket_mb=bucket_mb)
+        paths = [("object store", "object_store", 0.0, "gloo"), ("broadcast, bucketed", "broadcast",
+                  cfg.cluster.sync_bucket_mb, "gloo"), ("broadcast, per tensor", "broadcast", 0.0, "gloo")]
+        if cfg.cluster.sync_nccl:  # a whole GPU per learner and rollout actor: device to device
+            paths.append(("broadcast, nccl, bucketed", "broadcast", cfg.cluster.sync_bucket_mb, "nccl"))
+        for label, mode, bucket_mb, backend in paths:
+            cluster = dataclasses.replace(cfg.cluster, weight_sync=mode, sync_bucket_mb=bucket_mb,
+                                          sync_backend=backend)
             workers = actors.spawn(dataclasses.replace(cfg, cluster=cluster), model_path,
                                    str(cache_root(cfg) / "torch_extensions"))
             try:

@@ -190,8 +190,9 @@ def join_weight_group(workers: Workers) -> None:
         Path(workers.cfg.run.dir).resolve().mkdir(parents=True, exist_ok=True)
         store = str(Path(workers.cfg.run.dir).resolve() / f".weights-{secrets.token_hex(4)}")
     hosts = [workers.where.get(("rollout", i), LOOPBACK) for i in range(len(workers.rollouts))]
-    ray.get([workers.learner.join_weight_group.remote(store, size, timeout)]
-            + [w.join_weight_group.remote(store, i + 1, size, timeout, host)
+    backend = "nccl" if workers.cfg.cluster.sync_nccl else "gloo"
+    ray.get([workers.learner.join_weight_group.remote(store, size, timeout, backend)]
+            + [w.join_weight_group.remote(store, i + 1, size, timeout, host, backend)
                for i, (w, host) in enumerate(zip(workers.rollouts, hosts, strict=True))])
     workers.broadcast = True
 

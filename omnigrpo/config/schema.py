@@ -303,9 +303,14 @@ class ClusterConfig:
     """How new weights reach the rollout actors: a broadcast over a dedicated gloo group (learner rank 0
     -> every rollout actor, in buckets), or Ray's object store. The object store is also the fallback
     when a broadcast fails or times out, or once a rollout actor has been replaced."""
+    sync_backend: Literal["auto", "gloo", "nccl"] = "auto"
+    """The broadcast group's backend: ``gloo`` (CPU tensors; GPU weights staged through host memory) or ``nccl``
+    (GPU to GPU, buckets on the device). ``auto``: nccl when learners and rollout actors each hold whole GPUs
+    of their own (``placement: split``, ``learner_gpus`` and ``rollout_gpus`` 1: NCCL cannot join two members
+    on one GPU), else gloo. Not yet run on GPUs."""
     sync_bucket_mb: Annotated[float, Field(ge=0.0)] = 4.0
     """Broadcast bucket size in MB: smaller tensors are packed into flat buffers of up to this size, larger
-    ones go alone without a copy; 0 = one call per tensor."""
+    ones go alone without a copy; 0 = one call per tensor. Use hundreds of MB with nccl."""
     sync_timeout_s: Annotated[float, Field(gt=0.0)] = 120.0
     """Longest a weight broadcast may wait for a member before it fails (then: object store)."""
     call_timeout_s: Annotated[float, Field(ge=0.0)] = 900.0
@@ -322,6 +327,13 @@ class ClusterConfig:
     torch_threads: NonNegInt = 0
     """Intra-op threads per worker; 0 = all cores while the stages of a step run one after another, each role's
     CPU share (at least 1) when rollout overlaps learning (``trainer.max_staleness > 0``)."""
+
+    @property
+    def sync_nccl(self) -> bool:
+        """The weight broadcast runs over NCCL (``sync_backend`` resolved)."""
+        if self.sync_backend != "auto":
+            return self.sync_backend == "nccl"
+        return self.placement == "split" and self.learner_gpus >= 1 and self.rollout_gpus >= 1
 
 
 @dataclass(frozen=True, config=_STRICT)

@@ -49,6 +49,10 @@ def cross_field_problems(cfg: Config) -> list[str]:
     if cfg.trainer.behaviour_cap and not cfg.trainer.recompute_old:
         problems.append(f"  trainer.tis_cap: {cfg.trainer.behaviour_cap:g} needs trainer.old_logprobs: learner (the "
                         "weights correct the sampler's log-probs towards the learner's recomputed ones)")
+    c = cfg.cluster
+    if c.sync_backend == "nccl" and (c.learner_gpus < 1 or c.rollout_gpus < 1):
+        problems.append(f"  cluster.sync_backend: nccl needs a whole GPU per member (cluster.learner_gpus "
+                        f"{c.learner_gpus:g} and cluster.rollout_gpus {c.rollout_gpus:g} must be 1)")
     if cfg.trainer.max_staleness and cfg.cluster.placement == "hybrid":
         problems.append(f"  trainer.max_staleness: {cfg.trainer.max_staleness} needs rollout actors (cluster.placement "
                         "colocated or split); under hybrid placement the learner ranks sample between updates")

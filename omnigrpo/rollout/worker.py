@@ -171,9 +171,11 @@ class RolloutWorker:
         self.version = version
         return version
 
-    def join_weight_group(self, store: str, rank: int, size: int, timeout_s: float, host: str = LOOPBACK) -> None:
-        """Join the weight-broadcast group as receiver ``rank`` (the learner's rank 0 sends), bound to ``host``."""
-        self.sync_group = WeightBroadcast(store, rank, size, timeout_s, host)
+    def join_weight_group(self, store: str, rank: int, size: int, timeout_s: float, host: str = LOOPBACK,
+                          backend: str = "gloo") -> None:
+        """Join the weight-broadcast group (``backend`` gloo or nccl) as receiver ``rank`` (the learner's rank 0
+        sends), bound to ``host``."""
+        self.sync_group = WeightBroadcast(store, rank, size, timeout_s, host, backend=backend)
 
     def receive_weights(self, bucket_bytes: int) -> int:
         """Receive a broadcast straight into the policy's tensors; the sender's version becomes ours."""

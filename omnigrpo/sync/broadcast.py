@@ -1,4 +1,4 @@
-"""Weight sync over a dedicated gloo group: learner rank 0 -> every rollout actor, in buckets.
+"""Weight sync over a dedicated gloo or NCCL group: learner rank 0 -> every rollout actor, in buckets.
 
 Why: after every update the rollout actors need the new weights. Through Ray's object store each
 reader deserialises its own copy of the whole state dict; a collective broadcast streams the bytes
@@ -15,6 +15,11 @@ from and received into its own storage without a copy (BENCHMARKS.md measures bo
 ``timeout_s``, so a member that died turns into an error instead of a hang, and the driver falls back
 to the object store. A header (version, tensor count, a hash of names and shapes) goes first, so a
 receiver whose model does not match fails with a message instead of loading garbage.
+
+With ``backend="nccl"`` (``cluster.sync_backend``) the group is a ``ProcessGroupNCCL`` over the same store:
+header and buckets live on the member's current CUDA device, a lone tensor is sent from and received into its
+own device storage, and nothing is staged through host memory. Each member must hold a GPU of its own (NCCL
+refuses two members on one device). Not yet run on GPUs.
 
 Plain class, no Ray: the learner and the rollout worker each hold one.
 """
@@ -52,33 +57,43 @@ def fingerprint(tensors: dict[str, torch.Tensor]) -> int:
 
 
 class WeightBroadcast:
-    """Member ``rank`` of a ``size``-member gloo group (rank 0 sends) meeting at ``store`` (a file path, or
-    ``tcp://host:port``; rank 0 passes the store it serves as ``served``), its sockets bound to ``host``."""
+    """Member ``rank`` of a ``size``-member gloo (or ``nccl``) group (rank 0 sends) meeting at ``store`` (a file
+    path, or ``tcp://host:port``; rank 0 passes the store it serves as ``served``), gloo's sockets bound to
+    ``host``."""
 
     def __init__(self, store: str, rank: int, size: int, timeout_s: float = 120.0, host: str = LOOPBACK,
-                 served: dist.Store | None = None):
+                 served: dist.Store | None = None, backend: str = "gloo"):
         self.rank, self.size = rank, size
+        meeting = served or open_store(store, size, timeout_s)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if backend == "nccl":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = timeout
+            self.group = dist.ProcessGroupNCCL(meeting, rank, size, options)
+            return
+        self.device = torch.device("cpu")
         options = dist.ProcessGroupGloo._Options()
         options._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
-        options._timeout = datetime.timedelta(seconds=timeout_s)
-        self.group = dist.ProcessGroupGloo(served or open_store(store, size, timeout_s), rank, size, options)
+        options._timeout = timeout
+        self.group = dist.ProcessGroupGloo(meeting, rank, size, options)
 
     def send(self, tensors: dict[str, torch.Tensor], version: int, bucket_bytes: int) -> int:
-        """Rank 0: broadcast ``tensors`` stamped with ``version``; returns the bytes sent. GPU tensors are
-        staged through host memory (the group is gloo)."""
-        header = torch.tensor([version, len(tensors), fingerprint(tensors)], dtype=torch.int64)
+        """Rank 0: broadcast ``tensors`` stamped with ``version``; returns the bytes sent. Over gloo, GPU tensors
+        are staged through host memory; over NCCL, CPU tensors through the device."""
+        header = torch.tensor([version, len(tensors), fingerprint(tensors)], dtype=torch.int64, device=self.device)
         self.group.broadcast(header, 0).wait()
         sent = 0
         for names in plan_buckets(tensors, bucket_bytes):
             parts = [tensors[n].detach().reshape(-1) for n in names]
-            flat = (parts[0] if len(parts) == 1 else torch.cat(parts)).cpu()  # a lone CPU tensor: no copy
+            flat = (parts[0] if len(parts) == 1 else torch.cat(parts)).to(self.device)  # lone, in place: no copy
             self.group.broadcast(flat, 0).wait()
             sent += flat.numel() * flat.element_size()
         return sent
 
     def receive(self, into: dict[str, torch.Tensor], bucket_bytes: int) -> int:
         """Other ranks: receive a broadcast into the tensors of ``into`` (in place); returns its version."""
-        header = torch.zeros(3, dtype=torch.int64)
+        header = torch.zeros(3, dtype=torch.int64, device=self.device)
         self.group.broadcast(header, 0).wait()
         version, count, digest = (int(x) for x in header)
         if count != len(into) or digest != fingerprint(into):
@@ -86,10 +101,10 @@ class WeightBroadcast:
                                f"model's {len(into)} (names, shapes or dtypes differ)")
         for names in plan_buckets(into, bucket_bytes):
             lone = into[names[0]]
-            if len(names) == 1 and lone.is_contiguous() and lone.device.type == "cpu":  # straight into its storage
+            if len(names) == 1 and lone.is_contiguous() and lone.device == self.device:  # straight into its storage
                 self.group.broadcast(into[names[0]].view(-1), 0).wait()
                 continue
-            flat = torch.empty(sum(into[n].numel() for n in names), dtype=into[names[0]].dtype)
+            flat = torch.empty(sum(into[n].numel() for n in names), dtype=into[names[0]].dtype, device=self.device)
             self.group.broadcast(flat, 0).wait()
             offset = 0
             with torch.no_grad():

@@ -339,11 +339,12 @@ class Learner:
         self.served[group], spec = serve_store(self.address, size, timeout_s)
         return spec
 
-    def join_weight_group(self, store: str, size: int, timeout_s: float) -> None:
-        """Rank 0 joins the weight-broadcast group as its sender (rank 0 of ``size``)."""
+    def join_weight_group(self, store: str, size: int, timeout_s: float, backend: str = "gloo") -> None:
+        """Rank 0 joins the weight-broadcast group (gloo or nccl) as its sender (rank 0 of ``size``)."""
         if self.rank == 0:
             served = self.served.get("weights")
-            self.sync_group = WeightBroadcast(store, 0, size, timeout_s, self.address, served and served.store)
+            self.sync_group = WeightBroadcast(store, 0, size, timeout_s, self.address, served and served.store,
+                                              backend)
 
     def broadcast_weights(self, bucket_bytes: int) -> int:
         """Send the current weights to the broadcast group (every rank must call: ZeRO-3 gathers first);

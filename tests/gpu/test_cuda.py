@@ -171,12 +171,15 @@ def test_deepspeed_bfloat16_update_on_the_device(device, tiny_config, tmp_path, 
     assert rollout.checksum() == pytest.approx(learner.checksum(), rel=1e-6)
 
 
-def _member(store: str, rank: int, result) -> None:
+def _member(store: str, rank: int, result, backend: str = "gloo") -> None:
     try:
         torch.manual_seed(0)
         weights = {"embed": torch.randn(300, 64), "w": torch.randn(64, 64), "b": torch.randn(64)}
-        group = WeightBroadcast(store, rank, 2, timeout_s=60.0)
-        on = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if backend == "nccl":
+            torch.cuda.set_device(rank)  # one GPU per member
+        group = WeightBroadcast(store, rank, 2, timeout_s=60.0, backend=backend)
+        on = torch.device("cuda", rank) if backend == "nccl" else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
         if rank == 0:
             result.put((0, group.send({k: v.to(on) for k, v in weights.items()}, 3, 1 << 16)))
             return
@@ -187,10 +190,15 @@ def _member(store: str, rank: int, result) -> None:
         result.put((rank, f"{type(err).__name__}: {err}"))
 
 
-def test_weights_broadcast_between_two_processes_holding_device_tensors(device, tmp_path):
+@pytest.mark.parametrize("backend", ["gloo", "nccl"])
+def test_weights_broadcast_between_two_processes_holding_device_tensors(device, tmp_path, backend):
+    """Exact weights and version, device to device: over gloo (staged through host memory) on one GPU, over
+    NCCL (buckets on the device) between two GPUs."""
+    if backend == "nccl" and (device.type != "cuda" or torch.cuda.device_count() < 2):
+        pytest.skip("NCCL between processes needs two CUDA GPUs")
     ctx = mp.get_context("spawn")
     result = ctx.Queue()
-    procs = [ctx.Process(target=_member, args=(str(tmp_path / "store"), r, result)) for r in range(2)]
+    procs = [ctx.Process(target=_member, args=(str(tmp_path / "store"), r, result, backend)) for r in range(2)]
     for p in procs:
         p.start()
     out = dict((item[0], item[1:]) for item in (result.get(timeout=120) for _ in procs))
