@@ -27,7 +27,7 @@ from omnigrpo.app.console import Progress
 from omnigrpo.app.evaluator import world_metrics
 from omnigrpo.app.lookahead import Lookahead
 from omnigrpo.app.tracking import Tracker
-from omnigrpo.cluster import actors
+from omnigrpo.cluster import actors, shards
 from omnigrpo.config.runtime import eval_seed
 from omnigrpo.config.schema import Config
 from omnigrpo.data.cursor import PromptCursor
@@ -60,8 +60,8 @@ def evaluate(cfg: Config, workers: actors.Workers, tracker: Tracker, step: int) 
     prompts, metadata = worlds.held_out_prompts(cfg.world.name)
     per_prompt = cfg.eval.samples_per_prompt
     # a stream of its own per evaluation: evaluating never shifts the training samples
-    batch = actors.generate(workers, prompts, metadata, per_prompt, seed=eval_seed(cfg.run.seed, step))
-    result = actors.score(workers, batch)
+    batch = shards.generate(workers, prompts, metadata, per_prompt, seed=eval_seed(cfg.run.seed, step))
+    result = shards.score(workers, batch)
     metrics = world_metrics(cfg.world.name, batch.images, batch.prompts, batch.metadata, per_prompt)
     metrics["eval/reward_mean"] = float(np.nanmean(result.total)) if result.valid.any() else float("nan")
     tracker.log(metrics, step)

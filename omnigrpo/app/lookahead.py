@@ -25,7 +25,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from omnigrpo.cluster import actors
+from omnigrpo.cluster import actors, shards
 from omnigrpo.config.schema import Config
 from omnigrpo.data.cursor import PromptCursor
 from omnigrpo.rewards.worker import RewardResult
@@ -72,7 +72,7 @@ class Lookahead:
         """Sample and judge the next prompts of the cursor with the rollouts' current weights (``version``)."""
         cfg, timings = self.cfg, {}
         prompts, metadata = self.cursor.take(cfg.rollout.prompts_per_step)
-        batch, result = actors.generate_and_score(self.workers, prompts, metadata, cfg.rollout.group_size,
+        batch, result = shards.generate_and_score(self.workers, prompts, metadata, cfg.rollout.group_size,
                                                   cfg.rollout.chunks, timings)
         return Drawn(batch, result, timings, version)
 

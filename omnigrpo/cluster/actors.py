@@ -7,12 +7,13 @@ local default is a private cluster on loopback with token auth disabled (see
 Placement comes from ``omnigrpo.cluster.placement``: one placement group per run, built from the
 ``cluster.*`` resources per role (by default an equal share of the CPUs each, colocated: the stages of
 a step run one after another, so every actor uses all cores while it works). A rollout or reward actor
-that dies is replaced in its bundle and its batch retried (``collect``), up to ``cluster.max_restarts``.
+that dies is replaced in its bundle and its batch retried (``omnigrpo.cluster.shards.collect``), up to
+``cluster.max_restarts``.
 
 With ``cluster.placement: hybrid`` the learner ranks are the rollout pool (``Workers.rollouts`` *is*
 ``Workers.learners``: :class:`~omnigrpo.trainers.hybrid.HybridLearner` answers the rollout calls), so the
-sharded and chunked sampling below runs unchanged on them, reward actors still judge a chunk while the next
-one samples, and :func:`sync_weights` sends nothing. A learner rank that dies ends the run (crash
+sharded and chunked sampling of ``omnigrpo.cluster.shards`` runs unchanged on them, reward actors still judge
+a chunk while the next one samples, and :func:`sync_weights` sends nothing. A learner rank that dies ends the run (crash
 checkpoint), as it does in the other placements.
 """
 
@@ -22,11 +23,9 @@ import dataclasses
 import logging
 import os
 import secrets
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import ray
 from ray._private import ray_constants
 
@@ -35,10 +34,10 @@ from omnigrpo.cluster.environment import prepare_local_ray_env, wants_local_clus
 from omnigrpo.config.loader import ConfigError
 from omnigrpo.config.runtime import actor_seed
 from omnigrpo.config.schema import Config
-from omnigrpo.rewards.worker import DryRun, JudgeStartError, RewardResult, RewardWorker
+from omnigrpo.rewards.worker import DryRun, JudgeStartError, RewardWorker
 from omnigrpo.rollout.families.diffusion import DiffusionDecoder
 from omnigrpo.rollout.sampler import SamplingParams
-from omnigrpo.rollout.worker import RolloutBatch, RolloutWorker
+from omnigrpo.rollout.worker import RolloutWorker
 from omnigrpo.sync.network import LOOPBACK, is_loopback
 from omnigrpo.trainers.hybrid import HybridLearner
 from omnigrpo.trainers.learner import Learner, merge_metrics
@@ -109,17 +108,6 @@ class Workers:
     def learner(self):
         """Rank 0 of the learner group."""
         return self.learners[0]
-
-
-@dataclass
-class Pending:
-    """A submitted shard: which actor (slot and handle), its result ref, and the call to repeat on a
-    replacement."""
-
-    index: int
-    ref: object
-    args: tuple
-    actor: object = None
 
 
 def spawn(cfg: Config, model_path: str, extensions_dir: str, reference_path: str | None = None,
@@ -286,121 +274,6 @@ def _replace(workers: Workers, role: str, index: int, err: Exception) -> None:
         actor = _reward_actor(workers.cfg, index, workers.placement)
         ray.get(actor.setup.remote())
         workers.rewards[index] = actor
-
-
-def collect(workers: Workers, role: str, pending: list[Pending]) -> list:
-    """Results of submitted shards, in order; a shard whose actor died, or (reward, decoder) hung past
-    ``cluster.call_timeout_s``, is retried on a replacement. An actor that several pending shards were
-    sent to (``rollout.chunks`` > 1) is replaced once: the later shards find its slot already holding the
-    replacement and are only resubmitted."""
-    out = []
-    timeout = (workers.cfg.cluster.call_timeout_s or None) if role in ("reward", "decoder") else None
-    pool = getattr(workers, ROLE_POOLS[role])
-    for item in pending:
-        while True:
-            try:
-                out.append(ray.get(item.ref, timeout=timeout))
-                break
-            except ray.exceptions.GetTimeoutError as err:
-                if pool[item.index] is item.actor:
-                    workers.timeouts += 1
-                    log.warning("%s actor %d did not answer within %g s: killing it", role, item.index, timeout)
-                    ray.kill(item.actor)
-                    _replace(workers, role, item.index, err)
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
-                if pool[item.index] is item.actor:
-                    _replace(workers, role, item.index, err)
-            item.actor = pool[item.index]  # reached only once the slot holds a live replacement
-            item.ref = getattr(item.actor, ROLE_CALLS[role]).remote(*item.args)
-    return out
-
-
-ROLE_POOLS = {"rollout": "rollouts", "decoder": "decoders", "reward": "rewards"}
-ROLE_CALLS = {"rollout": "generate", "decoder": "decode", "reward": "score"}
-
-
-def submit_decode(workers: Workers, batch: RolloutBatch) -> list:
-    """Start painting the batch's codes on the decoder pool, in consecutive shards (none without a pool)."""
-    bounds = np.linspace(0, len(batch.prompts), len(workers.decoders) + 1).astype(int)
-    pending = []
-    for i, (w, a, b) in enumerate(zip(workers.decoders, bounds[:-1], bounds[1:], strict=True)):
-        if b > a:
-            args = (batch.codes[a:b], batch.grid)
-            pending.append(Pending(i, w.decode.remote(*args), args, w))
-    return pending
-
-
-def painted(workers: Workers, batch: RolloutBatch, pending: list) -> RolloutBatch:
-    """The batch with the decoder pool's images (unchanged when the rollout actors decoded)."""
-    if not workers.decoders:
-        return batch
-    return dataclasses.replace(batch, images=np.concatenate(collect(workers, "decoder", pending)))
-
-
-def submit_generate(workers: Workers, prompts: list[str], metadata: list[dict], group_size: int,
-                    seed: int | None = None) -> list:
-    """Start sampling, prompts split over the rollout actors; returns the pending parts (``seed``: sample
-    from a separate stream, for evaluation)."""
-    n = len(workers.rollouts)
-    pending = []
-    for i, w in enumerate(workers.rollouts):
-        args = (prompts[i::n], metadata[i::n], group_size, None if seed is None else seed + i)
-        if args[0]:
-            pending.append(Pending(i, w.generate.remote(*args), args, w))
-    return pending
-
-
-def generate(workers: Workers, prompts: list[str], metadata: list[dict], group_size: int,
-             seed: int | None = None) -> RolloutBatch:
-    """Sample (and paint, with a decoder pool) and wait: one batch, one weight version."""
-    batch = RolloutBatch.concat(collect(workers, "rollout", submit_generate(workers, prompts, metadata, group_size,
-                                                                            seed)))
-    return painted(workers, batch, submit_decode(workers, batch))
-
-
-def submit_score(workers: Workers, batch: RolloutBatch) -> list:
-    """Start judging: the batch's images in consecutive shards, one per reward actor; returns the pending
-    parts, in order."""
-    n = len(batch.prompts)
-    bounds = np.linspace(0, n, len(workers.rewards) + 1).astype(int)
-    pending = []
-    for i, (w, a, b) in enumerate(zip(workers.rewards, bounds[:-1], bounds[1:], strict=True)):
-        if b > a:
-            args = (batch.images[a:b], batch.prompts[a:b], batch.metadata[a:b])
-            pending.append(Pending(i, w.score.remote(*args), args, w))
-    return pending
-
-
-def score(workers: Workers, batch: RolloutBatch) -> RewardResult:
-    """Judge and wait."""
-    return RewardResult.concat(collect(workers, "reward", submit_score(workers, batch)))
-
-
-def generate_and_score(workers: Workers, prompts: list[str], metadata: list[dict], group_size: int,
-                       chunks: int, timings: dict[str, float]) -> tuple[RolloutBatch, RewardResult]:
-    """One step's rollout in ``chunks`` pieces, each painted (decoder pool) and judged while the next one
-    samples.
-
-    All pieces use the same weights, so the step stays on-policy; only decode and reward time is hidden
-    behind sampling. ``timings`` gets ``timing/rollout_s`` (until the last piece is sampled and painted)
-    and ``timing/reward_s`` (judging left after that).
-    """
-    start = time.perf_counter()
-    pieces = [p for p in np.array_split(np.arange(len(prompts)), chunks) if len(p)]
-    take = lambda idx: ([prompts[i] for i in idx], [metadata[i] for i in idx])  # noqa: E731
-    pending = submit_generate(workers, *take(pieces[0]), group_size)
-    batches, judged = [], []
-    for k in range(len(pieces)):
-        sampled = RolloutBatch.concat(collect(workers, "rollout", pending))
-        decoding = submit_decode(workers, sampled)  # the token batch streams to the decoder pool
-        if k + 1 < len(pieces):
-            pending = submit_generate(workers, *take(pieces[k + 1]), group_size)
-        batches.append(painted(workers, sampled, decoding))
-        judged.append(submit_score(workers, batches[-1]))
-    timings["timing/rollout_s"] = time.perf_counter() - start
-    results = [RewardResult.concat(collect(workers, "reward", refs)) for refs in judged]
-    timings["timing/reward_s"] = time.perf_counter() - start - timings["timing/rollout_s"]
-    return RolloutBatch.concat(batches), RewardResult.concat(results)
 
 
 def sync_weights(workers: Workers, version: int) -> None:

@@ -8,7 +8,7 @@ from mlflow.tracking import MlflowClient
 
 from omnigrpo.app.driver import train
 from omnigrpo.app.tracking import store_uri
-from omnigrpo.cluster import actors
+from omnigrpo.cluster import actors, shards
 from omnigrpo.worlds import shapes
 from omnigrpo.worlds.world import prompts_of
 
@@ -47,11 +47,11 @@ def test_chunked_rollout_keeps_groups_and_order_with_the_judges(tiny_config, sft
         workers = actors.spawn(cfg, str(sft_path), os.environ["TORCH_EXTENSIONS_DIR"])
         prompts, metadata = prompts_of(shapes.train_items()[:5])
         timings: dict[str, float] = {}
-        batch, result = actors.generate_and_score(workers, prompts, metadata, 3, chunks=3, timings=timings)
+        batch, result = shards.generate_and_score(workers, prompts, metadata, 3, chunks=3, timings=timings)
         assert batch.prompts == [p for p in prompts for _ in range(3)]
         assert batch.group.tolist() == [g for g in range(5) for _ in range(3)]  # whole groups, in order
         assert batch.images.shape == (15, 32, 32, 3) and result.total.shape == (15,)
-        again = actors.score(workers, batch)  # the same images judged in one go score the same
+        again = shards.score(workers, batch)  # the same images judged in one go score the same
         assert (again.total == result.total).all()
         assert timings["timing/rollout_s"] > 0 and timings["timing/reward_s"] >= 0
     finally:

@@ -7,7 +7,7 @@ import ray
 import torch
 
 from omnigrpo.app.driver import train
-from omnigrpo.cluster import actors
+from omnigrpo.cluster import actors, shards
 from omnigrpo.rollout.families.builtin import WorldPolicy
 
 
@@ -22,8 +22,8 @@ def test_two_ranks_stay_identical_and_rollouts_get_their_weights(tiny_config, sf
         from omnigrpo.trainers.learner import TrainBatch
 
         for version in (1, 2):
-            batch = actors.generate(workers, prompts, metadata, cfg.rollout.group_size)
-            result = actors.score(workers, batch)
+            batch = shards.generate(workers, prompts, metadata, cfg.rollout.group_size)
+            result = shards.score(workers, batch)
             valid = torch.from_numpy(result.valid)
             adv, _ = group_advantages(torch.from_numpy(result.total).float(), batch.group, valid)
             metrics = actors.train_step(workers, TrainBatch(batch.prompt_batch, batch.codes, batch.logprobs, adv,
