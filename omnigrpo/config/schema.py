@@ -154,6 +154,18 @@ class RewardSpec:
     tags: list[str] = Field(default_factory=list)
     """If set, the reward applies only to prompts whose metadata ``tags`` share one of these; it is
     not computed for the others (not applicable, like a ``None`` score)."""
+    alias: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]*$")] = ""
+    """The reward's name in metrics (``reward/<alias>/mean``) and error reports; lets one judge appear twice with
+    keys of its own (say OCR read at two scales). Empty: ``name``."""
+    watch: bool = False
+    """A watchdog (needs ``weight: 0``): scored and logged every step like any reward, never trained on and never
+    excluding a sample (a failure is counted in ``reward/<alias>/failed``, not fatal). An independent judge
+    catches a policy that pleases the training judges only (docs/design.md, watchdogs)."""
+
+    @property
+    def key(self) -> str:
+        """The reward's name in metrics: ``alias``, else ``name``."""
+        return self.alias or self.name
 
 
 @dataclass(frozen=True, config=_STRICT)

@@ -30,9 +30,13 @@ def cross_field_problems(cfg: Config) -> list[str]:
         )
     if not cfg.rewards:
         problems.append("  rewards: at least one reward is needed")
-    names = [r.name for r in cfg.rewards]
+    names = [r.key for r in cfg.rewards]
     for dup in sorted({n for n in names if names.count(n) > 1}):
-        problems.append(f"  rewards: {dup!r} is listed twice")
+        problems.append(f"  rewards: {dup!r} is listed twice (give one an alias to use a judge twice)")
+    for i, r in enumerate(cfg.rewards):
+        if r.watch and r.weight:
+            problems.append(f"  rewards.{i}.weight: a watchdog ({r.key!r}, watch: true) is never trained on; "
+                            f"its weight must be 0, not {r.weight:g}")
     if cfg.rewards and sum(r.weight for r in cfg.rewards) <= 0:
         problems.append("  rewards: the weights sum to 0")
     if cfg.model.hidden_size % cfg.model.num_heads or cfg.model.num_heads % cfg.model.num_kv_heads:

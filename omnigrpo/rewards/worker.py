@@ -134,7 +134,7 @@ class RewardWorker:
                                       f"{type(err).__name__}: {err}") from None
         if dry_run is not None:
             self.dry_run(dry_run)
-        return [s.name for s in self.specs]
+        return [s.key for s in self.specs]
 
     def dry_run(self, inputs: DryRun) -> None:
         """Each reward on two blank images ``[2, H, W, 3]`` of the policy's size: a judge that cannot score
@@ -172,8 +172,8 @@ class RewardWorker:
                     raise ValueError(f"returned {got} scores for {len(rows)} images")
             except Exception as err:  # noqa: BLE001 - any judge error is a reported failure, not a crash
                 failed[i, rows] = True
-                errors[spec.name] = f"{type(err).__name__}: {err}"
-                log.warning("reward %s failed on the whole batch: %s", spec.name, errors[spec.name])
+                errors[spec.key] = f"{type(err).__name__}: {err}"
+                log.warning("reward %s failed on the whole batch: %s", spec.key, errors[spec.key])
                 continue
             for j, v in zip(rows, values, strict=True):
                 if v is None:
@@ -182,10 +182,10 @@ class RewardWorker:
                     scores[i, j] = float(v)
                 else:
                     failed[i, j] = True
-                    errors.setdefault(spec.name, f"sample {j}: invalid score {v!r}")
+                    errors.setdefault(spec.key, f"sample {j}: invalid score {v!r}")
         total, valid = combine(scores, failed, applicable, [s.weight for s in self.specs],
-                               [s.required for s in self.specs])
-        return RewardResult([s.name for s in self.specs], scores, failed, applicable, total, valid, errors)
+                               [s.required and not s.watch for s in self.specs])  # a watchdog never excludes
+        return RewardResult([s.key for s in self.specs], scores, failed, applicable, total, valid, errors)
 
 
 def applies_to(tags: list[str], metadata: dict | None) -> bool:

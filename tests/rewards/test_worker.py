@@ -117,3 +117,29 @@ def test_sharded_scoring_joins_to_the_whole(plugin):
                                   worker.score(images[2:], prompts[2:], metadata[2:])])
     assert np.array_equal(whole.valid, halves.valid) and np.allclose(whole.total, halves.total)
     assert halves.failed[1].tolist() == [True, False, True, False]  # NaN on each shard's first sample
+
+
+def test_a_watchdog_is_logged_under_its_alias_but_never_trains_or_excludes(plugin):
+    """The same judge twice: once trained on, once as a weight-0 watchdog under an alias; a failing watchdog is
+    counted, never fatal, and the totals are those of the training rewards alone."""
+    specs = [RewardSpec(name="shapes"), RewardSpec(name="shapes", alias="shapes_watch", weight=0.0, watch=True),
+             RewardSpec(name=f"{plugin}:boom", alias="boom_watch", weight=0.0, watch=True)]
+    result = _score(specs)
+    alone = _score([RewardSpec(name="shapes")])
+    assert result.names == ["shapes", "shapes_watch", "boom_watch"]
+    assert result.valid.all() and result.total == pytest.approx(alone.total)
+    metrics = result.metrics()
+    assert metrics["reward/shapes_watch/mean"] == metrics["reward/shapes/mean"] == 1.0
+    assert metrics["reward/boom_watch/failed"] == 4 and metrics["reward/failed"] == 0
+    assert "boom_watch" in result.errors
+
+
+def test_a_judge_twice_needs_an_alias_and_a_watchdog_weight_zero():
+    from omnigrpo.config.loader import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="'shapes' is listed twice"):
+        load_config(None, ["rewards=[{name: shapes}, {name: shapes}]"])
+    with pytest.raises(ConfigError, match=r"rewards.1.weight: a watchdog \('w'"):
+        load_config(None, ["rewards=[{name: shapes}, {name: shapes, alias: w, watch: true}]"])
+    cfg = load_config(None, ["rewards=[{name: shapes}, {name: shapes, alias: w, watch: true, weight: 0}]"])
+    assert [r.key for r in cfg.rewards] == ["shapes", "w"]
