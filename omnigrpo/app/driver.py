@@ -23,7 +23,9 @@ import ray
 import torch
 
 from omnigrpo.app import preflight
+from omnigrpo.app.alarm import CollapseAlarm
 from omnigrpo.app.console import Progress
+from omnigrpo.app.diversity import diversity
 from omnigrpo.app.evaluator import world_metrics
 from omnigrpo.app.lookahead import Lookahead
 from omnigrpo.app.tracking import Tracker
@@ -64,6 +66,7 @@ def evaluate(cfg: Config, workers: actors.Workers, tracker: Tracker, step: int) 
     result = shards.score(workers, batch)
     metrics = world_metrics(cfg.world.name, batch.images, batch.prompts, batch.metadata, per_prompt)
     metrics["eval/reward_mean"] = float(np.nanmean(result.total)) if result.valid.any() else float("nan")
+    metrics.update(diversity(batch.images, batch.group, prefix="eval/diversity_"))
     tracker.log(metrics, step)
     shown = [i * per_prompt + j for i in range(len(prompts)) for j in range(min(2, per_prompt))]
     tracker.log_samples(batch.images[shown], [batch.prompts[i] for i in shown], step, key="eval_samples")
@@ -153,6 +156,8 @@ class Loop:
     """(step, path) of the newest scheduled step checkpoint."""
     ahead: Lookahead | None = None
     """Rollout batches drawn ahead of the learner (``trainer.max_staleness``; none ahead when 0)."""
+    alarm: CollapseAlarm | None = None
+    """Diversity collapse and watchdog alarms (``alarm.*``)."""
 
     def run(self) -> dict:
         cfg = self.cfg
@@ -160,6 +165,8 @@ class Loop:
         self.version = self.resumed.get("version", 0)
         self.ahead = Lookahead(cfg, self.workers, self.cursor)
         self.ahead.restore(self.resumed.get("ahead", []))
+        self.alarm = CollapseAlarm(cfg)
+        self.alarm.restore(self.resumed.get("alarm"))
         self.before = self.resumed.get("before") or evaluate(cfg, self.workers, self.tracker, 0)
         self.last_state = self.resumed if "step" in self.resumed else self.run_state(first - 1)
         progress = Progress(cfg.trainer.steps, first)
@@ -244,6 +251,7 @@ class Loop:
         self.stage = "log"
         metrics = self.step_metrics(batch, result, learned, timings, zero_std)
         self.tracker.log(metrics, step)
+        self.raise_alarms(metrics, step)
         if cfg.tracking.image_every and step % cfg.tracking.image_every == 0:
             n = cfg.tracking.images
             captions = [f"{p} | r={r:.2f}" for p, r in zip(batch.prompts[:n], result.total[:n], strict=True)]
@@ -259,8 +267,21 @@ class Loop:
                 "fault/actor_restarts": w.restarts, "fault/sync_fallbacks": w.sync_fallbacks,
                 "fault/call_timeouts": w.timeouts, "sync/broadcast": float(w.broadcast),
                 "sync/bytes": float(w.sync_bytes),
-                "guard/blank_frac": blank_share(batch.images, background),
+                "guard/blank_frac": blank_share(batch.images, background), **diversity(batch.images, batch.group),
                 "throughput/samples_per_s": len(batch.prompts) / timings["timing/step_s"]}
+
+    def raise_alarms(self, metrics: dict[str, float], step: int) -> None:
+        """Log each alarm raised at this step (metric ``alarm/<kind>`` = 1, a run tag with its figures) and, with
+        ``alarm.stop``, ask the loop to stop after this step with a resumable checkpoint."""
+        raised = self.alarm.observe(metrics)
+        if not raised:
+            return
+        for kind, message in raised.items():
+            log.warning("alarm at step %d: %s: %s", step, kind, message)
+        self.tracker.log({f"alarm/{kind}": 1.0 for kind in raised}, step)
+        self.tracker.set_tags({f"alarm/{kind}": f"step {step}: {message}" for kind, message in raised.items()})
+        if self.cfg.alarm.stop:
+            STOP.set()
 
     def after_step(self, step: int) -> None:
         """Held-out evaluation and checkpoints on their schedules."""
@@ -276,6 +297,7 @@ class Loop:
         return {"step": step, "version": self.version, "run_id": self.tracker.run_id,
                 "reference_path": self.resumed["reference_path"], "cursor": self.cursor.state(),
                 "before": self.before, "ahead": self.ahead.state() if self.ahead else [],
+                "alarm": self.alarm.state() if self.alarm else None,
                 "rollout_rng": actors.rollout_rng_states(self.workers)}
 
     def finish(self) -> dict:

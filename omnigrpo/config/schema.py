@@ -244,6 +244,20 @@ class TrainerConfig:
 
 
 @dataclass(frozen=True, config=_STRICT)
+class AlarmConfig:
+    window: Annotated[int, Field(ge=2)] = 20
+    """Steps the alarm averages (diversity) or fits a slope over (rewards)."""
+    diversity_share: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5
+    """Raise when the mean ``diversity/group`` of the last ``window`` steps falls below this share of its mean
+    over the run's first ``window`` steps; 0 = off."""
+    watch_slopes: bool = True
+    """Raise when a watchdog's (``rewards.N.watch``) mean reward falls over the last ``window`` steps (negative
+    least-squares slope) while the training reward rises."""
+    stop: bool = False
+    """Stop the run when the alarm is raised, with a resumable checkpoint (as ``omnigrpo stop`` does)."""
+
+
+@dataclass(frozen=True, config=_STRICT)
 class EvalConfig:
     every: NonNegInt = 50
     """Held-out evaluation every N steps, besides the start and the end (0: start and end only)."""
@@ -361,6 +375,7 @@ class Config:
     """Rewards combined into the total, each ``{name, weight, required, kwargs}``."""
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    alarm: AlarmConfig = Field(default_factory=AlarmConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 

@@ -1,0 +1,52 @@
+"""How varied a step's images are, within each prompt's group and across the step, for any world and family.
+
+Why: RL may please its judges by dropping the variety the prompts left open (every image in one colour, one
+size, one place), and rewards alone do not show it. The figure must work for any family and run offline, so
+it is pixel-space: each image is shrunk (area average) to ``SIDE x SIDE`` RGB in [0, 1], and the distance of
+two images is the RMS of their difference (0: identical thumbnails; 1: black against white).
+
+- ``diversity/group``: per group (the samples of one prompt), the mean distance over its pairs; averaged over
+  the groups that have at least two samples.
+- ``diversity/batch``: the mean distance over all pairs of the step's samples (prompts differ, so it also
+  counts variety the prompts asked for).
+
+Coarse on purpose: a 16 x 16 thumbnail ignores pixel noise and texture and keeps colour, size and placement,
+the variety a collapse removes first.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+SIDE = 16
+"""Thumbnail side in pixels."""
+
+
+def thumbnails(images: np.ndarray) -> torch.Tensor:
+    """uint8 images ``[N, H, W, 3]`` -> float thumbnails ``[N, 3 * SIDE * SIDE]`` in [0, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+    return torch.nn.functional.adaptive_avg_pool2d(x, SIDE).flatten(1)
+
+
+def distances(thumbs: torch.Tensor) -> torch.Tensor:
+    """RMS distances ``[N, N]`` between thumbnails ``[N, D]``."""
+    return torch.cdist(thumbs.double(), thumbs.double()).div(thumbs.shape[1] ** 0.5)
+
+
+def mean_pair_distance(d: torch.Tensor) -> float:
+    """Mean of the off-diagonal entries of a distance matrix ``[n, n]`` (NaN below two samples)."""
+    n = d.shape[0]
+    return float(d.sum() / (n * (n - 1))) if n > 1 else float("nan")
+
+
+def diversity(images: np.ndarray, group: torch.Tensor | np.ndarray, prefix: str = "diversity/") -> dict[str, float]:
+    """``{prefix}group`` and ``{prefix}batch`` of uint8 images ``[N, H, W, 3]`` whose group index is ``group``
+    ``[N]``."""
+    if len(images) == 0:
+        return {f"{prefix}group": float("nan"), f"{prefix}batch": float("nan")}
+    d = distances(thumbnails(images))
+    group = torch.as_tensor(np.asarray(group))
+    per_group = [mean_pair_distance(d[m][:, m]) for g in group.unique() if int((m := group == g).sum()) > 1]
+    return {f"{prefix}group": float(np.mean(per_group)) if per_group else float("nan"),
+            f"{prefix}batch": mean_pair_distance(d)}
