@@ -50,3 +50,23 @@ def diversity(images: np.ndarray, group: torch.Tensor | np.ndarray, prefix: str 
     per_group = [mean_pair_distance(d[m][:, m]) for g in group.unique() if int((m := group == g).sum()) > 1]
     return {f"{prefix}group": float(np.mean(per_group)) if per_group else float("nan"),
             f"{prefix}batch": mean_pair_distance(d)}
+
+
+def style_entropy(styles: list, correct: list[float | None], per_prompt: int) -> float:
+    """Mean over prompts of the entropy, in bits, of the joint style (any hashable, e.g. colour, size, height)
+    of a prompt's samples that are right (``correct`` >= 0.5); samples come ``per_prompt`` at a time, a style
+    of None (unreadable) and a wrong sample do not count, and prompts without a right sample are left out (NaN
+    when none has one). Variety only counts where the text reads: noise must not score as variety.
+
+    >>> style_entropy(["a", "b", "a", "a"], [1, 1, 1, 0], 2)  # prompt 1: a, b -> 1 bit; prompt 2: a -> 0
+    0.5
+    """
+    per_prompt_bits = []
+    for start in range(0, len(styles), per_prompt):
+        kept = [s for s, c in zip(styles[start:start + per_prompt], correct[start:start + per_prompt], strict=True)
+                if s is not None and c is not None and c >= 0.5]
+        if kept:
+            _, counts = np.unique([repr(s) for s in kept], return_counts=True)
+            p = counts / counts.sum()
+            per_prompt_bits.append(float(-(p * np.log2(p)).sum()))
+    return float(np.mean(per_prompt_bits)) if per_prompt_bits else float("nan")

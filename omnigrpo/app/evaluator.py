@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from omnigrpo.app.diversity import style_entropy
 from omnigrpo.app.preflight import check_eval
 from omnigrpo.app.tracking import Tracker
 from omnigrpo.config.loader import ConfigError
@@ -69,7 +70,11 @@ def world_metrics(world_name: str, images: np.ndarray, prompts: list[str], metad
     metrics = {f"eval/{name}": mean_score(values) for name, values in scores.items()}
     headline = next(iter(scores))
     metrics.update(pass_at_k_metrics(f"eval/{headline}", scores[headline], per_prompt))
-    metrics["eval/blank_frac"] = blank_share(images, worlds.get(world_name).BACKGROUND)
+    world = worlds.get(world_name)
+    metrics["eval/blank_frac"] = blank_share(images, world.BACKGROUND)
+    if hasattr(world, "read_style"):  # a world that draws in styles its prompts leave open (glyphs)
+        metrics["eval/style_entropy"] = style_entropy([world.read_style(im) for im in images], scores[headline],
+                                                      per_prompt)
     return metrics
 
 

@@ -117,8 +117,25 @@ def _font(advance: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(str(font_path()), size=advance * 2048 / 1233)
 
 
-def render(item: Item, rng: np.random.Generator | None = None) -> np.ndarray:
-    """Draw a string; with ``rng`` its size, position and colour vary, else it is small, white, centred.
+@dataclass(frozen=True)
+class Style:
+    """How a string is drawn: ``colour`` (a :data:`COLORS` name), ``advance`` (character width, one of
+    :data:`ADVANCES`: the font size) and ``shift`` (-1, 0, 1: a patch above, at or below the centre)."""
+
+    colour: str = "white"
+    advance: int = ADVANCES[0]
+    shift: int = 0
+
+
+def random_style(rng: np.random.Generator) -> Style:
+    """A style drawn from ``rng`` (size, colour, then height: the order the SFT data was always drawn in)."""
+    advance = ADVANCES[int(rng.integers(len(ADVANCES)))]
+    colour = list(COLORS)[int(rng.integers(len(COLORS)))]
+    return Style(colour, advance, int(rng.integers(-1, 2)))
+
+
+def render(item: Item, rng: np.random.Generator | None = None, style: Style | None = None) -> np.ndarray:
+    """Draw a string in ``style``, or one drawn from ``rng``, or small, white and centred.
 
     Sizes and positions move in whole 4-pixel patches (:data:`ADVANCES`, shifts of 4 px), so a glyph
     has the same patch codes wherever it stands: the tiny policy learns letters, not sub-patch phases.
@@ -126,17 +143,56 @@ def render(item: Item, rng: np.random.Generator | None = None) -> np.ndarray:
     Returns:
         uint8 image ``[24, 72, 3]``.
     """
+    style = style or (random_style(rng) if rng is not None else Style())
     h, w = IMAGE_SHAPE
-    advance = ADVANCES[int(rng.integers(len(ADVANCES)))] if rng is not None else ADVANCES[0]
-    colour = COLORS[list(COLORS)[int(rng.integers(len(COLORS)))]] if rng is not None else COLORS["white"]
-    font = _font(advance)
+    font = _font(style.advance)
     image = Image.new("RGB", (w, h), BACKGROUND)
     draw = ImageDraw.Draw(image)
     top, bottom = font.getbbox("H")[1], font.getbbox("H")[3]  # cap height: where upper-case glyphs sit
-    x = MARGIN
-    y = 4 * round((h - (bottom - top)) / 8) - top + (4 * int(rng.integers(-1, 2)) if rng is not None else 0)
-    draw.text((x, y), item.text, fill=colour, font=font)
+    y = 4 * round((h - (bottom - top)) / 8) - top + 4 * style.shift
+    draw.text((MARGIN, y), item.text, fill=COLORS[style.colour], font=font)
     return np.asarray(image)
+
+
+INK = 60
+"""A pixel is ink when its channels differ from :data:`BACKGROUND` by more than this in sum."""
+
+
+@functools.cache
+def _style_references() -> dict[tuple[int, int], tuple[float, float]]:
+    """(advance, shift) -> (top, bottom) ink rows of a capital drawn that way (what :func:`read_style` matches)."""
+    out = {}
+    for advance in ADVANCES:
+        for shift in (-1, 0, 1):
+            ink = _ink(render(Item("HX"), style=Style("white", advance, shift)))
+            rows = np.nonzero(ink.any(1))[0]
+            out[advance, shift] = (float(rows[0]), float(rows[-1]))
+    return out
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / max(float(np.linalg.norm(v)), 1e-9)
+
+
+def _ink(image: np.ndarray) -> np.ndarray:
+    return np.abs(image.astype(int) - np.array(BACKGROUND)).sum(-1) > INK
+
+
+def read_style(image: np.ndarray) -> Style | None:
+    """The style an image's text is drawn in (None when it has no ink): the colour whose direction from the
+    background is closest to the ink's, and the size and height whose reference ink rows
+    (:func:`_style_references`) are nearest the image's."""
+    ink = _ink(image)
+    if ink.sum() < 4:
+        return None
+    # anti-aliasing blends the colour towards the background: compare directions away from the background
+    away = (image[ink].astype(float) - np.array(BACKGROUND)).sum(0)
+    colour = max(COLORS, key=lambda c: float(_unit(away) @ _unit(np.array(COLORS[c]) - np.array(BACKGROUND))))
+    rows = np.nonzero(ink.any(1))[0]
+    top, bottom = float(rows[0]), float(rows[-1])
+    advance, shift = min(_style_references().items(),
+                         key=lambda kv: (kv[1][0] - top) ** 2 + (kv[1][1] - bottom) ** 2)[0]
+    return Style(colour, advance, shift)
 
 
 def sample_pairs(items: list[Item], n: int, rng: np.random.Generator) -> tuple[list[Item], np.ndarray]:

@@ -29,6 +29,9 @@ class World(Protocol):
     def vocabulary(self) -> list[str]: ...
     def sample_pairs(self, items: list, n: int, rng: np.random.Generator) -> tuple[list, np.ndarray]: ...
 
+    # Optional: ``read_style(image) -> hashable | None``, the style (free attributes the prompts do not ask for)
+    # an image is drawn in; when present, evaluations report ``eval/style_entropy`` (glyphs has one).
+
 
 def prompts_of(items: list) -> tuple[list[str], list[dict]]:
     """Prompts and their metadata, the form every prompt source hands to the driver."""

@@ -58,3 +58,32 @@ def test_blank_and_wrong_images_score_zero(exact):
     prompts, metadata = prompts_of(items)
     assert exact(blank, prompts, metadata) == [0.0, 0.0]
     assert exact(swapped, prompts, metadata) == [0.0, 0.0]
+
+
+def test_the_style_reader_recovers_the_renderers_attributes():
+    """Colour, size and height of every training string drawn in a random style are read back from pixels."""
+    from omnigrpo.worlds.glyphs import Style, random_style, read_style
+
+    rng = np.random.default_rng(7)
+    drawn = [(item, random_style(rng)) for item in glyphs.train_items()]
+    assert len({s for _, s in drawn}) == 18  # every colour x size x height occurs
+    assert all(read_style(glyphs.render(item, style=style)) == style for item, style in drawn)
+    assert read_style(np.full((*glyphs.IMAGE_SHAPE, 3), glyphs.BACKGROUND, np.uint8)) is None
+    assert read_style(glyphs.render(glyphs.Item("KP7"))) == Style()
+
+
+def test_style_entropy_counts_only_samples_that_read_correctly():
+    from omnigrpo.app.diversity import style_entropy
+    from omnigrpo.app.evaluator import world_metrics
+    from omnigrpo.worlds.glyphs import Item, Style
+
+    # two prompts x 3 samples: prompt 1 in two styles (+ a wrong one in a third), prompt 2 in one style
+    styles = [Style("white"), Style("cyan"), Style("yellow"), Style(), Style(), Style()]
+    assert style_entropy(styles, [1, 1, 0, 1, 1, 1], 3) == pytest.approx(0.5)
+    assert np.isnan(style_entropy(styles, [0] * 6, 3))
+    images = np.stack([glyphs.render(Item(t), style=s) for t, s in
+                       [("KP7", Style("white")), ("KP7", Style("cyan", 12, 1)), ("AE", Style()), ("AE", Style())]])
+    prompts = ['write "KP7"'] * 2 + ['write "AE"'] * 2
+    metrics = world_metrics("glyphs", images, prompts, [{"text": "KP7"}] * 2 + [{"text": "AE"}] * 2, per_prompt=2)
+    assert metrics["eval/exact_match"] == 1.0  # every sample reads, so every style counts
+    assert metrics["eval/style_entropy"] == pytest.approx(0.5)  # 1 bit for KP7, 0 for AE
