@@ -70,3 +70,19 @@ def style_entropy(styles: list, correct: list[float | None], per_prompt: int) ->
             p = counts / counts.sum()
             per_prompt_bits.append(float(-(p * np.log2(p)).sum()))
     return float(np.mean(per_prompt_bits)) if per_prompt_bits else float("nan")
+
+
+def group_spread(images: np.ndarray, group: torch.Tensor | np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Each sample's mean distance to the other valid samples of its group ``[N]`` (0 without any): the
+    diversity bonus (``trainer.diversity_bonus``) adds it, scaled, to a valid sample's total, so within a group
+    the sample least like its siblings gains most, and a group drawn all alike gains nothing.
+
+    >>> black, white = np.zeros((1, 4, 4, 3), np.uint8), np.full((1, 4, 4, 3), 255, np.uint8)
+    >>> group_spread(np.concatenate([black, black, white]), np.zeros(3, int), np.ones(3, bool)).round(3).tolist()
+    [0.5, 0.5, 1.0]
+    """
+    d = distances(thumbnails(images)).numpy()
+    group, valid = np.asarray(group), np.asarray(valid, dtype=bool)
+    same = (group[:, None] == group[None, :]) & valid[None, :] & ~np.eye(len(group), dtype=bool)
+    counts = same.sum(1)
+    return np.where(counts > 0, (d * same).sum(1) / np.maximum(counts, 1), 0.0)

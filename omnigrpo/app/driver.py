@@ -25,7 +25,7 @@ import torch
 from omnigrpo.app import preflight
 from omnigrpo.app.alarm import CollapseAlarm
 from omnigrpo.app.console import Progress
-from omnigrpo.app.diversity import diversity
+from omnigrpo.app.diversity import diversity, group_spread
 from omnigrpo.app.evaluator import world_metrics
 from omnigrpo.app.lookahead import Lookahead
 from omnigrpo.app.tracking import Tracker
@@ -228,7 +228,8 @@ class Loop:
                                f"v{drawn.expected_version}")
         # 2. advantages: group-normalised totals; excluded samples carry no weight
         valid = torch.from_numpy(result.valid)
-        totals = torch.from_numpy(np.where(result.valid, result.total, 0.0)).float()
+        bonus = cfg.trainer.diversity_bonus * group_spread(batch.images, batch.group, result.valid)
+        totals = torch.from_numpy(np.where(result.valid, result.total + bonus, 0.0)).float()
         adv, zero_std = group_advantages(totals, batch.group, valid, scale=cfg.trainer.scale_rewards)
         # 3. learn: one GRPO update on every learner rank
         self.stage = "learn"
@@ -250,6 +251,7 @@ class Loop:
         # 5. log: the step's metrics and, now and then, a grid of its samples
         self.stage = "log"
         metrics = self.step_metrics(batch, result, learned, timings, zero_std)
+        metrics["diversity/bonus_mean"] = float(bonus[result.valid].mean()) if result.valid.any() else 0.0
         self.tracker.log(metrics, step)
         self.raise_alarms(metrics, step)
         if cfg.tracking.image_every and step % cfg.tracking.image_every == 0:

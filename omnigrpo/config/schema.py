@@ -208,6 +208,10 @@ class TrainerConfig:
     the sampler drew differently from the learner (bf16 kernels, a code at the top-k edge, weights up to
     ``max_staleness`` updates old). Unset: 2.0 when ``max_staleness > 0`` (the behaviour correction
     asynchronous rollout needs), else off."""
+    diversity_bonus: Annotated[float, Field(ge=0.0)] = 0.0
+    """A remedy against collapse: each valid sample's total gains this times its mean thumbnail distance to the
+    other samples of its group (``omnigrpo.app.diversity.group_spread``, 0..1) before advantages, so within a
+    group the sample least like its siblings is preferred; 0 = off. Logged as ``diversity/bonus_mean``."""
     max_grad_norm: Annotated[float, Field(gt=0.0)] = 1.0
     """Gradient clipping threshold (global L2 norm)."""
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0

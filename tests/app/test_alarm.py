@@ -53,7 +53,7 @@ def test_a_run_gaming_its_judge_raises_the_watchdog_alarm_and_stops_resumably(ti
               "eval.held_out=false", "tracking.image_every=0", "alarm.window=4",
               "rewards=[{name: 'red_reward:redness'}, {name: 'red_reward:not_red', alias: not_red, watch: true, "
               "weight: 0}]")
-    cfg = tiny_config(*common, f"trainer.steps={steps}", "alarm.stop=true")
+    cfg = tiny_config(*common, f"trainer.steps={steps}", "alarm.stop=true", "trainer.diversity_bonus=0.1")
     summary = train(cfg)
     assert 4 <= summary["stopped_at"] < steps
     client = MlflowClient(store_uri(cfg))
@@ -62,6 +62,7 @@ def test_a_run_gaming_its_judge_raises_the_watchdog_alarm_and_stops_resumably(ti
     assert [m.step for m in client.get_metric_history(summary["run_id"], "alarm/watchdog_not_red")] == [
         summary["stopped_at"]]
     assert {"diversity/group", "diversity/batch", "reward/not_red/mean"} <= set(run.data.metrics)
+    assert run.data.metrics["diversity/bonus_mean"] > 0  # the remedy's bonus, not part of the logged total
     total = [m.value for m in client.get_metric_history(summary["run_id"], "reward/total/mean")]
     watch = [m.value for m in client.get_metric_history(summary["run_id"], "reward/not_red/mean")]
     assert np.allclose(np.add(total, watch), 1.0)  # the watchdog is logged, never part of the total

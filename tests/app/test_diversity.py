@@ -29,3 +29,13 @@ def test_a_collapsed_group_scores_lower_than_a_varied_one():
     assert diversity(varied, groups)["diversity/group"] > 0.05
     singletons = diversity(varied, np.arange(4))
     assert np.isnan(singletons["diversity/group"]) and singletons["diversity/batch"] > 0.05
+
+
+def test_the_bonus_spread_skips_excluded_samples_and_other_groups():
+    from omnigrpo.app.diversity import group_spread
+
+    black, white = np.zeros((16, 16, 3), np.uint8), np.full((16, 16, 3), 255, np.uint8)
+    images = np.stack([black, white, white, black, black])
+    spread = group_spread(images, np.array([0, 0, 0, 1, 1]), np.array([True, True, False, True, True]))
+    # the excluded white counts as nobody's sibling (sample 0 sees only sample 1), but gets its own spread
+    assert spread.tolist() == pytest.approx([1.0, 1.0, 0.5, 0.0, 0.0])
