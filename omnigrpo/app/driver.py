@@ -254,6 +254,7 @@ class Loop:
         metrics["diversity/bonus_mean"] = float(bonus[result.valid].mean()) if result.valid.any() else 0.0
         self.tracker.log(metrics, step)
         self.raise_alarms(metrics, step)
+        self.last_state["alarm"] = self.alarm.state()  # this step's figures belong to its run state
         if cfg.tracking.image_every and step % cfg.tracking.image_every == 0:
             n = cfg.tracking.images
             captions = [f"{p} | r={r:.2f}" for p, r in zip(batch.prompts[:n], result.total[:n], strict=True)]
