@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import ray
-from conftest import refused
+from conftest import TINY, refused
 from mlflow.tracking import MlflowClient
 
 from omnigrpo.cli import main
@@ -35,11 +35,11 @@ def test_reward_arguments_are_checked_against_the_signature(rewards, needle, tmp
     assert not run_dir.exists()
 
 
-def test_a_judge_that_fails_to_load_in_its_actor_ends_the_run_at_start_up(tmp_path, capsys):
+def test_a_judge_that_fails_to_load_in_its_actor_ends_the_run_at_start_up(tmp_path, capsys, cache_dir, sft_path):
     """Judges load in the reward actors (on their devices), so this failure comes after the cluster started: the
-    same ``omnigrpo:`` line and exit status, no traceback, nothing trained."""
-    assert main(["train", SHAPES, "rewards=[{name: ocr, kwargs: {score: nonsense}}]",
-                 f"run.dir={tmp_path / 'run'}"]) == 2
+    same ``omnigrpo:`` line and exit status, no traceback, nothing trained (the tiny model's cached SFT start)."""
+    assert main(["train", SHAPES, *TINY, f"run.cache_dir={cache_dir}",
+                 "rewards=[{name: ocr, kwargs: {score: nonsense}}]", f"run.dir={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err
     assert "omnigrpo: rewards.0: reward 'ocr' could not be built: ValueError" in err and "Traceback" not in err, err
     assert not ray.is_initialized() and not (tmp_path / "run" / "checkpoints").exists()
