@@ -55,6 +55,22 @@ def sft_path(cache_dir) -> Path:
     return sft_checkpoint(cfg, threads=2)
 
 
+def policy_weights(path) -> dict[str, torch.Tensor]:
+    """The built-in policy's weights saved at ``path`` (a checkpoint or SFT directory)."""
+    from omnigrpo.rollout.families.builtin import WorldPolicy
+
+    return WorldPolicy.from_pretrained(path).model.state_dict()
+
+
+def metric_values(cfg: Config, run_id: str, key: str) -> list[float]:
+    """The values a run of ``cfg`` logged for ``key``, in step order (read back from its MLflow store)."""
+    from mlflow.tracking import MlflowClient
+
+    from omnigrpo.app.tracking import history, store_uri
+
+    return [m.value for m in history(MlflowClient(store_uri(cfg)), run_id, key)]
+
+
 def refused(main, argv: list[str], capsys, *needles: str) -> str:
     """Run the CLI's ``main(argv)`` and check it refused: exit status 2, every stderr line an ``omnigrpo:`` line
     (no traceback), each of ``needles`` in the message; returns stderr."""

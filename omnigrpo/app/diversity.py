@@ -29,9 +29,13 @@ def thumbnails(images: np.ndarray) -> torch.Tensor:
     return torch.nn.functional.adaptive_avg_pool2d(x, SIDE).flatten(1)
 
 
-def distances(thumbs: torch.Tensor) -> torch.Tensor:
-    """RMS distances ``[N, N]`` between thumbnails ``[N, D]``."""
-    return torch.cdist(thumbs.double(), thumbs.double()).div(thumbs.shape[1] ** 0.5)
+def pixel_distances(images: np.ndarray) -> torch.Tensor:
+    """RMS distances ``[N, N]`` between the thumbnails of uint8 images ``[N, H, W, 3]``: computed once per batch
+    and shared by :func:`diversity` and :func:`group_spread`."""
+    if len(images) == 0:
+        return torch.zeros(0, 0, dtype=torch.float64)
+    thumbs = thumbnails(images).double()
+    return torch.cdist(thumbs, thumbs).div(thumbs.shape[1] ** 0.5)
 
 
 def mean_pair_distance(d: torch.Tensor) -> float:
@@ -40,12 +44,9 @@ def mean_pair_distance(d: torch.Tensor) -> float:
     return float(d.sum() / (n * (n - 1))) if n > 1 else float("nan")
 
 
-def diversity(images: np.ndarray, group: torch.Tensor | np.ndarray, prefix: str = "diversity/") -> dict[str, float]:
-    """``{prefix}group`` and ``{prefix}batch`` of uint8 images ``[N, H, W, 3]`` whose group index is ``group``
-    ``[N]``."""
-    if len(images) == 0:
-        return {f"{prefix}group": float("nan"), f"{prefix}batch": float("nan")}
-    d = distances(thumbnails(images))
+def diversity(d: torch.Tensor, group: torch.Tensor | np.ndarray, prefix: str = "diversity/") -> dict[str, float]:
+    """``{prefix}group`` and ``{prefix}batch`` of images whose :func:`pixel_distances` are ``d`` ``[N, N]`` and
+    group index is ``group`` ``[N]``."""
     group = torch.as_tensor(np.asarray(group))
     per_group = [mean_pair_distance(d[m][:, m]) for g in group.unique() if int((m := group == g).sum()) > 1]
     return {f"{prefix}group": float(np.mean(per_group)) if per_group else float("nan"),
@@ -72,16 +73,18 @@ def style_entropy(styles: list, correct: list[float | None], per_prompt: int) ->
     return float(np.mean(per_prompt_bits)) if per_prompt_bits else float("nan")
 
 
-def group_spread(images: np.ndarray, group: torch.Tensor | np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Each sample's mean distance to the other valid samples of its group ``[N]`` (0 without any): the
+def group_spread(d: torch.Tensor, group: torch.Tensor | np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Each sample's mean distance (``d``: :func:`pixel_distances`) to the other valid samples of its group
+    ``[N]`` (0 without any): the
     diversity bonus (``trainer.diversity_bonus``) adds it, scaled, to a valid sample's total, so within a group
     the sample least like its siblings gains most, and a group drawn all alike gains nothing.
 
     >>> black, white = np.zeros((1, 4, 4, 3), np.uint8), np.full((1, 4, 4, 3), 255, np.uint8)
-    >>> group_spread(np.concatenate([black, black, white]), np.zeros(3, int), np.ones(3, bool)).round(3).tolist()
+    >>> d = pixel_distances(np.concatenate([black, black, white]))
+    >>> group_spread(d, np.zeros(3, int), np.ones(3, bool)).round(3).tolist()
     [0.5, 0.5, 1.0]
     """
-    d = distances(thumbnails(images)).numpy()
+    d = d.numpy()
     group, valid = np.asarray(group), np.asarray(valid, dtype=bool)
     same = (group[:, None] == group[None, :]) & valid[None, :] & ~np.eye(len(group), dtype=bool)
     counts = same.sum(1)

@@ -25,7 +25,7 @@ import torch
 from omnigrpo.app import preflight
 from omnigrpo.app.alarm import CollapseAlarm
 from omnigrpo.app.console import Progress
-from omnigrpo.app.diversity import diversity, group_spread
+from omnigrpo.app.diversity import diversity, group_spread, pixel_distances
 from omnigrpo.app.evaluator import world_metrics
 from omnigrpo.app.lookahead import Lookahead
 from omnigrpo.app.tracking import Tracker
@@ -66,7 +66,7 @@ def evaluate(cfg: Config, workers: actors.Workers, tracker: Tracker, step: int) 
     result = shards.score(workers, batch)
     metrics = world_metrics(cfg.world.name, batch.images, batch.prompts, batch.metadata, per_prompt)
     metrics["eval/reward_mean"] = float(np.nanmean(result.total)) if result.valid.any() else float("nan")
-    metrics.update(diversity(batch.images, batch.group, prefix="eval/diversity_"))
+    metrics.update(diversity(pixel_distances(batch.images), batch.group, prefix="eval/diversity_"))
     tracker.log(metrics, step)
     shown = [i * per_prompt + j for i in range(len(prompts)) for j in range(min(2, per_prompt))]
     tracker.log_samples(batch.images[shown], [batch.prompts[i] for i in shown], step, key="eval_samples")
@@ -228,7 +228,8 @@ class Loop:
                                f"v{drawn.expected_version}")
         # 2. advantages: group-normalised totals; excluded samples carry no weight
         valid = torch.from_numpy(result.valid)
-        bonus = cfg.trainer.diversity_bonus * group_spread(batch.images, batch.group, result.valid)
+        distances = pixel_distances(batch.images)  # diversity metrics and bonus share them
+        bonus = cfg.trainer.diversity_bonus * group_spread(distances, batch.group, result.valid)
         totals = torch.from_numpy(np.where(result.valid, result.total + bonus, 0.0)).float()
         adv, zero_std = group_advantages(totals, batch.group, valid, scale=cfg.trainer.scale_rewards)
         # 3. learn: one GRPO update on every learner rank
@@ -251,6 +252,7 @@ class Loop:
         # 5. log: the step's metrics and, now and then, a grid of its samples
         self.stage = "log"
         metrics = self.step_metrics(batch, result, learned, timings, zero_std)
+        metrics.update(diversity(distances, batch.group))
         metrics["diversity/bonus_mean"] = float(bonus[result.valid].mean()) if result.valid.any() else 0.0
         self.tracker.log(metrics, step)
         self.raise_alarms(metrics, step)
@@ -270,7 +272,7 @@ class Loop:
                 "fault/actor_restarts": w.restarts, "fault/sync_fallbacks": w.sync_fallbacks,
                 "fault/call_timeouts": w.timeouts, "sync/broadcast": float(w.broadcast),
                 "sync/bytes": float(w.sync_bytes),
-                "guard/blank_frac": blank_share(batch.images, background), **diversity(batch.images, batch.group),
+                "guard/blank_frac": blank_share(batch.images, background),
                 "throughput/samples_per_s": len(batch.prompts) / timings["timing/step_s"]}
 
     def raise_alarms(self, metrics: dict[str, float], step: int) -> None:

@@ -240,6 +240,11 @@ def latest_run_id(cfg: Config) -> str:
     return runs[0].info.run_id
 
 
+def history(client: MlflowClient, run_id: str, key: str) -> list:
+    """A run's logged values of metric ``key``, in step order (MLflow ``Metric`` objects: ``.step``, ``.value``)."""
+    return sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+
+
 def plot_curves(cfg: Config, run_id: str, keys: list[str], out: str | Path) -> Path:
     """Export metric histories of an MLflow run as one PNG, a panel per key (read back from the store,
     so the figure shows exactly what was logged)."""
@@ -252,10 +257,10 @@ def plot_curves(cfg: Config, run_id: str, keys: list[str], out: str | Path) -> P
     run = client.get_run(run_id)
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
-        history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
-        if not history:
+        logged = history(client, run_id, key)
+        if not logged:
             raise KeyError(f"run {run_id} logged no metric {key!r}")
-        ax.plot([m.step for m in history], [m.value for m in history], marker="o" if len(history) < 20 else None,
+        ax.plot([m.step for m in logged], [m.value for m in logged], marker="o" if len(logged) < 20 else None,
                 markersize=3, linewidth=1.2)
         ax.set_title(key, fontsize=10)
         ax.set_xlabel("step")

@@ -70,12 +70,12 @@ def window_mean(curve: list[float]) -> float:
 def run_omnigrpo(cfg: Config) -> dict:
     """One GRPO run; samples/s over its training steps, its reward, its median stage times after step 1."""
     from omnigrpo.app.driver import train
-    from omnigrpo.app.tracking import Tracker
+    from omnigrpo.app.tracking import Tracker, history
 
     run_id = train(cfg)["run_id"]
     client = Tracker(cfg).client
     keys = [*(f"timing/{s}_s" for s in STAGES), "sync/bytes", "reward/total/mean"]
-    h = {k: [m.value for m in sorted(client.get_metric_history(run_id, k), key=lambda m: m.step)] for k in keys}
+    h = {k: [m.value for m in history(client, run_id, k)] for k in keys}
     warm = slice(1, None) if len(h["timing/step_s"]) > 1 else slice(None)  # the first step pays for warm-up
     wall = float(sum(h["timing/step_s"]))
     samples = len(h["timing/step_s"]) * cfg.batch_size

@@ -36,6 +36,11 @@ KEEP = 4
 """Graphs (with their caches) kept per policy."""
 
 
+def bucketed(length: int) -> int:
+    """``length`` rounded up to a multiple of :data:`LENGTH_BUCKET`."""
+    return -(-length // LENGTH_BUCKET) * LENGTH_BUCKET
+
+
 class GraphedDecode:
     """One captured decode step for ``rows`` rows (``b`` images, CFG doubling included) over ``cache``."""
 
@@ -81,7 +86,7 @@ def graphed_decoder(lm: ImageLM, params: SamplingParams, b: int, rows: int, leng
     """The graphed decode step for this shape (captured on first use) and its emptied static cache. The graph's
     generator continues ``generator``'s stream (the device's default generator when None); the sampler calls
     :meth:`GraphedDecode.hand_back` after its last replay to carry the stream on."""
-    bucket = -(-length // LENGTH_BUCKET) * LENGTH_BUCKET
+    bucket = bucketed(length)
     graphs: OrderedDict = lm.__dict__.setdefault("_omnigrpo_graphs", OrderedDict())
     key = (rows, bucket, b, params)
     if key not in graphs:
@@ -104,7 +109,7 @@ class StaticStep:
     def __init__(self, lm: ImageLM, params: SamplingParams, b: int, rows: int, length: int,
                  generator: torch.Generator | None):
         self.lm, self.params, self.b, self.generator = lm, params, b, generator
-        self.cache = lm.new_cache(rows, -(-length // LENGTH_BUCKET) * LENGTH_BUCKET, static=True)
+        self.cache = lm.new_cache(rows, bucketed(length), static=True)
         self.valid = torch.ones(rows, 1, dtype=torch.bool, device=self.cache.valid.device)
 
     def __call__(self, hidden: torch.Tensor, positions: torch.Tensor):

@@ -139,13 +139,15 @@ def sample_images(
     if graphed is not None:
         step, cache = graphed(lm, params, b, rows, ids.shape[1] + len(segment), generator)
     else:
-        step, cache = None, lm.new_cache(rows, ids.shape[1] + len(segment))
+        cache = lm.new_cache(rows, ids.shape[1] + len(segment))
+        step = None
     hidden = lm.fast_forward(lm.embed_text(ids), positions, mask.bool(), lm.prompt_image(ids), cache)[:, -1:]
     step_pos = positions[:, -1:] + 1
     valid = torch.ones(rows, 1, dtype=torch.bool, device=ids.device)
     eol = None if space.eol_id is None else lm.embed_text(torch.full((rows, 1), space.eol_id, device=ids.device))
     codes = torch.empty(b, space.tokens_per_image, dtype=torch.long, device=ids.device)
     logps = torch.empty(b, space.tokens_per_image, device=ids.device)
+    advance = step or (lambda h, p: decode_step(lm, h, p, valid, cache, params, b, generator))
     c = 0
     for j, is_code in enumerate(segment):
         if is_code and c + 1 == space.tokens_per_image:  # the last code: nothing is fed after it
@@ -154,8 +156,7 @@ def sample_images(
             codes[:, c], logps[:, c] = sample_code(lm, hidden, params, b, generator)
             break
         if is_code:
-            fn = step or (lambda h, p: decode_step(lm, h, p, valid, cache, params, b, generator))
-            codes[:, c], logps[:, c], hidden = fn(hidden, step_pos + j)
+            codes[:, c], logps[:, c], hidden = advance(hidden, step_pos + j)
             c += 1
         else:
             hidden = lm.fast_forward(eol, step_pos + j, valid, True, cache)

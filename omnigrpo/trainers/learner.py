@@ -221,8 +221,7 @@ class Learner:
                     terms = grpo.grpo_token_loss(logp, proximal, ref_rows, batch.advantages[micro],
                                                  tr.clip_eps_low, tr.clip_eps_high, tr.kl_coef)
                     m = mask[micro]
-                    per_token = self._behaviour_weighted(terms.loss, proximal, batch.old_logprobs[micro], m,
-                                                         sums if epoch == 0 else {})
+                    per_token, capped = self._behaviour_weighted(terms.loss, proximal, batch.old_logprobs[micro])
                     # DeepSpeed averages gradients over ranks; scaling by world_size makes that a sum
                     loss = grpo.aggregate(per_token, m, tr.loss_agg, norm) * self.world_size
                     boundary = self.engine.is_gradient_accumulation_boundary()
@@ -237,6 +236,7 @@ class Learner:
                             sums["kl"] += float((terms.kl * m).sum())
                             sums["entropy"] += float((ent * m).sum())
                             sums["clip_frac"] += float((terms.clipped.float() * m).sum())
+                            sums["tis_capped"] += float((capped.float() * m).sum())
                             if on_policy:
                                 gap = ((logp - batch.old_logprobs[micro]).abs() * m).max()
                                 sums["mismatch"] = max(sums["mismatch"], float(gap))
@@ -263,18 +263,15 @@ class Learner:
         return self._scored_by_rank(len(batch.codes), lambda rows: sequence_logprobs(
             self.lm, batch.prompts.select(rows), batch.codes[rows], self.params)[0])
 
-    def _behaviour_weighted(self, loss: torch.Tensor, proximal: torch.Tensor, sampler: torch.Tensor,
-                            mask: torch.Tensor, sums: dict[str, float]) -> torch.Tensor:
+    def _behaviour_weighted(self, loss: torch.Tensor, proximal: torch.Tensor,
+                            sampler: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The per-token ``loss`` ``[B, T]`` weighed by the truncated importance weights from the sampler's
-        log-probs to the ``proximal`` ones (``trainer.tis_cap``; unchanged when off); counts capped tokens in
-        ``sums``."""
+        log-probs to the ``proximal`` ones (``trainer.tis_cap``; unchanged when off), and where the cap bit."""
         cap = self.cfg.trainer.behaviour_cap
         if not cap:
-            return loss
+            return loss, torch.zeros_like(loss, dtype=torch.bool)
         weights, capped = grpo.truncated_importance_weights(proximal, sampler, cap)
-        if sums:
-            sums["tis_capped"] += float((capped.float() * mask).sum())
-        return loss * weights
+        return loss * weights, capped
 
     @property
     def has_reference(self) -> bool:

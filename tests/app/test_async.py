@@ -3,21 +3,11 @@
 import numpy as np
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
+from conftest import metric_values, policy_weights
 
 from omnigrpo.app import driver
 from omnigrpo.app.driver import train
-from omnigrpo.app.tracking import store_uri
 from omnigrpo.config.loader import ConfigError, load_config
-from omnigrpo.rollout.families.builtin import WorldPolicy
-
-
-def _weights(path):
-    return WorldPolicy.from_pretrained(path).model.state_dict()
-
-
-def _history(cfg, run_id, key):
-    return [m.value for m in sorted(MlflowClient(store_uri(cfg)).get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
 def test_a_lag_of_two_draws_every_batch_two_updates_behind_and_learns(tiny_config, sft_path, plugins):
@@ -28,13 +18,13 @@ def test_a_lag_of_two_draws_every_batch_two_updates_behind_and_learns(tiny_confi
     summary = train(cfg)
     assert summary["rollout_versions"] == [steps]
     # batch s is drawn with the weights of step max(0, s - 3): the learner sees each 0, 1, then 2 updates old
-    staleness = _history(cfg, summary["run_id"], "async/staleness")
+    staleness = metric_values(cfg, summary["run_id"], "async/staleness")
     assert staleness == [0.0, 1.0] + [2.0] * (steps - 2), staleness
     # the behaviour correction is on (tis_cap unset -> 2.0) and the ratio starts at the learner's policy
-    assert all(0.0 <= v < 1.0 for v in _history(cfg, summary["run_id"], "grpo/tis_clip_frac"))
-    reward = _history(cfg, summary["run_id"], "reward/total/mean")
+    assert all(0.0 <= v < 1.0 for v in metric_values(cfg, summary["run_id"], "grpo/tis_clip_frac"))
+    reward = metric_values(cfg, summary["run_id"], "reward/total/mean")
     assert np.mean(reward[-3:]) > np.mean(reward[:3]) + 0.04, reward
-    start, final = _weights(sft_path), _weights(summary["checkpoint"])
+    start, final = policy_weights(sft_path), policy_weights(summary["checkpoint"])
     assert any(not torch.equal(start[k], final[k]) for k in start)
 
 
@@ -59,9 +49,9 @@ def test_a_stopped_async_run_resumes_with_its_batches_drawn_ahead(tiny_config, s
     cfg = tiny_config(*common, f"run.dir={tmp_path / 'cut'}", "run.resume=true")
     resumed = train(cfg)
 
-    a, b = _weights(straight["checkpoint"]), _weights(resumed["checkpoint"])
+    a, b = policy_weights(straight["checkpoint"]), policy_weights(resumed["checkpoint"])
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    assert _history(cfg, resumed["run_id"], "async/staleness") == [0.0, 1.0, 1.0, 1.0]
+    assert metric_values(cfg, resumed["run_id"], "async/staleness") == [0.0, 1.0, 1.0, 1.0]
 
 
 @pytest.mark.parametrize(("overrides", "recompute", "cap"), [

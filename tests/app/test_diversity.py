@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from omnigrpo.app.diversity import diversity
+from omnigrpo.app.diversity import diversity, pixel_distances
 from omnigrpo.worlds import shapes
 
 
@@ -12,11 +12,11 @@ def test_diversity_by_hand():
     black, white = np.zeros((32, 32, 3), np.uint8), np.full((32, 32, 3), 255, np.uint8)
     grey = np.full((32, 32, 3), 51, np.uint8)  # 0.2 of white
     images = np.stack([black, white, black, black])
-    out = diversity(images, torch.tensor([0, 0, 1, 1]))
+    out = diversity(pixel_distances(images), torch.tensor([0, 0, 1, 1]))
     # group 0: black vs white = 1; group 1: two blacks = 0 -> mean 0.5; batch: 3 of the 6 pairs are black-white
     assert out["diversity/group"] == pytest.approx(0.5)
     assert out["diversity/batch"] == pytest.approx(0.5)
-    out = diversity(np.stack([black, grey]), np.array([0, 0]), prefix="eval/diversity_")
+    out = diversity(pixel_distances(np.stack([black, grey])), np.array([0, 0]), prefix="eval/diversity_")
     assert out == pytest.approx({"eval/diversity_group": 0.2, "eval/diversity_batch": 0.2}, abs=1e-6)
 
 
@@ -25,9 +25,9 @@ def test_a_collapsed_group_scores_lower_than_a_varied_one():
     same = np.stack([shapes.render(items[0])] * 4)
     varied = np.stack([shapes.render(i) for i in items[:4]])
     groups = np.zeros(4, int)
-    assert diversity(same, groups)["diversity/group"] == 0.0
-    assert diversity(varied, groups)["diversity/group"] > 0.05
-    singletons = diversity(varied, np.arange(4))
+    assert diversity(pixel_distances(same), groups)["diversity/group"] == 0.0
+    assert diversity(pixel_distances(varied), groups)["diversity/group"] > 0.05
+    singletons = diversity(pixel_distances(varied), np.arange(4))
     assert np.isnan(singletons["diversity/group"]) and singletons["diversity/batch"] > 0.05
 
 
@@ -36,6 +36,6 @@ def test_the_bonus_spread_skips_excluded_samples_and_other_groups():
 
     black, white = np.zeros((16, 16, 3), np.uint8), np.full((16, 16, 3), 255, np.uint8)
     images = np.stack([black, white, white, black, black])
-    spread = group_spread(images, np.array([0, 0, 0, 1, 1]), np.array([True, True, False, True, True]))
+    spread = group_spread(pixel_distances(images), np.array([0, 0, 0, 1, 1]), np.array([True, True, False, True, True]))
     # the excluded white counts as nobody's sibling (sample 0 sees only sample 1), but gets its own spread
     assert spread.tolist() == pytest.approx([1.0, 1.0, 0.5, 0.0, 0.0])

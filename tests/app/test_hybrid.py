@@ -4,19 +4,9 @@ import numpy as np
 import pytest
 import ray
 import torch
-from mlflow.tracking import MlflowClient
+from conftest import metric_values, policy_weights
 
 from omnigrpo.app.driver import train
-from omnigrpo.app.tracking import store_uri
-from omnigrpo.rollout.families.builtin import WorldPolicy
-
-
-def _weights(path):
-    return WorldPolicy.from_pretrained(path).model.state_dict()
-
-
-def _history(cfg, run_id, key):
-    return [m.value for m in sorted(MlflowClient(store_uri(cfg)).get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
 def test_two_hybrid_ranks_raise_the_reward_without_syncing(tiny_config, sft_path, plugins):
@@ -29,12 +19,12 @@ def test_two_hybrid_ranks_raise_the_reward_without_syncing(tiny_config, sft_path
     assert not ray.is_initialized()
     assert summary["rollout_versions"] == [steps, steps]  # both ranks sampled the last step with the last weights
 
-    reward = _history(cfg, summary["run_id"], "reward/total/mean")
+    reward = metric_values(cfg, summary["run_id"], "reward/total/mean")
     assert len(reward) == steps and np.mean(reward[-3:]) > np.mean(reward[:3]) + 0.04, reward
-    assert max(_history(cfg, summary["run_id"], "grpo/logprob_mismatch")) < 1e-4  # sampler = learner weights
-    assert set(_history(cfg, summary["run_id"], "sync/bytes")) == {0.0}
-    assert set(_history(cfg, summary["run_id"], "sync/broadcast")) == {0.0}
-    start, final = _weights(sft_path), _weights(summary["checkpoint"])
+    assert max(metric_values(cfg, summary["run_id"], "grpo/logprob_mismatch")) < 1e-4  # sampler = learner weights
+    assert set(metric_values(cfg, summary["run_id"], "sync/bytes")) == {0.0}
+    assert set(metric_values(cfg, summary["run_id"], "sync/broadcast")) == {0.0}
+    start, final = policy_weights(sft_path), policy_weights(summary["checkpoint"])
     assert any(not torch.equal(start[k], final[k]) for k in start)
 
 
@@ -45,12 +35,12 @@ def test_one_hybrid_rank_trains_as_a_colocated_run(tiny_config, sft_path, tmp_pa
     hybrid = tiny_config(*common, f"run.dir={tmp_path / 'hybrid'}", "cluster.placement=hybrid")
     a, b = train(colocated), train(hybrid)
     assert b["rollout_versions"] == [3]
-    wa, wb = _weights(a["checkpoint"]), _weights(b["checkpoint"])
+    wa, wb = policy_weights(a["checkpoint"]), policy_weights(b["checkpoint"])
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
-    assert _history(hybrid, b["run_id"], "reward/total/mean") == pytest.approx(
-        _history(colocated, a["run_id"], "reward/total/mean"), abs=1e-6)
-    assert set(_history(hybrid, b["run_id"], "sync/bytes")) == {0.0}
-    assert min(_history(colocated, a["run_id"], "sync/bytes")) > 0
+    assert metric_values(hybrid, b["run_id"], "reward/total/mean") == pytest.approx(
+        metric_values(colocated, a["run_id"], "reward/total/mean"), abs=1e-6)
+    assert set(metric_values(hybrid, b["run_id"], "sync/bytes")) == {0.0}
+    assert min(metric_values(colocated, a["run_id"], "sync/bytes")) > 0
     assert b["after"]["eval/reward_mean"] == pytest.approx(a["after"]["eval/reward_mean"], abs=1e-6)
 
 
@@ -61,6 +51,6 @@ def test_a_resumed_hybrid_run_matches_an_uninterrupted_one(tiny_config, sft_path
     first = train(tiny_config(*common, "trainer.steps=2", f"run.dir={tmp_path / 'cut'}"))
     resumed = train(tiny_config(*common, "trainer.steps=4", f"run.dir={tmp_path / 'cut'}", "run.resume=true"))
     assert resumed["run_id"] == first["run_id"] and resumed["rollout_versions"] == [4, 4]
-    a, b = _weights(straight["checkpoint"]), _weights(resumed["checkpoint"])
+    a, b = policy_weights(straight["checkpoint"]), policy_weights(resumed["checkpoint"])
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    assert any(not torch.equal(a[k], _weights(first["checkpoint"])[k]) for k in a)
+    assert any(not torch.equal(a[k], policy_weights(first["checkpoint"])[k]) for k in a)

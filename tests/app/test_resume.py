@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import ray
 import torch
-from conftest import TINY
+from conftest import TINY, policy_weights
 from mlflow.tracking import MlflowClient
 
 from omnigrpo.app.driver import train
@@ -18,13 +18,8 @@ from omnigrpo.app.preflight import check_resume
 from omnigrpo.app.tracking import store_uri
 from omnigrpo.cli import main
 from omnigrpo.config.loader import ConfigError, load_config
-from omnigrpo.rollout.families.builtin import WorldPolicy
 
 SHAPES = str(Path(__file__).parents[2] / "configs" / "shapes.yaml")
-
-
-def _weights(path):
-    return WorldPolicy.from_pretrained(path).model.state_dict()
 
 
 @pytest.mark.parametrize("lora", [0, 4], ids=["full", "lora"])
@@ -40,9 +35,9 @@ def test_resume_matches_an_uninterrupted_run(tiny_config, sft_path, tmp_path, lo
 
     assert resumed["run_id"] == first["run_id"]  # the same MLflow run continues
     assert resumed["rollout_versions"] == [4]
-    a, b = _weights(straight["checkpoint"]), _weights(resumed["checkpoint"])
+    a, b = policy_weights(straight["checkpoint"]), policy_weights(resumed["checkpoint"])
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    assert any(not torch.equal(a[k], _weights(first["checkpoint"])[k]) for k in a)  # it did train on
+    assert any(not torch.equal(a[k], policy_weights(first["checkpoint"])[k]) for k in a)  # it did train on
 
     client = MlflowClient(store_uri(cfg))
     steps = [m.step for m in client.get_metric_history(resumed["run_id"], "reward/total/mean")]
@@ -98,7 +93,7 @@ def test_a_stopped_run_resumes_to_the_weights_of_an_uninterrupted_one(tiny_confi
 
     resumed = train(tiny_config(*common, f"run.dir={cut}", "run.resume=true"))
     assert resumed["run_id"] == run.info.run_id and resumed["rollout_versions"] == [steps]
-    a, b = _weights(straight["checkpoint"]), _weights(resumed["checkpoint"])
+    a, b = policy_weights(straight["checkpoint"]), policy_weights(resumed["checkpoint"])
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "reward/total/mean")) == list(
         range(1, steps + 1))
