@@ -25,7 +25,7 @@ import torch
 from omnigrpo.app import preflight
 from omnigrpo.app.alarm import CollapseAlarm
 from omnigrpo.app.console import Progress
-from omnigrpo.app.diversity import diversity, group_spread, pixel_distances
+from omnigrpo.app.diversity import diversity, diversity_bonus, pixel_distances
 from omnigrpo.app.evaluator import world_metrics
 from omnigrpo.app.lookahead import Lookahead
 from omnigrpo.app.tracking import Tracker
@@ -68,7 +68,8 @@ def evaluate(cfg: Config, workers: actors.Workers, tracker: Tracker, step: int) 
     metrics["eval/reward_mean"] = float(np.nanmean(result.total)) if result.valid.any() else float("nan")
     metrics.update(diversity(pixel_distances(batch.images), batch.group, prefix="eval/diversity_"))
     tracker.log(metrics, step)
-    shown = [i * per_prompt + j for i in range(len(prompts)) for j in range(min(2, per_prompt))]
+    # a row per prompt (up to 8 prompts x 8 samples): the variety within a prompt is what RL may drop
+    shown = [i * per_prompt + j for i in range(min(8, len(prompts))) for j in range(min(8, per_prompt))]
     tracker.log_samples(batch.images[shown], [batch.prompts[i] for i in shown], step, key="eval_samples")
     log.info("step %d held-out: %s", step, ", ".join(f"{k[5:]} {v:.3f}" for k, v in metrics.items()))
     return metrics
@@ -229,7 +230,7 @@ class Loop:
         # 2. advantages: group-normalised totals; excluded samples carry no weight
         valid = torch.from_numpy(result.valid)
         distances = pixel_distances(batch.images)  # diversity metrics and bonus share them
-        bonus = cfg.trainer.diversity_bonus * group_spread(distances, batch.group, result.valid)
+        bonus = diversity_bonus(distances, batch.group, result.total, result.valid, cfg.trainer.diversity_bonus)
         totals = torch.from_numpy(np.where(result.valid, result.total + bonus, 0.0)).float()
         adv, zero_std = group_advantages(totals, batch.group, valid, scale=cfg.trainer.scale_rewards)
         # 3. learn: one GRPO update on every learner rank

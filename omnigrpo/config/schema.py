@@ -209,9 +209,10 @@ class TrainerConfig:
     ``max_staleness`` updates old). Unset: 2.0 when ``max_staleness > 0`` (the behaviour correction
     asynchronous rollout needs), else off."""
     diversity_bonus: Annotated[float, Field(ge=0.0)] = 0.0
-    """A remedy against collapse: each valid sample's total gains this times its mean thumbnail distance to the
-    other samples of its group (``omnigrpo.app.diversity.group_spread``, 0..1) before advantages, so within a
-    group the sample least like its siblings is preferred; 0 = off. Logged as ``diversity/bonus_mean``."""
+    """A remedy against collapse: each good sample's total (valid, at or above its group's mean) gains this
+    times its mean thumbnail distance (0..1) to the group's other good samples before advantages
+    (``omnigrpo.app.diversity.diversity_bonus``), so among the samples that do what was asked the one least like
+    its siblings is preferred; 0 = off. Logged as ``diversity/bonus_mean``."""
     max_grad_norm: Annotated[float, Field(gt=0.0)] = 1.0
     """Gradient clipping threshold (global L2 norm)."""
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0

@@ -39,3 +39,17 @@ def test_the_bonus_spread_skips_excluded_samples_and_other_groups():
     spread = group_spread(pixel_distances(images), np.array([0, 0, 0, 1, 1]), np.array([True, True, False, True, True]))
     # the excluded white counts as nobody's sibling (sample 0 sees only sample 1), but gets its own spread
     assert spread.tolist() == pytest.approx([1.0, 1.0, 0.5, 0.0, 0.0])
+
+
+def test_the_bonus_pays_only_good_samples_for_being_unlike_the_good_ones():
+    from omnigrpo.app.diversity import diversity_bonus
+
+    black, white, grey = (np.full((16, 16, 3), v, np.uint8) for v in (0, 255, 128))
+    images = np.stack([black, black, white, grey, black, white])
+    group = np.array([0, 0, 0, 0, 1, 1])
+    total = np.array([1.0, 1.0, 1.0, 0.0, 5.0, np.nan])  # the grey one failed its judge: below its group's mean
+    valid = np.array([True, True, True, True, True, False])
+    bonus = diversity_bonus(pixel_distances(images), group, total, valid, 3.0)
+    # group 0 (mean 0.75): the white one is unlike both good blacks; the grey one is unlike everyone but is
+    # below the mean, so it gains nothing and is nobody's sibling; group 1: the excluded white is no sibling
+    assert bonus.tolist() == pytest.approx([1.5, 1.5, 3.0, 0.0, 0.0, 0.0])

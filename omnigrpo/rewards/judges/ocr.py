@@ -17,13 +17,20 @@ The target text is ``metadata["text"]`` when present, else the double-quoted par
 Small images are upscaled (nearest neighbour, integer factor) until they are ``min_height`` pixels
 tall, because PP-OCR's detector misses glyphs a few pixels high. ``detect=False`` skips detection and
 reads the whole image as one line, which is faster and steadier for single-line renders.
+
+One reader serves every OCR reward of a process that reads the same way (``detect``, ``min_height``,
+``unclip_ratio``) and remembers its last readings by image content: the same judge configured twice with
+different scores (edit for a dense signal, exact against near misses) reads each image once.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import re
-from collections import Counter
+import threading
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 
 import numpy as np
@@ -87,7 +94,11 @@ def _squash(text: str) -> str:
 
 
 class RapidOCRReader:
-    """PP-OCR (detection + recognition) through ``rapidocr``; ``read(image) -> str``."""
+    """PP-OCR (detection + recognition) through ``rapidocr``; ``read(image) -> str``, remembering the last
+    ``MEMORY`` readings by image content."""
+
+    MEMORY = 1024
+    """Readings kept (a few steps' batches; a reading is a short string)."""
 
     def __init__(self, detect: bool = True, min_height: int = 64, unclip_ratio: float = 1.2):
         from rapidocr import RapidOCR
@@ -98,14 +109,36 @@ class RapidOCRReader:
         self.engine = RapidOCR(params={"Det.unclip_ratio": unclip_ratio})
         self.detect = detect
         self.min_height = min_height
+        self.memory: OrderedDict[tuple, str] = OrderedDict()
+        self.lock = threading.Lock()  # a reward service may judge from several threads
 
     def read(self, image: np.ndarray) -> str:
         """uint8 ``[H, W, 3]`` -> the text read, lines joined by spaces ("" if nothing)."""
+        image = np.ascontiguousarray(image)
+        key = (image.shape, str(image.dtype), hashlib.blake2b(image.data, digest_size=16).digest())
+        with self.lock:
+            if key in self.memory:
+                self.memory.move_to_end(key)
+                return self.memory[key]
+        text = self._read(image)
+        with self.lock:
+            self.memory[key] = text
+            if len(self.memory) > self.MEMORY:
+                self.memory.popitem(last=False)
+        return text
+
+    def _read(self, image: np.ndarray) -> str:
         factor = max(1, -(-self.min_height // image.shape[0]))
         if factor > 1:
             image = image.repeat(factor, axis=0).repeat(factor, axis=1)
         result = self.engine(np.ascontiguousarray(image), use_det=self.detect, use_cls=False, use_rec=True)
         return " ".join(result.txts or ())
+
+
+@functools.cache
+def shared_reader(detect: bool, min_height: int, unclip_ratio: float) -> RapidOCRReader:
+    """The process's one reader for these settings (an engine takes a second to load and holds its models)."""
+    return RapidOCRReader(detect=detect, min_height=min_height, unclip_ratio=unclip_ratio)
 
 
 @register_reward("ocr")
@@ -120,7 +153,7 @@ def ocr_reward(score: str = "edit", detect: bool = True, min_height: int = 64, u
     if score not in scorers:
         raise ValueError(f"ocr: score must be one of {sorted(scorers)}, got {score!r}")
     scorer = scorers[score]
-    reader = RapidOCRReader(detect=detect, min_height=min_height, unclip_ratio=unclip_ratio)
+    reader = shared_reader(detect, min_height, unclip_ratio)
 
     def judge(images, prompts, metadata):
         out: list[float | None] = []

@@ -68,3 +68,21 @@ def test_scores_by_hand():
     assert edit_score("", "abcd") == 0.0
     assert edit_score("abxd", "abcd") == pytest.approx(0.75)
     assert word_recall("统一 模型", "统一模型") == 1.0  # CJK counted per character
+
+
+def test_one_reading_serves_every_score_that_reads_the_same_way(monkeypatch):
+    """edit and exact at the same scale share a reader and read each image once; another scale reads again."""
+    from omnigrpo.rewards.judges.ocr import shared_reader
+
+    edit, exact = build_reward("ocr", {"detect": False}), build_reward("ocr", {"score": "exact", "detect": False})
+    larger = build_reward("ocr", {"score": "exact", "detect": False, "min_height": 200})
+    reader = shared_reader(False, 64, 1.2)
+    reads = []
+    real = reader._read
+    monkeypatch.setattr(reader, "_read", lambda image: reads.append(image.shape) or real(image))
+    images = [render("OPEN"), render("OPFN")]
+    assert edit(images, ['"OPEN"'] * 2, [{}] * 2) == [1.0, 0.75]
+    assert exact(images, ['"OPEN"'] * 2, [{}] * 2) == [1.0, 0.0]
+    assert len(reads) == 2  # the exact score reused both readings
+    assert larger(images, ['"OPEN"'] * 2, [{}] * 2) == [1.0, 0.0] and len(reads) == 2  # its own reader
+    assert shared_reader(False, 200, 1.2) is not reader
