@@ -36,7 +36,7 @@ from omnigrpo.app.tracking import Tracker
 from omnigrpo.config.loader import ConfigError
 from omnigrpo.config.runtime import checkpoint_eval_seed
 from omnigrpo.config.schema import Config
-from omnigrpo.rewards.judges.ocr import RapidOCRReader, exact_score, target_text, word_recall
+from omnigrpo.rewards.judges.ocr import exact_score, shared_reader, target_text, word_recall
 from omnigrpo.rewards.registry import build_reward
 from omnigrpo.rewards.worker import JudgeStartError, RewardWorker
 from omnigrpo.rollout.sampler import SamplingParams
@@ -89,7 +89,7 @@ def text_metrics(cfg: Config, images: np.ndarray, prompts: list[str], metadata: 
         return {}
     options = next((dict(r.kwargs) for r in cfg.rewards if r.name == "ocr"), {})
     options.pop("score", None)
-    reader = RapidOCRReader(**options)
+    reader = shared_reader(**options)
     readings = [(reader.read(images[i]), text) for i, text in asked]
     exact = [exact_score(read, text) for read, text in readings]
     # a prompt's samples all quote the same text, so the asked samples still come per_prompt at a time

@@ -26,11 +26,9 @@ different scores (edit for a dense signal, exact against near misses) reads each
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import re
-import threading
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable
 
 import numpy as np
@@ -109,23 +107,16 @@ class RapidOCRReader:
         self.engine = RapidOCR(params={"Det.unclip_ratio": unclip_ratio})
         self.detect = detect
         self.min_height = min_height
-        self.memory: OrderedDict[tuple, str] = OrderedDict()
-        self.lock = threading.Lock()  # a reward service may judge from several threads
+        # by content: the same image judged by two scores (edit and exact) is read once; thread-safe
+        self.remembered = functools.lru_cache(maxsize=self.MEMORY)(self._read_bytes)
 
     def read(self, image: np.ndarray) -> str:
         """uint8 ``[H, W, 3]`` -> the text read, lines joined by spaces ("" if nothing)."""
         image = np.ascontiguousarray(image)
-        key = (image.shape, str(image.dtype), hashlib.blake2b(image.data, digest_size=16).digest())
-        with self.lock:
-            if key in self.memory:
-                self.memory.move_to_end(key)
-                return self.memory[key]
-        text = self._read(image)
-        with self.lock:
-            self.memory[key] = text
-            if len(self.memory) > self.MEMORY:
-                self.memory.popitem(last=False)
-        return text
+        return self.remembered(image.shape, image.dtype.str, image.tobytes())
+
+    def _read_bytes(self, shape: tuple[int, ...], dtype: str, data: bytes) -> str:
+        return self._read(np.frombuffer(data, dtype=dtype).reshape(shape))
 
     def _read(self, image: np.ndarray) -> str:
         factor = max(1, -(-self.min_height // image.shape[0]))
@@ -135,9 +126,13 @@ class RapidOCRReader:
         return " ".join(result.txts or ())
 
 
-@functools.cache
-def shared_reader(detect: bool, min_height: int, unclip_ratio: float) -> RapidOCRReader:
+def shared_reader(detect: bool = True, min_height: int = 64, unclip_ratio: float = 1.2) -> RapidOCRReader:
     """The process's one reader for these settings (an engine takes a second to load and holds its models)."""
+    return _reader(bool(detect), int(min_height), float(unclip_ratio))
+
+
+@functools.cache
+def _reader(detect: bool, min_height: int, unclip_ratio: float) -> RapidOCRReader:
     return RapidOCRReader(detect=detect, min_height=min_height, unclip_ratio=unclip_ratio)
 
 
