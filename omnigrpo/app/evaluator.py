@@ -73,8 +73,18 @@ def world_metrics(world_name: str, images: np.ndarray, prompts: list[str], metad
     world = worlds.get(world_name)
     metrics["eval/blank_frac"] = blank_share(images, world.BACKGROUND)
     if hasattr(world, "read_style"):  # a world that draws in styles its prompts leave open (glyphs)
-        metrics["eval/style_entropy"] = style_entropy([world.read_style(im) for im in images], scores[headline],
-                                                      per_prompt)
+        metrics.update(style_metrics([world.read_style(im) for im in images], scores[headline], per_prompt))
+    return metrics
+
+
+def style_metrics(styles: list, correct: list[float | None], per_prompt: int) -> dict[str, float]:
+    """``eval/style_entropy`` of the joint style and, for a dataclass style, ``eval/style_entropy_<field>`` of
+    each attribute alone (which of them RL kept: a joint entropy held by height alone reads the same)."""
+    metrics = {"eval/style_entropy": style_entropy(styles, correct, per_prompt)}
+    known = next((s for s in styles if s is not None), None)
+    for field in dataclasses.fields(known) if dataclasses.is_dataclass(known) else ():
+        values = [None if s is None else getattr(s, field.name) for s in styles]
+        metrics[f"eval/style_entropy_{field.name}"] = style_entropy(values, correct, per_prompt)
     return metrics
 
 

@@ -114,3 +114,15 @@ def test_eval_of_xomni_paints_through_its_diffusion_decoder(tiny_config, tmp_pat
     report = evaluate_checkpoint(cfg, str(path), prompts_source=str(prompts), samples=2, out=str(tmp_path / "r.json"))
     assert report["metrics"]["eval/reward/failed"] == 0.0, report["metrics"]
     assert 0.0 <= report["metrics"]["eval/reward_mean"] <= 1.0
+
+
+def test_style_metrics_report_each_attribute_beside_the_joint_style():
+    from omnigrpo.app.evaluator import style_metrics
+    from omnigrpo.worlds.glyphs import Style
+
+    # one prompt, four right samples: two colours at one size and height, so the joint entropy is the colour's
+    styles = [Style("white", 8, 0), Style("cyan", 8, 0), Style("white", 8, 0), Style("cyan", 8, 0), None]
+    out = style_metrics(styles, [1, 1, 1, 1, 1], per_prompt=5)
+    assert out == pytest.approx({"eval/style_entropy": 1.0, "eval/style_entropy_colour": 1.0,
+                                 "eval/style_entropy_advance": 0.0, "eval/style_entropy_shift": 0.0})
+    assert style_metrics(["a", "b"], [1, 1], per_prompt=2) == {"eval/style_entropy": 1.0}  # not a dataclass
