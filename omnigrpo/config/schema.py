@@ -212,7 +212,8 @@ class TrainerConfig:
     """A remedy against collapse: each good sample's total (valid, at or above its group's mean) gains this
     times its mean thumbnail distance (0..1) to the group's other good samples before advantages
     (``omnigrpo.app.diversity.diversity_bonus``), so among the samples that do what was asked the one least like
-    its siblings is preferred; 0 = off. Logged as ``diversity/bonus_mean``."""
+    its siblings is preferred; 0 = off. Logged as ``diversity/bonus_mean``. On glyphs it slows the collapse but does
+    not stop it; ``kl_coef: 0.25`` does (BENCHMARKS.md section 5)."""
     max_grad_norm: Annotated[float, Field(gt=0.0)] = 1.0
     """Gradient clipping threshold (global L2 norm)."""
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0

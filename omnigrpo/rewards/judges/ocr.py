@@ -26,9 +26,11 @@ different scores (edit for a dense signal, exact against near misses) reads each
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import re
-from collections import Counter
+import threading
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 
 import numpy as np
@@ -107,16 +109,24 @@ class RapidOCRReader:
         self.engine = RapidOCR(params={"Det.unclip_ratio": unclip_ratio})
         self.detect = detect
         self.min_height = min_height
-        # by content: the same image judged by two scores (edit and exact) is read once; thread-safe
-        self.remembered = functools.lru_cache(maxsize=self.MEMORY)(self._read_bytes)
+        # keyed by a digest, not the image: a thousand 1024 px images would hold 3 GB as keys
+        self.memory: OrderedDict[tuple, str] = OrderedDict()
+        self.lock = threading.Lock()  # a reward service may judge from several threads
 
     def read(self, image: np.ndarray) -> str:
         """uint8 ``[H, W, 3]`` -> the text read, lines joined by spaces ("" if nothing)."""
         image = np.ascontiguousarray(image)
-        return self.remembered(image.shape, image.dtype.str, image.tobytes())
-
-    def _read_bytes(self, shape: tuple[int, ...], dtype: str, data: bytes) -> str:
-        return self._read(np.frombuffer(data, dtype=dtype).reshape(shape))
+        key = (image.shape, str(image.dtype), hashlib.blake2b(image.data, digest_size=16).digest())
+        with self.lock:
+            if key in self.memory:
+                self.memory.move_to_end(key)
+                return self.memory[key]
+        text = self._read(image)
+        with self.lock:
+            self.memory[key] = text
+            if len(self.memory) > self.MEMORY:
+                self.memory.popitem(last=False)
+        return text
 
     def _read(self, image: np.ndarray) -> str:
         factor = max(1, -(-self.min_height // image.shape[0]))
