@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)  # overrides may follow options such as --check
     # force: bind to the stderr of this call (an embedding process, or a test, may have replaced it since)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    # INFO is for omnigrpo's progress; matplotlib reports building its font cache (first use on a machine) at INFO
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     command = COMMANDS[args.command]
     if args.command in CONFIG_COMMANDS:
         unknown = [e for e in extra if e.startswith("-")]  # anything else is an override, checked as one
