@@ -4,7 +4,7 @@ PY      := .venv/bin/python
 PIP     := DS_BUILD_OPS=0 .venv/bin/pip install --quiet --disable-pip-version-check -c constraints.txt
 STAMP   := .venv/.installed
 
-.PHONY: demo glyphs bench test gpu-check lint install clean
+.PHONY: demo glyphs bench test gpu-check gpu-wheels lint install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -28,8 +28,11 @@ test: $(STAMP)
 	.venv/bin/lint-imports
 	$(PY) -m pytest -q --durations=10
 
-gpu-check: $(STAMP)  # on a CUDA machine: the tests marked gpu, then the GPU benchmark (omnigrpo/bench/gpu_check.sh)
+gpu-check: $(STAMP)  # on a CUDA machine: benchmark and tests marked gpu, in order (omnigrpo/bench/gpu_check.sh)
 	PATH=$(CURDIR)/.venv/bin:$$PATH omnigrpo/bench/gpu_check.sh runs/gpu-check
+
+gpu-wheels: $(STAMP)  # .whl/: what a GPU machine's image lacks for the check (omnigrpo/bench/gpu_wheels.sh)
+	omnigrpo/bench/gpu_wheels.sh .venv/bin/pip
 
 lint: $(STAMP)
 	.venv/bin/ruff check omnigrpo tests

@@ -14,7 +14,8 @@ of them, or the LoRA adapters; ``W`` = ``cluster.learner_workers``, ``z`` = ``tr
   activations (:func:`activation_bytes`);
 - rollout actor: weights ``P b`` plus the static KV cache
   ``rows * layers * 2 * kv_heads * head_dim * (prompt + image tokens) * b``, ``rows`` = images per sampler call
-  (``rollout.sample_batch``, else the actor's share of the step) times 2 with CFG;
+  (``rollout.sample_batch``, else the actor's share of the step) times 2 with CFG (``rollout.cuda_graphs``: the
+  length rounded up to whole :data:`~omnigrpo.rollout.graphs.SPAN` multiples, plus the graphs' pool);
 - reward actor: the judges' table (:data:`JUDGE_GIB`) or each reward's ``memory_gb``;
 - decoder actor: :data:`DECODER_GIB`.
 
@@ -34,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 
 from omnigrpo.app.sizing import PROMPT_TOKENS, ModelSize, model_size
 from omnigrpo.config.schema import Config
+from omnigrpo.rollout.graphs import bucketed
 
 GIB = 2**30
 PIXELS_PER_CODE = 16 * 16
@@ -147,11 +149,18 @@ def sampler_rows(cfg: Config) -> int:
 
 
 def rollout_memory(cfg: Config, size: ModelSize, prompt_tokens: int = PROMPT_TOKENS) -> dict[str, int]:
-    """One rollout actor's bytes: weights, the static KV cache, and the step's fp32 image-code logits."""
+    """One rollout actor's bytes: weights, the static KV cache, and the step's fp32 image-code logits. With CUDA
+    graphs the cache is the one held for the actor's life, its length rounded up to whole attention spans, and the
+    graphs' shared pool holds one step's temporaries (counted as a second set of logits)."""
     b = 2 if cfg.model.dtype == "bfloat16" else 4
     rows = sampler_rows(cfg)
-    kv = rows * size.layers * 2 * size.kv_heads * size.head_dim * (prompt_tokens + size.image_tokens) * b
-    return {"weights": size.params * b, "kv_cache": kv, "logits": rows * size.codes * 4 * 2}
+    length = prompt_tokens + size.image_tokens
+    graphs = cfg.rollout.cuda_graphs
+    if graphs:
+        length = bucketed(length)
+    kv = rows * size.layers * 2 * size.kv_heads * size.head_dim * length * b
+    logits = rows * size.codes * 4 * 2
+    return {"weights": size.params * b, "kv_cache": kv, "logits": logits, **({"graph pool": logits} if graphs else {})}
 
 
 def reward_memory(cfg: Config) -> dict[str, int]:
@@ -177,7 +186,8 @@ def plan(cfg: Config, prompt_tokens: int = PROMPT_TOKENS) -> MemoryPlan:
         b = 2 if cfg.model.dtype == "bfloat16" else 4
         packed = size.layers * size.hidden * (size.hidden + 2 * size.kv_heads * size.head_dim + 2 * size.intermediate)
         parts["learner"] |= {"sampler kv_cache": sampling["kv_cache"], "sampler logits": sampling["logits"],
-                             "sampler packed copy": packed * b}
+                             "sampler packed copy": packed * b,
+                             **({"sampler graph pool": sampling["graph pool"]} if "graph pool" in sampling else {})}
     roles = []
     for role in ("learner", "rollout", "reward", "decoder"):
         count = cfg.actor_counts[role]

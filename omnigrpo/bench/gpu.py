@@ -17,22 +17,18 @@ matmul work and weight reads per token (1.48 B vs 1.27 B parameters) and its tim
 pessimistic. Random weights change what is sampled, not how long it takes (every image has exactly
 576 tokens).
 
-Measured (``--out`` writes all of it as JSON, stdout gets a markdown table):
+Measured, in this order (``--parts``; ``--out`` writes JSON after each, stdout gets markdown tables):
 
-1. Rollout: ``omnigrpo.rollout.sampler.sample_images`` vs ``model.generate``, same prompts
-   ``[B, P]`` (no padding), same CFG scale, temperature and top-k, both restricted to image codes.
-   HF baseline "hf_unbatched_cfg" is HF's own decoder-only CFG (``guidance_scale`` +
-   ``negative_prompt_ids`` -> ``UnbatchedClassifierFreeGuidanceLogitsProcessor``), which runs the
-   unconditional branch as a *second* model forward of batch B per step (its own KV cache) inside
-   the logits processor; ours runs one forward of batch 2B. "hf_batched_cfg" is ``generate`` on the
-   doubled batch with a processor that mixes cond/uncond rows, samples once and forces both rows to
-   that code. tokens/s counts each image's tokens once, not once per CFG branch.
-2. Decode step vs floor: our step time ``(rollout - prefill) / (T - 1)`` against
-   ``floor = (weight bytes read per step + KV bytes at the mean context) / copy bandwidth``, where
-   the weight bytes exclude the embedding table (only B rows of it are read) and the bandwidth is
-   ``2 * bytes / time`` of a large ``Tensor.copy_``. Not in the floor: transformers' ``DynamicCache``
-   grows by ``torch.cat``, re-reading and re-writing the whole cache every step.
-3. Learner: forward+backward of ``sequence_logprobs`` with CFG on ``--micro-batch`` sequences.
+1. ``decode``: one decode step at the middle of an image, ours eager, ours static (the kernels a graph replays),
+   ours replayed from CUDA graphs and HF ``generate`` on the doubled batch; ms per step, kernels per step (per
+   layer and outside) and two bandwidth floors (:mod:`omnigrpo.bench.decode`).
+2. ``rollout``: a full rollout, ``sample_images`` eager and graphed vs ``model.generate`` on the doubled batch with
+   a processor that mixes cond/uncond rows, samples once and forces both rows to that code ("hf_batched_cfg"),
+   same prompts ``[B, P]``, CFG scale, temperature and top-k, both restricted to image codes; the graphs' capture
+   time and memory; and the bf16 gap between the log-probs sampled and the learner's teacher-forced ones. Both
+   sides are called alike: no ``torch.device`` context around either (it costs host time on every op).
+   tokens/s counts each image's tokens once, not once per CFG branch.
+3. ``learner``: forward+backward of ``sequence_logprobs`` with CFG on ``--micro-batch`` sequences.
    ``FLOPs = 6 * N * R * L + 6 * layers * hidden * L^2 * R`` with N the matmul parameters (all but the
    embedding table), R = 2 * micro-batch rows (both CFG branches are forwarded), L = P + T - 1 tokens
    per row; the second term is causal attention (QK^T and AV). MFU = FLOPs / step time / the
@@ -49,6 +45,7 @@ import argparse
 import datetime
 import json
 import platform
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -56,12 +53,14 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from omnigrpo.bench.generate import hf_generate, hf_generate_batched, median_seconds
-from omnigrpo.rollout.graphs import graphed_decoder
+from omnigrpo.bench.decode import bench_decode, decode_lines, make_prompts
+from omnigrpo.bench.generate import hf_generate_batched, median_seconds
+from omnigrpo.rollout.graphs import graph_set, graphed_decoder
 from omnigrpo.rollout.policy import ImageSpace, PromptBatch, TextVocabLM
 from omnigrpo.rollout.sampler import SamplingParams, sample_images, sequence_logprobs
 
 TEXT_VOCAB, IMAGE_CODES = 102400, 16384
+PARTS = ("decode", "rollout", "learner")
 
 
 def build_model(tiny: bool, device: torch.device, dtype: torch.dtype) -> tuple[LlamaForCausalLM, ImageSpace]:
@@ -81,55 +80,52 @@ def build_model(tiny: bool, device: torch.device, dtype: torch.dtype) -> tuple[L
     return model.eval(), ImageSpace(num_codes=codes, rows=side, cols=side, offset=text)
 
 
-def make_prompts(batch: int, length: int, text_vocab: int, device: torch.device) -> PromptBatch:
-    """``[B, P]`` random text prompts ending in one marker id; uncond = padding + the same marker."""
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(1, text_vocab, (batch, length), generator=gen)
-    ids[:, -1] = text_vocab - 1
-    uncond = torch.zeros_like(ids)
-    uncond[:, -1] = text_vocab - 1
-    return PromptBatch(ids.to(device), uncond.to(device), torch.ones_like(ids).to(device), pad_id=0)
-
-
 def timed(fn: Callable[[], object], repeats: int, device: torch.device, warmup: int = 1) -> float:
     """Median wall seconds of ``fn`` over ``repeats`` runs after ``warmup`` runs, CUDA synchronised."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     return median_seconds(fn, repeats, warmup, sync)
 
 
-SIDES = {"ours": "our sampler", "ours_graphs": "our sampler, CUDA-graph decode steps",
-         "hf_batched_cfg": "HF generate, batched CFG",
-         "hf_unbatched_cfg": "HF generate, HF's CFG"}
-
-
 def bench_rollout(model: LlamaForCausalLM, prompts: PromptBatch, space: ImageSpace, params: SamplingParams,
-                  repeats: int, device: torch.device, side: str) -> dict[str, float]:
-    """Images/s and image tokens/s of one ``side`` of :data:`SIDES`: our sampler or HF ``generate``."""
+                  repeats: int, device: torch.device) -> dict[str, object]:
+    """Images/s and image tokens/s of ours (eager; graphed on CUDA) and HF ``generate`` with batched CFG, the
+    graphs' capture seconds and memory, and the log-prob gap between sampler and learner."""
     b, t = len(prompts), space.tokens_per_image
-
     lm = TextVocabLM(model, space)  # one view: its captured graphs are reused across repeats
+    fns = {"ours": lambda: sample_images(lm, prompts, params),
+           "hf_batched_cfg": lambda: hf_generate_batched(model, prompts, space, params)}
+    out: dict[str, object] = {}
+    if device.type == "cuda":
+        fns["ours_graphs"] = lambda: sample_images(lm, prompts, params, graphed=graphed_decoder)
+        out["graphs"] = capture(lambda: fns["ours_graphs"](), lm, device)
+    for side, fn in fns.items():
+        seconds = timed(fn, repeats, device)
+        out[side] = {"seconds": seconds, "tokens_per_s": b * t / seconds, "images_per_s": b / seconds}
+    best = "ours_graphs" if "ours_graphs" in out else "ours"
+    out["ratio_ours_over_hf_batched"] = out[best]["tokens_per_s"] / out["hf_batched_cfg"]["tokens_per_s"]
+    out["ratio_eager_over_hf_batched"] = out["ours"]["tokens_per_s"] / out["hf_batched_cfg"]["tokens_per_s"]
+    codes, sampled = fns[best]()
+    with torch.no_grad():
+        scored, _ = sequence_logprobs(lm, prompts, codes, params)
+    gap = (sampled.float() - scored.float()).abs()
+    out["logprob_gap"] = {"sampler": best, "mean": float(gap.mean()), "max": float(gap.max())}
+    return out
 
-    def ours(graphed=None) -> object:
-        with torch.device(device):  # the sampler allocates its step tensors on the default device
-            return sample_images(lm, prompts, params, graphed=graphed)
 
-    fn = {"ours": ours, "ours_graphs": lambda: ours(graphed_decoder),
-          "hf_unbatched_cfg": lambda: hf_generate(model, prompts, space, params),
-          "hf_batched_cfg": lambda: hf_generate_batched(model, prompts, space, params)}[side]
-    seconds = timed(fn, repeats, device)
-    return {"seconds": seconds, "tokens_per_s": b * t / seconds, "images_per_s": b / seconds}
-
-
-def ratios(rollout: dict[str, object]) -> None:
-    """Add our tokens/s over each HF side measured so far to ``rollout``."""
-    ours = rollout["ours"]["tokens_per_s"]  # type: ignore[index]
-    for side, key in [("hf_unbatched_cfg", "ratio_ours_over_hf"), ("hf_batched_cfg", "ratio_ours_over_hf_batched")]:
-        if side in rollout:
-            rollout[key] = ours / rollout[side]["tokens_per_s"]  # type: ignore[index]
-    rollout["hf_cfg_note"] = ("hf_unbatched_cfg = generate(guidance_scale, negative_prompt_ids): HF's CFG processor "
-                              "runs a second forward of batch B per step for the uncond branch; ours runs one forward "
-                              "of 2B. hf_batched_cfg = generate on the doubled batch with a cond/uncond mixing "
-                              "processor.")
+def capture(first_call: Callable[[], object], lm: TextVocabLM, device: torch.device) -> dict[str, float]:
+    """Seconds and memory of the first graphed call (it captures every span), against a second call."""
+    torch.cuda.synchronize(device)
+    before, peak0 = torch.cuda.memory_allocated(device), torch.cuda.max_memory_reserved(device)
+    start = time.perf_counter()
+    first_call()
+    torch.cuda.synchronize(device)
+    first = time.perf_counter() - start
+    graphs = graph_set(lm)
+    return {"first_call_s": first, "graphs": sum(len(loop.graphs) for loop in graphs.loops.values()),
+            "kv_cache_gb": graphs.held_bytes() / 1e9,
+            "allocated_gb": (torch.cuda.memory_allocated(device) - before) / 1e9,
+            "reserved_growth_gb": (torch.cuda.max_memory_reserved(device) - peak0) / 1e9,
+            "failures": {str(k[:3]): v for k, v in graphs.failures.items()}}
 
 
 def copy_bandwidth(nbytes: int, device: torch.device) -> float:
@@ -150,30 +146,6 @@ def matmul_rate(n: int, dtype: torch.dtype, device: torch.device) -> float:
 def matmul_params(model: LlamaForCausalLM) -> int:
     """Parameters read/multiplied per token: all but the embedding table (a row lookup)."""
     return sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
-
-
-def bench_decode(model: LlamaForCausalLM, prompts: PromptBatch, space: ImageSpace, rollout_s: float, repeats: int,
-                 bandwidth: float, device: torch.device, graphs_s: float | None = None) -> dict[str, float]:
-    """Our per-step decode time, eager and (``graphs_s``: the graphed rollout's seconds) replayed from CUDA graphs,
-    vs the bandwidth floor (weights + KV cache at the mean context)."""
-    ids = torch.cat([prompts.ids, prompts.uncond_ids])
-    mask = torch.cat([prompts.mask, prompts.mask])
-    with torch.no_grad():
-        prefill_s = timed(lambda: model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1),
-                          repeats, device)
-    t, cfg = space.tokens_per_image, model.config
-    step_s = (rollout_s - prefill_s) / (t - 1)
-    graph_s = (graphs_s - prefill_s) / (t - 1) if graphs_s else None
-    elem = next(model.parameters()).element_size()
-    weight_bytes = matmul_params(model) * elem
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
-    mean_ctx = prompts.ids.shape[1] + (t - 1) / 2
-    kv_bytes = 2 * cfg.num_hidden_layers * ids.shape[0] * cfg.num_key_value_heads * head_dim * mean_ctx * elem
-    floor_s = (weight_bytes + kv_bytes) / bandwidth
-    graphed = {} if graph_s is None else {"graph_step_ms": graph_s * 1e3, "graph_efficiency": floor_s / graph_s}
-    return {"step_ms": step_s * 1e3, "prefill_ms": prefill_s * 1e3, "floor_ms": floor_s * 1e3, **graphed,
-            "efficiency": floor_s / step_s, "weight_bytes": weight_bytes, "kv_bytes_mean": kv_bytes,
-            "mean_context": mean_ctx, "copy_bandwidth_gb_s": bandwidth / 1e9, "rows": ids.shape[0]}
 
 
 def bench_learner(model: LlamaForCausalLM, prompts: PromptBatch, space: ImageSpace, params: SamplingParams,
@@ -210,21 +182,23 @@ def machine(device: torch.device) -> dict[str, str]:
 
 def table(result: dict[str, dict]) -> str:
     """Markdown summary of what ``result`` holds so far."""
-    r, m = result.get("rollout", {}), result["machine"]
-    rows = [f"{m['name']} | torch {m['torch']} | transformers {m['transformers']} | {m['date']}", "",
-            "| measure | value |", "|---|---|"]
-    rows += [f"| rollout {side} | {r[side]['tokens_per_s']:.1f} tok/s, {r[side]['images_per_s']:.3f} img/s |"
-             for side in SIDES if side in r]
-    rows += [f"| ratio ours/hf ({label}) | {r[key]:.2f}x |" for key, label in
-             [("ratio_ours_over_hf", "HF CFG"), ("ratio_ours_over_hf_batched", "batched CFG")] if key in r]
+    m = result["machine"]
+    rows = [f"{m['name']} | torch {m['torch']} | transformers {m['transformers']} | {m['date']}", ""]
     if "decode" in result:
-        d = result["decode"]
-        if "graph_step_ms" in d:
-            rows += [f"| decode step (ours, CUDA graphs) | {d['graph_step_ms']:.2f} ms "
-                     f"({d['graph_efficiency']:.1%} of the floor) |"]
-        rows += [f"| decode step (ours, {d['rows']} rows) | {d['step_ms']:.2f} ms |",
-                 f"| decode floor ({d['copy_bandwidth_gb_s']:.0f} GB/s copy) | {d['floor_ms']:.3f} ms |",
-                 f"| decode efficiency (floor/actual) | {d['efficiency']:.1%} |"]
+        rows += decode_lines(result["decode"]) + [""]
+    rows += ["| measure | value |", "|---|---|"]
+    r = result.get("rollout", {})
+    rows += [f"| rollout {side} | {r[side]['tokens_per_s']:.1f} tok/s, {r[side]['images_per_s']:.3f} img/s |"
+             for side in ("ours", "ours_graphs", "hf_batched_cfg") if side in r]
+    if "ratio_ours_over_hf_batched" in r:
+        rows += [f"| ratio ours/HF batched CFG (best; eager) | {r['ratio_ours_over_hf_batched']:.2f}x; "
+                 f"{r['ratio_eager_over_hf_batched']:.2f}x |",
+                 f"| log-prob gap sampler/learner ({r['logprob_gap']['sampler']}) | "
+                 f"mean {r['logprob_gap']['mean']:.2e}, max {r['logprob_gap']['max']:.2e} |"]
+    if "graphs" in r:
+        g = r["graphs"]
+        rows += [f"| graphs: first call (captures {g['graphs']}) | {g['first_call_s']:.2f} s, KV cache "
+                 f"{g['kv_cache_gb']:.2f} GB, pool growth {g['reserved_growth_gb']:.2f} GB |"]
     if "learner" in result:
         lrn = result["learner"]
         rows += [f"| learner fwd+bwd ({lrn['sequences']} seq) | {lrn['step_s'] * 1e3:.1f} ms, "
@@ -237,6 +211,7 @@ def table(result: dict[str, dict]) -> str:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="toy model on CPU in fp32 (seconds; for tests)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
     parser.add_argument("--batch", type=int, default=None, help="prompts per rollout (default 16; tiny 4)")
     parser.add_argument("--prompt-len", type=int, default=None, help="prompt tokens P (default 32; tiny 8)")
     parser.add_argument("--micro-batch", type=int, default=None, help="learner sequences (default 8; tiny 2)")
@@ -247,12 +222,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--copy-mib", type=int, default=None, help="copy-bandwidth buffer (default 2048; tiny 64)")
     parser.add_argument("--matmul-n", type=int, default=None, help="matmul-rate size n (default 8192; tiny 256)")
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here (after each measure)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    if not args.parts or set(args.parts) - set(PARTS):
+        parser.error(f"--parts: choose from {', '.join(PARTS)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
-    """Measure in order of cost (ours, decode floor, learner, then HF's two baselines), printing and saving after
-    each, so a run stopped by a time limit keeps what it measured."""
+    """Measure the asked parts in order (decode, rollout, learner), printing and saving after each, so a run
+    stopped by a time limit keeps what it measured."""
     args = parse(argv)
     tiny = args.tiny
     device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
@@ -263,14 +242,12 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     model, space = build_model(tiny, device, dtype)
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, cfg_scale=args.cfg_scale)
     batch, plen, micro = args.batch or (4 if tiny else 16), args.prompt_len or (8 if tiny else 32), args.micro_batch
-    prompts = make_prompts(batch, plen, space.offset, device)
-    rollout: dict[str, object] = {}
     result: dict[str, object] = {
-        "machine": machine(device), "rollout": rollout,
+        "machine": machine(device),
         "config": {"tiny": tiny, "dtype": str(dtype), "batch": batch, "prompt_len": plen,
                    "tokens_per_image": space.tokens_per_image, "image_offset": space.offset,
                    "num_codes": space.num_codes, "cfg_scale": params.cfg_scale, "temperature": params.temperature,
-                   "top_k": params.top_k, "repeats": args.repeats,
+                   "top_k": params.top_k, "repeats": args.repeats, "parts": args.parts,
                    "params": sum(p.numel() for p in model.parameters()), "matmul_params": matmul_params(model)},
     }
 
@@ -280,25 +257,20 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(result, indent=2))
 
-    rollout["ours"] = bench_rollout(model, prompts, space, params, args.repeats, device, "ours")
-    done(f"rollout ours: {rollout['ours']}")
-    if device.type == "cuda":  # captured in the warm-up run, replayed in the timed ones
-        rollout["ours_graphs"] = bench_rollout(model, prompts, space, params, args.repeats, device, "ours_graphs")
-        rollout["ratio_graphs_over_eager"] = rollout["ours_graphs"]["tokens_per_s"] / rollout["ours"]["tokens_per_s"]
-        done(f"rollout ours with CUDA graphs: {rollout['ours_graphs']}")
-    bandwidth = copy_bandwidth((args.copy_mib or (64 if tiny else 2048)) << 20, device)
-    graphs_s = rollout["ours_graphs"]["seconds"] if "ours_graphs" in rollout else None
-    result["decode"] = bench_decode(model, prompts, space, rollout["ours"]["seconds"], args.repeats, bandwidth,
-                                    device, graphs_s)
-    done("decode floor")
-    peak = matmul_rate(args.matmul_n or (256 if tiny else 8192), dtype, device)
-    learner_prompts = make_prompts(micro or (2 if tiny else 8), plen, space.offset, device)
-    result["learner"] = bench_learner(model, learner_prompts, space, params, args.repeats, peak, device)
-    done("learner")
-    for side in ("hf_batched_cfg", "hf_unbatched_cfg"):
-        rollout[side] = bench_rollout(model, prompts, space, params, args.repeats, device, side)
-        ratios(rollout)
-        done(f"rollout {side}: {rollout[side]}")
+    if "decode" in args.parts:
+        bandwidth = copy_bandwidth((args.copy_mib or (64 if tiny else 2048)) << 20, device)
+        result["decode"] = bench_decode(model, space, params, batch, plen, bandwidth, device, args.repeats,
+                                        more=16 if tiny else 64)
+        done("decode step")
+    if "rollout" in args.parts:
+        prompts = make_prompts(batch, plen, space.offset, device)
+        result["rollout"] = bench_rollout(model, prompts, space, params, args.repeats, device)
+        done("rollout")
+    if "learner" in args.parts:
+        peak = matmul_rate(args.matmul_n or (256 if tiny else 8192), dtype, device)
+        learner_prompts = make_prompts(micro or (2 if tiny else 8), plen, space.offset, device)
+        result["learner"] = bench_learner(model, learner_prompts, space, params, args.repeats, peak, device)
+        done("learner")
     print(table(result))  # type: ignore[arg-type]
     return result
 

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import transformers
 
+from omnigrpo.bench import kernels
 from omnigrpo.bench.generate import hf_generate, hf_generate_batched, hf_generate_janus, median_seconds
 from omnigrpo.bench.protocol import bench_trl, mode_configs, table_lines
 from omnigrpo.config.runtime import use_threads
@@ -41,7 +42,7 @@ from omnigrpo.rewards.worker import RewardWorker
 from omnigrpo.rollout.families.builtin import WorldPolicy
 from omnigrpo.rollout.families.codebook import PATCH, PatchCodebook
 from omnigrpo.rollout.loader import load_policy
-from omnigrpo.rollout.policy import ImagePolicy
+from omnigrpo.rollout.policy import ImagePolicy, TextVocabLM
 from omnigrpo.rollout.sampler import SamplingParams, sample_images
 from omnigrpo.trainers.sft import sft_checkpoint
 from omnigrpo.worlds import registry as worlds
@@ -98,8 +99,21 @@ def bench_rollout(cfg: Config, model_path: str, repeats: int) -> dict:
         for side in sides:
             if side != "omnigrpo":
                 row[f"speedup_vs_{side}"] = row["omnigrpo"]["tokens_per_s"] / row[side]["tokens_per_s"]
+        if family == "builtin":
+            row["kernels"] = step_kernels(policy.model, batch, space, params, repeats)
         rows[label] = row
     return {"images": len(prompts), "tokens_per_image": space.tokens_per_image, "settings": rows}
+
+
+def step_kernels(model: torch.nn.Module, batch, space, params: SamplingParams, repeats: int) -> dict:
+    """Kernels and host ms per decode step (:mod:`omnigrpo.bench.kernels`): ours vs HF ``generate`` (with guidance,
+    on the doubled batch), same batch and settings."""
+    sides = {"omnigrpo": lambda m, sp: sample_images(TextVocabLM(m, sp), batch, params)}
+    if params.guided:
+        sides["hf_generate_batched_cfg"] = lambda m, sp: hf_generate_batched(m, batch, sp, params)
+    else:
+        sides["hf_generate"] = lambda m, sp: hf_generate(m, batch, sp, params)
+    return kernels.compare(sides, model, space, repeats)
 
 
 def bench_rewards(cfg: Config, repeats: int) -> dict:
@@ -180,11 +194,12 @@ def table(results: dict) -> str:
                   "| setting | sampler | tokens/s | images/s | omnigrpo speed-up |", "|---|---|---|---|---|"]
         for label, row in ro["settings"].items():
             for side, m in row.items():
-                if side.startswith("speedup"):
+                if side.startswith("speedup") or side == "kernels":
                     continue
                 ratio = row.get(f"speedup_vs_{side}")
                 lines.append(f"| {label} | {side} | {m['tokens_per_s']:.0f} | {m['images_per_s']:.1f} | "
                              f"{'' if ratio is None else f'{ratio:.2f}x'} |")
+        lines += kernel_lines(ro["settings"])
     if "trl" in results:
         lines += table_lines(results["trl"])
     if "sync" in results:
@@ -197,6 +212,17 @@ def table(results: dict) -> str:
         lines += ["", "| judge | images/s |", "|---|---|"]
         lines += [f"| {name} | {m['images_per_s']:.1f} |" for name, m in results["rewards"].items()]
     return "\n".join(lines)
+
+
+def kernel_lines(settings: dict) -> list[str]:
+    """Markdown rows of kernels and host ms per decode step, where a setting measured them."""
+    lines = ["", "| setting | sampler | kernels/step | per layer | outside layers | host ms/step |",
+             "|---|---|---|---|---|---|"]
+    for label, row in settings.items():
+        for side, k in row.get("kernels", {}).items():
+            lines.append(f"| {label} | {side} | {k['total']} | {k['per_layer']} | {k['outside']} | "
+                         f"{k['ms_per_step']:.3f} |")
+    return lines if len(lines) > 3 else []
 
 
 def run_bench(cfg: Config, parts: list[str], steps: int = 20, repeats: int = 3, out: str = "", rounds: int = 3,

@@ -232,7 +232,8 @@ def _rollout_actor(cfg: Config, model_path: str, index: int, plan: placement.Pla
     cls = ray.remote(RolloutWorker).options(max_concurrency=1, name=name, **plan.options("rollout", index))
     return cls.remote(model_path, SamplingParams.of(cfg.rollout), actor_seed(cfg.run.seed, "rollout", index, restart),
                       plan.threads("rollout"), cfg.model.family, tuple(cfg.model.image_grid) or None,
-                      not cfg.decoder.path, cfg.rollout.sample_batch, cfg.model.dtype, cfg.rollout.cuda_graphs)
+                      not cfg.decoder.path, cfg.rollout.sample_batch, cfg.model.dtype, cfg.rollout.cuda_graphs,
+                      cfg.cluster.placement == "colocated")
 
 
 def _decoder_actor(cfg: Config, index: int, plan: placement.Placement, restart: int = 0):

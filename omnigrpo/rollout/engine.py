@@ -2,12 +2,19 @@
 
 Why: on small models and at image lengths (hundreds of tokens per sample) HF ``generate`` spends most
 of each step outside the matmuls: building masks, growing the cache by concatenation, routing
-keyword arguments through every layer. Image sampling needs none of that generality: every row of a
-batch advances in lockstep, the number of steps is known in advance, and CFG's two branches are just
-more rows. :class:`StaticKV` therefore allocates the whole cache and the whole attention mask once;
-:func:`forward_layers` runs the model's *own* modules (norms, projections, MLP, rotary embedding) and
-only re-writes the attention glue: write this step's keys/values into the cache in place, then one
-``scaled_dot_product_attention`` over the filled prefix. Nothing grows per token.
+keyword arguments through every layer; on a GPU each of those small ops is a kernel launch, and a
+decode step of a 1B model is bound by launches, not by the bytes it moves. Image sampling needs none of
+that generality: every row of a batch advances in lockstep, the number of steps is known in advance, and
+CFG's two branches are just more rows. :class:`StaticKV` therefore allocates the whole cache, the additive
+attention mask and a rotary table once; :func:`forward_layers` runs the model's *own* weights with as few
+kernels per layer as the arithmetic allows (``omnigrpo bench --parts rollout`` counts them against HF's):
+
+- one fused RMSNorm (``F.rms_norm``; one kernel on CUDA) per norm;
+- q/k/v and gate/up packed into one GEMM each (:func:`fuse`);
+- rotary embedding of q and k together in three kernels, cos/sin looked up from a table built once per cache;
+- the step's keys/values written in place, then one ``scaled_dot_product_attention`` over the attended span
+  (a decode step groups the query heads that share a key/value head as query rows: no key copy for GQA);
+- output and down projections with their residual add in one ``addmm``.
 
 It applies to any decoder layer with the Llama attribute layout (``input_layernorm``,
 ``self_attn.{q,k,v,o}_proj``, ``post_attention_layernorm``, ``mlp``), which covers the Qwen2 body of the
@@ -22,38 +29,48 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from transformers.models.llama.modeling_llama import rotate_half
 
 
 class StaticKV:
-    """Preallocated keys/values ``[B, H_kv, L_max, D]`` per layer and the key-validity mask ``[B, L_max]``.
+    """Preallocated keys/values ``[B, H_kv, L_max, D]`` per layer, the additive key mask ``bias`` ``[B, 1, 1, L_max]``
+    (0 where a key may be attended, -inf where it is unfilled or padding) and the rotary table.
 
     Args:
         layers: the decoder layers the cache serves (their attention modules give head counts).
         batch: rows, CFG branches included.
         max_len: prompt length plus every token the sampler will feed (at least).
         static: decode steps keep fixed shapes (what a CUDA graph needs): the step's slot is the device tensor
-            ``slot`` ``[1]`` rather than the Python ``length``, and attention spans all ``max_len`` keys with the
-            unfilled ones masked, instead of a prefix that grows by one each step.
+            ``slot`` ``[1]`` rather than the Python ``length``, and attention spans the first ``span`` keys with
+            the unfilled ones masked, instead of a prefix that grows by one each step.
+        keys, values: existing per-layer buffers to use (views of a larger cache; :mod:`omnigrpo.rollout.graphs`).
     """
 
     def __init__(self, layers: Sequence[torch.nn.Module], batch: int, max_len: int, dtype: torch.dtype,
-                 device: torch.device, static: bool = False):
-        self.keys, self.values = [], []
-        for layer in layers:
-            attn = layer.self_attn
-            kv_heads = attn.k_proj.out_features // attn.head_dim
-            shape = (batch, kv_heads, max_len, attn.head_dim)
-            self.keys.append(torch.zeros(shape, dtype=dtype, device=device))
-            self.values.append(torch.zeros(shape, dtype=dtype, device=device))
-        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+                 device: torch.device, static: bool = False, keys=None, values=None):
+        if keys is None:
+            keys, values = [], []
+            for layer in layers:
+                attn = layer.self_attn
+                shape = (batch, attn.k_proj.out_features // attn.head_dim, max_len, attn.head_dim)
+                keys.append(torch.zeros(shape, dtype=dtype, device=device))
+                values.append(torch.zeros(shape, dtype=dtype, device=device))
+        self.keys, self.values = keys, values
+        self.bias = torch.full((batch, 1, 1, max_len), float("-inf"), dtype=dtype, device=device)
         self.length = 0
         self.static = static
+        self.span = max_len
+        """Keys a static decode step attends (a CUDA graph's span: :mod:`omnigrpo.rollout.graphs`)."""
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.rope: torch.Tensor | None = None
+        """``[L_max, 2, d]``: cos and sign-folded sin per position (:func:`rope_table`), built on first use."""
+
+    @property
+    def max_len(self) -> int:
+        return self.bias.shape[-1]
 
     def reset(self) -> None:
         """Empty the cache for a new batch of the same shape (stale keys stay, masked as unfilled)."""
-        self.valid.zero_()
+        self.bias.fill_(float("-inf"))
         self.slot.zero_()
         self.length = 0
 
@@ -67,8 +84,8 @@ def causal_mask(valid: torch.Tensor) -> torch.Tensor:
     return ((valid[:, None, :] & causal) | eye)[:, None]
 
 
-def fuse(layers: Sequence[torch.nn.Module], read=getattr,
-         repoint: bool = True) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
+def fuse(layers: Sequence[torch.nn.Module], read=getattr, repoint: bool = True, into: list[tuple] | None = None
+         ) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
     """Pack each layer's q/k/v projections and its MLP's gate/up projections into one matrix each, and
     make the modules' own weights views of it: one GEMM instead of three (two), no extra memory, and a
     weight load (``load_state_dict``, the broadcast's in-place receive) writes through the views into
@@ -76,34 +93,40 @@ def fuse(layers: Sequence[torch.nn.Module], read=getattr,
     updates the packed matrices, but ZeRO re-points parameters into its own buffers, so a DeepSpeed
     learner never packs: its sampler, under ``cluster.placement: hybrid``, uses :func:`pack_copies`).
 
-    ``read(linear, "weight" | "bias")`` gives a projection's tensor; ``repoint=False`` leaves the modules alone.
+    ``read(linear, "weight" | "bias")`` gives a projection's tensor; ``repoint=False`` leaves the modules alone;
+    ``into``: an earlier result to refresh in place (``copy_``: its tensors keep their addresses, so CUDA graphs
+    captured over them stay valid).
 
     Returns per layer ``(qkv weight [Hq*d + 2*Hkv*d, D], qkv bias or None, gate_up weight [2*I, D],
     head counts (Hq, Hkv, Hkv))``."""
     packed = []
-    for layer in layers:
+    for i, layer in enumerate(layers):
         attn, mlp = layer.self_attn, layer.mlp
         qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
-        qkv_w = _pack(qkv, "weight", read, repoint)
-        qkv_b = _pack(qkv, "bias", read, repoint) if read(attn.q_proj, "bias") is not None else None
+        old = into[i] if into is not None else (None, None, None, None)
+        qkv_w = _pack(qkv, "weight", read, repoint, old[0])
+        qkv_b = _pack(qkv, "bias", read, repoint, old[1]) if read(attn.q_proj, "bias") is not None else None
         heads = [m.out_features // attn.head_dim for m in qkv]
-        packed.append((qkv_w, qkv_b, _pack([mlp.gate_proj, mlp.up_proj], "weight", read, repoint), heads))
+        packed.append((qkv_w, qkv_b, _pack([mlp.gate_proj, mlp.up_proj], "weight", read, repoint, old[2]), heads))
     return packed
 
 
-def pack_copies(layers: Sequence[torch.nn.Module], read=getattr) -> list[tuple]:
-    """:func:`fuse`'s packed matrices as fresh copies, leaving the modules' own parameters where they are: for
-    sampling with a module an optimiser (DeepSpeed) owns, whose parameters must not be re-pointed.
+def pack_copies(layers: Sequence[torch.nn.Module], read=getattr, into: list[tuple] | None = None) -> list[tuple]:
+    """:func:`fuse`'s packed matrices as fresh copies (or refreshed in ``into``), leaving the modules' own
+    parameters where they are: for sampling with a module an optimiser (DeepSpeed) owns, whose parameters must
+    not be re-pointed.
 
     ``read`` as in :func:`fuse` (the learner passes one that merges a LoRA adapter). The copies cost the q/k/v
     and gate/up weights once more (``(Hq + 2 Hkv) d D + 2 I D`` elements per layer, about 2/3 of a Llama
-    layer); the caller frees them after its sampling phase, as they go stale at the next optimiser step."""
+    layer); they go stale at the next optimiser step, so the caller frees or refreshes them per sampling phase."""
     with torch.no_grad():
-        return fuse(layers, read, repoint=False)
+        return fuse(layers, read, repoint=False, into=into)
 
 
-def _pack(linears: list[torch.nn.Linear], name: str, read=getattr, repoint: bool = True) -> torch.Tensor:
-    whole = torch.cat([read(m, name).detach() for m in linears])
+def _pack(linears: list[torch.nn.Linear], name: str, read=getattr, repoint: bool = True,
+          into: torch.Tensor | None = None) -> torch.Tensor:
+    parts = [read(m, name).detach() for m in linears]
+    whole = torch.cat(parts) if into is None else torch.cat(parts, out=into)
     if repoint:
         for m, part in zip(linears, whole.split([m.out_features for m in linears]), strict=True):
             setattr(m, name, torch.nn.Parameter(part, requires_grad=getattr(m, name).requires_grad))
@@ -111,46 +134,87 @@ def _pack(linears: list[torch.nn.Linear], name: str, read=getattr, repoint: bool
 
 
 def rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
-    """The Llama-family RMSNorm of ``norm`` in its own arithmetic (fp32 statistics), without the module call."""
-    h = x if x.dtype == torch.float32 else x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * (h if x.dtype == torch.float32 else h.to(x.dtype))
+    """The Llama-family RMSNorm of ``norm`` (fp32 statistics) as one ``F.rms_norm`` (a single kernel on CUDA)."""
+    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
 
 
-def attend(layer: torch.nn.Module, packed: tuple, index: int, x: torch.Tensor, cos: torch.Tensor,
-           sin: torch.Tensor, cache: StaticKV, mask: torch.Tensor) -> torch.Tensor:
-    """One decoder layer on ``x`` ``[B, L, D]`` whose keys go to cache slots ``length .. length + L - 1``.
+def rope_table(rotary: torch.nn.Module, length: int, like: torch.Tensor) -> torch.Tensor:
+    """``[length, 2, d]``: the model's own cos and sin at positions ``0 .. length - 1`` (in ``like``'s dtype), the
+    sin's first half negated so that ``rotate_half(x) * sin == flip_halves(x) * table[:, 1]``."""
+    positions = torch.arange(length, device=like.device)[None]
+    cos, sin = rotary(like, positions)
+    half = sin.shape[-1] // 2
+    sin = torch.cat([-sin[..., :half], sin[..., half:]], -1)
+    return torch.stack([cos[0], sin[0]], 1)
 
-    ``packed``: the layer's entry of :func:`fuse`; ``cos``/``sin``: ``[B, 1, L, d]``; ``mask``: bool
-    ``[B, 1, L, length + L]``, True where a query may attend a key, or for a decode step (L = 1) the
-    additive float mask ``[B, 1, 1, length + 1]`` (0 or -inf).
+
+def _rotate(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """RoPE on ``x`` ``[B, L, H, d]`` with ``rope`` ``[B, L, 1, 2, d]`` (cos, folded sin): three kernels."""
+    b, n, h, d = x.shape
+    flipped = x.reshape(b, n, h, 2, d // 2).flip(-2).view(b, n, h, d)
+    return torch.addcmul(x * rope[..., 0, :], flipped, rope[..., 1, :])
+
+
+def _residual(x: torch.Tensor, linear: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """``x + linear(h)`` for ``[B, L, D]``; a plain bias-free ``nn.Linear`` as one ``addmm`` (a wrapped or biased
+    module, e.g. a LoRA layer, through its own call)."""
+    if type(linear) is not torch.nn.Linear or linear.bias is not None:
+        return x + linear(h)
+    shape = x.shape
+    return torch.addmm(x.reshape(-1, shape[-1]), h.reshape(-1, h.shape[-1]), linear.weight.t()).view(shape)
+
+
+def attend(layer: torch.nn.Module, packed: tuple, index: int, x: torch.Tensor, rope: torch.Tensor,
+           cache: StaticKV, mask: torch.Tensor | None) -> torch.Tensor:
+    """One decoder layer on ``x`` ``[B, L, D]`` whose keys go to cache slots ``length .. length + L - 1`` (a static
+    decode step: slot ``cache.slot``, attending ``cache.span`` keys).
+
+    ``packed``: the layer's entry of :func:`fuse`; ``rope``: ``[B, L, 1, 2, d]``; ``mask``: bool
+    ``[B, 1, L, length + L]``, True where a query may attend a key; None for a decode step (L = 1), which attends
+    through the cache's additive ``bias``.
     """
     attn, mlp = layer.self_attn, layer.mlp
-    qkv_w, qkv_b, gate_up_w, heads = packed
+    qkv_w, qkv_b, gate_up_w, (hq, hkv, _) = packed
     b, n, _ = x.shape
     d = attn.head_dim
-    h = rms_norm(x, layer.input_layernorm)
-    q, k, v = F.linear(h, qkv_w, qkv_b).view(b, n, -1, d).transpose(1, 2).split(heads, 1)
-    q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
-    if cache.static and n == 1:  # fixed shapes: the slot is a device tensor, attention spans the whole cache
-        cache.keys[index].index_copy_(2, cache.slot, k)
-        cache.values[index].index_copy_(2, cache.slot, v)
-        keys, values = cache.keys[index], cache.values[index]
+    qkv = F.linear(rms_norm(x, layer.input_layernorm), qkv_w, qkv_b).view(b, n, -1, d)
+    qk = _rotate(qkv[:, :, : hq + hkv], rope)
+    k, v = qk[:, :, hq:].transpose(1, 2), qkv[:, :, hq + hkv :].transpose(1, 2)
+    if n == 1:  # decode: the query heads sharing a key/value head are that head's query rows (GQA without copies)
+        if cache.static:
+            cache.keys[index].index_copy_(2, cache.slot, k)
+            cache.values[index].index_copy_(2, cache.slot, v)
+            end = cache.span
+        else:
+            cache.keys[index].narrow(2, cache.length, 1).copy_(k)
+            cache.values[index].narrow(2, cache.length, 1).copy_(v)
+            end = cache.length + 1
+        keys, values = cache.keys[index].narrow(2, 0, end), cache.values[index].narrow(2, 0, end)
+        q = qk[:, 0, :hq].view(b, hkv, hq // hkv, d)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=cache.bias[..., :end], scale=attn.scaling)
     else:
         start, end = cache.length, cache.length + n
         cache.keys[index].narrow(2, start, n).copy_(k)
         cache.values[index].narrow(2, start, n).copy_(v)
         keys, values = cache.keys[index].narrow(2, 0, end), cache.values[index].narrow(2, 0, end)
-    if n == 1:  # decode: grouped heads as one matmul each, no copy of the cache per group
-        scores = torch.matmul(q.reshape(b, heads[1], -1, d), keys.transpose(-1, -2))
-        probs = scores.mul_(attn.scaling).add_(mask).softmax(-1)
-        out = torch.matmul(probs, values).view(b, -1, 1, d)
-    else:
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
-    x = x + attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))
-    h = rms_norm(x, layer.post_attention_layernorm)
-    gate, up = F.linear(h, gate_up_w).chunk(2, -1)
-    return x + mlp.down_proj(mlp.act_fn(gate) * up)
+        out = F.scaled_dot_product_attention(qk[:, :, :hq].transpose(1, 2), keys, values, attn_mask=mask,
+                                             scale=attn.scaling, enable_gqa=hq != hkv).transpose(1, 2)
+    x = _residual(x, attn.o_proj, out.reshape(b, n, -1))
+    gate, up = F.linear(rms_norm(x, layer.post_attention_layernorm), gate_up_w).chunk(2, -1)
+    return _residual(x, mlp.down_proj, mlp.act_fn(gate) * up)
+
+
+def _prefill_mask(cache: StaticKV, new_valid: torch.Tensor, n: int) -> torch.Tensor:
+    """bool ``[B, 1, n, end]`` for ``n`` new tokens (causal over valid keys, each query sees itself); records
+    which new keys later steps may attend in ``cache.bias``."""
+    start, end = cache.length, cache.length + n
+    cache.bias[:, 0, 0, start:end] = torch.zeros_like(new_valid, dtype=cache.bias.dtype).masked_fill_(
+        ~new_valid, float("-inf"))
+    valid = torch.isfinite(cache.bias[:, 0, 0, :end])
+    causal = torch.ones(n, end, dtype=torch.bool, device=new_valid.device).tril(start)
+    self_key = torch.zeros_like(causal)
+    self_key[:, start:] = torch.eye(n, dtype=torch.bool, device=new_valid.device)
+    return ((valid[:, None, :] & causal) | self_key)[:, None]
 
 
 def forward_layers(layers: Sequence[torch.nn.Module], packed: list[tuple], rotary: torch.nn.Module, x: torch.Tensor,
@@ -158,36 +222,30 @@ def forward_layers(layers: Sequence[torch.nn.Module], packed: list[tuple], rotar
                    image_only: Sequence[bool] = (), image: bool | torch.Tensor = False) -> torch.Tensor:
     """Run ``x`` ``[B, L, D]`` at RoPE ``positions`` ``[B, L]`` through ``layers`` and append it to ``cache``.
 
-    ``new_valid``: bool ``[B, L]``, False for left padding (never attended by later tokens). A padded
-    query still attends itself, so its (unused) output stays finite and no NaN reaches the cache.
-    ``image_only[i]`` marks X-Omni's vision blocks: they still see (and cache) every token, but only
-    image positions take their output; ``image`` says whether the new tokens are image tokens (a bool, or
-    bool ``[B, L]`` per position).
+    ``new_valid``: bool ``[B, L]``, False for left padding (never attended by later tokens; a decode step's
+    token, L = 1, is always valid). A padded query still attends itself, so its (unused) output stays finite and
+    no NaN reaches the cache. ``image_only[i]`` marks X-Omni's vision blocks: they still see (and cache) every
+    token, but only image positions take their output; ``image`` says whether the new tokens are image tokens
+    (a bool, or bool ``[B, L]`` per position).
     """
-    n, start = x.shape[1], cache.length
-    end = start + n
-    if cache.static and n == 1:  # the slot from the device tensor; every key position, unfilled ones masked
-        cache.valid.index_copy_(1, cache.slot, new_valid)
-        mask = torch.zeros(cache.valid.shape[0], 1, 1, cache.valid.shape[1], dtype=x.dtype,
-                           device=x.device).masked_fill_(~cache.valid[:, None, None, :], float("-inf"))
-    elif n == 1:  # a decode step: every filled slot, itself included, is visible
-        cache.valid[:, start:end] = new_valid
-        mask = torch.zeros(cache.valid.shape[0], 1, 1, end, dtype=x.dtype, device=x.device).masked_fill_(
-            ~cache.valid[:, None, None, :end], float("-inf"))
+    n = x.shape[1]
+    if cache.rope is None:
+        cache.rope = rope_table(rotary, cache.max_len, x)
+    if n > 1:
+        mask = _prefill_mask(cache, new_valid, n)
+    elif cache.static:  # the slot from the device tensor: a CUDA graph replays this with a moving slot
+        cache.bias.index_fill_(3, cache.slot, 0.0)
+        mask = None
     else:
-        cache.valid[:, start:end] = new_valid
-        causal = torch.ones(n, end, dtype=torch.bool, device=x.device).tril(start)
-        self_key = torch.zeros_like(causal)
-        self_key[:, start:] = torch.eye(n, dtype=torch.bool, device=x.device)
-        mask = ((cache.valid[:, None, :end] & causal) | self_key)[:, None]  # [B, 1, L, end]
-    cos, sin = rotary(x, positions)
-    cos, sin = cos[:, None], sin[:, None]  # [B, 1, L, d]: broadcast over heads
+        cache.bias[..., cache.length] = 0.0
+        mask = None
+    rope = cache.rope[positions][:, :, None]  # [B, L, 1, 2, d]
     for i, layer in enumerate(layers):
-        out = attend(layer, packed[i], i, x, cos, sin, cache, mask)
+        out = attend(layer, packed[i], i, x, rope, cache, mask)
         if i < len(image_only) and image_only[i]:  # a vision block: only image positions take its output
             out = torch.where(image[..., None], out, x) if torch.is_tensor(image) else (out if image else x)
         x = out
-    cache.length = end
+    cache.length += n
     if cache.static:
         cache.slot.add_(n)  # in place: a captured graph advances it on every replay
     return x

@@ -1,126 +1,251 @@
-"""CUDA graphs for the decode step: capture once per batch shape, replay for every image token.
+"""CUDA graphs for the decode loop: captured once per batch shape, one replay per image token.
 
-Why: on a GPU a small policy's decode step is a few hundred tiny kernels, and launching them from Python costs
+Why: on a GPU a small-batch decode step is a few hundred small kernels, and launching them from Python costs
 far more than running them (measured on an H200: 35.6 ms per step against a 1.2 ms bandwidth floor,
-BENCHMARKS.md section 6). A CUDA graph launches the whole step (head, guided log-probs with CFG's two
-branches, the draw, embedding the code, every layer over the static KV cache) as one unit.
+BENCHMARKS.md section 6). A CUDA graph launches the whole step (the image head, guided log-probs over CFG's two
+branches, the draw, writing the code, embedding it, every layer over the static KV cache) as one unit, and the
+loop's state lives on the device, so a step is one ``replay()`` and nothing else.
 
-What it takes:
+How it is laid out (:class:`GraphSet`, one per policy view):
 
-- static shapes: the cache is :class:`~omnigrpo.rollout.engine.StaticKV` with ``static=True`` (the step's slot
-  is a device tensor, attention spans the whole cache with unfilled keys masked), its length rounded up to
-  :data:`LENGTH_BUCKET` so prompts of nearby lengths share a graph;
-- fixed input and output buffers: the caller's hidden states and positions are copied in before each replay;
-- the sampler's randomness inside the graph: each graph draws from a generator of its own, registered with
-  the graph (replays advance its Philox offset), whose state is set from the caller's generator before a
-  sampling call and handed back after, so a graphed call consumes the caller's stream as an eager one does.
+- **one KV cache of the largest shape seen** (rows x length); each batch shape works on views of it, and every
+  graph allocates from **one shared memory pool** (graphs replay one at a time, and none keeps a temporary);
+- **graphs by span**: a step attends only the first ``span`` keys, a multiple of :data:`SPAN` slots just covering
+  the filled prefix, so the KV traffic follows the real length instead of the whole cache;
+- **Emu3's end-of-line** is a graph of its own (one per span), so no step runs eagerly between replays;
+- **randomness**: each shape's graphs draw from a generator of their own, registered with every graph (replays
+  advance its Philox offset); its state is set from the caller's generator before a sampling call and handed
+  back after, so a graphed call consumes the caller's stream exactly as :class:`StaticDecode` run eagerly does
+  (drawing the per-code noise of every step up front instead would hold ``T x B x K`` floats: 0.6 GB for 16
+  Janus-Pro images);
+- **capture errors stay local** (``capture_error_mode="thread_local"``: an NCCL watchdog thread querying events
+  cannot invalidate the capture) and a failed capture falls back to eager decoding, logged and kept in
+  :attr:`GraphSet.failures`.
 
-Weights are read in place: a weight load or broadcast writes into the same tensors and needs no re-capture
-(the hybrid learner's packed copies are new tensors per phase, so it samples eagerly). Graphs are kept per
-(rows, length, images, sampling settings), at most :data:`KEEP` per policy, least recently used dropped.
-Not yet run on a GPU; ``tests/gpu/test_cuda.py`` checks replay against eager decoding where CUDA exists.
+Weights are read in place: a weight load or broadcast writes into the same tensors and needs no re-capture (the
+hybrid learner refreshes its packed copies with ``copy_`` for the same reason). :class:`StaticDecode` with
+``capture=False`` runs the very same kernels eagerly, anywhere: the reference the graphs are tested against
+bitwise, and the static-shape path tested against the growing-cache decode on the CPU.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 
 import torch
 
+from omnigrpo.rollout.engine import StaticKV
 from omnigrpo.rollout.policy import ImageLM
-from omnigrpo.rollout.sampler import SamplingParams, decode_step
+from omnigrpo.rollout.sampler import SamplingParams, sample_code
 
-LENGTH_BUCKET = 64
-"""Cache lengths are rounded up to a multiple of this: one graph serves prompts of nearby lengths."""
+log = logging.getLogger(__name__)
+
+SPAN = 128
+"""Graphs attend the first multiple of this many cache slots that covers the filled prefix."""
 KEEP = 4
-"""Graphs (with their caches) kept per policy."""
+"""Batch shapes whose graphs are kept per policy, least recently used dropped."""
 
 
-def bucketed(length: int) -> int:
-    """``length`` rounded up to a multiple of :data:`LENGTH_BUCKET`."""
-    return -(-length // LENGTH_BUCKET) * LENGTH_BUCKET
+def bucketed(length: int, unit: int = SPAN) -> int:
+    """``length`` rounded up to a multiple of ``unit``."""
+    return -(-length // unit) * unit
 
 
-class GraphedDecode:
-    """One captured decode step for ``rows`` rows (``b`` images, CFG doubling included) over ``cache``."""
+class StaticDecode:
+    """The decode loop of one batch shape with its state on the device: hidden states, positions, the code column,
+    the codes and log-probs drawn so far, over a static :class:`StaticKV`; captured per span as CUDA graphs
+    (``capture=True``) or run eagerly with the same kernels.
 
-    def __init__(self, lm: ImageLM, params: SamplingParams, b: int, rows: int, length: int):
+    Args:
+        b: images; ``rows``: batch rows (``2 b`` with CFG); ``length``: prompt width plus the fed segment.
+        keys, values: per-layer cache buffers of at least ``[rows, H_kv, bucketed(length), d]`` (views are taken).
+        pool: the CUDA graph memory pool shared with the policy's other graphs.
+    """
+
+    def __init__(self, lm: ImageLM, params: SamplingParams, b: int, rows: int, length: int,
+                 generator: torch.Generator | None = None, capture: bool = False, keys=None, values=None,
+                 pool=None, unit: int = SPAN):
         weight = next(lm.module.parameters())
-        device, hidden_size = weight.device, lm.embed_codes(torch.zeros(1, 1, dtype=torch.long,
-                                                                        device=weight.device)).shape[-1]
-        self.cache = lm.new_cache(rows, length, static=True)
+        device, space, size = weight.device, lm.space, bucketed(length, unit)
+        self.lm, self.params, self.b, self.rows, self.unit, self.capture = lm, params, b, rows, unit, capture
+        views = None if keys is None else ([k[:rows, :, :size] for k in keys], [v[:rows, :, :size] for v in values])
+        self.cache = StaticKV(lm.body.layers, rows, size, weight.dtype, device, True, *(views or (None, None)))
+        hidden_size = lm.embed_codes(torch.zeros(1, 1, dtype=torch.long, device=device)).shape[-1]
         self.hidden = torch.zeros(rows, 1, hidden_size, dtype=weight.dtype, device=device)
-        self.positions = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.valid = torch.ones(rows, 1, dtype=torch.bool, device=device)
-        self.generator = torch.Generator(device)
-        self.source: torch.Generator | None = None
-        """The caller's generator of the current sampling call (set by :func:`graphed_decoder`)."""
-        self.graph = torch.cuda.CUDAGraph()
+        self.col = torch.zeros(1, dtype=torch.long, device=device)
+        self.codes = torch.zeros(b, space.tokens_per_image, dtype=torch.long, device=device)
+        self.logps = torch.zeros(b, space.tokens_per_image, device=device)
+        eol = space.eol_id
+        self.eol = None if eol is None else lm.embed_text(torch.full((rows, 1), eol, device=device))
+        self.generator = torch.Generator(device) if capture else generator
+        self.source: torch.Generator | None = generator
+        self.t = 0
+        self.graphs: dict[tuple[str, int], torch.cuda.CUDAGraph] = {}
+        if capture:
+            self._capture(pool)
+
+    @property
+    def spans(self) -> list[int]:
+        return list(range(self.unit, self.cache.max_len + 1, self.unit))
+
+    def _code(self) -> None:
+        """Draw the next code from ``hidden``, record it, and feed it (both CFG branches)."""
+        code, logp = sample_code(self.lm, self.hidden, self.params, self.b, self.generator)
+        self.codes.index_copy_(1, self.col, code[:, None])
+        self.logps.index_copy_(1, self.col, logp[:, None])
+        self.col.add_(1)
+        self._feed(self.lm.embed_codes(code[:, None].repeat(self.rows // self.b, 1)))
+
+    def _eol(self) -> None:
+        self._feed(self.eol)
+
+    def _feed(self, x: torch.Tensor) -> None:
+        self.hidden.copy_(self.lm.fast_forward(x, self.pos, self.valid, True, self.cache))
+        self.pos.add_(1)
+
+    def _kinds(self):
+        return {"code": self._code, **({"eol": self._eol} if self.eol is not None else {})}
+
+    def _capture(self, pool) -> None:
+        """Warm every (kind, span) step up on a side stream (allocations, lazy kernel loads, the rotary table), then
+        capture each into the shared ``pool``; the state is emptied after."""
+        device = self.hidden.device
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up off the capture: allocations, lazy kernel loads
-            for _ in range(2):
-                decode_step(lm, self.hidden, self.positions, self.valid, self.cache, params, b, self.generator)
+        with torch.cuda.stream(side):
+            for span in self.spans:
+                for step in self._kinds().values():
+                    self._rewind(span)
+                    step()
         torch.cuda.current_stream(device).wait_stream(side)
-        self.graph.register_generator_state(self.generator)
-        with torch.cuda.graph(self.graph):
-            self.out = decode_step(lm, self.hidden, self.positions, self.valid, self.cache, params, b,
-                                   self.generator)
+        for span in self.spans:
+            for kind, step in self._kinds().items():
+                self._rewind(span)
+                graph = torch.cuda.CUDAGraph()
+                graph.register_generator_state(self.generator)
+                with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                    step()
+                self.graphs[(kind, span)] = graph
+        self._rewind(self.unit)
+
+    def _rewind(self, span: int) -> None:
         self.cache.reset()
+        self.cache.span = span
+        self.col.zero_()
+        self.pos.zero_()
 
-    def __call__(self, hidden: torch.Tensor, positions: torch.Tensor):
-        """Replay: codes ``[b]``, log-probs ``[b]`` and the next hidden states ``[R, 1, D]`` (graph-owned buffers,
-        overwritten by the next replay)."""
+    def start(self, generator: torch.Generator | None) -> StaticKV:
+        """Begin a sampling call: the emptied cache for the prompt's prefill. A captured loop's generator takes up
+        ``generator``'s stream (the device's default generator when None)."""
+        self._rewind(self.unit)
+        if self.capture:
+            source = generator or torch.cuda.default_generators[self.hidden.device.index or 0]
+            self.generator.set_state(source.get_state())
+            self.source = source
+        else:
+            self.generator = self.source = generator
+        return self.cache
+
+    def prime(self, hidden: torch.Tensor, positions: torch.Tensor) -> None:
+        """After the prefill: its last hidden states ``[R, 1, D]`` and the first fed position ``[R, 1]``."""
         self.hidden.copy_(hidden)
-        self.positions.copy_(positions)
-        self.graph.replay()
-        return self.out
+        self.pos.copy_(positions)
+        self.t = self.cache.length
 
-    def hand_back(self) -> None:
-        """After a graphed sampling call: the caller's generator continues where the graph's stream stopped."""
-        self.source.set_state(self.generator.get_state())
+    def step(self, kind: str) -> None:
+        """Feed one token (``"code"``: drawn; ``"eol"``: the forced end-of-line) attending the span that covers it."""
+        span = bucketed(self.t + 1, self.unit)
+        if self.capture:
+            self.graphs[(kind, span)].replay()
+        else:
+            self.cache.span = span
+            self._kinds()[kind]()
+        self.t += 1
+
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw the last code (nothing is fed after it): codes ``[b, T]`` and log-probs ``[b, T]``."""
+        if self.capture:
+            self.source.set_state(self.generator.get_state())  # the caller's stream continues the graphs'
+        code, logp = sample_code(self.lm, self.hidden, self.params, self.b, self.source)
+        self.codes[:, -1], self.logps[:, -1] = code, logp
+        return self.codes.clone(), self.logps.clone()
+
+
+class GraphSet:
+    """A policy view's graphed decode loops: one cache of the largest shape, one memory pool, at most :data:`KEEP`
+    shapes (rows, length, images, sampling settings, image space); ``failures``: why a shape fell back to eager
+    decoding."""
+
+    def __init__(self):
+        self.loops: OrderedDict = OrderedDict()
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.pool = None
+        self.failures: dict[tuple, str] = {}
+
+    def _fits(self, rows: int, length: int) -> bool:
+        return bool(self.keys) and self.keys[0].shape[0] >= rows and self.keys[0].shape[2] >= length
+
+    def _grow(self, lm: ImageLM, rows: int, length: int) -> None:
+        """A cache for the largest shape so far (every loop is re-captured over it)."""
+        if self.keys:
+            rows, length = max(rows, self.keys[0].shape[0]), max(length, self.keys[0].shape[2])
+        self.loops.clear()
+        self.keys = self.values = []
+        torch.cuda.empty_cache()
+        weight = next(lm.module.parameters())
+        cache = StaticKV(lm.body.layers, rows, length, weight.dtype, weight.device, True)
+        self.keys, self.values = cache.keys, cache.values
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def loop(self, lm: ImageLM, params: SamplingParams, b: int, rows: int, length: int,
+             unit: int = SPAN) -> StaticDecode | None:
+        key = (rows, bucketed(length, unit), b, params, lm.space, unit)
+        if key in self.failures:
+            return None
+        if key not in self.loops:
+            try:
+                if not self._fits(rows, bucketed(length, unit)):
+                    self._grow(lm, rows, bucketed(length, unit))
+                self.loops[key] = StaticDecode(lm, params, b, rows, length, capture=True, keys=self.keys,
+                                               values=self.values, pool=self.pool, unit=unit)
+            except Exception as err:  # noqa: BLE001 - any capture error: sample eagerly, say why
+                self.failures[key] = f"{type(err).__name__}: {err}"
+                log.warning("CUDA graph capture failed for %d rows x %d slots, decoding eagerly: %s", rows,
+                            bucketed(length), self.failures[key])
+                return None
+            while len(self.loops) > KEEP:
+                self.loops.popitem(last=False)
+        self.loops.move_to_end(key)
+        return self.loops[key]
+
+    def held_bytes(self) -> int:
+        """Bytes of the shared KV cache (the graphs' pool holds only one step's temporaries)."""
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+def graph_set(lm: ImageLM) -> GraphSet:
+    """The :class:`GraphSet` of ``lm``'s module (kept on the module, so every view of it shares one)."""
+    return lm.module.__dict__.setdefault("_omnigrpo_graphs", GraphSet())
 
 
 def graphed_decoder(lm: ImageLM, params: SamplingParams, b: int, rows: int, length: int,
-                    generator: torch.Generator | None):
-    """The graphed decode step for this shape (captured on first use) and its emptied static cache. The graph's
-    generator continues ``generator``'s stream (the device's default generator when None); the sampler calls
-    :meth:`GraphedDecode.hand_back` after its last replay to carry the stream on."""
-    bucket = bucketed(length)
-    graphs: OrderedDict = lm.__dict__.setdefault("_omnigrpo_graphs", OrderedDict())
-    key = (rows, bucket, b, params)
-    if key not in graphs:
-        graphs[key] = GraphedDecode(lm, params, b, rows, bucket)
-        while len(graphs) > KEEP:
-            graphs.popitem(last=False)
-    graphs.move_to_end(key)
-    step = graphs[key]
-    step.cache.reset()
-    source = generator or torch.cuda.default_generators[step.generator.device.index or 0]
-    step.generator.set_state(source.get_state())
-    step.source = source
-    return step, step.cache
-
-
-class StaticStep:
-    """The graphed step's computation without the capture (static cache, the caller's generator): what a graph
-    replays, runnable anywhere; tests hold it equal to the growing-cache decode on the CPU."""
-
-    def __init__(self, lm: ImageLM, params: SamplingParams, b: int, rows: int, length: int,
-                 generator: torch.Generator | None):
-        self.lm, self.params, self.b, self.generator = lm, params, b, generator
-        self.cache = lm.new_cache(rows, bucketed(length), static=True)
-        self.valid = torch.ones(rows, 1, dtype=torch.bool, device=self.cache.valid.device)
-
-    def __call__(self, hidden: torch.Tensor, positions: torch.Tensor):
-        return decode_step(self.lm, hidden, positions, self.valid, self.cache, self.params, self.b, self.generator)
-
-    def hand_back(self) -> None:
-        """Nothing to hand back: the caller's generator drew every code."""
+                    generator: torch.Generator | None, unit: int = SPAN) -> StaticDecode | None:
+    """The captured decode loop for this shape (captured on first use, attention spans in multiples of ``unit``),
+    started on ``generator``'s stream; None where capture failed (the sampler then decodes eagerly)."""
+    loop = graph_set(lm).loop(lm, params, b, rows, length, unit)
+    if loop is not None:
+        loop.start(generator)
+    return loop
 
 
 def static_decoder(lm: ImageLM, params: SamplingParams, b: int, rows: int, length: int,
-                   generator: torch.Generator | None):
-    """:func:`graphed_decoder`'s interface over a :class:`StaticStep` (no CUDA needed)."""
-    step = StaticStep(lm, params, b, rows, length, generator)
-    return step, step.cache
+                   generator: torch.Generator | None, unit: int = SPAN) -> StaticDecode:
+    """:func:`graphed_decoder`'s interface over an uncaptured :class:`StaticDecode` (no CUDA needed): the same
+    kernels, run one by one."""
+    loop = StaticDecode(lm, params, b, rows, length, generator, unit=unit)
+    loop.start(generator)
+    return loop

@@ -147,8 +147,8 @@ class ImageLM(ABC):
         """Static-cache forward of new tokens ``[B, L, D]`` -> final hidden states ``[B, L, D]``; ``image``:
         whether they are image positions (a bool, or bool ``[B, L]`` for a prompt)."""
         body = self.body
-        return body.norm(engine.forward_layers(body.layers, self.packed, body.rotary_emb, embeds, positions, valid,
-                                               cache))
+        return engine.rms_norm(engine.forward_layers(body.layers, self.packed, body.rotary_emb, embeds, positions,
+                                                     valid, cache), body.norm)
 
 
 class ImagePolicy(ABC):

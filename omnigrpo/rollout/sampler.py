@@ -48,8 +48,9 @@ class SamplingParams:
 
 def guided_logprobs(cond: torch.Tensor, uncond: torch.Tensor | None, params: SamplingParams) -> torch.Tensor:
     """Log-probs ``[..., K]`` of the distribution sampled from: CFG, temperature, then filters."""
-    logits = cond if uncond is None or not params.guided else uncond + params.cfg_scale * (cond - uncond)
-    logits = logits / params.temperature
+    logits = cond if uncond is None or not params.guided else torch.lerp(uncond, cond, params.cfg_scale)
+    if params.temperature != 1.0:
+        logits = logits / params.temperature
     if params.top_k > 0 and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -66,13 +67,14 @@ def guided_logprobs(cond: torch.Tensor, uncond: torch.Tensor | None, params: Sam
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One code per row of ``probs`` ``[B, K]`` by inverse CDF (one uniform per row; ``torch.multinomial``
-    spends most of a small model's sampling step on CPU). A code of probability 0 is never drawn."""
-    cdf = probs.cumsum(-1)
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
-    # u rounding up to the total would land past the end: clamp to the last code that has mass
-    last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).int().argmax(-1)
-    return torch.minimum(torch.searchsorted(cdf, u, right=True).squeeze(-1), last)
+    """One code per row of ``probs`` ``[B, K]`` by an exponential race: ``argmax_k p_k / E_k`` with ``E_k = -log U_k``
+    i.i.d. Exp(1) picks code k with probability ``p_k``. Four kernels, no cumulative sum, no host sync
+    (``torch.multinomial`` spends most of a small model's sampling step on the CPU).
+
+    Written as ``argmin_k p_k / log U_k``: ``U`` in [0, 1) makes ``log U`` negative or -inf, never 0, so no
+    0/0 arises and a code of probability 0 scores 0, above every code with mass: it is never drawn."""
+    noise = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=probs.dtype).log_()
+    return torch.div(probs, noise).min(-1).indices  # min(dim), not argmin: 3x faster on the CPU, one kernel on CUDA
 
 
 def gather_logprobs(logprobs: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -106,15 +108,6 @@ def sample_code(lm: ImageLM, hidden: torch.Tensor, params: SamplingParams, b: in
     return code, gather_logprobs(logprobs, code)
 
 
-def decode_step(lm: ImageLM, hidden: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, cache,
-                params: SamplingParams, b: int, generator: torch.Generator | None):
-    """Sample a code per image and feed it (both CFG branches): codes ``[b]``, log-probs ``[b]`` and the next
-    hidden states ``[R, 1, D]``. The unit :mod:`omnigrpo.rollout.graphs` captures as one CUDA graph."""
-    code, logp = sample_code(lm, hidden, params, b, generator)
-    x = lm.embed_codes(code[:, None].repeat(hidden.shape[0] // b, 1))
-    return code, logp, lm.fast_forward(x, positions, valid, True, cache)
-
-
 @torch.no_grad()
 def sample_images(
     lm: ImageLM,
@@ -125,42 +118,47 @@ def sample_images(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one image per prompt, token by token over a static KV cache; both CFG branches in one batch.
 
-    Forced segment tokens (Emu3's end-of-line) are fed without sampling. ``graphed`` (CUDA only):
-    :func:`omnigrpo.rollout.graphs.graphed_decoder`, to replay each decode step from a CUDA graph captured once
-    per batch shape.
+    Forced segment tokens (Emu3's end-of-line) are fed without sampling. ``graphed``:
+    :func:`omnigrpo.rollout.graphs.graphed_decoder` (CUDA), to replay each step from CUDA graphs captured once
+    per batch shape, or :func:`~omnigrpo.rollout.graphs.static_decoder`, the same fixed-shape loop run eagerly; it
+    may answer None (a failed capture), and the growing-cache decode runs instead.
 
     Returns:
         codes ``[B, T]`` (0 .. K-1) and their log-probs ``[B, T]`` under the sampled distribution.
     """
-    space, b = lm.space, len(prompts)
+    b = len(prompts)
     ids, mask = _rows(prompts, params.guided)
-    rows, segment = ids.shape[0], space.segment.tolist()
+    rows, segment = ids.shape[0], lm.space.segment.tolist()
+    loop = None if graphed is None else graphed(lm, params, b, rows, ids.shape[1] + len(segment), generator)
     positions = _positions(mask)
-    if graphed is not None:
-        step, cache = graphed(lm, params, b, rows, ids.shape[1] + len(segment), generator)
-    else:
-        cache = lm.new_cache(rows, ids.shape[1] + len(segment))
-        step = None
+    cache = lm.new_cache(rows, ids.shape[1] + len(segment)) if loop is None else loop.cache
     hidden = lm.fast_forward(lm.embed_text(ids), positions, mask.bool(), lm.prompt_image(ids), cache)[:, -1:]
-    step_pos = positions[:, -1:] + 1
-    valid = torch.ones(rows, 1, dtype=torch.bool, device=ids.device)
-    eol = None if space.eol_id is None else lm.embed_text(torch.full((rows, 1), space.eol_id, device=ids.device))
-    codes = torch.empty(b, space.tokens_per_image, dtype=torch.long, device=ids.device)
-    logps = torch.empty(b, space.tokens_per_image, device=ids.device)
-    advance = step or (lambda h, p: decode_step(lm, h, p, valid, cache, params, b, generator))
-    c = 0
+    last = len(segment) - 1 - segment[::-1].index(True)  # the last code: nothing is fed after it
+    if loop is not None:
+        loop.prime(hidden, positions[:, -1:] + 1)
+        for is_code in segment[:last]:
+            loop.step("code" if is_code else "eol")
+        return loop.finish()
+    return _decode(lm, hidden, positions[:, -1:] + 1, segment[:last], cache, params, b, generator)
+
+
+def _decode(lm: ImageLM, hidden: torch.Tensor, step_pos: torch.Tensor, segment: list[bool], cache, params, b: int,
+            generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The growing-cache decode from the prefill's last ``hidden`` ``[R, 1, D]``: the codes at ``segment``'s True
+    positions are drawn and fed, the others (end-of-line) fed, then the last code is drawn."""
+    rows, device = hidden.shape[0], hidden.device
+    valid = torch.ones(rows, 1, dtype=torch.bool, device=device)
+    eol = None if lm.space.eol_id is None else lm.embed_text(torch.full((rows, 1), lm.space.eol_id, device=device))
+    codes, logps = [], []
     for j, is_code in enumerate(segment):
-        if is_code and c + 1 == space.tokens_per_image:  # the last code: nothing is fed after it
-            if step is not None:
-                step.hand_back()  # the caller's generator continues the graph's stream
-            codes[:, c], logps[:, c] = sample_code(lm, hidden, params, b, generator)
-            break
         if is_code:
-            codes[:, c], logps[:, c], hidden = advance(hidden, step_pos + j)
-            c += 1
-        else:
-            hidden = lm.fast_forward(eol, step_pos + j, valid, True, cache)
-    return codes, logps
+            code, logp = sample_code(lm, hidden, params, b, generator)
+            codes.append(code)
+            logps.append(logp)
+            x = lm.embed_codes(code[:, None].repeat(rows // b, 1))
+        hidden = lm.fast_forward(x if is_code else eol, step_pos + j, valid, True, cache)
+    code, logp = sample_code(lm, hidden, params, b, generator)
+    return torch.stack(codes + [code], 1), torch.stack(logps + [logp], 1)
 
 
 def segment_embeds(lm: ImageLM, codes: torch.Tensor) -> torch.Tensor:

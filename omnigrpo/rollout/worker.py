@@ -131,17 +131,18 @@ class RolloutWorker:
 
     ``grid``: image size in codes (rows, cols) for families that take one (Emu3, X-Omni); ``decode``:
     False when a diffusion decoder stage turns codes into pixels (the batch then carries no images); ``graphs``:
-    on a CUDA device, decode steps replay CUDA graphs (``rollout.cuda_graphs``)."""
+    on a CUDA device, decode steps replay CUDA graphs (``rollout.cuda_graphs``); ``release``: the GPU is shared
+    with other processes (colocated placement), so the allocator's cached blocks go back after every batch."""
 
     def __init__(self, model_path: str, params: SamplingParams, seed: int, threads: int = 0, family: str = "builtin",
                  grid: tuple[int, int] | None = None, decode: bool = True, sample_batch: int = 0,
-                 dtype: str = "float32", graphs: bool = False):
+                 dtype: str = "float32", graphs: bool = False, release: bool = False):
         self.model_path = model_path
         self.params = params
         self.seed = seed
         self.threads = threads
         self.family, self.grid, self.decode = family, grid, decode
-        self.sample_batch, self.dtype, self.graphs = sample_batch, dtype, graphs
+        self.sample_batch, self.dtype, self.graphs, self.release = sample_batch, dtype, graphs, release
         self.version = 0
 
     def setup(self) -> int:
@@ -162,8 +163,16 @@ class RolloutWorker:
         uninterrupted one would."""
         generator = self.generator if seed is None else torch.Generator(self.device).manual_seed(seed)
         graphed = graphed_decoder if self.graphs and self.device.type == "cuda" else None
-        return draw_batch(self.policy, self.lm, prompts, metadata, group_size, self.params, generator,
-                          self.device, self.version, self.sample_batch, self.decode, graphed)
+        batch = draw_batch(self.policy, self.lm, prompts, metadata, group_size, self.params, generator,
+                           self.device, self.version, self.sample_batch, self.decode, graphed)
+        if self.release and self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the eager KV cache and logits of this batch, back to the GPU's co-tenants
+        return batch
+
+    def graph_failures(self) -> dict[str, str]:
+        """Batch shapes whose CUDA-graph capture failed (they decode eagerly), with the reason."""
+        graphs = self.lm.module.__dict__.get("_omnigrpo_graphs")
+        return {str(key[:3]): why for key, why in graphs.failures.items()} if graphs else {}
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
         """Replace the policy's weights (all of them: a partial sync is an error) and its version."""

@@ -19,7 +19,12 @@ receiver whose model does not match fails with a message instead of loading garb
 With ``backend="nccl"`` (``cluster.sync_backend``) the group is a ``ProcessGroupNCCL`` over the same store:
 header and buckets live on the member's current CUDA device, a lone tensor is sent from and received into its
 own device storage, and nothing is staged through host memory. Each member must hold a GPU of its own (NCCL
-refuses two members on one device). Not yet run on GPUs.
+refuses two members on one device). A dead or stuck peer must end in a Python error the driver can fall back
+from, not in NCCL's watchdog killing the process (its default): the group is built with blocking waits and the
+watchdog set to clean up only (``TORCH_NCCL_BLOCKING_WAIT=1``, ``TORCH_NCCL_ASYNC_ERROR_HANDLING=2``, for this
+group alone), every wait is bounded by ``timeout_s``, and a failed call aborts the group's communicators before
+raising, so re-forming starts clean. NCCL's bootstrap binds ``host``'s interface (``NCCL_SOCKET_IFNAME``) on
+every member. The failure path needs two GPUs and has not yet run on them.
 
 Plain class, no Ray: the learner and the rollout worker each hold one.
 """
@@ -28,11 +33,31 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import os
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 
-from omnigrpo.sync.network import LOOPBACK, open_store
+from omnigrpo.sync.network import LOOPBACK, interface_of, open_store
+
+NCCL_GROUP_ENV = {"TORCH_NCCL_BLOCKING_WAIT": "1", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"}
+"""Read by ``ProcessGroupNCCL`` when it is built: waits that raise on timeout, a watchdog that cleans up only."""
+
+
+@contextmanager
+def environment(values: dict[str, str]):
+    """``os.environ`` with ``values`` set inside the block, as it was after."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def plan_buckets(tensors: dict[str, torch.Tensor], bucket_bytes: int) -> list[list[str]]:
@@ -65,12 +90,14 @@ class WeightBroadcast:
                  served: dist.Store | None = None, backend: str = "gloo"):
         self.rank, self.size = rank, size
         meeting = served or open_store(store, size, timeout_s)
-        timeout = datetime.timedelta(seconds=timeout_s)
+        self.timeout = timeout = datetime.timedelta(seconds=timeout_s)
         if backend == "nccl":
             self.device = torch.device("cuda", torch.cuda.current_device())
+            os.environ["NCCL_SOCKET_IFNAME"] = interface_of(host)  # read when the communicator first forms
             options = dist.ProcessGroupNCCL.Options()
             options._timeout = timeout
-            self.group = dist.ProcessGroupNCCL(meeting, rank, size, options)
+            with environment(NCCL_GROUP_ENV):
+                self.group = dist.ProcessGroupNCCL(meeting, rank, size, options)
             return
         self.device = torch.device("cpu")
         options = dist.ProcessGroupGloo._Options()
@@ -82,19 +109,33 @@ class WeightBroadcast:
         """Rank 0: broadcast ``tensors`` stamped with ``version``; returns the bytes sent. Over gloo, GPU tensors
         are staged through host memory; over NCCL, CPU tensors through the device."""
         header = torch.tensor([version, len(tensors), fingerprint(tensors)], dtype=torch.int64, device=self.device)
-        self.group.broadcast(header, 0).wait()
+        self._broadcast(header)
         sent = 0
         for names in plan_buckets(tensors, bucket_bytes):
             parts = [tensors[n].detach().reshape(-1) for n in names]
             flat = (parts[0] if len(parts) == 1 else torch.cat(parts)).to(self.device)  # lone, in place: no copy
-            self.group.broadcast(flat, 0).wait()
+            self._broadcast(flat)
             sent += flat.numel() * flat.element_size()
         return sent
+
+    def _broadcast(self, tensor: torch.Tensor) -> None:
+        """One broadcast from rank 0, waited for at most ``timeout_s``; on any error the group is aborted first."""
+        try:
+            self.group.broadcast(tensor, 0).wait(self.timeout)
+        except Exception:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Tear down an NCCL group's communicators at once (a stuck collective is not waited for); gloo has none."""
+        nccl = getattr(dist, "ProcessGroupNCCL", None)  # absent from torch builds without CUDA
+        if nccl is not None and isinstance(self.group, nccl):
+            self.group.abort()
 
     def receive(self, into: dict[str, torch.Tensor], bucket_bytes: int) -> int:
         """Other ranks: receive a broadcast into the tensors of ``into`` (in place); returns its version."""
         header = torch.zeros(3, dtype=torch.int64, device=self.device)
-        self.group.broadcast(header, 0).wait()
+        self._broadcast(header)
         version, count, digest = (int(x) for x in header)
         if count != len(into) or digest != fingerprint(into):
             raise RuntimeError(f"weight broadcast v{version}: the sender's {count} tensors do not match this "
@@ -102,10 +143,10 @@ class WeightBroadcast:
         for names in plan_buckets(into, bucket_bytes):
             lone = into[names[0]]
             if len(names) == 1 and lone.is_contiguous() and lone.device == self.device:  # straight into its storage
-                self.group.broadcast(into[names[0]].view(-1), 0).wait()
+                self._broadcast(into[names[0]].view(-1))
                 continue
             flat = torch.empty(sum(into[n].numel() for n in names), dtype=into[names[0]].dtype, device=self.device)
-            self.group.broadcast(flat, 0).wait()
+            self._broadcast(flat)
             offset = 0
             with torch.no_grad():
                 for n in names:

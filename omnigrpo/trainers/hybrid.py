@@ -12,8 +12,10 @@ How sampling reads the live weights:
   (:mod:`omnigrpo.rollout.engine`) wants q/k/v and gate/up packed into one matrix each, and :func:`engine.fuse`
   would re-point the module's parameters (which DeepSpeed owns), so :meth:`HybridLearner.sampling` packs
   *fresh copies* (:func:`engine.pack_copies`) at the start of every sampling phase and frees them at its
-  end: about 2/3 of the body's weights once more, for the sampling phase only. Every other module (norms,
-  o/down projections, embeddings, head) is called live.
+  end: about 2/3 of the body's weights once more, for the sampling phase only. With CUDA graphs
+  (``rollout.cuda_graphs`` on a GPU) the copies persist and each phase refreshes them in place (``copy_``), so the
+  graphs captured over them stay valid; the memory plan counts them either way. Every other module (norms,
+  o/down projections, embeddings, head) is read live, in place.
 - LoRA: the packed copies are the merged ``W + B A * alpha / r``; every other adapted module runs its
   unmerged peft forward, so the sampler draws from the policy the learner scores, and the frozen base (the
   KL reference) is never written (no merge/unmerge round trip to drift it).
@@ -36,6 +38,7 @@ import torch
 
 from omnigrpo.config.runtime import actor_seed, reseed
 from omnigrpo.rollout.engine import pack_copies
+from omnigrpo.rollout.graphs import graphed_decoder
 from omnigrpo.rollout.worker import RolloutBatch, draw_batch
 from omnigrpo.trainers import adapter
 from omnigrpo.trainers.learner import Learner
@@ -63,6 +66,9 @@ class HybridLearner(Learner):
         version = super().setup(extensions_dir, threads, resume, rendezvous)
         self.sample_seed = actor_seed(self.cfg.run.seed, "rollout", self.rank)
         self.sampler = torch.Generator(self.engine.device).manual_seed(self.sample_seed)
+        self.graphed = graphed_decoder if self.cfg.rollout.cuda_graphs and self.engine.device.type == "cuda" else None
+        self.kept: list[tuple] | None = None
+        """The packed copies kept between sampling phases (CUDA graphs read them in place)."""
         return version
 
     @contextmanager
@@ -74,10 +80,12 @@ class HybridLearner(Learner):
         module.eval()
         try:
             with torch.no_grad():
-                body._omnigrpo_packed = pack_copies(body.layers, merged_read)
+                body._omnigrpo_packed = pack_copies(body.layers, merged_read, into=self.kept)
+                if self.graphed is not None:
+                    self.kept = body._omnigrpo_packed
                 yield
         finally:
-            body._omnigrpo_packed = None  # frees the copies: they go stale at the next optimiser step
+            body._omnigrpo_packed = None  # stale at the next optimiser step: freed, or kept for an in-place refresh
             for m, mode in modes:
                 m.training = mode
 
@@ -89,7 +97,7 @@ class HybridLearner(Learner):
         generator = self.sampler if seed is None else torch.Generator(device).manual_seed(seed)
         with self.sampling():
             return draw_batch(self.policy, self.lm, prompts, metadata, group_size, self.params, generator, device,
-                              self.version, self.cfg.rollout.sample_batch, not self.cfg.decoder.path)
+                              self.version, self.cfg.rollout.sample_batch, not self.cfg.decoder.path, self.graphed)
 
     def weight_version(self) -> int:
         return self.version

@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import time
+from functools import partial
 
 import numpy as np
 import pytest
@@ -69,11 +70,10 @@ def test_sampled_log_probs_match_the_teacher_forced_pass(device, dtype, toleranc
     model, space = _llama(device, dtype)
     lm, prompts = TextVocabLM(model, space), _prompts(8, device)
     params = SamplingParams(temperature=1.0, top_k=200, cfg_scale=3.0)
-    with torch.device(device):
-        codes, sampled = sample_images(lm, prompts, params, torch.Generator(device).manual_seed(7))
-        again, _ = sample_images(lm, prompts, params, torch.Generator(device).manual_seed(7))
-        with torch.no_grad():
-            scored, _ = sequence_logprobs(lm, prompts, codes, params)
+    codes, sampled = sample_images(lm, prompts, params, torch.Generator(device).manual_seed(7))
+    again, _ = sample_images(lm, prompts, params, torch.Generator(device).manual_seed(7))
+    with torch.no_grad():
+        scored, _ = sequence_logprobs(lm, prompts, codes, params)
     assert codes.device.type == device.type and codes.shape == (8, 256)
     assert int(codes.min()) >= 0 and int(codes.max()) < space.num_codes
     assert torch.equal(codes, again)
@@ -111,20 +111,22 @@ def test_the_diffusion_decoder_paints_codes_on_the_device(device, tmp_path):
     assert not np.array_equal(a, b)
 
 
-def _workers(cfg, path, family="builtin", dtype="float32"):
+def _workers(cfg, path, family="builtin", dtype="float32", graphs=False):
     learner = Learner(cfg, str(path))
     learner.setup(threads=4)
     rollout = RolloutWorker(str(path), SamplingParams.of(cfg.rollout), seed=cfg.run.seed, threads=4, family=family,
-                            dtype=dtype)
+                            dtype=dtype, graphs=graphs)
     rollout.setup()
     return learner, rollout
 
 
 def test_grpo_on_the_device_raises_the_reward_and_syncs_exact_weights(device, tiny_config, sft_path, plugins,
                                                                       record_property):
+    """Learner, graphed rollout worker and weight sync in one process: the graphs read the synced weights in place
+    (stale ones would show as a log-prob mismatch and no learning)."""
     cfg = tiny_config("trainer.lr=3e-3", "trainer.kl_coef=0.0", "rollout.group_size=8",
                       "rewards=[{name: 'red_reward:redness'}]")
-    learner, rollout = _workers(cfg, sft_path)
+    learner, rollout = _workers(cfg, sft_path, graphs=True)
     assert learner.engine.device.type == device.type
     reward = RewardWorker(cfg.rewards)
     reward.setup()
@@ -148,6 +150,7 @@ def test_grpo_on_the_device_raises_the_reward_and_syncs_exact_weights(device, ti
     synced = rollout.policy.model.state_dict()
     assert all(torch.equal(after[k], synced[k].cpu()) for k in after)
     assert metrics["grpo/logprob_mismatch"] < 1e-3
+    assert rollout.graph_failures() == {}
 
 
 @pytest.mark.parametrize("stage", [0, 3])
@@ -208,29 +211,99 @@ def test_weights_broadcast_between_two_processes_holding_device_tensors(device, 
     assert out[0][0] == 4 * (300 * 64 + 64 * 64 + 64), out
 
 
-@pytest.mark.parametrize("family", ["janus", "emu3"])
-def test_cuda_graph_replay_draws_what_eager_decoding_draws(device, family, tmp_path, record_property):
-    """A decode step captured once and replayed for every token (both CFG branches, the draw, the static cache)
-    draws the eager sampler's codes for the same seed and leaves its generator where eager decoding does; a
-    second call reuses the graph. On the CPU (``OMNIGRPO_TEST_DEVICE=cpu``) the uncaptured static step stands in."""
-    from omnigrpo.rollout.graphs import graphed_decoder, static_decoder
-
-    graphed = graphed_decoder if device.type == "cuda" else static_decoder
+def _graph_worker(family, tmp_path, dtype="float32"):
     worker = RolloutWorker(str(tiny.build(family, tmp_path / family)), SamplingParams(cfg_scale=3.0, top_k=20),
-                           seed=0, family=family)
+                           seed=0, family=family, dtype=dtype)
     worker.setup()
-    lm, prompts = worker.lm, worker.policy.prompt_batch(["a red apple", 'a sign that says "open"', "a cat"])
-    prompts = prompts.to(worker.device)
-    params = worker.params
-    with torch.device(device):
-        eager_gen, graph_gen = (torch.Generator(device).manual_seed(11) for _ in range(2))
-        eager, eager_lp = sample_images(lm, prompts, params, eager_gen)
-        start = time.perf_counter()
-        codes, logps = sample_images(lm, prompts, params, graph_gen, graphed)
-        again, _ = sample_images(lm, prompts, params, torch.Generator(device).manual_seed(11), graphed)
-    record_property(f"graph_{family}_two_calls_s", time.perf_counter() - start)
+    prompts = worker.policy.prompt_batch(["a red apple", 'a sign that says "open"', "a cat"]).to(worker.device)
+    return worker, prompts
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("family", ["janus", "emu3", "xomni"])
+def test_cuda_graph_replay_is_bitwise_the_static_eager_loop(device, family, dtype, tmp_path, record_property):
+    """The captured loop (code steps and Emu3's end-of-line steps, attention spans switching every 16 slots, the
+    draw from the graphs' generator) gives exactly the codes, log-probs and generator state of the same loop run
+    kernel by kernel; a second call replays the same graphs. On the CPU the uncaptured loop stands in."""
+    from omnigrpo.rollout.graphs import graph_set, graphed_decoder, static_decoder
+
+    worker, prompts = _graph_worker(family, tmp_path, dtype)
+    graphed = partial(graphed_decoder if device.type == "cuda" else static_decoder, unit=16)
+    lm, params = worker.lm, worker.params
+    eager_gen, graph_gen = (torch.Generator(device).manual_seed(11) for _ in range(2))
+    eager, eager_lp = sample_images(lm, prompts, params, eager_gen, partial(static_decoder, unit=16))
+    start = time.perf_counter()
+    codes, logps = sample_images(lm, prompts, params, graph_gen, graphed)
+    record_property(f"graph_{family}_{dtype}_capture_and_call_s", time.perf_counter() - start)
+    again, _ = sample_images(lm, prompts, params, torch.Generator(device).manual_seed(11), graphed)
     assert torch.equal(codes, eager) and torch.equal(again, eager)
-    assert torch.allclose(logps, eager_lp, atol=1e-4)
+    assert torch.equal(logps, eager_lp)
     assert torch.equal(graph_gen.get_state(), eager_gen.get_state())
     if device.type == "cuda":
-        assert len(lm.__dict__["_omnigrpo_graphs"]) == 1  # one shape, captured once
+        graphs = graph_set(lm)
+        assert not graphs.failures and len(graphs.loops) == 1  # one shape, captured once
+        loop = next(iter(graphs.loops.values()))
+        kinds = 2 if family == "emu3" else 1
+        assert len(loop.graphs) == kinds * len(loop.spans) > kinds  # several spans, each captured once
+
+
+@pytest.mark.parametrize("family", ["janus", "emu3", "xomni"])
+def test_graphed_decoding_draws_what_growing_cache_decoding_draws(device, family, tmp_path):
+    """Graphs with the default spans against the eager growing-cache decode (fp32): the same codes and stream."""
+    from omnigrpo.rollout.graphs import graphed_decoder, static_decoder
+
+    worker, prompts = _graph_worker(family, tmp_path)
+    graphed = graphed_decoder if device.type == "cuda" else static_decoder
+    eager_gen, graph_gen = (torch.Generator(device).manual_seed(3) for _ in range(2))
+    eager, eager_lp = sample_images(worker.lm, prompts, worker.params, eager_gen)
+    codes, logps = sample_images(worker.lm, prompts, worker.params, graph_gen, graphed)
+    assert torch.equal(codes, eager)
+    assert torch.allclose(logps, eager_lp, atol=1e-4)
+    assert torch.equal(graph_gen.get_state(), eager_gen.get_state())
+
+
+def test_hybrid_sampling_with_graphs_holds_no_rollout_copy(device, tiny_config, sft_path, record_property):
+    """A hybrid learner samples from graphs over its live weights: the same codes as its eager sampling before and
+    after an update (the packed copies refreshed in place), and a peak under a learner plus a rollout worker's."""
+    from omnigrpo.trainers.hybrid import HybridLearner
+
+    cfg = tiny_config("cluster.placement=hybrid", "rollout.cuda_graphs=true", "trainer.lr=3e-2")
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    learner = HybridLearner(cfg, str(sft_path))
+    learner.setup(threads=4)
+    graphed = learner.graphed
+    assert (graphed is not None) == cuda
+    prompts, metadata = prompts_of(shapes.train_items()[:4])
+    for _ in range(2):
+        with_graphs = learner.generate(prompts, metadata, 4, seed=5)
+        learner.graphed = None
+        eager = learner.generate(prompts, metadata, 4, seed=5)
+        learner.graphed = graphed
+        assert torch.equal(with_graphs.codes, eager.codes)
+        learner.train_step(TrainBatch(eager.prompt_batch, eager.codes, eager.logprobs, torch.linspace(-1, 1, 16),
+                                      torch.ones(16, dtype=torch.bool)))
+    if cuda:
+        hybrid_peak = torch.cuda.max_memory_allocated(device)
+        rollout = RolloutWorker(str(sft_path), SamplingParams.of(cfg.rollout), seed=0, graphs=True)
+        rollout.setup()
+        rollout.generate(prompts, metadata, 4)
+        pair_peak = torch.cuda.max_memory_allocated(device)
+        record_property("hybrid_peak_mb", hybrid_peak / 2**20)
+        record_property("learner_plus_rollout_peak_mb", pair_peak / 2**20)
+        assert hybrid_peak < pair_peak
+
+
+def test_an_nccl_group_of_one_broadcasts_and_aborts(device, tmp_path):
+    """The NCCL weight group forms with its own error handling (the process's environment left as it was), moves
+    a bucket, and aborts cleanly; a dead peer's timeout needs two GPUs (not run on one)."""
+    if device.type != "cuda":
+        pytest.skip("NCCL needs a CUDA GPU")
+    before = {k: os.environ.get(k) for k in ("TORCH_NCCL_BLOCKING_WAIT", "TORCH_NCCL_ASYNC_ERROR_HANDLING")}
+    group = WeightBroadcast(str(tmp_path / "store"), 0, 1, timeout_s=30.0, backend="nccl")
+    assert {k: os.environ.get(k) for k in before} == before
+    assert os.environ["NCCL_SOCKET_IFNAME"]  # the loopback interface, named
+    weights = {"w": torch.randn(64, 64, device=device), "b": torch.randn(64, device=device)}
+    assert group.send(weights, 1, 1 << 16) == 4 * (64 * 64 + 64)
+    group.abort()

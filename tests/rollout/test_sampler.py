@@ -28,7 +28,7 @@ def test_image_head_is_the_lm_head_restricted_to_image_codes(policy):
     torch.testing.assert_close(head, full[..., lo : lo + k])
 
 
-def test_inverse_cdf_draws_follow_the_distribution_and_never_a_filtered_code():
+def test_exponential_race_draws_follow_the_distribution_and_never_a_filtered_code():
     probs = torch.tensor([[0.0, 0.2, 0.0, 0.5, 0.3, 0.0]]).repeat(20000, 1)
     codes = draw(probs, torch.Generator().manual_seed(0))
     freq = torch.bincount(codes, minlength=6).float() / len(codes)

@@ -144,8 +144,8 @@ class XOmniLM(ImageLM):
         x = engine.forward_layers(body.layers, self.packed, body.rotary_emb, embeds, positions, valid, cache,
                                   body.image_only, image)
         if torch.is_tensor(image):
-            return torch.where(image[..., None], body.mm_norm(x), body.lm_norm(x))
-        return body.mm_norm(x) if image else body.lm_norm(x)
+            return torch.where(image[..., None], engine.rms_norm(x, body.mm_norm), engine.rms_norm(x, body.lm_norm))
+        return engine.rms_norm(x, body.mm_norm if image else body.lm_norm)
 
 
 class XOmniPolicy(GridPolicy):
