@@ -102,10 +102,14 @@ def bench_rollout(model: LlamaForCausalLM, prompts: PromptBatch, space: ImageSpa
                                                             params, graphed=graphed_decoder)
         fns["ours_graphs"](short)
         out["graphs"] = capture(lambda: fns["ours_graphs"](), lm, device)
+        print(f"graphs captured: {out['graphs']}", flush=True)
     for side, fn in fns.items():
+        start = time.perf_counter()
         fn(short)
         seconds = timed(fn, repeats, device, warmup=0)
         out[side] = {"seconds": seconds, "tokens_per_s": b * t / seconds, "images_per_s": b / seconds}
+        print(f"rollout {side}: {seconds:.2f} s per call ({time.perf_counter() - start:.1f} s with warm-up)",
+              flush=True)
     best = "ours_graphs" if "ours_graphs" in out else "ours"
     out["ratio_ours_over_hf_batched"] = out[best]["tokens_per_s"] / out["hf_batched_cfg"]["tokens_per_s"]
     out["ratio_eager_over_hf_batched"] = out["ours"]["tokens_per_s"] / out["hf_batched_cfg"]["tokens_per_s"]
@@ -244,7 +248,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
 
+    start = time.perf_counter()
     model, space = build_model(tiny, device, dtype)
+    print(f"model built in {time.perf_counter() - start:.1f} s", flush=True)
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, cfg_scale=args.cfg_scale)
     batch, plen, micro = args.batch or (4 if tiny else 16), args.prompt_len or (8 if tiny else 32), args.micro_batch
     result: dict[str, object] = {

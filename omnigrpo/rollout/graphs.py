@@ -113,7 +113,7 @@ class StaticDecode:
         """Warm every (kind, span) step up on a side stream (allocations, lazy kernel loads, the rotary table), then
         capture each into the shared ``pool``; the state is emptied after."""
         device = self.hidden.device
-        side = torch.cuda.Stream(device)
+        side = _side_stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for span in self.spans:
@@ -172,6 +172,17 @@ class StaticDecode:
         code, logp = sample_code(self.lm, self.hidden, self.params, self.b, self.source)
         self.codes[:, -1], self.logps[:, -1] = code, logp
         return self.codes.clone(), self.logps.clone()
+
+
+_SIDE: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One warm-up stream per device for every capture: cuBLAS keeps a workspace per stream it ran on for the
+    process's life, so a new stream per capture would leak one each time."""
+    if device not in _SIDE:
+        _SIDE[device] = torch.cuda.Stream(device)
+    return _SIDE[device]
 
 
 class GraphSet:
