@@ -11,7 +11,8 @@ kernels per layer as the arithmetic allows (``omnigrpo bench --parts rollout`` c
 
 - one fused RMSNorm (``F.rms_norm``; one kernel on CUDA) per norm;
 - q/k/v and gate/up packed into one GEMM each (:func:`fuse`);
-- rotary embedding of q and k together in three kernels, cos/sin looked up from a table built once per cache;
+- rotary embedding of q and k together in three kernels (multiply, roll by half, ``addcmul`` with a sign-folded
+  sine), cos/sin looked up from a table built once per cache;
 - the step's keys/values written in place, then one ``scaled_dot_product_attention`` over the attended span
   (a decode step groups the query heads that share a key/value head as query rows: no key copy for GQA);
 - output and down projections with their residual add in one ``addmm``.
@@ -140,7 +141,7 @@ def rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
 
 def rope_table(rotary: torch.nn.Module, length: int, like: torch.Tensor) -> torch.Tensor:
     """``[length, 2, d]``: the model's own cos and sin at positions ``0 .. length - 1`` (in ``like``'s dtype), the
-    sin's first half negated so that ``rotate_half(x) * sin == flip_halves(x) * table[:, 1]``."""
+    sin's first half negated so that ``rotate_half(x) * sin == swap_halves(x) * table[:, 1]``."""
     positions = torch.arange(length, device=like.device)[None]
     cos, sin = rotary(like, positions)
     half = sin.shape[-1] // 2
@@ -149,10 +150,9 @@ def rope_table(rotary: torch.nn.Module, length: int, like: torch.Tensor) -> torc
 
 
 def _rotate(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """RoPE on ``x`` ``[B, L, H, d]`` with ``rope`` ``[B, L, 1, 2, d]`` (cos, folded sin): three kernels."""
-    b, n, h, d = x.shape
-    flipped = x.reshape(b, n, h, 2, d // 2).flip(-2).view(b, n, h, d)
-    return torch.addcmul(x * rope[..., 0, :], flipped, rope[..., 1, :])
+    """RoPE on ``x`` ``[B, L, H, d]`` with ``rope`` ``[B, L, 1, 2, d]`` (cos, folded sin): three kernels (rolling the
+    last dimension by half swaps its halves)."""
+    return torch.addcmul(x * rope[..., 0, :], x.roll(x.shape[-1] // 2, -1), rope[..., 1, :])
 
 
 def _residual(x: torch.Tensor, linear: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:

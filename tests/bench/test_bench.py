@@ -38,8 +38,11 @@ def test_every_part_runs_and_reports(tiny_config, sft_path, tmp_path, capsys):
     rollout = results["rollout"]["settings"]
     assert set(rollout) == {"cfg=1", "cfg=3"} and "hf_generate_batched_cfg" in rollout["cfg=3"]
     for row in rollout.values():
-        assert all(m["tokens_per_s"] > 0 for k, m in row.items() if not k.startswith("speedup"))
+        assert all(m["tokens_per_s"] > 0 for k, m in row.items() if not k.startswith("speedup") and k != "kernels")
         assert row["speedup_vs_hf_generate"] > 0
+        kernels = row["kernels"]
+        assert kernels["omnigrpo"]["total"] < min(v["total"] for k, v in kernels.items() if k != "omnigrpo")
+        assert all(v["total"] == v["outside"] + v["layers"] * v["per_layer"] for v in kernels.values())
 
     check_trl_protocol(results["trl"], cfg)
 
@@ -52,7 +55,7 @@ def test_every_part_runs_and_reports(tiny_config, sft_path, tmp_path, capsys):
     assert results["rewards"]["shapes"]["images_per_s"] > 0
     out = capsys.readouterr().out
     assert "| omnigrpo hybrid |" in out and "| TRL |" in out and "sync MB" in out and "s/GB" in out
-    assert "| shapes |" in out
+    assert "| shapes |" in out and "kernels/step" in out
 
 
 def check_trl_protocol(t: dict, cfg) -> None:
