@@ -79,7 +79,8 @@ class StaticDecode:
         self.codes = torch.zeros(b, space.tokens_per_image, dtype=torch.long, device=device)
         self.logps = torch.zeros(b, space.tokens_per_image, device=device)
         eol = space.eol_id
-        self.eol = None if eol is None else lm.embed_text(torch.full((rows, 1), eol, device=device))
+        self.eol = None if eol is None else torch.full((rows, 1), eol, device=device)
+        """End-of-line ids ``[R, 1]``: embedded inside the captured step, so a weight update reaches it."""
         self.generator = torch.Generator(device) if capture else generator
         self.source: torch.Generator | None = generator
         self.t = 0
@@ -100,7 +101,7 @@ class StaticDecode:
         self._feed(self.lm.embed_codes(code[:, None].repeat(self.rows // self.b, 1)))
 
     def _eol(self) -> None:
-        self._feed(self.eol)
+        self._feed(self.lm.embed_text(self.eol))
 
     def _feed(self, x: torch.Tensor) -> None:
         self.hidden.copy_(self.lm.fast_forward(x, self.pos, self.valid, True, self.cache))
@@ -224,6 +225,8 @@ class GraphSet:
                 self.loops[key] = StaticDecode(lm, params, b, rows, length, capture=True, keys=self.keys,
                                                values=self.values, pool=self.pool, unit=unit)
             except Exception as err:  # noqa: BLE001 - any capture error: sample eagerly, say why
+                self.loops.clear()  # nothing half-captured stays, nor a cache grown for it
+                self.keys = self.values = []
                 self.failures[key] = f"{type(err).__name__}: {err}"
                 log.warning("CUDA graph capture failed for %d rows x %d slots, decoding eagerly: %s", rows,
                             bucketed(length), self.failures[key])
