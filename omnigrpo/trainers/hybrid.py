@@ -23,8 +23,9 @@ How sampling reads the live weights:
   per-module fetch/release hooks; sampling from gathered weights would need those hooks taken off and
   re-registered around every sampling phase (DeepSpeed internals that change between releases).
 
-Without CUDA graphs the KV cache lives only inside a sampling call (with them, the graphs' cache persists); the module is in eval mode under ``no_grad`` while
-sampling and returns to its own training mode after. The sampler's generator is seeded as rollout actor
+Without CUDA graphs the KV cache lives only inside a sampling call (with them, the graphs' cache persists);
+the module is in eval mode under ``no_grad`` while sampling and returns to its own training mode after. The
+sampler's generator is seeded as rollout actor
 ``rank`` would be (so a one-rank hybrid run samples the stream a one-actor colocated run does) and goes
 into the run state (``rollout_rng``) like a rollout actor's.
 """
