@@ -17,10 +17,13 @@ import sys
 import typing
 from pathlib import Path
 
-from omnigrpo import __version__
-from omnigrpo.cluster.placement import ClusterShortfall
-from omnigrpo.config.loader import ConfigError, load_config, to_dict
-from omnigrpo.config.schema import Config
+from omnigrpo.config.runtime import quiet_thread_waits
+
+quiet_thread_waits()  # before anything imports torch: this process and the workers it starts
+from omnigrpo import __version__  # noqa: E402
+from omnigrpo.cluster.placement import ClusterShortfall  # noqa: E402
+from omnigrpo.config.loader import ConfigError, load_config, to_dict  # noqa: E402
+from omnigrpo.config.schema import Config  # noqa: E402
 
 EPILOG = """examples:
   omnigrpo train configs/shapes.yaml
@@ -100,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default="", help=address_help)
     p.add_argument("--job-id", default=None, help="submission id to use (default: Ray picks one)")
     for name, text in [("status", "print a submitted run's status"), ("logs", "print a submitted run's logs"),
-                       ("stop", "stop a submitted run (it writes a crash checkpoint on the way out)")]:
+                       ("stop", "stop a submitted run (it finishes its step and writes a resumable checkpoint)")]:
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("job_id", help="job id printed by submit")
         p.add_argument("--address", default="", help=address_help)
@@ -169,13 +172,15 @@ def refuse(err: BaseException) -> int:
 
 
 def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
+    from omnigrpo.app.preflight import check_run
     from omnigrpo.cluster.environment import prepare_local_ray_env
 
+    plan = check_run(cfg)  # bad input is refused before Ray, MLflow and the model libraries are even imported
     prepare_local_ray_env(cfg.cluster.address)  # before the driver imports Ray
     from omnigrpo.app.driver import train
     from omnigrpo.app.tracking import store_uri
 
-    summary = train(cfg, stop_on_sigterm=True)  # `omnigrpo stop` / `ray job stop` send SIGTERM
+    summary = train(cfg, stop_on_sigterm=True, plan=plan)  # `omnigrpo stop` / `ray job stop` send SIGTERM
     if "stopped_at" in summary:
         print(f"stopped after step {summary['stopped_at']}: {summary['checkpoint']}; continue with "
               "omnigrpo train CONFIG --resume (same run.dir)")

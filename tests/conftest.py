@@ -1,19 +1,30 @@
-"""Shared fixtures: a tiny config of the real classes and its SFT checkpoint, built once per session.
+"""Shared fixtures: a tiny config of the real classes, its SFT checkpoint, and one local Ray cluster per session.
 
 DeepSpeed's CPU communication op is compiled once into a cache that outlives the session
-(``TORCH_EXTENSIONS_DIR``), so only the first test run on a machine pays for it.
+(``TORCH_EXTENSIONS_DIR``), so only the first test run on a machine pays for it; so is the tiny SFT checkpoint
+(pytest's cache directory), keyed by its config like any SFT checkpoint.
+
+Runs join the session's cluster (``ray_cluster``) the way a run joins a user's cluster: the driver then frees
+what it reserved instead of shutting Ray down, and each test checks that nothing was left behind. Only the
+jobs, two-host and multi-node tests start clusters of their own. ``pytest -m "not cluster"`` skips every test
+that needs one (a few-minute inner loop).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from omnigrpo.cluster.environment import prepare_local_ray_env
+from omnigrpo.config.runtime import quiet_thread_waits
+
+quiet_thread_waits()  # as the CLI does, before torch is imported
+import torch  # noqa: E402
+import yaml  # noqa: E402
 
 prepare_local_ray_env("")  # as the CLI does, before anything imports Ray
 os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
@@ -30,9 +41,19 @@ TINY = [
 ]
 
 
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:  # fixturenames holds every fixture a test needs, directly or through others
+        if "_session_ray" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cluster)
+
+
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cache")
+def cache_dir(request, tmp_path_factory) -> Path:
+    """``run.cache_dir`` of every tiny config: under pytest's cache, so the tiny SFT checkpoint (keyed by its
+    config) is trained once per machine, not once per session (``pytest --cache-clear`` starts afresh; with
+    ``-p no:cacheprovider``, once per session)."""
+    cache = getattr(request.config, "cache", None)
+    return Path(cache.mkdir("omnigrpo")) if cache else tmp_path_factory.mktemp("cache")
 
 
 @pytest.fixture
@@ -53,6 +74,23 @@ def sft_path(cache_dir) -> Path:
 
     cfg = load_config(None, [*TINY, f"run.cache_dir={cache_dir}"])
     return sft_checkpoint(cfg, threads=2)
+
+
+REFERENCE = ("trainer.lr=3e-3", "eval.every=0", "tracking.image_every=0", "rollout.top_k=30", "trainer.steps=4")
+"""The reference run's overrides: a run that trains visibly in 4 steps."""
+
+
+@pytest.fixture(scope="session")
+def reference_run(_session_ray, sft_path, cache_dir, tmp_path_factory) -> tuple[Config, dict]:
+    """``(config, summary)`` of one uninterrupted 4-step run of :data:`REFERENCE` (colocated, one learner, the
+    broadcast sync): what resumed, stopped-and-resumed, hybrid and two-rank runs of the same seed must end at."""
+    from omnigrpo.app.driver import train
+
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    cfg = load_config(None, [*TINY, f"run.cache_dir={cache_dir}", f"run.dir={run_dir}", *REFERENCE])
+    summary = train(cfg)
+    assert summary["rollout_versions"] == [4] and not leftovers()
+    return cfg, summary
 
 
 def policy_weights(path) -> dict[str, torch.Tensor]:
@@ -84,15 +122,89 @@ def refused(main, argv: list[str], capsys, *needles: str) -> str:
     return err
 
 
-PLUGINS = Path(__file__).parent / "plugins"
+ROOT = Path(__file__).parents[1]
+PLUGINS = ROOT / "tests" / "plugins"
+EXAMPLES = ROOT / "examples" / "rewards"
+
+
+def leftovers() -> list[str]:
+    """What runs left on the connected cluster: placement groups not removed and omnigrpo actors still named
+    (empty when Ray is not running)."""
+    import ray
+
+    if not ray.is_initialized():
+        return []
+    groups = [f"placement group {g['placement_group_id']} ({g['state']})"
+              for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"]
+    names = [a["name"] if isinstance(a, dict) else a for a in ray.util.list_named_actors()]
+    return groups + [f"actor {n}" for n in names if n.startswith("omnigrpo-")]
+
+
+def _connect() -> None:
+    """Start the session's cluster as a run starts its own (``actors.connect``), unless one is connected; the
+    raylet, and so every worker, inherits this environment: the test plugins importable, the driver's pid."""
+    import ray
+
+    from omnigrpo.cluster import actors
+
+    if ray.is_initialized():
+        return
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "OMNIGRPO_TEST_IN_RAY", "OMNIGRPO_TEST_DRIVER_PID")}
+    os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [str(PLUGINS), str(EXAMPLES), saved["PYTHONPATH"]])),
+                      OMNIGRPO_TEST_IN_RAY="1", OMNIGRPO_TEST_DRIVER_PID=str(os.getpid()))
+    try:
+        actors.connect(load_config(None, TINY))
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def _session_ray():
+    """The session's cluster; the test plugins are importable on this driver too (rewards resolve here first)."""
+    sys.path[:0] = [str(PLUGINS), str(EXAMPLES)]
+    _connect()
+    yield
+    import ray
+
+    ray.shutdown()
+
+
+@pytest.fixture
+def ray_cluster(_session_ray):
+    """The session's local Ray cluster (reconnected if a test ended it). After the test, nothing the test's runs
+    reserved may be left on it: leftovers are cleared, then reported as an error of that test."""
+    _connect()
+    yield
+    left = leftovers()
+    if left:
+        _clear()
+    assert not left, f"the test's runs left on the cluster: {left}"
+
+
+def _clear() -> None:
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    for name in (a["name"] if isinstance(a, dict) else a for a in ray.util.list_named_actors()):
+        ray.kill(ray.get_actor(name))
+    for key, group in ray.util.placement_group_table().items():
+        if group["state"] != "REMOVED":
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(key))))
 
 
 @pytest.fixture
 def plugins(monkeypatch) -> Path:
-    """``tests/plugins`` on the import path of this process and of the Ray workers it starts, so tests name the
-    reward modules there as ``module:attr``."""
-    monkeypatch.syspath_prepend(str(PLUGINS))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(PLUGINS), os.environ.get("PYTHONPATH")])))
+    """``tests/plugins`` and ``examples/rewards`` on the import path of this process (the session cluster's
+    workers have them too, and so does a run's own cluster started by a subprocess of this test), so tests name
+    the reward modules there as ``module:attr``."""
+    for path in (PLUGINS, EXAMPLES):
+        monkeypatch.syspath_prepend(str(path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(PLUGINS), str(EXAMPLES),
+                                                                    os.environ.get("PYTHONPATH")])))
     return PLUGINS
 
 
@@ -118,3 +230,33 @@ def tiny_clip_dir(tmp_path_factory):
     model = open_clip.create_model(f"local-dir:{directory}", load_weights=False)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, directory / "open_clip_model.safetensors")
     return directory
+
+
+PLUGIN_CONFIG = ROOT / "configs" / "shapes_plugin.yaml"
+EXTRA_REWARDS = [
+    {"name": "flaky_judge:first_is_nan", "weight": 0.5},  # fails on the first sample of every call
+    {"name": "ocr", "weight": 0.5, "required": False, "kwargs": {"detect": False}},
+]
+PROMPTS = ('{"prompt": "a red circle at the top left"}\n'
+           '{"prompt": "a blue square at the bottom right", "text": "BLUE"}\n'
+           '{"prompt": "a yellow triangle at the top right"}\n'
+           '{"prompt": "a green circle at the bottom left", "text": "GO"}\n')
+
+
+@pytest.fixture(scope="session")
+def feature_run(_session_ray, sft_path, cache_dir, tiny_clip_dir, tmp_path_factory) -> tuple[Config, dict]:
+    """``(config, summary)`` of 3 steps of ``configs/shapes_plugin.yaml`` as shipped (the README's plugin
+    example, from ``examples/rewards``) with more rewards added: a flaky plugin, OCR and CLIP; two reward
+    workers, two rollout chunks, prompts with text, an evaluation every 2 steps and sample images."""
+    from omnigrpo.app.driver import train
+
+    root = tmp_path_factory.mktemp("feature")
+    (root / "prompts.jsonl").write_text(PROMPTS)
+    clip = {"name": "clip", "weight": 0.3, "kwargs": {"model": f"local-dir:{tiny_clip_dir}", "pretrained": None}}
+    shipped = yaml.safe_load(PLUGIN_CONFIG.read_text())["rewards"]
+    rewards = yaml.safe_dump([*shipped, *EXTRA_REWARDS, clip], default_flow_style=True, width=10**6).strip()
+    cfg = load_config(PLUGIN_CONFIG, [
+        *TINY, f"run.cache_dir={cache_dir}", f"run.dir={root / 'run'}", "trainer.steps=3", "eval.every=2",
+        "trainer.lr=1e-3", "tracking.image_every=2", f"data.prompts={root / 'prompts.jsonl'}",
+        "cluster.reward_workers=2", "rollout.chunks=2", f"rewards={rewards}"])
+    return cfg, train(cfg)

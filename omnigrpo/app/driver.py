@@ -89,10 +89,11 @@ def install_stop_handler() -> None:
         signal.signal(signal.SIGTERM, terminate)
 
 
-def train(cfg: Config, stop_on_sigterm: bool = False) -> dict:
+def train(cfg: Config, stop_on_sigterm: bool = False, plan: preflight.RunPlan | None = None) -> dict:
     """Run a whole GRPO job; returns the held-out metrics before and after and the checkpoint path (or, stopped
-    on request, ``stopped_at`` and that step's checkpoint). ``stop_on_sigterm``: see :func:`install_stop_handler`."""
-    plan = preflight.check_run(cfg)  # raises ConfigError naming the key before anything starts
+    on request, ``stopped_at`` and that step's checkpoint). ``stop_on_sigterm``: see :func:`install_stop_handler`;
+    ``plan``: ``preflight.check_run(cfg)`` when the caller has already run it."""
+    plan = plan or preflight.check_run(cfg)  # raises ConfigError naming the key before anything starts
     run_dir = Path(cfg.run.dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     model_path = absolute(cfg.model.path) or str(sft_checkpoint(cfg, cfg.cluster.torch_threads or None))

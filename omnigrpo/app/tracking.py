@@ -103,7 +103,7 @@ class Tracker:
 
         If the tracking server cannot be reached the metrics are kept in order and sent with the next
         call that gets through (training goes on meanwhile); the outage is logged as the metric
-        ``fault/tracking_buffered`` (how many steps waited) at the step that flushed them.
+        ``fault/tracking_unreachable`` (how many calls failed) at the first step of the flushed ones.
         """
         if 0 < step <= self.logged_until and "reward/total/mean" in metrics:
             return

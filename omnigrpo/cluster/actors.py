@@ -126,17 +126,21 @@ def spawn(cfg: Config, model_path: str, extensions_dir: str, reference_path: str
     learners = [ray.remote(HybridLearner if hybrid else Learner).options(**plan.options("learner", rank), **env).remote(
         cfg, model_path, rank=rank, world_size=size, reference_path=reference_path,
         address=where.get(("learner", rank), LOOPBACK)) for rank in range(size)]
-    rendezvous = learner_rendezvous(cfg, learners, where)
-    try:
-        ray.get([w.setup.remote(dry_run) for w in rewards] + [w.setup.remote() for w in rollouts + decoders]
-                + [learner.setup.remote(extensions_dir, plan.threads("learner"), resume, rendezvous)
-                   for learner in learners])
-    except JudgeStartError as err:  # Ray's error is also an instance of the actor's exception class
-        raise ConfigError(str(getattr(err, "cause", None) or err)) from None
     workers = Workers(rollouts=learners if hybrid else rollouts, rewards=rewards, learners=learners, cfg=cfg,
                       model_path=model_path, placement=plan, decoders=decoders, where=where)
-    if cfg.cluster.weight_sync == "broadcast" and not hybrid:
-        join_weight_group(workers)
+    try:  # a run that cannot start frees what it reserved (a joined cluster lives on)
+        rendezvous = learner_rendezvous(cfg, learners, where)
+        try:
+            ray.get([w.setup.remote(dry_run) for w in rewards] + [w.setup.remote() for w in rollouts + decoders]
+                    + [learner.setup.remote(extensions_dir, plan.threads("learner"), resume, rendezvous)
+                       for learner in learners])
+        except JudgeStartError as err:  # Ray's error is also an instance of the actor's exception class
+            raise ConfigError(str(getattr(err, "cause", None) or err)) from None
+        if cfg.cluster.weight_sync == "broadcast" and not hybrid:
+            join_weight_group(workers)
+    except BaseException:
+        release(workers)
+        raise
     return workers
 
 

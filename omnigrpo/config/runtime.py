@@ -3,7 +3,7 @@
 Why: a run's random streams must be reproducible and must never coincide (rollout actors and their
 replacements, decoders, evaluation, the learner's shuffle). Each stream's seed is derived from
 ``run.seed`` here, by name, so no two places pick the same offset. torch is imported only inside
-:func:`use_threads`, so loading a config stays light.
+:func:`use_threads`, so loading a config stays light (and :func:`quiet_thread_waits` can run before it).
 """
 
 from __future__ import annotations
@@ -54,9 +54,25 @@ def learner_seeds(run_seed: int, rank: int) -> tuple[int, int]:
 
 
 def use_threads(threads: int | None) -> int:
-    """Set torch's intra-op threads to ``threads`` (0 or None: every core); returns the number set."""
+    """Set torch's intra-op threads to ``threads`` (0 or None: every core this process may run on, which a
+    container's or ``taskset``'s CPU set limits); returns the number set."""
     import torch
 
-    n = threads or os.cpu_count() or 1
+    n = threads or cores()
     torch.set_num_threads(n)
     return n
+
+
+def cores() -> int:
+    """Cores this process may run on (its CPU affinity), not every core of the machine."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def quiet_thread_waits() -> None:
+    """Let idle OpenMP threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE`` unless the user set it);
+    call before torch is imported, so this process and the Ray workers it starts inherit it.
+
+    Why: torch's threads spin at every barrier; on a box whose cores other work also uses, each parallel
+    region then waits for a thread that the scheduler parked. Measured on 2 cores with two other busy
+    processes: the shapes SFT took 3.2 s/step spinning and 1.7 s sleeping (0.65 s either way when idle)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -13,9 +13,10 @@ The resolved object is either a *reward function* ``(images, prompts, metadata) 
 factory). ``async def`` reward functions are allowed. Config kwargs are checked against the reward's
 signature before it is built.
 
-The built-in judges are imported by name (``_BUILTIN_MODULES``) when a name is first resolved, not when
-this module is (they pull in open_clip, onnxruntime, requests); this and ``omnigrpo.rollout.loader`` are
-the only places that import omnigrpo modules by name (``docs/design.md``).
+The built-in judges are imported by name (``BUILTIN_JUDGES``: reward name -> module) when that name is
+resolved, not when this module is (they pull in open_clip, onnxruntime, requests), so refusing an unknown
+name imports none of them; this and ``omnigrpo.rollout.loader`` are the only places that import omnigrpo
+modules by name (``docs/design.md``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ from typing import Any
 from omnigrpo.rewards.protocol import RewardFn, is_reward_function
 
 ENTRY_POINT_GROUP = "omnigrpo.rewards"
-_BUILTIN_MODULES = tuple(f"omnigrpo.rewards.judges.{name}" for name in ("shapes", "ocr", "clip", "vlm"))
+BUILTIN_JUDGES = {"shapes": "shapes", "shapes_strict": "shapes", "ocr": "ocr", "clip": "clip", "hps": "clip",
+                  "aesthetic": "clip", "pickscore": "clip", "vlm_judge": "vlm"}
+"""Built-in reward name -> its module under ``omnigrpo.rewards.judges`` (a test holds it to what they register)."""
 
 
 class RewardNotFound(LookupError):
@@ -78,8 +81,9 @@ register_reward = REWARDS.register
 
 
 def builtin_rewards() -> list[str]:
-    for module in _BUILTIN_MODULES:
-        importlib.import_module(module)
+    """Every built-in reward name, as the judge modules register them (imports them all)."""
+    for module in sorted(set(BUILTIN_JUDGES.values())):
+        importlib.import_module(f"omnigrpo.rewards.judges.{module}")
     return REWARDS.names()
 
 
@@ -89,8 +93,10 @@ def resolve_reward(name: str) -> Any:
         from omnigrpo.rewards.service import RemoteReward
 
         return functools.partial(RemoteReward, name.removeprefix("url:"))
-    builtins = builtin_rewards()
-    if name in REWARDS:
+    if name in BUILTIN_JUDGES:
+        importlib.import_module(f"omnigrpo.rewards.judges.{BUILTIN_JUDGES[name]}")
+        return REWARDS[name]
+    if name in REWARDS:  # registered by a plugin module already imported
         return REWARDS[name]
     plugins = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
     if name in plugins:
@@ -111,6 +117,7 @@ def resolve_reward(name: str) -> Any:
                 raise RewardNotFound(f"reward {name!r}: module {module_name!r} has no attribute {attr!r}")
             obj = getattr(obj, part)
         return obj
+    builtins = sorted(BUILTIN_JUDGES)
     known = builtins + sorted(plugins)
     near = difflib.get_close_matches(name, known, n=1)
     hint = f" Did you mean {near[0]!r}?" if near else ""

@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,8 @@ from omnigrpo.worlds import registry as worlds
 from omnigrpo.worlds import world as world_module
 
 log = logging.getLogger(__name__)
+ETA_AFTER = 10
+"""Steps timed before the SFT logs its pace and the time it still needs."""
 _SFT_FORMAT = 2  # bump when the SFT procedure changes, so stale caches are not reused
 
 
@@ -64,6 +67,8 @@ def sft_checkpoint(cfg: Config, threads: int | None = None) -> Path:
         log.info("reusing SFT checkpoint %s", target)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("no SFT checkpoint for this model, world and sft config under %s: training it first (%d steps; "
+             "cached for every later run of the same config, `omnigrpo sft` trains it alone)", target, cfg.sft.steps)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         stats = train_sft(cfg, tmp, threads=threads)
@@ -91,7 +96,12 @@ def train_sft(cfg: Config, out_dir: Path, threads: int | None = None) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     plain = SamplingParams()
     losses = []
-    for _ in tqdm(range(steps), desc="sft", mininterval=5.0):
+    started = time.perf_counter()
+    for step in tqdm(range(steps), desc="sft", mininterval=5.0):
+        if step == ETA_AFTER:
+            per_step = (time.perf_counter() - started) / step
+            log.info("SFT: %.2f s per step on %d thread(s), about %.0f min to go", per_step, torch.get_num_threads(),
+                     per_step * (steps - step) / 60)
         batch, images = world.sample_pairs(items, cfg.sft.batch_size, rng)
         drop = torch.from_numpy(rng.random(len(batch)) < cfg.sft.cfg_dropout)
         prompts = policy.prompt_batch([s.prompt for s in batch], drop_text=drop)

@@ -45,6 +45,7 @@ def test_the_alarm_history_survives_a_resume():
     assert again.history == alarm.history and again.raised == alarm.raised
 
 
+@pytest.mark.usefixtures("ray_cluster")
 def test_a_run_gaming_its_judge_raises_the_watchdog_alarm_and_stops_resumably(tiny_config, sft_path, plugins):
     """Trained on redness, watched by one minus redness: as the reward rises the watchdog falls, the alarm is
     logged (metric and tag) and the run stops with a resumable checkpoint."""

@@ -10,6 +10,7 @@ from omnigrpo.app.driver import train
 from omnigrpo.config.loader import ConfigError, load_config
 
 
+@pytest.mark.usefixtures("ray_cluster")
 def test_a_lag_of_two_draws_every_batch_two_updates_behind_and_learns(tiny_config, sft_path, plugins):
     steps = 10
     cfg = tiny_config("cluster.placement=split", "trainer.max_staleness=2", "trainer.lr=3e-3",
@@ -28,6 +29,7 @@ def test_a_lag_of_two_draws_every_batch_two_updates_behind_and_learns(tiny_confi
     assert any(not torch.equal(start[k], final[k]) for k in start)
 
 
+@pytest.mark.usefixtures("ray_cluster")
 def test_a_stopped_async_run_resumes_with_its_batches_drawn_ahead(tiny_config, sft_path, tmp_path, monkeypatch):
     """The batch drawn ahead at the stop goes into the run state: the resumed run trains on it, not on a fresh
     one drawn with newer weights, and ends with the weights of an uninterrupted run."""

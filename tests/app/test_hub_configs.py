@@ -5,10 +5,16 @@ A tiny checkpoint of the real class is placed in the cache layout (``hub/models-
 config for two steps in a fresh process. Overridden: resources, batch sizes, steps, the tiny checkpoint's image
 size and vocabulary, and local stand-ins for the judges and decoder whose weights are not on this machine.
 ``model.path`` is never overridden: the run must resolve the hub id.
+
+Each run is also the full GRPO step of its family on a DeepSpeed learner, with the shipped learner options
+(Janus-Pro: ZeRO-2; Emu3: LoRA, ZeRO-2, activation checkpointing; X-Omni: ZeRO-3, activation checkpointing, a
+pool of two diffusion-decoder actors painting two rollout chunks): the parameters move, the update reaches the
+rollout side, and every image reaches the rewards at the size the family decodes.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -16,24 +22,27 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
 from omnigrpo.rollout.families import tiny
+from omnigrpo.rollout.loader import load_policy
 
 ROOT = Path(__file__).parents[2]
 SHA = "0123456789abcdef0123456789abcdef01234567"
 SMALL = ["cluster.address=", "cluster.placement=colocated", "cluster.learner_workers=1", "cluster.rollout_workers=1",
          "cluster.reward_workers=1", "cluster.learner_gpus=0", "cluster.rollout_gpus=0", "cluster.reward_gpus=0",
          "cluster.decoder_gpus=0", "rollout.prompts_per_step=2", "rollout.group_size=2", "rollout.sample_batch=0",
-         "trainer.micro_batch_size=4", "trainer.steps=2", "tracking.image_every=0"]
+         "trainer.micro_batch_size=4", "trainer.steps=2", "trainer.lr=1e-2", "tracking.image_every=0"]
 SIZED = "{name: 'sized_reward:SizedSaturation', kwargs: {height: %d, width: %d}}"
 OCR = "{name: ocr, required: false, tags: [text], kwargs: {score: edit, detect: false}}"
 CASES = {  # config -> (family, its own overrides)
     "janus_pro_1b.yaml": ("janus", ["model.image_codes=64", f"rewards=[{SIZED % (32, 32)}, {OCR}]"]),
     "emu3_gen.yaml": ("emu3", ["model.image_codes=64", "model.image_grid=[8, 8]", "rollout.top_k=16",
                                f"rewards=[{SIZED % (32, 32)}]"]),
-    "xomni.yaml": ("xomni", ["model.image_codes=64", "model.image_grid=[8, 8]", "rollout.chunks=1",
+    "xomni.yaml": ("xomni", ["model.image_codes=64", "model.image_grid=[8, 8]", "rollout.chunks=2",
+                             "cluster.decoder_workers=2",
                              f"rewards=[{SIZED % (32, 32)}, {OCR}]"]),
 }
 
@@ -47,13 +56,15 @@ def place_in_cache(checkpoint: Path, hf_home: Path, repo: str) -> Path:
     return entry
 
 
+@pytest.mark.cluster  # each run starts its own, in a process whose environment points at the test's cache
 @pytest.mark.parametrize("config", sorted(CASES))
 def test_a_shipped_config_runs_from_its_hub_id_offline(config, tmp_path, plugins):
     family, overrides = CASES[config]
     repo = yaml.safe_load((ROOT / "configs" / config).read_text())["model"]["path"]
     assert repo.count("/") == 1 and not repo.startswith(("/", ".")), f"{config} names no hub id"
     hf_home = tmp_path / "hf"
-    place_in_cache(tiny.build(family, tmp_path / "tiny"), hf_home, repo)
+    start = tiny.build(family, tmp_path / "tiny")
+    place_in_cache(start, hf_home, repo)
     if family == "xomni":  # the diffusion decoder's weights are not on this machine either: a tiny one
         overrides = [*overrides, f"decoder.path={tiny.diffusion_decoder(tmp_path / 'decoder')}", "decoder.steps=2"]
     run_dir = tmp_path / "run"
@@ -68,6 +79,12 @@ def test_a_shipped_config_runs_from_its_hub_id_offline(config, tmp_path, plugins
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "reward/total/mean"))
     assert steps == [1, 2]
     assert run.data.metrics["reward/sized_reward:SizedSaturation/failed"] == 0  # images of the family's size
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "grpo/skipped_update")] == [0.0, 0.0]
+    summary = json.loads(Path(client.download_artifacts(run.info.run_id, "summary.json", str(tmp_path))).read_text())
+    assert summary["rollout_versions"] == [2]  # the last update reached the rollout actor
+    before = load_policy(family, start).model.state_dict()
+    after = load_policy(family, summary["checkpoint"]).model.state_dict()
+    assert [k for k in before if not torch.equal(before[k].to(after[k].dtype), after[k])], "no parameter moved"
 
 
 def test_an_uncached_hub_id_offline_is_refused_before_anything_starts(tmp_path):

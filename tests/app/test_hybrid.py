@@ -2,21 +2,21 @@
 
 import numpy as np
 import pytest
-import ray
 import torch
-from conftest import metric_values, policy_weights
+from conftest import REFERENCE, metric_values, policy_weights
 
 from omnigrpo.app.driver import train
 
+pytestmark = pytest.mark.usefixtures("ray_cluster")
 
-def test_two_hybrid_ranks_raise_the_reward_without_syncing(tiny_config, sft_path, plugins):
+
+def test_two_hybrid_ranks_raise_the_reward_without_syncing(tiny_config, sft_path):
     steps = 12
     cfg = tiny_config("cluster.placement=hybrid", "cluster.learner_workers=2", "trainer.lr=3e-3",
                       "trainer.kl_coef=0.0", "rollout.group_size=8", f"trainer.steps={steps}", "eval.every=0",
                       "eval.held_out=false", "tracking.image_every=0", "rollout.chunks=2",
                       "rewards=[{name: 'red_reward:redness'}]")
     summary = train(cfg)
-    assert not ray.is_initialized()
     assert summary["rollout_versions"] == [steps, steps]  # both ranks sampled the last step with the last weights
 
     reward = metric_values(cfg, summary["run_id"], "reward/total/mean")
@@ -28,13 +28,12 @@ def test_two_hybrid_ranks_raise_the_reward_without_syncing(tiny_config, sft_path
     assert any(not torch.equal(start[k], final[k]) for k in start)
 
 
-def test_one_hybrid_rank_trains_as_a_colocated_run(tiny_config, sft_path, tmp_path):
+def test_one_hybrid_rank_trains_as_a_colocated_run(tiny_config, reference_run):
     # the same seeds and weights: the learner sampling its own weights draws what a synced rollout actor draws
-    common = ("trainer.lr=3e-3", "trainer.steps=3", "eval.every=0", "tracking.image_every=0")
-    colocated = tiny_config(*common, f"run.dir={tmp_path / 'colocated'}", "cluster.weight_sync=object_store")
-    hybrid = tiny_config(*common, f"run.dir={tmp_path / 'hybrid'}", "cluster.placement=hybrid")
-    a, b = train(colocated), train(hybrid)
-    assert b["rollout_versions"] == [3]
+    colocated, a = reference_run
+    hybrid = tiny_config(*REFERENCE, "cluster.placement=hybrid")
+    b = train(hybrid)
+    assert b["rollout_versions"] == [4]
     wa, wb = policy_weights(a["checkpoint"]), policy_weights(b["checkpoint"])
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
     assert metric_values(hybrid, b["run_id"], "reward/total/mean") == pytest.approx(

@@ -6,8 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import ray
-from conftest import TINY, refused
+from conftest import TINY, leftovers, refused
 from mlflow.tracking import MlflowClient
 
 from omnigrpo.cli import main
@@ -18,10 +17,8 @@ SHAPES = str(Path(__file__).parents[2] / "configs" / "shapes.yaml")
 
 def _refused(argv: list[str], capsys, *needles: str) -> str:
     err = refused(main, argv, capsys, *needles)
-    assert not ray.is_initialized()  # refused before any cluster started
+    assert not leftovers()  # refused before anything was reserved on a cluster
     return err
-
-
 
 
 @pytest.mark.parametrize("rewards, needle", [
@@ -35,6 +32,7 @@ def test_reward_arguments_are_checked_against_the_signature(rewards, needle, tmp
     assert not run_dir.exists()
 
 
+@pytest.mark.usefixtures("ray_cluster")
 def test_a_judge_that_fails_to_load_in_its_actor_ends_the_run_at_start_up(tmp_path, capsys, cache_dir, sft_path):
     """Judges load in the reward actors (on their devices), so this failure comes after the cluster started: the
     same ``omnigrpo:`` line and exit status, no traceback, nothing trained (the tiny model's cached SFT start)."""
@@ -42,7 +40,7 @@ def test_a_judge_that_fails_to_load_in_its_actor_ends_the_run_at_start_up(tmp_pa
                  "rewards=[{name: ocr, kwargs: {score: nonsense}}]", f"run.dir={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err
     assert "omnigrpo: rewards.0: reward 'ocr' could not be built: ValueError" in err and "Traceback" not in err, err
-    assert not ray.is_initialized() and not (tmp_path / "run" / "checkpoints").exists()
+    assert not leftovers() and not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_a_checkpoint_with_another_image_vocabulary_is_refused(tmp_path, capsys):

@@ -1,16 +1,13 @@
 """A run interrupted after step k and resumed ends where an uninterrupted run of the same seed ends."""
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import ray
 import torch
-from conftest import TINY, policy_weights
+from conftest import REFERENCE, TINY, leftovers, policy_weights
 from mlflow.tracking import MlflowClient
 
 from omnigrpo.app.driver import train
@@ -22,15 +19,11 @@ from omnigrpo.config.loader import ConfigError, load_config
 SHAPES = str(Path(__file__).parents[2] / "configs" / "shapes.yaml")
 
 
-@pytest.mark.parametrize("lora", [0, 4], ids=["full", "lora"])
-def test_resume_matches_an_uninterrupted_run(tiny_config, sft_path, tmp_path, lora):
-    # with LoRA the checkpoint holds merged weights; resuming must not apply the adapters twice
-    common = ("trainer.lr=3e-3", "eval.every=0", "tracking.image_every=0", "rollout.top_k=30",
-              f"trainer.lora_rank={lora}")
-    straight = train(tiny_config(*common, "trainer.steps=4", f"run.dir={tmp_path / 'straight'}"))
-
-    first = train(tiny_config(*common, "trainer.steps=2", f"run.dir={tmp_path / 'cut'}"))  # "interrupted" at 2
-    cfg = tiny_config(*common, "trainer.steps=4", f"run.dir={tmp_path / 'cut'}", "run.resume=true")
+@pytest.mark.usefixtures("ray_cluster")
+def test_resume_matches_an_uninterrupted_run(tiny_config, reference_run, tmp_path):
+    _, straight = reference_run
+    first = train(tiny_config(*REFERENCE, "trainer.steps=2"))  # "interrupted" at 2
+    cfg = tiny_config(*REFERENCE, "run.resume=true")
     resumed = train(cfg)
 
     assert resumed["run_id"] == first["run_id"]  # the same MLflow run continues
@@ -43,13 +36,26 @@ def test_resume_matches_an_uninterrupted_run(tiny_config, sft_path, tmp_path, lo
     steps = [m.step for m in client.get_metric_history(resumed["run_id"], "reward/total/mean")]
     assert sorted(steps) == [1, 2, 3, 4]  # every step logged exactly once
     assert client.get_run(resumed["run_id"]).info.status == "FINISHED"
-    assert resumed["before"] == first["before"]
+    assert resumed["before"] == first["before"] == straight["before"]
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_resumed_lora_run_applies_its_adapters_once(tiny_config, sft_path, tmp_path):
+    # the checkpoint holds merged weights; resuming must not apply the adapters twice
+    common = (*REFERENCE, "trainer.lora_rank=4")
+    straight = train(tiny_config(*common, "trainer.steps=3", f"run.dir={tmp_path / 'straight'}"))
+    first = train(tiny_config(*common, "trainer.steps=2"))
+    resumed = train(tiny_config(*common, "trainer.steps=3", "run.resume=true"))
+    assert resumed["run_id"] == first["run_id"] and resumed["rollout_versions"] == [3]
+    a, b = policy_weights(straight["checkpoint"]), policy_weights(resumed["checkpoint"])
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert any(not torch.equal(a[k], policy_weights(first["checkpoint"])[k]) for k in a)
 
 
 def test_resume_without_a_checkpoint_is_refused(tmp_path, capsys):
     code = main(["train", SHAPES, "run.resume=true", f"run.dir={tmp_path / 'run'}"])
     assert code == 2 and "run.resume: no checkpoint under" in capsys.readouterr().err
-    assert not ray.is_initialized() and not (tmp_path / "run").exists()
+    assert not leftovers() and not (tmp_path / "run").exists()
 
 
 def test_a_checkpoint_written_mid_update_is_not_resumed(tmp_path):
@@ -67,39 +73,31 @@ def test_a_checkpoint_written_mid_update_is_not_resumed(tmp_path):
         check_resume(cfg)
 
 
-def test_a_stopped_run_resumes_to_the_weights_of_an_uninterrupted_one(tiny_config, sft_path, cache_dir, tmp_path):
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_stopped_run_resumes_to_the_weights_of_an_uninterrupted_one(reference_run, tiny_config, cache_dir,
+                                                                      tmp_path, plugins):
     """SIGTERM (what ``omnigrpo stop`` and ``ray job stop`` send) lets the step finish and leaves a resumable
-    checkpoint; resuming ends with the weights an uninterrupted run ends with."""
-    steps = 12
-    common = ("trainer.lr=3e-3", "eval.every=0", "tracking.image_every=0", f"model.path={sft_path}",
-              f"trainer.steps={steps}", "tracking.experiment=stop")
-    straight = train(tiny_config(*common, f"run.dir={tmp_path / 'straight'}"))
-    cut = tmp_path / "cut"
-    argv = [str(Path(sys.executable).parent / "omnigrpo"), "train", SHAPES, *TINY, *common,
+    checkpoint; resuming ends with the weights an uninterrupted run ends with. The run is ``omnigrpo train`` in
+    a process of its own, with a cluster of its own that it shuts down; a weight-0 reward sends the signal while
+    step 2 is being judged (its 3rd call: the step-0 evaluation, steps 1 and 2)."""
+    _, straight = reference_run
+    stopper = "rewards=[{name: shapes}, {name: 'saboteur:stops_the_driver', weight: 0, kwargs: {call: 3}}]"
+    cut = tmp_path / "run"
+    argv = [str(Path(sys.executable).parent / "omnigrpo"), "train", SHAPES, *TINY, *REFERENCE, stopper,
             f"run.cache_dir={cache_dir}", f"run.dir={cut}"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    client, deadline = MlflowClient(f"sqlite:///{cut / 'mlflow.db'}"), time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if (cut / "mlflow.db").exists() and _logged(client) >= 2:
-            proc.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.2)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0 and "stopped after step" in out, out[-3000:]
-    stopped_at = _logged(client)
-    assert 2 <= stopped_at < steps
-    run = client.search_runs([client.get_experiment_by_name("stop").experiment_id])[0]
+    # the driver's pid reaches the reward actors through the environment its cluster starts with
+    proc = subprocess.run(["sh", "-c", 'OMNIGRPO_TEST_DRIVER_PID=$$ exec "$@"', "sh", *argv], capture_output=True,
+                          text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "stopped after step 2" in out, out[-3000:]
+    client = MlflowClient(f"sqlite:///{cut / 'mlflow.db'}")
+    [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "KILLED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "reward/total/mean")) == [1, 2]
 
-    resumed = train(tiny_config(*common, f"run.dir={cut}", "run.resume=true"))
-    assert resumed["run_id"] == run.info.run_id and resumed["rollout_versions"] == [steps]
+    never = stopper.replace("call: 3", "call: 0")  # the same rewards; this driver is not signalled
+    resumed = train(tiny_config(*REFERENCE, never, f"run.dir={cut}", "run.resume=true"))
+    assert resumed["run_id"] == run.info.run_id and resumed["rollout_versions"] == [4]
     a, b = policy_weights(straight["checkpoint"]), policy_weights(resumed["checkpoint"])
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "reward/total/mean")) == list(
-        range(1, steps + 1))
-
-
-def _logged(client: MlflowClient) -> int:
-    exp = client.get_experiment_by_name("stop")
-    runs = client.search_runs([exp.experiment_id]) if exp else []
-    return len(client.get_metric_history(runs[0].info.run_id, "reward/total/mean")) if runs else 0
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "reward/total/mean")) == [1, 2, 3, 4]

@@ -4,12 +4,12 @@ import json
 
 import numpy as np
 import pytest
-import ray
 import torch
+from conftest import leftovers
 
 from omnigrpo.bench.generate import hf_generate, hf_generate_batched
 from omnigrpo.bench.harness import run_bench
-from omnigrpo.bench.protocol import STAGES, spread
+from omnigrpo.bench.protocol import STAGES
 from omnigrpo.bench.trl import frozen_settings
 from omnigrpo.rollout.families.builtin import WorldPolicy
 from omnigrpo.rollout.sampler import SamplingParams, sample_images
@@ -28,11 +28,12 @@ def test_generate_baselines_draw_the_same_images_greedily(sft_path, cfg_scale):
         assert torch.equal(hf_generate_batched(policy.model, batch, policy.space, params), ours)
 
 
+@pytest.mark.usefixtures("ray_cluster")
 def test_every_part_runs_and_reports(tiny_config, sft_path, tmp_path, capsys):
     cfg = tiny_config(f"model.path={sft_path}")
     results = run_bench(cfg, ["rollout", "rewards", "sync", "trl"], steps=2, repeats=1, out=str(tmp_path / "b.json"),
                         rounds=2, modes=["colocated", "hybrid"])
-    assert not ray.is_initialized()
+    assert not leftovers()
     assert json.loads((tmp_path / "b.json").read_text())["world"] == "shapes"
 
     rollout = results["rollout"]["settings"]
@@ -68,12 +69,15 @@ def check_trl_protocol(t: dict, cfg) -> None:
         for run in side["runs"]:
             assert run["samples"] == 2 * cfg.batch_size and run["samples_per_s"] > 0
             assert len(run["reward_curve"]) == 2 and run["reward"] == pytest.approx(np.mean(run["reward_curve"]))
-        assert side["samples_per_s"] == spread([run["samples_per_s"] for run in side["runs"]])
-        assert side["reward"] == spread([run["reward"] for run in side["runs"]])
+        for key in ("samples_per_s", "reward"):  # each figure's spread is over the rounds' own runs, in order
+            values = [run[key] for run in side["runs"]]
+            assert side[key]["rounds"] == values and side[key]["min"] <= side[key]["median"] <= side[key]["max"]
+            assert {side[key]["min"], side[key]["max"]} == {min(values), max(values)}
     for mode in t["omnigrpo"].values():
-        assert mode["vs_trl"] == mode["samples_per_s"]["median"] / trl["samples_per_s"]["median"]
-        assert all(mode["stages"][f"{s}_s"] >= 0 for s in STAGES) and mode["stages"]["step_s"] > 0
-        assert mode["stages"]["step_s"] == np.median([run["stages"]["step_s"] for run in mode["runs"]])
+        assert (mode["vs_trl"] > 1) == (mode["samples_per_s"]["median"] > trl["samples_per_s"]["median"])
+        # the stages are parts of a step: they add up to no more than it
+        stages = mode["stages"]
+        assert 0 < sum(stages[f"{s}_s"] for s in STAGES if s != "step") <= stages["step_s"] * 1.05, stages
     assert t["omnigrpo"]["hybrid"]["stages"]["sync_bytes"] == 0 < t["omnigrpo"]["colocated"]["stages"]["sync_bytes"]
     assert trl["max_non_image_tokens"] == 0 and t["settings"]["group_size"] == cfg.rollout.group_size
     args = trl["runs"][0]["args"]

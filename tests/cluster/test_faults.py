@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-import ray
 import requests
 from mlflow.tracking import MlflowClient
 
@@ -34,10 +33,8 @@ def _run_in_thread(cfg) -> tuple[threading.Thread, dict]:
     return thread, result
 
 
-def _steps_logged(client: MlflowClient, experiment: str, key: str = "reward/total/mean") -> list[int]:
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id]) if exp else []
-    return sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, key)) if runs else []
+def _steps_logged(client: MlflowClient, run_id: str, key: str = "reward/total/mean") -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
 def _wait_for(predicate, timeout: float, what: str) -> None:
@@ -45,59 +42,42 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
     while not predicate():
         if time.monotonic() > deadline:
             raise TimeoutError(what)
-        time.sleep(0.2)
+        time.sleep(0.1)
 
 
-def test_a_killed_rollout_actor_is_replaced_and_every_step_logged_once(tiny_config, sft_path):
-    cfg = tiny_config("trainer.steps=8", "eval.every=0", "tracking.image_every=0", f"model.path={sft_path}")
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_killed_rollout_actor_is_replaced_and_every_step_logged_once(tiny_config, sft_path, plugins):
+    # a weight-0 reward kills rollout actor 0 from inside the cluster while step 2 is judged (its 3rd call:
+    # the step-0 evaluation, steps 1 and 2)
+    cfg = tiny_config("trainer.steps=4", "eval.every=0", "tracking.image_every=0", f"model.path={sft_path}",
+                      "rewards=[{name: shapes}, {name: 'saboteur:kills_a_rollout_actor', weight: 0, "
+                      "kwargs: {call: 3}}]")
+    summary = train(cfg)
+    assert summary["rollout_versions"] == [4]  # the replacement caught up with the learner's weights
     client = MlflowClient(store_uri(cfg))
-    thread, result = _run_in_thread(cfg)
-    _wait_for(lambda: len(_steps_logged(client, cfg.tracking.experiment)) >= 2, 300, "run never reached step 2")
-    names = [a["name"] if isinstance(a, dict) else a for a in ray.util.list_named_actors()]
-    victim = next(n for n in names if n.startswith("omnigrpo-rollout-0-"))
-    ray.kill(ray.get_actor(victim))  # by its handle, mid-run
-    thread.join(timeout=300)
-    assert "error" not in result, result.get("error")
-    assert result["rollout_versions"] == [8]  # the replacement caught up with the learner's weights
-    assert _steps_logged(client, cfg.tracking.experiment) == list(range(1, 9))
-    restarts = _steps_logged(client, cfg.tracking.experiment, "fault/actor_restarts")
-    run = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])[0]
-    assert restarts == list(range(1, 9)) and run.data.metrics["fault/actor_restarts"] == 1.0
+    assert _steps_logged(client, summary["run_id"]) == [1, 2, 3, 4]
+    restarts = client.get_metric_history(summary["run_id"], "fault/actor_restarts")
+    # killed while step 2 was judged, found and replaced by step 2's weight sync
+    assert [m.value for m in sorted(restarts, key=lambda m: m.step)] == [0.0, 1.0, 1.0, 1.0]
     # the broadcast group was re-formed with the replacement: the last sync went over it, not the object store
     # (a kill that lands during a broadcast also costs that one sync a fallback)
-    assert run.data.metrics["sync/broadcast"] == 1.0 and run.data.metrics["fault/sync_fallbacks"] <= 1.0
+    metrics = client.get_run(summary["run_id"]).data.metrics
+    assert metrics["sync/broadcast"] == 1.0 and metrics["fault/sync_fallbacks"] <= 1.0
 
 
-HANGS_ONCE = """
-import os, time
-from pathlib import Path
-
-def hangs_once(images, prompts, metadata):
-    marker = Path(os.environ["HANG_MARKER"])
-    if not marker.exists() and images.any():  # the first real call hangs (a stuck judge), not the blank dry run
-        marker.write_text("hung")
-        time.sleep(3600)
-    return [float(im.mean()) / 255.0 for im in images]
-"""
-
-
-def test_a_hung_reward_call_times_out_and_is_retried_on_a_replacement(tiny_config, sft_path, tmp_path, monkeypatch):
-    (tmp_path / "hang_reward.py").write_text(HANGS_ONCE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    monkeypatch.setenv("HANG_MARKER", str(tmp_path / "hung"))
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_hung_reward_call_times_out_and_is_retried_on_a_replacement(tiny_config, sft_path, tmp_path, plugins):
     # two chunks: the hung actor also holds the second chunk's shard, which must not cost a second replacement
     cfg = tiny_config("trainer.steps=2", "eval.every=0", "eval.held_out=false", "tracking.image_every=0",
                       f"model.path={sft_path}", "cluster.call_timeout_s=8", "rollout.chunks=2",
-                      "rewards=[{name: 'hang_reward:hangs_once'}]")
-    thread, result = _run_in_thread(cfg)
-    thread.join(timeout=300)
-    assert "error" not in result, result.get("error")
+                      f"rewards=[{{name: 'hang_reward:hangs_once', kwargs: {{marker: '{tmp_path / 'hung'}'}}}}]")
+    summary = train(cfg)
+    assert (tmp_path / "hung").exists()
     client = MlflowClient(store_uri(cfg))
-    run = client.get_run(result["run_id"])
+    run = client.get_run(summary["run_id"])
     assert run.data.metrics["fault/call_timeouts"] == 1.0 and run.data.metrics["reward/failed"] == 0
     assert run.data.metrics["fault/actor_restarts"] == 1.0
-    assert _steps_logged(client, cfg.tracking.experiment) == [1, 2]
+    assert _steps_logged(client, summary["run_id"]) == [1, 2]
 
 
 def _free_port() -> int:
@@ -136,24 +116,27 @@ def mlflow_store(tmp_path):
     shutil.rmtree(store, ignore_errors=True)
 
 
-def test_metrics_survive_a_tracking_server_outage(tiny_config, sft_path, mlflow_store):
+@pytest.mark.usefixtures("ray_cluster")
+def test_metrics_survive_a_tracking_server_outage(tiny_config, sft_path, mlflow_store, plugins, tmp_path):
     port = _free_port()
     server = _start_mlflow(mlflow_store, port)
-    uri = f"http://127.0.0.1:{port}"
-    cfg = tiny_config("trainer.steps=10", "eval.every=0", "tracking.image_every=0", f"model.path={sft_path}",
-                      f"tracking.uri={uri}")
-    client = MlflowClient(uri)
+    uri, gone = f"http://127.0.0.1:{port}", tmp_path / "server_gone"
+    # a weight-0 reward ends the server while step 2 is judged (its 3rd call); the run goes on without it
+    cfg = tiny_config("trainer.steps=8", "eval.every=0", "tracking.image_every=0", f"model.path={sft_path}",
+                      f"tracking.uri={uri}", "rewards=[{name: shapes}, {name: 'saboteur:ends_a_process_group', "
+                      f"weight: 0, kwargs: {{call: 3, pgid: {server.pid}, marker: '{gone}'}}}}]")
     thread, result = _run_in_thread(cfg)
     try:
-        _wait_for(lambda: len(_steps_logged(client, cfg.tracking.experiment)) >= 2, 300, "never reached step 2")
+        _wait_for(gone.exists, 300, "the server was never ended")
+        server.wait(timeout=30)
+        time.sleep(2)  # training goes on without it for a while ...
     finally:
-        _stop(server)  # the server goes away mid-run ...
-    time.sleep(3)  # ... training goes on without it for a while ...
-    server = _start_mlflow(mlflow_store, port)  # ... and comes back on the same store
+        server = _start_mlflow(mlflow_store, port)  # ... and it comes back on the same store
     try:
         thread.join(timeout=300)
         assert "error" not in result, result.get("error")
-        assert _steps_logged(client, cfg.tracking.experiment) == list(range(1, 11))  # none lost, none twice
+        client = MlflowClient(uri)
+        assert _steps_logged(client, result["run_id"]) == list(range(1, 9))  # none lost, none twice
         run = client.get_run(result["run_id"])
         assert run.info.status == "FINISHED" and run.data.metrics["fault/tracking_unreachable"] >= 1
     finally:

@@ -48,9 +48,9 @@ def ray_head():
         _wait_until_up(address, head)
         yield address
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
+        os.killpg(head.pid, signal.SIGTERM)  # then SIGKILL: its graceful wind-down takes half a minute
         try:
-            head.wait(timeout=60)
+            head.wait(timeout=5)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(timeout=30)
@@ -82,6 +82,7 @@ def _wait(address: str, job_id: str, capsys, timeout: float = 420.0) -> str:
     raise TimeoutError(f"job {job_id} still running after {timeout}s")
 
 
+@pytest.mark.cluster
 def test_submitted_run_finishes_and_logs_to_mlflow(ray_head, sft_path, cache_dir, tmp_path, capsys, monkeypatch):
     """The run also names a prompt file by a relative path and a reward module that exists only here (not on the
     cluster's import path): both must travel with the job."""

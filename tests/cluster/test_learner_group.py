@@ -5,6 +5,7 @@ import os
 import pytest
 import ray
 import torch
+from conftest import REFERENCE
 
 from omnigrpo.app.driver import train
 from omnigrpo.cluster import actors, shards
@@ -12,11 +13,12 @@ from omnigrpo.rollout.families.builtin import WorldPolicy
 
 
 @pytest.mark.parametrize("stage", [2, 3])  # ZeRO-3: the KL reference is sharded too, its log-probs all-gathered
+@pytest.mark.usefixtures("ray_cluster")
 def test_two_ranks_stay_identical_and_rollouts_get_their_weights(tiny_config, sft_path, tmp_path, stage):
     cfg = tiny_config("cluster.learner_workers=2", f"trainer.zero_stage={stage}", f"model.path={sft_path}")
     actors.connect(cfg)
+    workers = actors.spawn(cfg, str(sft_path), os.environ["TORCH_EXTENSIONS_DIR"])
     try:
-        workers = actors.spawn(cfg, str(sft_path), os.environ["TORCH_EXTENSIONS_DIR"])
         prompts, metadata = ["a red circle at the top left", "a blue square at the bottom right"] * 2, [{}] * 4
         from omnigrpo.trainers.grpo import group_advantages
         from omnigrpo.trainers.learner import TrainBatch
@@ -34,19 +36,17 @@ def test_two_ranks_stay_identical_and_rollouts_get_their_weights(tiny_config, sf
         rollouts = ray.get([w.checksum.remote() for w in workers.rollouts])
         assert ranks[0] == ranks[1] == rollouts[0]
     finally:
-        ray.shutdown()
+        actors.release(workers)
 
 
-def test_two_ranks_train_like_one(tiny_config, sft_path, tmp_path):
-    """Same seed, same samples: the 2-rank run ends where the 1-rank run does (up to summation order)."""
+@pytest.mark.usefixtures("ray_cluster")
+def test_two_ranks_train_like_one(tiny_config, sft_path, reference_run):
+    """Same seed, same samples: the 2-rank run ends where the 1-rank reference run does (up to summation order)."""
     start = WorldPolicy.from_pretrained(sft_path).model.state_dict()
-    final = {}
-    for ranks in (1, 2):
-        cfg = tiny_config(f"cluster.learner_workers={ranks}", "trainer.steps=2", "eval.every=0", "trainer.lr=1e-3",
-                          "tracking.image_every=0", f"model.path={sft_path}", f"run.dir={tmp_path / str(ranks)}")
-        summary = train(cfg)
-        assert summary["rollout_versions"] == [2]
-        final[ranks] = WorldPolicy.from_pretrained(summary["checkpoint"]).model.state_dict()
-    moved = sum(float((final[1][k] - start[k]).pow(2).sum()) for k in start) ** 0.5
-    apart = sum(float((final[2][k] - final[1][k]).pow(2).sum()) for k in start) ** 0.5
+    one = WorldPolicy.from_pretrained(reference_run[1]["checkpoint"]).model.state_dict()
+    summary = train(tiny_config(*REFERENCE, "cluster.learner_workers=2"))
+    assert summary["rollout_versions"] == [4]
+    two = WorldPolicy.from_pretrained(summary["checkpoint"]).model.state_dict()
+    moved = sum(float((one[k] - start[k]).pow(2).sum()) for k in start) ** 0.5
+    apart = sum(float((two[k] - one[k]).pow(2).sum()) for k in start) ** 0.5
     assert moved > 0 and apart < 1e-3 * moved

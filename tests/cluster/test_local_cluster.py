@@ -4,19 +4,21 @@ import ipaddress
 import os
 
 import psutil
+import pytest
 import ray
 
 from omnigrpo.cluster import actors
 from omnigrpo.cluster.environment import prepare_local_ray_env, wants_local_cluster
 
 
+@pytest.mark.usefixtures("ray_cluster")  # started as a run starts its own (actors.connect)
 def test_every_socket_of_a_run_is_on_loopback(tiny_config, sft_path):
     # Every process of a run: this driver, Ray's own processes and the rollout, reward and learner
     # actors (the learner has joined its DeepSpeed process group).
     cfg = tiny_config()
     actors.connect(cfg)
+    workers = actors.spawn(cfg, str(sft_path), os.environ["TORCH_EXTENSIONS_DIR"])
     try:
-        workers = actors.spawn(cfg, str(sft_path), os.environ["TORCH_EXTENSIONS_DIR"])
         ray.get(workers.learner.state_dict.remote())
         me = psutil.Process()
         listening = []
@@ -29,7 +31,7 @@ def test_every_socket_of_a_run_is_on_loopback(tiny_config, sft_path):
         outside = [a for a in listening if not _loopback(a.ip)]
         assert not outside, f"listening beyond loopback: {outside}"
     finally:
-        ray.shutdown()
+        actors.release(workers)
 
 
 def _loopback(ip: str) -> bool:

@@ -5,6 +5,7 @@ the weight broadcast meet across nodes, and the run finishes with the rollouts o
 import threading
 import time
 
+import pytest
 import ray
 from mlflow.tracking import MlflowClient
 from ray.cluster_utils import Cluster
@@ -13,7 +14,9 @@ from omnigrpo.app.driver import train
 from omnigrpo.app.tracking import store_uri
 
 
+@pytest.mark.cluster
 def test_a_run_across_two_nodes(tiny_config, sft_path):
+    ray.shutdown()  # a connected session cluster, if any (the next test that needs it starts it again)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
                                                             "include_dashboard": False})
     cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")

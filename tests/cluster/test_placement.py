@@ -2,6 +2,7 @@
 
 import pytest
 import ray
+from conftest import leftovers
 
 from omnigrpo.cli import main
 from omnigrpo.cluster import placement
@@ -49,16 +50,16 @@ def test_a_short_cluster_is_named_by_role_and_amount():
     assert "GPU: the config asks for 1 (reward 1 x 1) but the cluster has 0" in text
 
 
+@pytest.mark.usefixtures("ray_cluster")
 def test_a_run_asking_too_much_stops_before_any_model_loads(tiny_config, sft_path, tmp_path, capsys):
-    cfg = tiny_config("cluster.learner_cpus=64")
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1")
-    try:
-        with pytest.raises(ClusterShortfall, match="short by"):
-            placement.build(cfg)
-        assert ray.util.placement_group_table() == {}  # nothing was reserved
-    finally:
-        ray.shutdown()
+    with pytest.raises(ClusterShortfall, match="short by"):
+        placement.build(tiny_config("cluster.learner_cpus=64"))
+    assert not leftovers()  # nothing was reserved
+    # from the CLI, on a cluster the run starts itself (the session's ends here; the next test starts it again):
+    # refused with one line, and the cluster the run started is shut down again
+    ray.shutdown()
     (tmp_path / "c.yaml").write_text("cluster:\n  learner_cpus: 64\n  num_cpus: 2\n")
     code = main(["train", str(tmp_path / "c.yaml"), f"run.dir={tmp_path / 'run'}", f"model.path={sft_path}",
                  "rewards=[{name: shapes}]"])
     assert code == 2 and "the cluster cannot place this run" in capsys.readouterr().err
+    assert not ray.is_initialized()

@@ -1,11 +1,14 @@
+import functools
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-import ray
+import yaml
+from conftest import leftovers
 
 from omnigrpo.cli import main
-from omnigrpo.config.loader import ConfigError, load_config, with_overrides
-from omnigrpo.config.schema import Config
+from omnigrpo.config.loader import ConfigError, load_config, to_dict, with_overrides
 
 CONFIG_DIR = Path(__file__).parents[2] / "configs"
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
@@ -19,8 +22,20 @@ def test_there_are_shipped_configs():
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_loads(path):
     cfg = load_config(path)
-    assert isinstance(cfg, Config)
     assert cfg.rewards and cfg.rollout.group_size >= 2
+    loaded = to_dict(cfg)
+    for key, value in _leaves(yaml.safe_load(path.read_text())):  # every value the file sets is the one in force
+        section, *rest = key.split(".")
+        assert functools.reduce(lambda d, k: d[int(k)] if isinstance(d, list) else d[k], rest, loaded[section]) == (
+            value), key
+
+
+def _leaves(data: object, prefix: str = "") -> list[tuple[str, object]]:
+    if isinstance(data, dict):
+        return [leaf for k, v in data.items() for leaf in _leaves(v, f"{prefix}{k}.")]
+    if isinstance(data, list) and data and isinstance(data[0], dict):
+        return [leaf for i, v in enumerate(data) for leaf in _leaves(v, f"{prefix}{i}.")]
+    return [(prefix.rstrip("."), data)]
 
 
 def test_overrides_are_typed_and_nested():
@@ -87,16 +102,20 @@ def test_cli_fails_before_any_cluster_or_run_dir(tmp_path, capsys):
     code = main(["train", SHAPES, "rollout.group_sise=4", f"run.dir={run_dir}"])
     assert code == 2
     assert "did you mean rollout.group_size?" in capsys.readouterr().err
-    assert not ray.is_initialized()
+    assert not leftovers()
     assert not run_dir.exists()
 
 
-def test_cli_unknown_reward_fails_before_cluster(tmp_path, capsys):
-    code = main(["train", SHAPES, "rewards=[{name: shapez}]", f"run.dir={tmp_path / 'r'}"])
-    assert code == 2
-    err = capsys.readouterr().err
-    assert "unknown reward 'shapez'" in err and "Did you mean 'shapes'" in err
-    assert not ray.is_initialized()
+def test_cli_unknown_reward_fails_before_cluster(tmp_path):
+    """Refused before Ray, MLflow, the model libraries or any judge is imported (seconds on a loaded box)."""
+    heavy = ("ray", "mlflow", "transformers", "deepspeed", "open_clip", "omnigrpo.rewards.judges")
+    argv = ["train", SHAPES, "rewards=[{name: shapez}]", f"run.dir={tmp_path / 'r'}"]
+    code = (f"import sys\nfrom omnigrpo.cli import main\nprint(main({argv!r}))\n"
+            f"print(sorted(m for m in sys.modules if m.startswith({heavy!r})))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.split() == ["2", "[]"], proc.stdout + proc.stderr
+    assert "omnigrpo: rewards.0.name: unknown reward 'shapez'" in proc.stderr and "Did you mean 'shapes'" in proc.stderr
+    assert not (tmp_path / "r").exists()
 
 
 def test_cli_check_prints_resolved_config(capsys):

@@ -1,6 +1,10 @@
+import subprocess
+import sys
+
 import pytest
 
 from omnigrpo.rewards.registry import (
+    BUILTIN_JUDGES,
     Registry,
     RewardNotFound,
     build_reward,
@@ -10,8 +14,18 @@ from omnigrpo.rewards.registry import (
 )
 
 
-def test_builtins_are_registered():
-    assert {"shapes", "shapes_strict"} <= set(builtin_rewards())
+def test_builtins_are_registered_where_the_registry_looks_for_them():
+    assert sorted(BUILTIN_JUDGES) == builtin_rewards()  # no judge registers a name the map does not know
+    assert {"shapes", "shapes_strict"} <= set(BUILTIN_JUDGES)
+
+
+def test_an_unknown_name_is_refused_without_importing_any_judge():
+    code = ("import sys\nfrom omnigrpo.rewards.registry import RewardNotFound, resolve_reward\n"
+            "try:\n    resolve_reward('shapez')\nexcept RewardNotFound as err:\n    print(err)\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('omnigrpo.rewards.judges', 'open_clip', "
+            "'rapidocr', 'scipy'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "Did you mean 'shapes'" in out and out.strip().endswith("[]"), out
 
 
 def test_duplicate_names_are_refused():

@@ -1,4 +1,9 @@
 import json
+import logging
+import os
+import re
+import subprocess
+import sys
 
 import torch
 
@@ -27,3 +32,21 @@ def test_checkpoint_is_cached_by_config(sft_path, tiny_config):
     assert sft_key(tiny_config("run.seed=1")) != sft_key(cfg)
     assert sft_key(tiny_config("sft.steps=41")) != sft_key(cfg)
     assert sft_key(tiny_config("trainer.lr=0.5")) == sft_key(cfg)  # RL settings do not touch SFT
+
+
+def test_an_sft_a_run_starts_says_why_and_how_long(tiny_config, tmp_path, caplog):
+    cfg = tiny_config("sft.steps=12", "sft.kmeans_images=64", f"run.cache_dir={tmp_path / 'cache'}")
+    with caplog.at_level(logging.INFO, logger="omnigrpo.trainers.sft"):
+        path = sft_checkpoint(cfg, threads=1)
+    text = caplog.text
+    assert f"no SFT checkpoint for this model, world and sft config under {path}: training it first (12 steps" in text
+    assert re.search(r"SFT: [0-9.]+ s per step on 1 thread\(s\), about [0-9]+ min to go", text), text
+
+
+def test_threads_follow_the_cores_the_process_is_given():
+    code = ("import os\nos.sched_setaffinity(0, {0})\nfrom omnigrpo.config.runtime import use_threads\n"
+            "import torch\nprint(use_threads(None), torch.get_num_threads(), os.environ['OMP_WAIT_POLICY'])")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", "import omnigrpo.cli\n" + code], capture_output=True, text=True,
+                         env=env, check=True).stdout.split()
+    assert out == ["1", "1", "PASSIVE"]  # one core given: one thread; idle threads sleep rather than spin
