@@ -1,13 +1,14 @@
 """Shared fixtures: a tiny config of the real classes, its SFT checkpoint, and one local Ray cluster per session.
 
-DeepSpeed's CPU communication op is compiled once into a cache that outlives the session
-(``TORCH_EXTENSIONS_DIR``), so only the first test run on a machine pays for it; so is the tiny SFT checkpoint
-(pytest's cache directory), keyed by its config like any SFT checkpoint.
+The tiny SFT checkpoint is trained once per machine into pytest's cache directory, keyed by its config like any
+SFT checkpoint (and locked like one: workers that need it at once train it once).
 
 Runs join the session's cluster (``ray_cluster``) the way a run joins a user's cluster: the driver then frees
 what it reserved instead of shutting Ray down, and each test checks that nothing was left behind. Only the
 jobs, two-host and multi-node tests start clusters of their own. ``pytest -m "not cluster"`` skips every test
-that needs one (a few-minute inner loop).
+that needs one (a few-minute inner loop). ``make test`` runs the suite on one pytest worker per core
+(pytest-xdist, ``--dist loadgroup``): each worker has its own session cluster, and the tests that read one
+shared run are sent to one worker.
 """
 
 from __future__ import annotations
@@ -41,10 +42,23 @@ TINY = [
 ]
 
 
+SHARED = {"reference_run": "reference", "feature_run": "feature"}
+"""Session runs several tests read: under ``pytest -n`` (``make test``) their readers share one worker, so each
+run is made once."""
+HOSTS = ("tests/cluster/test_two_hosts.py", "tests/cluster/test_multinode.py")
+"""Tests that build several hosts or nodes on this machine: one at a time."""
+
+
 def pytest_collection_modifyitems(items) -> None:
     for item in items:  # fixturenames holds every fixture a test needs, directly or through others
-        if "_session_ray" in getattr(item, "fixturenames", ()):
+        names = getattr(item, "fixturenames", ())
+        if "_session_ray" in names:
             item.add_marker(pytest.mark.cluster)
+        groups = [group for fixture, group in SHARED.items() if fixture in names]
+        if item.nodeid.startswith(HOSTS):
+            groups.append("hosts")
+        if groups:
+            item.add_marker(pytest.mark.xdist_group(groups[0]))
 
 
 @pytest.fixture(scope="session")

@@ -31,7 +31,7 @@ def thumbnails(images: np.ndarray) -> torch.Tensor:
 
 def pixel_distances(images: np.ndarray) -> torch.Tensor:
     """RMS distances ``[N, N]`` between the thumbnails of uint8 images ``[N, H, W, 3]``: computed once per batch
-    and shared by :func:`diversity` and :func:`group_spread`."""
+    and shared by :func:`diversity` and the diversity bonus (``omnigrpo.trainers.grpo.advantages``)."""
     if len(images) == 0:
         return torch.zeros(0, 0, dtype=torch.float64)
     thumbs = thumbnails(images).double()
@@ -71,44 +71,3 @@ def style_entropy(styles: list, correct: list[float | None], per_prompt: int) ->
             p = counts / counts.sum()
             per_prompt_bits.append(float(-(p * np.log2(p)).sum()))
     return float(np.mean(per_prompt_bits)) if per_prompt_bits else float("nan")
-
-
-def group_spread(d: torch.Tensor, group: torch.Tensor | np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Each sample's mean distance (``d``: :func:`pixel_distances`) to the other valid samples of its group
-    ``[N]`` (0 without any): the
-    diversity bonus (``trainer.diversity_bonus``) adds it, scaled, to a valid sample's total, so within a group
-    the sample least like its siblings gains most, and a group drawn all alike gains nothing.
-
-    >>> black, white = np.zeros((1, 4, 4, 3), np.uint8), np.full((1, 4, 4, 3), 255, np.uint8)
-    >>> d = pixel_distances(np.concatenate([black, black, white]))
-    >>> group_spread(d, np.zeros(3, int), np.ones(3, bool)).round(3).tolist()
-    [0.5, 0.5, 1.0]
-    """
-    d = d.numpy()
-    group, valid = np.asarray(group), np.asarray(valid, dtype=bool)
-    same = (group[:, None] == group[None, :]) & valid[None, :] & ~np.eye(len(group), dtype=bool)
-    counts = same.sum(1)
-    return np.where(counts > 0, (d * same).sum(1) / np.maximum(counts, 1), 0.0)
-
-
-def diversity_bonus(d: torch.Tensor, group: torch.Tensor | np.ndarray, total: np.ndarray, valid: np.ndarray,
-                    scale: float) -> np.ndarray:
-    """``trainer.diversity_bonus`` ``[N]``: ``scale`` times each sample's :func:`group_spread` among its group's
-    good samples (valid, total at or above the group's mean valid total), 0 for the others. Gated because variety
-    only counts where the image does what was asked: an ungated spread pays a garbled image for being unlike its
-    siblings, and at a scale that can hold a style (a 0.15 spread against rewards that differ by 0.5) it would.
-
-    >>> black, white = np.zeros((1, 4, 4, 3), np.uint8), np.full((1, 4, 4, 3), 255, np.uint8)
-    >>> d = pixel_distances(np.concatenate([black, black, white, white]))
-    >>> ok = np.ones(4, bool)
-    >>> diversity_bonus(d, np.zeros(4, int), np.array([1.0, 1.0, 1.0, 0.0]), ok, 2.0).round(3).tolist()
-    [1.0, 1.0, 2.0, 0.0]
-    """
-    group, valid = np.asarray(group), np.asarray(valid, dtype=bool)
-    total = np.where(valid, np.asarray(total, dtype=np.float64), np.nan)
-    good = np.zeros_like(valid)
-    for g in np.unique(group):
-        members = (group == g) & valid
-        if members.any():
-            good |= members & (total >= np.nanmean(total[members]) - 1e-9)
-    return scale * group_spread(d, group, good) * good

@@ -25,7 +25,7 @@ import torch
 from omnigrpo.app import preflight
 from omnigrpo.app.alarm import CollapseAlarm
 from omnigrpo.app.console import Progress
-from omnigrpo.app.diversity import diversity, diversity_bonus, pixel_distances
+from omnigrpo.app.diversity import diversity, pixel_distances
 from omnigrpo.app.evaluator import world_metrics
 from omnigrpo.app.lookahead import Lookahead
 from omnigrpo.app.tracking import Tracker
@@ -36,7 +36,7 @@ from omnigrpo.data.cursor import PromptCursor
 from omnigrpo.rewards.worker import RewardResult
 from omnigrpo.rollout.hub import absolute
 from omnigrpo.rollout.worker import RolloutBatch
-from omnigrpo.trainers.grpo import group_advantages
+from omnigrpo.trainers import grpo
 from omnigrpo.trainers.learner import TrainBatch
 from omnigrpo.trainers.sft import cache_root, sft_checkpoint
 from omnigrpo.worlds import registry as worlds
@@ -119,7 +119,7 @@ def train(cfg: Config, stop_on_sigterm: bool = False, plan: preflight.RunPlan | 
                                dry_run=plan.dry_run)
         ray.get([w.restore.remote(rng, state["version"]) for w, rng in zip(workers.rollouts, state["rollout_rng"],
                                                                           strict=True)])
-        workers.version = state["version"]
+        workers.sync.version, workers.rng_states = state["version"], list(state["rollout_rng"])
         cursor.restore(state["cursor"])
         tracker.start(resume_run_id=state["run_id"])
         tracker.set_tags(actors.placement_tags(workers))
@@ -138,14 +138,16 @@ def train(cfg: Config, stop_on_sigterm: bool = False, plan: preflight.RunPlan | 
 
 @dataclass
 class Loop:
-    """Steps ``resumed["step"] + 1 .. trainer.steps`` of a run (from 1 on a fresh run)."""
+    """Steps ``start_state["step"] + 1 .. trainer.steps`` of a run (from 1 on a fresh run)."""
 
     cfg: Config
     workers: actors.Workers
     tracker: Tracker
     run_dir: Path
     cursor: PromptCursor
-    resumed: dict
+    start_state: dict
+    """The run state the loop continues from: a resumed run's (:meth:`run_state`), or on a fresh run only its
+    ``reference_path``."""
     version: int = 0
     """Weight version the rollout actors (hybrid: the learner ranks) sample with; steps and versions differ once a
     step makes no update."""
@@ -163,14 +165,14 @@ class Loop:
 
     def run(self) -> dict:
         cfg = self.cfg
-        first = self.resumed.get("step", 0) + 1
-        self.version = self.resumed.get("version", 0)
+        first = self.start_state.get("step", 0) + 1
+        self.version = self.start_state.get("version", 0)
         self.ahead = Lookahead(cfg, self.workers, self.cursor)
-        self.ahead.restore(self.resumed.get("ahead", []))
+        self.ahead.restore(self.start_state.get("ahead", []))
         self.alarm = CollapseAlarm(cfg)
-        self.alarm.restore(self.resumed.get("alarm"))
-        self.before = self.resumed.get("before") or evaluate(cfg, self.workers, self.tracker, 0)
-        self.last_state = self.resumed if "step" in self.resumed else self.run_state(first - 1)
+        self.alarm.restore(self.start_state.get("alarm"))
+        self.before = self.start_state.get("before") or evaluate(cfg, self.workers, self.tracker, 0)
+        self.last_state = self.start_state if "step" in self.start_state else self.run_state(first - 1)
         progress = Progress(cfg.trainer.steps, first)
         step = first - 1
         try:
@@ -228,34 +230,31 @@ class Loop:
         if batch.version != drawn.expected_version:
             raise RuntimeError(f"step {step}: rollout used weights v{batch.version}, expected "
                                f"v{drawn.expected_version}")
-        # 2. advantages: group-normalised totals; excluded samples carry no weight
+        # 2. advantages: group-normalised totals (with the diversity bonus); excluded samples carry no weight
         valid = torch.from_numpy(result.valid)
         distances = pixel_distances(batch.images)  # diversity metrics and bonus share them
-        bonus = diversity_bonus(distances, batch.group, result.total, result.valid, cfg.trainer.diversity_bonus)
-        totals = torch.from_numpy(np.where(result.valid, result.total + bonus, 0.0)).float()
-        adv, zero_std = group_advantages(totals, batch.group, valid, scale=cfg.trainer.scale_rewards)
+        adv = grpo.advantages(torch.from_numpy(result.total), cfg.rollout.group_size, valid,
+                              scale=cfg.trainer.scale_rewards, bonus=cfg.trainer.diversity_bonus, distances=distances)
         # 3. learn: one GRPO update on every learner rank
         self.stage = "learn"
         with timed(timings, "learn"):
-            learned = actors.train_step(workers, TrainBatch(batch.prompt_batch, batch.codes, batch.logprobs, adv,
+            learned = actors.train_step(workers, TrainBatch(batch.prompt_batch, batch.codes, batch.logprobs, adv.values,
                                                             valid, torch.full((len(valid),), batch.version)))
         learned_version = int(learned.pop("version"))  # the learner stamps the weights it made
         self.ahead.join(timings)  # the next batch drawn ahead is complete: the rollouts are free for new weights
         # 4. sync: the new weights to every rollout actor (nothing to send when no update was made, nor under
         # hybrid placement, where the learner ranks sample with their own weights)
         self.stage = "sync"
-        workers.sync_bytes = 0
         with timed(timings, "sync"):
-            if learned_version != self.version:
-                self.version = learned_version
-                actors.sync_weights(workers, self.version)
+            actors.sync_weights(workers, learned_version)
+        self.version = learned_version
         self.last_state = self.run_state(step)  # from here on a crash leaves this step's weights: resumable
         timings["timing/step_s"] = time.perf_counter() - t0
         # 5. log: the step's metrics and, now and then, a grid of its samples
         self.stage = "log"
-        metrics = self.step_metrics(batch, result, learned, timings, zero_std)
+        metrics = self.step_metrics(batch, result, learned, timings, adv.zero_std_frac)
         metrics.update(diversity(distances, batch.group))
-        metrics["diversity/bonus_mean"] = float(bonus[result.valid].mean()) if result.valid.any() else 0.0
+        metrics["diversity/bonus_mean"] = float(adv.bonus[valid].mean()) if result.valid.any() else 0.0
         self.tracker.log(metrics, step)
         self.raise_alarms(metrics, step)
         self.last_state["alarm"] = self.alarm.state()  # this step's figures belong to its run state
@@ -271,9 +270,7 @@ class Loop:
         w = self.workers
         background = worlds.get(self.cfg.world.name).BACKGROUND
         return {**result.metrics(), **learned, **timings, "grpo/zero_std_frac": zero_std,
-                "fault/actor_restarts": w.restarts, "fault/sync_fallbacks": w.sync_fallbacks,
-                "fault/call_timeouts": w.timeouts, "sync/broadcast": float(w.broadcast),
-                "sync/bytes": float(w.sync_bytes),
+                "fault/actor_restarts": w.restarts, "fault/call_timeouts": w.timeouts, **w.sync.metrics(),
                 "guard/blank_frac": blank_share(batch.images, background),
                 "throughput/samples_per_s": len(batch.prompts) / timings["timing/step_s"]}
 
@@ -302,10 +299,10 @@ class Loop:
     def run_state(self, step: int) -> dict:
         """What the driver needs to continue after ``step`` exactly as if never interrupted."""
         return {"step": step, "version": self.version, "run_id": self.tracker.run_id,
-                "reference_path": self.resumed["reference_path"], "cursor": self.cursor.state(),
+                "reference_path": self.start_state["reference_path"], "cursor": self.cursor.state(),
                 "before": self.before, "ahead": self.ahead.state() if self.ahead else [],
                 "alarm": self.alarm.state() if self.alarm else None,
-                "rollout_rng": actors.rollout_rng_states(self.workers)}
+                "rollout_rng": list(self.workers.rng_states)}
 
     def finish(self) -> dict:
         """Final evaluation and checkpoint; the run's summary."""

@@ -39,7 +39,6 @@ from omnigrpo.config.schema import Config
 from omnigrpo.rewards.judges.ocr import exact_score, shared_reader, target_text, word_recall
 from omnigrpo.rewards.registry import build_reward
 from omnigrpo.rewards.worker import JudgeStartError, RewardWorker
-from omnigrpo.rollout.sampler import SamplingParams
 from omnigrpo.rollout.worker import RolloutWorker
 from omnigrpo.worlds import registry as worlds
 from omnigrpo.worlds.world import blank_share
@@ -150,8 +149,7 @@ def paint(cfg: Config, codes, grid: tuple[int, int]) -> np.ndarray:
     """Images ``[N, H, W, 3]`` of ``codes`` ``[N, T]`` from the run's diffusion decoder (``decoder.*``)."""
     from omnigrpo.rollout.families.diffusion import DiffusionDecoder
 
-    decoder = DiffusionDecoder(cfg.decoder.path, steps=cfg.decoder.steps, guidance=cfg.decoder.guidance,
-                               seed=checkpoint_eval_seed(cfg.run.seed), threads=cfg.cluster.torch_threads)
+    decoder = DiffusionDecoder.from_config(cfg, checkpoint_eval_seed(cfg.run.seed), cfg.cluster.torch_threads)
     decoder.setup()
     return decoder.decode(codes, grid)
 
@@ -173,10 +171,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, prompts_source: str = "", 
         rewards.setup()  # builds every judge first: a bad reward fails before any sampling
     except JudgeStartError as err:
         raise ConfigError(str(err)) from None
-    rollout = RolloutWorker(str(path), SamplingParams.of(cfg.rollout), seed=checkpoint_eval_seed(cfg.run.seed),
-                            threads=cfg.cluster.torch_threads, family=cfg.model.family,
-                            grid=tuple(cfg.model.image_grid) or None, sample_batch=cfg.rollout.sample_batch,
-                            dtype=cfg.model.dtype, decode=not cfg.decoder.path)
+    rollout = RolloutWorker.from_config(cfg, str(path), checkpoint_eval_seed(cfg.run.seed), cfg.cluster.torch_threads)
     rollout.setup()
     batch = rollout.generate(prompts, metadata, per_prompt)
     if cfg.decoder.path:  # X-Omni: the configured diffusion decoder paints the codes, as in training

@@ -139,6 +139,27 @@ def random_policy(cfg: Config, directory: Path) -> str:
     return str(directory)
 
 
+def _timed_sync(workers, broadcast: bool, bucket_mb: float, repeats: int) -> dict:
+    """One sync path on a run's actors: the broadcast group (in ``bucket_mb`` buckets; 0 = per tensor) or, with
+    ``broadcast`` False, the object store (the path a failed broadcast falls back to)."""
+    import ray
+
+    from omnigrpo.cluster import actors
+
+    sync = workers.sync
+    sync.broadcast, sync.bucket_mb = broadcast, bucket_mb
+    state = ray.get(workers.learner.state_dict.remote())
+    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    # the learner has made no update: every repeat sends its version 0 again
+    seconds = median_seconds(lambda: actors.sync_weights(workers, 0, resend=True), repeats)
+    sums = {round(c, 3) for c in ray.get([w.checksum.remote() for w in workers.rollouts])}
+    expected = round(float(sum(t.double().sum() for t in state.values())), 3)
+    return {"bytes": nbytes, "tensors": len(state), "seconds": seconds, "s_per_gb": seconds / (nbytes / 1e9),
+            "gb_per_s": nbytes / 1e9 / seconds, "bucket_mb": bucket_mb,
+            "still_broadcasting": sync.broadcast == broadcast and not sync.fallbacks,  # no silent fallback
+            "rollouts_match_learner": sums == {expected}}
+
+
 def bench_sync(cfg: Config, repeats: int) -> dict:
     """Seconds per GB of ``actors.sync_weights`` (learner -> every rollout actor) on a Ray cluster, for a
     random policy of the configured size."""
@@ -155,27 +176,18 @@ def bench_sync(cfg: Config, repeats: int) -> dict:
     staging = tempfile.TemporaryDirectory(prefix="omnigrpo-bench-")
     model_path = random_policy(cfg, Path(staging.name))
     try:
-        paths = [("object store", "object_store", 0.0, "gloo"), ("broadcast, bucketed", "broadcast",
-                  cfg.cluster.sync_bucket_mb, "gloo"), ("broadcast, per tensor", "broadcast", 0.0, "gloo")]
+        bucket = cfg.cluster.sync_bucket_mb
+        backends = {"gloo": [("object store", False, 0.0), ("broadcast, bucketed", True, bucket),
+                             ("broadcast, per tensor", True, 0.0)]}
         if cfg.cluster.sync_nccl:  # a whole GPU per learner and rollout actor: device to device
-            paths.append(("broadcast, nccl, bucketed", "broadcast", cfg.cluster.sync_bucket_mb, "nccl"))
-        for label, mode, bucket_mb, backend in paths:
-            cluster = dataclasses.replace(cfg.cluster, weight_sync=mode, sync_bucket_mb=bucket_mb,
-                                          sync_backend=backend)
+            backends["nccl"] = [("broadcast, nccl, bucketed", True, bucket)]
+        for backend, paths in backends.items():  # one set of actors per backend; its paths in turn
+            cluster = dataclasses.replace(cfg.cluster, weight_sync="broadcast", sync_backend=backend)
             workers = actors.spawn(dataclasses.replace(cfg, cluster=cluster), model_path,
                                    str(cache_root(cfg) / "torch_extensions"))
             try:
-                state = ray.get(workers.learner.state_dict.remote())
-                nbytes = sum(t.numel() * t.element_size() for t in state.values())
-                # the learner has made no update: every repeat sends its version 0 again
-                seconds = median_seconds(lambda w=workers: actors.sync_weights(w, 0), repeats)
-                sums = {round(c, 3) for c in ray.get([w.checksum.remote() for w in workers.rollouts])}
-                expected = round(float(sum(t.double().sum() for t in state.values())), 3)
-                clean = (workers.broadcast and not workers.sync_fallbacks) or mode != "broadcast"  # no fallback
-                out[label] = {"bytes": nbytes, "tensors": len(state), "seconds": seconds,
-                              "s_per_gb": seconds / (nbytes / 1e9), "gb_per_s": nbytes / 1e9 / seconds,
-                              "bucket_mb": bucket_mb, "still_broadcasting": clean,
-                              "rollouts_match_learner": sums == {expected}}
+                for label, broadcast, bucket_mb in paths:
+                    out[label] = _timed_sync(workers, broadcast, bucket_mb, repeats)
             finally:
                 actors.release(workers)
     finally:

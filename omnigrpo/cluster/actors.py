@@ -13,8 +13,8 @@ that dies is replaced in its bundle and its batch retried (``omnigrpo.cluster.sh
 With ``cluster.placement: hybrid`` the learner ranks are the rollout pool (``Workers.rollouts`` *is*
 ``Workers.learners``: :class:`~omnigrpo.trainers.hybrid.HybridLearner` answers the rollout calls), so the
 sharded and chunked sampling of ``omnigrpo.cluster.shards`` runs unchanged on them, reward actors still judge
-a chunk while the next one samples, and :func:`sync_weights` sends nothing. A learner rank that dies ends the run (crash
-checkpoint), as it does in the other placements.
+a chunk while the next one samples, and :func:`sync_weights` sends nothing (``omnigrpo.cluster.weights``). A
+learner rank that dies ends the run (crash checkpoint), as it does in the other placements.
 """
 
 from __future__ import annotations
@@ -31,16 +31,17 @@ from ray._private import ray_constants
 
 from omnigrpo.cluster import placement
 from omnigrpo.cluster.environment import prepare_local_ray_env, wants_local_cluster
+from omnigrpo.cluster.weights import WeightSync
 from omnigrpo.config.loader import ConfigError
 from omnigrpo.config.runtime import actor_seed
 from omnigrpo.config.schema import Config
 from omnigrpo.rewards.worker import DryRun, JudgeStartError, RewardWorker
 from omnigrpo.rollout.families.diffusion import DiffusionDecoder
-from omnigrpo.rollout.sampler import SamplingParams
 from omnigrpo.rollout.worker import RolloutWorker
 from omnigrpo.sync.network import LOOPBACK, is_loopback
 from omnigrpo.trainers.hybrid import HybridLearner
-from omnigrpo.trainers.learner import Learner, merge_metrics
+from omnigrpo.trainers.learner import Learner
+from omnigrpo.trainers.tally import merge_metrics
 
 log = logging.getLogger(__name__)
 
@@ -78,26 +79,21 @@ class Workers:
     placement: placement.Placement
     decoders: list = dataclasses.field(default_factory=list)
     """Diffusion-decoder actors (empty: rollout actors decode with the policy's VQ decoder)."""
-    version: int = 0
-    """Weight version every rollout actor holds (a replacement gets it from the learner)."""
+    sync: WeightSync | None = None
+    """Where the rollout actors' weights stand and how the next sync travels (``omnigrpo.cluster.weights``)."""
+    rng_states: list = dataclasses.field(default_factory=list)
+    """Each rollout actor's sampling-generator state after its latest batch (None: nothing drawn yet, its
+    seeded stream), kept as batches arrive (``omnigrpo.cluster.shards``) for the run state."""
     restarts: int = 0
     """Actors replaced so far in this run (logged as ``fault/actor_restarts``)."""
-    broadcast: bool = False
-    """Weights go over the dedicated gloo group (else, or after a fallback, through the object store)."""
-    sync_fallbacks: int = 0
-    """Broadcasts that failed and were redone through the object store (``fault/sync_fallbacks``)."""
-    reform: bool = False
-    """A broadcast failed or a rollout actor was replaced: re-form the broadcast group (with any newcomer)
-    at the next sync. One failed re-forming settles on the object store for the rest of the run."""
-    reform_failed: bool = False
     timeouts: int = 0
     """Reward / decoder calls that exceeded ``cluster.call_timeout_s`` (``fault/call_timeouts``)."""
     where: dict = dataclasses.field(default_factory=dict)
     """``(role, index) -> node address`` the actors' sockets bind across hosts; empty on loopback."""
-    sync_bytes: int = 0
-    """Weight bytes the last sync sent (``sync/bytes``; 0 under hybrid placement, which never sends any)."""
-    weight_bytes: int = 0
-    """Bytes of the full policy's parameters (asked of the learner once, for the object-store path)."""
+
+    def __post_init__(self):
+        self.sync = self.sync or WeightSync(self.cfg)
+        self.rng_states = self.rng_states or [None] * len(self.rollouts)
 
     @property
     def hybrid(self) -> bool:
@@ -108,6 +104,10 @@ class Workers:
     def learner(self):
         """Rank 0 of the learner group."""
         return self.learners[0]
+
+    def pool(self, role: str) -> list:
+        """The actors of ``role`` (rollout, decoder or reward), by index."""
+        return {"rollout": self.rollouts, "decoder": self.decoders, "reward": self.rewards}[role]
 
 
 def spawn(cfg: Config, model_path: str, extensions_dir: str, reference_path: str | None = None,
@@ -137,7 +137,7 @@ def spawn(cfg: Config, model_path: str, extensions_dir: str, reference_path: str
         except JudgeStartError as err:  # Ray's error is also an instance of the actor's exception class
             raise ConfigError(str(getattr(err, "cause", None) or err)) from None
         if cfg.cluster.weight_sync == "broadcast" and not hybrid:
-            join_weight_group(workers)
+            workers.sync.join(learners, rollouts, where)
     except BaseException:
         release(workers)
         raise
@@ -171,48 +171,9 @@ def learner_rendezvous(cfg: Config, learners: list, where: dict) -> str | None:
     return (Path(cfg.run.dir).resolve() / f".rendezvous-{secrets.token_hex(4)}").as_uri()
 
 
-def join_weight_group(workers: Workers) -> None:
-    """Form the broadcast group: learner rank 0 (sender) and every rollout actor, meeting at a file store on
-    one machine, or at a TCP store the learner serves on its node address across hosts."""
-    size, timeout = 1 + len(workers.rollouts), workers.cfg.cluster.sync_timeout_s
-    workers.where = bind_addresses(workers.placement)  # a replacement may sit on another node than its predecessor
-    if workers.where:
-        store = ray.get(workers.learner.serve.remote("weights", size, timeout))
-    else:
-        Path(workers.cfg.run.dir).resolve().mkdir(parents=True, exist_ok=True)
-        store = str(Path(workers.cfg.run.dir).resolve() / f".weights-{secrets.token_hex(4)}")
-    hosts = [workers.where.get(("rollout", i), LOOPBACK) for i in range(len(workers.rollouts))]
-    backend = "nccl" if workers.cfg.cluster.sync_nccl else "gloo"
-    ray.get([workers.learner.join_weight_group.remote(store, size, timeout, backend)]
-            + [w.join_weight_group.remote(store, i + 1, size, timeout, host, backend)
-               for i, (w, host) in enumerate(zip(workers.rollouts, hosts, strict=True))])
-    workers.broadcast = True
-
-
-def rollout_rng_states(workers: Workers) -> list:
-    """Every rollout actor's sampling-generator state (for the run state); a dead actor is replaced first and
-    its replacement's fresh stream is the one saved."""
-    states = []
-    for i in range(len(workers.rollouts)):
-        try:
-            states.append(ray.get(workers.rollouts[i].rng_state.remote()))
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
-            _replace(workers, "rollout", i, err)
-            states.append(ray.get(workers.rollouts[i].rng_state.remote()))
-    return states
-
-
 def train_step(workers: Workers, batch) -> dict[str, float]:
     """One update on every learner rank (each takes its share of ``batch``); the merged metrics."""
     return merge_metrics(ray.get([learner.train_step.remote(batch) for learner in workers.learners]))
-
-
-def weights_ref(workers: Workers):
-    """Object ref of the full policy weights (rank 0's; under ZeRO-3 every rank joins the gather)."""
-    refs = [learner.state_dict.remote() for learner in workers.learners]
-    if workers.cfg.trainer.zero_stage == 3:
-        ray.wait(refs, num_returns=len(refs))
-    return refs[0]
 
 
 def save_checkpoint(workers: Workers, root: str, step: int | None, name: str, run_state: dict | None = None) -> str:
@@ -234,16 +195,14 @@ def _rollout_actor(cfg: Config, model_path: str, index: int, plan: placement.Pla
     a replacement samples from a new seed."""
     name = f"omnigrpo-rollout-{index}-{secrets.token_hex(4)}"
     cls = ray.remote(RolloutWorker).options(max_concurrency=1, name=name, **plan.options("rollout", index))
-    return cls.remote(model_path, SamplingParams.of(cfg.rollout), actor_seed(cfg.run.seed, "rollout", index, restart),
-                      plan.threads("rollout"), cfg.model.family, tuple(cfg.model.image_grid) or None,
-                      not cfg.decoder.path, cfg.rollout.sample_batch, cfg.model.dtype, cfg.rollout.cuda_graphs,
-                      cfg.cluster.placement == "colocated")
+    seed = actor_seed(cfg.run.seed, "rollout", index, restart)
+    return cls.remote(**RolloutWorker.arguments(cfg, model_path, seed, plan.threads("rollout")))
 
 
 def _decoder_actor(cfg: Config, index: int, plan: placement.Placement, restart: int = 0):
     cls = ray.remote(DiffusionDecoder).options(**plan.options("decoder", index))
-    return cls.remote(cfg.decoder.path, cfg.decoder.steps, cfg.decoder.guidance,
-                      actor_seed(cfg.run.seed, "decoder", index, restart), plan.threads("decoder"))
+    seed = actor_seed(cfg.run.seed, "decoder", index, restart)
+    return cls.remote(**DiffusionDecoder.arguments(cfg, seed, plan.threads("decoder")))
 
 
 def _reward_actor(cfg: Config, index: int, plan: placement.Placement):
@@ -251,7 +210,7 @@ def _reward_actor(cfg: Config, index: int, plan: placement.Placement):
     return cls.remote(cfg.rewards)
 
 
-def _replace(workers: Workers, role: str, index: int, err: Exception) -> None:
+def replace_actor(workers: Workers, role: str, index: int, err: Exception) -> None:
     """Start a fresh actor in place of a dead one (a rollout replacement gets the current weights), or
     re-raise ``err`` once ``cluster.max_restarts`` replacements are used up."""
     if role == "rollout" and workers.hybrid:
@@ -264,64 +223,24 @@ def _replace(workers: Workers, role: str, index: int, err: Exception) -> None:
     workers.restarts += 1
     log.warning("%s actor %d died; starting a replacement (%d so far)", role, index, workers.restarts)
     if role == "rollout":
-        if workers.cfg.cluster.weight_sync == "broadcast" and not workers.reform_failed:
-            log.warning("the weight-broadcast group lost a member: it is re-formed at the next sync")
-            workers.broadcast, workers.reform = False, True
+        workers.sync.lost_member()
         actor = _rollout_actor(workers.cfg, workers.model_path, index, workers.placement, workers.restarts)
         ray.get(actor.setup.remote())
-        ray.get(actor.load_weights.remote(weights_ref(workers), workers.version))
-        workers.rollouts[index] = actor
+        ray.get(actor.load_weights.remote(workers.sync.ref(workers.learners), workers.sync.version))
+        workers.rng_states[index] = ray.get(actor.rng_state.remote())  # the replacement's fresh stream
     elif role == "decoder":
         actor = _decoder_actor(workers.cfg, index, workers.placement, workers.restarts)
         ray.get(actor.setup.remote())
-        workers.decoders[index] = actor
     else:
         actor = _reward_actor(workers.cfg, index, workers.placement)
         ray.get(actor.setup.remote())
-        workers.rewards[index] = actor
+    workers.pool(role)[index] = actor
 
 
-def sync_weights(workers: Workers, version: int) -> None:
-    """Learner -> every rollout actor: a bucketed broadcast over the dedicated group, or (configured, or
-    as the fallback when a broadcast fails or times out) the object store, one put shared by all readers.
-    After a rollout actor was replaced, the broadcast group is first re-formed with the newcomer."""
-    workers.sync_bytes = 0
-    if workers.hybrid:  # the learners sample with the weights they just made: nothing to send
-        workers.version = version
-        return
-    if workers.reform:
-        workers.reform = False
-        try:
-            join_weight_group(workers)
-            log.info("weight-broadcast group re-formed with %d rollout actor(s)", len(workers.rollouts))
-        except ray.exceptions.RayError as err:
-            workers.reform_failed = True
-            log.warning("could not re-form the weight-broadcast group (%s); staying on the object store",
-                        str(err).splitlines()[0][:200])
-    if workers.broadcast:
-        bucket = int(workers.cfg.cluster.sync_bucket_mb * 2**20)
-        refs = [learner.broadcast_weights.remote(bucket) for learner in workers.learners]
-        refs += [w.receive_weights.remote(bucket) for w in workers.rollouts]
-        try:
-            answers = ray.get(refs, timeout=workers.cfg.cluster.sync_timeout_s + 30)
-            got = answers[len(workers.learners):]
-            if got != [version] * len(workers.rollouts):
-                raise RuntimeError(f"rollout actors report weight versions {got} after broadcasting v{version}")
-            workers.version, workers.sync_bytes = version, int(answers[0])
-            return
-        except (ray.exceptions.RayError, RuntimeError) as err:
-            log.warning("weight broadcast of v%d failed (%s); this sync goes through the object store, and the "
-                        "group is re-formed at the next", version, str(err).splitlines()[0][:200])
-            workers.broadcast, workers.reform = False, not workers.reform_failed
-            workers.sync_fallbacks += 1
-    weights = weights_ref(workers)
-    if not workers.weight_bytes:
-        workers.weight_bytes = ray.get(workers.learner.weight_bytes.remote())
-    workers.sync_bytes = workers.weight_bytes  # one put, read by every rollout actor
-    for i, w in enumerate(workers.rollouts):
-        try:
-            ray.get(w.load_weights.remote(weights, version))
-        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
-            workers.version = version
-            _replace(workers, "rollout", i, err)  # the replacement loads the new weights itself
-    workers.version = version
+def sync_weights(workers: Workers, version: int, resend: bool = False) -> None:
+    """Learner -> every rollout actor (``omnigrpo.cluster.weights``); a rollout actor that died while loading
+    is replaced, and the replacement loads the new weights itself."""
+    if workers.sync.reform:  # a replacement may sit on another node than its predecessor
+        workers.where = bind_addresses(workers.placement)
+    for index, err in workers.sync.send(workers.learners, workers.rollouts, version, workers.where, resend):
+        replace_actor(workers, "rollout", index, err)

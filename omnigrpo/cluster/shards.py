@@ -2,8 +2,8 @@
 
 Why: sampling, painting and judging a batch are the same pattern three times: split the batch over the
 role's actors, submit, collect in order, and when an actor died (or a reward or decoder call hung past
-``cluster.call_timeout_s``) replace it (``omnigrpo.cluster.actors``) and resubmit its shard. Rollout chunks
-overlap with judging: :func:`generate_and_score` judges one piece while the next one samples.
+``cluster.call_timeout_s``) replace it (``omnigrpo.cluster.actors.replace_actor``) and resubmit its shard.
+Rollout chunks overlap with judging: :func:`generate_and_score` judges one piece while the next one samples.
 """
 
 from __future__ import annotations
@@ -11,12 +11,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import ray
 
-from omnigrpo.cluster.actors import Workers, _replace
+from omnigrpo.cluster.actors import Workers, replace_actor
 from omnigrpo.rewards.worker import RewardResult
 from omnigrpo.rollout.worker import RolloutBatch
 
@@ -25,23 +26,27 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Pending:
-    """A submitted shard: which actor (slot and handle), its result ref, and the call to repeat on a
-    replacement."""
+    """A submitted shard: the actor's slot and handle, the call that submits it to an actor (repeated on a
+    replacement), and its result ref."""
 
     index: int
-    ref: object
-    args: tuple
-    actor: object = None
+    actor: object
+    call: Callable[[object], ray.ObjectRef]
+    ref: ray.ObjectRef | None = None
+
+    def __post_init__(self):
+        if self.ref is None:
+            self.ref = self.call(self.actor)
 
 
 def collect(workers: Workers, role: str, pending: list[Pending]) -> list:
     """Results of submitted shards, in order; a shard whose actor died, or (reward, decoder) hung past
     ``cluster.call_timeout_s``, is retried on a replacement. An actor that several pending shards were
     sent to (``rollout.chunks`` > 1) is replaced once: the later shards find its slot already holding the
-    replacement and are only resubmitted."""
+    replacement and are only resubmitted. A rollout batch's generator state is kept as its actor's latest."""
     out = []
     timeout = (workers.cfg.cluster.call_timeout_s or None) if role in ("reward", "decoder") else None
-    pool = getattr(workers, ROLE_POOLS[role])
+    pool = workers.pool(role)
     for item in pending:
         while True:
             try:
@@ -52,17 +57,15 @@ def collect(workers: Workers, role: str, pending: list[Pending]) -> list:
                     workers.timeouts += 1
                     log.warning("%s actor %d did not answer within %g s: killing it", role, item.index, timeout)
                     ray.kill(item.actor)
-                    _replace(workers, role, item.index, err)
+                    replace_actor(workers, role, item.index, err)
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
                 if pool[item.index] is item.actor:
-                    _replace(workers, role, item.index, err)
+                    replace_actor(workers, role, item.index, err)
             item.actor = pool[item.index]  # reached only once the slot holds a live replacement
-            item.ref = getattr(item.actor, ROLE_CALLS[role]).remote(*item.args)
+            item.ref = item.call(item.actor)
+        if role == "rollout":
+            workers.rng_states[item.index] = out[-1].rng_state
     return out
-
-
-ROLE_POOLS = {"rollout": "rollouts", "decoder": "decoders", "reward": "rewards"}
-ROLE_CALLS = {"rollout": "generate", "decoder": "decode", "reward": "score"}
 
 
 def submit_decode(workers: Workers, batch: RolloutBatch) -> list:
@@ -71,8 +74,8 @@ def submit_decode(workers: Workers, batch: RolloutBatch) -> list:
     pending = []
     for i, (w, a, b) in enumerate(zip(workers.decoders, bounds[:-1], bounds[1:], strict=True)):
         if b > a:
-            args = (batch.codes[a:b], batch.grid)
-            pending.append(Pending(i, w.decode.remote(*args), args, w))
+            codes = batch.codes[a:b]
+            pending.append(Pending(i, w, lambda actor, codes=codes: actor.decode.remote(codes, batch.grid)))
     return pending
 
 
@@ -92,7 +95,7 @@ def submit_generate(workers: Workers, prompts: list[str], metadata: list[dict], 
     for i, w in enumerate(workers.rollouts):
         args = (prompts[i::n], metadata[i::n], group_size, None if seed is None else seed + i)
         if args[0]:
-            pending.append(Pending(i, w.generate.remote(*args), args, w))
+            pending.append(Pending(i, w, lambda actor, args=args: actor.generate.remote(*args)))
     return pending
 
 
@@ -113,7 +116,7 @@ def submit_score(workers: Workers, batch: RolloutBatch) -> list:
     for i, (w, a, b) in enumerate(zip(workers.rewards, bounds[:-1], bounds[1:], strict=True)):
         if b > a:
             args = (batch.images[a:b], batch.prompts[a:b], batch.metadata[a:b])
-            pending.append(Pending(i, w.score.remote(*args), args, w))
+            pending.append(Pending(i, w, lambda actor, args=args: actor.score.remote(*args)))
     return pending
 
 

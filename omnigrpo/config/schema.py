@@ -212,7 +212,7 @@ class TrainerConfig:
     diversity_bonus: Annotated[float, Field(ge=0.0)] = 0.0
     """A remedy against collapse: each good sample's total (valid, at or above its group's mean) gains this
     times its mean thumbnail distance (0..1) to the group's other good samples before advantages
-    (``omnigrpo.app.diversity.diversity_bonus``), so among the samples that do what was asked the one least like
+    (``omnigrpo.trainers.grpo.advantages``), so among the samples that do what was asked the one least like
     its siblings is preferred; 0 = off. Logged as ``diversity/bonus_mean``. On glyphs it slows the collapse but does
     not stop it; ``kl_coef: 0.25`` does (BENCHMARKS.md section 5)."""
     max_grad_norm: Annotated[float, Field(gt=0.0)] = 1.0
@@ -243,8 +243,8 @@ class TrainerConfig:
         return self.old_logprobs == "learner" or (self.old_logprobs == "auto" and self.max_staleness > 0)
 
     @property
-    def behaviour_cap(self) -> float:
-        """The truncated importance weights' cap (``tis_cap`` resolved; 0 = off)."""
+    def resolved_tis_cap(self) -> float:
+        """The TIS cap in force (``tis_cap`` resolved; 0 = off)."""
         if self.tis_cap is not None:
             return self.tis_cap
         return ASYNC_TIS_CAP if self.max_staleness > 0 else 0.0

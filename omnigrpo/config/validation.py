@@ -50,8 +50,8 @@ def cross_field_problems(cfg: Config) -> list[str]:
     if 0 < learner_gpus < 1 and (cfg.cluster.placement == "split" or _colocated_gpus(cfg) <= 0.5):
         problems.append(f"  cluster.learner_gpus: {learner_gpus:g} could put two NCCL ranks on one GPU; a fraction "
                         "works only colocated, with each bundle's GPUs (all roles of index i) above 0.5")
-    if cfg.trainer.behaviour_cap and not cfg.trainer.recompute_old:
-        problems.append(f"  trainer.tis_cap: {cfg.trainer.behaviour_cap:g} needs trainer.old_logprobs: learner (the "
+    if cfg.trainer.resolved_tis_cap and not cfg.trainer.recompute_old:
+        problems.append(f"  trainer.tis_cap: {cfg.trainer.resolved_tis_cap:g} needs trainer.old_logprobs: learner (the "
                         "weights correct the sampler's log-probs towards the learner's recomputed ones)")
     c = cfg.cluster
     if c.sync_backend == "nccl" and (c.learner_gpus < 1 or c.rollout_gpus < 1):

@@ -20,6 +20,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from omnigrpo.config.runtime import reseed, use_threads
+from omnigrpo.config.schema import Config
 from omnigrpo.rollout.graphs import graphed_decoder
 from omnigrpo.rollout.loader import load_policy
 from omnigrpo.rollout.policy import ImageLM, ImagePolicy, PromptBatch
@@ -34,7 +35,9 @@ class RolloutBatch:
 
     ``prompt_batch``: ``[N, P]``; ``codes``/``logprobs``: ``[N, T]``; ``images``: uint8 ``[N, H, W, 3]``;
     ``group``: ``[N]`` group index; ``version``: weight version the whole batch was drawn with;
-    ``grid``: (rows, cols) of codes per image (what a decoder stage needs to paint them).
+    ``grid``: (rows, cols) of codes per image (what a decoder stage needs to paint them); ``rng_state``: the
+    drawing worker's training-stream generator state after this batch (the cluster keeps each actor's latest for
+    the run state; a joined batch has none).
     """
 
     prompts: list[str]
@@ -46,6 +49,7 @@ class RolloutBatch:
     images: np.ndarray
     version: int
     grid: tuple[int, int] = (0, 0)
+    rng_state: torch.Tensor | None = None
 
     @staticmethod
     def concat(parts: list[RolloutBatch]) -> RolloutBatch:
@@ -145,6 +149,19 @@ class RolloutWorker:
         self.sample_batch, self.dtype, self.graphs, self.release = sample_batch, dtype, graphs, release
         self.version = 0
 
+    @staticmethod
+    def arguments(cfg: Config, model_path: str, seed: int, threads: int = 0) -> dict:
+        """The constructor's arguments for a run's rollout worker (``ray.remote(RolloutWorker)`` takes them too)."""
+        return {"model_path": model_path, "params": SamplingParams.of(cfg.rollout), "seed": seed, "threads": threads,
+                "family": cfg.model.family, "grid": tuple(cfg.model.image_grid) or None, "decode": not cfg.decoder.path,
+                "sample_batch": cfg.rollout.sample_batch, "dtype": cfg.model.dtype, "graphs": cfg.rollout.cuda_graphs,
+                "release": cfg.cluster.placement == "colocated"}
+
+    @classmethod
+    def from_config(cls, cfg: Config, model_path: str, seed: int, threads: int = 0) -> RolloutWorker:
+        """The rollout worker a run with ``cfg`` samples with (the evaluator's too)."""
+        return cls(**cls.arguments(cfg, model_path, seed, threads))
+
     def setup(self) -> int:
         hf_logging.disable_progress_bar()
         use_threads(self.threads)
@@ -165,6 +182,7 @@ class RolloutWorker:
         graphed = graphed_decoder if self.graphs and self.device.type == "cuda" else None
         batch = draw_batch(self.policy, self.lm, prompts, metadata, group_size, self.params, generator,
                            self.device, self.version, self.sample_batch, self.decode, graphed)
+        batch.rng_state = self.generator.get_state()
         if self.release and self.device.type == "cuda":
             torch.cuda.empty_cache()  # the eager KV cache and logits of this batch, back to the GPU's co-tenants
         return batch
@@ -197,11 +215,13 @@ class RolloutWorker:
     def rng_state(self) -> torch.Tensor:
         return self.generator.get_state()
 
-    def restore(self, rng_state: torch.Tensor, version: int) -> None:
-        """Continue a checkpointed run: its sampling stream and weight version. A stream saved on another
-        kind of device (a CPU run resumed on GPUs) cannot continue: the sampler is reseeded from the seed
-        and the version instead, and says so."""
-        if rng_state.numel() == self.generator.get_state().numel():
+    def restore(self, rng_state: torch.Tensor | None, version: int) -> None:
+        """Continue a checkpointed run: its sampling stream (None: nothing was drawn, the seeded stream goes on)
+        and weight version. A stream saved on another kind of device (a CPU run resumed on GPUs) cannot
+        continue: the sampler is reseeded from the seed and the version instead, and says so."""
+        if rng_state is None:
+            pass
+        elif rng_state.numel() == self.generator.get_state().numel():
             self.generator.set_state(rng_state)
         else:
             logging.getLogger(__name__).warning(

@@ -4,13 +4,14 @@ Why: this is the math every result depends on, so it lives apart from DeepSpeed,
 where tests can check it against hand-computed values.
 
 - Advantage of sample i in group g: ``(r_i - mean_g) / (std_g + eps)``; with ``scale=False`` only
-  ``r_i - mean_g`` (Dr.GRPO). Statistics use only the group's *valid* samples (a sample whose
-  required reward failed is excluded and gets advantage 0 and no loss); ``std`` is the unbiased
-  sample std (as TRL). A group with fewer than two valid samples carries no signal: advantage 0.
+  ``r_i - mean_g`` (Dr.GRPO). A group is ``group_size`` contiguous samples (one prompt's). Statistics use
+  only the group's *valid* samples (a sample whose required reward failed is excluded and gets advantage 0
+  and no loss); ``std`` is the unbiased sample std (as TRL). A group with fewer than two valid samples
+  carries no signal: advantage 0. An optional diversity bonus is added to the totals first.
 - Per token: ``-min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A) + beta * k3``, with
   ``ratio = exp(logp - old_logp)`` and ``k3 = exp(ref - logp) - (ref - logp) - 1``.
-- Optionally (``trainer.tis_cap``) each token's loss is weighted by ``min(exp(old - sampler), cap)``: the
-  learner's recomputed old log-probs against the sampler's (truncated importance sampling).
+- Truncated importance sampling (TIS, ``trainer.tis_cap``): each token's loss is weighted by
+  ``min(exp(old - sampler), cap)``, the learner's recomputed old log-probs against the sampler's.
 - token-mean averages over every valid token of the batch (long images weigh more); seq-mean
   averages within each image, then over images.
 """
@@ -24,32 +25,68 @@ import torch
 from omnigrpo.rollout.sampler import LOGPROB_FLOOR
 
 
-def group_advantages(
-    rewards: torch.Tensor, group: torch.Tensor, valid: torch.Tensor, scale: bool = True, eps: float = 1e-6
-) -> tuple[torch.Tensor, float]:
-    """Group-normalised advantages.
+@dataclass(frozen=True)
+class Advantages:
+    """A step's advantages and what went into them."""
+
+    values: torch.Tensor
+    """``[N]`` float32 advantages, 0 for excluded samples and groups without spread."""
+    zero_std_frac: float
+    """Fraction of groups whose valid totals have no spread (no learning signal)."""
+    bonus: torch.Tensor
+    """``[N]`` float64 diversity bonus added to each sample's total (0 where none was paid)."""
+
+
+def advantages(rewards: torch.Tensor, group_size: int, valid: torch.Tensor, scale: bool = True, bonus: float = 0.0,
+               distances: torch.Tensor | None = None, eps: float = 1e-6) -> Advantages:
+    """Group-normalised advantages of contiguous groups of ``group_size`` samples, with the diversity bonus.
 
     Args:
-        rewards: ``[N]`` total rewards (any value where ``valid`` is False).
-        group: ``[N]`` group index of each sample (0 .. G-1).
+        rewards: ``[N]`` total rewards (any value, even NaN, where ``valid`` is False); N = G * group_size.
         valid: ``[N]`` bool, False for excluded samples.
-
-    Returns:
-        advantages ``[N]`` (0 where invalid) and the fraction of groups whose valid rewards have zero
-        spread (no learning signal).
+        bonus: ``trainer.diversity_bonus``: each *good* sample (valid, total at or above its group's mean valid
+            total) gains ``bonus`` times its mean distance to the group's other good samples; gated because
+            variety only counts where the image does what was asked.
+        distances: ``[N, N]`` distances between the samples (needed when ``bonus`` > 0; only the blocks within
+            a group are read).
     """
-    adv = torch.zeros_like(rewards, dtype=torch.float32)
-    groups = torch.unique(group)
-    flat = 0
-    for g in groups:
-        idx = (group == g) & valid
-        r = rewards[idx].float()
-        if r.numel() < 2 or torch.all(r == r[0]):
-            flat += 1
-            continue
-        centred = r - r.mean()
-        adv[idx] = centred / (r.std() + eps) if scale else centred
-    return adv, flat / max(len(groups), 1)
+    if len(rewards) % group_size:
+        raise ValueError(f"{len(rewards)} rewards do not split into groups of {group_size}")
+    r = rewards.double().view(-1, group_size)
+    ok = valid.bool().view(-1, group_size)
+    paid = torch.zeros_like(r)
+    if bonus:
+        paid = bonus * _spread_among_good(r, ok, _within_groups(distances, group_size))
+    totals = torch.where(ok, r + paid, 0.0).float()
+    n = ok.sum(1, keepdim=True)
+    masked = torch.where(ok, totals, torch.nan)
+    full = n == group_size  # the usual case: torch's own mean and std, as a per-group loop would compute them
+    centred = masked - torch.where(full, totals.mean(1, keepdim=True), torch.nanmean(masked, 1, keepdim=True))
+    std = torch.where(full, totals.std(1, keepdim=True),
+                      torch.sqrt(torch.nansum(centred**2, 1, keepdim=True) / (n - 1).clamp_min(1)))
+    spread = torch.where(ok, totals, -torch.inf).amax(1, keepdim=True) > torch.where(ok, totals, torch.inf).amin(
+        1, keepdim=True)
+    signal = spread & (n >= 2)
+    adv = centred / (std + eps) if scale else centred
+    values = torch.where(ok & signal, adv, 0.0).flatten()
+    return Advantages(values, int((~signal).sum()) / max(len(signal), 1), paid.flatten())
+
+
+def _within_groups(d: torch.Tensor, k: int) -> torch.Tensor:
+    """The diagonal blocks ``[G, k, k]`` of a distance matrix ``[G * k, G * k]``."""
+    g = d.shape[0] // k
+    return d.view(g, k, g, k).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+
+
+def _spread_among_good(r: torch.Tensor, ok: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``[G, k]``: each good sample's mean distance to its group's other good samples (0 without any, and for
+    samples that are not good)."""
+    mean = torch.nanmean(torch.where(ok, r, torch.nan), 1, keepdim=True)
+    good = ok & (r >= mean - 1e-9)
+    siblings = good[:, None, :] & ~torch.eye(r.shape[1], dtype=torch.bool)
+    counts = siblings.sum(-1)
+    spread = (blocks.double() * siblings).sum(-1) / counts.clamp_min(1)
+    return torch.where(good & (counts > 0), spread, 0.0)
 
 
 @dataclass(frozen=True)
@@ -89,16 +126,15 @@ def grpo_token_loss(
     return LossTerms(loss=-surrogate + kl_coef * kl, kl=kl, ratio=ratio, clipped=clipped)
 
 
-def truncated_importance_weights(proximal: torch.Tensor, behaviour: torch.Tensor,
-                                 cap: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token weights ``min(exp(proximal - behaviour), cap)`` ``[B, T]`` (no gradient) and where the cap
-    bit: the correction from the sampler's distribution (``behaviour``) to the learner's (``proximal``).
+def tis_weights(proximal: torch.Tensor, sampler: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated importance sampling (TIS): per-token weights ``min(exp(proximal - sampler), cap)`` ``[B, T]`` (no
+    gradient) and where the cap bit: the correction from the sampler's distribution to the learner's.
 
-    >>> w, capped = truncated_importance_weights(torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, -5.0]]), 2.0)
+    >>> w, capped = tis_weights(torch.tensor([[0.0, 0.0]]), torch.tensor([[0.0, -5.0]]), 2.0)
     >>> w.tolist(), capped.tolist()
     ([[1.0, 2.0]], [[False, True]])
     """
-    raw = torch.exp((proximal - behaviour).detach())
+    raw = torch.exp((proximal - sampler).detach())
     return raw.clamp(max=cap), raw > cap
 
 

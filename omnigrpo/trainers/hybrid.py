@@ -66,7 +66,7 @@ class HybridLearner(Learner):
             raise ValueError("cluster.placement hybrid samples with trainer.zero_stage 0-2 only")
         version = super().setup(extensions_dir, threads, resume, rendezvous)
         self.sample_seed = actor_seed(self.cfg.run.seed, "rollout", self.rank)
-        self.sampler = torch.Generator(self.engine.device).manual_seed(self.sample_seed)
+        self.generator = torch.Generator(self.engine.device).manual_seed(self.sample_seed)
         self.graphed = graphed_decoder if self.cfg.rollout.cuda_graphs and self.engine.device.type == "cuda" else None
         self.kept: list[tuple] | None = None
         """The packed copies kept between sampling phases (CUDA graphs read them in place)."""
@@ -95,25 +95,29 @@ class HybridLearner(Learner):
         """Draw ``group_size`` images per prompt with this rank's live weights, stamped with its version; with
         ``seed``, from a generator of its own (evaluation), leaving the training stream untouched."""
         device = self.engine.device
-        generator = self.sampler if seed is None else torch.Generator(device).manual_seed(seed)
+        generator = self.generator if seed is None else torch.Generator(device).manual_seed(seed)
         with self.sampling():
-            return draw_batch(self.policy, self.lm, prompts, metadata, group_size, self.params, generator, device,
-                              self.version, self.cfg.rollout.sample_batch, not self.cfg.decoder.path, self.graphed)
+            batch = draw_batch(self.policy, self.lm, prompts, metadata, group_size, self.params, generator, device,
+                               self.version, self.cfg.rollout.sample_batch, not self.cfg.decoder.path, self.graphed)
+        batch.rng_state = self.generator.get_state()
+        return batch
 
     def weight_version(self) -> int:
         return self.version
 
     def rng_state(self) -> torch.Tensor:
-        return self.sampler.get_state()
+        return self.generator.get_state()
 
-    def restore(self, rng_state: torch.Tensor, version: int) -> None:
-        """Continue a checkpointed run's sampling stream (the weights and version came with the checkpoint); a
-        stream saved on another kind of device is reseeded, as a rollout actor does."""
+    def restore(self, rng_state: torch.Tensor | None, version: int) -> None:
+        """Continue a checkpointed run's sampling stream (the weights and version came with the checkpoint; None:
+        nothing was drawn); a stream saved on another kind of device is reseeded, as a rollout actor does."""
         if version != self.version:
             raise RuntimeError(f"resuming sampling at v{version}, but learner rank {self.rank} holds v{self.version}")
-        if rng_state.numel() == self.sampler.get_state().numel():
-            self.sampler.set_state(rng_state)
+        if rng_state is None:
+            pass
+        elif rng_state.numel() == self.generator.get_state().numel():
+            self.generator.set_state(rng_state)
         else:
             log.warning("sampler RNG state saved on another device type: reseeding (the resumed run samples a "
                         "different stream than an uninterrupted one would)")
-            self.sampler.manual_seed(reseed(self.sample_seed, version))
+            self.generator.manual_seed(reseed(self.sample_seed, version))

@@ -15,8 +15,8 @@ Data parallel: ``world_size`` learners form one DeepSpeed group. Every rank rece
 (one object-store copy) and draws the same shuffle, then takes its ``1/world_size`` share of every
 mini-batch. The loss keeps the *global* normaliser (tokens or sequences of the whole mini-batch) and
 is multiplied by ``world_size`` because DeepSpeed averages gradients over ranks, so N ranks take the
-same optimiser step one rank would (tested). Each rank returns partial sums; :func:`merge_metrics`
-turns the ranks' parts into the step's metrics.
+same optimiser step one rank would (tested). Each rank returns partial sums;
+:func:`~omnigrpo.trainers.tally.merge_metrics` turns the ranks' parts into the step's metrics.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ from omnigrpo.sync.broadcast import WeightBroadcast
 from omnigrpo.sync.network import LOOPBACK, interface_of, is_loopback, open_store, serve_store
 from omnigrpo.trainers import adapter, grpo
 from omnigrpo.trainers.checkpoint import write_checkpoint
-from omnigrpo.trainers.engine import deepspeed_config, disable_dropout, grad_norm
+from omnigrpo.trainers.engine import deepspeed_config, disable_dropout, grad_norm, skip_shared_memory_allreduce
+from omnigrpo.trainers.tally import UpdateTally
 
 
 @dataclass
@@ -88,7 +89,7 @@ class Learner:
     def setup(self, extensions_dir: str | None = None, threads: int | None = None, resume: bool = False,
               rendezvous: str | None = None) -> int:
         """Load policy and reference, join the process group, build the DeepSpeed engine; with ``resume``,
-        continue the checkpoint at ``model_path`` (optimiser state, shuffle generator, weight version).
+        continue the checkpoint at ``model_path`` (optimiser state, shuffle stream, weight version).
 
         The group meets at ``rendezvous``: by default a ``file://`` store in a fresh temporary folder, which
         opens no listening socket; across hosts the ``tcp://`` store rank 0 serves (:meth:`serve`)."""
@@ -119,6 +120,8 @@ class Learner:
                 self.reference.to("cuda")
         rendezvous = rendezvous or (Path(tempfile.mkdtemp(prefix="omnigrpo-pg-")) / "store").as_uri()
         backend = "nccl" if gpu else "gloo"
+        if not gpu:
+            skip_shared_memory_allreduce(deepspeed.ops)
         if rendezvous.startswith("tcp://"):  # across hosts: rank 0 serves the store, the others are its clients
             timeout = self.cfg.cluster.sync_timeout_s
             served = self.served.get("learners")
@@ -132,7 +135,7 @@ class Learner:
             self._shard_reference(ds_config)
         # scores through the engine's (ZeRO-managed) module, inside the LoRA wrapper if any
         self.lm = self.policy.lm(adapter.base(self.engine.module))
-        self.generator = torch.Generator().manual_seed(shuffle_seed)  # same shuffle on every rank
+        self.shuffle = torch.Generator().manual_seed(shuffle_seed)  # same shuffle on every rank
         if resume:
             self._resume()
         return self.version
@@ -177,15 +180,16 @@ class Learner:
         self.sharded_reference = True
 
     def _resume(self) -> None:
-        """Optimiser state (every rank's shard), shuffle generator and weight version of the checkpoint."""
+        """Optimiser state (every rank's shard), shuffle stream and weight version of the checkpoint."""
         self.engine.load_checkpoint(str(Path(self.model_path) / "optimizer"), tag="state", load_module_strict=True,
                                     load_optimizer_states=True)
         state = torch.load(Path(self.model_path) / "learner_state.pt", weights_only=True)
-        self.generator.set_state(state["generator"])
+        self.shuffle.set_state(state["shuffle"] if "shuffle" in state else state["generator"])  # older checkpoints
         self.version = int(state["version"])
 
     def train_step(self, batch: TrainBatch) -> dict[str, float]:
-        """One GRPO update on this rank's share of ``batch``; returns partial sums for :func:`merge_metrics`."""
+        """One GRPO update on this rank's share of ``batch``; returns partial sums for
+        :func:`~omnigrpo.trainers.tally.merge_metrics`."""
         tr = self.cfg.trainer
         n, t = batch.codes.shape
         stale = batch.staleness(self.version)
@@ -199,14 +203,13 @@ class Learner:
         self.in_update = True
         mask = batch.valid[:, None].expand(n, t).float()
         ref = torch.full((n, t), float("nan"), device=batch.codes.device)
-        sums = {"kl": 0.0, "entropy": 0.0, "clip_frac": 0.0, "tokens": 0.0, "mismatch": 0.0, "loss": 0.0,
-                "tis_capped": 0.0}
+        tally = UpdateTally()
         grad_norms = []
         if self.sharded_reference:  # a collective: every rank scores an equal share, then all share it
             ref.copy_(self._scored_by_rank(n, lambda rows: self._reference_logprobs(batch, rows)))
         old = self._old_logprobs(batch)
         for epoch in range(tr.epochs):
-            order = torch.randperm(n, generator=self.generator)
+            order = torch.randperm(n, generator=self.shuffle)
             for mini in order.chunk(tr.mini_batches):
                 norm = grpo.normaliser(mask[mini], tr.loss_agg)  # of the whole mini-batch, on every rank
                 for micro in mini.chunk(self.world_size)[self.rank].split(tr.micro_batch_size):
@@ -221,7 +224,7 @@ class Learner:
                     terms = grpo.grpo_token_loss(logp, proximal, ref_rows, batch.advantages[micro],
                                                  tr.clip_eps_low, tr.clip_eps_high, tr.kl_coef)
                     m = mask[micro]
-                    per_token, capped = self._behaviour_weighted(terms.loss, proximal, batch.old_logprobs[micro])
+                    per_token, capped = self._tis_weighted(terms.loss, proximal, batch.old_logprobs[micro])
                     # DeepSpeed averages gradients over ranks; scaling by world_size makes that a sum
                     loss = grpo.aggregate(per_token, m, tr.loss_agg, norm) * self.world_size
                     boundary = self.engine.is_gradient_accumulation_boundary()
@@ -232,19 +235,11 @@ class Learner:
                     if boundary and tr.zero_stage > 0:
                         grad_norms.append(float(self.engine.get_global_grad_norm()))
                     if epoch == 0:
-                        with torch.no_grad():
-                            sums["kl"] += float((terms.kl * m).sum())
-                            sums["entropy"] += float((ent * m).sum())
-                            sums["clip_frac"] += float((terms.clipped.float() * m).sum())
-                            sums["tis_capped"] += float((capped.float() * m).sum())
-                            if on_policy:
-                                gap = ((logp - batch.old_logprobs[micro]).abs() * m).max()
-                                sums["mismatch"] = max(sums["mismatch"], float(gap))
-                            sums["tokens"] += float(m.sum())
-                            sums["loss"] += float(loss) * norm / self.world_size
+                        drawn = batch.old_logprobs[micro] if on_policy else None
+                        tally.add(terms, logp, ent, capped, m, float(loss.detach()) * norm / self.world_size, drawn)
         self.version += 1
         self.in_update = False
-        return {**{f"sum/{k}": v for k, v in sums.items()}, "loss_norm": grpo.normaliser(mask, tr.loss_agg),
+        return {**tally.partial(), "loss_norm": grpo.normaliser(mask, tr.loss_agg),
                 "grpo/skipped_update": 0.0, "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
                 "lr": self.optimizer.param_groups[0]["lr"], "version": float(self.version),
                 "async/staleness": float(stale.float().mean())}
@@ -263,14 +258,14 @@ class Learner:
         return self._scored_by_rank(len(batch.codes), lambda rows: sequence_logprobs(
             self.lm, batch.prompts.select(rows), batch.codes[rows], self.params)[0])
 
-    def _behaviour_weighted(self, loss: torch.Tensor, proximal: torch.Tensor,
-                            sampler: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The per-token ``loss`` ``[B, T]`` weighed by the truncated importance weights from the sampler's
-        log-probs to the ``proximal`` ones (``trainer.tis_cap``; unchanged when off), and where the cap bit."""
-        cap = self.cfg.trainer.behaviour_cap
+    def _tis_weighted(self, loss: torch.Tensor, proximal: torch.Tensor,
+                      sampler: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The per-token ``loss`` ``[B, T]`` weighed by the TIS weights from the sampler's log-probs to the
+        ``proximal`` ones (``trainer.tis_cap``; unchanged when off), and where the cap bit."""
+        cap = self.cfg.trainer.resolved_tis_cap
         if not cap:
             return loss, torch.zeros_like(loss, dtype=torch.bool)
-        weights, capped = grpo.truncated_importance_weights(proximal, sampler, cap)
+        weights, capped = grpo.tis_weights(proximal, sampler, cap)
         return loss * weights, capped
 
     @property
@@ -360,7 +355,7 @@ class Learner:
     def save_checkpoint(self, root: str | Path, step: int | None = None, name: str = "step",
                         run_state: dict | None = None) -> str:
         """Atomically write ``root/{name}-NNNNNN``: the policy (a ``model.path``-ready directory), the
-        DeepSpeed optimiser state (every rank's shard), the learners' generator and version, and
+        DeepSpeed optimiser state (every rank's shard), the learners' shuffle stream and version, and
         ``run_state`` (the driver's part, see ``omnigrpo.app.driver``). Every rank must call it;
         rank 0 publishes. ``step`` defaults to the updates made."""
         import torch.distributed as dist
@@ -384,35 +379,13 @@ class Learner:
             self.policy.save_pretrained(tmp, state_dict=weights)
             if adapter.is_adapted(self.engine.module):
                 self.engine.module.save_pretrained(tmp / "adapter")
-            torch.save({"generator": self.generator.get_state(), "version": self.version}, tmp / "learner_state.pt")
+            torch.save({"shuffle": self.shuffle.get_state(), "version": self.version}, tmp / "learner_state.pt")
             if run_state is not None:
                 torch.save(run_state, tmp / "run_state.pt")
 
         # a crash inside train_step leaves weights part-way through an update: say so in the checkpoint
         info = {"version": self.version, "partial_update": self.in_update, "learners": self.world_size}
         return str(write_checkpoint(root, step, save, self.cfg.trainer.keep_last, info, name=name, staging=staging))
-
-
-def merge_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
-    """The step's learner metrics from every rank's :meth:`Learner.train_step` result."""
-    head = parts[0]
-    if head["grpo/skipped_update"]:
-        return dict(head)
-    total = {k: sum(p[k] for p in parts) for k in head if k.startswith("sum/")}
-    tokens = max(total["sum/tokens"], 1.0)
-    return {
-        "loss": total["sum/loss"] / head["loss_norm"],
-        "grpo/skipped_update": 0.0,
-        "kl": total["sum/kl"] / tokens,
-        "entropy": total["sum/entropy"] / tokens,
-        "clip_frac": total["sum/clip_frac"] / tokens,
-        "grad_norm": head["grad_norm"],  # the global norm: the same on every rank
-        "lr": head["lr"],
-        "grpo/logprob_mismatch": max(p["sum/mismatch"] for p in parts),
-        "grpo/tis_clip_frac": total["sum/tis_capped"] / tokens,
-        "async/staleness": head["async/staleness"],
-        "version": head["version"],
-    }
 
 
 def staging_dir(root: str | Path, step: int, name: str) -> Path:

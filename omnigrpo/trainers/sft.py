@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock
 from tqdm import tqdm
 
 from omnigrpo.config.runtime import use_threads
@@ -61,23 +62,29 @@ def sft_key(cfg: Config) -> str:
 
 
 def sft_checkpoint(cfg: Config, threads: int | None = None) -> Path:
-    """Path of the SFT checkpoint for ``cfg``, training it first if the cache does not hold it."""
+    """Path of the SFT checkpoint for ``cfg``, training it first if the cache does not hold it. Runs that need
+    the same checkpoint at once (two jobs on a machine) train it once: the others wait on its lock file."""
     target = cache_root(cfg) / "sft" / sft_key(cfg)
     if (target / "sft.json").exists():
         log.info("reusing SFT checkpoint %s", target)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    log.info("no SFT checkpoint for this model, world and sft config under %s: training it first (%d steps; "
-             "cached for every later run of the same config, `omnigrpo sft` trains it alone)", target, cfg.sft.steps)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        stats = train_sft(cfg, tmp, threads=threads)
-        (tmp / "sft.json").write_text(json.dumps(stats, indent=2))
-        if target.exists():  # a half-written leftover from a crash
-            shutil.rmtree(target)
-        os.replace(tmp, target)  # atomic: a reader sees no checkpoint or a whole one
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with FileLock(target.parent / f".{target.name}.lock"):
+        if (target / "sft.json").exists():  # trained by another run while this one waited
+            log.info("reusing SFT checkpoint %s", target)
+            return target
+        log.info("no SFT checkpoint for this model, world and sft config under %s: training it first (%d steps; "
+                 "cached for every later run of the same config, `omnigrpo sft` trains it alone)", target,
+                 cfg.sft.steps)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            stats = train_sft(cfg, tmp, threads=threads)
+            (tmp / "sft.json").write_text(json.dumps(stats, indent=2))
+            if target.exists():  # a half-written leftover from a crash
+                shutil.rmtree(target)
+            os.replace(tmp, target)  # atomic: a reader sees no checkpoint or a whole one
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -22,7 +22,7 @@ def test_a_lag_of_two_draws_every_batch_two_updates_behind_and_learns(tiny_confi
     staleness = metric_values(cfg, summary["run_id"], "async/staleness")
     assert staleness == [0.0, 1.0] + [2.0] * (steps - 2), staleness
     # the behaviour correction is on (tis_cap unset -> 2.0) and the ratio starts at the learner's policy
-    assert all(0.0 <= v < 1.0 for v in metric_values(cfg, summary["run_id"], "grpo/tis_clip_frac"))
+    assert all(0.0 <= v < 1.0 for v in metric_values(cfg, summary["run_id"], "grpo/tis_capped_frac"))
     reward = metric_values(cfg, summary["run_id"], "reward/total/mean")
     assert np.mean(reward[-3:]) > np.mean(reward[:3]) + 0.04, reward
     start, final = policy_weights(sft_path), policy_weights(summary["checkpoint"])
@@ -65,7 +65,7 @@ def test_a_stopped_async_run_resumes_with_its_batches_drawn_ahead(tiny_config, s
 ])
 def test_the_correction_resolves_from_the_lag(overrides, recompute, cap):
     tr = load_config(None, list(overrides)).trainer
-    assert (tr.recompute_old, tr.behaviour_cap) == (recompute, cap)
+    assert (tr.recompute_old, tr.resolved_tis_cap) == (recompute, cap)
 
 
 def test_async_rollout_needs_rollout_actors_and_a_cap_needs_recomputed_log_probs():

@@ -31,25 +31,15 @@ def test_a_collapsed_group_scores_lower_than_a_varied_one():
     assert np.isnan(singletons["diversity/group"]) and singletons["diversity/batch"] > 0.05
 
 
-def test_the_bonus_spread_skips_excluded_samples_and_other_groups():
-    from omnigrpo.app.diversity import group_spread
-
-    black, white = np.zeros((16, 16, 3), np.uint8), np.full((16, 16, 3), 255, np.uint8)
-    images = np.stack([black, white, white, black, black])
-    spread = group_spread(pixel_distances(images), np.array([0, 0, 0, 1, 1]), np.array([True, True, False, True, True]))
-    # the excluded white counts as nobody's sibling (sample 0 sees only sample 1), but gets its own spread
-    assert spread.tolist() == pytest.approx([1.0, 1.0, 0.5, 0.0, 0.0])
-
-
 def test_the_bonus_pays_only_good_samples_for_being_unlike_the_good_ones():
-    from omnigrpo.app.diversity import diversity_bonus
+    from omnigrpo.trainers.grpo import advantages
 
     black, white, grey = (np.full((16, 16, 3), v, np.uint8) for v in (0, 255, 128))
-    images = np.stack([black, black, white, grey, black, white])
-    group = np.array([0, 0, 0, 0, 1, 1])
-    total = np.array([1.0, 1.0, 1.0, 0.0, 5.0, np.nan])  # the grey one failed its judge: below its group's mean
-    valid = np.array([True, True, True, True, True, False])
-    bonus = diversity_bonus(pixel_distances(images), group, total, valid, 3.0)
+    images = np.stack([black, black, white, grey, black, white, black, black])
+    total = torch.tensor([1.0, 1.0, 1.0, 0.0, 5.0, np.nan, 5.0, 5.0])  # the grey one: below its group's mean
+    valid = torch.tensor([True, True, True, True, True, False, True, True])
+    bonus = advantages(total, 4, valid, bonus=3.0, distances=pixel_distances(images)).bonus
     # group 0 (mean 0.75): the white one is unlike both good blacks; the grey one is unlike everyone but is
-    # below the mean, so it gains nothing and is nobody's sibling; group 1: the excluded white is no sibling
-    assert bonus.tolist() == pytest.approx([1.5, 1.5, 3.0, 0.0, 0.0, 0.0])
+    # below the mean, so it gains nothing and is nobody's sibling; group 1: the excluded white (its judge failed)
+    # is no sibling and the blacks are all alike
+    assert bonus.tolist() == pytest.approx([1.5, 1.5, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0])

@@ -20,14 +20,14 @@ def test_two_ranks_stay_identical_and_rollouts_get_their_weights(tiny_config, sf
     workers = actors.spawn(cfg, str(sft_path), os.environ["TORCH_EXTENSIONS_DIR"])
     try:
         prompts, metadata = ["a red circle at the top left", "a blue square at the bottom right"] * 2, [{}] * 4
-        from omnigrpo.trainers.grpo import group_advantages
+        from omnigrpo.trainers.grpo import advantages
         from omnigrpo.trainers.learner import TrainBatch
 
         for version in (1, 2):
             batch = shards.generate(workers, prompts, metadata, cfg.rollout.group_size)
             result = shards.score(workers, batch)
             valid = torch.from_numpy(result.valid)
-            adv, _ = group_advantages(torch.from_numpy(result.total).float(), batch.group, valid)
+            adv = advantages(torch.from_numpy(result.total), cfg.rollout.group_size, valid).values
             metrics = actors.train_step(workers, TrainBatch(batch.prompt_batch, batch.codes, batch.logprobs, adv,
                                                             valid))
             assert metrics["version"] == version and metrics["grad_norm"] > 0

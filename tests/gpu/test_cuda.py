@@ -23,8 +23,9 @@ from omnigrpo.rollout.policy import ImageSpace, PromptBatch, TextVocabLM
 from omnigrpo.rollout.sampler import SamplingParams, sample_images, sequence_logprobs
 from omnigrpo.rollout.worker import RolloutWorker
 from omnigrpo.sync.broadcast import WeightBroadcast
-from omnigrpo.trainers.grpo import group_advantages
-from omnigrpo.trainers.learner import Learner, TrainBatch, merge_metrics
+from omnigrpo.trainers.grpo import advantages
+from omnigrpo.trainers.learner import Learner, TrainBatch
+from omnigrpo.trainers.tally import merge_metrics
 from omnigrpo.worlds import shapes
 from omnigrpo.worlds.world import prompts_of
 
@@ -137,7 +138,7 @@ def test_grpo_on_the_device_raises_the_reward_and_syncs_exact_weights(device, ti
         batch = rollout.generate(prompts, metadata, 8)
         result = reward.score(batch.images, batch.prompts, batch.metadata)
         valid = torch.from_numpy(result.valid)
-        adv, _ = group_advantages(torch.from_numpy(np.nan_to_num(result.total)).float(), batch.group, valid)
+        adv = advantages(torch.from_numpy(result.total), 8, valid).values
         metrics = merge_metrics([learner.train_step(TrainBatch(batch.prompt_batch, batch.codes, batch.logprobs,
                                                                adv, valid))])
         rollout.load_weights(learner.state_dict(), learner.version)

@@ -6,18 +6,18 @@ import pytest
 import torch
 
 from omnigrpo.trainers.grpo import (
+    advantages,
     aggregate,
-    group_advantages,
     grpo_token_loss,
     normaliser,
-    truncated_importance_weights,
+    tis_weights,
 )
 
 
 def test_group_advantages_by_hand():
     rewards = torch.tensor([1.0, 0.0, 0.5, 0.5, 2.0, 4.0])
-    group = torch.tensor([0, 0, 1, 1, 2, 2])
-    adv, flat = group_advantages(rewards, group, torch.ones(6, dtype=torch.bool), scale=True, eps=0.0)
+    a = advantages(rewards, 2, torch.ones(6, dtype=torch.bool), scale=True, eps=0.0)
+    adv, flat = a.values, a.zero_std_frac
     # group 0: mean 0.5, unbiased std sqrt(0.5); group 1 equal rewards -> 0; group 2: mean 3, std sqrt(2)
     s = math.sqrt(0.5)
     assert adv.tolist() == pytest.approx([0.5 / s, -0.5 / s, 0.0, 0.0, -1 / math.sqrt(2), 1 / math.sqrt(2)])
@@ -25,22 +25,58 @@ def test_group_advantages_by_hand():
 
 
 def test_dr_grpo_only_centres():
-    adv, _ = group_advantages(torch.tensor([1.0, 0.0, 2.0, 4.0]), torch.tensor([0, 0, 1, 1]),
-                              torch.ones(4, dtype=torch.bool), scale=False)
+    adv = advantages(torch.tensor([1.0, 0.0, 2.0, 4.0]), 2, torch.ones(4, dtype=torch.bool), scale=False).values
     assert adv.tolist() == pytest.approx([0.5, -0.5, -1.0, 1.0])
 
 
 def test_all_equal_group_gives_zero_advantage():
-    adv, flat = group_advantages(torch.full((4,), 0.7), torch.zeros(4, dtype=torch.long),
-                                 torch.ones(4, dtype=torch.bool))
-    assert torch.equal(adv, torch.zeros(4)) and flat == 1.0
+    a = advantages(torch.full((4,), 0.7), 4, torch.ones(4, dtype=torch.bool))
+    assert torch.equal(a.values, torch.zeros(4)) and a.zero_std_frac == 1.0
 
 
 def test_invalid_samples_are_excluded_from_group_statistics():
-    rewards = torch.tensor([1.0, 0.0, 123.0])  # the third sample's required reward failed
-    valid = torch.tensor([True, True, False])
-    adv, _ = group_advantages(rewards, torch.zeros(3, dtype=torch.long), valid, scale=False)
-    assert adv.tolist() == pytest.approx([0.5, -0.5, 0.0])
+    rewards = torch.tensor([1.0, 0.0, float("nan"), 3.0, 5.0, 4.0])  # sample 2's required reward failed
+    valid = torch.tensor([True, True, False, True, False, False])
+    a = advantages(rewards, 3, valid, scale=False)
+    # group 1 keeps one valid sample: no spread to learn from
+    assert a.values.tolist() == pytest.approx([0.5, -0.5, 0.0, 0.0, 0.0, 0.0]) and a.zero_std_frac == 0.5
+
+
+def test_groups_are_contiguous_and_must_divide_the_batch():
+    with pytest.raises(ValueError, match="groups of 4"):
+        advantages(torch.zeros(6), 4, torch.ones(6, dtype=torch.bool))
+
+
+def test_advantages_match_a_loop_over_groups():
+    """The reshaped computation against the plain per-group definition (unbiased std, valid samples only)."""
+    gen = torch.Generator().manual_seed(0)
+    rewards = torch.randn(40, generator=gen)
+    valid = torch.rand(40, generator=gen) > 0.2
+    got = advantages(rewards, 8, valid).values
+    for g in range(5):
+        r, ok = rewards[8 * g:8 * g + 8], valid[8 * g:8 * g + 8]
+        want = (r[ok] - r[ok].mean()) / (r[ok].std() + 1e-6)
+        assert got[8 * g:8 * g + 8][ok].tolist() == pytest.approx(want.tolist(), abs=1e-6)
+        assert (got[8 * g:8 * g + 8][~ok] == 0).all()
+
+
+def test_the_diversity_bonus_pays_good_samples_for_being_unlike_the_good_ones():
+    # one group: distances by hand; sample 3 is below the group's mean, sample 4 failed its judge
+    d = torch.tensor([[0.0, 0.0, 1.0, 0.5, 1.0], [0.0, 0.0, 1.0, 0.5, 1.0], [1.0, 1.0, 0.0, 0.5, 0.0],
+                      [0.5, 0.5, 0.5, 0.0, 0.5], [1.0, 1.0, 0.0, 0.5, 0.0]], dtype=torch.float64)
+    rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, float("nan")], dtype=torch.float64)
+    valid = torch.tensor([True, True, True, True, False])
+    a = advantages(rewards, 5, valid, bonus=3.0, distances=d)
+    # good: 0, 1, 2 (mean 0.75); 2 is unlike both others (mean distance 1), 0 and 1 are unlike one of two (0.5)
+    assert a.bonus.tolist() == pytest.approx([1.5, 1.5, 3.0, 0.0, 0.0])
+    assert a.values[2] > a.values[0] == a.values[1] > a.values[3] and a.values[4] == 0
+
+
+def test_the_bonus_reads_only_distances_within_a_group():
+    d = torch.ones(4, 4, dtype=torch.float64) - torch.eye(4, dtype=torch.float64)
+    d[0, 1] = d[1, 0] = 0.0  # group 0 drawn alike; group 1 unlike each other, and everyone unlike across groups
+    a = advantages(torch.ones(4), 2, torch.ones(4, dtype=torch.bool), bonus=1.0, distances=d)
+    assert a.bonus.tolist() == [0.0, 0.0, 1.0, 1.0]
 
 
 def test_clipping_on_both_sides():
@@ -110,7 +146,7 @@ def test_decoupled_ratio_with_truncated_behaviour_weights_by_hand():
     proximal = torch.log(torch.tensor([[1.0, 1.0, 3.0]]))
     behaviour = torch.log(torch.tensor([[1.0, 0.8, 1.0]]))
     terms = grpo_token_loss(logp, proximal, logp, torch.tensor([1.0]), 0.2, 0.2, 0.0)
-    weights, capped = truncated_importance_weights(proximal, behaviour, 2.0)
+    weights, capped = tis_weights(proximal, behaviour, 2.0)
     # ratios 1.1 (inside the clip), 1.5 -> 1.2 (clipped), 1/3 (below 1 - eps with A > 0: not clipped);
     # behaviour weights 1, 1/0.8 = 1.25, 3 -> capped at 2
     assert torch.allclose(terms.ratio, torch.tensor([[1.1, 1.5, 1 / 3]]))

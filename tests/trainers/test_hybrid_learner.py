@@ -44,8 +44,10 @@ def test_the_sampler_stream_survives_a_restore(tiny_config, sft_path):
     a.setup(threads=2)
     b.setup(threads=2)
     prompts, metadata = prompts_of(shapes.train_items()[:2])
-    a.generate(prompts, metadata, 2)
-    b.restore(a.rng_state(), 0)
+    drawn = a.generate(prompts, metadata, 2)
+    assert torch.equal(drawn.rng_state, a.rng_state())  # the batch carries the stream's state after it
+    assert torch.equal(a.generate(prompts, metadata, 2, seed=3).rng_state, drawn.rng_state)  # evaluation: untouched
+    b.restore(drawn.rng_state, 0)
     assert torch.equal(a.generate(prompts, metadata, 2).codes, b.generate(prompts, metadata, 2).codes)
 
 

@@ -12,8 +12,9 @@ from omnigrpo.rewards.worker import RewardWorker
 from omnigrpo.rollout.families.builtin import WorldPolicy
 from omnigrpo.rollout.sampler import SamplingParams, sequence_logprobs
 from omnigrpo.rollout.worker import RolloutWorker
-from omnigrpo.trainers.grpo import group_advantages
-from omnigrpo.trainers.learner import Learner, TrainBatch, merge_metrics
+from omnigrpo.trainers.grpo import advantages
+from omnigrpo.trainers.learner import Learner, TrainBatch
+from omnigrpo.trainers.tally import merge_metrics
 from omnigrpo.worlds import shapes
 from omnigrpo.worlds.world import prompts_of
 
@@ -32,7 +33,7 @@ def _step(learner, rollout, reward, prompts, metadata, group_size):
     batch = rollout.generate(prompts, metadata, group_size)
     result = reward.score(batch.images, batch.prompts, batch.metadata)
     valid = torch.from_numpy(result.valid)
-    adv, _ = group_advantages(torch.from_numpy(np.nan_to_num(result.total)).float(), batch.group, valid)
+    adv = advantages(torch.from_numpy(result.total), group_size, valid).values
     part = learner.train_step(TrainBatch(batch.prompt_batch, batch.codes, batch.logprobs, adv, valid))
     metrics = merge_metrics([part])
     rollout.load_weights(learner.state_dict(), learner.version)
@@ -227,11 +228,11 @@ def test_learner_recomputed_old_logprobs_and_truncated_importance_weights(tiny_c
     assert shifted["clip_frac"] > 0.1 and plain["clip_frac"] == 0.0
     # ...recomputed by the learner it starts at 1: the update is the one an agreeing sampler gets
     fixed, w_fixed = _one_update(tiny_config(*base, "trainer.old_logprobs=learner"), sft_path, 0.5)
-    assert fixed["clip_frac"] == 0.0 and fixed["grpo/tis_clip_frac"] == 0.0
+    assert fixed["clip_frac"] == 0.0 and fixed["grpo/tis_capped_frac"] == 0.0
     assert fixed["loss"] == pytest.approx(plain["loss"], abs=1e-5)
     # truncated importance sampling weighs each token by min(exp(learner - sampler), cap): exp(0.5) = 1.65 > 1.2
     tis, w_tis = _one_update(tiny_config(*base, "trainer.old_logprobs=learner", "trainer.tis_cap=1.2"), sft_path, 0.5)
-    assert tis["clip_frac"] == 0.0 and tis["grpo/tis_clip_frac"] == pytest.approx(0.5, abs=0.02)
+    assert tis["clip_frac"] == 0.0 and tis["grpo/tis_capped_frac"] == pytest.approx(0.5, abs=0.02)
     assert any(not torch.equal(w_fixed[k], w_tis[k]) for k in w_tis)  # the weights counted
 
 

@@ -34,6 +34,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from omnigrpo.config.runtime import use_threads
+from omnigrpo.config.schema import Config
 from omnigrpo.rollout.hub import read_json
 from omnigrpo.rollout.policy import to_uint8
 
@@ -103,6 +104,17 @@ class DiffusionDecoder:
 
     def __init__(self, path: str, steps: int = 28, guidance: float = 1.0, seed: int = 0, threads: int = 0):
         self.path, self.steps, self.guidance, self.seed, self.threads = path, steps, guidance, seed, threads
+
+    @staticmethod
+    def arguments(cfg: Config, seed: int, threads: int = 0) -> dict:
+        """The constructor's arguments for a run's decoder (``decoder.*``; ``ray.remote`` takes them too)."""
+        return {"path": cfg.decoder.path, "steps": cfg.decoder.steps, "guidance": cfg.decoder.guidance, "seed": seed,
+                "threads": threads}
+
+    @classmethod
+    def from_config(cls, cfg: Config, seed: int, threads: int = 0) -> DiffusionDecoder:
+        """The decoder a run with ``cfg`` paints with (the evaluator's too)."""
+        return cls(**cls.arguments(cfg, seed, threads))
 
     def setup(self) -> None:
         use_threads(self.threads)

@@ -1,0 +1,155 @@
+"""The rollout actors' weights: which version they hold, how the next sync travels, what the last one cost.
+
+Why: a weight sync has state that outlives a step (the broadcast group, whether it must be re-formed after a
+rollout actor was replaced, how often it fell back to the object store), and one place owns it:
+:class:`WeightSync`. It sends the learner's weights one of two ways:
+
+- **broadcast** (``cluster.weight_sync: broadcast``): learner rank 0 and every rollout actor form a dedicated
+  gloo (or NCCL) group once; each sync streams the tensors in ``cluster.sync_bucket_mb`` buckets straight
+  into the rollout actors' parameters. A failed or timed-out broadcast falls back to the object store for that
+  sync, and the group is re-formed at the next; one failed re-forming settles on the object store for the rest
+  of the run.
+- **object store**: one ``put`` of the full state dict, read by every rollout actor.
+
+Under hybrid placement the learner ranks sample with their own weights and nothing is sent. Actors that die
+while loading are returned to the caller (``omnigrpo.cluster.actors``), which replaces them; a replacement
+loads the current weights itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+
+from omnigrpo.config.schema import Config
+from omnigrpo.sync.network import LOOPBACK
+
+log = logging.getLogger(__name__)
+DEAD = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+"""What a call to an actor that died raises."""
+
+
+@dataclass
+class WeightSync:
+    """Sync state of one run: the version every rollout actor holds and how the next sync travels."""
+
+    cfg: Config
+    version: int = 0
+    """Weight version every rollout actor holds (a replacement gets it from the learner)."""
+    broadcast: bool = False
+    """Weights go over the dedicated group (else, or after a fallback, through the object store)."""
+    fallbacks: int = 0
+    """Broadcasts that failed and were redone through the object store (``fault/sync_fallbacks``)."""
+    reform: bool = False
+    """The group lost a member or a broadcast failed: re-form it (with any newcomer) at the next sync."""
+    reform_failed: bool = False
+    """A re-forming failed: the object store for the rest of the run."""
+    sent_bytes: int = 0
+    """Weight bytes the last sync sent (``sync/bytes``; 0 when nothing was sent)."""
+    weight_bytes: int = 0
+    """Bytes of the full policy's parameters (asked of the learner once, for the object-store path)."""
+    bucket_mb: float | None = None
+    """Broadcast bucket size (None: ``cluster.sync_bucket_mb``; 0 = one tensor at a time)."""
+
+    def __post_init__(self):
+        if self.bucket_mb is None:
+            self.bucket_mb = self.cfg.cluster.sync_bucket_mb
+
+    @property
+    def sends(self) -> bool:
+        """Weights travel at all (not under hybrid placement, where the learner ranks sample)."""
+        return self.cfg.cluster.placement != "hybrid"
+
+    def metrics(self) -> dict[str, float]:
+        """The last sync, as step metrics."""
+        return {"fault/sync_fallbacks": self.fallbacks, "sync/broadcast": float(self.broadcast),
+                "sync/bytes": float(self.sent_bytes)}
+
+    def ref(self, learners: list):
+        """Object ref of the full policy weights (rank 0's; under ZeRO-3 every rank joins the gather)."""
+        refs = [learner.state_dict.remote() for learner in learners]
+        if self.cfg.trainer.zero_stage == 3:
+            ray.wait(refs, num_returns=len(refs))
+        return refs[0]
+
+    def lost_member(self) -> None:
+        """A rollout actor was replaced: the broadcast group is re-formed (with the newcomer) at the next sync."""
+        if self.cfg.cluster.weight_sync == "broadcast" and not self.reform_failed:
+            log.warning("the weight-broadcast group lost a member: it is re-formed at the next sync")
+            self.broadcast, self.reform = False, True
+
+    def join(self, learners: list, rollouts: list, where: dict) -> None:
+        """Form the broadcast group: learner rank 0 (sender) and every rollout actor, meeting at a file store on
+        one machine, or at a TCP store the learner serves on its node address across hosts (``where``:
+        ``(role, index) -> address``, empty on loopback)."""
+        size, timeout, cluster = 1 + len(rollouts), self.cfg.cluster.sync_timeout_s, self.cfg.cluster
+        if where:
+            store = ray.get(learners[0].serve.remote("weights", size, timeout))
+        else:
+            Path(self.cfg.run.dir).resolve().mkdir(parents=True, exist_ok=True)
+            store = str(Path(self.cfg.run.dir).resolve() / f".weights-{secrets.token_hex(4)}")
+        hosts = [where.get(("rollout", i), LOOPBACK) for i in range(len(rollouts))]
+        backend = "nccl" if cluster.sync_nccl else "gloo"
+        ray.get([learners[0].join_weight_group.remote(store, size, timeout, backend)]
+                + [w.join_weight_group.remote(store, i + 1, size, timeout, host, backend)
+                   for i, (w, host) in enumerate(zip(rollouts, hosts, strict=True))])
+        self.broadcast = True
+
+    def send(self, learners: list, rollouts: list, version: int, where: dict,
+             resend: bool = False) -> list[tuple[int, Exception]]:
+        """Learner -> every rollout actor, by broadcast or the object store; nothing when the rollouts already
+        hold ``version`` (unless ``resend``, for benchmarks) or under hybrid placement. Returns the rollout
+        actors that died while loading (index, error): the caller replaces them."""
+        self.sent_bytes = 0
+        if not self.sends or (version == self.version and not resend):
+            self.version = version
+            return []
+        if self.reform:
+            self._reform(learners, rollouts, where)
+        if self.broadcast and self._broadcast(learners, rollouts, version):
+            return []
+        weights = self.ref(learners)
+        if not self.weight_bytes:
+            self.weight_bytes = ray.get(learners[0].weight_bytes.remote())
+        self.sent_bytes = self.weight_bytes  # one put, read by every rollout actor
+        dead = []
+        for i, w in enumerate(rollouts):
+            try:
+                ray.get(w.load_weights.remote(weights, version))
+            except DEAD as err:
+                dead.append((i, err))
+        self.version = version
+        return dead
+
+    def _reform(self, learners: list, rollouts: list, where: dict) -> None:
+        self.reform = False
+        try:
+            self.join(learners, rollouts, where)
+            log.info("weight-broadcast group re-formed with %d rollout actor(s)", len(rollouts))
+        except ray.exceptions.RayError as err:
+            self.reform_failed = True
+            log.warning("could not re-form the weight-broadcast group (%s); staying on the object store",
+                        str(err).splitlines()[0][:200])
+
+    def _broadcast(self, learners: list, rollouts: list, version: int) -> bool:
+        """One bucketed broadcast; False (and a fallback counted) when it failed or timed out."""
+        bucket = int(self.bucket_mb * 2**20)
+        refs = [learner.broadcast_weights.remote(bucket) for learner in learners]
+        refs += [w.receive_weights.remote(bucket) for w in rollouts]
+        try:
+            answers = ray.get(refs, timeout=self.cfg.cluster.sync_timeout_s + 30)
+            got = answers[len(learners):]
+            if got != [version] * len(rollouts):
+                raise RuntimeError(f"rollout actors report weight versions {got} after broadcasting v{version}")
+            self.version, self.sent_bytes = version, int(answers[0])
+            return True
+        except (ray.exceptions.RayError, RuntimeError) as err:
+            log.warning("weight broadcast of v%d failed (%s); this sync goes through the object store, and the "
+                        "group is re-formed at the next", version, str(err).splitlines()[0][:200])
+            self.broadcast, self.reform = False, not self.reform_failed
+            self.fallbacks += 1
+            return False
