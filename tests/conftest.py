@@ -49,6 +49,7 @@ HOSTS = ("tests/cluster/test_two_hosts.py", "tests/cluster/test_multinode.py")
 """Tests that build several hosts or nodes on this machine: one at a time."""
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups off the marks
 def pytest_collection_modifyitems(items) -> None:
     for item in items:  # fixturenames holds every fixture a test needs, directly or through others
         names = getattr(item, "fixturenames", ())

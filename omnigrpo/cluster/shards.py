@@ -18,6 +18,7 @@ import numpy as np
 import ray
 
 from omnigrpo.cluster.actors import Workers, replace_actor
+from omnigrpo.cluster.weights import DEAD
 from omnigrpo.rewards.worker import RewardResult
 from omnigrpo.rollout.worker import RolloutBatch
 
@@ -58,7 +59,7 @@ def collect(workers: Workers, role: str, pending: list[Pending]) -> list:
                     log.warning("%s actor %d did not answer within %g s: killing it", role, item.index, timeout)
                     ray.kill(item.actor)
                     replace_actor(workers, role, item.index, err)
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
+            except DEAD as err:
                 if pool[item.index] is item.actor:
                     replace_actor(workers, role, item.index, err)
             item.actor = pool[item.index]  # reached only once the slot holds a live replacement

@@ -219,11 +219,9 @@ class RolloutWorker:
         """Continue a checkpointed run: its sampling stream (None: nothing was drawn, the seeded stream goes on)
         and weight version. A stream saved on another kind of device (a CPU run resumed on GPUs) cannot
         continue: the sampler is reseeded from the seed and the version instead, and says so."""
-        if rng_state is None:
-            pass
-        elif rng_state.numel() == self.generator.get_state().numel():
+        if rng_state is not None and rng_state.numel() == self.generator.get_state().numel():
             self.generator.set_state(rng_state)
-        else:
+        elif rng_state is not None:
             logging.getLogger(__name__).warning(
                 "rollout RNG state saved on another device type: reseeding (the resumed run samples a different "
                 "stream than an uninterrupted one would)")

@@ -113,11 +113,9 @@ class HybridLearner(Learner):
         nothing was drawn); a stream saved on another kind of device is reseeded, as a rollout actor does."""
         if version != self.version:
             raise RuntimeError(f"resuming sampling at v{version}, but learner rank {self.rank} holds v{self.version}")
-        if rng_state is None:
-            pass
-        elif rng_state.numel() == self.generator.get_state().numel():
+        if rng_state is not None and rng_state.numel() == self.generator.get_state().numel():
             self.generator.set_state(rng_state)
-        else:
+        elif rng_state is not None:
             log.warning("sampler RNG state saved on another device type: reseeding (the resumed run samples a "
                         "different stream than an uninterrupted one would)")
             self.generator.manual_seed(reseed(self.sample_seed, version))
