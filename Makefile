@@ -1,12 +1,14 @@
 # Set-up and entry points. Everything installs into .venv from the package registries; torch is
 # pinned through constraints.txt so no other (multi-GB) build is ever pulled in. uv installs (about 8x faster
 # than pip here); it reads no pip configuration, so the local package indexes pip is configured with (a mirror of
-# the large wheels on some machines) are handed to it, those that exist.
+# the large wheels on some machines) are handed to it, those that exist. Bytecode is compiled at install: uv does
+# not do it by default, and where PYTHONDONTWRITEBYTECODE is set (CI here) every process, every Ray worker
+# included, would otherwise compile torch, transformers and Ray from source at each start (the suite ran 2.4x slower).
 PY      := .venv/bin/python
 INDEXES := $(shell python3 -c "import os, subprocess; urls = subprocess.run(['python3', '-m', 'pip', 'config', \
              'get', 'global.extra-index-url'], capture_output=True, text=True).stdout.split(); print(' '.join( \
              '--extra-index-url ' + u for u in urls if not u.startswith('file://') or os.path.isdir(u[7:])))")
-UV      := DS_BUILD_OPS=0 .venv/bin/uv pip install --quiet --python $(PY) -c constraints.txt \
+UV      := DS_BUILD_OPS=0 .venv/bin/uv pip install --quiet --compile-bytecode --python $(PY) -c constraints.txt \
              --index-strategy unsafe-best-match $(INDEXES)
 STAMP   := .venv/.installed
 # the suite on one pytest worker per core (at most 4), each with its own session Ray cluster (tests/conftest.py)

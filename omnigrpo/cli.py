@@ -22,8 +22,10 @@ from omnigrpo.config.runtime import quiet_thread_waits
 quiet_thread_waits()  # before anything imports torch: this process and the workers it starts
 from omnigrpo import __version__  # noqa: E402
 from omnigrpo.cluster.placement import ClusterShortfall  # noqa: E402
+from omnigrpo.config import options  # noqa: E402
 from omnigrpo.config.loader import ConfigError, load_config, to_dict  # noqa: E402
 from omnigrpo.config.schema import Config  # noqa: E402
+from omnigrpo.rewards.admission import Limits  # noqa: E402
 
 EPILOG = """examples:
   omnigrpo train configs/shapes.yaml
@@ -63,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text)
         _config_arguments(p, "YAML config file")
         p.add_argument("--check", action="store_true", help="validate, print the resolved config, exit")
+        if name == "sft":
+            p.add_argument("--force", action="store_true", help="train again and replace a cached SFT checkpoint")
         if name == "train":
             p.add_argument("--resume", action="store_true", help="same as run.resume=true")
     text = "score a checkpoint on held-out prompts (or a prompt file) with the configured judges"
@@ -70,25 +74,28 @@ def _parser() -> argparse.ArgumentParser:
     _config_arguments(p, "YAML config file (world, rewards, sampling settings)")
     p.add_argument("--checkpoint", required=True, help="policy directory (SFT or a run's checkpoints/...)")
     p.add_argument("--prompts", default="", help="prompt file instead of the world's held-out prompts")
-    p.add_argument("--samples", type=int, default=0,
+    p.add_argument("--samples", type=options.count(0), default=0,
                    help="images per prompt, the N of the pass@k metrics (default eval.samples_per_prompt)")
     p.add_argument("--out", default="", help="report path (default <run.dir>/eval/<checkpoint name>.json)")
+    p.add_argument("--force", action="store_true", help="write over an existing report")
     text = "benchmarks side by side: sampler vs HF generate, GRPO (in each mode) vs TRL, weight sync, rewards"
     p = sub.add_parser("bench", help=text, description=text)
     _config_arguments(p, "YAML config file (the model, prompts and rewards benchmarked)")
     p.add_argument("--parts", default="rollout,rewards,sync,trl", help="comma-separated subset to run")
-    p.add_argument("--steps", type=int, default=20, help="GRPO steps of each run in the TRL comparison")
-    p.add_argument("--rounds", type=int, default=3,
+    p.add_argument("--steps", type=options.count(1), default=20, help="GRPO steps of each run in the TRL comparison")
+    p.add_argument("--rounds", type=options.count(1), default=3,
                    help="TRL comparison: rounds, each running omnigrpo in every mode and then TRL (median reported)")
     p.add_argument("--modes", default="", help="TRL comparison: comma-separated omnigrpo modes, e.g. colocated,hybrid "
                                                "(default: the config's cluster.placement; an unknown one lists all)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement of the other parts (median)")
+    p.add_argument("--repeats", type=options.count(1), default=3,
+                   help="timed repeats per measurement of the other parts (median)")
     p.add_argument("--out", default="", help="JSON path (default <run.dir>/bench.json)")
     text = "print the GPU memory a config needs per role and per GPU (from the checkpoint's config.json only)"
     p = sub.add_parser("plan", help=text, description=text)
     _config_arguments(p, "YAML config file")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.add_argument("--prompt-tokens", type=int, default=64, help="prompt tokens assumed per sample (default 64)")
+    p.add_argument("--prompt-tokens", type=options.count(1), default=64,
+                   help="prompt tokens assumed per sample (default 64)")
     text = "export a run's metric curves from its MLflow store as a PNG"
     p = sub.add_parser("curves", help=text, description=text)
     _config_arguments(p, "YAML config file of the run (locates its MLflow store and experiment)")
@@ -96,24 +103,29 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--keys", default="reward/total/mean,kl,guard/blank_frac",
                    help="comma-separated metric keys, one panel each")
     p.add_argument("--out", required=True, help="PNG path")
+    p.add_argument("--force", action="store_true", help="write over an existing file")
     address_help = "Ray dashboard address (default $RAY_ADDRESS, else http://127.0.0.1:8265)"
+    timeout_help = "seconds to wait for each answer of the Ray Jobs API (default 30)"
     text = "submit a run to a Ray cluster through its Jobs API; prints the job id"
     p = sub.add_parser("submit", help=text, description=text)
     _config_arguments(p, "YAML config file (validated here, then shipped with the package source)")
     p.add_argument("--address", default="", help=address_help)
     p.add_argument("--job-id", default=None, help="submission id to use (default: Ray picks one)")
+    p.add_argument("--timeout", type=options.finite(0, above=True), default=30.0, help=timeout_help)
     for name, text in [("status", "print a submitted run's status"), ("logs", "print a submitted run's logs"),
                        ("stop", "stop a submitted run (it finishes its step and writes a resumable checkpoint)")]:
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("job_id", help="job id printed by submit")
         p.add_argument("--address", default="", help=address_help)
+        p.add_argument("--timeout", type=options.finite(0, above=True), default=30.0, help=timeout_help)
         if name == "logs":
             p.add_argument("--follow", "-f", action="store_true", help="stream the output until the job ends")
     text = "write a tiny random checkpoint of a model family (the real classes) to debug a config offline"
     p = sub.add_parser("tiny", help=text, description=text)
     p.add_argument("family", help="janus, emu3, xomni, or decoder (an X-Omni diffusion-decoder directory)")
     p.add_argument("directory", help="output directory (usable as model.path / decoder.path)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=options.count(0), default=0)
+    p.add_argument("--force", action="store_true", help="write into a directory that is not empty")
     serve = sub.add_parser("serve-reward", help="serve one reward over HTTP (PNG + JSON, never pickle)",
                            description="Serve one reward over HTTP; a run uses it as {name: 'url:http://HOST:PORT'}. "
                                        "Concurrent requests are scored together in batches. Set OMNIGRPO_REWARD_TOKEN "
@@ -121,12 +133,20 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("name", help="reward name, entry point or module:attr")
     serve.add_argument("kwargs", nargs="*", help="key=value arguments for the reward's factory (YAML values)")
     serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
-    serve.add_argument("--port", type=int, default=8765, help="port (0 picks a free one)")
-    serve.add_argument("--replicas", type=int, default=1,
+    serve.add_argument("--port", type=options.port, default=8765, help="port (0 picks a free one)")
+    serve.add_argument("--replicas", type=options.count(1), default=1,
                        help="judge instances, each built in its own thread ('{replica}' in an argument: its index)")
-    serve.add_argument("--max-batch", type=int, default=64, help="most images scored in one judge call")
-    serve.add_argument("--max-wait-ms", type=float, default=20.0,
+    serve.add_argument("--max-batch", type=options.count(1), default=64, help="most images scored in one judge call")
+    serve.add_argument("--max-wait-ms", type=options.finite(0), default=20.0,
                        help="longest wait for more requests to join a judge call")
+    for flag, kind, text in [
+        ("--max-body-mb", options.count(1), "largest request body, MB (413 over it)"),
+        ("--max-pixels", options.count(1), "most pixels one image may declare in its PNG header (413 over it)"),
+        ("--memory-mb", options.count(1), "memory all requests in flight share, MB (503 when full)"),
+        ("--max-pending", options.count(1), "requests in flight at most (503 past it)"),
+        ("--request-timeout-s", options.finite(0, above=True), "deadline of one request (504 past it)")]:
+        default = getattr(Limits, flag[2:].replace("-", "_"))
+        serve.add_argument(flag, type=kind, default=default, help=f"{text}; default {default}")
     return parser
 
 
@@ -184,7 +204,9 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
     if "stopped_at" in summary:
         print(f"stopped after step {summary['stopped_at']}: {summary['checkpoint']}; continue with "
               "omnigrpo train CONFIG --resume (same run.dir)")
-        return 0
+        if summary["reason"]:
+            print(f"omnigrpo: {summary['reason']}", file=sys.stderr)
+        return 1 if summary["reason"] else 0
     for key in summary["before"]:
         before, after = summary["before"][key], summary["after"][key]
         print(f"held-out {key[5:]:<12} before RL {before:.3f}, after RL {after:.3f} ({after - before:+.3f})")
@@ -196,14 +218,14 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
 def cmd_sft(cfg: Config, args: argparse.Namespace) -> int:
     from omnigrpo.trainers.sft import sft_checkpoint
 
-    print(sft_checkpoint(cfg))
+    print(sft_checkpoint(cfg, replace=args.force))
     return 0
 
 
 def cmd_eval(cfg: Config, args: argparse.Namespace) -> int:
     from omnigrpo.app.evaluator import evaluate_checkpoint
 
-    report = evaluate_checkpoint(cfg, args.checkpoint, args.prompts, args.samples, args.out)
+    report = evaluate_checkpoint(cfg, args.checkpoint, args.prompts, args.samples, args.out, args.force)
     for key, value in report["metrics"].items():
         print(f"{key:<32} {value:.4f}")
     print(f"report: {report['report_path']} (MLflow run {report['run_id']})")
@@ -221,9 +243,6 @@ def cmd_bench(cfg: Config, args: argparse.Namespace) -> int:
     if unknown or not parts:
         raise ConfigError(f"--parts: unknown part(s) {', '.join(unknown) or '(none given)'}; choose from "
                           f"{', '.join(PARTS)}")
-    for flag, value in [("--steps", args.steps), ("--rounds", args.rounds), ("--repeats", args.repeats)]:
-        if value < 1:
-            raise ConfigError(f"{flag}: must be at least 1, got {value}")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()] or None
     run_bench(cfg, parts, steps=args.steps, repeats=args.repeats, out=args.out, rounds=args.rounds, modes=modes)
     return 0
@@ -242,6 +261,7 @@ def cmd_curves(cfg: Config, args: argparse.Namespace) -> int:
     from omnigrpo.app.tracking import latest_run_id, plot_curves
 
     keys = [k.strip() for k in args.keys.split(",") if k.strip()]
+    options.writable(Path(args.out), "--out", args.force)
     from mlflow.exceptions import MlflowException
 
     try:
@@ -260,25 +280,29 @@ def cmd_submit(cfg: Config, args: argparse.Namespace) -> int:
     from omnigrpo.cluster import jobs
 
     check_submit(cfg)
-    print(jobs.submit(cfg, Path(args.config).name, _address(args), submission_id=args.job_id))
+    with job_errors(args):
+        print(jobs.submit(cfg, Path(args.config).name, _address(args), submission_id=args.job_id,
+                          timeout=args.timeout))
     return 0
 
 
 @contextlib.contextmanager
 def job_errors(args: argparse.Namespace):
-    """An unknown job id or an unreachable dashboard becomes an ``omnigrpo:`` error naming both."""
+    """An unknown job id, or a dashboard that is unreachable or does not answer, becomes an ``omnigrpo:`` error
+    naming both."""
     try:
         yield
     except (RuntimeError, ConnectionError, OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"job {args.job_id!r} at {_address(args)}: {first}") from None
+        job = f"job {args.job_id!r}" if args.job_id else "the submission"
+        raise ConfigError(f"{job} at {_address(args)}: {first}") from None
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from omnigrpo.cluster import jobs
 
     with job_errors(args):
-        print(jobs.status(_address(args), args.job_id))
+        print(jobs.status(_address(args), args.job_id, args.timeout))
     return 0
 
 
@@ -287,10 +311,10 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
     with job_errors(args):
         if not args.follow:
-            print(jobs.logs(_address(args), args.job_id), end="")
+            print(jobs.logs(_address(args), args.job_id, args.timeout), end="")
             return 0
         try:
-            for chunk in jobs.follow(_address(args), args.job_id):
+            for chunk in jobs.follow(_address(args), args.job_id, args.timeout):
                 print(chunk, end="", flush=True)
         except KeyboardInterrupt:  # the job goes on; only the following stops
             return 130
@@ -301,19 +325,25 @@ def cmd_stop(args: argparse.Namespace) -> int:
     from omnigrpo.cluster import jobs
 
     with job_errors(args):
-        print("stop requested" if jobs.stop(_address(args), args.job_id) else "job had already finished")
+        print("stop requested" if jobs.stop(_address(args), args.job_id, args.timeout) else "job had already finished")
     return 0
 
 
 def cmd_tiny(args: argparse.Namespace) -> int:
     from omnigrpo.rollout.families import tiny
 
+    directory = Path(args.directory)
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"{directory}: exists and is not a directory")
+    if directory.is_dir() and any(directory.iterdir()) and not args.force:
+        raise ConfigError(f"{directory}: not empty; refusing to write a checkpoint over what it holds "
+                          "(add --force to write into it)")
     try:
         made = (tiny.diffusion_decoder(args.directory, seed=args.seed) if args.family == "decoder"
                 else tiny.build(args.family, args.directory, args.seed))
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    print(made)
+    print(f"wrote {made}: {', '.join(sorted(str(f.relative_to(made)) for f in made.rglob('*') if f.is_file()))}")
     return 0
 
 
@@ -332,15 +362,13 @@ def cmd_serve_reward(args: argparse.Namespace) -> int:
             kwargs[key] = yaml.safe_load(value)
         except yaml.YAMLError as err:
             raise ConfigError(f"reward argument {key}: {value!r} is not a YAML value ({err})") from None
-    for flag, value, least in [("--replicas", args.replicas, 1), ("--max-batch", args.max_batch, 1),
-                               ("--max-wait-ms", args.max_wait_ms, 0)]:
-        if value < least:
-            raise ConfigError(f"{flag}: must be at least {least}, got {value}")
     check_reward(args.name, kwargs, "serve-reward")  # before binding or loading any judge
     try:
         server = RewardServer(lambda index: build_checked(args.name, per_replica(kwargs, index), "serve-reward"),
                               args.name, args.host, args.port, factory=True, replicas=args.replicas,
-                              max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+                              max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                              limits=Limits(args.max_body_mb, args.max_pixels, args.memory_mb, args.max_pending,
+                                            args.request_timeout_s))
     except PublicBindRefused as err:
         raise ConfigError(f"--host: {err}") from None
     except OSError as err:

@@ -127,7 +127,10 @@ def metric_values(cfg: Config, run_id: str, key: str) -> list[float]:
 def refused(main, argv: list[str], capsys, *needles: str) -> str:
     """Run the CLI's ``main(argv)`` and check it refused: exit status 2, every stderr line an ``omnigrpo:`` line
     (no traceback), each of ``needles`` in the message; returns stderr."""
-    code = main(argv)
+    try:
+        code = main(argv)
+    except SystemExit as ended:  # argparse's usage errors
+        code = ended.code
     err = capsys.readouterr().err
     assert code == 2, err
     lines = [line for line in err.splitlines() if line.strip()]

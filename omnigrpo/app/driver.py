@@ -96,7 +96,9 @@ def train(cfg: Config, stop_on_sigterm: bool = False, plan: preflight.RunPlan | 
     plan = plan or preflight.check_run(cfg)  # raises ConfigError naming the key before anything starts
     run_dir = Path(cfg.run.dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    model_path = absolute(cfg.model.path) or str(sft_checkpoint(cfg, cfg.cluster.torch_threads or None))
+    # a resumed run starts from its checkpoint, with its run state's reference: no SFT to find or train
+    model_path = "" if plan.state is not None else (
+        absolute(cfg.model.path) or str(sft_checkpoint(cfg, cfg.cluster.torch_threads or None)))
     cursor = PromptCursor(plan.prompts, plan.metadata, seed=cfg.run.seed)
     started_ray = not ray.is_initialized()
     actors.connect(cfg)
@@ -162,6 +164,10 @@ class Loop:
     """Rollout batches drawn ahead of the learner (``trainer.max_staleness``; none ahead when 0)."""
     alarm: CollapseAlarm | None = None
     """Diversity collapse and watchdog alarms (``alarm.*``)."""
+    skipped: int = 0
+    """Updates skipped in a row so far (``trainer.max_skipped_updates``)."""
+    reason: str = ""
+    """Why the loop stopped on its own (empty when asked to stop, or not stopped)."""
 
     def run(self) -> dict:
         cfg = self.cfg
@@ -180,7 +186,7 @@ class Loop:
                 metrics = self.step(step)
                 progress.step(step, metrics)
                 self.after_step(step)
-                if STOP.is_set() and step < cfg.trainer.steps:
+                if STOP.is_set() and (step < cfg.trainer.steps or self.reason):
                     progress.close()
                     return self.stop(step)
         except BaseException:
@@ -204,13 +210,15 @@ class Loop:
             log.exception("could not write the crash checkpoint")
 
     def stop(self, step: int) -> dict:
-        """Stopped on request after ``step``: a resumable step checkpoint, the MLflow run marked KILLED."""
+        """Stopped on request (or for :attr:`reason`) after ``step``: a resumable step checkpoint, the MLflow run
+        marked KILLED."""
         final = self.saved[1] if self.saved and self.saved[0] == step else actors.save_checkpoint(
             self.workers, str(self.checkpoints), step, "step", self.last_state)
-        log.warning("stopped after step %d on request; resume with --resume (checkpoint %s)", step, final)
+        log.warning("stopped after step %d %s; resume with --resume (checkpoint %s)", step,
+                    f"({self.reason})" if self.reason else "on request", final)
         self.tracker.end(stopped=True)
         return {"before": self.before, "after": {}, "checkpoint": final, "run_id": self.tracker.run_id,
-                "stopped_at": step, "rollout_versions": ray.get([w.weight_version.remote()
+                "stopped_at": step, "reason": self.reason, "rollout_versions": ray.get([w.weight_version.remote()
                                                                  for w in self.workers.rollouts])}
 
     @property
@@ -257,6 +265,7 @@ class Loop:
         metrics["diversity/bonus_mean"] = float(adv.bonus[valid].mean()) if result.valid.any() else 0.0
         self.tracker.log(metrics, step)
         self.raise_alarms(metrics, step)
+        self.count_skips(metrics, result, step)
         self.last_state["alarm"] = self.alarm.state()  # this step's figures belong to its run state
         if cfg.tracking.image_every and step % cfg.tracking.image_every == 0:
             n = cfg.tracking.images
@@ -286,6 +295,21 @@ class Loop:
         self.tracker.set_tags({f"alarm/{kind}": f"step {step}: {message}" for kind, message in raised.items()})
         if self.cfg.alarm.stop:
             STOP.set()
+
+    def count_skips(self, metrics: dict[str, float], result: RewardResult, step: int) -> None:
+        """After ``trainer.max_skipped_updates`` skipped updates in a row, ask the loop to stop after this step
+        (a resumable checkpoint), saying why: nothing is learnt, and each step still costs a rollout."""
+        self.skipped = self.skipped + 1 if metrics.get("grpo/skipped_update") else 0
+        limit = self.cfg.trainer.max_skipped_updates
+        if not limit or self.skipped < limit:
+            return
+        why = "a non-finite advantage or log-prob" if metrics.get("grpo/nonfinite") else \
+            "no valid sample" + (f" (reward errors: {'; '.join(f'{k}: {v}' for k, v in result.errors.items())})"
+                                 if result.errors else "")
+        self.reason = (f"{self.skipped} updates in a row were skipped, the last at step {step}: {why}; "
+                       "trainer.max_skipped_updates stops the run")
+        log.error("%s", self.reason)
+        STOP.set()
 
     def after_step(self, step: int) -> None:
         """Held-out evaluation and checkpoints on their schedules."""

@@ -33,6 +33,7 @@ import numpy as np
 from omnigrpo.app.diversity import style_entropy
 from omnigrpo.app.preflight import check_eval
 from omnigrpo.app.tracking import Tracker
+from omnigrpo.config import options
 from omnigrpo.config.loader import ConfigError
 from omnigrpo.config.runtime import checkpoint_eval_seed
 from omnigrpo.config.schema import Config
@@ -155,7 +156,7 @@ def paint(cfg: Config, codes, grid: tuple[int, int]) -> np.ndarray:
 
 
 def evaluate_checkpoint(cfg: Config, checkpoint: str, prompts_source: str = "", samples: int = 0,
-                        out: str = "") -> dict:
+                        out: str = "", force: bool = False) -> dict:
     """Sample, judge and report; returns the report (also written to ``out`` and logged to MLflow).
 
     Args:
@@ -163,8 +164,11 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, prompts_source: str = "", 
         prompts_source: a prompt file (see ``omnigrpo.data.prompts``); empty = the world's held-out set.
         samples: images per prompt; 0 = ``eval.samples_per_prompt``.
         out: report path; empty = ``<run.dir>/eval/<checkpoint name>.json``.
+        force: write over an existing report (else refused before anything loads).
     """
     path, prompts, metadata = check_eval(cfg, checkpoint, prompts_source)  # before loading anything
+    target = Path(out) if out else Path(cfg.run.dir) / "eval" / f"{path.name}.json"
+    options.writable(target, "--out" if out else "the report (--out)", force)
     per_prompt = samples or cfg.eval.samples_per_prompt
     rewards = RewardWorker(cfg.rewards)
     try:
@@ -191,7 +195,6 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, prompts_source: str = "", 
     report = {"checkpoint": str(path), "world": cfg.world.name, "prompts": prompts_source or "held-out",
               "num_prompts": len(prompts), "samples_per_prompt": per_prompt, "metrics": metrics,
               "per_prompt": per_prompt_rows}
-    target = Path(out) if out else Path(cfg.run.dir) / "eval" / f"{path.name}.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(report, indent=2))
     tracking = dataclasses.replace(cfg.tracking, run_name=cfg.tracking.run_name or f"eval:{path.name}")

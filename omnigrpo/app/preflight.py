@@ -160,23 +160,63 @@ def check_resume(cfg: Config) -> tuple[Path | None, dict | None]:
     from omnigrpo.trainers.checkpoint import latest_checkpoint, latest_resumable, written
 
     root = Path(cfg.run.dir).resolve() / "checkpoints"
+    for stamp in sorted(root.glob("*/step-*/omnigrpo_step.json")) + sorted(root.glob("*/crash-*/omnigrpo_step.json")):
+        readable_json(stamp, "run.resume")
     resume_from = latest_resumable(root)
     newest = latest_checkpoint(root)
     if resume_from is None or (newest is not None and written(newest) > written(resume_from)):
         raise ConfigError(nothing_to_resume(root, newest))
-    state = torch.load(resume_from / "run_state.pt", weights_only=True)
-    info = json.loads((resume_from / "omnigrpo_step.json").read_text())
+    try:
+        state = torch.load(resume_from / "run_state.pt", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - truncated, corrupt or not a run state at all
+        raise ConfigError(f"run.resume: {resume_from / 'run_state.pt'} cannot be read ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else ''}); remove that checkpoint to resume the one "
+                          "before it") from None
+    check_same_model(cfg, resume_from)
+    info = readable_json(resume_from / "omnigrpo_step.json", "run.resume")
     if "version" in info and "version" in state and info["version"] != state["version"]:
         raise ConfigError(f"run.resume: {resume_from} holds weights v{info['version']} but a run state of v"
                           f"{state['version']}; it cannot be resumed exactly (start a new run from it with model.path)")
     if len(state["rollout_rng"]) != cfg.samplers:
         key = "learner_workers (hybrid)" if cfg.cluster.placement == "hybrid" else "rollout_workers"
         raise ConfigError(f"cluster.{key}: resuming {resume_from} needs {len(state['rollout_rng'])} samplers")
-    ranks = json.loads((resume_from / "omnigrpo_step.json").read_text()).get("learners", 1)
+    ranks = info.get("learners", 1)
     if ranks != cfg.cluster.learner_workers:
         raise ConfigError(f"cluster.learner_workers: resuming {resume_from} needs {ranks} (its optimiser state is "
                           "sharded that way)")
     return resume_from, state
+
+
+def readable_json(path: Path, key: str) -> dict:
+    """The JSON object in ``path``, or a ConfigError naming ``key`` and the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{key}: {path} cannot be read as JSON ({type(err).__name__}: {err})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{key}: {path} holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
+SHAPE_KEYS = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+              "num_kv_heads": "num_key_value_heads", "intermediate_size": "intermediate_size"}
+"""``model.*`` keys of the built-in policy and the ``config.json`` keys that hold them."""
+
+
+def check_same_model(cfg: Config, checkpoint: Path) -> None:
+    """A resumed checkpoint must be of the configured family and (built-in policy) shape: otherwise the run would
+    train a new SFT for the new shape and then resume the old weights without a word."""
+    saved = readable_json(checkpoint / "config.json", "run.resume")
+    try:
+        check_checkpoint(cfg.model.family, str(checkpoint), cfg.model.image_codes or None)
+    except CheckpointError as err:
+        raise ConfigError(f"run.resume: {checkpoint}: {str(err).partition(': ')[2]}") from None
+    if cfg.model.family != "builtin" or cfg.model.path:
+        return
+    differ = [f"model.{ours} is {getattr(cfg.model, ours)} but the checkpoint has {saved.get(theirs)}"
+              for ours, theirs in SHAPE_KEYS.items() if saved.get(theirs) != getattr(cfg.model, ours)]
+    if differ:
+        raise ConfigError(f"run.resume: {checkpoint} holds a policy of another shape: " + "; ".join(differ))
 
 
 def nothing_to_resume(root: Path, newest: Path | None) -> str:

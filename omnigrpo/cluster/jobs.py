@@ -38,14 +38,29 @@ def _agent_wait() -> tenacity.Retrying:
                              stop=tenacity.stop_after_delay(120), reraise=True)
 
 
-def _client(address: str):
+TIMEOUT_S = 30.0
+"""Default wait for one answer of the Jobs API (``--timeout`` of submit, status, logs and stop)."""
+
+
+def _client(address: str, timeout: float = TIMEOUT_S):
+    """Ray's Jobs client whose every HTTP call waits at most ``timeout`` seconds for an answer (Ray's own waits
+    forever on a port that accepts and never answers); on expiry, a TimeoutError naming the address."""
+    import requests
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(address)
+    class Client(JobSubmissionClient):
+        def _do_request(self, method: str, endpoint: str, **kwargs):
+            kwargs.setdefault("timeout", timeout)
+            try:
+                return super()._do_request(method, endpoint, **kwargs)
+            except requests.Timeout:
+                raise TimeoutError(f"the Ray Jobs API at {address} did not answer within {timeout:g} s") from None
+
+    return Client(address)
 
 
 def submit(cfg: Config, config_name: str, address: str, env_vars: dict[str, str] | None = None,
-           submission_id: str | None = None) -> str:
+           submission_id: str | None = None, timeout: float = TIMEOUT_S) -> str:
     """Submit a run of the resolved, checked config ``cfg`` (``config_name``: the user's file, for the job's
     metadata); returns the job id."""
     payload = gather(cfg)  # refuses what the cluster could not see, before anything is sent
@@ -63,26 +78,26 @@ def submit(cfg: Config, config_name: str, address: str, env_vars: dict[str, str]
         metadata = {"omnigrpo": omnigrpo.__version__, "config": config_name}
         for attempt in _agent_wait():  # a head that has just started may not have its job agent up yet
             with attempt:
-                return _client(address).submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
+                return _client(address, timeout).submit_job(entrypoint=entrypoint, runtime_env=runtime_env,
                                                    submission_id=submission_id, metadata=metadata)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # Ray uploaded its own copy
 
 
-def status(address: str, job_id: str) -> str:
+def status(address: str, job_id: str, timeout: float = TIMEOUT_S) -> str:
     """PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."""
-    return str(_client(address).get_job_status(job_id).value)
+    return str(_client(address, timeout).get_job_status(job_id).value)
 
 
-def logs(address: str, job_id: str) -> str:
-    return _client(address).get_job_logs(job_id)
+def logs(address: str, job_id: str, timeout: float = TIMEOUT_S) -> str:
+    return _client(address, timeout).get_job_logs(job_id)
 
 
-def follow(address: str, job_id: str) -> Iterator[str]:
+def follow(address: str, job_id: str, timeout: float = TIMEOUT_S) -> Iterator[str]:
     """The job's output as it is written, from the start, until the job ends (Ray's asynchronous log tail,
     driven one chunk at a time; an interrupt cancels the pending read and closes the tail cleanly)."""
     loop = asyncio.new_event_loop()
-    chunks = _client(address).tail_job_logs(job_id)
+    chunks = _client(address, timeout).tail_job_logs(job_id)
     try:
         while True:
             pending = loop.create_task(_next(chunks))
@@ -104,7 +119,7 @@ async def _next(chunks: AsyncIterator[str]) -> str:
     return await anext(chunks)
 
 
-def stop(address: str, job_id: str) -> bool:
+def stop(address: str, job_id: str, timeout: float = TIMEOUT_S) -> bool:
     """Ask the job to stop (SIGTERM): the run finishes its step and writes a resumable checkpoint within
     ``cluster.stop_grace_s``; True if a stop was sent."""
-    return bool(_client(address).stop_job(job_id))
+    return bool(_client(address, timeout).stop_job(job_id))

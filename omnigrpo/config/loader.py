@@ -70,8 +70,9 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: cannot read the config file ({type(err).__name__}: {err})") from None
     try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        check_expansion(node, str(path))
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.MarkedYAMLError as err:
         mark = err.problem_mark or err.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -79,12 +80,39 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
         raise ConfigError(f"{where}: {what}{err.problem or err.context}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: its values are nested too deeply") from None
     if raw is None:
         return {}, {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}:1: the top level must be a mapping of sections (run:, trainer:, ...), "
                           f"not a {type(raw).__name__}")
     return raw, _key_lines(node, ())
+
+
+MAX_VALUES = 100_000
+"""Most values a config may hold once its YAML aliases are expanded: far above any real config, far below what
+an alias bomb (a few hundred bytes of nested ``&a [*b, *b, ...]``) expands to."""
+
+
+def check_expansion(node: yaml.Node | None, source: str) -> None:
+    """Refuse a document whose aliases expand past :data:`MAX_VALUES` values, counted without expanding them
+    (each node's size once, as the sum of its children's): everything after parsing walks the expanded tree."""
+    sizes: dict[int, int | None] = {}
+
+    def size(n: yaml.Node) -> int:
+        if id(n) in sizes and sizes[id(n)] is None:
+            raise ConfigError(f"{source}:{n.start_mark.line + 1}: a YAML alias refers to a value that holds it")
+        if id(n) not in sizes:
+            sizes[id(n)] = None  # being counted
+            children = [c for pair in n.value for c in pair] if isinstance(n, yaml.MappingNode) else \
+                n.value if isinstance(n, yaml.SequenceNode) else []
+            sizes[id(n)] = min(1 + sum(size(c) for c in children), MAX_VALUES + 1)
+        return typing.cast(int, sizes[id(n)])
+
+    if node is not None and size(node) > MAX_VALUES:
+        raise ConfigError(f"{source}: its YAML aliases expand to over {MAX_VALUES} values; refusing it "
+                          "(write the values out, or use fewer nested aliases)")
 
 
 def _key_lines(node: yaml.Node | None, at: tuple[str, ...]) -> dict[tuple[str, ...], int]:
@@ -149,10 +177,13 @@ def _apply_override(raw: dict[str, Any], item: str) -> tuple[str, ...]:
     if not sep or not key.strip() or not all(parts):
         raise ConfigError(f"override {item!r} is not of the form key.sub=value")
     try:
+        check_expansion(yaml.compose(value, Loader=yaml.SafeLoader), f"override {key.strip()}")
         leaf = yaml.load(value, Loader=_UniqueKeyLoader) if value.strip() else ""  # noqa: S506 - SafeLoader subclass
     except yaml.YAMLError as err:
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem})") from None
+    except RecursionError:
+        raise ConfigError(f"override {key.strip()}: its value is nested too deeply") from None
     _set_path(raw, parts, leaf, f"override {item!r}")
     return tuple(parts)
 

@@ -17,8 +17,9 @@ HEADER = """# Configuration reference
 Generated from `omnigrpo/config/schema.py` by `python -m omnigrpo.config.reference > docs/config.md`
 (a test fails when this file and the schema differ). `omnigrpo train CONFIG.yaml key.sub=value ...`: every
 key below can be set in the YAML file or as an override (parsed as YAML: `trainer.lr=1e-5`,
-`rewards=[{name: shapes, weight: 2}]`, `rewards.0.required=false`). Unknown keys, wrong types and values out
-of range are refused before anything starts, naming the key (and its line in the file).
+`rewards=[{name: shapes, weight: 2}]`, `rewards.0.required=false`). Unknown keys, wrong types, values out
+of range and NaN or infinity in any float key are refused before anything starts, naming the key (and its line
+in the file).
 """
 
 

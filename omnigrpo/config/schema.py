@@ -12,7 +12,10 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 
-_STRICT = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+_STRICT = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
+"""Unknown keys are refused, and so is NaN or infinity in any float field."""
+DAY_S = 86400.0
+"""Upper bound of the timeouts: a day is far past any useful wait and within what every clock type holds."""
 ASYNC_TIS_CAP = 2.0
 """``trainer.tis_cap`` when unset and ``trainer.max_staleness > 0`` (verl's truncated-IS default)."""
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -236,6 +239,9 @@ class TrainerConfig:
     """Write a checkpoint every N steps (0: only at the end and on a crash)."""
     keep_last: PositiveInt = 2
     """Checkpoints kept on disk; older ones are deleted."""
+    max_skipped_updates: NonNegInt = 10
+    """Updates skipped in a row (no valid sample, or a non-finite advantage) after which the run stops with a
+    resumable checkpoint and says why; 0 = never stop for this."""
 
     @property
     def recompute_old(self) -> bool:
@@ -344,12 +350,12 @@ class ClusterConfig:
     sync_bucket_mb: Annotated[float, Field(ge=0.0)] = 4.0
     """Broadcast bucket size in MB: smaller tensors are packed into flat buffers of up to this size, larger
     ones go alone without a copy; 0 = one call per tensor. Use hundreds of MB with nccl."""
-    sync_timeout_s: Annotated[float, Field(gt=0.0)] = 120.0
+    sync_timeout_s: Annotated[float, Field(gt=0.0, le=DAY_S)] = 120.0
     """Longest a weight broadcast may wait for a member before it fails (then: object store)."""
-    call_timeout_s: Annotated[float, Field(ge=0.0)] = 900.0
+    call_timeout_s: Annotated[float, Field(ge=0.0, le=DAY_S)] = 900.0
     """Longest a reward or decoder actor may take for one shard; past it the actor is killed, replaced and the
     shard retried (counts against ``cluster.max_restarts``; ``fault/call_timeouts``). 0 = wait forever."""
-    stop_grace_s: NonNegInt = 600
+    stop_grace_s: Annotated[int, Field(ge=0, le=int(DAY_S))] = 600
     """Seconds a run asked to stop (``omnigrpo stop``, or a first SIGTERM) has to finish its step and write a
     resumable checkpoint; a submitted job gets this as Ray's ``RAY_JOB_STOP_WAIT_TIME_S``. A second SIGTERM
     ends the run at once with a crash checkpoint."""

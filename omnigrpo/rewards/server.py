@@ -10,6 +10,11 @@ thread (a judge's tokenizer or CUDA state need not be thread-safe; ``{replica}``
 such as ``device=cuda:{replica}`` becomes the replica's index). A reward that raises fails every
 request of that judge call (HTTP 500), which the client turns into failed samples.
 
+Limits (:mod:`omnigrpo.rewards.admission`): a body size, a pixel count per image read from its PNG
+header before decoding, a memory budget all requests in flight share, a cap on requests in flight
+(503 past it, with ``Retry-After``) and a deadline per request (504). A client that leaves early is
+one warning line.
+
 Safety: the server binds 127.0.0.1 unless told otherwise and refuses (:class:`PublicBindRefused`)
 any other interface unless ``OMNIGRPO_REWARD_TOKEN`` is set; with the variable set every ``/score``
 needs ``Authorization: Bearer <token>`` (compared in constant time, never logged). The wire format
@@ -23,6 +28,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import os
 import queue
 import socket
@@ -36,12 +42,16 @@ import numpy as np
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
+from omnigrpo.rewards.admission import MB, Admission, Limits, Refused, Ticket, pixel_bytes
 from omnigrpo.rewards.protocol import RewardFn, call_reward
-from omnigrpo.rewards.transport import TOKEN_ENV, decode_image
+from omnigrpo.rewards.transport import TOKEN_ENV, open_image
 
 log = logging.getLogger(__name__)
+DEFAULT_LIMITS = Limits()
 
 
 class PublicBindRefused(ValueError):
@@ -65,8 +75,8 @@ class Batcher:
 
     def __init__(self, factory: Callable[[int], RewardFn], replicas: int = 1, max_batch: int = 64,
                  max_wait_ms: float = 20.0):
-        if replicas < 1 or max_batch < 1 or max_wait_ms < 0:
-            raise ValueError("replicas and max_batch must be at least 1, max_wait_ms at least 0")
+        if replicas < 1 or max_batch < 1 or not 0 <= max_wait_ms < math.inf:
+            raise ValueError("replicas and max_batch must be at least 1, max_wait_ms finite and at least 0")
         self.factory, self.replicas, self.max_batch, self.max_wait = factory, replicas, max_batch, max_wait_ms / 1e3
         self.calls: list[int] = []
         self._queue: queue.Queue[_Job | None] = queue.Queue()
@@ -84,11 +94,14 @@ class Batcher:
             self.stop()
             raise errors[0]
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
+        """Ask every replica to end and wait up to ``timeout`` seconds in all (a hung judge's thread is
+        a daemon: it does not keep the process alive)."""
         for _ in self._threads:
             self._queue.put(None)
+        deadline = time.monotonic() + timeout
         for thread in self._threads:
-            thread.join(timeout=30)
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
         self._threads = []
 
     def submit(self, images: np.ndarray, prompts: list[str], metadata: list[dict]) -> Future:
@@ -133,6 +146,9 @@ class Batcher:
         return batch, None, False
 
     def _score(self, reward: RewardFn, batch: list[_Job]) -> None:
+        batch = [job for job in batch if job.future.set_running_or_notify_cancel()]  # not those past their deadline
+        if not batch:
+            return
         prompts = [p for job in batch for p in job.prompts]
         metadata = [m for job in batch for m in job.metadata]
         self.calls.append(len(prompts))
@@ -153,55 +169,124 @@ class Batcher:
             start += len(job.prompts)
 
 
-def parse_request(body: bytes) -> tuple[np.ndarray, list[str], list[dict]]:
-    """A ``/score`` body -> (images, prompts, metadata); raises on anything malformed."""
+def parse_request(body: bytes | bytearray, ticket: Ticket | None = None,
+                  max_pixels: int = Limits.max_pixels) -> tuple[np.ndarray, list[str], list[dict]]:
+    """A ``/score`` body -> (images ``[N, H, W, 3]`` uint8, prompts, metadata); raises on anything malformed.
+
+    The images' sizes are read from their PNG headers, checked against ``max_pixels`` and reserved on
+    ``ticket`` before a pixel is decoded (:class:`~omnigrpo.rewards.admission.Refused` otherwise); then
+    they are decoded one at a time into the batch array.
+    """
     data = json.loads(body)
-    images = np.stack([decode_image(s) for s in data["images"]])
-    prompts = [str(p) for p in data["prompts"]]
-    metadata = list(data.get("metadata") or [{}] * len(images))
-    if len(prompts) != len(images) or len(metadata) != len(images):
-        raise ValueError(f"{len(images)} images, {len(prompts)} prompts and {len(metadata)} metadata entries")
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not data["images"]:
+        raise ValueError('the body must be a JSON object with a non-empty "images" list')
+    try:
+        opened = [open_image(s) for s in data["images"]]
+    except Image.DecompressionBombError as err:
+        raise Refused(413, f"an image declares too many pixels ({err})") from None
+    sizes = [image.size for image in opened]
+    for i, (width, height) in enumerate(sizes):
+        if width * height > max_pixels:
+            raise Refused(413, f"image {i} declares {width}x{height} pixels, over this server's limit of {max_pixels}")
+    if len(set(sizes)) > 1:
+        raise ValueError(f"the images of one request must share one size, got {sorted(set(sizes))[:3]}")
+    prompts, metadata = data.get("prompts"), data.get("metadata") or [{}] * len(sizes)
+    if not (isinstance(prompts, list) and isinstance(metadata, list) and len(prompts) == len(metadata) == len(sizes)):
+        raise ValueError(f'"prompts" and "metadata" must be lists of one entry per image ({len(sizes)})')
     if not all(isinstance(m, dict) for m in metadata):
         raise ValueError("metadata must be a list of objects")
-    return images, prompts, metadata
+    if ticket is not None:
+        ticket.take(pixel_bytes(sizes))
+    width, height = sizes[0]
+    images = np.empty((len(opened), height, width, 3), np.uint8)
+    for i, image in enumerate(opened):
+        images[i] = np.asarray(image.convert("RGB"))
+        image.close()
+    return images, [str(p) for p in prompts], metadata
 
 
-def create_app(name: str, batcher: Batcher, token: str = "", max_body_mb: int = 256) -> FastAPI:
-    """The FastAPI app of one reward: ``GET /health`` and ``POST /score``."""
+async def read_body(request: Request, ticket: Ticket, limit: int) -> bytearray:
+    """The request's body, reserved on ``ticket`` as it arrives (and twice over for what parsing holds)."""
+    declared = request.headers.get("content-length") or "0"
+    if not declared.isdigit():
+        raise ValueError(f"Content-Length {declared[:20]!r} is not a number")
+    if int(declared) > limit:
+        raise Refused(413, f"body of {int(declared)} bytes, over this server's limit of {limit // MB} MB")
+    body = bytearray()
+    async for chunk in request.stream():
+        ticket.take(len(chunk))
+        body += chunk
+        if len(body) > limit:
+            raise Refused(413, f"body over this server's limit of {limit // MB} MB")
+    ticket.take(2 * len(body))  # the parsed JSON's strings and the PNG bytes
+    return body
+
+
+def create_app(name: str, batcher: Batcher, token: str = "", limits: Limits = DEFAULT_LIMITS) -> FastAPI:
+    """The FastAPI app of one reward: ``GET /health`` and ``POST /score`` under ``limits``."""
     app = FastAPI(title=f"omnigrpo reward {name}", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.admission = admission = Admission(limits)
     expected = f"Bearer {token}".encode()
-    limit = max_body_mb * 2**20
 
     def error(code: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=code)
+        headers = {"Retry-After": "1"} if code == 503 else None
+        return JSONResponse({"error": message}, status_code=code, headers=headers)
 
     @app.get("/health")
     def health() -> dict:
         return {"reward": name, "status": "ok"}
 
+    async def answer(request: Request, ticket: Ticket) -> Response:
+        deadline = asyncio.get_running_loop().time() + limits.request_timeout_s
+        try:
+            async with asyncio.timeout_at(deadline):
+                body = await read_body(request, ticket, limits.max_body_mb * MB)
+        except ClientDisconnect:
+            log.warning("reward %s: a client (%s) left before sending its whole body", name, _peer(request))
+            return Response(status_code=400)
+        try:
+            images, prompts, metadata = await run_in_threadpool(parse_request, body, ticket, limits.max_pixels)
+        except Refused:
+            raise  # answered with its own status by score()
+        except Exception as err:  # noqa: BLE001 - malformed JSON, base64 or PNG
+            return error(400, f"bad request: {type(err).__name__}: {err}")
+        del body
+        try:
+            async with asyncio.timeout_at(deadline):
+                scores = await asyncio.wrap_future(batcher.submit(images, prompts, metadata))
+        except TimeoutError:
+            raise  # answered 504 by score()
+        except Exception as err:  # noqa: BLE001 - reported to the caller, who records failed samples
+            return error(500, f"{type(err).__name__}: {err}")
+        if await request.is_disconnected():
+            log.warning("reward %s: a client (%s) left before its scores were sent", name, _peer(request))
+        # NaN stays NaN (a failed sample), as Python's json writes it; null means "not applicable"
+        return Response(json.dumps({"scores": scores}), media_type="application/json")
+
     @app.post("/score")
     async def score(request: Request) -> Response:
         if token and not hmac.compare_digest(request.headers.get("authorization", "").encode(), expected):
             return error(401, "missing or wrong bearer token")
-        if int(request.headers.get("content-length") or 0) > limit:
-            return error(413, f"body over {max_body_mb} MB")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                return error(413, f"body over {max_body_mb} MB")
         try:
-            images, prompts, metadata = await run_in_threadpool(parse_request, bytes(body))
-        except Exception as err:  # noqa: BLE001 - malformed JSON, base64, PNG or a decompression bomb
-            return error(400, f"bad request: {type(err).__name__}: {err}")
+            ticket = admission.enter()
+        except Refused as err:
+            return error(err.status, str(err))
         try:
-            scores = await asyncio.wrap_future(batcher.submit(images, prompts, metadata))
-        except Exception as err:  # noqa: BLE001 - reported to the caller, who records failed samples
-            return error(500, f"{type(err).__name__}: {err}")
-        # NaN stays NaN (a failed sample), as Python's json writes it; null means "not applicable"
-        return Response(json.dumps({"scores": scores}), media_type="application/json")
+            return await answer(request, ticket)
+        except Refused as err:
+            return error(err.status, str(err))
+        except ValueError as err:
+            return error(400, f"bad request: {err}")
+        except TimeoutError:
+            return error(504, f"no scores within {limits.request_timeout_s:g} s (the judge call goes on)")
+        finally:
+            ticket.leave()
 
     return app
+
+
+def _peer(request: Request) -> str:
+    return f"{request.client.host}:{request.client.port}" if request.client else "unknown peer"
 
 
 def is_loopback(host: str) -> bool:
@@ -226,7 +311,7 @@ class RewardServer:
 
     def __init__(self, reward: RewardFn | Callable[[int], RewardFn], name: str, host: str = "127.0.0.1",
                  port: int = 0, *, factory: bool = False, replicas: int = 1, max_batch: int = 64,
-                 max_wait_ms: float = 20.0, max_body_mb: int = 256):
+                 max_wait_ms: float = 20.0, limits: Limits = DEFAULT_LIMITS):
         token = os.environ.get(TOKEN_ENV, "")
         if not token and not is_loopback(host):
             raise PublicBindRefused(f"refusing to serve on {host}, which is not loopback, without a token: set "
@@ -234,7 +319,7 @@ class RewardServer:
         build = reward if factory else (lambda index: reward)
         self.name = name
         self.batcher = Batcher(build, replicas, max_batch, max_wait_ms)
-        app = create_app(name, self.batcher, token, max_body_mb)
+        self.app = create_app(name, self.batcher, token, limits)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._socket = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -246,7 +331,7 @@ class RewardServer:
             raise
         self.host, self.port = self._socket.getsockname()[:2]
         # uvicorn leaves the process's logging alone and stays quiet: no access log (never any header)
-        config = uvicorn.Config(app, log_config=None, log_level="warning", access_log=False, lifespan="off",
+        config = uvicorn.Config(self.app, log_config=None, log_level="warning", access_log=False, lifespan="off",
                                 loop="asyncio", http="h11", ws="none", timeout_graceful_shutdown=5)
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None

@@ -49,9 +49,14 @@ def encode_image(image: np.ndarray) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def open_image(data: str) -> Image.Image:
+    """base64 PNG -> a PIL image whose header alone is read (its size is known, its pixels not decoded)."""
+    return Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+
+
 def decode_image(data: str) -> np.ndarray:
     """base64 PNG -> uint8 ``[H, W, 3]``."""
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data, validate=True))).convert("RGB"))
+    return np.asarray(open_image(data).convert("RGB"))
 
 
 class _Retry(Retry):

@@ -3,7 +3,7 @@
 Why: a judge that crashes or returns garbage must not become a silent 0 that the policy then learns
 from. :class:`RewardWorker` runs each reward, keeps its raw scores, and records a
 failure whenever the reward raises, returns the wrong number of scores, or returns NaN / a
-non-number. :func:`combine` then forms the weighted total:
+non-number / a number that is infinite in float32. :func:`combine` then forms the weighted total:
 
 - a sample whose *required* reward failed is excluded from the step (``valid`` False);
 - an *optional* reward that failed, or any reward that returned ``None`` (not applicable), drops out
@@ -29,6 +29,7 @@ from omnigrpo.rewards.protocol import call_reward
 from omnigrpo.rewards.registry import build_reward
 
 log = logging.getLogger(__name__)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass
@@ -175,17 +176,34 @@ class RewardWorker:
                 errors[spec.key] = f"{type(err).__name__}: {err}"
                 log.warning("reward %s failed on the whole batch: %s", spec.key, errors[spec.key])
                 continue
+            bad = 0
             for j, v in zip(rows, values, strict=True):
                 if v is None:
                     applicable[i, j] = False
-                elif isinstance(v, int | float | np.number | np.bool_) and math.isfinite(float(v)):
+                elif usable(v):
                     scores[i, j] = float(v)
                 else:
                     failed[i, j] = True
+                    bad += 1
                     errors.setdefault(spec.key, f"sample {j}: invalid score {v!r}")
+            if bad:
+                log.warning("reward %s: %d of %d scores are not finite numbers (as float32), counted as failed: %s",
+                            spec.key, bad, len(rows), errors[spec.key])
         total, valid = combine(scores, failed, applicable, [s.weight for s in self.specs],
                                [s.required and not s.watch for s in self.specs])  # a watchdog never excludes
         return RewardResult([s.key for s in self.specs], scores, failed, applicable, total, valid, errors)
+
+
+def usable(value: object) -> bool:
+    """Is ``value`` a number that stays finite in float32, where the learner computes with it? (1e39 is finite
+    in float64 but infinite after ``.float()``, and would stop learning without failing anything.)"""
+    if not isinstance(value, int | float | np.number | np.bool_):
+        return False
+    try:
+        as_float = float(value)
+    except OverflowError:  # a Python int past float64
+        return False
+    return math.isfinite(as_float) and abs(as_float) <= FLOAT32_MAX
 
 
 def applies_to(tags: list[str], metadata: dict | None) -> bool:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from omnigrpo.rollout.hub import is_local
+from omnigrpo.rollout.hub import is_local, read_json
 from omnigrpo.rollout.policy import ImagePolicy
 
 
@@ -27,6 +27,10 @@ FAMILIES = {
     "emu3": "omnigrpo.rollout.families.emu3:Emu3Policy",
     "xomni": "omnigrpo.rollout.families.xomni:XOmniPolicy",
 }
+
+MODEL_TYPES = {"builtin": "qwen2", "janus": "janus", "emu3": "emu3", "xomni": "x-omni"}
+"""The ``model_type`` of each family's ``config.json``: a checkpoint of another family is refused by name."""
+
 
 def family_class(family: str) -> type[ImagePolicy]:
     """The policy class of ``family`` (imported on first use)."""
@@ -64,9 +68,25 @@ def _check_hub_id(repo: str) -> None:
         raise CheckpointError(f"model.path: {repo!r} is no local directory and no hub model")
 
 
+def _model_type(path: str) -> str | None:
+    """``model_type`` of the checkpoint's ``config.json`` when it is on this machine (a directory, or a hub id in
+    the cache); None when only the hub has it."""
+    if not is_local(path):
+        import huggingface_hub
+
+        if not isinstance(huggingface_hub.try_to_load_from_cache(path, "config.json"), str):
+            return None
+    try:
+        return str(read_json(path).get("model_type"))
+    except (OSError, ValueError, AttributeError) as err:  # unreadable, not JSON, or not a JSON object
+        raise CheckpointError(f"model.path: {path!r} has no readable config.json ({type(err).__name__}: {err})") \
+            from None
+
+
 def check_checkpoint(family: str, path: str, num_codes: int | None = None) -> None:
     """Fail fast, before any cluster starts: unknown family, a local path that does not exist or holds no
-    checkpoint, a hub id neither cached nor (online) on the hub, or a checkpoint whose image vocabulary
+    checkpoint, a hub id neither cached nor (online) on the hub, a checkpoint of another family (its
+    ``config.json`` ``model_type``), or one whose image vocabulary
     differs from ``num_codes`` (when the config states one). Reads only the checkpoint's config files."""
     cls = family_class(family)
     looks_local = is_local(path)
@@ -77,6 +97,13 @@ def check_checkpoint(family: str, path: str, num_codes: int | None = None) -> No
                               "directory is expected)")
     if not looks_local:
         _check_hub_id(path)
+    model_type = _model_type(path)
+    if model_type == "None":
+        raise CheckpointError(f"model.path: {path!r}: its config.json names no model_type (a {family} checkpoint "
+                              f"has {MODEL_TYPES[family]!r})")
+    if model_type is not None and model_type != MODEL_TYPES[family]:
+        raise CheckpointError(f"model.family: is {family!r}, but the checkpoint {path!r} is a {model_type!r} model "
+                              f"(config.json model_type; {family} expects {MODEL_TYPES[family]!r})")
     checker = getattr(cls, "image_vocabulary", None)
     if num_codes is not None and checker is not None:
         try:

@@ -160,3 +160,13 @@ def normaliser(mask: torch.Tensor, mode: str) -> float:
     """Valid tokens (token-mean) or valid sequences (seq-mean) of a mini-batch mask ``[B, T]``; >= 1."""
     count = mask.sum() if mode == "token-mean" else (mask.sum(-1) > 0).sum()
     return max(float(count), 1.0)
+
+
+def nonfinite_inputs(advantages: torch.Tensor, old_logprobs: torch.Tensor, valid: torch.Tensor) -> str:
+    """Which input of an update is not finite in float32 on a valid sample (``""`` when none): advantages ``[N]``,
+    the sampler's log-probs ``[N, T]``. Either makes the loss and every gradient non-finite, and the optimiser
+    would then move (or silently not move) the weights; the learner skips such an update and counts it."""
+    rows = valid.bool()
+    bad = [name for name, x in (("advantages", advantages), ("sampler log-probs", old_logprobs))
+           if not bool(torch.isfinite(x[rows].float()).all())]
+    return " and ".join(bad)

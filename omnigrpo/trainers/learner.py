@@ -22,6 +22,8 @@ same optimiser step one rank would (tested). Each rank returns partial sums;
 from __future__ import annotations
 
 import copy
+import logging
+import math
 import os
 import shutil
 import tempfile
@@ -43,6 +45,8 @@ from omnigrpo.trainers import adapter, grpo
 from omnigrpo.trainers.checkpoint import write_checkpoint
 from omnigrpo.trainers.engine import deepspeed_config, disable_dropout, grad_norm, skip_shared_memory_allreduce
 from omnigrpo.trainers.tally import UpdateTally
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -196,9 +200,12 @@ class Learner:
         if int(stale.max()) > tr.max_staleness or int(stale.min()) < 0:
             raise RuntimeError(f"learner v{self.version}: samples drawn {stale.min()}..{stale.max()} updates ago, "
                                f"outside 0..trainer.max_staleness = {tr.max_staleness}")
-        if not batch.valid.any():  # nothing to learn from; an optimiser step would still move weights
-            return {"grpo/skipped_update": 1.0, "version": float(self.version),
-                    "async/staleness": float(stale.float().mean())}
+        nonfinite = grpo.nonfinite_inputs(batch.advantages, batch.old_logprobs, batch.valid)
+        if not batch.valid.any() or nonfinite:  # nothing to learn from; an optimiser step would still move weights
+            if nonfinite:  # the same on every rank (each holds the whole batch): no collective is left waiting
+                log.warning("learner v%d: update skipped, non-finite %s", self.version, nonfinite)
+            return {"grpo/skipped_update": 1.0, "grpo/nonfinite": float(bool(nonfinite)),
+                    "version": float(self.version), "async/staleness": float(stale.float().mean())}
         batch = batch.to(self.engine.device)
         self.in_update = True
         mask = batch.valid[:, None].expand(n, t).float()
@@ -241,6 +248,7 @@ class Learner:
         self.in_update = False
         return {**tally.partial(), "loss_norm": grpo.normaliser(mask, tr.loss_agg),
                 "grpo/skipped_update": 0.0, "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
+                "grpo/nonfinite": float(not all(map(math.isfinite, grad_norms))),
                 "lr": self.optimizer.param_groups[0]["lr"], "version": float(self.version),
                 "async/staleness": float(stale.float().mean())}
 

@@ -61,16 +61,17 @@ def sft_key(cfg: Config) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def sft_checkpoint(cfg: Config, threads: int | None = None) -> Path:
-    """Path of the SFT checkpoint for ``cfg``, training it first if the cache does not hold it. Runs that need
-    the same checkpoint at once (two jobs on a machine) train it once: the others wait on its lock file."""
+def sft_checkpoint(cfg: Config, threads: int | None = None, replace: bool = False) -> Path:
+    """Path of the SFT checkpoint for ``cfg``, training it first if the cache does not hold it (or, with
+    ``replace``, training it again and replacing the cached one). Runs that need the same checkpoint at once
+    (two jobs on a machine) train it once: the others wait on its lock file."""
     target = cache_root(cfg) / "sft" / sft_key(cfg)
-    if (target / "sft.json").exists():
+    if (target / "sft.json").exists() and not replace:
         log.info("reusing SFT checkpoint %s", target)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(target.parent / f".{target.name}.lock"):
-        if (target / "sft.json").exists():  # trained by another run while this one waited
+        if (target / "sft.json").exists() and not replace:  # trained by another run while this one waited
             log.info("reusing SFT checkpoint %s", target)
             return target
         log.info("no SFT checkpoint for this model, world and sft config under %s: training it first (%d steps; "
@@ -80,7 +81,7 @@ def sft_checkpoint(cfg: Config, threads: int | None = None) -> Path:
         try:
             stats = train_sft(cfg, tmp, threads=threads)
             (tmp / "sft.json").write_text(json.dumps(stats, indent=2))
-            if target.exists():  # a half-written leftover from a crash
+            if target.exists():  # a half-written leftover from a crash, or the checkpoint being replaced
                 shutil.rmtree(target)
             os.replace(tmp, target)  # atomic: a reader sees no checkpoint or a whole one
         finally:

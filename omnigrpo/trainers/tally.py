@@ -51,6 +51,7 @@ def merge_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
     return {
         "loss": total["sum/loss"] / head["loss_norm"],
         "grpo/skipped_update": 0.0,
+        "grpo/nonfinite": head["grpo/nonfinite"],  # of the global gradient norm: the same on every rank
         "kl": total["sum/kl"] / tokens,
         "entropy": total["sum/entropy"] / tokens,
         "clip_frac": total["sum/clip_frac"] / tokens,

@@ -53,6 +53,11 @@ def test_a_checkpoint_with_another_image_vocabulary_is_refused(tmp_path, capsys)
               f"run.dir={tmp_path / 'run'}"], capsys, "model.path:", "holds no checkpoint (no config.json")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{}")
+    _refused(["train", SHAPES, "model.family=janus", f"model.path={tmp_path / 'broken'}",
+              f"run.dir={tmp_path / 'run'}"], capsys, "model.path:", "names no model_type")
+    _refused(["train", SHAPES, "model.family=emu3", f"model.path={path}", f"run.dir={tmp_path / 'run'}"], capsys,
+             "model.family: is 'emu3', but the checkpoint", "is a 'janus' model")
+    (tmp_path / "broken" / "config.json").write_text('{"model_type": "janus"}')
     _refused(["train", SHAPES, "model.family=janus", f"model.path={tmp_path / 'broken'}", "model.image_codes=7",
               f"run.dir={tmp_path / 'run'}"], capsys, "model.path: cannot read the image vocabulary")
     _refused(["train", SHAPES, "model.family=janus", f"model.path={tmp_path / 'broken'}",

@@ -17,6 +17,7 @@ from conftest import refused
 
 from omnigrpo.cli import main
 from omnigrpo.config.schema import RewardSpec
+from omnigrpo.rewards.admission import Limits
 from omnigrpo.rewards.registry import build_reward
 from omnigrpo.rewards.server import PublicBindRefused, RewardServer, is_loopback
 from omnigrpo.rewards.transport import TOKEN_ENV, ServiceRefused, ServiceUnavailable, decode_image, encode_image
@@ -274,7 +275,7 @@ def test_credentials_in_the_url_are_refused():
 
 
 def test_health_and_bad_bodies():
-    server = _serve(lambda images, prompts, metadata: [1.0] * len(images), "t", max_body_mb=1)
+    server = _serve(lambda images, prompts, metadata: [1.0] * len(images), "t", limits=Limits(max_body_mb=1))
     try:
         assert requests.get(f"{server.url}/health", timeout=10).json() == {"reward": "t", "status": "ok"}
         big = requests.post(f"{server.url}/score", data=b"x" * (2 * 2**20), timeout=10)
