@@ -45,6 +45,8 @@ from omnigrpo.worlds.world import blank_share
 log = logging.getLogger(__name__)
 STOP = threading.Event()
 """Set to ask a running loop to stop after its current step, with a resumable checkpoint (``omnigrpo stop``)."""
+STARTING = threading.Event()
+"""Set while the actors start: a SIGTERM then ends the run at once (there is no step to finish, nothing to save)."""
 
 
 @contextmanager
@@ -77,10 +79,11 @@ def evaluate(cfg: Config, workers: actors.Workers, tracker: Tracker, step: int) 
 
 def install_stop_handler() -> None:
     """A first SIGTERM asks the loop to stop after its step with a resumable checkpoint; a second one ends the
-    run at once (a crash checkpoint). Installed after Ray's own driver handler, which it replaces."""
+    run at once (a crash checkpoint), and so does one while the actors start (say a judge stuck in its dry run).
+    Installed after Ray's own driver handler, which it replaces."""
 
     def terminate(signum: int, frame: object) -> None:
-        if STOP.is_set():
+        if STOP.is_set() or STARTING.is_set():
             raise SystemExit(128 + signum)  # unwinds through the loop, which writes a crash checkpoint
         STOP.set()
         log.warning("stop requested: finishing this step, then writing a checkpoint (SIGTERM again stops at once)")
@@ -111,14 +114,17 @@ def train(cfg: Config, stop_on_sigterm: bool = False, plan: preflight.RunPlan | 
     try:
         extensions = str(cache_root(cfg) / "torch_extensions")
         state = plan.state
+        STARTING.set()
         if state is None:
             workers = actors.spawn(cfg, model_path, extensions, dry_run=plan.dry_run)
+            STARTING.clear()
             tracker.start()
             tracker.set_tags(actors.placement_tags(workers))
             return Loop(cfg, workers, tracker, run_dir, cursor, {"reference_path": model_path}).run()
         log.info("resuming %s at step %d", plan.resume_from, state["step"])
         workers = actors.spawn(cfg, str(plan.resume_from), extensions, state["reference_path"], resume=True,
                                dry_run=plan.dry_run)
+        STARTING.clear()
         ray.get([w.restore.remote(rng, state["version"]) for w, rng in zip(workers.rollouts, state["rollout_rng"],
                                                                           strict=True)])
         workers.sync.version, workers.rng_states = state["version"], list(state["rollout_rng"])
@@ -130,6 +136,7 @@ def train(cfg: Config, stop_on_sigterm: bool = False, plan: preflight.RunPlan | 
         tracker.end(failed=True)
         raise
     finally:
+        STARTING.clear()
         if stop_on_sigterm and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, previous)
         if started_ray:

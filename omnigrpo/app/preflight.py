@@ -13,6 +13,7 @@ devices), what a resume needs, and an evaluation's checkpoint and prompts. Every
 from __future__ import annotations
 
 import json
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,8 @@ class RunPlan:
 
 def check_run(cfg: Config) -> RunPlan:
     """Everything a training run needs that can be checked without a cluster; raises ConfigError."""
+    check_run_dir(cfg.run.dir)
+    check_tracking(cfg.tracking.uri)
     prompts, metadata = check_prompts(cfg.data.prompts, "data.prompts")
     check_decoder(cfg)
     if cfg.model.path:
@@ -50,6 +53,37 @@ def check_run(cfg: Config) -> RunPlan:
     dry_run = check_rewards(cfg, prompts, metadata)
     resume_from, state = check_resume(cfg) if cfg.run.resume else (None, None)
     return RunPlan(prompts, metadata, dry_run, resume_from, state)
+
+
+def check_run_dir(directory: str) -> None:
+    """``run.dir`` is a writable directory, or one that can be made (checked without making it: bad input
+    writes nothing)."""
+    path = Path(directory).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"run.dir: {existing} exists and is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"run.dir: {existing} is not writable")
+
+
+TRACKING_TIMEOUT_S = 10.0
+"""How long preflight waits for an MLflow server's ``/health`` before refusing ``tracking.uri``."""
+
+
+def check_tracking(uri: str) -> None:
+    """An MLflow server named by ``tracking.uri`` answers now, before Ray and the actors start (a local store
+    needs no check)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=TRACKING_TIMEOUT_S).raise_for_status()
+    except requests.RequestException as err:
+        reason = f"no answer within {TRACKING_TIMEOUT_S:g} s" if isinstance(err, requests.Timeout) else \
+            f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        raise ConfigError(f"tracking.uri: the MLflow server at {uri} is not usable ({reason}); start it, or leave "
+                          "tracking.uri empty for a local store") from None
 
 
 def check_prompts(source: str, key: str) -> tuple[list[str], list[dict]]:
@@ -246,7 +280,7 @@ def check_eval(cfg: Config, checkpoint: str, prompts_source: str) -> tuple[Path,
         if not saved.exists():
             raise ConfigError(f"--checkpoint: {path} is not a built-in world policy (no policy.json); for another "
                               "family set model.family")
-        world = json.loads(saved.read_text()).get("world")
+        world = readable_json(saved, "--checkpoint").get("world")
         if world != cfg.world.name:
             raise ConfigError(f"world.name: checkpoint {path} was trained on world {world!r}, but world.name is "
                               f"{cfg.world.name!r}")

@@ -130,10 +130,13 @@ def spawn(cfg: Config, model_path: str, extensions_dir: str, reference_path: str
                       model_path=model_path, placement=plan, decoders=decoders, where=where)
     try:  # a run that cannot start frees what it reserved (a joined cluster lives on)
         rendezvous = learner_rendezvous(cfg, learners, where)
+        calls = {w.setup.remote(dry_run): f"reward actor {i}" for i, w in enumerate(rewards)}
+        calls.update({w.setup.remote(): f"rollout actor {i}" for i, w in enumerate(rollouts)})
+        calls.update({w.setup.remote(): f"decoder actor {i}" for i, w in enumerate(decoders)})
+        calls.update({learner.setup.remote(extensions_dir, plan.threads("learner"), resume, rendezvous):
+                      f"learner rank {rank}" for rank, learner in enumerate(learners)})
         try:
-            ray.get([w.setup.remote(dry_run) for w in rewards] + [w.setup.remote() for w in rollouts + decoders]
-                    + [learner.setup.remote(extensions_dir, plan.threads("learner"), resume, rendezvous)
-                       for learner in learners])
+            await_setup(calls, cfg.cluster.setup_timeout_s)
         except JudgeStartError as err:  # Ray's error is also an instance of the actor's exception class
             raise ConfigError(str(getattr(err, "cause", None) or err)) from None
         if cfg.cluster.weight_sync == "broadcast" and not hybrid:
@@ -142,6 +145,17 @@ def spawn(cfg: Config, model_path: str, extensions_dir: str, reference_path: str
         release(workers)
         raise
     return workers
+
+
+def await_setup(calls: dict, timeout: float) -> None:
+    """Wait for every setup call (``{ref: what it sets up}``) up to ``timeout`` seconds (0: forever); raise the
+    first failure, or a ConfigError naming every actor still setting up."""
+    _, pending = ray.wait(list(calls), num_returns=len(calls), timeout=timeout or None)
+    if pending:
+        raise ConfigError(f"cluster.setup_timeout_s: {', '.join(calls[ref] for ref in pending)} did not finish "
+                          f"setting up within {timeout:g} s (a model that loads slowly, or a judge stuck in its "
+                          "dry run); the run's actors are stopped")
+    ray.get(list(calls))
 
 
 def placement_tags(workers: Workers) -> dict[str, str]:

@@ -355,6 +355,9 @@ class ClusterConfig:
     call_timeout_s: Annotated[float, Field(ge=0.0, le=DAY_S)] = 900.0
     """Longest a reward or decoder actor may take for one shard; past it the actor is killed, replaced and the
     shard retried (counts against ``cluster.max_restarts``; ``fault/call_timeouts``). 0 = wait forever."""
+    setup_timeout_s: Annotated[float, Field(ge=0.0, le=DAY_S)] = 1800.0
+    """Longest the actors may take to set up (load models, build judges and dry-run them) before the run stops,
+    naming the actors still setting up; 0 = wait forever. SIGTERM also ends a start-up at once."""
     stop_grace_s: Annotated[int, Field(ge=0, le=int(DAY_S))] = 600
     """Seconds a run asked to stop (``omnigrpo stop``, or a first SIGTERM) has to finish its step and write a
     resumable checkpoint; a submitted job gets this as Ray's ``RAY_JOB_STOP_WAIT_TIME_S``. A second SIGTERM

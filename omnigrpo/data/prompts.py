@@ -26,6 +26,11 @@ class PromptFileError(ValueError):
     """A prompt source that cannot be read; the message names the file and, where known, the line."""
 
 
+MAX_PROMPT_CHARS = 16_384
+"""Longest prompt accepted: far past any model's prompt positions here, short of a line that is a whole file
+(a prompt of megabytes would be tokenised into a sequence no model holds, and allocate its attention)."""
+
+
 def load_prompts(source: str) -> tuple[list[str], list[dict]]:
     """Prompts and their metadata (one dict per prompt) from a world name or a file (see above)."""
     if source in WORLDS:
@@ -34,6 +39,18 @@ def load_prompts(source: str) -> tuple[list[str], list[dict]]:
     if not path.exists():
         raise PromptFileError(f"{source!r} is neither a built-in world ({', '.join(WORLDS)}) "
                               "nor an existing file or directory")
+    try:
+        prompts, metadata = _read(path)
+    except UnicodeDecodeError as err:
+        raise PromptFileError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
+    except OSError as err:
+        raise PromptFileError(f"{path}: cannot be read ({err.strerror or err})") from None
+    if not prompts:
+        raise PromptFileError(f"{path}: no prompts")
+    return prompts, metadata
+
+
+def _read(path: Path) -> tuple[list[str], list[dict]]:
     if path.is_dir():
         prompts, metadata = _from_datasets(path)
     elif path.suffix == ".txt":
@@ -45,15 +62,14 @@ def load_prompts(source: str) -> tuple[list[str], list[dict]]:
     else:
         raise PromptFileError(f"{path}: unknown prompt file type {path.suffix!r} (use .txt, .jsonl, .parquet "
                               "or a datasets directory)")
-    if not prompts:
-        raise PromptFileError(f"{path}: no prompts")
     return prompts, metadata
 
 
 def _from_txt(path: Path) -> tuple[list[str], list[dict]]:
     # split on "\n" only: str.splitlines would also break prompts at U+2028, form feeds, ...
     lines = [line.strip() for line in path.read_text(encoding="utf-8").split("\n")]
-    prompts = [line for line in lines if line and not line.startswith("#")]
+    prompts = [_check_length(line, f"{path}:{n}") for n, line in enumerate(lines, start=1)
+               if line and not line.startswith("#")]
     return prompts, [{} for _ in prompts]
 
 
@@ -73,9 +89,14 @@ def _from_jsonl(path: Path) -> tuple[list[str], list[dict]]:
 
 
 def _from_parquet(path: Path) -> tuple[list[str], list[dict]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    return _from_rows(pq.read_table(path).to_pylist(), path)
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except pa.ArrowException as err:
+        raise PromptFileError(f"{path}: not a readable parquet table ({str(err).splitlines()[0]})") from None
+    return _from_rows(rows, path)
 
 
 def _from_datasets(path: Path) -> tuple[list[str], list[dict]]:
@@ -105,4 +126,10 @@ def _check_row(row: object, where: str) -> str:
     if tags is not None and not isinstance(tags, str) and not (
             isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
         raise PromptFileError(f"{where}: 'tags' must be a string or a list of strings, got {tags!r}")
+    return _check_length(prompt, where)
+
+
+def _check_length(prompt: str, where: str) -> str:
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise PromptFileError(f"{where}: a prompt of {len(prompt)} characters, over the limit of {MAX_PROMPT_CHARS}")
     return prompt

@@ -3,6 +3,9 @@
 import json
 import math
 import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -86,3 +89,41 @@ def test_a_crash_leaves_a_checkpoint_and_a_failed_run(tiny_config, sft_path, plu
     # the crash came while judging step 2: the checkpoint carries step 1's run state, so --resume continues it
     assert torch.load(checkpoints[0] / "run_state.pt", weights_only=True)["step"] == 1
     assert latest_resumable(Path(cfg.run.dir) / "checkpoints") == checkpoints[0]
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_updates_skipped_in_a_row_stop_the_run_resumably_and_say_why(tiny_config, sft_path, plugins):
+    cfg = tiny_config("trainer.steps=8", "eval.held_out=false", "trainer.max_skipped_updates=2",
+                      "rewards=[{name: shapes}, {name: 'my_rewards:lost_after_start'}]")
+    summary = train(cfg)
+    assert summary["stopped_at"] == 2 and "2 updates in a row were skipped, the last at step 2" in summary["reason"]
+    assert "judge backend lost" in summary["reason"]
+    checkpoint = Path(summary["checkpoint"])
+    assert latest_resumable(Path(cfg.run.dir) / "checkpoints") == checkpoint
+    assert torch.load(checkpoint / "run_state.pt", weights_only=True)["step"] == 2
+    client = MlflowClient(store_uri(cfg))
+    history = client.get_metric_history(summary["run_id"], "grpo/skipped_update")
+    assert [m.value for m in history] == [1.0, 1.0] and client.get_run(summary["run_id"]).info.status == "KILLED"
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_judge_stuck_in_its_dry_run_is_named_after_the_setup_timeout_and_sigterm_ends_it(tiny_config, sft_path,
+                                                                                          plugins, tmp_path):
+    cfg = tiny_config("cluster.setup_timeout_s=20", "rewards=[{name: 'my_rewards:stuck_in_dry_run'}]")
+    with pytest.raises(ConfigError, match="cluster.setup_timeout_s: .*reward actor 0.* did not finish setting up "
+                                          "within 20 s"):
+        train(cfg)
+    marker = tmp_path / "stuck"
+    cfg = tiny_config("cluster.setup_timeout_s=0",
+                      f"rewards=[{{name: 'my_rewards:stuck_in_dry_run', kwargs: {{marker: '{marker}'}}}}]")
+
+    def terminate() -> None:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=terminate, daemon=True).start()
+    with pytest.raises(SystemExit):  # no timeout set: only the signal ends this start-up
+        train(cfg, stop_on_sigterm=True)
+    assert marker.exists() and not (Path(cfg.run.dir) / "checkpoints").exists()

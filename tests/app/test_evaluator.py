@@ -32,6 +32,10 @@ def test_held_out_report_is_written_and_logged(tiny_config, sft_path, tmp_path):
     assert run.data.metrics["eval/strict_acc_pass_at_3"] == pytest.approx(metrics["eval/strict_acc_pass_at_3"])
     again = evaluate_checkpoint(cfg, str(sft_path), samples=3, out=str(tmp_path / "again.json"))
     assert again["metrics"] == metrics  # its own seed: the same checkpoint always gets the same report
+    with pytest.raises(ValueError, match="--out .*r.json: exists; refusing to write over it"):
+        evaluate_checkpoint(cfg, str(sft_path), samples=3, out=str(tmp_path / "r.json"))
+    forced = evaluate_checkpoint(cfg, str(sft_path), samples=2, out=str(tmp_path / "r.json"), force=True)
+    assert json.loads((tmp_path / "r.json").read_text())["samples_per_prompt"] == 2 == forced["samples_per_prompt"]
 
 
 def test_pass_at_k_on_two_prompts_of_four_samples():

@@ -3,6 +3,7 @@ command's own options) ends in ``omnigrpo:`` lines, exit status 2, no traceback,
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,47 @@ def test_eval_bench_curves_and_tiny_options(tmp_path, capsys):
     _refused(["tiny", "dalle", str(tmp_path / "t")], capsys, "dalle")
     _refused(["serve-reward", "shapes", "strict=true"], capsys, "takes no argument 'strict'")
     _refused(["serve-reward", "shapes", "oops"], capsys, "is not key=value")
+
+
+def test_resume_names_an_unreadable_or_mismatched_checkpoint_before_anything_starts(tiny_config, sft_path, tmp_path):
+    import json
+    import shutil
+
+    import torch
+
+    from omnigrpo.app.preflight import check_resume
+    from omnigrpo.config.loader import ConfigError
+
+    cfg = tiny_config("run.resume=true")
+    step = Path(cfg.run.dir) / "checkpoints" / "r1" / "step-000002"
+    shutil.copytree(sft_path, step)  # the weights and config.json of a real built-in policy
+    stamp = {"step": 2, "written_ns": 1, "version": 2, "partial_update": False, "learners": 1}
+    (step / "omnigrpo_step.json").write_text(json.dumps(stamp))
+    torch.save({"step": 2, "version": 2, "rollout_rng": [None] * cfg.samplers}, step / "run_state.pt")
+    assert check_resume(cfg)[0] == step.resolve()  # whole: it resumes
+    with pytest.raises(ConfigError, match="holds a policy of another shape: model.hidden_size is"):
+        check_resume(tiny_config("run.resume=true", f"model.hidden_size={2 * _hidden(step)}"))
+    with pytest.raises(ConfigError, match="run.resume: .* is a 'qwen2' model"):
+        check_resume(tiny_config("run.resume=true", "model.family=janus", f"model.path={sft_path}"))
+    (step / "run_state.pt").write_bytes((step / "run_state.pt").read_bytes()[:50])  # truncated
+    with pytest.raises(ConfigError, match="run_state.pt cannot be read"):
+        check_resume(cfg)
+    (step / "omnigrpo_step.json").write_text('{"step": 2, "writ')
+    with pytest.raises(ConfigError, match="run.resume: .*omnigrpo_step.json cannot be read as JSON"):
+        check_resume(cfg)
+
+
+def _hidden(checkpoint: Path) -> int:
+    import json
+
+    return json.loads((checkpoint / "config.json").read_text())["hidden_size"]
+
+
+def test_a_run_dir_that_is_a_file_and_a_dead_tracking_server_are_refused_before_ray(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    _refused(["train", SHAPES, f"run.dir={tmp_path / 'file'}"], capsys, "run.dir:", "exists and is not a directory")
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]  # closed again: nothing listens there
+    _refused(["train", SHAPES, f"run.dir={tmp_path / 'run'}", f"tracking.uri=http://127.0.0.1:{port}"], capsys,
+             f"tracking.uri: the MLflow server at http://127.0.0.1:{port} is not usable")

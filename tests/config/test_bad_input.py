@@ -8,6 +8,7 @@ import dataclasses
 import functools
 import subprocess
 import sys
+import time
 import typing
 from pathlib import Path
 
@@ -81,6 +82,20 @@ def test_an_out_of_range_value_names_the_key(key, value, capsys):
     _refused(["train", SHAPES, "--check", f"{key}={value}"], capsys, key)
 
 
+FLOATS = [k for k, h in KEYS if float in (h, *typing.get_args(h), *[a for x in typing.get_args(h)
+                                                                   for a in typing.get_args(x)])]
+
+
+@pytest.mark.parametrize("key", FLOATS)
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_a_float_key_refuses_nan_and_infinity(key, value, capsys):
+    _refused(["train", SHAPES, "--check", f"{key}={value}"], capsys, key, "finite number")
+
+
+def test_every_float_key_is_checked_for_finiteness():
+    assert len(FLOATS) > 20 and {"trainer.lr", "cluster.sync_timeout_s", "trainer.tis_cap"} <= set(FLOATS)
+
+
 def test_ranged_keys_include_every_number(capsys):
     assert len(RANGED) > 60 and {"run.seed", "trainer.lr", "rollout.top_p", "model.family"} <= {k for k, _ in RANGED}
 
@@ -152,3 +167,28 @@ def test_the_console_script_exits_2_without_a_traceback(tmp_path):
     proc = subprocess.run([str(script), "train", str(bad)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [f"omnigrpo: {bad}:3:3: key 'steps' is given twice (first on line 2)"]
+
+
+LAUGHS = "".join(f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True))
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + LAUGHS, "aliases expand to over 100000 values"),
+    ("run:\n  dir: x\nloop: &l [*l]\n", "c.yaml:3: a YAML alias refers to a value that holds it"),
+    ("a: " + "[" * 20000 + "]" * 20000 + "\n", "c.yaml: its values are nested too deeply"),
+])
+def test_a_yaml_bomb_is_refused_at_once(text, needle, tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    start = time.monotonic()
+    _refused(["train", str(path), "--check"], capsys, needle)
+    assert time.monotonic() - start < 5
+
+
+def test_a_yaml_bomb_in_an_override_is_refused(capsys):
+    levels = ["&a [" + ", ".join(["lol"] * 9) + "]"] + [
+        f"&{c} [" + ", ".join([f"*{p}"] * 9) + "]" for p, c in zip("abcdefgh", "bcdefghi", strict=True)]
+    _refused(["train", SHAPES, "--check", f"rewards.0.kwargs={{x: [{', '.join(levels)}]}}"], capsys,
+             "override rewards.0.kwargs: its YAML aliases expand to over 100000 values")
+    deep = "[" * 20000 + "]" * 20000
+    _refused(["train", SHAPES, "--check", f"rewards.0.kwargs={{x: {deep}}}"], capsys, "nested too deeply")

@@ -78,6 +78,24 @@ def test_unknown_sources_are_refused(tmp_path):
         load_prompts(str(tmp_path / "empty.txt"))
 
 
+def test_binary_corrupt_or_huge_prompt_files_name_the_file(tmp_path):
+    (tmp_path / "binary.txt").write_bytes(b"a cat\n\xff\xfe\x00\x81 garbage\n")
+    with pytest.raises(PromptFileError, match="binary.txt: not UTF-8 text"):
+        load_prompts(str(tmp_path / "binary.txt"))
+    (tmp_path / "binary.jsonl").write_bytes(b'{"prompt": "\xc3"}\n')
+    with pytest.raises(PromptFileError, match="binary.jsonl: not UTF-8 text"):
+        load_prompts(str(tmp_path / "binary.jsonl"))
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(PromptFileError, match="broken.parquet: not a readable parquet table"):
+        load_prompts(str(tmp_path / "broken.parquet"))
+    (tmp_path / "huge.txt").write_text("a cat\n" + "x" * 100_000 + "\n")
+    with pytest.raises(PromptFileError, match="huge.txt:2: a prompt of 100000 characters, over the limit"):
+        load_prompts(str(tmp_path / "huge.txt"))
+    (tmp_path / "huge.jsonl").write_text(json.dumps({"prompt": "y" * 20_000}) + "\n")
+    with pytest.raises(PromptFileError, match="huge.jsonl:1: a prompt of 20000 characters"):
+        load_prompts(str(tmp_path / "huge.jsonl"))
+
+
 def test_cli_reports_a_bad_prompt_file_before_starting_anything(tmp_path, capsys):
     path = tmp_path / "p.jsonl"
     path.write_text('{"prompt": "fine"}\n{oops\n')

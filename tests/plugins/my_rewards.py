@@ -26,3 +26,31 @@ class Brightness:
         self.scale = scale
     def __call__(self, images, prompts, metadata):
         return [self.scale * float(im.mean()) / 255 for im in images]
+
+
+def overflowing(images, prompts, metadata):
+    """Finite in Python, but the second and third overflow float32 (where the learner computes); the fourth fits."""
+    return [1.0, 1e39, 10**400, 3.0e38][: len(images)]
+
+
+def lost_after_start(images, prompts, metadata):
+    """Passes its dry run on blank images, then fails every real batch (a judge whose backend went away)."""
+    if images.any():
+        raise RuntimeError("judge backend lost")
+    return [0.0] * len(images)
+
+
+def stuck_in_dry_run(marker: str = ""):
+    """A judge that hangs on the blank images of its start-up dry run (waiting on a backend that never answers),
+    writing ``marker`` first."""
+    import time
+    from pathlib import Path
+
+    def score(images, prompts, metadata):
+        if not images.any():
+            if marker:
+                Path(marker).write_text("stuck")
+            time.sleep(3600)
+        return [0.0] * len(images)
+
+    return score

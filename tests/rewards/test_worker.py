@@ -44,6 +44,16 @@ def test_nan_fails_only_that_sample(plugin):
     assert result.metrics()["reward/failed"] == 1
 
 
+def test_a_score_infinite_in_float32_is_a_named_failure(plugin, caplog):
+    with caplog.at_level("WARNING"):
+        result = _score([RewardSpec(name=f"{plugin}:overflowing")])
+    assert result.failed[0].tolist() == [False, True, True, False]
+    assert result.valid.tolist() == [True, False, False, True]
+    assert result.metrics()[f"reward/{plugin}:overflowing/failed"] == 2
+    assert any(f"reward {plugin}:overflowing: 2 of 4 scores are not finite numbers (as float32)" in r.getMessage()
+               for r in caplog.records)
+
+
 def test_optional_failure_renormalises_the_total(plugin):
     specs = [RewardSpec(name="shapes", weight=1.0),
              RewardSpec(name=f"{plugin}:boom", weight=3.0, required=False)]

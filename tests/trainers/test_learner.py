@@ -1,6 +1,7 @@
 """The DeepSpeed learner with the rollout and reward workers as plain classes (no Ray)."""
 
 import dataclasses
+import math
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +91,13 @@ def test_a_batch_with_every_sample_excluded_changes_nothing(tiny_config, sft_pat
                                                            torch.ones(16), invalid))])
     after = learner.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert metrics["grpo/skipped_update"] == 1.0 and learner.version == 1
+    assert metrics["grpo/skipped_update"] == 1.0 and metrics["grpo/nonfinite"] == 0.0 and learner.version == 1
+    # an advantage that is infinite in float32 (a reward of 1e39 with unscaled rewards) skips the update too
+    for bad in (torch.tensor([math.inf] + [0.5] * 15), torch.tensor([1e39] + [0.5] * 15, dtype=torch.float64)):
+        metrics = merge_metrics([learner.train_step(TrainBatch(batch.prompt_batch, batch.codes, batch.logprobs, bad,
+                                                               torch.ones(16, dtype=torch.bool)))])
+        assert metrics["grpo/skipped_update"] == 1.0 and metrics["grpo/nonfinite"] == 1.0 and learner.version == 1
+    assert all(torch.equal(before[k], learner.state_dict()[k]) for k in before)
 
 
 @pytest.mark.parametrize("stage", [0, 2])
