@@ -348,20 +348,10 @@ def cmd_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_serve_reward(args: argparse.Namespace) -> int:
-    import yaml
-
-    from omnigrpo.app.preflight import build_checked, check_reward
+    from omnigrpo.app.preflight import build_checked, check_reward, reward_arguments
     from omnigrpo.rewards.server import PublicBindRefused, RewardServer, per_replica
 
-    kwargs = {}
-    for item in args.kwargs:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"reward argument {item!r} is not key=value")
-        try:
-            kwargs[key] = yaml.safe_load(value)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"reward argument {key}: {value!r} is not a YAML value ({err})") from None
+    kwargs = reward_arguments(args.kwargs)
     check_reward(args.name, kwargs, "serve-reward")  # before binding or loading any judge
     try:
         server = RewardServer(lambda index: build_checked(args.name, per_replica(kwargs, index), "serve-reward"),

@@ -307,6 +307,9 @@ class Loop:
         """After ``trainer.max_skipped_updates`` skipped updates in a row, ask the loop to stop after this step
         (a resumable checkpoint), saying why: nothing is learnt, and each step still costs a rollout."""
         self.skipped = self.skipped + 1 if metrics.get("grpo/skipped_update") else 0
+        if metrics.get("grpo/nonfinite"):
+            log.warning("step %d: %s", step, "update skipped: an advantage or sampler log-prob is not finite" if
+                        self.skipped else "the update's gradient norm is not finite (look at its rewards)")
         limit = self.cfg.trainer.max_skipped_updates
         if not limit or self.skipped < limit:
             return

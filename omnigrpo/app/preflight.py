@@ -175,6 +175,22 @@ def check_reward(name: str, kwargs: dict, key: str) -> None:
         raise ConfigError(f"{key}.name: {err}") from None
 
 
+def reward_arguments(items: list[str]) -> dict:
+    """``key=value`` reward arguments of the command line, each value parsed as YAML."""
+    import yaml
+
+    kwargs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"reward argument {item!r} is not key=value")
+        try:
+            kwargs[key] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"reward argument {key}: {value!r} is not a YAML value ({err})") from None
+    return kwargs
+
+
 def build_checked(name: str, kwargs: dict, key: str):
     """``build_reward`` with its failures as ConfigError naming ``key`` (``rewards.N``)."""
     try:

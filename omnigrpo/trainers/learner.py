@@ -22,7 +22,6 @@ same optimiser step one rank would (tested). Each rank returns partial sums;
 from __future__ import annotations
 
 import copy
-import logging
 import math
 import os
 import shutil
@@ -45,8 +44,6 @@ from omnigrpo.trainers import adapter, grpo
 from omnigrpo.trainers.checkpoint import write_checkpoint
 from omnigrpo.trainers.engine import deepspeed_config, disable_dropout, grad_norm, skip_shared_memory_allreduce
 from omnigrpo.trainers.tally import UpdateTally
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -200,11 +197,9 @@ class Learner:
         if int(stale.max()) > tr.max_staleness or int(stale.min()) < 0:
             raise RuntimeError(f"learner v{self.version}: samples drawn {stale.min()}..{stale.max()} updates ago, "
                                f"outside 0..trainer.max_staleness = {tr.max_staleness}")
-        nonfinite = grpo.nonfinite_inputs(batch.advantages, batch.old_logprobs, batch.valid)
-        if not batch.valid.any() or nonfinite:  # nothing to learn from; an optimiser step would still move weights
-            if nonfinite:  # the same on every rank (each holds the whole batch): no collective is left waiting
-                log.warning("learner v%d: update skipped, non-finite %s", self.version, nonfinite)
-            return {"grpo/skipped_update": 1.0, "grpo/nonfinite": float(bool(nonfinite)),
+        # no sample to learn from (a step would still move weights), or non-finite inputs: alike on every rank
+        if not batch.valid.any() or grpo.nonfinite_inputs(batch.advantages, batch.old_logprobs, batch.valid):
+            return {"grpo/skipped_update": 1.0, "grpo/nonfinite": float(batch.valid.any()),
                     "version": float(self.version), "async/staleness": float(stale.float().mean())}
         batch = batch.to(self.engine.device)
         self.in_update = True
