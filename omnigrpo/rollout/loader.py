@@ -68,6 +68,19 @@ def _check_hub_id(repo: str) -> None:
         raise CheckpointError(f"model.path: {repo!r} is no local directory and no hub model")
 
 
+def _check_weights(directory: Path) -> None:
+    """Each safetensors file's header is whole and covers the file (a truncated copy fails here, in milliseconds,
+    not when an actor loads it)."""
+    from safetensors import safe_open
+
+    for weights in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), "pt"):
+                pass
+        except Exception as err:  # noqa: BLE001 - SafetensorError, OSError: unreadable either way
+            raise CheckpointError(f"model.path: {weights} cannot be read ({type(err).__name__}: {err})") from None
+
+
 def _model_type(path: str) -> str | None:
     """``model_type`` of the checkpoint's ``config.json`` when it is on this machine (a directory, or a hub id in
     the cache); None when only the hub has it."""
@@ -97,6 +110,8 @@ def check_checkpoint(family: str, path: str, num_codes: int | None = None) -> No
                               "directory is expected)")
     if not looks_local:
         _check_hub_id(path)
+    if looks_local:
+        _check_weights(Path(path).expanduser())
     model_type = _model_type(path)
     if model_type == "None":
         raise CheckpointError(f"model.path: {path!r}: its config.json names no model_type (a {family} checkpoint "

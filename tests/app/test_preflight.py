@@ -59,6 +59,13 @@ def test_a_checkpoint_with_another_image_vocabulary_is_refused(tmp_path, capsys)
     _refused(["train", SHAPES, "model.family=emu3", f"model.path={path}", f"run.dir={tmp_path / 'run'}"], capsys,
              "model.family: is 'emu3', but the checkpoint", "is a 'janus' model")
     (tmp_path / "broken" / "config.json").write_text('{"model_type": "janus"}')
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    for f in path.iterdir():
+        (truncated / f.name).write_bytes(f.read_bytes()[: f.stat().st_size // 2] if f.suffix == ".safetensors"
+                                         else f.read_bytes())
+    _refused(["train", SHAPES, "model.family=janus", f"model.path={truncated}", f"run.dir={tmp_path / 'run'}"],
+             capsys, "model.path:", "model.safetensors cannot be read")
     _refused(["train", SHAPES, "model.family=janus", f"model.path={tmp_path / 'broken'}", "model.image_codes=7",
               f"run.dir={tmp_path / 'run'}"], capsys, "model.path: cannot read the image vocabulary")
     _refused(["train", SHAPES, "model.family=janus", f"model.path={tmp_path / 'broken'}",
