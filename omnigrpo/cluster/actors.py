@@ -58,6 +58,7 @@ def connect(cfg: Config) -> None:
         log.warning("Ray was imported before RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was set; the local "
                     "cluster's sockets may listen beyond loopback (call prepare_local_ray_env first)")
     ray.init(
+        address="local",  # a new cluster, even where another one (`ray start`) runs on this machine
         num_cpus=cfg.cluster.num_cpus or os.cpu_count(),
         include_dashboard=False,
         _node_ip_address="127.0.0.1",

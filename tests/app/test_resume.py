@@ -64,6 +64,12 @@ def test_a_checkpoint_written_mid_update_is_not_resumed(tmp_path):
     torch.save({"step": 2, "rollout_rng": [torch.zeros(1)]}, root / "step-000002" / "run_state.pt")
     (root / "step-000002" / "omnigrpo_step.json").write_text(json.dumps({"step": 2, "written_ns": 1}))
     cfg = load_config(None, [f"run.dir={tmp_path / 'run'}", "run.resume=true"])
+    with pytest.raises(ConfigError, match="step-000002/config.json cannot be read"):  # weights, not only a state
+        check_resume(cfg)
+    shape = {"model_type": "qwen2", "hidden_size": cfg.model.hidden_size, "num_hidden_layers": cfg.model.num_layers,
+             "num_attention_heads": cfg.model.num_heads, "num_key_value_heads": cfg.model.num_kv_heads,
+             "intermediate_size": cfg.model.intermediate_size}
+    (root / "step-000002" / "config.json").write_text(json.dumps(shape))
     assert check_resume(cfg)[0] == root / "step-000002"
     (root / "crash-000003").mkdir()  # written later, in the middle of an update
     (root / "crash-000003" / "omnigrpo_step.json").write_text(json.dumps({"step": 3, "written_ns": 2,
