@@ -25,8 +25,12 @@ def summary_line(metrics: dict[str, float]) -> str:
 
     >>> summary_line({"reward/total/mean": 0.5, "kl": 0.001, "reward/failed": 0.0, "timing/step_s": 1.25})
     'reward 0.500 kl 0.0010 failed 0 1.2s/step'
+    >>> summary_line({"reward/total/mean": float("nan"), "grpo/skipped_update": 1.0, "reward/failed": 8.0,
+    ...               "timing/step_s": 1.25})
+    'reward nan update skipped failed 8 1.2s/step'
     """
-    return (f"reward {metrics['reward/total/mean']:.3f} kl {metrics['kl']:.4f} failed {metrics['reward/failed']:.0f} "
+    learned = "update skipped" if metrics.get("grpo/skipped_update") else f"kl {metrics['kl']:.4f}"
+    return (f"reward {metrics['reward/total/mean']:.3f} {learned} failed {metrics['reward/failed']:.0f} "
             f"{metrics['timing/step_s']:.1f}s/step")
 
 
