@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
                                                "(default: the config's cluster.placement; an unknown one lists all)")
     p.add_argument("--repeats", type=options.count(1), default=3,
                    help="timed repeats per measurement of the other parts (median)")
-    p.add_argument("--out", default="", help="JSON path (default <run.dir>/bench.json)")
+    p.add_argument("--out", default="", help="JSON path (default <run.dir>/bench.json); rewritten by each run")
     text = "print the GPU memory a config needs per role and per GPU (from the checkpoint's config.json only)"
     p = sub.add_parser("plan", help=text, description=text)
     _config_arguments(p, "YAML config file")
@@ -244,6 +244,8 @@ def cmd_bench(cfg: Config, args: argparse.Namespace) -> int:
         raise ConfigError(f"--parts: unknown part(s) {', '.join(unknown) or '(none given)'}; choose from "
                           f"{', '.join(PARTS)}")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()] or None
+    if args.out:  # a report is a measurement, rewritten by each run of the same command; never a directory
+        options.writable(Path(args.out), "--out", force=True)
     run_bench(cfg, parts, steps=args.steps, repeats=args.repeats, out=args.out, rounds=args.rounds, modes=modes)
     return 0
 
@@ -261,6 +263,8 @@ def cmd_curves(cfg: Config, args: argparse.Namespace) -> int:
     from omnigrpo.app.tracking import latest_run_id, plot_curves
 
     keys = [k.strip() for k in args.keys.split(",") if k.strip()]
+    if not keys:
+        raise ConfigError(f"--keys: {args.keys!r} names no metric (comma-separated keys, e.g. reward/total/mean)")
     options.writable(Path(args.out), "--out", args.force)
     from mlflow.exceptions import MlflowException
 

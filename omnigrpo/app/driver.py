@@ -304,20 +304,23 @@ class Loop:
             STOP.set()
 
     def count_skips(self, metrics: dict[str, float], result: RewardResult, step: int) -> None:
-        """After ``trainer.max_skipped_updates`` skipped updates in a row, ask the loop to stop after this step
-        (a resumable checkpoint), saying why: nothing is learnt, and each step still costs a rollout."""
-        self.skipped = self.skipped + 1 if metrics.get("grpo/skipped_update") else 0
-        if metrics.get("grpo/nonfinite"):
-            log.warning("step %d: %s", step, "update skipped: an advantage or sampler log-prob is not finite" if
-                        self.skipped else "the update's gradient norm is not finite (look at its rewards)")
+        """After ``trainer.max_skipped_updates`` skipped or non-finite updates in a row, ask the loop to stop after
+        this step (a resumable checkpoint), saying why: nothing is learnt, and each step still costs a rollout."""
+        skipped, nonfinite = metrics.get("grpo/skipped_update"), metrics.get("grpo/nonfinite")
+        self.skipped = self.skipped + 1 if skipped or nonfinite else 0
+        if nonfinite:
+            dropped = int(metrics.get("grpo/dropped_micro_batches", 0))
+            log.warning("step %d: %s", step, "update skipped: an advantage or sampler log-prob is not finite"
+                        if skipped else f"{dropped} micro-batch(es) with a non-finite loss left out of the update"
+                        if dropped else "the update's gradient norm is not finite (look at its rewards)")
         limit = self.cfg.trainer.max_skipped_updates
         if not limit or self.skipped < limit:
             return
-        why = "a non-finite advantage or log-prob" if metrics.get("grpo/nonfinite") else \
+        why = "a non-finite advantage, log-prob, loss or gradient" if nonfinite else \
             "no valid sample" + (f" (reward errors: {'; '.join(f'{k}: {v}' for k, v in result.errors.items())})"
                                  if result.errors else "")
-        self.reason = (f"{self.skipped} updates in a row were skipped, the last at step {step}: {why}; "
-                       "trainer.max_skipped_updates stops the run")
+        self.reason = (f"{self.skipped} updates in a row were skipped or not finite, the last at step {step}: "
+                       f"{why}; trainer.max_skipped_updates stops the run")
         log.error("%s", self.reason)
         STOP.set()
 

@@ -240,8 +240,8 @@ class TrainerConfig:
     keep_last: PositiveInt = 2
     """Checkpoints kept on disk; older ones are deleted."""
     max_skipped_updates: NonNegInt = 10
-    """Updates skipped in a row (no valid sample, or a non-finite advantage) after which the run stops with a
-    resumable checkpoint and says why; 0 = never stop for this."""
+    """Updates skipped or not finite in a row (no valid sample; a non-finite advantage, loss or gradient) after
+    which the run stops with a resumable checkpoint and says why; 0 = never stop for this."""
 
     @property
     def recompute_old(self) -> bool:

@@ -20,6 +20,7 @@ care. So a family supplies two things:
 from __future__ import annotations
 
 import json
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,8 @@ import torch
 
 from omnigrpo.rollout import engine
 from omnigrpo.rollout.hub import checkpoint_file
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -172,6 +175,40 @@ class ImagePolicy(ABC):
     @abstractmethod
     def pixels(path: str | Path, grid: tuple[int, int] | None = None) -> tuple[int, int]:
         """(height, width) of a decoded image, from the checkpoint's config files only (no weights)."""
+
+    def positions(self) -> int | None:
+        """The language model's position limit (``max_position_embeddings``), None where the config has none."""
+        config = self.model.config
+        for part in (config, getattr(config, "text_config", None), getattr(config, "language_config", None)):
+            limit = getattr(part, "max_position_embeddings", None)
+            if limit:
+                return int(limit)
+        return None
+
+    def bounded_batch(self, prompts: list[str]) -> PromptBatch:
+        """``prompt_batch(prompts)`` where no prompt's tokens and image segment pass the model's positions: a
+        longer prompt's text is cut from its end (one warning naming it) instead of indexing past the position
+        table or sizing a KV cache by it. The rewards still judge the prompt as written."""
+        batch = self.prompt_batch(prompts)
+        limit = self.positions()
+        room = limit - len(self.space.segment) if limit else None
+        if room is None or batch.ids.shape[1] <= room:
+            return batch
+        fitted = [self._cut(p, room) if int(n) > room else p for p, n in zip(prompts, batch.mask.sum(1), strict=True)]
+        return self.prompt_batch(fitted)
+
+    def _cut(self, prompt: str, room: int) -> str:
+        """The longest head of ``prompt`` (in characters) whose generation prompt fits ``room`` tokens."""
+        lo, hi = 0, len(prompt)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if int(self.prompt_batch([prompt[:mid]]).mask.sum()) <= room else (lo, mid - 1)
+        if int(self.prompt_batch([prompt[:lo]]).mask.sum()) > room:
+            raise ValueError(f"the {self.family} model's {self.positions()} positions leave no room for a prompt "
+                             f"before its {len(self.space.segment)}-token image")
+        log.warning("a prompt of %d characters passes the %s model's %d positions with its image: cut to its first "
+                    "%d characters (%r...)", len(prompt), self.family, self.positions(), lo, prompt[:40])
+        return prompt[:lo]
 
     @abstractmethod
     def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:

@@ -108,7 +108,7 @@ def draw_batch(policy: ImagePolicy, lm: ImageLM, prompts: list[str], metadata: l
     stamped with weight ``version``: the one sampling routine of rollout actors and of hybrid learners.
     ``graphed``: CUDA-graph decode steps (:func:`omnigrpo.rollout.graphs.graphed_decoder`)."""
     repeated = [p for p in prompts for _ in range(group_size)]
-    batch = policy.prompt_batch(repeated)
+    batch = policy.bounded_batch(repeated)
     step = sample_batch or len(repeated)  # pieces bound the KV cache; one generator stream throughout
     codes, logprobs, images = [], [], []
     for start in range(0, len(repeated), step):

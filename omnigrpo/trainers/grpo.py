@@ -170,3 +170,11 @@ def nonfinite_inputs(advantages: torch.Tensor, old_logprobs: torch.Tensor, valid
     bad = [name for name, x in (("advantages", advantages), ("sampler log-probs", old_logprobs))
            if not bool(torch.isfinite(x[rows].float()).all())]
     return " and ".join(bad)
+
+
+def zero_gradient_loss(logp: torch.Tensor) -> torch.Tensor:
+    """A loss of 0 whose gradient is exactly 0 for every parameter, built on ``logp`` ``[B, T]``: it stands in
+    for a micro-batch whose loss is not finite, so every rank still runs its backward and optimiser step (the
+    gradient all-reduce and DeepSpeed's accumulation count stay in step) and no NaN reaches the weights.
+    ``nan_to_num``'s gradient is 0 where its input is not finite."""
+    return (logp.nan_to_num(0.0, 0.0, 0.0) * 0.0).sum()

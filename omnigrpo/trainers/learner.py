@@ -198,15 +198,16 @@ class Learner:
             raise RuntimeError(f"learner v{self.version}: samples drawn {stale.min()}..{stale.max()} updates ago, "
                                f"outside 0..trainer.max_staleness = {tr.max_staleness}")
         # no sample to learn from (a step would still move weights), or non-finite inputs: alike on every rank
-        if not batch.valid.any() or grpo.nonfinite_inputs(batch.advantages, batch.old_logprobs, batch.valid):
-            return {"grpo/skipped_update": 1.0, "grpo/nonfinite": float(batch.valid.any()),
+        bad_inputs = batch.valid.any() and grpo.nonfinite_inputs(batch.advantages, batch.old_logprobs, batch.valid)
+        if not batch.valid.any() or bad_inputs:
+            return {"grpo/skipped_update": 1.0, "grpo/nonfinite": float(bool(bad_inputs)),
                     "version": float(self.version), "async/staleness": float(stale.float().mean())}
         batch = batch.to(self.engine.device)
         self.in_update = True
         mask = batch.valid[:, None].expand(n, t).float()
         ref = torch.full((n, t), float("nan"), device=batch.codes.device)
         tally = UpdateTally()
-        grad_norms = []
+        grad_norms, dropped = [], 0
         if self.sharded_reference:  # a collective: every rank scores an equal share, then all share it
             ref.copy_(self._scored_by_rank(n, lambda rows: self._reference_logprobs(batch, rows)))
         old = self._old_logprobs(batch)
@@ -229,6 +230,10 @@ class Learner:
                     per_token, capped = self._tis_weighted(terms.loss, proximal, batch.old_logprobs[micro])
                     # DeepSpeed averages gradients over ranks; scaling by world_size makes that a sum
                     loss = grpo.aggregate(per_token, m, tr.loss_agg, norm) * self.world_size
+                    finite = bool(torch.isfinite(loss))
+                    if not finite:  # its gradient would poison the weights; the step still runs on every rank
+                        dropped += 1
+                        loss = grpo.zero_gradient_loss(logp)
                     boundary = self.engine.is_gradient_accumulation_boundary()
                     self.engine.backward(loss, scale_wrt_gas=False)
                     if boundary and tr.zero_stage == 0:  # ZeRO 0 does not record the norm itself
@@ -236,14 +241,14 @@ class Learner:
                     self.engine.step()
                     if boundary and tr.zero_stage > 0:
                         grad_norms.append(float(self.engine.get_global_grad_norm()))
-                    if epoch == 0:
+                    if epoch == 0 and finite:
                         drawn = batch.old_logprobs[micro] if on_policy else None
                         tally.add(terms, logp, ent, capped, m, float(loss.detach()) * norm / self.world_size, drawn)
         self.version += 1
         self.in_update = False
         return {**tally.partial(), "loss_norm": grpo.normaliser(mask, tr.loss_agg),
                 "grpo/skipped_update": 0.0, "grad_norm": sum(grad_norms) / max(len(grad_norms), 1),
-                "grpo/nonfinite": float(not all(map(math.isfinite, grad_norms))),
+                "grpo/nonfinite": float(not all(map(math.isfinite, grad_norms))), "sum/dropped": float(dropped),
                 "lr": self.optimizer.param_groups[0]["lr"], "version": float(self.version),
                 "async/staleness": float(stale.float().mean())}
 

@@ -3,6 +3,7 @@ would be written over. Each ends in one ``omnigrpo:`` line naming the flag, exit
 
 from __future__ import annotations
 
+import argparse
 import functools
 import socket
 import threading
@@ -39,7 +40,32 @@ CASES = [
     (["submit", SHAPES, "--timeout", "0"], "--timeout: must be more than 0"),
     *[([command, "job", "--timeout", "nan"], "--timeout: must be a finite number") for command in
       ("status", "logs", "stop")],
+    (["eval", SHAPES, "--checkpoint", "/nonexistent"], "--checkpoint: '/nonexistent' is not a directory"),
+    (["eval", SHAPES, "--checkpoint", ".", "--prompts", "/nonexistent.txt"], "--prompts: '/nonexistent.txt'"),
+    (["bench", SHAPES, "--parts", "bogus"], "--parts: unknown part(s) bogus; choose from"),
+    (["bench", SHAPES, "--modes", "bogus"], "--modes: unknown mode(s) bogus; choose from"),
+    (["bench", SHAPES, "--parts", "rollout", "--out", "."], "--out .: is a directory"),
+    (["curves", SHAPES, "--out", "c.png", "--keys", " , "], "--keys: ' , ' names no metric"),
+    (["curves", SHAPES, "--out", "c.png", "--run-id", "zzz"], "no MLflow store"),
+    (["curves", SHAPES, "--out", "."], "--out"),
+    (["submit", SHAPES, "run.dir=/tmp/omnigrpo-never", "--address", "ftp://x", "--job-id", "j", "--timeout", "2"],
+     "at ftp://x"),
+    (["status", "job", "--address", "ftp://x"], "job 'job' at ftp://x"),
+    (["logs", "job", "--address", "ftp://x", "--follow"], "job 'job' at ftp://x"),
+    (["stop", "job", "--address", "ftp://x"], "job 'job' at ftp://x"),
+    (["tiny", "bogus", "DIR"], "no tiny builder for family 'bogus'"),
+    (["serve-reward", "bogus"], "serve-reward.name: unknown reward 'bogus'"),
+    (["serve-reward", "shapes", "noequals"], "reward argument 'noequals' is not key=value"),
+    (["serve-reward", "shapes", "--host", "192.0.2.1"], "--host: refusing to serve on 192.0.2.1"),
+    (["train", SHAPES, "--check", "--resume", "trainer.lr=-1"], "trainer.lr"),
+    (["sft", SHAPES, "--force", "model.hidden_size=0"], "model.hidden_size"),
+    (["plan", SHAPES, "--json", "rollout.group_size=0"], "rollout.group_size"),
 ]
+
+# options that are switches (nothing to get wrong) or positionals covered by test_bad_input.py's config cases
+SWITCHES = {"--help", "--check", "--force", "--resume", "--json", "--follow", "--version"}
+# bad values that need a real checkpoint first, tried where one is built
+ELSEWHERE = {("eval", "--out"): "tests/app/test_evaluator.py (an existing report, --force)"}
 
 
 @pytest.mark.parametrize("argv, needle", CASES, ids=[f"{a[0]} {' '.join(a[-2:])}" for a, _ in CASES])
@@ -47,6 +73,18 @@ def test_a_bad_option_names_its_flag(argv, needle, tmp_path, capsys, monkeypatch
     monkeypatch.chdir(tmp_path)
     _refused([a.replace("DIR", str(tmp_path / "t")) for a in argv], capsys, needle)
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_every_option_of_every_command_has_a_bad_value_case():
+    # a new option fails here until a case above shows what a bad value of it gets
+    from omnigrpo.cli import _parser
+
+    subparsers = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    tried = {(argv[0], word) for argv, _ in CASES for word in argv if word.startswith("--")}
+    flags = {(name, max(action.option_strings, key=len)) for name, parser in subparsers.choices.items()
+             for action in parser._actions if action.option_strings}
+    missing = sorted(f"{name} {flag}" for name, flag in flags - tried - ELSEWHERE.keys() if flag not in SWITCHES)
+    assert not missing
 
 
 def test_tiny_refuses_a_directory_that_is_not_empty_unless_forced(tmp_path, capsys):

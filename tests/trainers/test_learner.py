@@ -100,6 +100,25 @@ def test_a_batch_with_every_sample_excluded_changes_nothing(tiny_config, sft_pat
     assert all(torch.equal(before[k], learner.state_dict()[k]) for k in before)
 
 
+def test_a_micro_batch_with_a_non_finite_loss_is_left_out_and_the_weights_stay_finite(tiny_config, sft_path):
+    # a sampler log-prob of -1e30 is finite in float32, so the inputs pass; its ratio exp(logp + 1e30) is not
+    cfg = tiny_config("trainer.lr=1e-2", "trainer.micro_batch_size=4", "trainer.old_logprobs=sampler")
+    learner, rollout, reward = _workers(cfg, sft_path)
+    prompts, metadata = prompts_of(shapes.train_items()[:4])
+    batch = rollout.generate(prompts, metadata, 4)
+    adv = torch.tensor([-1.0, 1.0] * 8)
+    old = batch.logprobs.clone()
+    old[0] = -1e30
+    before = learner.state_dict()
+    metrics = merge_metrics([learner.train_step(TrainBatch(batch.prompt_batch, batch.codes, old, adv,
+                                                           torch.ones(16, dtype=torch.bool)))])
+    after = learner.state_dict()
+    assert metrics["grpo/dropped_micro_batches"] == 1.0 and metrics["grpo/nonfinite"] == 1.0
+    assert metrics["grpo/skipped_update"] == 0.0 and math.isfinite(metrics["loss"]) and learner.version == 1
+    assert all(torch.isfinite(after[k]).all() for k in after)
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the other three micro-batches learnt
+
+
 @pytest.mark.parametrize("stage", [0, 2])
 def test_micro_batching_does_not_change_the_update(tiny_config, sft_path, stage):
     # Gradient accumulation inside DeepSpeed must give the same step as one big micro-batch,

@@ -219,3 +219,20 @@ def test_rollout_worker_samples_in_pieces_on_one_stream(family_dirs):
     learner_lp, _ = sequence_logprobs(worker.policy.lm(), batch.prompt_batch, batch.codes, params)
     assert (batch.logprobs - learner_lp).abs().max() < 1e-5
     assert len({tuple(c.tolist()) for c in batch.codes}) == 8  # pieces do not repeat the same draws
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_a_prompt_longer_than_the_models_positions_is_cut_to_fit_with_a_warning(family_dirs, family, caplog):
+    from omnigrpo.rollout.worker import RolloutWorker
+
+    worker = RolloutWorker(str(family_dirs[family]), SamplingParams(cfg_scale=2.0), seed=0, threads=2, family=family)
+    worker.setup()
+    limit, segment = worker.policy.positions(), len(worker.policy.space.segment)
+    long = " ".join(["a red circle"] * 2000)  # thousands of tokens against a table of ~1000 positions
+    with caplog.at_level("WARNING", logger="omnigrpo.rollout.policy"):
+        batch = worker.generate([PROMPTS[1], long], [{}, {}], group_size=1)
+    assert batch.prompt_batch.ids.shape[1] + segment <= limit
+    assert batch.prompts[1] == long  # the rewards judge the prompt as written
+    assert int(batch.prompt_batch.mask[1].sum()) > limit - segment - 10  # cut to fit, not to nothing
+    assert [r.message for r in caplog.records if "cut to its first" in r.message][0].startswith(
+        f"a prompt of {len(long)} characters passes the {family} model's {limit} positions")
