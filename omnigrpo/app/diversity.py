@@ -16,6 +16,8 @@ the variety a collapse removes first.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -36,6 +38,36 @@ def pixel_distances(images: np.ndarray) -> torch.Tensor:
         return torch.zeros(0, 0, dtype=torch.float64)
     thumbs = thumbnails(images).double()
     return torch.cdist(thumbs, thumbs).div(thumbs.shape[1] ** 0.5)
+
+
+def style_distances(styles: list) -> torch.Tensor:
+    """Distances ``[N, N]`` in 0..1 between samples by the free attributes a world reads back from their pixels
+    (``read_style``: glyphs' colour, size, height), for the diversity bonus in ``trainer.diversity_space: style``.
+
+    Two samples are the weighted share of attributes they differ in; each attribute weighs the share of its
+    commonest value among the step's readable samples (normalised over attributes), so variety pays most in the
+    attribute that is collapsing. A sample with no readable style (None) is at 0 from every other: it earns no
+    bonus, and neither do stray marks, which move a thumbnail but not the letters' read-back style.
+
+    >>> d = style_distances([("red", 1), ("red", 2), ("red", 3), ("blue", 3), None])  # weights 0.75, 0.5 -> 0.6, 0.4
+    >>> [round(x, 3) for x in d[2].tolist()]  # differing in colour, the attribute collapsing most, pays most
+    [0.4, 0.4, 0.0, 0.6, 0.0]
+    """
+    rows = [None if s is None else (dataclasses.astuple(s) if dataclasses.is_dataclass(s) else tuple(s))
+            for s in styles]
+    read = [r for r in rows if r is not None]
+    d = torch.zeros(len(rows), len(rows), dtype=torch.float64)
+    if len(read) < 2:
+        return d
+    ids = [{v: i for i, v in enumerate(sorted({repr(r[a]) for r in read}))} for a in range(len(read[0]))]
+    weights = torch.tensor([max(np.unique([repr(r[a]) for r in read], return_counts=True)[1]) / len(read)
+                            for a in range(len(ids))], dtype=torch.float64)
+    weights /= weights.sum()
+    codes = torch.tensor([[ids[a][repr(r[a])] for a in range(len(ids))] if r is not None else [-1] * len(ids)
+                          for r in rows])
+    readable = torch.tensor([r is not None for r in rows])
+    differ = (codes[:, None, :] != codes[None, :, :]).double() @ weights
+    return torch.where(readable[:, None] & readable[None, :], differ, 0.0)
 
 
 def mean_pair_distance(d: torch.Tensor) -> float:

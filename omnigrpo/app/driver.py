@@ -25,7 +25,7 @@ import torch
 from omnigrpo.app import preflight
 from omnigrpo.app.alarm import CollapseAlarm
 from omnigrpo.app.console import Progress
-from omnigrpo.app.diversity import diversity, pixel_distances
+from omnigrpo.app.diversity import diversity, pixel_distances, style_distances
 from omnigrpo.app.evaluator import world_metrics
 from omnigrpo.app.lookahead import Lookahead
 from omnigrpo.app.tracking import Tracker
@@ -247,9 +247,10 @@ class Loop:
                                f"v{drawn.expected_version}")
         # 2. advantages: group-normalised totals (with the diversity bonus); excluded samples carry no weight
         valid = torch.from_numpy(result.valid)
-        distances = pixel_distances(batch.images)  # diversity metrics and bonus share them
+        distances = pixel_distances(batch.images)  # diversity metrics and (in pixel space) the bonus share them
         adv = grpo.advantages(torch.from_numpy(result.total), cfg.rollout.group_size, valid,
-                              scale=cfg.trainer.scale_rewards, bonus=cfg.trainer.diversity_bonus, distances=distances)
+                              scale=cfg.trainer.scale_rewards, bonus=cfg.trainer.diversity_bonus,
+                              distances=self.bonus_distances(batch, distances))
         # 3. learn: one GRPO update on every learner rank
         self.stage = "learn"
         with timed(timings, "learn"):
@@ -279,6 +280,16 @@ class Loop:
             captions = [f"{p} | r={r:.2f}" for p, r in zip(batch.prompts[:n], result.total[:n], strict=True)]
             self.tracker.log_samples(batch.images[:n], captions, step)
         return metrics
+
+    def bonus_distances(self, batch: RolloutBatch, distances: torch.Tensor) -> torch.Tensor | None:
+        """``[N, N]`` distances the diversity bonus pays for (``trainer.diversity_space``); None when it is off."""
+        tr = self.cfg.trainer
+        if not tr.diversity_bonus:
+            return None
+        if tr.diversity_space == "pixels":
+            return distances
+        read_style = worlds.get(self.cfg.world.name).read_style
+        return style_distances([read_style(image) for image in batch.images])
 
     def step_metrics(self, batch: RolloutBatch, result: RewardResult, learned: dict[str, float],
                      timings: dict[str, float], zero_std: float) -> dict[str, float]:

@@ -46,6 +46,9 @@ def check_run(cfg: Config) -> RunPlan:
     check_tracking(cfg.tracking.uri)
     prompts, metadata = check_prompts(cfg.data.prompts, "data.prompts")
     check_decoder(cfg)
+    if cfg.trainer.diversity_space == "style" and not hasattr(worlds.get(cfg.world.name), "read_style"):
+        raise ConfigError(f"trainer.diversity_space: 'style' needs a world that reads its styles back (glyphs); "
+                          f"{cfg.world.name!r} does not: use 'pixels'")
     if cfg.model.path:
         check_model(cfg)
     if cfg.cluster.gpu_memory_gb:

@@ -247,7 +247,9 @@ def history(client: MlflowClient, run_id: str, key: str) -> list:
 
 def plot_curves(cfg: Config, run_id: str, keys: list[str], out: str | Path) -> Path:
     """Export metric histories of an MLflow run as one PNG, a panel per key (read back from the store,
-    so the figure shows exactly what was logged)."""
+    so the figure shows exactly what was logged). A key ``a+b+c`` overlays those metrics in one panel (say the
+    style entropy of each attribute); every alarm the run raised (``alarm/<kind>``) is a dashed vertical line
+    at its step on every panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -255,14 +257,27 @@ def plot_curves(cfg: Config, run_id: str, keys: list[str], out: str | Path) -> P
 
     client = MlflowClient(tracking_uri=existing_store(cfg))
     run = client.get_run(run_id)
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
-    for ax, key in zip(axes[0], keys, strict=True):
-        logged = history(client, run_id, key)
-        if not logged:
-            raise KeyError(f"run {run_id} logged no metric {key!r}")
-        ax.plot([m.step for m in logged], [m.value for m in logged], marker="o" if len(logged) < 20 else None,
-                markersize=3, linewidth=1.2)
-        ax.set_title(key, fontsize=10)
+    alarms = {key: [m.step for m in history(client, run_id, key) if m.value]
+              for key in sorted(run.data.metrics) if key.startswith("alarm/")}
+    cols = min(len(keys), 4)
+    rows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(keys):]:
+        ax.set_visible(False)
+    for ax, panel in zip(axes.flat, keys, strict=False):
+        for key in panel.split("+"):
+            logged = history(client, run_id, key)
+            if not logged:
+                raise KeyError(f"run {run_id} logged no metric {key!r}")
+            ax.plot([m.step for m in logged], [m.value for m in logged], marker="o" if len(logged) < 20 else None,
+                    markersize=3, linewidth=1.2, label=key.rsplit("/", 1)[-1])
+        for colour, (kind, steps) in zip(("tab:red", "tab:purple", "tab:brown", "tab:olive"), alarms.items(),
+                                         strict=False):
+            for i, step in enumerate(steps):
+                ax.axvline(step, color=colour, linestyle="--", linewidth=0.9, label=kind if i == 0 else None)
+        if "+" in panel or alarms:
+            ax.legend(fontsize=7)
+        ax.set_title(panel if "+" not in panel else panel.split("+")[0].rsplit("_", 1)[0] + "_*", fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.suptitle(f"{cfg.tracking.experiment} / {run.info.run_name} ({run_id[:8]})", fontsize=10)

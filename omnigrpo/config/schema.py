@@ -218,6 +218,11 @@ class TrainerConfig:
     (``omnigrpo.trainers.grpo.advantages``), so among the samples that do what was asked the one least like
     its siblings is preferred; 0 = off. Logged as ``diversity/bonus_mean``. On glyphs it slows the collapse but does
     not stop it; ``kl_coef: 0.25`` does (BENCHMARKS.md section 5)."""
+    diversity_space: Literal["pixels", "style"] = "pixels"
+    """What the diversity bonus measures a sample's distance to its siblings in: ``pixels``, the RMS distance of
+    16 x 16 thumbnails (any world; a policy can game it with stray marks); ``style``, the attributes the world reads
+    back from the pixels (``read_style``: glyphs' colour, size and height), the attribute collapsing most over the
+    step weighing most (``omnigrpo.app.diversity.style_distances``). ``style`` needs a world with ``read_style``."""
     max_grad_norm: Annotated[float, Field(gt=0.0)] = 1.0
     """Gradient clipping threshold (global L2 norm)."""
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0

@@ -43,3 +43,38 @@ def test_the_bonus_pays_only_good_samples_for_being_unlike_the_good_ones():
     # below the mean, so it gains nothing and is nobody's sibling; group 1: the excluded white (its judge failed)
     # is no sibling and the blacks are all alike
     assert bonus.tolist() == pytest.approx([1.5, 1.5, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+
+
+def test_the_style_bonus_pays_the_good_sample_drawn_in_the_collapsing_attribute():
+    from omnigrpo.app.diversity import style_distances
+    from omnigrpo.trainers.grpo import advantages
+    from omnigrpo.worlds import glyphs
+
+    item = glyphs.held_out_items()[0]
+    small, large = glyphs.ADVANCES[0], glyphs.ADVANCES[-1]
+    drawn = [glyphs.Style("white", small, 0), glyphs.Style("white", small, 0), glyphs.Style("cyan", small, 1),
+             glyphs.Style("white", large, 0)]
+    images = np.stack([glyphs.render(item, style=s) for s in drawn])
+    styles = [glyphs.read_style(im) for im in images]
+    assert styles == drawn  # read back from the pixels
+    d = style_distances(styles)
+    # colour and height: 3 of 4 alike (weight 0.75 each); size: 3 of 4 small (0.75): equal weights of 1/3
+    assert d[0, 1] == 0 and d[0, 2] == pytest.approx(2 / 3) and d[0, 3] == pytest.approx(1 / 3)
+    adv = advantages(torch.ones(4), 4, torch.ones(4, dtype=torch.bool), bonus=1.0, distances=d)
+    assert adv.bonus[2] > adv.bonus[3] > adv.bonus[0] == adv.bonus[1] > 0
+    blank = np.full_like(images[0], glyphs.BACKGROUND)
+    assert style_distances([None, glyphs.read_style(blank), styles[0]]).abs().sum() == 0  # nothing readable pays
+
+
+def test_a_style_bonus_in_a_world_without_a_style_reader_is_refused(capsys, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from conftest import refused
+
+    from omnigrpo.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    config = str(Path(__file__).parents[2] / "configs" / "shapes.yaml")
+    refused(main, ["train", config, "trainer.diversity_space=style", "trainer.diversity_bonus=1"], capsys,
+            "trainer.diversity_space: 'style' needs a world that reads its styles back")
+    assert not any(tmp_path.iterdir())

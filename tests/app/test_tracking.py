@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 from mlflow.tracking import MlflowClient
 
 from omnigrpo.app.tracking import Tracker, _redact, flatten, store_uri
@@ -39,3 +40,24 @@ def test_credentials_inside_urls_are_redacted():
     assert clean["cluster"]["address"] == "ray://head:10001"
     assert clean["store"] == "sqlite:////tmp/x/mlflow.db"
     assert clean["headers"] == "<redacted>"
+
+
+def test_curves_overlay_attributes_in_one_panel_and_mark_the_alarms(tiny_config, tmp_path):
+    from PIL import Image
+
+    from omnigrpo.app.tracking import latest_run_id, plot_curves
+
+    cfg = tiny_config()
+    tracker = Tracker(cfg)
+    run_id = tracker.start()
+    for step in range(1, 11):
+        tracker.log({"reward/total/mean": step / 10, "eval/style_entropy_colour": 1 - step / 20,
+                     "eval/style_entropy_advance": 0.5 - step / 20, "alarm/collapse": float(step == 6)}, step=step)
+    tracker.end()
+    keys = ["reward/total/mean", "eval/style_entropy_colour+eval/style_entropy_advance"]
+    out = plot_curves(cfg, latest_run_id(cfg), keys, tmp_path / "c.png")
+    assert out == tmp_path / "c.png" and Image.open(out).size[0] > 800
+    plain = plot_curves(cfg, run_id, keys[:1], tmp_path / "one.png")
+    assert Image.open(plain).size[0] < Image.open(out).size[0]  # a panel per key
+    with pytest.raises(KeyError, match="eval/style_entropy_shift"):
+        plot_curves(cfg, run_id, ["eval/style_entropy_colour+eval/style_entropy_shift"], tmp_path / "x.png")
