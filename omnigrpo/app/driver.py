@@ -250,7 +250,7 @@ class Loop:
         distances = pixel_distances(batch.images)  # diversity metrics and (in pixel space) the bonus share them
         adv = grpo.advantages(torch.from_numpy(result.total), cfg.rollout.group_size, valid,
                               scale=cfg.trainer.scale_rewards, bonus=cfg.trainer.diversity_bonus,
-                              distances=self.bonus_distances(batch, distances))
+                              distances=self.bonus_distances(batch, distances), strata=self.strata(batch))
         # 3. learn: one GRPO update on every learner rank
         self.stage = "learn"
         with timed(timings, "learn"):
@@ -290,6 +290,17 @@ class Loop:
             return distances
         read_style = worlds.get(self.cfg.world.name).read_style
         return style_distances([read_style(image) for image in batch.images])
+
+    def strata(self, batch: RolloutBatch) -> torch.Tensor | None:
+        """``[N]`` look labels of the samples by ``trainer.baseline_by`` (-1: no readable style); None when off."""
+        names = self.cfg.trainer.baseline_by
+        if not names:
+            return None
+        read_style = worlds.get(self.cfg.world.name).read_style
+        looks = [None if (s := read_style(image)) is None else tuple(getattr(s, n) for n in names)
+                 for image in batch.images]
+        ids = {look: i for i, look in enumerate(sorted({look for look in looks if look is not None}, key=repr))}
+        return torch.tensor([-1 if look is None else ids[look] for look in looks])
 
     def step_metrics(self, batch: RolloutBatch, result: RewardResult, learned: dict[str, float],
                      timings: dict[str, float], zero_std: float) -> dict[str, float]:

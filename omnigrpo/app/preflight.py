@@ -12,6 +12,7 @@ devices), what a resume needs, and an evaluation's checkpoint and prompts. Every
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from contextlib import contextmanager
@@ -46,9 +47,7 @@ def check_run(cfg: Config) -> RunPlan:
     check_tracking(cfg.tracking.uri)
     prompts, metadata = check_prompts(cfg.data.prompts, "data.prompts")
     check_decoder(cfg)
-    if cfg.trainer.diversity_space == "style" and not hasattr(worlds.get(cfg.world.name), "read_style"):
-        raise ConfigError(f"trainer.diversity_space: 'style' needs a world that reads its styles back (glyphs); "
-                          f"{cfg.world.name!r} does not: use 'pixels'")
+    check_style_options(cfg)
     if cfg.model.path:
         check_model(cfg)
     if cfg.cluster.gpu_memory_gb:
@@ -56,6 +55,23 @@ def check_run(cfg: Config) -> RunPlan:
     dry_run = check_rewards(cfg, prompts, metadata)
     resume_from, state = check_resume(cfg) if cfg.run.resume else (None, None)
     return RunPlan(prompts, metadata, dry_run, resume_from, state)
+
+
+def check_style_options(cfg: Config) -> None:
+    """Options that read a sample's style back need a world with a style reader and its attribute names."""
+    world = worlds.get(cfg.world.name)
+    if cfg.trainer.diversity_space == "style" and not hasattr(world, "read_style"):
+        raise ConfigError(f"trainer.diversity_space: 'style' needs a world that reads its styles back (glyphs); "
+                          f"{cfg.world.name!r} does not: use 'pixels'")
+    if not cfg.trainer.baseline_by:
+        return
+    if not hasattr(world, "read_style"):
+        raise ConfigError(f"trainer.baseline_by: world {cfg.world.name!r} does not read its styles back (glyphs does)")
+    known = [f.name for f in dataclasses.fields(world.Style)]
+    unknown = [name for name in cfg.trainer.baseline_by if name not in known]
+    if unknown:
+        raise ConfigError(f"trainer.baseline_by: {', '.join(map(repr, unknown))} is not a style attribute of world "
+                          f"{cfg.world.name!r}; choose from {', '.join(known)}")
 
 
 def check_run_dir(directory: str) -> None:

@@ -223,6 +223,12 @@ class TrainerConfig:
     16 x 16 thumbnails (any world; a policy can game it with stray marks); ``style``, the attributes the world reads
     back from the pixels (``read_style``: glyphs' colour, size and height), the attribute collapsing most over the
     step weighing most (``omnigrpo.app.diversity.style_distances``). ``style`` needs a world with ``read_style``."""
+    baseline_by: list[str] = Field(default_factory=list)
+    """Style attributes (fields of the world's ``read_style``; glyphs: ``colour``, ``advance`` = size, ``shift`` =
+    height) whose values split each group's baseline: a sample is compared only with its siblings drawn with the
+    same values, so reward gaps between those looks (a font the OCR reads more easily) push no look over another
+    and the KL alone holds their shares; a sample alone in its look carries no signal, an unreadable one keeps the
+    group's baseline, the scale stays the group's std. Empty = one baseline per group."""
     max_grad_norm: Annotated[float, Field(gt=0.0)] = 1.0
     """Gradient clipping threshold (global L2 norm)."""
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0

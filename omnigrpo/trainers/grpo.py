@@ -7,7 +7,10 @@ where tests can check it against hand-computed values.
   ``r_i - mean_g`` (Dr.GRPO). A group is ``group_size`` contiguous samples (one prompt's). Statistics use
   only the group's *valid* samples (a sample whose required reward failed is excluded and gets advantage 0
   and no loss); ``std`` is the unbiased sample std (as TRL). A group with fewer than two valid samples
-  carries no signal: advantage 0. An optional diversity bonus is added to the totals first.
+  carries no signal: advantage 0. An optional diversity bonus is added to the totals first. With ``strata``
+  (labels of a sample's look) the baseline is the mean of the sample's siblings *of the same look*, so reward gaps
+  between looks push no look over another; a sample alone in its look carries no signal, one without a look
+  (label -1) keeps the group's baseline; the scale stays the group's std.
 - Per token: ``-min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A) + beta * k3``, with
   ``ratio = exp(logp - old_logp)`` and ``k3 = exp(ref - logp) - (ref - logp) - 1``.
 - Truncated importance sampling (TIS, ``trainer.tis_cap``): each token's loss is weighted by
@@ -38,7 +41,8 @@ class Advantages:
 
 
 def advantages(rewards: torch.Tensor, group_size: int, valid: torch.Tensor, scale: bool = True, bonus: float = 0.0,
-               distances: torch.Tensor | None = None, eps: float = 1e-6) -> Advantages:
+               distances: torch.Tensor | None = None, eps: float = 1e-6, strata: torch.Tensor | None = None
+               ) -> Advantages:
     """Group-normalised advantages of contiguous groups of ``group_size`` samples, with the diversity bonus.
 
     Args:
@@ -49,6 +53,7 @@ def advantages(rewards: torch.Tensor, group_size: int, valid: torch.Tensor, scal
             variety only counts where the image does what was asked.
         distances: ``[N, N]`` distances between the samples (needed when ``bonus`` > 0; only the blocks within
             a group are read).
+        strata: ``[N]`` long look labels (``trainer.baseline_by``), -1 where a sample has none.
     """
     if len(rewards) % group_size:
         raise ValueError(f"{len(rewards)} rewards do not split into groups of {group_size}")
@@ -67,9 +72,28 @@ def advantages(rewards: torch.Tensor, group_size: int, valid: torch.Tensor, scal
     spread = torch.where(ok, totals, -torch.inf).amax(1, keepdim=True) > torch.where(ok, totals, torch.inf).amin(
         1, keepdim=True)
     signal = spread & (n >= 2)
+    alone = torch.zeros_like(ok)
+    if strata is not None:
+        centred, alone = _centred_by_stratum(totals, ok, strata.view(-1, group_size), centred)
     adv = centred / (std + eps) if scale else centred
-    values = torch.where(ok & signal, adv, 0.0).flatten()
+    values = torch.where(ok & signal & ~alone, adv, 0.0).flatten()
     return Advantages(values, int((~signal).sum()) / max(len(signal), 1), paid.flatten())
+
+
+def _centred_by_stratum(totals: torch.Tensor, ok: torch.Tensor, labels: torch.Tensor, centred: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[G, k]`` totals centred on the mean of their valid siblings of the same label (labelled samples; -1 keeps
+    ``centred``), and which labelled samples are the only valid one of their label in their group."""
+    alone = torch.zeros_like(ok)
+    for label in labels.unique().tolist():
+        if label < 0:
+            continue
+        member = ok & (labels == label)
+        count = member.sum(1, keepdim=True)
+        mean = torch.where(member, totals, 0.0).sum(1, keepdim=True) / count.clamp_min(1)
+        centred = torch.where(member, totals - mean, centred)
+        alone |= member & (count < 2)
+    return centred, alone
 
 
 def _within_groups(d: torch.Tensor, k: int) -> torch.Tensor:

@@ -78,3 +78,39 @@ def test_a_style_bonus_in_a_world_without_a_style_reader_is_refused(capsys, tmp_
     refused(main, ["train", config, "trainer.diversity_space=style", "trainer.diversity_bonus=1"], capsys,
             "trainer.diversity_space: 'style' needs a world that reads its styles back")
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("config, override, needle", [
+    ("shapes", "trainer.baseline_by=[advance]", "trainer.baseline_by: world 'shapes' does not read its styles back"),
+    ("glyphs", "trainer.baseline_by=[advance,font]", "trainer.baseline_by: 'font' is not a style attribute of world "
+                                                     "'glyphs'; choose from colour, advance, shift"),
+])
+def test_a_baseline_by_look_needs_a_style_reader_and_its_attributes(config, override, needle, capsys, tmp_path,
+                                                                     monkeypatch):
+    from pathlib import Path
+
+    from conftest import refused
+
+    from omnigrpo.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    refused(main, ["train", str(Path(__file__).parents[2] / "configs" / f"{config}.yaml"), override], capsys, needle)
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_loop_labels_each_sample_by_its_look_read_from_the_pixels():
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from omnigrpo.app.driver import Loop
+    from omnigrpo.config.loader import load_config
+    from omnigrpo.worlds import glyphs
+
+    cfg = load_config(Path(__file__).parents[2] / "configs" / "glyphs.yaml", ["trainer.baseline_by=[advance]"])
+    item = glyphs.held_out_items()[0]
+    small, large = glyphs.ADVANCES
+    drawn = [glyphs.Style("white", large, 0), glyphs.Style("cyan", small, 1), glyphs.Style("yellow", large, -1)]
+    images = np.stack([glyphs.render(item, style=s) for s in drawn] + [np.full_like(glyphs.render(item),
+                                                                                     glyphs.BACKGROUND)])
+    labels = Loop.strata(SimpleNamespace(cfg=cfg), SimpleNamespace(images=images))
+    assert labels[0] == labels[2] != labels[1] >= 0 and labels[3] == -1  # by size alone; a blank image has no look

@@ -153,3 +153,26 @@ def test_decoupled_ratio_with_truncated_behaviour_weights_by_hand():
     assert torch.allclose(weights, torch.tensor([[1.0, 1.25, 2.0]]))
     assert capped.tolist() == [[False, False, True]]
     assert torch.allclose(terms.loss * weights, torch.tensor([[-1.1, -1.5, -2 / 3]]))
+
+
+def test_a_baseline_per_look_pushes_no_look_over_another():
+    # one group of 8: look 0 (small font) is read right 3 times in 4, look 1 (large) once in 4
+    rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0])
+    looks = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    valid = torch.ones(8, dtype=torch.bool)
+    plain = advantages(rewards, 8, valid).values
+    split = advantages(rewards, 8, valid, strata=looks).values
+    assert plain[:4].sum() > 0 > plain[4:].sum()  # one baseline: the large font is pushed down as a whole
+    assert split[:4].sum() == pytest.approx(0, abs=1e-6) and split[4:].sum() == pytest.approx(0, abs=1e-6)
+    std = rewards.std()
+    assert split[0].item() == pytest.approx((1 - 0.75) / (std + 1e-6).item(), rel=1e-5)  # the group's scale
+    assert split[4].item() == pytest.approx((1 - 0.25) / (std + 1e-6).item(), rel=1e-5)
+    # alone in its look: no signal; no readable look (-1): the group's baseline; an invalid sample: nothing
+    looks = torch.tensor([0, 0, 0, 0, 1, -1, -1, -1])
+    valid[3] = False
+    a = advantages(rewards, 8, valid, strata=looks).values
+    ok = valid.clone()
+    group_mean = rewards[ok].mean()
+    assert a[4] == 0 and a[3] == 0
+    assert a[5].item() == pytest.approx(((0 - group_mean) / (rewards[ok].std() + 1e-6)).item(), rel=1e-5)
+    assert a[:3].abs().sum() == 0  # three alike right samples of one look: nothing to tell apart
