@@ -29,10 +29,8 @@ class World(Protocol):
     def vocabulary(self) -> list[str]: ...
     def sample_pairs(self, items: list, n: int, rng: np.random.Generator) -> tuple[list, np.ndarray]: ...
 
-    # Optional: ``read_style(image) -> Style | None``, the style (free attributes the prompts do not ask for) an
-    # image is drawn in, with ``Style`` the world's frozen dataclass of them; when present, evaluations report
-    # ``eval/style_entropy`` (and per attribute), and ``trainer.diversity_space: style`` and
-    # ``trainer.baseline_by`` can read them (glyphs has one).
+    # Optional: ``read_style(image) -> hashable | None``, the style (free attributes the prompts do not ask for)
+    # an image is drawn in; when present, evaluations report ``eval/style_entropy`` (glyphs has one).
 
 
 def prompts_of(items: list) -> tuple[list[str], list[dict]]:
