@@ -38,7 +38,7 @@ EPILOG = """examples:
   omnigrpo bench configs/shapes.yaml --parts trl --modes colocated,hybrid --rounds 3   # vs TRL, alternating
   omnigrpo submit configs/shapes.yaml --address http://HEAD:8265 run.dir=/shared/runs/a  # then status/logs/stop
   omnigrpo plan configs/janus_pro_7b.yaml cluster.gpu_memory_gb=80   # GPU memory per role and per GPU
-  omnigrpo curves configs/glyphs.yaml --keys reward/total/mean,eval/exact_match --out docs/glyphs.png
+  omnigrpo curves configs/glyphs.yaml --out docs/glyphs.png        # reward, exact match, styles, KL, diversity
   omnigrpo tiny janus /tmp/janus-tiny && omnigrpo train configs/janus_pro_1b.yaml model.path=/tmp/janus-tiny ...
   omnigrpo serve-reward ocr score=recall --port 8765   # then rewards: [{name: "url:http://127.0.0.1:8765"}]
 """
@@ -100,8 +100,10 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("curves", help=text, description=text)
     _config_arguments(p, "YAML config file of the run (locates its MLflow store and experiment)")
     p.add_argument("--run-id", default="", help="MLflow run id (default: the experiment's newest training run)")
-    p.add_argument("--keys", default="reward/total/mean,kl,guard/blank_frac",
-                   help="comma-separated metric keys, one panel each")
+    p.add_argument("--keys", default=None,
+                   help="comma-separated metric keys, one panel each; a+b overlays a and b in one panel (default: "
+                        "reward, the held-out headline, style entropy per attribute where the world reads styles, "
+                        "KL, group diversity)")
     p.add_argument("--out", required=True, help="PNG path")
     p.add_argument("--force", action="store_true", help="write over an existing file")
     address_help = "Ray dashboard address (default $RAY_ADDRESS, else http://127.0.0.1:8265)"
@@ -260,9 +262,9 @@ def cmd_plan(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_curves(cfg: Config, args: argparse.Namespace) -> int:
-    from omnigrpo.app.tracking import latest_run_id, plot_curves
+    from omnigrpo.app.tracking import default_curve_keys, latest_run_id, plot_curves
 
-    keys = [k.strip() for k in args.keys.split(",") if k.strip()]
+    keys = default_curve_keys(cfg) if args.keys is None else [k.strip() for k in args.keys.split(",") if k.strip()]
     if not keys:
         raise ConfigError(f"--keys: {args.keys!r} names no metric (comma-separated keys, e.g. reward/total/mean)")
     options.writable(Path(args.out), "--out", args.force)

@@ -9,6 +9,7 @@ looks like a credential are redacted before they become params.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ from torchvision.utils import make_grid
 
 from omnigrpo.config.loader import to_dict
 from omnigrpo.config.schema import Config
+from omnigrpo.worlds import registry as worlds
 
 _SECRET_WORDS = ("token", "secret", "password", "passwd", "_key", "apikey", "credential", "auth", "bearer",
                  "cookie", "header")
@@ -243,6 +245,17 @@ def latest_run_id(cfg: Config) -> str:
 def history(client: MlflowClient, run_id: str, key: str) -> list:
     """A run's logged values of metric ``key``, in step order (MLflow ``Metric`` objects: ``.step``, ``.value``)."""
     return sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+
+
+def default_curve_keys(cfg: Config) -> list[str]:
+    """The panels ``omnigrpo curves`` draws unless told (``--keys``): the training reward, the world's held-out
+    headline, the style entropy of each free attribute in one panel (a world that reads its styles back), the KL
+    and the diversity within a prompt's group; every alarm is marked on each."""
+    world = worlds.get(cfg.world.name)
+    keys = ["reward/total/mean", f"eval/{next(iter(world.EVAL))}"]
+    if hasattr(world, "Style"):
+        keys.append("+".join(f"eval/style_entropy_{f.name}" for f in dataclasses.fields(world.Style)))
+    return [*keys, "kl", "diversity/group"]
 
 
 def plot_curves(cfg: Config, run_id: str, keys: list[str], out: str | Path) -> Path:

@@ -61,3 +61,17 @@ def test_curves_overlay_attributes_in_one_panel_and_mark_the_alarms(tiny_config,
     assert Image.open(plain).size[0] < Image.open(out).size[0]  # a panel per key
     with pytest.raises(KeyError, match="eval/style_entropy_shift"):
         plot_curves(cfg, run_id, ["eval/style_entropy_colour+eval/style_entropy_shift"], tmp_path / "x.png")
+
+
+def test_the_default_curves_follow_the_world():
+    from pathlib import Path
+
+    from omnigrpo.app.tracking import default_curve_keys
+    from omnigrpo.config.loader import load_config
+
+    configs = Path(__file__).parents[2] / "configs"
+    assert default_curve_keys(load_config(configs / "glyphs.yaml", [])) == [
+        "reward/total/mean", "eval/exact_match",
+        "eval/style_entropy_colour+eval/style_entropy_advance+eval/style_entropy_shift", "kl", "diversity/group"]
+    assert default_curve_keys(load_config(configs / "shapes.yaml", [])) == [
+        "reward/total/mean", "eval/strict_acc", "kl", "diversity/group"]
