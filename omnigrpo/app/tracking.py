@@ -272,7 +272,7 @@ def plot_curves(cfg: Config, run_id: str, keys: list[str], out: str | Path) -> P
     run = client.get_run(run_id)
     alarms = {key: [m.step for m in history(client, run_id, key) if m.value]
               for key in sorted(run.data.metrics) if key.startswith("alarm/")}
-    cols = min(len(keys), 4)
+    cols = len(keys) if len(keys) <= 5 else 4
     rows = -(-len(keys) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
     for ax in axes.flat[len(keys):]:
