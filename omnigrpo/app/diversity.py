@@ -17,6 +17,7 @@ the variety a collapse removes first.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -40,6 +41,30 @@ def pixel_distances(images: np.ndarray) -> torch.Tensor:
     return torch.cdist(thumbs, thumbs).div(thumbs.shape[1] ** 0.5)
 
 
+def attribute_codes(styles: list, names: Sequence[str] = ()) -> torch.Tensor:
+    """long ``[N, A]``: per sample, an index for the value of each style attribute (the fields ``names``, or every
+    field of a dataclass style, or every entry of a tuple), equal values alike; -1 across a row whose style is
+    None (nothing readable)."""
+    rows = [None if s is None else tuple(getattr(s, n) for n in names) if names else
+            dataclasses.astuple(s) if dataclasses.is_dataclass(s) else tuple(s) for s in styles]
+    read = [r for r in rows if r is not None]
+    width = len(read[0]) if read else len(names)
+    ids = [{v: i for i, v in enumerate(sorted({repr(r[a]) for r in read}))} for a in range(width)]
+    return torch.tensor([[ids[a][repr(r[a])] for a in range(width)] if r is not None else [-1] * width
+                         for r in rows], dtype=torch.long).view(len(rows), width)
+
+
+def look_labels(styles: list, names: Sequence[str]) -> torch.Tensor:
+    """long ``[N]``: one label per combination of the attributes ``names`` (``trainer.baseline_by``), -1 for a
+    sample with no readable style."""
+    codes = attribute_codes(styles, names)
+    labels = torch.full((len(styles),), -1, dtype=torch.long)
+    readable = (codes >= 0).all(1)
+    if readable.any():
+        labels[readable] = torch.unique(codes[readable], dim=0, return_inverse=True)[1]
+    return labels
+
+
 def style_distances(styles: list) -> torch.Tensor:
     """Distances ``[N, N]`` in 0..1 between samples by the free attributes a world reads back from their pixels
     (``read_style``: glyphs' colour, size, height), for the diversity bonus in ``trainer.diversity_space: style``.
@@ -53,20 +78,13 @@ def style_distances(styles: list) -> torch.Tensor:
     >>> [round(x, 3) for x in d[2].tolist()]  # differing in colour, the attribute collapsing most, pays most
     [0.4, 0.4, 0.0, 0.6, 0.0]
     """
-    rows = [None if s is None else (dataclasses.astuple(s) if dataclasses.is_dataclass(s) else tuple(s))
-            for s in styles]
-    read = [r for r in rows if r is not None]
-    d = torch.zeros(len(rows), len(rows), dtype=torch.float64)
-    if len(read) < 2:
-        return d
-    ids = [{v: i for i, v in enumerate(sorted({repr(r[a]) for r in read}))} for a in range(len(read[0]))]
-    weights = torch.tensor([max(np.unique([repr(r[a]) for r in read], return_counts=True)[1]) / len(read)
-                            for a in range(len(ids))], dtype=torch.float64)
-    weights /= weights.sum()
-    codes = torch.tensor([[ids[a][repr(r[a])] for a in range(len(ids))] if r is not None else [-1] * len(ids)
-                          for r in rows])
-    readable = torch.tensor([r is not None for r in rows])
-    differ = (codes[:, None, :] != codes[None, :, :]).double() @ weights
+    codes = attribute_codes(styles)
+    readable = (codes >= 0).all(1) if codes.shape[1] else torch.zeros(len(styles), dtype=torch.bool)
+    if int(readable.sum()) < 2:
+        return torch.zeros(len(styles), len(styles), dtype=torch.float64)
+    seen = codes[readable]
+    weights = torch.stack([torch.bincount(column).max() for column in seen.T]).double() / len(seen)
+    differ = (codes[:, None, :] != codes[None, :, :]).double() @ (weights / weights.sum())
     return torch.where(readable[:, None] & readable[None, :], differ, 0.0)
 
 

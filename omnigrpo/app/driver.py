@@ -25,7 +25,7 @@ import torch
 from omnigrpo.app import preflight
 from omnigrpo.app.alarm import CollapseAlarm
 from omnigrpo.app.console import Progress
-from omnigrpo.app.diversity import diversity, pixel_distances, style_distances
+from omnigrpo.app.diversity import diversity, look_labels, pixel_distances, style_distances
 from omnigrpo.app.evaluator import world_metrics
 from omnigrpo.app.lookahead import Lookahead
 from omnigrpo.app.tracking import Tracker
@@ -248,9 +248,10 @@ class Loop:
         # 2. advantages: group-normalised totals (with the diversity bonus); excluded samples carry no weight
         valid = torch.from_numpy(result.valid)
         distances = pixel_distances(batch.images)  # diversity metrics and (in pixel space) the bonus share them
+        bonus_distances, strata = self.look_inputs(batch, distances)
         adv = grpo.advantages(torch.from_numpy(result.total), cfg.rollout.group_size, valid,
                               scale=cfg.trainer.scale_rewards, bonus=cfg.trainer.diversity_bonus,
-                              distances=self.bonus_distances(batch, distances), strata=self.strata(batch))
+                              distances=bonus_distances, strata=strata)
         # 3. learn: one GRPO update on every learner rank
         self.stage = "learn"
         with timed(timings, "learn"):
@@ -281,26 +282,19 @@ class Loop:
             self.tracker.log_samples(batch.images[:n], captions, step)
         return metrics
 
-    def bonus_distances(self, batch: RolloutBatch, distances: torch.Tensor) -> torch.Tensor | None:
-        """``[N, N]`` distances the diversity bonus pays for (``trainer.diversity_space``); None when it is off."""
+    def look_inputs(self, batch: RolloutBatch, distances: torch.Tensor
+                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """What the advantages read of the samples' looks: the distances the diversity bonus pays for ``[N, N]``
+        (``trainer.diversity_space``; None when the bonus is off) and the look labels ``[N]`` of
+        ``trainer.baseline_by`` (None when off). Styles are read from the pixels once, only when needed."""
         tr = self.cfg.trainer
-        if not tr.diversity_bonus:
-            return None
-        if tr.diversity_space == "pixels":
-            return distances
-        read_style = worlds.get(self.cfg.world.name).read_style
-        return style_distances([read_style(image) for image in batch.images])
-
-    def strata(self, batch: RolloutBatch) -> torch.Tensor | None:
-        """``[N]`` look labels of the samples by ``trainer.baseline_by`` (-1: no readable style); None when off."""
-        names = self.cfg.trainer.baseline_by
-        if not names:
-            return None
-        read_style = worlds.get(self.cfg.world.name).read_style
-        looks = [None if (s := read_style(image)) is None else tuple(getattr(s, n) for n in names)
-                 for image in batch.images]
-        ids = {look: i for i, look in enumerate(sorted({look for look in looks if look is not None}, key=repr))}
-        return torch.tensor([-1 if look is None else ids[look] for look in looks])
+        by_style = bool(tr.diversity_bonus) and tr.diversity_space == "style"
+        styles = None
+        if by_style or tr.baseline_by:
+            read_style = worlds.get(self.cfg.world.name).read_style
+            styles = [read_style(image) for image in batch.images]
+        bonus = (style_distances(styles) if by_style else distances) if tr.diversity_bonus else None
+        return bonus, look_labels(styles, tr.baseline_by) if tr.baseline_by else None
 
     def step_metrics(self, batch: RolloutBatch, result: RewardResult, learned: dict[str, float],
                      timings: dict[str, float], zero_std: float) -> dict[str, float]:

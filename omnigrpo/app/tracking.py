@@ -258,6 +258,14 @@ def default_curve_keys(cfg: Config) -> list[str]:
     return [*keys, "kl", "diversity/group"]
 
 
+def _mark_alarms(ax, alarms: dict[str, list[int]]) -> None:
+    """A dashed vertical line at each step an alarm was raised, one colour and legend entry per alarm kind."""
+    for colour, (kind, steps) in zip(("tab:red", "tab:purple", "tab:brown", "tab:olive"), alarms.items(),
+                                     strict=False):
+        for i, step in enumerate(steps):
+            ax.axvline(step, color=colour, linestyle="--", linewidth=0.9, label=kind if i == 0 else None)
+
+
 def plot_curves(cfg: Config, run_id: str, keys: list[str], out: str | Path) -> Path:
     """Export metric histories of an MLflow run as one PNG, a panel per key (read back from the store,
     so the figure shows exactly what was logged). A key ``a+b+c`` overlays those metrics in one panel (say the
@@ -284,10 +292,7 @@ def plot_curves(cfg: Config, run_id: str, keys: list[str], out: str | Path) -> P
                 raise KeyError(f"run {run_id} logged no metric {key!r}")
             ax.plot([m.step for m in logged], [m.value for m in logged], marker="o" if len(logged) < 20 else None,
                     markersize=3, linewidth=1.2, label=key.rsplit("/", 1)[-1])
-        for colour, (kind, steps) in zip(("tab:red", "tab:purple", "tab:brown", "tab:olive"), alarms.items(),
-                                         strict=False):
-            for i, step in enumerate(steps):
-                ax.axvline(step, color=colour, linestyle="--", linewidth=0.9, label=kind if i == 0 else None)
+        _mark_alarms(ax, alarms)
         if "+" in panel or alarms:
             ax.legend(fontsize=7)
         ax.set_title(panel if "+" not in panel else panel.split("+")[0].rsplit("_", 1)[0] + "_*", fontsize=10)

@@ -198,9 +198,9 @@ class Learner:
             raise RuntimeError(f"learner v{self.version}: samples drawn {stale.min()}..{stale.max()} updates ago, "
                                f"outside 0..trainer.max_staleness = {tr.max_staleness}")
         # no sample to learn from (a step would still move weights), or non-finite inputs: alike on every rank
-        bad_inputs = batch.valid.any() and grpo.nonfinite_inputs(batch.advantages, batch.old_logprobs, batch.valid)
-        if not batch.valid.any() or bad_inputs:
-            return {"grpo/skipped_update": 1.0, "grpo/nonfinite": float(bool(bad_inputs)),
+        empty = not batch.valid.any()
+        if empty or grpo.nonfinite_inputs(batch.advantages, batch.old_logprobs, batch.valid):
+            return {"grpo/skipped_update": 1.0, "grpo/nonfinite": float(not empty),
                     "version": float(self.version), "async/staleness": float(stale.float().mean())}
         batch = batch.to(self.engine.device)
         self.in_update = True

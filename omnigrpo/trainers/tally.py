@@ -52,8 +52,8 @@ def merge_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
         "loss": total["sum/loss"] / head["loss_norm"],
         "grpo/skipped_update": 0.0,
         # the global gradient norm is the same on every rank; a dropped micro-batch is any rank's
-        "grpo/nonfinite": float(bool(head["grpo/nonfinite"] or total.get("sum/dropped", 0.0))),
-        "grpo/dropped_micro_batches": total.get("sum/dropped", 0.0),
+        "grpo/nonfinite": float(bool(head["grpo/nonfinite"] or total["sum/dropped"])),
+        "grpo/dropped_micro_batches": total["sum/dropped"],
         "kl": total["sum/kl"] / tokens,
         "entropy": total["sum/entropy"] / tokens,
         "clip_frac": total["sum/clip_frac"] / tokens,

@@ -112,5 +112,5 @@ def test_the_loop_labels_each_sample_by_its_look_read_from_the_pixels():
     drawn = [glyphs.Style("white", large, 0), glyphs.Style("cyan", small, 1), glyphs.Style("yellow", large, -1)]
     images = np.stack([glyphs.render(item, style=s) for s in drawn] + [np.full_like(glyphs.render(item),
                                                                                      glyphs.BACKGROUND)])
-    labels = Loop.strata(SimpleNamespace(cfg=cfg), SimpleNamespace(images=images))
+    labels = Loop.look_inputs(SimpleNamespace(cfg=cfg), SimpleNamespace(images=images), None)[1]
     assert labels[0] == labels[2] != labels[1] >= 0 and labels[3] == -1  # by size alone; a blank image has no look
