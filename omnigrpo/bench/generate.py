@@ -50,6 +50,24 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1,
     return statistics.median(times)
 
 
+def interleaved_medians(sides: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
+                        sync: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """Median wall seconds per side, the sides timed in turn within each of ``repeats`` rounds (after ``warmup``
+    untimed calls of each): a slow spell of a shared machine then hits every side, not whichever ran during it."""
+    for fn in sides.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(repeats):
+        for name, fn in sides.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 class ImageOnly(LogitsProcessor):
     """Scores ``[N, V]`` -> same shape with every non-image id at -inf; at the segment's forced positions
     (Emu3's end-of-line after every row) only that token is left."""

@@ -5,7 +5,8 @@ run. Four parts, each printing a table and landing in one JSON file:
 
 1. ``rollout``: our sampler vs HF ``generate`` on the same policy, batch (``prompts_per_step *
    group_size`` images of equal-length prompts), guidance and sampling settings, both restricted to
-   image codes (``omnigrpo.bench.generate``); with and without classifier-free guidance.
+   image codes (``omnigrpo.bench.generate``); with and without classifier-free guidance; the sides timed in
+   turn in each round.
 2. ``trl``: GRPO on the config's world, omnigrpo (in each of ``--modes``, e.g. its placements) vs TRL's
    ``GRPOTrainer``, alternating for ``--rounds`` rounds from the same weights, prompts per step, group size,
    reward, learning rate, beta and steps, by the protocol of ``omnigrpo.bench.protocol``: samples/s
@@ -34,7 +35,13 @@ import torch
 import transformers
 
 from omnigrpo.bench import kernels
-from omnigrpo.bench.generate import hf_generate, hf_generate_batched, hf_generate_janus, median_seconds
+from omnigrpo.bench.generate import (
+    hf_generate,
+    hf_generate_batched,
+    hf_generate_janus,
+    interleaved_medians,
+    median_seconds,
+)
 from omnigrpo.bench.protocol import bench_trl, mode_configs, table_lines
 from omnigrpo.config.runtime import use_threads
 from omnigrpo.config.schema import Config
@@ -57,7 +64,8 @@ GUIDED_SCALE = 3.0  # the guided rollout row uses this scale when the config sam
 def machine() -> dict[str, object]:
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "date": datetime.datetime.now(datetime.UTC).isoformat()}
+            "transformers": transformers.__version__, "date": datetime.datetime.now(datetime.UTC).isoformat(),
+            "omp_wait": {k: os.environ[k] for k in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT") if k in os.environ}}
 
 
 def equal_length_prompts(policy: ImagePolicy, prompts: list[str], n: int) -> list[str]:
@@ -92,8 +100,7 @@ def bench_rollout(cfg: Config, model_path: str, repeats: int) -> dict:
         if params.guided and family == "builtin":
             sides["hf_generate_batched_cfg"] = lambda p=params: hf_generate_batched(policy.model, batch, space, p)
         row = {}
-        for side, fn in sides.items():
-            seconds = median_seconds(fn, repeats)
+        for side, seconds in interleaved_medians(sides, repeats).items():
             row[side] = {"seconds": seconds, "images_per_s": len(prompts) / seconds,
                          "tokens_per_s": len(prompts) * space.tokens_per_image / seconds}
         for side in sides:

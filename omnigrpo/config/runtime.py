@@ -69,10 +69,15 @@ def cores() -> int:
 
 
 def quiet_thread_waits() -> None:
-    """Let idle OpenMP threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE`` unless the user set it);
-    call before torch is imported, so this process and the Ray workers it starts inherit it.
+    """Let idle OpenMP threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE`` unless the user set it or a
+    spin count, ``GOMP_SPINCOUNT``); call before torch is imported, so this process and the Ray workers it starts
+    inherit it.
 
     Why: torch's threads spin at every barrier; on a box whose cores other work also uses, each parallel
     region then waits for a thread that the scheduler parked. Measured on 2 cores with two other busy
-    processes: the shapes SFT took 3.2 s/step spinning and 1.7 s sleeping (0.65 s either way when idle)."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    processes: the shapes SFT took 3.2 s/step spinning and 1.7 s sleeping (0.65 s either way when idle), and
+    the sampler 1.3 s spinning, 1.1 s with a short spin (``GOMP_SPINCOUNT=10000``) and 0.65 s sleeping. The
+    price is paid on idle cores: there the sampler's many small ops each wake a sleeping thread, and a short
+    spin samples about twice as fast (BENCHMARKS.md section 1); a user with cores to itself sets one."""
+    if "GOMP_SPINCOUNT" not in os.environ:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -13,8 +13,9 @@ kernels per layer as the arithmetic allows (``omnigrpo bench --parts rollout`` c
 - q/k/v and gate/up packed into one GEMM each (:func:`fuse`);
 - rotary embedding of q and k together in three kernels (multiply, roll by half, ``addcmul`` with a sign-folded
   sine), cos/sin looked up from a table built once per cache;
-- the step's keys/values written in place, then one ``scaled_dot_product_attention`` over the attended span
-  (a decode step groups the query heads that share a key/value head as query rows: no key copy for GQA);
+- the step's keys/values written in place, then one ``scaled_dot_product_attention`` over the attended span on
+  CUDA (three ops on the CPU, where they are faster: :func:`decode_attention`); a decode step groups the query
+  heads that share a key/value head as query rows: no key copy for GQA;
 - output and down projections with their residual add in one ``addmm``.
 
 It applies to any decoder layer with the Llama attribute layout (``input_layernorm``,
@@ -33,8 +34,10 @@ import torch.nn.functional as F
 
 
 class StaticKV:
-    """Preallocated keys/values ``[B, H_kv, L_max, D]`` per layer, the additive key mask ``bias`` ``[B, 1, 1, L_max]``
-    (0 where a key may be attended, -inf where it is unfilled or padding) and the rotary table.
+    """Preallocated keys/values ``[B, H_kv, L_max, D]`` per layer, the additive key mask ``bias``
+    ``[B, H_kv, 1, L_max]``
+    (0 where a key may be attended, -inf where it is unfilled or padding; one row per key/value head, so that the
+    CPU's decode attention adds it to ``[B * H_kv, G, L]`` scores without a copy) and the rotary table.
 
     Args:
         layers: the decoder layers the cache serves (their attention modules give head counts).
@@ -56,7 +59,7 @@ class StaticKV:
                 keys.append(torch.zeros(shape, dtype=dtype, device=device))
                 values.append(torch.zeros(shape, dtype=dtype, device=device))
         self.keys, self.values = keys, values
-        self.bias = torch.full((batch, 1, 1, max_len), float("-inf"), dtype=dtype, device=device)
+        self.bias = torch.full((batch, keys[0].shape[1], 1, max_len), float("-inf"), dtype=dtype, device=device)
         self.length = 0
         self.static = static
         self.span = max_len
@@ -191,7 +194,7 @@ def attend(layer: torch.nn.Module, packed: tuple, index: int, x: torch.Tensor, r
             end = cache.length + 1
         keys, values = cache.keys[index].narrow(2, 0, end), cache.values[index].narrow(2, 0, end)
         q = qk[:, 0, :hq].view(b, hkv, hq // hkv, d)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=cache.bias[..., :end], scale=attn.scaling)
+        out = decode_attention(q, keys, values, cache.bias[..., :end], attn.scaling)
     else:
         start, end = cache.length, cache.length + n
         cache.keys[index].narrow(2, start, n).copy_(k)
@@ -204,12 +207,31 @@ def attend(layer: torch.nn.Module, packed: tuple, index: int, x: torch.Tensor, r
     return _residual(x, mlp.down_proj, mlp.act_fn(gate) * up)
 
 
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, scale: float
+                     ) -> torch.Tensor:
+    """One decode step's attention: ``q`` ``[B, H_kv, G, d]`` (the G query heads sharing a key/value head as its query
+    rows), ``keys``/``values`` ``[B, H_kv, L, d]``, additive ``bias`` ``[B, H_kv, 1, L]`` -> ``[B, H_kv, G, d]``.
+
+    On CUDA one ``scaled_dot_product_attention`` kernel. Elsewhere a batched matmul with the mask and scale folded
+    in (``baddbmm``), a softmax and a second matmul: PyTorch's CPU SDPA kernel is blocked for long sequences and
+    takes 2.5-4x longer at a decode step's shapes (one query row per head, tens of keys; BENCHMARKS.md section 1).
+    """
+    if q.is_cuda:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=scale)
+    b, h, g, d = q.shape
+    n = keys.shape[2]
+    scores = torch.baddbmm(bias.reshape(b * h, 1, n), q.reshape(b * h, g, d), keys.reshape(b * h, n, d).transpose(1, 2),
+                           alpha=scale)
+    probs = scores.softmax(-1) if q.dtype == torch.float32 else scores.softmax(-1, dtype=torch.float32).to(q.dtype)
+    return torch.bmm(probs, values.reshape(b * h, n, d)).view(b, h, g, d)
+
+
 def _prefill_mask(cache: StaticKV, new_valid: torch.Tensor, n: int) -> torch.Tensor:
     """bool ``[B, 1, n, end]`` for ``n`` new tokens (causal over valid keys, each query sees itself); records
     which new keys later steps may attend in ``cache.bias``."""
     start, end = cache.length, cache.length + n
-    cache.bias[:, 0, 0, start:end] = torch.zeros_like(new_valid, dtype=cache.bias.dtype).masked_fill_(
-        ~new_valid, float("-inf"))
+    cache.bias[:, :, 0, start:end] = torch.zeros_like(new_valid, dtype=cache.bias.dtype).masked_fill_(
+        ~new_valid, float("-inf"))[:, None]
     valid = torch.isfinite(cache.bias[:, 0, 0, :end])
     causal = torch.ones(n, end, dtype=torch.bool, device=new_valid.device).tril(start)
     self_key = torch.zeros_like(causal)

@@ -67,14 +67,31 @@ def guided_logprobs(cond: torch.Tensor, uncond: torch.Tensor | None, params: Sam
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One code per row of ``probs`` ``[B, K]`` by an exponential race: ``argmax_k p_k / E_k`` with ``E_k = -log U_k``
-    i.i.d. Exp(1) picks code k with probability ``p_k``. Four kernels, no cumulative sum, no host sync
-    (``torch.multinomial`` spends most of a small model's sampling step on the CPU).
+    """One code per row of ``probs`` ``[B, K]``, without ``torch.multinomial`` (which spends most of a small model's
+    sampling step on the CPU) and without a host sync: :func:`exponential_race` on CUDA (four kernels, no cumulative
+    sum), :func:`inverse_cdf` elsewhere (on the CPU the race's ``K`` uniforms per row cost more than the rest of
+    the step's draw)."""
+    return exponential_race(probs, generator) if probs.is_cuda else inverse_cdf(probs, generator)
 
-    Written as ``argmin_k p_k / log U_k``: ``U`` in [0, 1) makes ``log U`` negative or -inf, never 0, so no
-    0/0 arises and a code of probability 0 scores 0, above every code with mass: it is never drawn."""
+
+def exponential_race(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``argmax_k p_k / E_k``, ``E_k = -log U_k`` i.i.d. Exp(1), picks code k with probability ``p_k``: codes ``[B]``.
+
+    Written as ``argmin_k p_k / log U_k``: ``U`` in [0, 1) makes ``log U`` negative or -inf, never 0, so no 0/0 arises
+    and a code of probability 0 scores 0, above every code with mass: it is never drawn."""
     noise = torch.rand(probs.shape, generator=generator, device=probs.device, dtype=probs.dtype).log_()
-    return torch.div(probs, noise).min(-1).indices  # min(dim), not argmin: 3x faster on the CPU, one kernel on CUDA
+    return torch.div(probs, noise).min(-1).indices  # min(dim), not argmin: one kernel on CUDA
+
+
+def inverse_cdf(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The first code whose cumulative mass passes ``U`` times the row's total, one uniform ``U`` per row: codes
+    ``[B]``.
+
+    Scaling by the total keeps a rounding shortfall of the cumulative sum from selecting past the last code with
+    mass; ``right=True`` skips a code of probability 0 (its cumulative mass equals its predecessor's)."""
+    cdf = probs.cumsum(-1)
+    u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device, dtype=probs.dtype)
+    return torch.searchsorted(cdf, u.mul_(cdf[:, -1:]), right=True).squeeze(-1)
 
 
 def gather_logprobs(logprobs: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -108,7 +125,6 @@ def sample_code(lm: ImageLM, hidden: torch.Tensor, params: SamplingParams, b: in
     return code, gather_logprobs(logprobs, code)
 
 
-@torch.no_grad()
 def sample_images(
     lm: ImageLM,
     prompts: PromptBatch,
@@ -123,9 +139,22 @@ def sample_images(
     per batch shape, or :func:`~omnigrpo.rollout.graphs.static_decoder`, the same fixed-shape loop run eagerly; it
     may answer None (a failed capture), and the growing-cache decode runs instead.
 
+    Runs under ``torch.inference_mode`` (no version counters or view tracking: about a tenth of a small model's
+    step on the CPU). The module's weights are packed first, outside it, so they stay ordinary tensors that a
+    weight load may write; the results are returned as ordinary tensors (the learner gathers with them).
+
     Returns:
         codes ``[B, T]`` (0 .. K-1) and their log-probs ``[B, T]`` under the sampled distribution.
     """
+    with torch.no_grad():
+        lm.packed  # noqa: B018 (packs and re-points the weights once, outside inference mode)
+    with torch.inference_mode():
+        codes, logps = _sample(lm, prompts, params, generator, graphed)
+    return codes.clone(), logps.clone()
+
+
+def _sample(lm: ImageLM, prompts: PromptBatch, params: SamplingParams, generator: torch.Generator | None,
+            graphed) -> tuple[torch.Tensor, torch.Tensor]:
     b = len(prompts)
     ids, mask = _rows(prompts, params.guided)
     rows, segment = ids.shape[0], lm.space.segment.tolist()

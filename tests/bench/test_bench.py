@@ -7,13 +7,20 @@ import pytest
 import torch
 from conftest import leftovers
 
-from omnigrpo.bench.generate import hf_generate, hf_generate_batched
+from omnigrpo.bench.generate import hf_generate, hf_generate_batched, interleaved_medians
 from omnigrpo.bench.harness import run_bench
 from omnigrpo.bench.protocol import STAGES
 from omnigrpo.bench.trl import frozen_settings
 from omnigrpo.rollout.families.builtin import WorldPolicy
 from omnigrpo.rollout.sampler import SamplingParams, sample_images
 from omnigrpo.worlds import shapes
+
+
+def test_the_rollout_sides_are_timed_in_turn():
+    calls = []
+    medians = interleaved_medians({"ours": lambda: calls.append("ours"), "hf": lambda: calls.append("hf")}, repeats=3)
+    assert calls == ["ours", "hf"] + ["ours", "hf"] * 3  # one warm-up each, then alternating rounds
+    assert set(medians) == {"ours", "hf"} and all(m >= 0 for m in medians.values())
 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 3.0])

@@ -12,12 +12,13 @@ from omnigrpo.rollout.graphs import static_decoder
 from omnigrpo.rollout.policy import ImageSpace, TextVocabLM
 from omnigrpo.rollout.sampler import SamplingParams, sample_images
 
-PER_LAYER = 24
-"""Ours per layer in fp32 on the CPU: 2 RMSNorms (6 ops each on the CPU; one fused kernel each on CUDA), 2 GEMMs,
-2 addmm (projection + residual), RoPE (3), 2 cache writes, 1 SDPA, SiLU and its product."""
-OUTSIDE = 27
+PER_LAYER = 16
+"""Ours per layer in fp32 on the CPU, as the sampler runs (under ``inference_mode``, where an RMSNorm reaches the
+dispatcher as one op: one fused kernel on CUDA): 2 RMSNorms, 2 GEMMs, 2 addmm (projection + residual), RoPE (3),
+2 cache writes, attention (3 on the CPU: baddbmm, softmax, bmm; one SDPA kernel on CUDA), SiLU and its product."""
+OUTSIDE = 22
 """Ours outside the layers (the static loop a CUDA graph replays; the eager loop needs fewer): head GEMM, CFG
-lerp, log-softmax, the 4-kernel draw, gather + floor, code embedding, rope lookup, mask fill, final norm, state
+lerp, log-softmax, the 4-op draw, gather + floor, code embedding, rope lookup, mask fill, final norm, state
 updates."""
 
 

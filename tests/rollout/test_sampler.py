@@ -5,9 +5,18 @@ import pytest
 import torch
 
 from omnigrpo.config.schema import ModelConfig
+from omnigrpo.rollout.engine import decode_attention
 from omnigrpo.rollout.families.builtin import WorldPolicy
 from omnigrpo.rollout.families.codebook import PatchCodebook
-from omnigrpo.rollout.sampler import SamplingParams, draw, guided_logprobs, sample_images, sequence_logprobs
+from omnigrpo.rollout.sampler import (
+    SamplingParams,
+    draw,
+    exponential_race,
+    guided_logprobs,
+    inverse_cdf,
+    sample_images,
+    sequence_logprobs,
+)
 from omnigrpo.worlds import shapes
 
 TINY = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
@@ -28,12 +37,19 @@ def test_image_head_is_the_lm_head_restricted_to_image_codes(policy):
     torch.testing.assert_close(head, full[..., lo : lo + k])
 
 
-def test_exponential_race_draws_follow_the_distribution_and_never_a_filtered_code():
+@pytest.mark.parametrize("method", [exponential_race, inverse_cdf, draw], ids=["race", "inverse-cdf", "draw"])
+def test_draws_follow_the_distribution_and_never_a_filtered_code(method):
     probs = torch.tensor([[0.0, 0.2, 0.0, 0.5, 0.3, 0.0]]).repeat(20000, 1)
-    codes = draw(probs, torch.Generator().manual_seed(0))
+    codes = method(probs, torch.Generator().manual_seed(0))
     freq = torch.bincount(codes, minlength=6).float() / len(codes)
     assert freq[[0, 2, 5]].sum() == 0
     assert torch.allclose(freq, probs[0], atol=0.015)
+
+
+def test_the_inverse_cdf_never_passes_the_last_code_with_mass_when_the_total_falls_short():
+    probs = torch.tensor([[0.3, 0.3, 0.39999, 0.0, 0.0]]).repeat(20000, 1)  # sums to 0.99999
+    codes = inverse_cdf(probs, torch.Generator().manual_seed(1))
+    assert codes.max() == 2 and codes.min() == 0
 
 
 def test_sampler_never_emits_a_text_token_even_when_text_logits_dominate(policy):
@@ -127,3 +143,34 @@ def test_save_and_load_round_trip(policy, tmp_path):
 def test_loading_something_else_fails_with_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a built-in world policy checkpoint"):
         WorldPolicy.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_cpu_decode_attention_equals_sdpa_over_a_masked_cache(dtype):
+    gen = torch.Generator().manual_seed(0)
+    b, hkv, g, d, n = 3, 2, 4, 16, 11
+    q, keys, values = (torch.randn(shape, generator=gen).to(dtype) for shape in
+                       ((b, hkv, g, d), (b, hkv, n, d), (b, hkv, n, d)))
+    bias = torch.zeros(b, hkv, 1, n, dtype=dtype)
+    bias[0, :, :, :4] = float("-inf")  # a left-padded row
+    got = decode_attention(q, keys, values, bias, d ** -0.5)
+    want = torch.nn.functional.scaled_dot_product_attention(q.float(), keys.float(), values.float(),
+                                                            attn_mask=bias.float(), scale=d ** -0.5)
+    assert got.dtype == dtype and got.shape == (b, hkv, g, d)
+    torch.testing.assert_close(got.float(), want, **({} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2e-2}))
+
+
+def test_sampling_hands_back_ordinary_tensors_and_leaves_the_weights_loadable():
+    _, images = shapes.sample_pairs(shapes.train_items(), 16, np.random.default_rng(1))
+    policy = WorldPolicy.create(TINY, PatchCodebook.fit(images, 32, seed=1), seed=1)  # its own: weights change here
+    lm = policy.lm()
+    batch = policy.prompt_batch(["a red circle", "a blue square"])
+    codes, logps = sample_images(lm, batch, SamplingParams(), torch.Generator().manual_seed(0))
+    assert not codes.is_inference() and not logps.is_inference()
+    assert not any(p.is_inference() for p in policy.model.parameters())
+    state = {k: v + 0.01 for k, v in policy.model.state_dict().items()}
+    policy.model.load_state_dict(state)  # a weight sync writes the packed weights in place, outside inference mode
+    torch.testing.assert_close(lm.packed[0][0][0], state["model.layers.0.self_attn.q_proj.weight"][0])
+    lp, _ = sequence_logprobs(lm, batch, codes, SamplingParams())  # the learner gathers with the sampled codes
+    lp.sum().backward()
+    assert policy.model.lm_head.weight.grad is not None

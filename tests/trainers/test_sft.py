@@ -50,3 +50,12 @@ def test_threads_follow_the_cores_the_process_is_given():
     out = subprocess.run([sys.executable, "-c", "import omnigrpo.cli\n" + code], capture_output=True, text=True,
                          env=env, check=True).stdout.split()
     assert out == ["1", "1", "PASSIVE"]  # one core given: one thread; idle threads sleep rather than spin
+
+
+def test_a_spin_count_the_user_set_keeps_threads_spinning_briefly():
+    code = ("import os\nimport omnigrpo.cli\n"
+            "print(os.environ.get('OMP_WAIT_POLICY', 'unset'), os.environ['GOMP_SPINCOUNT'])")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"} | {"GOMP_SPINCOUNT": "30000"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True).stdout.split()
+    assert out == ["unset", "30000"]
