@@ -123,7 +123,10 @@ def check_decoder(cfg: Config) -> None:
 
 
 def check_model(cfg: Config) -> None:
-    """The checkpoint exists (local, or a cached / reachable hub id) and has the configured image vocabulary."""
+    """The checkpoint exists (local, or a cached / reachable hub id), holds nothing that could run code when
+    loaded, and has the configured image vocabulary."""
+    if Path(cfg.model.path).expanduser().is_dir():
+        check_loadable(Path(cfg.model.path).expanduser(), "model.path")
     try:
         check_checkpoint(cfg.model.family, cfg.model.path, cfg.model.image_codes or None)
     except CheckpointError as err:
@@ -224,9 +227,7 @@ def build_checked(name: str, kwargs: dict, key: str):
 
 def check_resume(cfg: Config) -> tuple[Path | None, dict | None]:
     """The newest resumable checkpoint of ``run.dir`` and its run state, checked against the cluster shape."""
-    import torch
-
-    from omnigrpo.trainers.checkpoint import latest_checkpoint, latest_resumable, written
+    from omnigrpo.trainers.checkpoint import latest_checkpoint, latest_resumable, load_state, written
 
     root = Path(cfg.run.dir).resolve() / "checkpoints"
     for stamp in sorted(root.glob("*/step-*/omnigrpo_step.json")) + sorted(root.glob("*/crash-*/omnigrpo_step.json")):
@@ -235,8 +236,9 @@ def check_resume(cfg: Config) -> tuple[Path | None, dict | None]:
     newest = latest_checkpoint(root)
     if resume_from is None or (newest is not None and written(newest) > written(resume_from)):
         raise ConfigError(nothing_to_resume(root, newest))
+    check_loadable(resume_from, "run.resume")
     try:
-        state = torch.load(resume_from / "run_state.pt", weights_only=True)
+        state = load_state(resume_from / "run_state.pt")
     except Exception as err:  # noqa: BLE001 - truncated, corrupt or not a run state at all
         raise ConfigError(f"run.resume: {resume_from / 'run_state.pt'} cannot be read ({type(err).__name__}: "
                           f"{str(err).splitlines()[0] if str(err) else ''}); remove that checkpoint to resume the one "
@@ -254,6 +256,17 @@ def check_resume(cfg: Config) -> tuple[Path | None, dict | None]:
         raise ConfigError(f"cluster.learner_workers: resuming {resume_from} needs {ranks} (its optimiser state is "
                           "sharded that way)")
     return resume_from, state
+
+
+def check_loadable(directory: Path, key: str) -> None:
+    """Nothing in a checkpoint ``directory`` could run code when loaded (``omnigrpo.trainers.checkpoint``)."""
+    from omnigrpo.trainers.checkpoint import unsafe_contents
+
+    found = unsafe_contents(directory)
+    if found:
+        raise ConfigError("\n".join(f"{key}: {line}; not a file omnigrpo writes, and loading it could run code: "
+                                    "refusing it (remove the checkpoint, or restore it from a copy you trust)"
+                                    for line in found))
 
 
 def readable_json(path: Path, key: str) -> dict:
@@ -306,6 +319,7 @@ def check_eval(cfg: Config, checkpoint: str, prompts_source: str) -> tuple[Path,
     path = Path(checkpoint).expanduser().resolve()
     if not path.is_dir():
         raise ConfigError(f"--checkpoint: {checkpoint!r} is not a directory")
+    check_loadable(path, "--checkpoint")
     if prompts_source:
         prompts, metadata = check_prompts(prompts_source, "--prompts")
     else:

@@ -5,6 +5,11 @@ written into a temporary sibling and renamed into place (``os.replace`` is atomi
 system), so a reader sees either no ``step-000012`` or a whole one. Each is a ``save_pretrained``
 directory that ``model.path`` can name directly. The driver gives every MLflow run its own folder
 (``<run.dir>/checkpoints/<run id>``), so re-using a run directory never prunes another run's work.
+
+Loading is as careful as writing: a run directory may be shared, and a pickle runs code when it is loaded.
+Every ``.pt`` file is read with ``weights_only=True`` (:func:`load_state`, DeepSpeed's states included),
+admitting only the few plain DeepSpeed classes its ZeRO states hold; :func:`unsafe_contents` names, before
+anything loads, each file that could carry code, without unpickling it.
 """
 
 from __future__ import annotations
@@ -15,8 +20,16 @@ import re
 import shutil
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
+
+SAFE_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+                "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address")
+"""The classes (besides tensors and plain containers) a checkpoint's pickles may name: DeepSpeed's loss scaler,
+ZeRO stage and fragment addresses, which its ZeRO optimiser states hold. Each is plain data."""
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
+"""Names of files that torch, transformers or DeepSpeed would unpickle."""
 
 _NAME = re.compile(r"^step-(\d+)$")
 _RESUMABLE = re.compile(r"^(?:step|crash)-\d+$")
@@ -89,3 +102,69 @@ def _all(root: str | Path) -> list[Path]:
         return []
     return [p for run in root.iterdir() if run.is_dir() for p in run.iterdir()
             if p.is_dir() and _RESUMABLE.match(p.name) and (p / "omnigrpo_step.json").exists()]
+
+
+def unsafe_contents(directory: str | Path) -> list[str]:
+    """Each file under ``directory`` that a load could run code from, as ``"path: why"`` (empty: none).
+
+    Torch files are read as zip archives and their pickles' imports listed without unpickling anything
+    (``torch.serialization.get_unsafe_globals_in_checkpoint``); any import outside :data:`SAFE_GLOBALS` is unsafe,
+    as is a pickle in the legacy (non-zip) format, which cannot be listed. A ``.npy`` file may not hold objects."""
+    import torch
+
+    found = []
+    for path in sorted(Path(directory).rglob("*")):
+        why = ""
+        if not path.is_file():
+            continue
+        if path.suffix == ".npy":
+            why = _npy_objects(path)
+        elif zipfile.is_zipfile(path) and path.suffix != ".safetensors":
+            try:
+                names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+            except Exception:  # noqa: BLE001 - a damaged torch file: its weights-only load fails, naming it
+                names = []
+            extra = sorted(set(names) - set(SAFE_GLOBALS))
+            why = f"its pickle imports {', '.join(extra[:3])}" if extra else ""
+        elif path.suffix in PICKLE_SUFFIXES and _starts_like_pickle(path):
+            why = "a pickle in the legacy format, whose imports cannot be listed"
+        if why:
+            found.append(f"{path}: {why}")
+    return found
+
+
+def load_state(path: str | Path, map_location=None):
+    """``torch.load`` of a file this project (or DeepSpeed for it) wrote: tensors, containers and
+    :data:`SAFE_GLOBALS` only; anything else raises ``pickle.UnpicklingError`` before it is built."""
+    import torch
+
+    with torch.serialization.safe_globals(_safe_classes()):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def _safe_classes() -> list[type]:
+    import importlib
+
+    found = []
+    for name in SAFE_GLOBALS:
+        module, _, attr = name.rpartition(".")
+        try:
+            found.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):  # DeepSpeed absent or moved: the class can then not be admitted
+            continue
+    return found
+
+
+def _starts_like_pickle(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(1) == b"\x80"  # the PROTO opcode every pickle since protocol 2 begins with
+
+
+def _npy_objects(path: Path) -> str:
+    import numpy as np
+
+    try:  # with allow_pickle=False numpy refuses an object array from its header, before unpickling it
+        np.load(path, allow_pickle=False, mmap_mode="r")
+    except (OSError, ValueError) as err:
+        return f"not a plain .npy array ({str(err).splitlines()[0][:120]})"
+    return ""

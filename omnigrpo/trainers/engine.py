@@ -56,3 +56,11 @@ def skip_shared_memory_allreduce(ops) -> None:
     through gloo either way. DeepSpeed keeps the probed list in one module-level dict for edits like this one.
     """
     ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def load_weights_only(engine) -> None:
+    """Make a DeepSpeed ``engine`` read its checkpoints with ``weights_only=True``: its own checkpoint engine
+    unpickles them with ``weights_only=False``, which runs whatever code a planted file carries."""
+    from omnigrpo.trainers.checkpoint import load_state
+
+    engine.checkpoint_engine.load = load_state  # every model and ZeRO state file DeepSpeed reads comes through here

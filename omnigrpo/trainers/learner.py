@@ -41,8 +41,14 @@ from omnigrpo.rollout.sampler import SamplingParams, sequence_logprobs
 from omnigrpo.sync.broadcast import WeightBroadcast
 from omnigrpo.sync.network import LOOPBACK, interface_of, is_loopback, open_store, serve_store
 from omnigrpo.trainers import adapter, grpo
-from omnigrpo.trainers.checkpoint import write_checkpoint
-from omnigrpo.trainers.engine import deepspeed_config, disable_dropout, grad_norm, skip_shared_memory_allreduce
+from omnigrpo.trainers.checkpoint import load_state, write_checkpoint
+from omnigrpo.trainers.engine import (
+    deepspeed_config,
+    disable_dropout,
+    grad_norm,
+    load_weights_only,
+    skip_shared_memory_allreduce,
+)
 from omnigrpo.trainers.tally import UpdateTally
 
 
@@ -131,6 +137,7 @@ class Learner:
         deepspeed.init_distributed(dist_backend=backend, init_method=rendezvous, rank=self.rank,
                                    world_size=self.world_size, auto_mpi_discovery=False)  # joins the group above
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+        load_weights_only(self.engine)
         self.sharded_reference = False
         if self.reference is not None and tr.zero_stage == 3:
             self._shard_reference(ds_config)
@@ -184,7 +191,7 @@ class Learner:
         """Optimiser state (every rank's shard), shuffle stream and weight version of the checkpoint."""
         self.engine.load_checkpoint(str(Path(self.model_path) / "optimizer"), tag="state", load_module_strict=True,
                                     load_optimizer_states=True)
-        state = torch.load(Path(self.model_path) / "learner_state.pt", weights_only=True)
+        state = load_state(Path(self.model_path) / "learner_state.pt")
         self.shuffle.set_state(state["shuffle"] if "shuffle" in state else state["generator"])  # older checkpoints
         self.version = int(state["version"])
 

@@ -136,7 +136,7 @@ def test_micro_batching_does_not_change_the_update(tiny_config, sft_path, stage)
         results.append((batch.codes, learner.state_dict()))
     (codes_a, a), (codes_b, b) = results
     assert torch.equal(codes_a, codes_b)
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)  # steps of lr 1e-2; summation order differs
     assert any(not torch.equal(a[k], WorldPolicy.from_pretrained(sft_path).model.state_dict()[k]) for k in a)
 
 
@@ -281,7 +281,7 @@ def test_recomputed_old_logprobs_equal_the_learners_own_before_its_first_step(ti
     assert recomputed["clip_frac"] == agreeing["clip_frac"]
     assert recomputed["loss"] == pytest.approx(agreeing["loss"], abs=1e-6)
     a, b, start = learner.state_dict(), reference.state_dict(), _fresh_weights(sft_path)
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)  # steps of lr 1e-2; summation order differs
     assert any(not torch.equal(a[k], start[k]) for k in a)  # an update was made
 
 
