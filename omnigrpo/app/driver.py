@@ -143,6 +143,8 @@ def train(cfg: Config, stop_on_sigterm: bool = False, plan: preflight.RunPlan | 
             ray.shutdown()
         elif workers is not None:  # the caller's cluster lives on: free what this run reserved
             actors.release(workers)
+        if workers is not None:
+            actors.leave(workers)
 
 
 @dataclass

@@ -74,15 +74,48 @@ def check_style_options(cfg: Config) -> None:
                           f"{cfg.world.name!r}; choose from {', '.join(known)}")
 
 
+SYSTEM_TREES = ("/proc", "/sys", "/dev", "/boot", "/etc", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64",
+                "/libx32")
+"""Directories no run writes into, nor anywhere below them (root may write there, which is no reason to)."""
+SYSTEM_ROOTS = ("/", "/var", "/run", "/home", "/opt", "/srv", "/mnt", "/media")
+"""Directories a run may write below, but not into directly."""
+PSEUDO_FILE_SYSTEMS = {"proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2", "debugfs", "tracefs",
+                       "securityfs", "pstore", "bpf", "configfs", "fusectl", "mqueue", "hugetlbfs", "autofs",
+                       "binfmt_misc", "efivarfs"}
+
+
 def check_run_dir(directory: str) -> None:
     """``run.dir`` is a writable directory, or one that can be made (checked without making it: bad input
-    writes nothing)."""
+    writes nothing), and neither a system directory nor on a pseudo file system."""
     path = Path(directory).expanduser().absolute()
+    resolved = path.resolve()
+    if str(resolved) in SYSTEM_ROOTS or any(resolved.is_relative_to(tree) for tree in SYSTEM_TREES):
+        raise ConfigError(f"run.dir: {resolved} is a system directory; give a directory of your own (e.g. ./runs/NAME)")
+    kind = file_system(resolved)
+    if kind in PSEUDO_FILE_SYSTEMS:
+        raise ConfigError(f"run.dir: {resolved} lies on a {kind} pseudo file system, which cannot hold a run")
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
         raise ConfigError(f"run.dir: {existing} exists and is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"run.dir: {existing} is not writable")
+
+
+def file_system(path: Path) -> str:
+    """The type of the file system ``path`` lies on (its longest mount point in ``/proc/self/mountinfo``; "" where
+    that cannot be read)."""
+    try:
+        mounts = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    best, kind = "", ""
+    for line in mounts:
+        fields = line.split()
+        point = fields[4].encode().decode("unicode_escape")  # spaces are written as \040
+        fs_type = fields[fields.index("-") + 1]
+        if path.is_relative_to(point) and len(point) >= len(best):
+            best, kind = point, fs_type
+    return kind
 
 
 TRACKING_TIMEOUT_S = 10.0

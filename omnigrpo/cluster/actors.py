@@ -1,8 +1,9 @@
 """Ray for omnigrpo: start (or join) the cluster and wrap the plain workers into actors.
 
 Why: workers stay ordinary classes that tests drive directly; only this module knows about Ray. The
-local default is a private cluster on loopback with token auth disabled (see
-``omnigrpo.cluster.environment``; a real cluster sets ``RAY_AUTH_MODE=token`` on both sides, README).
+local default is a private cluster on loopback that admits only its owner (a token made for it, Ray's
+session in an owner-only folder: ``omnigrpo.cluster.environment``; a real cluster sets ``RAY_AUTH_MODE=token``
+on both sides, docs/security.md).
 
 Placement comes from ``omnigrpo.cluster.placement``: one placement group per run, built from the
 ``cluster.*`` resources per role (by default an equal share of the CPUs each, colocated: the stages of
@@ -23,6 +24,7 @@ import dataclasses
 import logging
 import os
 import secrets
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +32,7 @@ import ray
 from ray._private import ray_constants
 
 from omnigrpo.cluster import placement
-from omnigrpo.cluster.environment import prepare_local_ray_env, wants_local_cluster
+from omnigrpo.cluster.environment import local_cluster_home, prepare_local_ray_env, private_dir, wants_local_cluster
 from omnigrpo.cluster.weights import WeightSync
 from omnigrpo.config.loader import ConfigError
 from omnigrpo.config.runtime import actor_seed
@@ -62,6 +64,7 @@ def connect(cfg: Config) -> None:
         num_cpus=cfg.cluster.num_cpus or os.cpu_count(),
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
+        _temp_dir=str(local_cluster_home() / "ray"),  # its sockets and logs, readable by this user only
         log_to_driver=True,
         runtime_env={"env_vars": env},
     )
@@ -91,9 +94,12 @@ class Workers:
     """Reward / decoder calls that exceeded ``cluster.call_timeout_s`` (``fault/call_timeouts``)."""
     where: dict = dataclasses.field(default_factory=dict)
     """``(role, index) -> node address`` the actors' sockets bind across hosts; empty on loopback."""
+    meeting: Path | None = None
+    """An owner-only folder in ``run.dir`` where the learner and weight groups' file stores meet on one machine
+    (removed with the run: :func:`release`)."""
 
     def __post_init__(self):
-        self.sync = self.sync or WeightSync(self.cfg)
+        self.sync = self.sync or WeightSync(self.cfg, self.meeting)
         self.rng_states = self.rng_states or [None] * len(self.rollouts)
 
     @property
@@ -128,9 +134,10 @@ def spawn(cfg: Config, model_path: str, extensions_dir: str, reference_path: str
         cfg, model_path, rank=rank, world_size=size, reference_path=reference_path,
         address=where.get(("learner", rank), LOOPBACK)) for rank in range(size)]
     workers = Workers(rollouts=learners if hybrid else rollouts, rewards=rewards, learners=learners, cfg=cfg,
-                      model_path=model_path, placement=plan, decoders=decoders, where=where)
+                      model_path=model_path, placement=plan, decoders=decoders, where=where,
+                      meeting=private_dir(cfg.run.dir))
     try:  # a run that cannot start frees what it reserved (a joined cluster lives on)
-        rendezvous = learner_rendezvous(cfg, learners, where)
+        rendezvous = learner_rendezvous(cfg, workers)
         calls = {w.setup.remote(dry_run): f"reward actor {i}" for i, w in enumerate(rewards)}
         calls.update({w.setup.remote(): f"rollout actor {i}" for i, w in enumerate(rollouts)})
         calls.update({w.setup.remote(): f"decoder actor {i}" for i, w in enumerate(decoders)})
@@ -175,15 +182,15 @@ def bind_addresses(plan: placement.Placement) -> dict[tuple[str, int], str]:
     return {} if all(is_loopback(a) for a in where.values()) else where
 
 
-def learner_rendezvous(cfg: Config, learners: list, where: dict) -> str | None:
-    """Where the learner group meets: none for one rank; a file in the run directory on one machine; across
-    hosts, the TCP store rank 0 serves on its node address."""
+def learner_rendezvous(cfg: Config, workers: Workers) -> str | None:
+    """Where the learner group meets: none for one rank; a file in the run's owner-only folder on one machine;
+    across hosts, the TCP store rank 0 serves on its node address."""
+    learners = workers.learners
     if len(learners) == 1:
         return None
-    if where:
+    if workers.where:
         return ray.get(learners[0].serve.remote("learners", len(learners), cfg.cluster.sync_timeout_s))
-    Path(cfg.run.dir).resolve().mkdir(parents=True, exist_ok=True)
-    return (Path(cfg.run.dir).resolve() / f".rendezvous-{secrets.token_hex(4)}").as_uri()
+    return str(workers.meeting / "learners")
 
 
 def train_step(workers: Workers, batch) -> dict[str, float]:
@@ -203,6 +210,13 @@ def release(workers: Workers) -> None:
     for actor in ([] if workers.hybrid else workers.rollouts) + workers.rewards + workers.decoders + workers.learners:
         ray.kill(actor)
     remove_placement_group(workers.placement.group)
+    leave(workers)
+
+
+def leave(workers: Workers) -> None:
+    """Remove the run's meeting folder (its file stores): nothing of the groups stays in ``run.dir``."""
+    if workers.meeting is not None:
+        shutil.rmtree(workers.meeting, ignore_errors=True)
 
 
 def _rollout_actor(cfg: Config, model_path: str, index: int, plan: placement.Placement, restart: int = 0):

@@ -38,6 +38,8 @@ class WeightSync:
     """Sync state of one run: the version every rollout actor holds and how the next sync travels."""
 
     cfg: Config
+    meeting: Path | None = None
+    """The run's owner-only folder where the broadcast group's file store meets on one machine."""
     version: int = 0
     """Weight version every rollout actor holds (a replacement gets it from the learner)."""
     broadcast: bool = False
@@ -90,8 +92,7 @@ class WeightSync:
         if where:
             store = ray.get(learners[0].serve.remote("weights", size, timeout))
         else:
-            Path(self.cfg.run.dir).resolve().mkdir(parents=True, exist_ok=True)
-            store = str(Path(self.cfg.run.dir).resolve() / f".weights-{secrets.token_hex(4)}")
+            store = str(self.meeting / f"weights-{secrets.token_hex(4)}")  # a new one for each re-formed group
         hosts = [where.get(("rollout", i), LOOPBACK) for i in range(len(rollouts))]
         backend = "nccl" if cluster.sync_nccl else "gloo"
         ray.get([learners[0].join_weight_group.remote(store, size, timeout, backend)]

@@ -25,7 +25,6 @@ import copy
 import math
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,8 +97,9 @@ class Learner:
         """Load policy and reference, join the process group, build the DeepSpeed engine; with ``resume``,
         continue the checkpoint at ``model_path`` (optimiser state, shuffle stream, weight version).
 
-        The group meets at ``rendezvous``: by default a ``file://`` store in a fresh temporary folder, which
-        opens no listening socket; across hosts the ``tcp://`` store rank 0 serves (:meth:`serve`)."""
+        The group meets at ``rendezvous``: a file store's plain path on one machine (in the run's owner-only
+        folder; no listening socket), across hosts the ``tcp://`` store rank 0 serves (:meth:`serve`); one rank
+        needs none."""
         gpu = torch.cuda.is_available()  # a GPU Ray assigned this actor (cluster.learner_gpus): NCCL
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if gpu else "cpu")
         interface = "lo" if is_loopback(self.address) else interface_of(self.address)
@@ -125,17 +125,13 @@ class Learner:
             model.to("cuda")
             if self.reference is not None and tr.zero_stage != 3:  # ZeRO-3 places the reference's partitions
                 self.reference.to("cuda")
-        rendezvous = rendezvous or (Path(tempfile.mkdtemp(prefix="omnigrpo-pg-")) / "store").as_uri()
         backend = "nccl" if gpu else "gloo"
         if not gpu:
             skip_shared_memory_allreduce(deepspeed.ops)
-        if rendezvous.startswith("tcp://"):  # across hosts: rank 0 serves the store, the others are its clients
-            timeout = self.cfg.cluster.sync_timeout_s
-            served = self.served.get("learners")
-            store = served.store if served else open_store(rendezvous, self.world_size, timeout)
-            torch.distributed.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size)
-        deepspeed.init_distributed(dist_backend=backend, init_method=rendezvous, rank=self.rank,
-                                   world_size=self.world_size, auto_mpi_discovery=False)  # joins the group above
+        if not torch.distributed.is_initialized():  # a process that already holds a group (tests) keeps it
+            torch.distributed.init_process_group(backend, store=self._store(rendezvous), rank=self.rank,
+                                                 world_size=self.world_size)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # joins the group above
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
         load_weights_only(self.engine)
         self.sharded_reference = False
@@ -147,6 +143,13 @@ class Learner:
         if resume:
             self._resume()
         return self.version
+
+    def _store(self, rendezvous: str | None):
+        """The store the learner group meets at: in memory for one rank, else the file or TCP store named."""
+        if rendezvous is None:
+            return torch.distributed.HashStore()
+        served = self.served.get("learners")  # rank 0 across hosts serves the TCP store itself
+        return served.store if served else open_store(rendezvous, self.world_size, self.cfg.cluster.sync_timeout_s)
 
     def _load_models(self, resume: bool) -> torch.nn.Module:
         """The policy (made trainable: dropout off, checkpointing, LoRA) and the KL reference; returns the module

@@ -10,6 +10,7 @@ import pytest
 from conftest import TINY, leftovers, refused
 from mlflow.tracking import MlflowClient
 
+from omnigrpo.app.preflight import PSEUDO_FILE_SYSTEMS, file_system
 from omnigrpo.cli import main
 from omnigrpo.rollout.families import tiny
 
@@ -152,6 +153,11 @@ def _hidden(checkpoint: Path) -> int:
 def test_a_run_dir_that_is_a_file_and_a_dead_tracking_server_are_refused_before_ray(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     _refused(["train", SHAPES, f"run.dir={tmp_path / 'file'}"], capsys, "run.dir:", "exists and is not a directory")
+    for system in ("/", "/etc", "/usr/local/runs", "/var", "/proc/self/new", "/sys/fs/x", "/dev/shm/run"):
+        _refused(["train", SHAPES, f"run.dir={system}"], capsys, "run.dir:", "is a system directory")
+    (tmp_path / "to-etc").symlink_to("/etc")
+    _refused(["train", SHAPES, f"run.dir={tmp_path / 'to-etc' / 'runs'}"], capsys, "run.dir: /etc/runs is a system")
+    assert file_system(Path("/proc/self")) == "proc" and file_system(tmp_path) not in PSEUDO_FILE_SYSTEMS
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]  # closed again: nothing listens there

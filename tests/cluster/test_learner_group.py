@@ -1,6 +1,7 @@
 """A data-parallel learner group: two DeepSpeed ranks (ZeRO-2, ZeRO-3) take the step one learner takes."""
 
 import os
+import stat
 
 import pytest
 import ray
@@ -15,9 +16,14 @@ from omnigrpo.rollout.families.builtin import WorldPolicy
 @pytest.mark.parametrize("stage", [2, 3])  # ZeRO-3: the KL reference is sharded too, its log-probs all-gathered
 @pytest.mark.usefixtures("ray_cluster")
 def test_two_ranks_stay_identical_and_rollouts_get_their_weights(tiny_config, sft_path, tmp_path, stage):
-    cfg = tiny_config("cluster.learner_workers=2", f"trainer.zero_stage={stage}", f"model.path={sft_path}")
+    # a run.dir with a space, a non-ASCII letter, ? and #: the groups' file stores are opened by their plain paths
+    run_dir = tmp_path / "my runs ä?#1"
+    cfg = tiny_config("cluster.learner_workers=2", f"trainer.zero_stage={stage}", f"model.path={sft_path}",
+                      f"run.dir={run_dir}")
     actors.connect(cfg)
     workers = actors.spawn(cfg, str(sft_path), os.environ["TORCH_EXTENSIONS_DIR"])
+    assert workers.meeting.parent == run_dir and stat.S_IMODE(workers.meeting.stat().st_mode) == 0o700
+    assert workers.sync.broadcast and {p.name for p in workers.meeting.iterdir()} >= {"learners"}
     try:
         prompts, metadata = ["a red circle at the top left", "a blue square at the bottom right"] * 2, [{}] * 4
         from omnigrpo.trainers.grpo import advantages
@@ -37,6 +43,7 @@ def test_two_ranks_stay_identical_and_rollouts_get_their_weights(tiny_config, sf
         assert ranks[0] == ranks[1] == rollouts[0]
     finally:
         actors.release(workers)
+    assert list(run_dir.iterdir()) == []  # the stores' folder went with the run
 
 
 @pytest.mark.usefixtures("ray_cluster")

@@ -1,7 +1,11 @@
-"""The local cluster a run starts listens on loopback only, and its actors get the CPUs they ask for."""
+"""The local cluster a run starts listens on loopback only and admits only its owner."""
 
 import ipaddress
 import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
 
 import psutil
 import pytest
@@ -41,8 +45,34 @@ def _loopback(ip: str) -> bool:
 
 
 def test_joining_a_cluster_leaves_the_environment_alone(monkeypatch):
+    """A cluster the user names keeps the user's settings; a local one gets token auth unless the user chose."""
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     assert not wants_local_cluster("ray://head:10001")
     assert "RAY_AUTH_MODE" not in prepare_local_ray_env("ray://head:10001")
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     assert prepare_local_ray_env("")["RAY_AUTH_MODE"] == "token"  # the user's choice wins
+
+
+JOIN = "import ray; ray.init(address={address!r}); print('JOINED'); print(ray.get(ray.remote(lambda: 'RAN').remote()))"
+
+
+@pytest.mark.usefixtures("ray_cluster")  # started as a run starts its own (actors.connect)
+def test_the_local_cluster_admits_only_its_owner(tmp_path):
+    token_path = Path(os.environ["RAY_AUTH_TOKEN_PATH"])
+    home, token = token_path.parent, token_path.read_text()
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700 and stat.S_IMODE(token_path.stat().st_mode) == 0o600
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    assert session.is_relative_to(home) and len(token) == 64
+    code = JOIN.format(address=ray.get_runtime_context().gcs_address)
+    stranger = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_TOKEN")} | {"HOME": str(tmp_path)}
+    tries = {"auth off": {**stranger, "RAY_AUTH_MODE": "disabled"}, "no token": {**stranger, "RAY_AUTH_MODE": "token"},
+             "a wrong token": {**stranger, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64},
+             "the owner": dict(os.environ)}
+    runs = {who: subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for who, env in tries.items()}
+    out = {who: run.communicate(timeout=180)[0] for who, run in runs.items()}
+    for who in ("auth off", "no token", "a wrong token"):
+        assert runs[who].returncode != 0 and "JOINED" not in out[who] and "RAN" not in out[who], (who, out[who][-800:])
+    assert runs["the owner"].returncode == 0 and "RAN" in out["the owner"], out["the owner"][-800:]
+    logged = subprocess.run(["grep", "-rl", token, str(session)], capture_output=True, text=True).stdout
+    assert not logged and not any(token in text for text in out.values()), logged
