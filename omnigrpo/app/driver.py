@@ -5,7 +5,8 @@ judging and the loss live in ``rollout``, ``rewards`` and ``trainers``, Ray in `
 check made before a cluster starts in ``preflight``. A step's rollout batch is drawn with one weight
 version, which the driver checks. With ``trainer.max_staleness: k`` the rollouts draw batch ``s + k`` while
 the learner trains on batch ``s`` (``omnigrpo.app.lookahead``); the weights are sent once both are done. On a
-crash the learner writes a checkpoint and the MLflow run is marked FAILED before the error propagates.
+crash the learner writes a checkpoint and the MLflow run is marked FAILED; the fault reaches the user as one
+line (``omnigrpo.app.failure``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from omnigrpo.app.alarm import CollapseAlarm
 from omnigrpo.app.console import Progress
 from omnigrpo.app.diversity import diversity, look_labels, pixel_distances, style_distances
 from omnigrpo.app.evaluator import world_metrics
+from omnigrpo.app.failure import CheckpointFailed, describe, failed, reason
 from omnigrpo.app.lookahead import Lookahead
 from omnigrpo.app.tracking import Tracker
 from omnigrpo.cluster import actors, shards
@@ -45,6 +47,8 @@ from omnigrpo.worlds.world import blank_share
 log = logging.getLogger(__name__)
 STOP = threading.Event()
 """Set to ask a running loop to stop after its current step, with a resumable checkpoint (``omnigrpo stop``)."""
+FAILED_DRAIN_S = 5.0
+"""How long a failed run waits for an unreachable MLflow store before writing its last metrics beside the run."""
 STARTING = threading.Event()
 """Set while the actors start: a SIGTERM then ends the run at once (there is no step to finish, nothing to save)."""
 
@@ -133,7 +137,7 @@ def train(cfg: Config, stop_on_sigterm: bool = False, plan: preflight.RunPlan | 
         tracker.set_tags(actors.placement_tags(workers))
         return Loop(cfg, workers, tracker, run_dir, cursor, state).run()
     except BaseException:
-        tracker.end(failed=True)
+        tracker.end(failed=True, wait_s=FAILED_DRAIN_S)
         raise
     finally:
         STARTING.clear()
@@ -186,11 +190,11 @@ class Loop:
         self.ahead.restore(self.start_state.get("ahead", []))
         self.alarm = CollapseAlarm(cfg)
         self.alarm.restore(self.start_state.get("alarm"))
-        self.before = self.start_state.get("before") or evaluate(cfg, self.workers, self.tracker, 0)
-        self.last_state = self.start_state if "step" in self.start_state else self.run_state(first - 1)
         progress = Progress(cfg.trainer.steps, first)
         step = first - 1
         try:
+            self.before = self.start_state.get("before") or evaluate(cfg, self.workers, self.tracker, 0)
+            self.last_state = self.start_state if "step" in self.start_state else self.run_state(first - 1)
             for step in range(first, cfg.trainer.steps + 1):
                 metrics = self.step(step)
                 progress.step(step, metrics)
@@ -198,31 +202,48 @@ class Loop:
                 if STOP.is_set() and (step < cfg.trainer.steps or self.reason):
                     progress.close()
                     return self.stop(step)
-        except BaseException:
+            progress.close()
+            return self.finish()
+        except Exception as err:  # a fault: one line for the user, the traceback in run.dir
+            progress.close()
+            raise failed(err, step, self.stage, self.crash(step), self.run_dir) from err
+        except BaseException:  # a second SIGTERM, an interrupt: leave what can be left, then go
             progress.close()
             self.crash(step)
             raise
         finally:
             self.ahead.close()
-        progress.close()
-        return self.finish()
 
-    def crash(self, step: int) -> None:
+    def crash(self, step: int) -> str:
         """A crash checkpoint; resumable (it carries the last completed step's run state) unless the crash came
-        while the learner was updating or sending the weights."""
+        while the learner was updating or sending the weights. Returns what was saved, for the user."""
+        if self.last_state is None:
+            return "no step had begun: nothing to checkpoint"
         resumable = self.last_state if self.stage not in ("learn", "sync") else None
-        log.exception("run failed at step %d (%s); writing a %scheckpoint", step, self.stage,
-                      "resumable " if resumable else "")
+        log.error("run failed at step %d (%s); writing a %scheckpoint", step, self.stage,
+                  "resumable " if resumable else "")
         try:
-            actors.save_checkpoint(self.workers, str(self.checkpoints), None, "crash", resumable)
-        except Exception:  # noqa: BLE001 - the learner itself may be what died
-            log.exception("could not write the crash checkpoint")
+            path = actors.save_checkpoint(self.workers, str(self.checkpoints), None, "crash", resumable)
+        except Exception as err:  # noqa: BLE001 - the learner itself may be what died, or the disk is full
+            log.error("could not write the crash checkpoint: %s", describe(err))
+            return f"no crash checkpoint ({reason(err)})"
+        return f"crash checkpoint {path}" + (" (resume with --resume)" if resumable else
+                                             " (mid-update: start a new run from it with model.path)")
+
+    def save(self, step: int | None, name: str, state: dict | None) -> str:
+        """Every learner rank writes its part of checkpoint ``{name}-{step}``; a write that fails (disk full) is a
+        :class:`CheckpointFailed` naming the folder, the error and the newest whole checkpoint."""
+        try:
+            return actors.save_checkpoint(self.workers, str(self.checkpoints), step, name, state)
+        except OSError as err:  # Ray's error is also an instance of the actor's exception class
+            kept = f"; the newest whole checkpoint, {self.saved[1]}, is intact (resume with --resume)" \
+                if self.saved else ""
+            raise CheckpointFailed(f"the {name} checkpoint could not be written: {describe(err)}{kept}") from err
 
     def stop(self, step: int) -> dict:
         """Stopped on request (or for :attr:`reason`) after ``step``: a resumable step checkpoint, the MLflow run
         marked KILLED."""
-        final = self.saved[1] if self.saved and self.saved[0] == step else actors.save_checkpoint(
-            self.workers, str(self.checkpoints), step, "step", self.last_state)
+        final = self.saved[1] if self.saved and self.saved[0] == step else self.save(step, "step", self.last_state)
         log.warning("stopped after step %d %s; resume with --resume (checkpoint %s)", step,
                     f"({self.reason})" if self.reason else "on request", final)
         self.tracker.end(stopped=True)
@@ -348,8 +369,7 @@ class Loop:
         if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.trainer.steps:
             evaluate(cfg, self.workers, self.tracker, step)
         if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
-            self.saved = (step, actors.save_checkpoint(self.workers, str(self.checkpoints), step, "step",
-                                                       self.last_state))
+            self.saved = (step, self.save(step, "step", self.last_state))
 
     def run_state(self, step: int) -> dict:
         """What the driver needs to continue after ``step`` exactly as if never interrupted."""
@@ -362,9 +382,9 @@ class Loop:
     def finish(self) -> dict:
         """Final evaluation and checkpoint; the run's summary."""
         cfg, workers = self.cfg, self.workers
+        self.stage = "evaluate"
         after = evaluate(cfg, workers, self.tracker, cfg.trainer.steps)
-        final = actors.save_checkpoint(workers, str(self.checkpoints), cfg.trainer.steps, "step",
-                                       self.run_state(cfg.trainer.steps))
+        final = self.save(cfg.trainer.steps, "step", self.run_state(cfg.trainer.steps))
         versions = ray.get([w.weight_version.remote() for w in workers.rollouts])
         summary = {"before": self.before, "after": after, "checkpoint": final, "run_id": self.tracker.run_id,
                    "rollout_versions": versions}

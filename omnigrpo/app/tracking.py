@@ -64,6 +64,8 @@ class Tracker:
         # below carry metrics over an outage (a user's explicit setting wins)
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        # a local store that fails (a full disk) is reported here, once; MLflow's own report is a traceback a call
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
         self.cfg = cfg
         self.client = MlflowClient(tracking_uri=store_uri(cfg))
         self.run_id = ""
@@ -157,9 +159,16 @@ class Tracker:
             log.warning("run tags not logged: %s", str(err)[:200])
 
     def log_dict(self, data: dict, name: str, wait_s: float = 120.0) -> None:
-        """A JSON artifact; waits up to ``wait_s`` for an unreachable server (buffered metrics go first)."""
-        self._drain(wait_s)
-        self.client.log_text(self.run_id, json.dumps(data, indent=2), name)
+        """A JSON artifact; waits up to ``wait_s`` for an unreachable server (buffered metrics go first), then
+        writes it beside the run instead."""
+        text = json.dumps(data, indent=2)
+        try:
+            if self._drain(wait_s):
+                self.client.log_text(self.run_id, text, name)
+                return
+        except Exception as err:  # noqa: BLE001 - the store is gone: the artifact goes beside the run
+            log.warning("MLflow refused artifact %s: %s", name, str(err)[:200])
+        self.write_beside(name, text, f"artifact {name}")
 
     def _drain(self, wait_s: float) -> bool:
         """Flush, retrying every 2 s for up to ``wait_s``; True once nothing is buffered."""
@@ -177,15 +186,28 @@ class Tracker:
         if not self.run_id:
             return
         if not self._drain(wait_s):
-            path = Path(self.cfg.run.dir) / "unsent_metrics.jsonl"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("a") as f:
-                for batch in self.pending:
-                    f.write(json.dumps([{"key": m.key, "value": m.value, "step": m.step} for m in batch]) + "\n")
-            log.error("MLflow still unreachable: %d step(s) of metrics written to %s", len(self.pending), path)
+            self.write_beside("unsent_metrics.jsonl", "".join(
+                json.dumps([{"key": m.key, "value": m.value, "step": m.step} for m in batch]) + "\n"
+                for batch in self.pending), f"{len(self.pending)} step(s) of metrics")
             return
         status = RunStatus.FAILED if failed else RunStatus.KILLED if stopped else RunStatus.FINISHED
-        self.client.set_terminated(self.run_id, status=RunStatus.to_string(status))
+        try:
+            self.client.set_terminated(self.run_id, status=RunStatus.to_string(status))
+        except Exception as err:  # noqa: BLE001 - the store went away between the drain and this call
+            log.error("MLflow run %s not marked %s: %s", self.run_id, RunStatus.to_string(status), str(err)[:200])
+
+    def write_beside(self, name: str, text: str, what: str) -> None:
+        """What the store did not take, appended to ``<run.dir>/name`` (one error line; never raises: a full
+        disk must not hide the fault that ended the run)."""
+        path = Path(self.cfg.run.dir) / name
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a") as f:
+                f.write(text)
+        except OSError as err:
+            log.error("MLflow unreachable and %s cannot be written (%s): %s lost", path, err.strerror, what)
+            return
+        log.error("MLflow unreachable: %s written to %s", what, path)
 
 
 def _captioned(image: np.ndarray, caption: str, scale: int = 4) -> torch.Tensor:

@@ -239,16 +239,21 @@ def _reward_actor(cfg: Config, index: int, plan: placement.Placement):
     return cls.remote(cfg.rewards)
 
 
+class RoleLost(RuntimeError):
+    """An actor died and is not replaced: a learner rank, or any actor once ``cluster.max_restarts`` are used up."""
+
+
 def replace_actor(workers: Workers, role: str, index: int, err: Exception) -> None:
-    """Start a fresh actor in place of a dead one (a rollout replacement gets the current weights), or
-    re-raise ``err`` once ``cluster.max_restarts`` replacements are used up."""
+    """Start a fresh actor in place of a dead one (a rollout replacement gets the current weights), or raise
+    :class:`RoleLost` (naming the role and ``err``) once ``cluster.max_restarts`` replacements are used up."""
+    last = str(getattr(err, "cause", None) or err).strip().splitlines()
+    last = last[0][:300] if last else type(err).__name__
     if role == "rollout" and workers.hybrid:
-        log.error("learner rank %d died while sampling (hybrid placement: a learner rank is not replaced)", index)
-        raise err
+        raise RoleLost(f"learner rank {index} died while sampling (hybrid placement: a learner rank is not "
+                       f"replaced); its last error: {last}") from err
     if workers.restarts >= workers.cfg.cluster.max_restarts:
-        log.error("%s actor %d died and the run already replaced %d actor(s) (cluster.max_restarts)", role, index,
-                  workers.restarts)
-        raise err
+        raise RoleLost(f"{role} actor {index} died and the run already replaced {workers.restarts} actor(s), "
+                       f"cluster.max_restarts = {workers.cfg.cluster.max_restarts}; its last error: {last}") from err
     workers.restarts += 1
     log.warning("%s actor %d died; starting a replacement (%d so far)", role, index, workers.restarts)
     if role == "rollout":

@@ -14,6 +14,7 @@ anything loads, each file that could carry code, without unpickling it.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -168,3 +169,17 @@ def _npy_objects(path: Path) -> str:
     except (OSError, ValueError) as err:
         return f"not a plain .npy array ({str(err).splitlines()[0][:120]})"
     return ""
+
+
+def write_failure(err: BaseException, path: Path) -> OSError:
+    """``err``, raised while writing under ``path``, as an OSError naming it: torch's writer reports a full disk
+    as a RuntimeError of its stream, which is told apart here by the space left."""
+    if isinstance(err, OSError):
+        return err
+    try:
+        full = shutil.disk_usage(path if path.exists() else path.parent).free < 1 << 20
+    except OSError:
+        full = False
+    if full:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return OSError(errno.EIO, f"{type(err).__name__}: {str(err).strip()[:200]}", str(path))

@@ -40,7 +40,7 @@ from omnigrpo.rollout.sampler import SamplingParams, sequence_logprobs
 from omnigrpo.sync.broadcast import WeightBroadcast
 from omnigrpo.sync.network import LOOPBACK, interface_of, is_loopback, open_store, serve_store
 from omnigrpo.trainers import adapter, grpo
-from omnigrpo.trainers.checkpoint import load_state, write_checkpoint
+from omnigrpo.trainers.checkpoint import load_state, write_checkpoint, write_failure
 from omnigrpo.trainers.engine import (
     deepspeed_config,
     disable_dropout,
@@ -383,12 +383,17 @@ class Learner:
         staging = staging_dir(root, step, name)
         if self.rank == 0:
             shutil.rmtree(staging, ignore_errors=True)  # a leftover of a crashed save
-            staging.mkdir(parents=True)
-        if self.world_size > 1:
-            dist.barrier()
-        self.engine.save_checkpoint(str(staging / "optimizer"), tag="state")  # collective: every rank's shard
-        if self.world_size > 1:
-            dist.barrier()
+        try:
+            if self.rank == 0:
+                staging.mkdir(parents=True)
+            if self.world_size > 1:
+                dist.barrier()
+            self.engine.save_checkpoint(str(staging / "optimizer"), tag="state")  # collective: every rank's shard
+            if self.world_size > 1:
+                dist.barrier()
+        except Exception as err:  # a full disk: no half-written folder stays behind, and the error names it
+            shutil.rmtree(staging, ignore_errors=True)
+            raise write_failure(err, staging) from err
         target = Path(root) / f"{name}-{step:06d}"
         if self.rank != 0:
             return str(target)
@@ -403,7 +408,10 @@ class Learner:
 
         # a crash inside train_step leaves weights part-way through an update: say so in the checkpoint
         info = {"version": self.version, "partial_update": self.in_update, "learners": self.world_size}
-        return str(write_checkpoint(root, step, save, self.cfg.trainer.keep_last, info, name=name, staging=staging))
+        try:
+            return str(write_checkpoint(root, step, save, self.cfg.trainer.keep_last, info, name=name, staging=staging))
+        except Exception as err:  # write_checkpoint has removed what it staged
+            raise write_failure(err, target) from err
 
 
 def staging_dir(root: str | Path, step: int, name: str) -> Path:

@@ -9,11 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 from mlflow.tracking import MlflowClient
 
 from omnigrpo.app.driver import train
+from omnigrpo.app.failure import RunFailed
 from omnigrpo.app.tracking import store_uri
 from omnigrpo.config.loader import ConfigError
 from omnigrpo.rollout.families.builtin import WorldPolicy
@@ -76,8 +76,11 @@ def test_judges_load_and_dry_run_in_their_actors_and_a_failure_stops_the_run(tin
 def test_a_crash_leaves_a_checkpoint_and_a_failed_run(tiny_config, sft_path, plugins):
     cfg = tiny_config("trainer.steps=4", "eval.every=0", "cluster.max_restarts=0",
                       "rewards=[{name: shapes}, {name: 'dying_judge:dies_on_second_batch'}]")
-    with pytest.raises(ray.exceptions.RayError):
+    with pytest.raises(RunFailed, match=r"step 2 \(rollout\): reward actor 0 died and the run already replaced 0 "
+                                        r"actor\(s\), cluster.max_restarts = 0; its last error: .*; crash checkpoint "
+                                        r".*crash-000001 \(resume with --resume\); traceback in .*failure.log"):
         train(cfg)
+    assert "RoleLost" in (Path(cfg.run.dir) / "failure.log").read_text()  # the whole traceback, beside the run
     client = MlflowClient(store_uri(cfg))
     runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]

@@ -1,4 +1,5 @@
-"""Faults a long run meets: a rollout actor killed mid-run, a tracking server that goes away and comes back."""
+"""Faults a long run meets: a rollout actor killed mid-run, a tracking server that goes away and comes back, a disk
+that fills up while a checkpoint is written."""
 
 import os
 import shutil
@@ -11,10 +12,14 @@ from pathlib import Path
 
 import pytest
 import requests
+import yaml
 from mlflow.tracking import MlflowClient
 
 from omnigrpo.app.driver import train
 from omnigrpo.app.tracking import store_uri
+from omnigrpo.cli import main
+from omnigrpo.config.loader import to_dict
+from omnigrpo.trainers.checkpoint import latest_resumable, unsafe_contents
 
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
 
@@ -141,3 +146,37 @@ def test_metrics_survive_a_tracking_server_outage(tiny_config, sft_path, mlflow_
         assert run.info.status == "FINISHED" and run.data.metrics["fault/tracking_unreachable"] >= 1
     finally:
         _stop(server)
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Path:
+    """A 24 MB tmpfs of this test's own (as root), unmounted after it."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_a_full_disk_while_checkpointing_is_one_line_and_the_last_checkpoint_stands(tiny_config, sft_path, plugins,
+                                                                                     small_disk, tmp_path, capsys):
+    # the disk fills up while step 2 is judged: step 1's checkpoint is on it, step 2's cannot be written
+    cfg = tiny_config("trainer.steps=3", "trainer.save_every=1", "eval.held_out=false", "tracking.image_every=0",
+                      f"model.path={sft_path}", f"run.dir={small_disk / 'run'}",
+                      "rewards=[{name: shapes}, {name: 'saboteur:fills_a_disk', weight: 0, "
+                      f"kwargs: {{call: 2, path: '{small_disk / 'filler'}'}}}}]")
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(to_dict(cfg)))
+    assert main(["train", str(config)]) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("omnigrpo:")]
+    assert len(lines) == 1 and "No space left on device" in lines[0], err
+    assert "step-000001, is intact (resume with --resume)" in lines[0], err
+    assert "Traceback" not in err, err
+    (checkpoints,) = (small_disk / "run" / "checkpoints").iterdir()
+    assert not [p.name for p in checkpoints.iterdir() if p.name.startswith(".")]  # no staging folder left
+    step = checkpoints / "step-000001"
+    assert latest_resumable(checkpoints.parent) in (step, *checkpoints.glob("crash-*")) and unsafe_contents(step) == []
+    assert (step / "model.safetensors").stat().st_size > 0 and (step / "run_state.pt").exists()

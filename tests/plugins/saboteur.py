@@ -43,3 +43,17 @@ def ends_a_process_group(call: int, pgid: int, marker: str):
         Path(marker).write_text(str(time.time()))
 
     return _on_call(call, end)
+
+
+def fills_a_disk(call: int, path: str):
+    """Writes zeros to ``path`` until its file system is full (a disk that fills up while a run goes on)."""
+    def fill():
+        with open(path, "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * (1 << 16))
+                    f.flush()
+            except OSError:
+                pass
+
+    return _on_call(call, fill)
