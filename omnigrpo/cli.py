@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -146,9 +147,16 @@ def _parser() -> argparse.ArgumentParser:
         ("--max-pixels", options.count(1), "most pixels one image may declare in its PNG header (413 over it)"),
         ("--memory-mb", options.count(1), "memory all requests in flight share, MB (503 when full)"),
         ("--max-pending", options.count(1), "requests in flight at most (503 past it)"),
-        ("--request-timeout-s", options.finite(0, above=True), "deadline of one request (504 past it)")]:
+        ("--request-timeout-s", options.finite(0, above=True), "deadline of one request (504 past it)"),
+        ("--max-images", options.count(1), "most images in one request (413 over it)"),
+        ("--header-timeout-s", options.finite(0, above=True), "seconds to send request headers, then closed"),
+        ("--body-timeout-s", options.finite(0, above=True), "seconds to send a body after its headers (408 past it)"),
+        ("--max-connections", options.count(1), "open connections at most (kept below the open-file limit)"),
+        ("--max-connections-per-client", options.count(1), "open connections at most from one address")]:
         default = getattr(Limits, flag[2:].replace("-", "_"))
         serve.add_argument(flag, type=kind, default=default, help=f"{text}; default {default}")
+    serve.add_argument("--allowed-host", action="append", default=[], type=options.host_header,
+                       help="a Host header value served besides the bound address (NAME or NAME:PORT); repeatable")
     return parser
 
 
@@ -368,8 +376,8 @@ def cmd_serve_reward(args: argparse.Namespace) -> int:
         server = RewardServer(lambda index: build_checked(args.name, per_replica(kwargs, index), "serve-reward"),
                               args.name, args.host, args.port, factory=True, replicas=args.replicas,
                               max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                              limits=Limits(args.max_body_mb, args.max_pixels, args.memory_mb, args.max_pending,
-                                            args.request_timeout_s))
+                              limits=Limits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits)}),
+                              allowed_hosts=args.allowed_host)
     except PublicBindRefused as err:
         raise ConfigError(f"--host: {err}") from None
     except OSError as err:

@@ -1,5 +1,5 @@
-"""Command-line option values: a count, a port, a finite number (each refused by argparse with its flag), and
-an output path that must not be written over unasked.
+"""Command-line option values: a count, a port, a finite number, a Host header value (each refused by argparse
+with its flag), and an output path that must not be written over unasked.
 
 Why: ``--samples -3`` or ``--port 70000`` or ``--max-wait-ms nan`` must end in one ``omnigrpo:`` line
 naming the flag (argparse prefixes the message with it), not in a traceback minutes later.
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,6 +38,16 @@ def port(text: str) -> int:
     if value > 65535:
         raise argparse.ArgumentTypeError(f"a port is 0 to 65535, got {value}")
     return value
+
+
+HOST_HEADER = re.compile(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?")
+
+
+def host_header(text: str) -> str:
+    """A ``Host`` header value: a name or address, with an optional port (an IPv6 address in brackets)."""
+    if not HOST_HEADER.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text[:100]!r} is not a Host header value (NAME or NAME:PORT)")
+    return text
 
 
 def finite(least: float = 0.0, above: bool = False) -> Callable[[str], float]:

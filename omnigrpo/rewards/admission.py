@@ -3,23 +3,25 @@
 Why: a 316 KB PNG can declare 10000x10000 white pixels, 300 MB once decoded; forty such requests decoded
 side by side take the machine down and the server stops answering anyone. So every request reserves
 what it will hold *before* holding it — its body as the bytes arrive, the parsed JSON and the PNG bytes
-(twice the body), then the pixels its images declare in their headers — and gives it all back when it
-is answered. A request that cannot fit now is answered 503 (clients retry with backoff); one that
-could never fit, or an image over ``max_pixels``, 413. Held memory is therefore at most
-``memory_mb`` plus one request's overshoot of its last chunk, whatever the clients send.
+(twice the body), then the pixels its images declare in their headers plus the decode of the largest —
+and gives it all back when it is answered. A request that cannot fit now is answered 503 (clients retry
+with backoff); one that could never fit, or an image over ``max_pixels``, 413. A request counts towards
+``max_pending`` only once its whole body has arrived, so clients that send slowly cannot lock good ones
+out (their connections are bounded by :mod:`omnigrpo.rewards.connections`).
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 MB = 2**20
 PIXEL_BYTES = 3
 """Bytes per pixel of the decoded RGB batch ``[N, H, W, 3]`` uint8."""
-DECODE_BYTES = 8
-"""Bytes per pixel of one image while it is decoded (PIL's 4-byte pixels, then the RGB copy), on top."""
+DECODE_BYTES = 12
+"""Bytes per pixel of one image while it is decoded, on top: PIL's pixels (up to 4 bytes), its RGB image (4) if
+it had another mode, and the bytes numpy copies from it (Pillow builds them in pieces, then joins them)."""
 
 
 @dataclass(frozen=True)
@@ -33,13 +35,23 @@ class Limits:
     memory_mb: int = 1024
     """Memory all requests in flight may hold together (bodies, parsed JSON, PNG bytes, pixels)."""
     max_pending: int = 64
-    """Requests in flight (read, queued or being scored); one more is answered 503."""
+    """Requests in flight whose body has arrived (decoded, queued or being scored); one more is answered 503."""
     request_timeout_s: float = 300.0
     """Deadline of one request from its first byte to its scores; over it, 504 (the judge call goes on)."""
+    max_images: int = 256
+    """Most images in one request (413 over it, checked before any is opened)."""
+    header_timeout_s: float = 10.0
+    """Time a connection has to send its request headers, from connecting or its previous answer; then closed."""
+    body_timeout_s: float = 60.0
+    """Time a request has to send its whole body once its headers arrived; then 408 and the connection closed."""
+    max_connections: int = 512
+    """Open connections at most (kept below the process's open-file limit); one more is closed at once."""
+    max_connections_per_client: int = 64
+    """Open connections at most from one client address; one more is closed at once."""
 
     def check(self) -> None:
         """Raises ValueError naming the first limit that is not a positive finite number."""
-        for name in ("max_body_mb", "max_pixels", "memory_mb", "max_pending", "request_timeout_s"):
+        for name in (f.name for f in fields(self)):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive finite number, got {value!r}")
@@ -54,7 +66,8 @@ class Refused(Exception):
 
 
 class Admission:
-    """The shared budget: ``enter`` a request, ``take`` bytes as it grows, ``leave`` when answered."""
+    """The shared budget: a ``ticket`` per request, which ``take``s bytes as it grows, ``enter``s the
+    requests in flight once its body has arrived, and ``leave``s when answered."""
 
     def __init__(self, limits: Limits):
         limits.check()
@@ -65,13 +78,15 @@ class Admission:
         self.peak = 0
         self._lock = threading.Lock()
 
-    def enter(self) -> Ticket:
-        """A ticket for one request; 503 when ``max_pending`` requests are already in flight."""
+    def ticket(self) -> Ticket:
+        """A ticket for one request, holding nothing and not yet in flight."""
+        return Ticket(self)
+
+    def _enter(self) -> None:
         with self._lock:
             if self.pending >= self.limits.max_pending:
                 raise Refused(503, f"{self.pending} requests in flight, the most this server takes; retry later")
             self.pending += 1
-        return Ticket(self)
 
     def _take(self, held: int, nbytes: int) -> None:
         with self._lock:
@@ -83,28 +98,33 @@ class Admission:
             self.used += nbytes
             self.peak = max(self.peak, self.used)
 
-    def _leave(self, held: int) -> None:
+    def _leave(self, held: int, entered: bool) -> None:
         with self._lock:
             self.used -= held
-            self.pending -= 1
+            self.pending -= entered
 
 
 class Ticket:
     """One request's share of the budget (thread-safe through its admission's lock)."""
 
     def __init__(self, admission: Admission):
-        self.admission, self.held, self.closed = admission, 0, False
+        self.admission, self.held, self.entered, self.closed = admission, 0, False, False
 
     def take(self, nbytes: int) -> None:
         """Reserve ``nbytes`` more, or raise :class:`Refused` (413 if it could never fit, else 503)."""
         self.admission._take(self.held, nbytes)
         self.held += nbytes
 
+    def enter(self) -> None:
+        """Count the request in flight, or raise :class:`Refused` (503) when ``max_pending`` already are."""
+        self.admission._enter()
+        self.entered = True
+
     def leave(self) -> None:
         """Give everything back (idempotent)."""
         if not self.closed:
             self.closed = True
-            self.admission._leave(self.held)
+            self.admission._leave(self.held, self.entered)
 
 
 def pixel_bytes(sizes: list[tuple[int, int]]) -> int:

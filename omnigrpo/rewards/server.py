@@ -10,22 +10,24 @@ thread (a judge's tokenizer or CUDA state need not be thread-safe; ``{replica}``
 such as ``device=cuda:{replica}`` becomes the replica's index). A reward that raises fails every
 request of that judge call (HTTP 500), which the client turns into failed samples.
 
-Limits (:mod:`omnigrpo.rewards.admission`): a body size, a pixel count per image read from its PNG
-header before decoding, a memory budget all requests in flight share, a cap on requests in flight
-(503 past it, with ``Retry-After``) and a deadline per request (504). A client that leaves early is
-one warning line.
+Limits (:mod:`omnigrpo.rewards.admission`): a body size, images per request, a pixel count per image
+read from its PNG header before decoding, a memory budget all requests in flight share, a cap on
+requests whose body has arrived (503 past it, with ``Retry-After``), a deadline for the body (408) and
+per request (504). Connections are timed and capped in :mod:`omnigrpo.rewards.connections`. A client
+that leaves early is one warning line.
 
 Safety: the server binds 127.0.0.1 unless told otherwise and refuses (:class:`PublicBindRefused`)
 any other interface unless ``OMNIGRPO_REWARD_TOKEN`` is set; with the variable set every ``/score``
-needs ``Authorization: Bearer <token>`` (compared in constant time, never logged). The wire format
-is in :mod:`omnigrpo.rewards.service`.
+needs ``Authorization: Bearer <token>`` (compared in constant time, never logged). A web page can
+reach a loopback server (a form posts ``text/plain``; DNS rebinding names its own host), so only
+``application/json`` is taken (415) and only a ``Host`` the server is bound to or told to allow (421,
+:mod:`omnigrpo.rewards.access`). Only PNG is decoded. The wire format is in :mod:`omnigrpo.rewards.service`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 import json
 import logging
 import math
@@ -34,7 +36,7 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -46,16 +48,14 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from omnigrpo.rewards.access import HostCheck, PublicBindRefused, is_loopback, served_hosts
 from omnigrpo.rewards.admission import MB, Admission, Limits, Refused, Ticket, pixel_bytes
+from omnigrpo.rewards.connections import Connections
 from omnigrpo.rewards.protocol import RewardFn, call_reward
 from omnigrpo.rewards.transport import TOKEN_ENV, open_image
 
 log = logging.getLogger(__name__)
 DEFAULT_LIMITS = Limits()
-
-
-class PublicBindRefused(ValueError):
-    """Binding an interface other than loopback without a token would let anyone on the network score."""
 
 
 @dataclass
@@ -170,24 +170,25 @@ class Batcher:
 
 
 def parse_request(body: bytes | bytearray, ticket: Ticket | None = None,
-                  max_pixels: int = Limits.max_pixels) -> tuple[np.ndarray, list[str], list[dict]]:
+                  limits: Limits = DEFAULT_LIMITS) -> tuple[np.ndarray, list[str], list[dict]]:
     """A ``/score`` body -> (images ``[N, H, W, 3]`` uint8, prompts, metadata); raises on anything malformed.
 
-    The images' sizes are read from their PNG headers, checked against ``max_pixels`` and reserved on
-    ``ticket`` before a pixel is decoded (:class:`~omnigrpo.rewards.admission.Refused` otherwise); then
-    they are decoded one at a time into the batch array.
+    At most ``limits.max_images`` images; their sizes are read from their PNG headers, checked against
+    ``limits.max_pixels`` and reserved on ``ticket`` (with the decode of the largest) before a pixel is
+    decoded (:class:`~omnigrpo.rewards.admission.Refused` otherwise); then they are decoded one at a
+    time into the batch array.
     """
     data = json.loads(body)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not data["images"]:
         raise ValueError('the body must be a JSON object with a non-empty "images" list')
-    try:
-        opened = [open_image(s) for s in data["images"]]
-    except Image.DecompressionBombError as err:
-        raise Refused(413, f"an image declares too many pixels ({err})") from None
+    if len(data["images"]) > limits.max_images:
+        raise Refused(413, f"{len(data['images'])} images, over this server's limit of {limits.max_images}")
+    opened = [_open(i, s) for i, s in enumerate(data["images"])]
     sizes = [image.size for image in opened]
     for i, (width, height) in enumerate(sizes):
-        if width * height > max_pixels:
-            raise Refused(413, f"image {i} declares {width}x{height} pixels, over this server's limit of {max_pixels}")
+        if width * height > limits.max_pixels:
+            raise Refused(413, f"image {i} declares {width}x{height} pixels, over this server's limit of "
+                               f"{limits.max_pixels}")
     if len(set(sizes)) > 1:
         raise ValueError(f"the images of one request must share one size, got {sorted(set(sizes))[:3]}")
     prompts, metadata = data.get("prompts"), data.get("metadata") or [{}] * len(sizes)
@@ -200,37 +201,58 @@ def parse_request(body: bytes | bytearray, ticket: Ticket | None = None,
     width, height = sizes[0]
     images = np.empty((len(opened), height, width, 3), np.uint8)
     for i, image in enumerate(opened):
-        images[i] = np.asarray(image.convert("RGB"))
+        images[i] = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))  # no copy when RGB already
         image.close()
     return images, [str(p) for p in prompts], metadata
 
 
-async def read_body(request: Request, ticket: Ticket, limit: int) -> bytearray:
-    """The request's body, reserved on ``ticket`` as it arrives (and twice over for what parsing holds)."""
+def _open(index: int, data: object) -> Image.Image:
+    """Image ``index`` of a request, its header read (413 for a decompression bomb, ValueError if not PNG)."""
+    try:
+        return open_image(data)  # type: ignore[arg-type] - a non-string fails here too
+    except Image.DecompressionBombError as err:
+        raise Refused(413, f"image {index} declares too many pixels ({err})") from None
+    except Exception as err:  # noqa: BLE001 - base64, signature or PNG header
+        raise ValueError(f"image {index} is not a readable PNG ({type(err).__name__}: {err})") from None
+
+
+async def read_body(request: Request, ticket: Ticket, limits: Limits) -> bytearray:
+    """The body within ``body_timeout_s`` (408), reserved on ``ticket`` as it arrives (then twice for parsing)."""
+    limit = limits.max_body_mb * MB
     declared = request.headers.get("content-length") or "0"
     if not declared.isdigit():
         raise ValueError(f"Content-Length {declared[:20]!r} is not a number")
     if int(declared) > limit:
         raise Refused(413, f"body of {int(declared)} bytes, over this server's limit of {limit // MB} MB")
     body = bytearray()
-    async for chunk in request.stream():
-        ticket.take(len(chunk))
-        body += chunk
-        if len(body) > limit:
-            raise Refused(413, f"body over this server's limit of {limit // MB} MB")
+    try:
+        async with asyncio.timeout(limits.body_timeout_s):
+            async for chunk in request.stream():
+                ticket.take(len(chunk))
+                body += chunk
+                if len(body) > limit:
+                    raise Refused(413, f"body over this server's limit of {limit // MB} MB")
+    except TimeoutError:
+        raise Refused(408, f"the body did not arrive within {limits.body_timeout_s:g} s") from None
     ticket.take(2 * len(body))  # the parsed JSON's strings and the PNG bytes
     return body
 
 
-def create_app(name: str, batcher: Batcher, token: str = "", limits: Limits = DEFAULT_LIMITS) -> FastAPI:
-    """The FastAPI app of one reward: ``GET /health`` and ``POST /score`` under ``limits``."""
+def error(code: int, message: str) -> JSONResponse:
+    """An error answer ``{"error": message}``; 503 asks to retry in a second, 408 closes the connection."""
+    headers = {"Retry-After": "1"} if code == 503 else {"Connection": "close"} if code == 408 else None
+    return JSONResponse({"error": message}, status_code=code, headers=headers)
+
+
+def create_app(name: str, batcher: Batcher, token: str = "", limits: Limits = DEFAULT_LIMITS,
+               hosts: Collection[str] | None = None) -> FastAPI:
+    """The FastAPI app of one reward: ``GET /health`` and ``POST /score`` under ``limits``, for requests
+    whose ``Host`` is one of ``hosts`` (:func:`served_hosts`; None: any)."""
     app = FastAPI(title=f"omnigrpo reward {name}", docs_url=None, redoc_url=None, openapi_url=None)
+    if hosts is not None:
+        app.add_middleware(HostCheck, hosts=hosts)
     app.state.admission = admission = Admission(limits)
     expected = f"Bearer {token}".encode()
-
-    def error(code: int, message: str) -> JSONResponse:
-        headers = {"Retry-After": "1"} if code == 503 else None
-        return JSONResponse({"error": message}, status_code=code, headers=headers)
 
     @app.get("/health")
     def health() -> dict:
@@ -240,12 +262,13 @@ def create_app(name: str, batcher: Batcher, token: str = "", limits: Limits = DE
         deadline = asyncio.get_running_loop().time() + limits.request_timeout_s
         try:
             async with asyncio.timeout_at(deadline):
-                body = await read_body(request, ticket, limits.max_body_mb * MB)
+                body = await read_body(request, ticket, limits)
         except ClientDisconnect:
             log.warning("reward %s: a client (%s) left before sending its whole body", name, _peer(request))
             return Response(status_code=400)
+        ticket.enter()  # in flight only now: a slow body holds no place a good request needs
         try:
-            images, prompts, metadata = await run_in_threadpool(parse_request, body, ticket, limits.max_pixels)
+            images, prompts, metadata = await run_in_threadpool(parse_request, body, ticket, limits)
         except Refused:
             raise  # answered with its own status by score()
         except Exception as err:  # noqa: BLE001 - malformed JSON, base64 or PNG
@@ -267,10 +290,10 @@ def create_app(name: str, batcher: Batcher, token: str = "", limits: Limits = DE
     async def score(request: Request) -> Response:
         if token and not hmac.compare_digest(request.headers.get("authorization", "").encode(), expected):
             return error(401, "missing or wrong bearer token")
-        try:
-            ticket = admission.enter()
-        except Refused as err:
-            return error(err.status, str(err))
+        media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media != "application/json":
+            return error(415, f"the body must be application/json, not {media[:60]!r}")
+        ticket = admission.ticket()
         try:
             return await answer(request, ticket)
         except Refused as err:
@@ -289,29 +312,18 @@ def _peer(request: Request) -> str:
     return f"{request.client.host}:{request.client.port}" if request.client else "unknown peer"
 
 
-def is_loopback(host: str) -> bool:
-    """Does ``host`` (an address or a name) only reach this machine?"""
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        try:
-            infos = socket.getaddrinfo(host, None)
-        except OSError:
-            return False
-        return bool(infos) and all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
-
-
 class RewardServer:
     """One reward served over HTTP: bound at construction (``url`` is known), then :meth:`start` in a
     thread (tests, notebooks; :meth:`stop` ends it) or :meth:`serve_forever` in the calling thread (CLI).
 
     ``reward`` is a reward function shared by every replica, or with ``replicas > 1`` usually a
-    ``factory(index)`` building one per replica (``factory=True``).
+    ``factory(index)`` building one per replica (``factory=True``). ``allowed_hosts``: ``Host`` values
+    served beside the bound address (:func:`~omnigrpo.rewards.access.served_hosts`).
     """
 
     def __init__(self, reward: RewardFn | Callable[[int], RewardFn], name: str, host: str = "127.0.0.1",
                  port: int = 0, *, factory: bool = False, replicas: int = 1, max_batch: int = 64,
-                 max_wait_ms: float = 20.0, limits: Limits = DEFAULT_LIMITS):
+                 max_wait_ms: float = 20.0, limits: Limits = DEFAULT_LIMITS, allowed_hosts: Collection[str] = ()):
         token = os.environ.get(TOKEN_ENV, "")
         if not token and not is_loopback(host):
             raise PublicBindRefused(f"refusing to serve on {host}, which is not loopback, without a token: set "
@@ -319,7 +331,6 @@ class RewardServer:
         build = reward if factory else (lambda index: reward)
         self.name = name
         self.batcher = Batcher(build, replicas, max_batch, max_wait_ms)
-        self.app = create_app(name, self.batcher, token, limits)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._socket = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -330,9 +341,12 @@ class RewardServer:
             self._socket.close()
             raise
         self.host, self.port = self._socket.getsockname()[:2]
+        self.app = create_app(name, self.batcher, token, limits, served_hosts(self.host, self.port, allowed_hosts))
+        self.connections = Connections(limits)
         # uvicorn leaves the process's logging alone and stays quiet: no access log (never any header)
         config = uvicorn.Config(self.app, log_config=None, log_level="warning", access_log=False, lifespan="off",
-                                loop="asyncio", http="h11", ws="none", timeout_graceful_shutdown=5)
+                                loop="asyncio", http=self.connections.protocol(), ws="none",  # type: ignore[arg-type] - a factory
+                                timeout_graceful_shutdown=5)
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 

@@ -30,6 +30,7 @@ from urllib3.exceptions import MaxRetryError
 from urllib3.util import Retry
 
 TOKEN_ENV = "OMNIGRPO_REWARD_TOKEN"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 T = TypeVar("T")
 
@@ -50,8 +51,15 @@ def encode_image(image: np.ndarray) -> str:
 
 
 def open_image(data: str) -> Image.Image:
-    """base64 PNG -> a PIL image whose header alone is read (its size is known, its pixels not decoded)."""
-    return Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+    """base64 PNG -> a PIL image whose header alone is read (its size is known, its pixels not decoded).
+
+    Only PNG is opened (ValueError otherwise): the wire format is PNG, and each decoder Pillow has is
+    code a hostile body could reach.
+    """
+    raw = base64.b64decode(data, validate=True)
+    if not raw.startswith(PNG_SIGNATURE):
+        raise ValueError(f"not a PNG (it starts with {raw[:8]!r})")
+    return Image.open(io.BytesIO(raw), formats=["PNG"])
 
 
 def decode_image(data: str) -> np.ndarray:

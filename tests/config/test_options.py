@@ -37,6 +37,13 @@ CASES = [
     (["serve-reward", "shapes", "--max-pending", "0"], "--max-pending: must be at least 1"),
     (["serve-reward", "shapes", "--request-timeout-s", "0"], "--request-timeout-s: must be more than 0"),
     (["serve-reward", "shapes", "--request-timeout-s", "inf"], "--request-timeout-s: must be a finite number"),
+    (["serve-reward", "shapes", "--max-images", "0"], "--max-images: must be at least 1"),
+    (["serve-reward", "shapes", "--header-timeout-s", "0"], "--header-timeout-s: must be more than 0"),
+    (["serve-reward", "shapes", "--body-timeout-s", "nan"], "--body-timeout-s: must be a finite number"),
+    (["serve-reward", "shapes", "--max-connections", "0"], "--max-connections: must be at least 1"),
+    (["serve-reward", "shapes", "--max-connections-per-client", "-2"],
+     "--max-connections-per-client: must be at least 1"),
+    (["serve-reward", "shapes", "--allowed-host", "http://x/"], "--allowed-host: 'http://x/' is not a Host header"),
     (["submit", SHAPES, "--timeout", "0"], "--timeout: must be more than 0"),
     *[([command, "job", "--timeout", "nan"], "--timeout: must be a finite number") for command in
       ("status", "logs", "stop")],

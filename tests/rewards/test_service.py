@@ -278,11 +278,12 @@ def test_health_and_bad_bodies():
     server = _serve(lambda images, prompts, metadata: [1.0] * len(images), "t", limits=Limits(max_body_mb=1))
     try:
         assert requests.get(f"{server.url}/health", timeout=10).json() == {"reward": "t", "status": "ok"}
-        big = requests.post(f"{server.url}/score", data=b"x" * (2 * 2**20), timeout=10)
+        as_json = {"Content-Type": "application/json"}
+        big = requests.post(f"{server.url}/score", data=b"x" * (2 * 2**20), headers=as_json, timeout=10)
         assert big.status_code == 413
         for body in [b"{not json", b'{"images": ["not base64!"], "prompts": ["p"]}', b'{"prompts": []}',
                      json.dumps({"images": [encode_image(_batch(1)[0][0])], "prompts": ["a", "b"]}).encode()]:
-            bad = requests.post(f"{server.url}/score", data=body, timeout=10)
+            bad = requests.post(f"{server.url}/score", data=body, headers=as_json, timeout=10)
             assert bad.status_code == 400 and "bad request" in bad.json()["error"], body
         assert server.batcher.calls == []  # nothing malformed reached the judge
     finally:
