@@ -109,9 +109,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="write over an existing file")
     address_help = "Ray dashboard address (default $RAY_ADDRESS, else http://127.0.0.1:8265)"
     timeout_help = "seconds to wait for each answer of the Ray Jobs API (default 30)"
-    text = "submit a run to a Ray cluster through its Jobs API; prints the job id"
+    text = "submit a run to a Ray cluster through its Jobs API; lists what it uploads, then prints the job id"
     p = sub.add_parser("submit", help=text, description=text)
     _config_arguments(p, "YAML config file (validated here, then shipped with the package source)")
+    p.add_argument("--dry-run", action="store_true", help="check and list what would be uploaded; send nothing")
     p.add_argument("--address", default="", help=address_help)
     p.add_argument("--job-id", default=None, help="submission id to use (default: Ray picks one)")
     p.add_argument("--timeout", type=options.finite(0, above=True), default=30.0, help=timeout_help)
@@ -184,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command not in CONFIG_COMMANDS:
             return command(args)
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, unique=True)  # a key typed twice is refused
         if getattr(args, "check", False):
             print(json.dumps(to_dict(cfg), indent=2))
             return 0
@@ -298,10 +299,12 @@ def cmd_submit(cfg: Config, args: argparse.Namespace) -> int:
     from omnigrpo.app.preflight import check_submit
     from omnigrpo.cluster import jobs
 
-    check_submit(cfg)
-    with job_errors(args):
-        print(jobs.submit(cfg, Path(args.config).name, _address(args), submission_id=args.job_id,
-                          timeout=args.timeout))
+    payload = check_submit(cfg)  # what `train` checks that needs no cluster, then the files that would travel
+    print(payload.listing(), flush=True)
+    with job_errors(args):  # a dry run sends nothing and needs no address
+        print("dry run: nothing sent" if args.dry_run else jobs.submit(
+            cfg, Path(args.config).name, _address(args), submission_id=args.job_id, timeout=args.timeout,
+            payload=payload))
     return 0
 
 

@@ -42,6 +42,15 @@ TINY = [
 ]
 
 
+def layered(*groups) -> list[str]:
+    """Override lists as one command line takes them, each key once: a later group's value replaces an earlier
+    one's (the command line refuses a key typed twice with different values)."""
+    merged: dict[str, str] = {}
+    for item in (item for group in groups for item in group):
+        merged[item.partition("=")[0].strip()] = item
+    return list(merged.values())
+
+
 SHARED = {"reference_run": "reference", "feature_run": "feature"}
 """Session runs several tests read: under ``pytest -n`` (``make test``) their readers share one worker, so each
 run is made once."""

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from omnigrpo.app import planner
+from omnigrpo.cluster.payload import Payload, gather
 from omnigrpo.config.loader import ConfigError
 from omnigrpo.config.schema import Config
 from omnigrpo.data.prompts import PromptFileError, load_prompts
@@ -209,21 +210,26 @@ def check_rewards(cfg: Config, prompts: list[str], metadata: list[dict]) -> DryR
     """What can be checked without loading a judge: each reward resolves, takes its kwargs and applies to some
     prompt. Returns what the reward actors dry-run their judges on once built, on their own devices (a 7B VLM
     judge never loads on the driver)."""
+    check_reward_specs(cfg, metadata)
+    return DryRun(image_shape(cfg), (prompts * 2)[:2], (metadata * 2)[:2])
+
+
+def check_reward_specs(cfg: Config, metadata: list[dict]) -> None:
+    """Each configured reward resolves (a plugin is imported; a judge's model is not loaded), takes its kwargs,
+    and, with tags, applies to some prompt."""
     for i, spec in enumerate(cfg.rewards):
         key = f"rewards.{i}"
         if spec.tags and not any(applies_to(spec.tags, m) for m in metadata):
             raise ConfigError(f"{key}.tags: reward {spec.name!r} has tags {spec.tags} but no training prompt "
                               "carries any of them")
         check_reward(spec.name, spec.kwargs, key)
-    return DryRun(image_shape(cfg), (prompts * 2)[:2], (metadata * 2)[:2])
 
 
 def check_reward(name: str, kwargs: dict, key: str) -> None:
     """The reward resolves and takes ``kwargs``, checked without building it (no judge is loaded)."""
     try:
-        obj = resolve_reward(name)
-        if callable(obj):
-            check_arguments(name, obj, kwargs, skip=3 if is_reward_function(obj) else 0)
+        obj = resolve_reward(name)  # a callable, or RewardNotFound
+        check_arguments(name, obj, kwargs, skip=3 if is_reward_function(obj) else 0)
     except RewardArgumentError as err:
         raise ConfigError(f"{key}.kwargs: {err}") from None
     except RewardNotFound as err:
@@ -375,8 +381,16 @@ def check_eval(cfg: Config, checkpoint: str, prompts_source: str) -> tuple[Path,
     return path, prompts, metadata
 
 
-def check_submit(cfg: Config) -> None:
-    """A submitted run writes where every node sees it."""
+def check_submit(cfg: Config) -> Payload:
+    """The checks of :func:`check_run` that hold on any machine, made before anything is sent: the prompts (a
+    file must be a regular, readable prompt file), X-Omni's decoder, the style options and every reward (found,
+    its arguments accepted, its tags matched; no judge or checkpoint is loaded). Then what the job would carry:
+    refused, naming the key, for what cannot travel. A submitted run writes where every node sees it."""
     if not Path(cfg.run.dir).is_absolute():
         raise ConfigError(f"run.dir: a submitted run needs an absolute path on storage the cluster sees (got "
                           f"{cfg.run.dir!r}; a relative one would land in the job's temporary working directory)")
+    _, metadata = check_prompts(cfg.data.prompts, "data.prompts")
+    check_decoder(cfg)
+    check_style_options(cfg)
+    check_reward_specs(cfg, metadata)
+    return gather(cfg)

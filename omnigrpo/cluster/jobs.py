@@ -8,11 +8,11 @@ CLI, ``python -m omnigrpo.cli train config.yaml [overrides]``, which inside a jo
 cluster through the ``RAY_ADDRESS`` Ray sets. The same run can therefore be started by hand with
 ``ray job submit --address ... --working-dir DIR -- omnigrpo train config.yaml``.
 
-The cluster's nodes need omnigrpo's dependencies installed (same image or venv); the package source, the
-config and what the config names on this machine only (prompt files by relative path, reward modules that are
-local source: ``omnigrpo.cluster.payload``) travel. Auth follows Ray: with token auth on (Ray 2.60's default) set
-``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN_PATH`` on both sides; the token is never put in the
-job's runtime environment or arguments.
+The cluster's nodes need omnigrpo's dependencies installed (same image or venv); the package's ``.py`` sources,
+the config and what the config names on this machine only (a prompt file by relative path, the ``.py`` sources of
+reward modules that are local: ``omnigrpo.cluster.payload``, which lists them) travel, and nothing else.
+Auth follows Ray: with token auth on (Ray 2.60's default) set ``RAY_AUTH_MODE=token`` and
+``RAY_AUTH_TOKEN_PATH`` on both sides; the token is never put in the job's runtime environment or arguments.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 import tenacity
 
 import omnigrpo
-from omnigrpo.cluster.payload import CONFIG_NAME, gather
+from omnigrpo.cluster.payload import CONFIG_NAME, Payload, gather
 from omnigrpo.config.schema import Config
 
 
@@ -60,19 +60,20 @@ def _client(address: str, timeout: float = TIMEOUT_S):
 
 
 def submit(cfg: Config, config_name: str, address: str, env_vars: dict[str, str] | None = None,
-           submission_id: str | None = None, timeout: float = TIMEOUT_S) -> str:
+           submission_id: str | None = None, timeout: float = TIMEOUT_S, payload: Payload | None = None) -> str:
     """Submit a run of the resolved, checked config ``cfg`` (``config_name``: the user's file, for the job's
-    metadata); returns the job id."""
-    payload = gather(cfg)  # refuses what the cluster could not see, before anything is sent
+    metadata); returns the job id. ``payload``: ``gather(cfg)``, when the caller has already gathered (and
+    listed) it."""
+    payload = payload or gather(cfg)  # refuses what the cluster could not see, before anything is sent
     staging = Path(tempfile.mkdtemp(prefix="omnigrpo-job-"))
     try:
-        # the resolved config travels whole, so the cluster never re-reads the user's files
-        payload.write(staging)
-        package = Path(omnigrpo.__file__).resolve().parent
+        # the resolved config travels whole, so the cluster never re-reads the user's files; omnigrpo's sources
+        # are a staged copy of its .py files, so nothing else in the package directory is uploaded
+        work, package = payload.write(staging)
         # Ray SIGKILLs a stopped job RAY_JOB_STOP_WAIT_TIME_S after its SIGTERM (3 s by default): long enough here
         # for the run to finish its step and write a resumable checkpoint
         grace = {"RAY_JOB_STOP_WAIT_TIME_S": str(cfg.cluster.stop_grace_s)}
-        runtime_env = {"working_dir": str(staging), "py_modules": [str(package)],
+        runtime_env = {"working_dir": str(work), "py_modules": [str(package)],
                        "env_vars": {**grace, **(env_vars or {})}}
         entrypoint = shlex.join(["python", "-m", "omnigrpo.cli", "train", CONFIG_NAME])
         metadata = {"omnigrpo": omnigrpo.__version__, "config": config_name}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import yaml
 from pydantic import TypeAdapter, ValidationError
 
+from omnigrpo.config.inputs import InputFileError, read_input
 from omnigrpo.config.schema import Config
 from omnigrpo.config.validation import cross_field_problems
 
@@ -48,25 +50,48 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Build a :class:`Config` from a YAML file plus ``key.sub=value`` overrides, or raise ConfigError."""
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                unique: bool = False) -> Config:
+    """Build a :class:`Config` from a YAML file plus ``key.sub=value`` overrides, or raise ConfigError.
+
+    ``unique`` (the command line's rule): refuse a key set twice to different values, as a file refuses a key
+    given twice. Off, a later override replaces an earlier one: programs layer a base list and its changes."""
     raw: dict[str, Any] = {}
     lines: dict[tuple[str, ...], int] = {}
     if path is not None:
         raw, lines = read_yaml(Path(path))
+    given: dict[tuple[str, ...], Any] = {}
     for item in overrides:
-        parts = _apply_override(raw, item)
+        parts, value = _apply_override(raw, item)
+        if unique:
+            _check_repeat(given, parts, value)
+        given[parts] = value
         # the file no longer decides this key, its contents or (for errors about it) its section's line
         lines = {k: v for k, v in lines.items() if k[:len(parts)] != parts and parts[:len(k)] != k}
     return config_from_dict(raw, lines, str(path))
 
 
+def _check_repeat(given: dict[tuple[str, ...], Any], parts: tuple[str, ...], value: Any) -> None:
+    """As a file may not name a key twice, overrides may not set one twice to different values, nor replace a
+    section after setting a key inside it (the earlier setting would be lost in silence). The same value twice
+    is harmless: ``--resume`` with ``run.resume=true`` gives that."""
+    key = ".".join(parts)
+    if parts in given and given[parts] != value:
+        raise ConfigError(f"override {key}: given twice ({given[parts]!r}, then {value!r}); give it once")
+    inside = next((k for k in given if len(k) > len(parts) and k[:len(parts)] == parts), None)
+    if inside is not None:
+        raise ConfigError(f"override {key}: replaces the whole of {key} after override {'.'.join(inside)} set a key "
+                          "in it; set the section first, then its keys")
+
+
 def read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
     """The mapping in a YAML file and the line of every key in it (path of keys -> 1-based line)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_input(path).decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
+    except InputFileError as err:
+        raise ConfigError(f"cannot read the config file {err}") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: cannot read the config file ({type(err).__name__}: {err})") from None
     try:
@@ -135,6 +160,10 @@ def config_from_dict(raw: dict[str, Any], lines: dict[tuple[str, ...], int] | No
                      source: str = "") -> Config:
     """Validate a plain nested dict into a :class:`Config`; ``lines`` (from :func:`read_yaml`) adds the file
     and line of each offending key of ``source``."""
+    booleans = [_locate(f"  {'.'.join(loc)}: a number is needed, not a boolean (got {value!r})", loc, lines or {},
+                        source) for loc, value in _booleans_for_numbers(raw, Config, ())]
+    if booleans:  # pydantic would read true as 1: `trainer.steps: true` is a mistake, not one step
+        raise ConfigError("invalid config:\n" + "\n".join(booleans))
     try:
         cfg = TypeAdapter(Config).validate_python(raw)
     except ValidationError as err:
@@ -144,6 +173,22 @@ def config_from_dict(raw: dict[str, Any], lines: dict[tuple[str, ...], int] | No
     if problems:
         raise ConfigError("invalid config:\n" + "\n".join(problems))
     return cfg
+
+
+def _booleans_for_numbers(value: Any, hint: Any, loc: tuple[str, ...]) -> list[tuple[tuple[str, ...], bool]]:
+    """``(path of keys, value)`` of every true/false in ``value`` where the schema type ``hint`` wants an int or
+    a float (pydantic's lax mode would take them as 1 and 0)."""
+    if isinstance(value, bool):
+        wanted = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        return [(loc, value)] if any(h in (int, float) for h in wanted) else []
+    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        hints = typing.get_type_hints(hint)
+        return [found for key, item in value.items() if key in hints
+                for found in _booleans_for_numbers(item, hints[key], (*loc, str(key)))]
+    if typing.get_origin(hint) is list and isinstance(value, list):
+        return [found for i, item in enumerate(value)
+                for found in _booleans_for_numbers(item, typing.get_args(hint)[0], (*loc, str(i)))]
+    return []
 
 
 def with_overrides(cfg: Config, overrides: Mapping[str, Any], source: str = "overrides") -> Config:
@@ -169,9 +214,9 @@ def _locate(line: str, loc: tuple, lines: dict[tuple[str, ...], int], source: st
     return line
 
 
-def _apply_override(raw: dict[str, Any], item: str) -> tuple[str, ...]:
+def _apply_override(raw: dict[str, Any], item: str) -> tuple[tuple[str, ...], Any]:
     """Set ``a.b.c=value`` inside ``raw``; the value is parsed as YAML (``3``, ``true``, ``[1, 2]``).
-    Returns the key's path."""
+    Returns the key's path and the value."""
     key, sep, value = item.partition("=")
     parts = key.strip().split(".")
     if not sep or not key.strip() or not all(parts):
@@ -185,7 +230,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> tuple[str, ...]:
     except RecursionError:
         raise ConfigError(f"override {key.strip()}: its value is nested too deeply") from None
     _set_path(raw, parts, leaf, f"override {item!r}")
-    return tuple(parts)
+    return tuple(parts), leaf
 
 
 def _set_path(raw: dict[str, Any], parts: list[str], leaf: Any, label: str) -> None:

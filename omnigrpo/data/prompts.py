@@ -10,6 +10,9 @@ the text to render, natural-image prompts), each prompt carrying metadata that s
 - ``*.parquet``: a table with a ``prompt`` column; the other columns are metadata;
 - a directory written by ``datasets.Dataset.save_to_disk`` with a ``prompt`` column.
 
+A file (or what its links lead to) must be a regular file of at most 1 GiB: a FIFO, a device or a socket is
+refused before it is opened (``omnigrpo.config.inputs``).
+
 Everything is read and checked on the driver before any worker starts; a malformed line is an error
 naming the file and line number, never skipped in silence.
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from omnigrpo.config.inputs import InputFileError, read_input, regular_file
 from omnigrpo.worlds.registry import WORLDS, train_prompts
 
 
@@ -40,7 +44,11 @@ def load_prompts(source: str) -> tuple[list[str], list[dict]]:
         raise PromptFileError(f"{source!r} is neither a built-in world ({', '.join(WORLDS)}) "
                               "nor an existing file or directory")
     try:
+        if not path.is_dir():  # a datasets directory is read by datasets; anything else must be a regular file
+            regular_file(path)
         prompts, metadata = _read(path)
+    except InputFileError as err:
+        raise PromptFileError(str(err)) from None
     except UnicodeDecodeError as err:
         raise PromptFileError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason})") from None
     except OSError as err:
@@ -67,7 +75,7 @@ def _read(path: Path) -> tuple[list[str], list[dict]]:
 
 def _from_txt(path: Path) -> tuple[list[str], list[dict]]:
     # split on "\n" only: str.splitlines would also break prompts at U+2028, form feeds, ...
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").split("\n")]
+    lines = [line.strip() for line in _text(path).split("\n")]
     prompts = [_check_length(line, f"{path}:{n}") for n, line in enumerate(lines, start=1)
                if line and not line.startswith("#")]
     return prompts, [{} for _ in prompts]
@@ -75,7 +83,7 @@ def _from_txt(path: Path) -> tuple[list[str], list[dict]]:
 
 def _from_jsonl(path: Path) -> tuple[list[str], list[dict]]:
     prompts, metadata = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+    for number, line in enumerate(_text(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -86,6 +94,10 @@ def _from_jsonl(path: Path) -> tuple[list[str], list[dict]]:
         prompts.append(prompt)
         metadata.append({k: v for k, v in row.items() if k != "prompt"})
     return prompts, metadata
+
+
+def _text(path: Path) -> str:
+    return read_input(path).decode("utf-8")
 
 
 def _from_parquet(path: Path) -> tuple[list[str], list[dict]]:

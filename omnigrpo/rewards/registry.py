@@ -100,7 +100,7 @@ def resolve_reward(name: str) -> Any:
         return REWARDS[name]
     plugins = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
     if name in plugins:
-        return plugins[name].load()
+        return _callable(name, _importing(name, plugins[name].value, plugins[name].load))
     if ":" in name:
         module_name, attr = name.split(":", 1)
         if module_name.endswith(".py") or "/" in module_name or "\\" in module_name:
@@ -108,15 +108,12 @@ def resolve_reward(name: str) -> Any:
                 f"reward {name!r}: file paths are never executed; install the module or put it on "
                 f"PYTHONPATH and name it as 'package.module:{attr}'"
             )
-        try:
-            obj: Any = importlib.import_module(module_name)
-        except ImportError as err:
-            raise RewardNotFound(f"reward {name!r}: cannot import module {module_name!r}: {err}") from err
+        obj: Any = _importing(name, module_name, functools.partial(importlib.import_module, module_name))
         for part in attr.split("."):
             if not hasattr(obj, part):
                 raise RewardNotFound(f"reward {name!r}: module {module_name!r} has no attribute {attr!r}")
             obj = getattr(obj, part)
-        return obj
+        return _callable(name, obj)
     builtins = sorted(BUILTIN_JUDGES)
     known = builtins + sorted(plugins)
     near = difflib.get_close_matches(name, known, n=1)
@@ -126,6 +123,26 @@ def resolve_reward(name: str) -> Any:
         f"({ENTRY_POINT_GROUP}): {', '.join(sorted(plugins)) or 'none'}; or a 'package.module:function' string."
     )
 
+
+def _importing(name: str, module: str, load: Callable[[], Any]) -> Any:
+    """``load()``, a plugin's import: whatever it raises at import, ``SystemExit`` included (a plugin that exits
+    must not end the run with its status), becomes RewardNotFound naming the module; only an interrupt passes."""
+    try:
+        return load()
+    except ImportError as err:
+        raise RewardNotFound(f"reward {name!r}: cannot import module {module!r}: {err}") from None
+    except KeyboardInterrupt:
+        raise
+    except BaseException as err:  # noqa: BLE001 - a plugin's own failure at import, reported as one line
+        raise RewardNotFound(f"reward {name!r}: importing {module!r} failed: {type(err).__name__}: {err}") from None
+
+
+def _callable(name: str, obj: Any) -> Any:
+    """A plugin's object, which must be a reward function or a factory (a ``module:CONSTANT`` is not)."""
+    if not callable(obj):
+        raise RewardNotFound(f"reward {name!r} resolved to {type(obj).__name__} {obj!r:.80}, which is not callable "
+                             "(name a reward function, a factory or a class)")
+    return obj
 
 
 def build_reward(name: str, kwargs: dict[str, Any] | None = None) -> RewardFn:
@@ -138,8 +155,6 @@ def build_reward(name: str, kwargs: dict[str, Any] | None = None) -> RewardFn:
     if is_reward_function(obj):
         check_arguments(name, obj, kwargs, skip=3)
         return functools.partial(obj, **kwargs) if kwargs else obj
-    if not callable(obj):
-        raise TypeError(f"reward {name!r} resolved to {obj!r}, which is not callable")
     check_arguments(name, obj, kwargs)
     fn = obj(**kwargs)
     if not callable(fn):

@@ -3,7 +3,8 @@
 Why: a judge that crashes or returns garbage must not become a silent 0 that the policy then learns
 from. :class:`RewardWorker` runs each reward, keeps its raw scores, and records a
 failure whenever the reward raises, returns the wrong number of scores, or returns NaN / a
-non-number / a number that is infinite in float32. :func:`combine` then forms the weighted total:
+non-number (a bool or a complex number too) / a number that is infinite in float32
+(``protocol.is_score``). :func:`combine` then forms the weighted total:
 
 - a sample whose *required* reward failed is excluded from the step (``valid`` False);
 - an *optional* reward that failed, or any reward that returned ``None`` (not applicable), drops out
@@ -25,11 +26,10 @@ import numpy as np
 import torch
 
 from omnigrpo.config.schema import RewardSpec
-from omnigrpo.rewards.protocol import call_reward
+from omnigrpo.rewards.protocol import call_reward, is_score
 from omnigrpo.rewards.registry import build_reward
 
 log = logging.getLogger(__name__)
-FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass
@@ -180,7 +180,7 @@ class RewardWorker:
             for j, v in zip(rows, values, strict=True):
                 if v is None:
                     applicable[i, j] = False
-                elif usable(v):
+                elif is_score(v):
                     scores[i, j] = float(v)
                 else:
                     failed[i, j] = True
@@ -192,18 +192,6 @@ class RewardWorker:
         total, valid = combine(scores, failed, applicable, [s.weight for s in self.specs],
                                [s.required and not s.watch for s in self.specs])  # a watchdog never excludes
         return RewardResult([s.key for s in self.specs], scores, failed, applicable, total, valid, errors)
-
-
-def usable(value: object) -> bool:
-    """Is ``value`` a number that stays finite in float32, where the learner computes with it? (1e39 is finite
-    in float64 but infinite after ``.float()``, and would stop learning without failing anything.)"""
-    if not isinstance(value, int | float | np.number | np.bool_):
-        return False
-    try:
-        as_float = float(value)
-    except OverflowError:  # a Python int past float64
-        return False
-    return math.isfinite(as_float) and abs(as_float) <= FLOAT32_MAX
 
 
 def applies_to(tags: list[str], metadata: dict | None) -> bool:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REFERENCE, TINY, leftovers, policy_weights
+from conftest import REFERENCE, TINY, layered, leftovers, policy_weights
 from mlflow.tracking import MlflowClient
 
 from omnigrpo.app.driver import train
@@ -89,7 +89,7 @@ def test_a_stopped_run_resumes_to_the_weights_of_an_uninterrupted_one(reference_
     _, straight = reference_run
     stopper = "rewards=[{name: shapes}, {name: 'saboteur:stops_the_driver', weight: 0, kwargs: {call: 3}}]"
     cut = tmp_path / "run"
-    argv = [str(Path(sys.executable).parent / "omnigrpo"), "train", SHAPES, *TINY, *REFERENCE, stopper,
+    argv = [str(Path(sys.executable).parent / "omnigrpo"), "train", SHAPES, *layered(TINY, REFERENCE), stopper,
             f"run.cache_dir={cache_dir}", f"run.dir={cut}"]
     # the driver's pid reaches the reward actors through the environment its cluster starts with
     proc = subprocess.run(["sh", "-c", 'OMNIGRPO_TEST_DRIVER_PID=$$ exec "$@"', "sh", *argv], capture_output=True,

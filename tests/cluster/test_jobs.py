@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import PLUGINS, TINY
+from conftest import PLUGINS, TINY, layered
 from mlflow.tracking import MlflowClient
 
 from omnigrpo.app.tracking import store_uri
@@ -95,11 +95,14 @@ def test_submitted_run_finishes_and_logs_to_mlflow(ray_head, sft_path, cache_dir
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "shipped_judge.py").write_text((PLUGINS / "red_reward.py").read_text())
     monkeypatch.syspath_prepend(str(tmp_path / "mine"))
-    overrides = [*TINY, f"run.cache_dir={cache_dir}", f"run.dir={tmp_path / 'run'}", f"model.path={sft_path}",
-                 "trainer.steps=2", "eval.every=0", "tracking.image_every=0", "data.prompts=prompts.txt",
-                 "rewards=[{name: shapes}, {name: 'shipped_judge:redness', weight: 0.5}]"]
+    overrides = layered(TINY, [f"run.cache_dir={cache_dir}", f"run.dir={tmp_path / 'run'}", f"model.path={sft_path}",
+                               "trainer.steps=2", "eval.every=0", "tracking.image_every=0", "data.prompts=prompts.txt",
+                               "rewards=[{name: shapes}, {name: 'shipped_judge:redness', weight: 0.5}]"])
     assert main(["submit", str(config), "--address", ray_head, *overrides]) == 0
-    job_id = capsys.readouterr().out.strip().splitlines()[-1]
+    listed = capsys.readouterr().out.strip().splitlines()
+    job_id = listed[-1]
+    assert any(line.endswith(" shipped_judge.py") for line in listed) and any(
+        line.endswith(" inputs/prompts.txt") for line in listed), listed
     assert main(["logs", job_id, "--address", ray_head, "--follow"]) == 0  # streams until the job ends
     followed = capsys.readouterr().out
     state = _wait(ray_head, job_id, capsys)

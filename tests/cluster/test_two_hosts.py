@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY
+from conftest import TINY, layered
 from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).parents[2]
@@ -172,7 +172,7 @@ def hosts(tmp_path_factory):
 
 def _train(h: Hosts, sft_path: Path, cache_dir: Path, run_dir: Path, experiment: str, steps: int, wait: bool = True,
            extra: tuple[str, ...] = ()):
-    argv = [str(BIN / "omnigrpo"), "train", "configs/shapes.yaml", *TINY, *SPLIT, f"run.cache_dir={cache_dir}",
+    argv = [str(BIN / "omnigrpo"), "train", "configs/shapes.yaml", *layered(TINY, SPLIT), f"run.cache_dir={cache_dir}",
             f"run.dir={run_dir}", f"model.path={sft_path}", f"trainer.steps={steps}",
             f"cluster.address={h.address['a']}:{RAY_PORT}", f"tracking.uri=http://{h.address['a']}:{MLFLOW_PORT}",
             f"tracking.experiment={experiment}", *extra]

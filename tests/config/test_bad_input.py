@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import subprocess
 import sys
 import time
+import types
 import typing
 from pathlib import Path
 
@@ -192,3 +194,57 @@ def test_a_yaml_bomb_in_an_override_is_refused(capsys):
              "override rewards.0.kwargs: its YAML aliases expand to over 100000 values")
     deep = "[" * 20000 + "]" * 20000
     _refused(["train", SHAPES, "--check", f"rewards.0.kwargs={{x: {deep}}}"], capsys, "nested too deeply")
+
+
+def test_a_config_that_is_a_fifo_or_a_device_is_refused_unopened(tmp_path):
+    os.mkfifo(tmp_path / "c.yaml")  # opened, it would wait for a writer forever: the timeout fails the test
+    (tmp_path / "zero.yaml").symlink_to("/dev/zero")  # read, it would fill memory
+    for path, kind in ((tmp_path / "c.yaml", "a FIFO (named pipe)"), (tmp_path / "zero.yaml", "a character device")):
+        proc = subprocess.run([sys.executable, "-m", "omnigrpo.cli", "train", str(path), "--check"],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"omnigrpo: cannot read the config file {path}: is {kind}" in proc.stderr, proc.stderr
+
+
+def _is_number(hint: object) -> bool:
+    """An int or float key (maybe Annotated, maybe optional); a list of numbers is not one."""
+    if typing.get_origin(hint) is typing.Annotated:
+        return _is_number(typing.get_args(hint)[0])
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_is_number(h) for h in typing.get_args(hint))
+    return hint in (int, float)
+
+
+NUMBERS = [k for k, h in KEYS if _is_number(h)]
+
+
+def test_every_number_key_is_checked_for_booleans():
+    assert len(NUMBERS) > 60 and {"trainer.steps", "trainer.lr", "trainer.tis_cap", "rewards.0.weight"} <= set(NUMBERS)
+
+
+@pytest.mark.parametrize("key", NUMBERS)
+def test_a_boolean_is_not_a_number(key, capsys):
+    # pydantic's lax mode reads true as 1: `trainer.steps=true` would run one step
+    _refused(["train", SHAPES, "--check", f"{key}=true"], capsys, f"{key}: a number is needed, not a boolean")
+
+
+def test_a_boolean_for_a_number_in_a_file_names_its_line(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("trainer:\n  steps: true\nmodel:\n  image_grid: [2, false]\n")
+    _refused(["train", str(path), "--check"], capsys, "c.yaml:2: trainer.steps: a number is needed, not a boolean",
+             "c.yaml:4: model.image_grid.1: a number is needed")
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["trainer.lr=1", "trainer.lr=2"], "override trainer.lr: given twice (1, then 2); give it once"),
+    (["trainer.lr=1", " trainer.lr =2"], "override trainer.lr: given twice"),
+    (["rewards.0.weight=2", "rewards=[{name: shapes}]"], "override rewards: replaces the whole of rewards after "
+                                                         "override rewards.0.weight set a key in it"),
+])
+def test_an_override_given_twice_is_refused(overrides, needle, capsys):
+    _refused(["train", SHAPES, "--check", *overrides], capsys, needle)
+
+
+def test_the_same_override_twice_and_a_section_then_its_keys_are_accepted(capsys):
+    assert main(["train", SHAPES, "--check", "--resume", "run.resume=true", "trainer={lr: 0.1}", "trainer.lr=0.2"]) == 0
+    assert '"lr": 0.2' in capsys.readouterr().out

@@ -57,6 +57,9 @@ CASES = [
     (["curves", SHAPES, "--out", "."], "--out"),
     (["submit", SHAPES, "run.dir=/tmp/omnigrpo-never", "--address", "ftp://x", "--job-id", "j", "--timeout", "2"],
      "at ftp://x"),
+    # a dry run checks what a submission checks: a bad config is refused the same way, and nothing is sent
+    (["submit", SHAPES, "run.dir=/tmp/omnigrpo-never", "--dry-run", "data.prompts=missing.txt"],
+     "data.prompts: 'missing.txt' is neither a built-in world"),
     (["status", "job", "--address", "ftp://x"], "job 'job' at ftp://x"),
     (["logs", "job", "--address", "ftp://x", "--follow"], "job 'job' at ftp://x"),
     (["stop", "job", "--address", "ftp://x"], "job 'job' at ftp://x"),

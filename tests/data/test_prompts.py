@@ -1,9 +1,12 @@
 import json
+import os
+import threading
 from pathlib import Path
 
 import pytest
 
 from omnigrpo.cli import main
+from omnigrpo.config import inputs
 from omnigrpo.data.prompts import PromptFileError, load_prompts
 from omnigrpo.worlds import shapes
 
@@ -114,3 +117,40 @@ def test_a_tagged_reward_that_matches_no_prompt_is_a_config_error(tmp_path, caps
                  f"run.dir={tmp_path / 'run'}"])
     assert code == 2
     assert "has tags ['ocr'] but no training prompt carries any of them" in capsys.readouterr().err
+
+
+def _refused_at_once(source: str) -> str:
+    """load_prompts(source)'s refusal, from a thread given 10 s: opening a FIFO would wait for a writer forever."""
+    outcome: list[BaseException] = []
+    worker = threading.Thread(target=lambda: outcome.extend(_raised(load_prompts, source)), daemon=True)
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive(), f"load_prompts({source!r}) still reading after 10 s"
+    assert outcome and isinstance(outcome[0], PromptFileError), outcome
+    return str(outcome[0])
+
+
+def _raised(fn, *args) -> list[BaseException]:
+    try:
+        fn(*args)
+    except BaseException as err:  # noqa: BLE001 - handed to the test's thread
+        return [err]
+    return []
+
+
+def test_a_fifo_a_device_or_a_link_to_one_is_refused_unopened(tmp_path):
+    os.mkfifo(tmp_path / "pipe.txt")
+    assert "pipe.txt: is a FIFO (named pipe), not a regular file" in _refused_at_once(str(tmp_path / "pipe.txt"))
+    (tmp_path / "to_pipe.txt").symlink_to(tmp_path / "pipe.txt")
+    assert "to_pipe.txt: is a FIFO (named pipe) (a link to" in _refused_at_once(str(tmp_path / "to_pipe.txt"))
+    (tmp_path / "zero.txt").symlink_to("/dev/zero")
+    assert "zero.txt: is a character device (a link to /dev/zero)" in _refused_at_once(str(tmp_path / "zero.txt"))
+
+
+def test_a_prompt_file_over_the_size_limit_is_refused_unread(tmp_path, monkeypatch):
+    monkeypatch.setattr(inputs, "MAX_INPUT_BYTES", 64)
+    (tmp_path / "big.txt").write_text("a red circle\n" * 10)
+    with pytest.raises(PromptFileError, match="big.txt: 130 bytes, over the limit of 64 for an input file"):
+        load_prompts(str(tmp_path / "big.txt"))
+    (tmp_path / "small.txt").write_text("a red circle\n")
+    assert load_prompts(str(tmp_path / "small.txt"))[0] == ["a red circle"]

@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -87,3 +88,51 @@ def test_factory_returning_a_non_callable_is_an_error(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(TypeError, match="returned int, not a callable"):
         build_reward("bad:make")
+
+
+@pytest.mark.parametrize("module, body, error", [
+    ("exits_at_import", "import sys\nsys.exit(0)\n", "SystemExit: 0"),
+    ("raises_at_import", "raise RuntimeError('no GPU here')\n", "RuntimeError: no GPU here"),
+    ("keyerror_at_import", "raise KeyError('token')\n", "KeyError: 'token'"),
+])
+def test_a_plugin_that_fails_or_exits_at_import_is_not_found_naming_the_error(module, body, error, tmp_path,
+                                                                               monkeypatch):
+    (tmp_path / f"{module}.py").write_text(body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(RewardNotFound, match=f"reward '{module}:fn': importing '{module}' failed: {error}"):
+        resolve_reward(f"{module}:fn")
+
+
+def test_an_entry_point_that_exits_at_import_is_not_found(tmp_path, monkeypatch):
+    (tmp_path / "quitter.py").write_text("raise SystemExit(3)\n")
+    info = tmp_path / "quitter-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: quitter\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[omnigrpo.rewards]\nquitter = quitter:make\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(RewardNotFound, match="reward 'quitter': importing 'quitter:make' failed: SystemExit: 3"):
+        resolve_reward("quitter")
+
+
+def test_an_attribute_that_is_not_callable_is_refused(plugins):
+    with pytest.raises(RewardNotFound, match="reward 'odd_scores:CONSTANT' resolved to int 3, which is not callable"):
+        resolve_reward("odd_scores:CONSTANT")
+
+
+@pytest.mark.parametrize("reward, needle", [
+    ("exits_now:fn", "rewards.1.name: reward 'exits_now:fn': importing 'exits_now' failed: SystemExit: 0"),
+    ("odd_scores:CONSTANT", "rewards.1.name: reward 'odd_scores:CONSTANT' resolved to int 3, which is not callable"),
+])
+def test_train_refuses_such_a_plugin_before_anything_starts(reward, needle, plugins, tmp_path, capsys, monkeypatch):
+    from conftest import refused
+
+    from omnigrpo.cli import main
+    from omnigrpo.cluster import environment
+
+    (tmp_path / "exits_now.py").write_text("import sys\nsys.exit(0)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(environment, "prepare_local_ray_env", lambda *a: pytest.fail("train got past its checks"))
+    config = str(Path(__file__).parents[2] / "configs" / "shapes.yaml")
+    refused(main, ["train", config, f"run.dir={tmp_path / 'run'}", f"rewards=[{{name: shapes}}, {{name: '{reward}'}}]"],
+            capsys, needle)
+    assert not (tmp_path / "run").exists()

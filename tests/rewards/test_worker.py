@@ -153,3 +153,18 @@ def test_a_judge_twice_needs_an_alias_and_a_watchdog_weight_zero():
         load_config(None, ["rewards=[{name: shapes}, {name: shapes, alias: w, watch: true}]"])
     cfg = load_config(None, ["rewards=[{name: shapes}, {name: shapes, alias: w, watch: true, weight: 0}]"])
     assert [r.key for r in cfg.rewards] == ["shapes", "w"]
+
+
+@pytest.mark.parametrize("fn", ["bools", "numpy_bools", "complexes", "numpy_complexes", "strings"])
+def test_a_score_that_is_not_a_real_number_fails_never_coerced(plugins, fn, caplog):
+    with caplog.at_level("WARNING"):
+        result = _score([RewardSpec(name="shapes"), RewardSpec(name=f"odd_scores:{fn}")])
+    assert result.failed[1].all() and not result.valid.any() and np.isnan(result.total).all()
+    assert result.metrics()[f"reward/odd_scores:{fn}/failed"] == 4
+    assert f"odd_scores:{fn}: 4 of 4 scores are not finite numbers" in caplog.text
+
+
+def test_a_judge_that_calls_exit_fails_its_samples_and_the_worker_lives_on(plugins):
+    result = _score([RewardSpec(name="shapes"), RewardSpec(name="odd_scores:exits")])
+    assert result.failed[1].all() and not result.valid.any()
+    assert result.errors["odd_scores:exits"] == "RuntimeError: the reward called exit(3)"
