@@ -51,7 +51,7 @@ from starlette.requests import ClientDisconnect
 from omnigrpo.rewards.access import HostCheck, PublicBindRefused, is_loopback, served_hosts
 from omnigrpo.rewards.admission import MB, Admission, Limits, Refused, Ticket, pixel_bytes
 from omnigrpo.rewards.connections import Connections
-from omnigrpo.rewards.protocol import RewardFn, call_reward
+from omnigrpo.rewards.protocol import RewardFn, call_reward, is_score
 from omnigrpo.rewards.transport import TOKEN_ENV, open_image
 
 log = logging.getLogger(__name__)
@@ -158,7 +158,7 @@ class Batcher:
             if not isinstance(out, list | tuple | np.ndarray) or len(out) != len(prompts):
                 got = len(out) if hasattr(out, "__len__") else type(out).__name__
                 raise ValueError(f"the reward returned {got} scores for {len(prompts)} images")
-            scores = [None if s is None else float(s) for s in out]
+            scores = [None if s is None else float(s) if is_score(s) else math.nan for s in out]  # NaN: failed
         except Exception as err:  # noqa: BLE001 - every request of this call is answered with the error
             for job in batch:
                 job.future.set_exception(err)

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 import zipfile
@@ -144,16 +145,14 @@ def load_state(path: str | Path, map_location=None):
 
 
 def _safe_classes() -> list[type]:
-    import importlib
+    """The classes of :data:`SAFE_GLOBALS`, where DeepSpeed is loaded (only its states hold them)."""
+    if "deepspeed" not in sys.modules:
+        return []
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
-    found = []
-    for name in SAFE_GLOBALS:
-        module, _, attr = name.rpartition(".")
-        try:
-            found.append(getattr(importlib.import_module(module), attr))
-        except (ImportError, AttributeError):  # DeepSpeed absent or moved: the class can then not be admitted
-            continue
-    return found
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 def _starts_like_pickle(path: Path) -> bool:

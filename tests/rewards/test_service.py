@@ -19,7 +19,7 @@ from omnigrpo.cli import main
 from omnigrpo.config.schema import RewardSpec
 from omnigrpo.rewards.admission import Limits
 from omnigrpo.rewards.registry import build_reward
-from omnigrpo.rewards.server import PublicBindRefused, RewardServer, is_loopback
+from omnigrpo.rewards.server import Batcher, PublicBindRefused, RewardServer, is_loopback
 from omnigrpo.rewards.transport import TOKEN_ENV, ServiceRefused, ServiceUnavailable, decode_image, encode_image
 from omnigrpo.rewards.worker import RewardWorker
 from omnigrpo.worlds import shapes
@@ -333,3 +333,14 @@ def test_nan_and_none_cross_the_wire_as_failed_and_not_applicable():
         assert result.applicable[1].tolist() == [True, False, True] and result.scores[1][2] == 0.5
     finally:
         server.stop()
+
+
+def test_a_served_score_that_is_not_a_real_number_is_sent_as_failed():
+    batcher = Batcher(lambda replica: lambda images, prompts, metadata: [True, "0.5", 1j, None, 0.25], max_wait_ms=0)
+    batcher.start()
+    try:
+        scores = batcher.submit(np.zeros((5, 4, 4, 3), np.uint8), ["p"] * 5, [{}] * 5).result(timeout=30)
+    finally:
+        batcher.stop()
+    assert [math.isnan(s) if s is not None else None for s in scores[:3]] == [True, True, True]
+    assert scores[3:] == [None, 0.25]  # None stays "not applicable"; a real number is sent as it is
