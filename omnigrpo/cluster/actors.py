@@ -236,7 +236,7 @@ def _decoder_actor(cfg: Config, index: int, plan: placement.Placement, restart: 
 
 def _reward_actor(cfg: Config, index: int, plan: placement.Placement):
     cls = ray.remote(RewardWorker).options(**plan.options("reward", index))
-    return cls.remote(cfg.rewards)
+    return cls.remote(cfg.rewards, cfg.cluster.reward_output_kb)
 
 
 class RoleLost(RuntimeError):

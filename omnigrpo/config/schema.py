@@ -349,6 +349,9 @@ class ClusterConfig:
     max_restarts: NonNegInt = 3
     """Rollout or reward actors that may die and be replaced in one run (their batch is retried on the
     replacement); one more death ends the run with a crash checkpoint."""
+    reward_output_kb: NonNegInt = 64
+    """What each reward actor's judges may print (stdout and stderr together, C libraries' included), in KB per
+    minute; the rest is dropped and counted, so a chatty plugin cannot flood the driver's log. 0 = no cap."""
     weight_sync: Literal["broadcast", "object_store"] = "broadcast"
     """How new weights reach the rollout actors: a broadcast over a dedicated gloo group (learner rank 0
     -> every rollout actor, in buckets), or Ray's object store. The object store is also the fallback

@@ -28,6 +28,7 @@ import torch
 from omnigrpo.config.schema import RewardSpec
 from omnigrpo.rewards.protocol import call_reward, is_score
 from omnigrpo.rewards.registry import build_reward
+from omnigrpo.rewards.throttle import OutputThrottle
 
 log = logging.getLogger(__name__)
 
@@ -119,13 +120,18 @@ class DryRun:
 class RewardWorker:
     """Builds each configured reward once (in :meth:`setup`) and scores batches of images."""
 
-    def __init__(self, specs: list[RewardSpec]):
+    def __init__(self, specs: list[RewardSpec], output_kb: int = 0):
         self.specs = list(specs)
+        self.output_kb = output_kb
+        """KB per minute this process may print (:class:`~omnigrpo.rewards.throttle.OutputThrottle`); 0 = no cap.
+        For a process of its own (a reward actor): the cap replaces file descriptors 1 and 2."""
         self.fns: list = []
 
     def setup(self, dry_run: DryRun | None = None) -> list[str]:
         """Build every reward here, on this process's devices; with ``dry_run``, call each on two blank images.
         Raises :class:`JudgeStartError` naming the reward (``rewards.N``) that could not be built or failed."""
+        if self.output_kb:
+            OutputThrottle.once(self.output_kb << 10)
         self.fns = []
         for i, spec in enumerate(self.specs):
             try:
