@@ -39,7 +39,7 @@ from omnigrpo.rewards.worker import RewardResult
 from omnigrpo.rollout.hub import absolute
 from omnigrpo.rollout.worker import RolloutBatch
 from omnigrpo.trainers import grpo
-from omnigrpo.trainers.learner import TrainBatch
+from omnigrpo.trainers.batch import TrainBatch
 from omnigrpo.trainers.sft import cache_root, sft_checkpoint
 from omnigrpo.worlds import registry as worlds
 from omnigrpo.worlds.world import blank_share

@@ -26,7 +26,6 @@ import math
 import os
 import shutil
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,11 +34,11 @@ from transformers.utils import logging as hf_logging
 from omnigrpo.config.runtime import learner_seeds, use_threads
 from omnigrpo.config.schema import Config
 from omnigrpo.rollout.loader import load_policy
-from omnigrpo.rollout.policy import PromptBatch
 from omnigrpo.rollout.sampler import SamplingParams, sequence_logprobs
 from omnigrpo.sync.broadcast import WeightBroadcast
 from omnigrpo.sync.network import LOOPBACK, interface_of, is_loopback, open_store, serve_store
 from omnigrpo.trainers import adapter, grpo
+from omnigrpo.trainers.batch import TrainBatch
 from omnigrpo.trainers.checkpoint import load_state, write_checkpoint, write_failure
 from omnigrpo.trainers.engine import (
     deepspeed_config,
@@ -49,30 +48,6 @@ from omnigrpo.trainers.engine import (
     skip_shared_memory_allreduce,
 )
 from omnigrpo.trainers.tally import UpdateTally
-
-
-@dataclass
-class TrainBatch:
-    """What one GRPO update consumes. ``prompts``: ``[N, P]``; ``codes``/``old_logprobs``: ``[N, T]``;
-    ``advantages``/``valid``: ``[N]`` (``valid`` False = excluded from the loss); ``versions``: ``[N]`` weight
-    version each sample was drawn with (None: the learner's current one)."""
-
-    prompts: PromptBatch
-    codes: torch.Tensor
-    old_logprobs: torch.Tensor
-    advantages: torch.Tensor
-    valid: torch.Tensor
-    versions: torch.Tensor | None = None
-
-    def to(self, device: torch.device | str) -> TrainBatch:
-        return TrainBatch(self.prompts.to(device), self.codes.to(device), self.old_logprobs.to(device),
-                          self.advantages.to(device), self.valid.to(device), self.versions)
-
-    def staleness(self, version: int) -> torch.Tensor:
-        """Updates made since each sample was drawn ``[N]`` (0 when the batch carries no versions)."""
-        if self.versions is None:
-            return torch.zeros(len(self.codes), dtype=torch.long)
-        return version - self.versions.long()
 
 
 class Learner:

@@ -22,7 +22,8 @@ from omnigrpo.cli import main
 from omnigrpo.config.loader import load_config
 from omnigrpo.rollout.sampler import SamplingParams
 from omnigrpo.rollout.worker import RolloutWorker
-from omnigrpo.trainers.learner import Learner, TrainBatch
+from omnigrpo.trainers.batch import TrainBatch
+from omnigrpo.trainers.learner import Learner
 from omnigrpo.worlds import shapes
 from omnigrpo.worlds.world import prompts_of
 

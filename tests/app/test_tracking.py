@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
@@ -75,3 +77,21 @@ def test_the_default_curves_follow_the_world():
         "eval/style_entropy_colour+eval/style_entropy_advance+eval/style_entropy_shift", "kl", "diversity/group"]
     assert default_curve_keys(load_config(configs / "shapes.yaml", [])) == [
         "reward/total/mean", "eval/strict_acc", "kl", "diversity/group"]
+
+
+def test_a_lost_store_buffers_and_writes_beside_the_run(tiny_config, tmp_path, caplog, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    cfg = tiny_config()
+    tracker = Tracker(cfg)
+    tracker.start()
+    tracker.log({"reward/total/mean": 0.5}, step=1)
+    tracker.client = MlflowClient("http://127.0.0.1:9")  # the store is gone: nothing listens there
+    for step in (2, 3):
+        tracker.log({"reward/total/mean": 0.25 * step}, step=step)  # training goes on
+    tracker.log_dict({"after": 1.0}, "summary.json", wait_s=0)
+    tracker.end(wait_s=0)
+    run = tmp_path / "run"
+    assert [json.loads(line)[0]["step"] for line in (run / "unsent_metrics.jsonl").read_text().splitlines()] == [2, 3]
+    assert json.loads((run / "summary.json").read_text()) == {"after": 1.0}
+    assert sum("MLflow unreachable (" in r.message for r in caplog.records) == 1  # said once
+    assert "Traceback" not in caplog.text

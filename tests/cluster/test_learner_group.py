@@ -26,8 +26,8 @@ def test_two_ranks_stay_identical_and_rollouts_get_their_weights(tiny_config, sf
     assert workers.sync.broadcast and {p.name for p in workers.meeting.iterdir()} >= {"learners"}
     try:
         prompts, metadata = ["a red circle at the top left", "a blue square at the bottom right"] * 2, [{}] * 4
+        from omnigrpo.trainers.batch import TrainBatch
         from omnigrpo.trainers.grpo import advantages
-        from omnigrpo.trainers.learner import TrainBatch
 
         for version in (1, 2):
             batch = shards.generate(workers, prompts, metadata, cfg.rollout.group_size)

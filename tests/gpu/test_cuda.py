@@ -23,8 +23,9 @@ from omnigrpo.rollout.policy import ImageSpace, PromptBatch, TextVocabLM
 from omnigrpo.rollout.sampler import SamplingParams, sample_images, sequence_logprobs
 from omnigrpo.rollout.worker import RolloutWorker
 from omnigrpo.sync.broadcast import WeightBroadcast
+from omnigrpo.trainers.batch import TrainBatch
 from omnigrpo.trainers.grpo import advantages
-from omnigrpo.trainers.learner import Learner, TrainBatch
+from omnigrpo.trainers.learner import Learner
 from omnigrpo.trainers.tally import merge_metrics
 from omnigrpo.worlds import shapes
 from omnigrpo.worlds.world import prompts_of

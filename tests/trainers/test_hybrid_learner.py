@@ -5,8 +5,8 @@ import torch
 
 from omnigrpo.config.loader import ConfigError
 from omnigrpo.rollout.sampler import sequence_logprobs
+from omnigrpo.trainers.batch import TrainBatch
 from omnigrpo.trainers.hybrid import HybridLearner
-from omnigrpo.trainers.learner import TrainBatch
 from omnigrpo.worlds import shapes
 from omnigrpo.worlds.world import prompts_of
 

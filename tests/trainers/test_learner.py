@@ -13,8 +13,9 @@ from omnigrpo.rewards.worker import RewardWorker
 from omnigrpo.rollout.families.builtin import WorldPolicy
 from omnigrpo.rollout.sampler import SamplingParams, sequence_logprobs
 from omnigrpo.rollout.worker import RolloutWorker
+from omnigrpo.trainers.batch import TrainBatch
 from omnigrpo.trainers.grpo import advantages
-from omnigrpo.trainers.learner import Learner, TrainBatch
+from omnigrpo.trainers.learner import Learner
 from omnigrpo.trainers.tally import merge_metrics
 from omnigrpo.worlds import shapes
 from omnigrpo.worlds.world import prompts_of
