@@ -245,9 +245,10 @@ def kernel_lines(settings: dict) -> list[str]:
 
 
 def run_bench(cfg: Config, parts: list[str], steps: int = 20, repeats: int = 3, out: str = "", rounds: int = 3,
-              modes: list[str] | None = None) -> dict:
-    """Run the named parts (``rollout``, ``trl``, ``sync``, ``rewards``), print tables, write JSON. ``rounds`` and
-    ``modes`` (default: the config's own ``cluster.placement``) shape the ``trl`` part."""
+              modes: list[str] | None = None, settle_s: float = 60.0) -> dict:
+    """Run the named parts (``rollout``, ``trl``, ``sync``, ``rewards``), print tables, write JSON. ``rounds``,
+    ``modes`` (default: the config's own ``cluster.placement``) and ``settle_s`` (the longest wait for an idle
+    CPU before each run) shape the ``trl`` part."""
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         raise ValueError(f"unknown bench part(s) {unknown}; choose from {', '.join(PARTS)}")
@@ -264,7 +265,7 @@ def run_bench(cfg: Config, parts: list[str], steps: int = 20, repeats: int = 3, 
     if "sync" in parts:
         results["sync"] = bench_sync(cfg, repeats)
     if "trl" in parts:
-        results["trl"] = bench_trl(cfg, model_path, steps, rounds, modes)
+        results["trl"] = bench_trl(cfg, model_path, steps, rounds, modes, settle_s)
     print(table(results), flush=True)
     target = Path(out) if out else Path(cfg.run.dir) / "bench.json"
     target.parent.mkdir(parents=True, exist_ok=True)

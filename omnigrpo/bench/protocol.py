@@ -2,21 +2,24 @@
 
 Why: a single run of each side on a shared machine says little, and a figure nobody can repeat says less.
 Round r runs omnigrpo once in each requested mode (a named set of config overrides, :data:`MODES`), then
-TRL once (settings frozen in ``trl_settings.yaml``); ``rounds`` rounds alternate the sides so that a slow
-spell of the machine hits both. Every run starts from the same weights and seed and makes ``steps`` steps.
-Reported per side and mode: median samples/s over rounds with min, max and the per-round values; reward
-(mean of the last :data:`REWARD_WINDOW` steps' mean reward, median over rounds); for omnigrpo, the median
-per-step stage times after each run's first step (from the run's MLflow metrics); each mode's ratio to TRL.
+TRL (settings frozen in ``trl_settings.yaml``) under the user's environment and again under omnigrpo's
+``OMP_WAIT_POLICY``; every run is a fresh process (``omnigrpo.bench.sides``), after the machine settled.
+Reported per side: median samples/s over rounds with min, max and the per-round values, the per-round
+ratios to TRL, reward (mean of the last :data:`REWARD_WINDOW` steps), omnigrpo's per-step stage times
+after each run's first step, and the environment each side ran under.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
+import yaml
 
-from omnigrpo.config.loader import ConfigError, with_overrides
+from omnigrpo.config.loader import ConfigError, load_config, to_dict, with_overrides
 from omnigrpo.config.schema import Config
 from omnigrpo.rewards.worker import RewardWorker
 from omnigrpo.worlds import registry as worlds
@@ -67,12 +70,11 @@ def window_mean(curve: list[float]) -> float:
     return float(np.mean(curve[-REWARD_WINDOW:]))
 
 
-def run_omnigrpo(cfg: Config) -> dict:
-    """One GRPO run; samples/s over its training steps, its reward, its median stage times after step 1."""
-    from omnigrpo.app.driver import train
+def omnigrpo_record(cfg: Config, run_id: str) -> dict:
+    """A finished GRPO run's samples/s over its training steps, its reward and its median stage times after
+    step 1, read from its MLflow store."""
     from omnigrpo.app.tracking import Tracker, history
 
-    run_id = train(cfg)["run_id"]
     client = Tracker(cfg).client
     keys = [*(f"timing/{s}_s" for s in STAGES), "sync/bytes", "reward/total/mean"]
     h = {k: [m.value for m in history(client, run_id, k)] for k in keys}
@@ -87,7 +89,7 @@ def run_omnigrpo(cfg: Config) -> dict:
 
 def trl_runner(cfg: Config, model_path: str, steps: int):
     """``run(out_dir) -> record``: one TRL GRPO run of the same experiment (prompts and judge built once)."""
-    from omnigrpo.bench.trl import run_trl_grpo
+    from omnigrpo.bench.trl import harness_settings, run_trl_grpo
 
     prompts, metadata = worlds.train_prompts(cfg.world.name)
     judge = RewardWorker(cfg.rewards)
@@ -103,10 +105,10 @@ def trl_runner(cfg: Config, model_path: str, steps: int):
         out = run_trl_grpo(model_path, prompts, metadata, total, steps=steps, prompts_per_step=r.prompts_per_step,
                            group_size=r.group_size, lr=cfg.trainer.lr, beta=cfg.trainer.kl_coef,
                            temperature=r.temperature, seed=cfg.run.seed, out_dir=out_dir,
-                           threads=cfg.cluster.torch_threads or os.cpu_count())
+                           threads=harness_settings()["torch_threads"] or None)
         return {"samples": out["samples"], "wall_s": out["wall_s"], "samples_per_s": out["samples_per_s"],
                 "reward": window_mean(out["reward_curve"]), "reward_curve": out["reward_curve"],
-                "max_non_image_tokens": out["max_non_image_tokens"], "args": out["args"]}
+                "max_non_image_tokens": out["max_non_image_tokens"], "args": out["args"], "threads": out["threads"]}
 
     return run
 
@@ -120,33 +122,37 @@ def run_config(cfg: Config, model_path: str, steps: int, run_dir: Path, name: st
         "tracking.image_every": 0, "tracking.run_name": name}, source="bench")
 
 
-def bench_trl(cfg: Config, model_path: str, steps: int, rounds: int = 3, modes: list[str] | None = None) -> dict:
-    """``rounds`` rounds of omnigrpo in each of ``modes`` (default: the config's own placement), then TRL."""
-    import ray
+TRL_ROWS = {"trl": "", "trl_passive": "PASSIVE"}
+"""TRL's rows: the user's environment, and the same with omnigrpo's ``OMP_WAIT_POLICY`` (what the setting does)."""
 
-    from omnigrpo.cluster import actors
+
+def bench_trl(cfg: Config, model_path: str, steps: int, rounds: int = 3, modes: list[str] | None = None,
+              settle_s: float = 60.0) -> dict:
+    """``rounds`` rounds of omnigrpo in each of ``modes`` (default: the config's own placement), then TRL as
+    each of :data:`TRL_ROWS`; every run in a fresh process, after waiting up to ``settle_s`` for an idle CPU."""
+    from omnigrpo.bench.sides import omnigrpo_side, trl_side
 
     names = modes or [cfg.cluster.placement]
     configs = mode_configs(cfg, names)
-    trl = trl_runner(cfg, model_path, steps)
-    root = Path(cfg.run.dir) / "bench"
+    root = Path(cfg.run.dir).resolve() / "bench"
     ours: dict[str, list[dict]] = {name: [] for name in names}
-    theirs: list[dict] = []
+    theirs: dict[str, list[dict]] = {row: [] for row in TRL_ROWS}
     sequence: list[dict] = []
     for r in range(1, rounds + 1):
-        started = not ray.is_initialized()
-        actors.connect(cfg)  # one Ray session for a round's omnigrpo runs; each run spawns and frees its actors
-        try:
-            for name in names:
-                run_dir = root / f"round-{r}" / f"omnigrpo-{name}"
-                ours[name].append(run_omnigrpo(run_config(configs[name], model_path, steps, run_dir,
-                                                          f"bench-{name}-round-{r}")))
-                sequence.append({"round": r, "run": f"omnigrpo/{name}"})
-        finally:
-            if started:  # TRL never shares the cores with Ray's processes
-                ray.shutdown()
-        theirs.append(trl(str(root / f"round-{r}" / "trl")))
-        sequence.append({"round": r, "run": "trl"})
+        for name in names:
+            run = run_config(configs[name], model_path, steps, root / f"round-{r}" / f"omnigrpo-{name}",
+                             f"bench-{name}-round-{r}")
+            Path(run.run.dir).mkdir(parents=True, exist_ok=True)
+            config = Path(run.run.dir) / "bench_config.yaml"
+            config.write_text(yaml.safe_dump(to_dict(run), sort_keys=False))
+            side = omnigrpo_side(config, Path(run.run.dir) / "output.log", settle_s)
+            ours[name].append({**omnigrpo_record(run, side["run_id"]), "env": side["env"], "before": side["before"]})
+            sequence.append({"round": r, "run": f"omnigrpo/{name}"})
+        trl_config = root / f"round-{r}" / "trl_config.yaml"
+        trl_config.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        for row, policy in TRL_ROWS.items():
+            theirs[row].append(trl_side(trl_config, model_path, steps, root / f"round-{r}" / row, settle_s, policy))
+            sequence.append({"round": r, "run": row})
     ro = cfg.rollout
     settings = {"prompts_per_step": ro.prompts_per_step, "group_size": ro.group_size, "lr": cfg.trainer.lr,
                 "beta": cfg.trainer.kl_coef, "temperature": ro.temperature, "seed": cfg.run.seed,
@@ -154,32 +160,45 @@ def bench_trl(cfg: Config, model_path: str, steps: int, rounds: int = 3, modes: 
     return {**summarise(ours, theirs, sequence, steps, names), "settings": settings}
 
 
-def summarise(ours: dict[str, list[dict]], theirs: list[dict], sequence: list[dict], steps: int,
+def summarise(ours: dict[str, list[dict]], theirs: dict[str, list[dict]], sequence: list[dict], steps: int,
               names: list[str]) -> dict:
-    """Per-round records -> the report: spreads over rounds, stage medians, ratios to TRL."""
-    trl = {"samples_per_s": spread([x["samples_per_s"] for x in theirs]),
-           "reward": spread([x["reward"] for x in theirs]),
-           "max_non_image_tokens": max(x["max_non_image_tokens"] for x in theirs), "runs": theirs}
+    """Per-round records -> the report: spreads over rounds, per-round ratios, stage medians, environments."""
+    trl = {row: _side(runs) | {"max_non_image_tokens": max(x["max_non_image_tokens"] for x in runs)}
+           for row, runs in theirs.items()}
+    base = trl["trl"]
     modes = {}
     for name, runs in ours.items():
         stages = {k: float(np.median([x["stages"][k] for x in runs])) for k in runs[0]["stages"]}
-        speed = spread([x["samples_per_s"] for x in runs])
-        modes[name] = {"overrides": MODES[name], "samples_per_s": speed, "reward": spread([x["reward"] for x in runs]),
-                       "stages": stages, "vs_trl": speed["median"] / trl["samples_per_s"]["median"], "runs": runs}
-    return {"steps": steps, "rounds": len(theirs), "modes": names, "reward_window": REWARD_WINDOW,
-            "sequence": sequence, "omnigrpo": modes, "trl": trl}
+        side = _side(runs)
+        modes[name] = {"overrides": MODES[name], **side, "stages": stages,
+                       "vs_trl": side["samples_per_s"]["median"] / base["samples_per_s"]["median"],
+                       "vs_trl_rounds": [o["samples_per_s"] / t["samples_per_s"]
+                                         for o, t in zip(runs, base["runs"], strict=True)]}
+    return {"steps": steps, "rounds": len(base["runs"]), "modes": names, "reward_window": REWARD_WINDOW,
+            "sequence": sequence, "omnigrpo": modes, "trl": base, "trl_passive": trl["trl_passive"]}
+
+
+def _side(runs: list[dict]) -> dict:
+    """One side's figures over its rounds, with the environment and settling of its first run."""
+    return {"samples_per_s": spread([x["samples_per_s"] for x in runs]), "reward": spread([x["reward"] for x in runs]),
+            "env": runs[0]["env"], "before": [x["before"] for x in runs], "runs": runs}
 
 
 def table_lines(t: dict) -> list[str]:
-    """Markdown: samples/s and reward per side and mode, then where each omnigrpo mode's step goes."""
+    """Markdown: samples/s, reward and ratios per side and round, where each mode's step goes, each side's
+    environment."""
     lines = ["", f"GRPO, {t['steps']} steps per run, {t['rounds']} round(s) of omnigrpo ({', '.join(t['modes'])}) "
-             f"then TRL GRPOTrainer; medians over rounds, reward = mean of the last {t['reward_window']} steps",
-             "| trainer | samples/s | min | max | reward | vs TRL |", "|---|---|---|---|---|---|"]
-    rows = [(f"omnigrpo {name}", m) for name, m in t["omnigrpo"].items()] + [("TRL", t["trl"])]
+             f"then TRL GRPOTrainer, each run a fresh process; medians over rounds, reward = mean of the last "
+             f"{t['reward_window']} steps", "| trainer | samples/s | per round | reward | vs TRL | per round |",
+             "|---|---|---|---|---|---|"]
+    rows = [(f"omnigrpo {name}", m) for name, m in t["omnigrpo"].items()]
+    rows += [("TRL", t["trl"]), ("TRL, OMP_WAIT_POLICY=PASSIVE", t["trl_passive"])]
     for label, m in rows:
         s, ratio = m["samples_per_s"], m.get("vs_trl")
-        lines.append(f"| {label} | {s['median']:.1f} | {s['min']:.1f} | {s['max']:.1f} | {m['reward']['median']:.3f} | "
-                     f"{'' if ratio is None else f'{ratio:.2f}x'} |")
+        per_round = ", ".join(f"{v:.1f}" for v in s["rounds"])
+        ratios = ", ".join(f"{v:.2f}x" for v in m.get("vs_trl_rounds", []))
+        lines.append(f"| {label} | {s['median']:.1f} | {per_round} | {m['reward']['median']:.3f} | "
+                     f"{'' if ratio is None else f'{ratio:.2f}x'} | {ratios} |")
     lines += ["", "omnigrpo per-step stages (medians after the first step)",
               "| mode | step s | rollout s | reward s | learn s | wait s | sync s | sync MB |",
               "|---|---|---|---|---|---|---|---|"]
@@ -188,4 +207,23 @@ def table_lines(t: dict) -> list[str]:
         lines.append(f"| {name} | {st['step_s']:.3f} | {st['rollout_s']:.3f} | {st['reward_s']:.3f} | "
                      f"{st['learn_s']:.3f} | {st.get('wait_s', 0.0):.3f} | {st['sync_s']:.4f} | "
                      f"{st['sync_bytes'] / 1e6:.2f} |")
+    lines += ["", "environment each side started under (thread and omnigrpo variables; the omnigrpo command adds "
+              "its own, e.g. OMP_WAIT_POLICY=PASSIVE, as it does for a user)"]
+    for label, m in rows:
+        busy = ", ".join(f"{b['cpu_busy_percent']:.0f}%" for b in m["before"])
+        lines.append(f"- {label}: {m['env'] or '(none set)'}; CPU busy before each run: {busy}")
     return lines
+
+
+def trl_record(config: str, model_path: str, steps: int, out_dir: str) -> dict:
+    """One TRL run of ``config``'s experiment (this process being a fresh one); writes ``record.json``."""
+    from omnigrpo.bench.sides import shown
+
+    record = {**trl_runner(load_config(config), model_path, steps)(out_dir), "env_seen": shown(dict(os.environ))}
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / "record.json").write_text(json.dumps(record))
+    return record
+
+
+if __name__ == "__main__":  # python -m omnigrpo.bench.protocol CONFIG MODEL_PATH STEPS OUT_DIR (bench.sides)
+    trl_record(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])

@@ -41,9 +41,20 @@ NON_IMAGE_LOGIT = -1e4  # exp() of it (minus any realistic logit) is exactly 0 i
 SETTINGS_PATH = Path(__file__).with_name("trl_settings.yaml")
 
 
+HARNESS_KEYS = ("torch_threads",)
+"""Keys of ``trl_settings.yaml`` that set up TRL's process rather than its GRPOConfig."""
+
+
 def frozen_settings() -> dict[str, object]:
     """The GRPOConfig fields the baseline does not derive from the omnigrpo config (``trl_settings.yaml``)."""
-    return yaml.safe_load(SETTINGS_PATH.read_text(encoding="utf-8"))
+    settings = yaml.safe_load(SETTINGS_PATH.read_text(encoding="utf-8"))
+    return {k: v for k, v in settings.items() if k not in HARNESS_KEYS}
+
+
+def harness_settings() -> dict[str, object]:
+    """How TRL's process is set up (``torch_threads``: 0 = torch's own default, as a user's process gets)."""
+    settings = yaml.safe_load(SETTINGS_PATH.read_text(encoding="utf-8"))
+    return {k: settings[k] for k in HARNESS_KEYS}
 
 
 def grpo_args(derived: dict[str, object]) -> GRPOConfig:

@@ -18,6 +18,9 @@ import tempfile
 from pathlib import Path
 
 LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "token"}
+MARKER = "OMNIGRPO_LOCAL_RAY_PID"
+"""Set beside the token's path to the process that made it: a child process (a test worker, a benchmark's run)
+makes its own cluster and token instead of reusing its parent's, which end with the parent."""
 _HOME: list[Path] = []  # this process's owner-only folder for its local cluster, made once
 
 
@@ -30,11 +33,17 @@ def prepare_local_ray_env(address: str) -> dict[str, str]:
     """Set the loopback/auth defaults for a local cluster (and its token file, when token auth is on); returns
     what is now in effect, without the token's path."""
     if wants_local_cluster(address):
-        chosen = "RAY_AUTH_MODE" in os.environ
+        ours = os.environ.get(MARKER) == str(os.getpid())
+        inherited = MARKER in os.environ and not ours  # set by the omnigrpo process that started this one
+        if inherited:
+            for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", MARKER):
+                os.environ.pop(key, None)
+        chosen = "RAY_AUTH_MODE" in os.environ and not ours
         for key, value in LOCAL_RAY_ENV.items():
             os.environ.setdefault(key, value)
         if not chosen and not os.environ.get("RAY_AUTH_TOKEN"):
             os.environ["RAY_AUTH_TOKEN_PATH"] = str(local_cluster_home() / "auth_token")
+            os.environ[MARKER] = str(os.getpid())
     return {k: os.environ[k] for k in LOCAL_RAY_ENV if k in os.environ}
 
 

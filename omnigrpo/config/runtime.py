@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import os
 
+USER_ENV = dict(os.environ)
+"""The environment as this process received it, before :func:`quiet_thread_waits` or anything else of
+omnigrpo's set a variable for itself (what a user's shell gives a program; the TRL baseline runs under it)."""
 ACTOR_STRIDE = {"rollout": 17, "decoder": 31}
 """Seed distance between actors ``i`` and ``i + 1`` of a role."""
 RESTART_STRIDE = 7919

@@ -16,7 +16,8 @@ kernels per layer as the arithmetic allows (``omnigrpo bench --parts rollout`` c
 - the step's keys/values written in place, then one ``scaled_dot_product_attention`` over the attended span on
   CUDA (three ops on the CPU, where they are faster: :func:`decode_attention`); a decode step groups the query
   heads that share a key/value head as query rows: no key copy for GQA;
-- output and down projections with their residual add in one ``addmm``;
+- output and down projections with their residual add in one ``addmm``, written into the residual itself where
+  no one reads it again;
 - what a step reads of each layer looked up once per sampling call (:class:`LayerPlan`), not per token.
 
 It applies to any decoder layer with the Llama attribute layout (``input_layernorm``,
@@ -199,28 +200,34 @@ def _transposed(linear: torch.nn.Module) -> torch.Tensor | None:
     return linear.weight.t() if type(linear) is torch.nn.Linear and linear.bias is None else None
 
 
-def _residual(x: torch.Tensor, linear: torch.nn.Module, weight_t: torch.Tensor | None, h: torch.Tensor) -> torch.Tensor:
-    """``x + linear(h)`` for ``[B, L, D]``, as one ``addmm`` where ``weight_t`` is given."""
+def _residual(x: torch.Tensor, linear: torch.nn.Module, weight_t: torch.Tensor | None, h: torch.Tensor,
+              inplace: bool) -> torch.Tensor:
+    """``x + linear(h)`` for ``[B, L, D]``, as one ``addmm`` where ``weight_t`` is given; with ``inplace`` (``x`` is
+    read by nobody else) and no autograd, written into ``x`` itself: CUDA's out-of-place ``addmm`` first copies its
+    2-D ``self`` into the result, a hidden kernel per call."""
     if weight_t is None:
         return x + linear(h)
-    shape = x.shape
-    return torch.addmm(x.reshape(-1, shape[-1]), h.reshape(-1, h.shape[-1]), weight_t).view(shape)
+    shape, rows = x.shape, h.reshape(-1, h.shape[-1])
+    if inplace and not torch.is_grad_enabled():
+        return x.view(-1, shape[-1]).addmm_(rows, weight_t).view(shape)
+    return torch.addmm(x.reshape(-1, shape[-1]), rows, weight_t).view(shape)
 
 
 def attend(plan: LayerPlan, index: int, x: torch.Tensor, rope: torch.Tensor, cache: StaticKV,
-           mask: torch.Tensor | None) -> torch.Tensor:
+           mask: torch.Tensor | None, owned: bool = False) -> torch.Tensor:
     """One decoder layer on ``x`` ``[B, L, D]`` whose keys go to cache slots ``length .. length + L - 1`` (a static
     decode step: slot ``cache.slot``, attending ``cache.span`` keys).
 
     ``rope``: ``[B, L, 1, 2, d]`` (cos, folded sin): RoPE of q and k together in three kernels (rolling the last
     dimension by half swaps its halves); ``mask``: bool ``[B, 1, L, length + L]``, True where a query may attend a
-    key; None for a decode step (L = 1), which attends through the cache's additive ``bias``.
+    key; None for a decode step (L = 1), which attends through the cache's additive ``bias``. ``owned``: nobody
+    reads ``x`` after this layer, so its residual may be written into it.
     """
     qkv_w, qkv_b, gate_up_w, hq, hkv, d, scale, norm_in, norm_post, o_proj, o_t, down_proj, down_t, act = plan
     b, n, _ = x.shape
     qkv = F.linear(F.rms_norm(x, *norm_in), qkv_w, qkv_b).view(b, n, -1, d)
-    rot = qkv[:, :, : hq + hkv]
-    qk = torch.addcmul(rot * rope[..., 0, :], rot.roll(d // 2, -1), rope[..., 1, :])
+    rot = qkv[:, :, : hq + hkv]  # rolled whole, then sliced: CUDA's roll copies a non-contiguous input first
+    qk = torch.addcmul(rot * rope[..., 0, :], qkv.roll(d // 2, -1)[:, :, : hq + hkv], rope[..., 1, :])
     k, v = qk[:, :, hq:].transpose(1, 2), qkv[:, :, hq + hkv :].transpose(1, 2)
     keys, values = cache.keys[index], cache.values[index]
     if n == 1:  # decode: the query heads sharing a key/value head are that head's query rows (GQA without copies)
@@ -240,9 +247,9 @@ def attend(plan: LayerPlan, index: int, x: torch.Tensor, rope: torch.Tensor, cac
         values.narrow(2, start, n).copy_(v)
         out = F.scaled_dot_product_attention(qk[:, :, :hq].transpose(1, 2), keys[:, :, :end], values[:, :, :end],
                                              attn_mask=mask, scale=scale, enable_gqa=hq != hkv).transpose(1, 2)
-    x = _residual(x, o_proj, o_t, out.reshape(b, n, -1))
+    x = _residual(x, o_proj, o_t, out.reshape(b, n, -1), owned)
     gate, up = F.linear(F.rms_norm(x, *norm_post), gate_up_w).chunk(2, -1)
-    return _residual(x, down_proj, down_t, act(gate) * up)
+    return _residual(x, down_proj, down_t, act(gate) * up, True)  # this x is the layer's own
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor, scale: float
@@ -302,10 +309,13 @@ def forward_layers(layers: Sequence[torch.nn.Module], packed: list[tuple], rotar
     if cache.plans is None:
         cache.plans = plan_layers(layers, packed)
     rope = cache.rope[positions][:, :, None]  # [B, L, 1, 2, d]
+    owned = False  # x is the caller's (the embeddings, maybe reused) until a layer makes a new one
     for i, plan in enumerate(cache.plans):
-        out = attend(plan, i, x, rope, cache, mask)
-        if i < len(image_only) and image_only[i]:  # a vision block: only image positions take its output
+        vision = i < len(image_only) and image_only[i]
+        out = attend(plan, i, x, rope, cache, mask, owned and not vision)
+        if vision:  # a vision block: only image positions take its output (so its input is read after it)
             out = torch.where(image[..., None], out, x) if torch.is_tensor(image) else (out if image else x)
+        owned = owned or out is not x
         x = out
     cache.length += n
     if cache.static:

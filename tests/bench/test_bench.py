@@ -10,6 +10,7 @@ from conftest import leftovers
 from omnigrpo.bench.generate import hf_generate, hf_generate_batched, interleaved_medians
 from omnigrpo.bench.harness import run_bench
 from omnigrpo.bench.protocol import STAGES
+from omnigrpo.bench.sides import shown, user_env
 from omnigrpo.bench.trl import frozen_settings
 from omnigrpo.rollout.families.builtin import WorldPolicy
 from omnigrpo.rollout.sampler import SamplingParams, sample_images
@@ -38,8 +39,7 @@ def test_generate_baselines_draw_the_same_images_greedily(sft_path, cfg_scale):
 @pytest.mark.usefixtures("ray_cluster")
 def test_every_part_runs_and_reports(tiny_config, sft_path, tmp_path, capsys):
     cfg = tiny_config(f"model.path={sft_path}")
-    results = run_bench(cfg, ["rollout", "rewards", "sync", "trl"], steps=2, repeats=1, out=str(tmp_path / "b.json"),
-                        rounds=2, modes=["colocated", "hybrid"])
+    results = run_bench(cfg, ["rollout", "rewards", "sync"], steps=2, repeats=1, out=str(tmp_path / "b.json"))
     assert not leftovers()
     assert json.loads((tmp_path / "b.json").read_text())["world"] == "shapes"
 
@@ -52,8 +52,6 @@ def test_every_part_runs_and_reports(tiny_config, sft_path, tmp_path, capsys):
         assert kernels["omnigrpo"]["total"] < min(v["total"] for k, v in kernels.items() if k != "omnigrpo")
         assert all(v["total"] == v["outside"] + v["layers"] * v["per_layer"] for v in kernels.values())
 
-    check_trl_protocol(results["trl"], cfg)
-
     n_params = sum(p.numel() for p in WorldPolicy.from_pretrained(sft_path).model.parameters())
     paths = results["sync"]["paths"]
     assert set(paths) == {"object store", "broadcast, bucketed", "broadcast, per tensor"}
@@ -62,31 +60,47 @@ def test_every_part_runs_and_reports(tiny_config, sft_path, tmp_path, capsys):
         assert m["rollouts_match_learner"] and m["still_broadcasting"]  # no silent fallback to the object store
     assert results["rewards"]["shapes"]["images_per_s"] > 0
     out = capsys.readouterr().out
-    assert "| omnigrpo hybrid |" in out and "| TRL |" in out and "sync MB" in out and "s/GB" in out
-    assert "| shapes |" in out and "kernels/step" in out
+    assert "s/GB" in out and "| shapes |" in out and "kernels/step" in out
+
+
+@pytest.mark.cluster  # each omnigrpo side starts a cluster of its own
+def test_the_trl_comparison_runs_each_side_in_a_fresh_process(tiny_config, sft_path, tmp_path, capsys):
+    cfg = tiny_config(f"model.path={sft_path}")
+    results = run_bench(cfg, ["trl"], steps=2, out=str(tmp_path / "b.json"), rounds=1, modes=["colocated", "hybrid"],
+                        settle_s=1.0)
+    check_trl_protocol(results["trl"], cfg)
+    out = capsys.readouterr().out
+    assert "| omnigrpo hybrid |" in out and "| TRL |" in out and "| TRL, OMP_WAIT_POLICY=PASSIVE |" in out
+    assert "sync MB" in out and "CPU busy before each run" in out
 
 
 def check_trl_protocol(t: dict, cfg) -> None:
-    """Two rounds of colocated, hybrid, then TRL; every figure from the per-round runs; TRL as frozen."""
-    runs = ["omnigrpo/colocated", "omnigrpo/hybrid", "trl"]
-    assert t["sequence"] == [{"round": r, "run": run} for r in (1, 2) for run in runs]
+    """A round of colocated, hybrid, then TRL twice, each a fresh process; every figure from the per-round runs;
+    TRL as frozen, under the user's environment (and once with omnigrpo's OMP_WAIT_POLICY)."""
+    assert t["sequence"] == [{"round": 1, "run": run} for run in
+                             ["omnigrpo/colocated", "omnigrpo/hybrid", "trl", "trl_passive"]]
     trl = t["trl"]
-    for side in [*t["omnigrpo"].values(), trl]:
-        assert len(side["runs"]) == 2
-        for run in side["runs"]:
-            assert run["samples"] == 2 * cfg.batch_size and run["samples_per_s"] > 0
-            assert len(run["reward_curve"]) == 2 and run["reward"] == pytest.approx(np.mean(run["reward_curve"]))
+    for side in [*t["omnigrpo"].values(), trl, t["trl_passive"]]:
+        (run,) = side["runs"]
+        assert run["samples"] == 2 * cfg.batch_size and run["samples_per_s"] > 0
+        assert len(run["reward_curve"]) == 2 and run["reward"] == pytest.approx(np.mean(run["reward_curve"]))
         for key in ("samples_per_s", "reward"):  # each figure's spread is over the rounds' own runs, in order
-            values = [run[key] for run in side["runs"]]
-            assert side[key]["rounds"] == values and side[key]["min"] <= side[key]["median"] <= side[key]["max"]
-            assert {side[key]["min"], side[key]["max"]} == {min(values), max(values)}
+            assert side[key]["rounds"] == [run[key]] and side[key]["median"] == run[key]
+        assert {"leftover_processes", "cpu_busy_percent", "settled"} <= set(side["before"][0])
     for mode in t["omnigrpo"].values():
         assert (mode["vs_trl"] > 1) == (mode["samples_per_s"]["median"] > trl["samples_per_s"]["median"])
+        ratio = mode["runs"][0]["samples_per_s"] / trl["runs"][0]["samples_per_s"]
+        assert mode["vs_trl_rounds"] == [pytest.approx(ratio)]
         # the stages are parts of a step: they add up to no more than it
         stages = mode["stages"]
         assert 0 < sum(stages[f"{s}_s"] for s in STAGES if s != "step") <= stages["step_s"] * 1.05, stages
     assert t["omnigrpo"]["hybrid"]["stages"]["sync_bytes"] == 0 < t["omnigrpo"]["colocated"]["stages"]["sync_bytes"]
     assert trl["max_non_image_tokens"] == 0 and t["settings"]["group_size"] == cfg.rollout.group_size
+    # TRL's process saw the user's environment, nothing the omnigrpo command set for itself; its twin, PASSIVE
+    assert trl["env"] == shown(user_env())
+    for key in ("OMP_WAIT_POLICY", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        assert trl["runs"][0]["env_seen"].get(key) == shown(user_env()).get(key), key  # what the user gave, if any
+    assert t["trl_passive"]["runs"][0]["env_seen"]["OMP_WAIT_POLICY"] == "PASSIVE"
     args = trl["runs"][0]["args"]
     assert {k: args[k] for k in frozen_settings()} == frozen_settings()  # the file is what the trainer used
     assert (args["learning_rate"], args["beta"], args["temperature"], args["num_generations"], args["max_steps"],

@@ -65,6 +65,7 @@ def test_the_local_cluster_admits_only_its_owner(tmp_path):
     assert session.is_relative_to(home) and len(token) == 64
     code = JOIN.format(address=ray.get_runtime_context().gcs_address)
     stranger = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_TOKEN")} | {"HOME": str(tmp_path)}
+    stranger["RAY_gcs_rpc_server_connect_timeout_s"] = "5"  # how long a stranger retries: its own choice
     tries = {"auth off": {**stranger, "RAY_AUTH_MODE": "disabled"}, "no token": {**stranger, "RAY_AUTH_MODE": "token"},
              "a wrong token": {**stranger, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64},
              "the owner": dict(os.environ)}

@@ -234,7 +234,11 @@ ray.init(address=sys.argv[1], log_to_driver=False)
 for entry in ray.util.list_named_actors(all_namespaces=True):
     if entry["name"].startswith("omnigrpo-rollout-"):
         actor = ray.get_actor(entry["name"], namespace=entry["namespace"])
-        if ray.get(actor.__ray_call__.remote(lambda self: ray.util.get_node_ip_address())) == sys.argv[2]:
+        try:  # an earlier run's actor may still be listed while it is being removed
+            where = ray.get(actor.__ray_call__.remote(lambda self: ray.util.get_node_ip_address()))
+        except ray.exceptions.RayActorError:
+            continue
+        if where == sys.argv[2]:
             ray.kill(actor)
             print("killed", entry["name"])
             break

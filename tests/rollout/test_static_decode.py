@@ -61,3 +61,23 @@ def test_packed_copies_refresh_in_place(tmp_path):
     second = pack_copies(layers, into=first)
     assert all(a[0] is b[0] and a[2] is b[2] for a, b in zip(first, second, strict=True))
     assert torch.equal(second[0][0], pack_copies(layers)[0][0])
+
+
+@pytest.mark.parametrize("family", ["janus", "xomni"])
+def test_the_residuals_written_in_place_never_touch_the_callers_tensors(family, tmp_path):
+    """Sampling writes each layer's residual adds into the layer's own output, never into the embeddings passed in
+    (a reused end-of-line embedding, X-Omni's text rows that skip a vision block): the same outputs as with
+    autograd on (which never writes in place), and the input unchanged."""
+    policy = load_policy(family, str(tiny.build(family, tmp_path / family)))
+    lm = policy.lm()
+    ids = policy.prompt_batch(["a red apple", "x"]).ids
+    embeds = lm.embed_text(ids).detach()
+    kept = embeds.clone()
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    valid, image = torch.ones_like(ids, dtype=torch.bool), lm.prompt_image(ids)
+    with torch.no_grad():  # as the sampler runs (there under inference_mode too)
+        fast = lm.fast_forward(embeds, positions, valid, image, lm.new_cache(2, 32))
+    assert torch.equal(embeds, kept)
+    with torch.enable_grad():  # autograd on: every residual out of place
+        slow = lm.fast_forward(embeds, positions, valid, image, lm.new_cache(2, 32))
+    assert torch.allclose(fast, slow, atol=1e-6)
