@@ -71,6 +71,8 @@ def bench_decode(model: torch.nn.Module, space: ImageSpace, params: SamplingPara
     fns = sides(prompts, params, cuda)
     counted = {k: v for k, v in fns.items() if k != "ours_graphs"}
     result = kernels.compare(counted, model, space, repeats, sync, more)
+    for name in ("ours_static", "hf_batched_cfg"):  # what the GPU itself ran (nothing to add on the CPU)
+        result[name].update(kernels.device_kernels(lambda sp, f=fns[name]: f(model, sp), space))
     if cuda:  # a graph replays the kernels counted for ours_static
         for name, backends in (("ours_graphs", None), ("ours_graphs_efficient", [SDPBackend.EFFICIENT_ATTENTION])):
             with sdpa_kernel(backends) if backends else contextlib.nullcontext():
@@ -90,15 +92,30 @@ def bench_decode(model: torch.nn.Module, space: ImageSpace, params: SamplingPara
         side["x_floor_context"] = side["ms_per_step"] / floors["floor_context_ms"]
     if "ours_graphs" in result:
         result["ours_graphs"]["x_floor_span"] = result["ours_graphs"]["ms_per_step"] / floors["floor_span_ms"]
-    return {"sides": result, **floors}
+    return {"sides": result, **floors, "sdpa_backend": sdpa_backend(model, rows, context, device)}
+
+
+def sdpa_backend(model: torch.nn.Module, rows: int, context: int, device: torch.device) -> str:
+    """The attention kernel PyTorch picks for a decode step's shapes (``torch._fused_sdp_choice``)."""
+    cfg, weight = model.config, next(model.parameters())
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    q = torch.zeros(rows, cfg.num_attention_heads, 1, d, dtype=weight.dtype, device=device)
+    kv = torch.zeros(rows, cfg.num_key_value_heads, context, d, dtype=weight.dtype, device=device)
+    mask = torch.zeros(rows, cfg.num_key_value_heads, 1, context, dtype=weight.dtype, device=device)
+    try:
+        choice = torch._fused_sdp_choice(q, kv, kv, mask[:, :1], 0.0, False, enable_gqa=True)
+    except (AttributeError, RuntimeError, TypeError) as err:
+        return f"unknown ({type(err).__name__})"
+    return SDPBackend(choice).name
 
 
 def decode_lines(d: dict) -> list[str]:
     """Markdown rows for :func:`bench_decode`'s result."""
     lines = [f"decode step at context {d['context']} ({d['rows']} rows), floors {d['floor_context_ms']:.3f} ms "
              f"(context) / {d['floor_span_ms']:.3f} ms (span {d['span']}) at {d['copy_bandwidth_gb_s']:.0f} GB/s",
-             "| side | ms/step | x floor (context) | kernels/step | per layer | outside |", "|---|---|---|---|---|---|"]
+             "| side | ms/step | x floor (context) | kernels/step | per layer | outside | GPU kernels/step |",
+             "|---|---|---|---|---|---|---|"]
     for name, s in d["sides"].items():
         lines.append(f"| {name} | {s['ms_per_step']:.3f} | {s['x_floor_context']:.2f} | {s.get('total', '')} | "
-                     f"{s.get('per_layer', '')} | {s.get('outside', '')} |")
-    return lines
+                     f"{s.get('per_layer', '')} | {s.get('outside', '')} | {s.get('device_per_step', '')} |")
+    return [*lines, f"attention: {d.get('sdpa_backend', '?')}"]

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The GPU check: one CUDA machine, under 6 minutes, ordered so that a run cut off early keeps the numbers that
-# matter most. Each step has its own time limit and writes its own files:
+# matter most. Each step has its own time limit (then SIGTERM, and SIGKILL 10 s later) and writes its figures:
 #
 #   (a) decode.json      1B decode step: eager, static, CUDA graphs, HF batched CFG; kernels/step; both floors
 #   (b) graphs.xml       the CUDA-graph equality tests (bitwise against the same loop run eagerly)
 #   (c) rollout.json     a full 16-image rollout, graphed vs HF generate; capture time and memory; bf16 log-prob gap
 #   (d) tests.xml        the remaining tests marked gpu (hybrid sampling memory, GRPO on the device, NCCL, ...)
 #   (e) learner.json     learner forward+backward MFU
+#
+# plus summary.txt (the machine, each step's exit status and time) and logs.txt (every step's output, in order):
+# seven files, within the eight a device call brings back.
 #
 #   omnigrpo/bench/gpu_check.sh [--tiny] [OUT_DIR]      (from the repository root; OUT_DIR defaults to $OUT or
 #                                                        gpu-check/)
@@ -17,7 +20,8 @@
 # untouched), and the check refuses to start when one is missing and .whl/ cannot supply it. Ray and MLflow are
 # not needed: the tests drive the plain worker classes. --tiny rehearses every step on the CPU in about a minute
 # (a toy benchmark model, the gpu tests run on the CPU, a few of them). GPU_CHECK_STEPS names the steps to run
-# (default: all five), GPU_TEST_ARGS replaces the tests step's selection (e.g. '-k hybrid').
+# (default: all five), GPU_TEST_ARGS replaces the tests step's selection, split as a shell would (e.g.
+# "-k 'hybrid or nccl'").
 set -uo pipefail
 tiny=0
 if [ "${1:-}" = "--tiny" ]; then tiny=1; shift; fi
@@ -61,18 +65,24 @@ else
 fi
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null || echo "no nvidia-smi"
   $py -c 'import sys, torch, transformers; print(sys.version.split()[0], torch.__version__, transformers.__version__)'
-} 2>&1 | tee "$out/machine.txt"
+} 2>&1 | tee "$out/summary.txt"
 
-if [ -n "${GPU_TEST_ARGS:-}" ]; then read -r -a tests <<<"$GPU_TEST_ARGS"; fi
+if [ -n "${GPU_TEST_ARGS:-}" ]; then  # quoted words stay whole: -k 'a or b' is one selection, not file names
+  mapfile -t tests < <($py -c 'import shlex, sys; print("\n".join(shlex.split(sys.argv[1])))' "$GPU_TEST_ARGS")
+fi
 status=0
-step() {  # step NAME LIMIT COMMAND...: run under its own time limit, log to NAME.log, keep going on failure
-  local name=$1 limit=$2 start=$SECONDS
+: >"$out/logs.txt"
+step() {  # step NAME LIMIT COMMAND...: run under its own time limit, log into logs.txt, keep going on failure
+  local name=$1 limit=$2 start=$SECONDS log
   shift 2
   [[ " ${GPU_CHECK_STEPS:-decode graphs rollout tests learner} " == *" $name "* ]] || return 0
-  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  log=$(mktemp)
+  timeout -k 10 "$limit" "$@" >"$log" 2>&1  # -k: a process that ignores SIGTERM cannot hang the check
   local rc=$?
-  tail -25 "$out/$name.log"
-  echo "== $name: rc $rc in $((SECONDS - start)) s (limit $limit s)" | tee -a "$out/steps.txt"
+  tail -25 "$log"
+  { echo "===== $name"; cat "$log"; } >>"$out/logs.txt"
+  rm -f "$log"
+  echo "== $name: rc $rc in $((SECONDS - start)) s (limit $limit s)" | tee -a "$out/summary.txt"
   [ $rc = 0 ] || status=1
 }
 pytest=($py -m pytest tests/gpu -m gpu -p no:cacheprovider -o junit_family=xunit1 -rfEs -q)

@@ -8,7 +8,9 @@ on the GPU (the same aten ops run), so it can be measured, compared and held to 
 relabel memory, and bare allocations are not kernels). :func:`per_step` isolates one decode step exactly: it
 counts a whole sampling call at two image lengths (``n`` and ``n + 1`` codes, everything else equal) and takes
 the difference (after one uncounted call). :func:`per_layer` does the same across two layer counts:
-``step(L) = outside + L * per_layer``.
+``step(L) = outside + L * per_layer``. On a GPU, :func:`device_kernels` also counts what the device ran, from
+``torch.profiler``'s kernel events: copies a kernel's launcher makes on its own (CUDA ``roll`` of a strided input,
+``addmm`` copying its ``self``) launch without an aten op the dispatch counter could see.
 """
 
 from __future__ import annotations
@@ -120,3 +122,23 @@ def compare(sides: dict[str, Callable], model: torch.nn.Module, space: ImageSpac
                                                   sync=sync)
         out[name] = split
     return out
+
+
+def device_kernels(sample: Callable[[ImageSpace], object], space: ImageSpace, n: int = 4, more: int = 8) -> dict:
+    """Kernels the GPU ran per decode step (profiler kernel events at ``n + more`` codes minus ``n``, over ``more``)
+    and the attention kernels among them; empty without CUDA."""
+    if not torch.cuda.is_available():
+        return {}
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    def launched(codes: int) -> list[str]:
+        sample(ImageSpace(space.num_codes, 1, codes, space.offset, None))  # warm: captures and plans outside
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            sample(ImageSpace(space.num_codes, 1, codes, space.offset, None))
+            torch.cuda.synchronize()
+        return [e.name for e in prof.events() if e.device_type == DeviceType.CUDA]
+
+    short, longer = launched(n), launched(n + more)
+    attention = sorted({k for k in longer if any(w in k.lower() for w in ("attention", "fmha", "flash", "sdpa"))})
+    return {"device_per_step": (len(longer) - len(short)) / more, "attention_kernels": attention[:6]}
