@@ -1,4 +1,4 @@
-"""An example reward plugin for omnigrpo (see README, "Write your own reward").
+"""An example reward plugin for omnigrpo (see docs/rewards.md, "Write your own reward").
 
 Two shapes a plugin can take:
 - a reward function ``(images, prompts, metadata) -> list[float | None]``;
