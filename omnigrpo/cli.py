@@ -209,13 +209,18 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
     plan = check_run(cfg)  # bad input is refused before Ray, MLflow and the model libraries are even imported
     prepare_local_ray_env(cfg.cluster.address)  # before the driver imports Ray
     from omnigrpo.app.driver import train
-    from omnigrpo.app.failure import RunFailed
+    from omnigrpo.app.failure import RunFailed, starting_failed
     from omnigrpo.app.tracking import store_uri
 
     try:
         summary = train(cfg, stop_on_sigterm=True, plan=plan)  # `omnigrpo stop` / `ray job stop` send SIGTERM
     except RunFailed as err:  # a fault after start-up: what broke, what was saved, where the traceback is
         print(f"omnigrpo: {err}", file=sys.stderr)
+        return 1
+    except (ConfigError, ClusterShortfall):
+        raise
+    except Exception as err:  # a fault while starting (SFT, an actor's set-up, the tracking store): nothing to save
+        print(f"omnigrpo: {starting_failed(err, Path(cfg.run.dir))}", file=sys.stderr)
         return 1
     if "stopped_at" in summary:
         print(f"stopped after step {summary['stopped_at']}: {summary['checkpoint']}; continue with "

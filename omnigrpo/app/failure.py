@@ -60,3 +60,8 @@ def failed(err: BaseException, step: int, stage: str, saved: str, run_dir: Path)
     """The :class:`RunFailed` for ``err`` raised at ``step`` (while ``stage`` ran), after ``saved`` was written."""
     return RunFailed(f"the run failed at step {step} ({stage}): {describe(err)}; {saved}; "
                      f"{failure_log(run_dir, err)}")
+
+
+def starting_failed(err: BaseException, run_dir: Path) -> str:
+    """The line for ``err`` raised while a run started (before its first step: nothing was saved)."""
+    return f"the run failed while starting: {describe(err)}; nothing was saved; {failure_log(run_dir, err)}"

@@ -13,16 +13,17 @@ devices), what a resume needs, and an evaluation's checkpoint and prompts. Every
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from omnigrpo.app import planner
+from omnigrpo.app.inspection import check_loadable, check_resume, readable_json
 from omnigrpo.cluster.payload import Payload, gather
 from omnigrpo.config.loader import ConfigError
 from omnigrpo.config.schema import Config
+from omnigrpo.config.validation import SECRET_WORDS
 from omnigrpo.data.prompts import PromptFileError, load_prompts
 from omnigrpo.rewards.protocol import is_reward_function
 from omnigrpo.rewards.registry import RewardArgumentError, RewardNotFound, build_reward, check_arguments, resolve_reward
@@ -86,8 +87,9 @@ PSEUDO_FILE_SYSTEMS = {"proc", "sysfs", "devtmpfs", "devpts", "cgroup", "cgroup2
 
 
 def check_run_dir(directory: str) -> None:
-    """``run.dir`` is a writable directory, or one that can be made (checked without making it: bad input
-    writes nothing), and neither a system directory nor on a pseudo file system."""
+    """``run.dir`` is a writable directory of this user's that no one else may write into, or one that can be made
+    (checked without making it: bad input writes nothing), and neither a system directory nor on a pseudo file
+    system."""
     path = Path(directory).expanduser().absolute()
     resolved = path.resolve()
     if str(resolved) in SYSTEM_ROOTS or any(resolved.is_relative_to(tree) for tree in SYSTEM_TREES):
@@ -100,6 +102,10 @@ def check_run_dir(directory: str) -> None:
         raise ConfigError(f"run.dir: {existing} exists and is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"run.dir: {existing} is not writable")
+    if existing == path and (path.stat().st_uid != os.geteuid() or path.stat().st_mode & 0o002):
+        raise ConfigError(f"run.dir: {path} belongs to another user or anyone may write into it: whoever can plant "
+                          "a checkpoint or a link there steers the run; give a directory of your own (e.g. "
+                          f"{path / os.environ.get('USER', 'me')})")
 
 
 def file_system(path: Path) -> str:
@@ -264,94 +270,6 @@ def build_checked(name: str, kwargs: dict, key: str):
         raise ConfigError(f"{key}: reward {name!r} could not be built: {type(err).__name__}: {err}") from None
 
 
-def check_resume(cfg: Config) -> tuple[Path | None, dict | None]:
-    """The newest resumable checkpoint of ``run.dir`` and its run state, checked against the cluster shape."""
-    from omnigrpo.trainers.checkpoint import latest_checkpoint, latest_resumable, load_state, written
-
-    root = Path(cfg.run.dir).resolve() / "checkpoints"
-    for stamp in sorted(root.glob("*/step-*/omnigrpo_step.json")) + sorted(root.glob("*/crash-*/omnigrpo_step.json")):
-        readable_json(stamp, "run.resume")
-    resume_from = latest_resumable(root)
-    newest = latest_checkpoint(root)
-    if resume_from is None or (newest is not None and written(newest) > written(resume_from)):
-        raise ConfigError(nothing_to_resume(root, newest))
-    check_loadable(resume_from, "run.resume")
-    try:
-        state = load_state(resume_from / "run_state.pt")
-    except Exception as err:  # noqa: BLE001 - truncated, corrupt or not a run state at all
-        raise ConfigError(f"run.resume: {resume_from / 'run_state.pt'} cannot be read ({type(err).__name__}: "
-                          f"{str(err).splitlines()[0] if str(err) else ''}); remove that checkpoint to resume the one "
-                          "before it") from None
-    check_same_model(cfg, resume_from)
-    info = readable_json(resume_from / "omnigrpo_step.json", "run.resume")
-    if "version" in info and "version" in state and info["version"] != state["version"]:
-        raise ConfigError(f"run.resume: {resume_from} holds weights v{info['version']} but a run state of v"
-                          f"{state['version']}; it cannot be resumed exactly (start a new run from it with model.path)")
-    if len(state["rollout_rng"]) != cfg.samplers:
-        key = "learner_workers (hybrid)" if cfg.cluster.placement == "hybrid" else "rollout_workers"
-        raise ConfigError(f"cluster.{key}: resuming {resume_from} needs {len(state['rollout_rng'])} samplers")
-    ranks = info.get("learners", 1)
-    if ranks != cfg.cluster.learner_workers:
-        raise ConfigError(f"cluster.learner_workers: resuming {resume_from} needs {ranks} (its optimiser state is "
-                          "sharded that way)")
-    return resume_from, state
-
-
-def check_loadable(directory: Path, key: str) -> None:
-    """Nothing in a checkpoint ``directory`` could run code when loaded (``omnigrpo.trainers.checkpoint``)."""
-    from omnigrpo.trainers.checkpoint import unsafe_contents
-
-    found = unsafe_contents(directory)
-    if found:
-        raise ConfigError("\n".join(f"{key}: {line}; not a file omnigrpo writes, and loading it could run code: "
-                                    "refusing it (remove the checkpoint, or restore it from a copy you trust)"
-                                    for line in found))
-
-
-def readable_json(path: Path, key: str) -> dict:
-    """The JSON object in ``path``, or a ConfigError naming ``key`` and the file."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{key}: {path} cannot be read as JSON ({type(err).__name__}: {err})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{key}: {path} holds a JSON {type(data).__name__}, not an object")
-    return data
-
-
-SHAPE_KEYS = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
-              "num_kv_heads": "num_key_value_heads", "intermediate_size": "intermediate_size"}
-"""``model.*`` keys of the built-in policy and the ``config.json`` keys that hold them."""
-
-
-def check_same_model(cfg: Config, checkpoint: Path) -> None:
-    """A resumed checkpoint must be of the configured family and (built-in policy) shape: otherwise the run would
-    train a new SFT for the new shape and then resume the old weights without a word."""
-    saved = readable_json(checkpoint / "config.json", "run.resume")
-    try:
-        check_checkpoint(cfg.model.family, str(checkpoint), cfg.model.image_codes or None)
-    except CheckpointError as err:
-        raise ConfigError(f"run.resume: {checkpoint}: {str(err).partition(': ')[2]}") from None
-    if cfg.model.family != "builtin" or cfg.model.path:
-        return
-    differ = [f"model.{ours} is {getattr(cfg.model, ours)} but the checkpoint has {saved.get(theirs)}"
-              for ours, theirs in SHAPE_KEYS.items() if saved.get(theirs) != getattr(cfg.model, ours)]
-    if differ:
-        raise ConfigError(f"run.resume: {checkpoint} holds a policy of another shape: " + "; ".join(differ))
-
-
-def nothing_to_resume(root: Path, newest: Path | None) -> str:
-    """Why ``run.resume`` cannot continue exactly: no checkpoint, or a newer one without a run state."""
-    if newest is None:
-        return (f"run.resume: no checkpoint under {root} to resume; drop --resume (run.resume=true) to start a "
-                "fresh run, or point run.dir at the run to continue")
-    info = json.loads((newest / "omnigrpo_step.json").read_text())
-    why = "in the middle of an update" if info.get("partial_update") else "while the weights were being updated or sent"
-    return (f"run.resume: the newest checkpoint, {newest}, was written {why} and cannot be resumed exactly; "
-            f"start a new run from its weights with model.path={newest} (and another run.dir), or remove it to "
-            "resume the checkpoint before it")
-
-
 def check_eval(cfg: Config, checkpoint: str, prompts_source: str) -> tuple[Path, list[str], list[dict]]:
     """An evaluation's checkpoint directory and prompts (a file, or the world's held-out set)."""
     check_decoder(cfg)
@@ -392,5 +310,11 @@ def check_submit(cfg: Config) -> Payload:
     _, metadata = check_prompts(cfg.data.prompts, "data.prompts")
     check_decoder(cfg)
     check_style_options(cfg)
+    for i, spec in enumerate(cfg.rewards):  # the job's config.yaml travels whole: no credential may be in it
+        for key in spec.kwargs:
+            if any(word in key.lower() for word in SECRET_WORDS) and not key.lower().endswith("_env"):
+                raise ConfigError(f"rewards.{i}.kwargs.{key}: a submitted job would upload this credential in its "
+                                  "config; give it through the environment of the cluster's nodes (for vlm_judge: "
+                                  "api_key_env names the variable)")
     check_reward_specs(cfg, metadata)
     return gather(cfg)

@@ -28,10 +28,9 @@ from torchvision.utils import make_grid
 
 from omnigrpo.config.loader import to_dict
 from omnigrpo.config.schema import Config
+from omnigrpo.config.validation import SECRET_WORDS
 from omnigrpo.worlds import registry as worlds
 
-_SECRET_WORDS = ("token", "secret", "password", "passwd", "_key", "apikey", "credential", "auth", "bearer",
-                 "cookie", "header")
 _PARAM_MAX = 500
 log = logging.getLogger(__name__)
 
@@ -228,7 +227,7 @@ def _captioned(image: np.ndarray, caption: str, scale: int = 4) -> torch.Tensor:
 def _redact(data: object) -> object:
     """Hide values under credential-like keys, and user info and query strings inside URLs."""
     if isinstance(data, dict):
-        return {k: "<redacted>" if any(w in str(k).lower() for w in _SECRET_WORDS) else _redact(v)
+        return {k: "<redacted>" if any(w in str(k).lower() for w in SECRET_WORDS) else _redact(v)
                 for k, v in data.items()}
     if isinstance(data, list):
         return [_redact(v) for v in data]

@@ -56,6 +56,9 @@ def connect(cfg: Config) -> None:
         ray.init(address=cfg.cluster.address or None, log_to_driver=True)
         return
     env = prepare_local_ray_env(cfg.cluster.address)
+    if env.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        log.warning("RAY_AUTH_MODE=disabled in this environment: the local cluster admits any local process; unset "
+                    "it to let omnigrpo make a token for the cluster (docs/security.md)")
     if ray_constants.ENABLE_RAY_CLUSTER:
         log.warning("Ray was imported before RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was set; the local "
                     "cluster's sockets may listen beyond loopback (call prepare_local_ray_env first)")

@@ -130,6 +130,10 @@ def _ships(name: str, path: Path, package: Path, key: str, directory: bool = Fal
     if path.is_symlink() and not path.resolve().is_relative_to(package):
         raise ConfigError(f"{key}: {path} is a link to {path.resolve()}, outside the module's directory {package}; "
                           "only the module's own files are shipped: copy what it needs in, or remove the link")
+    target = path.resolve().name
+    if path.is_symlink() and not directory and (target.startswith(".") or not target.endswith((".py", "py.typed"))):
+        raise ConfigError(f"{key}: {path} is a link to {path.resolve()}, which is not a Python source; only sources "
+                          "are shipped: remove the link")
     return not (directory and path.is_symlink())
 
 

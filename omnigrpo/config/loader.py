@@ -107,6 +107,8 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple[str, ...], int]]:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     except RecursionError:
         raise ConfigError(f"{path}: its values are nested too deeply") from None
+    except ValueError as err:  # an integer past Python's 4300 digits
+        raise ConfigError(f"{path}: a value cannot be read ({err})") from None
     if raw is None:
         return {}, {}
     if not isinstance(raw, dict):
@@ -229,6 +231,8 @@ def _apply_override(raw: dict[str, Any], item: str) -> tuple[tuple[str, ...], An
         raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem})") from None
     except RecursionError:
         raise ConfigError(f"override {key.strip()}: its value is nested too deeply") from None
+    except ValueError as err:  # an integer past Python's 4300 digits
+        raise ConfigError(f"override {key.strip()}: the value cannot be read ({err})") from None
     _set_path(raw, parts, leaf, f"override {item!r}")
     return tuple(parts), leaf
 
@@ -255,7 +259,7 @@ def _set_path(raw: dict[str, Any], parts: list[str], leaf: Any, label: str) -> N
 
 
 def _list_index(node: list, part: str, path: list[str]) -> int:
-    if not part.isdigit() or int(part) >= len(node):
+    if not (part.isascii() and part.isdigit()) or int(part) >= len(node):
         raise ConfigError(f"override path {'.'.join(path)}: list index {part!r} out of range ({len(node)})")
     return int(part)
 
@@ -278,7 +282,7 @@ def _field_names(loc: list[str]) -> list[str]:
     """Names of the fields of the dataclass found at ``loc`` under :class:`Config`."""
     cls: Any = Config
     for part in loc:
-        if part.isdigit():
+        if part.isascii() and part.isdigit():
             continue
         hints = typing.get_type_hints(cls)
         if part not in hints:

@@ -27,11 +27,11 @@ Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 class RunConfig:
     dir: Annotated[str, Field(min_length=1)] = "runs/shapes"
     """Where the run writes everything: MLflow store (by default), checkpoints, logs."""
-    seed: NonNegInt = 0
+    seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
     """Seed of every random choice in the run: prompts, sampling, initialisation, SFT data."""
     resume: bool = False
     """Continue the newest checkpoint under ``<run.dir>/checkpoints`` (same MLflow run, optimiser state,
-    random streams and prompt order), or start fresh when there is none."""
+    random streams and prompt order); refused before anything starts when there is none to resume exactly."""
     cache_dir: str = ""
     """Where reusable artefacts (the SFT checkpoint, DeepSpeed's compiled ops) are cached across
     runs; empty means ``$OMNIGRPO_CACHE_DIR`` or else ``~/.cache/omnigrpo``."""

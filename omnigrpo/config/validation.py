@@ -98,6 +98,11 @@ def _model_problems(cfg: Config) -> list[str]:
     return problems
 
 
+SECRET_WORDS = ("token", "secret", "password", "passwd", "_key", "apikey", "credential", "auth", "bearer",
+                "cookie", "header")
+"""Parts of a key name that mark its value as a credential (redacted in MLflow, refused in a submitted job)."""
+
+
 def has_credentials(url: str) -> bool:
     """Does ``url`` carry a user name or password (``scheme://user:secret@host``)?
 

@@ -90,6 +90,8 @@ def _from_jsonl(path: Path) -> tuple[list[str], list[dict]]:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise PromptFileError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+        except (ValueError, RecursionError) as err:  # an integer of thousands of digits, nesting past Python's stack
+            raise PromptFileError(f"{path}:{number}: not a JSON line omnigrpo reads ({type(err).__name__})") from None
         prompt = _check_row(row, f"{path}:{number}")
         prompts.append(prompt)
         metadata.append({k: v for k, v in row.items() if k != "prompt"})
@@ -116,6 +118,12 @@ def _from_datasets(path: Path) -> tuple[list[str], list[dict]]:
         from datasets import load_from_disk
     except ImportError as err:  # pragma: no cover - datasets is a dependency; this guards odd installs
         raise PromptFileError(f"{path}: reading a datasets directory needs the `datasets` package") from err
+    for part in path.rglob("*"):  # each file a regular one of sane size: a FIFO among them would hang the load
+        if not part.is_dir():
+            try:
+                regular_file(part)
+            except InputFileError as err:
+                raise PromptFileError(str(err)) from None
     try:
         dataset = load_from_disk(str(path))
     except Exception as err:  # noqa: BLE001 - any failure here means "not a dataset directory"

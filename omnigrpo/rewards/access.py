@@ -63,6 +63,7 @@ class HostCheck:
         host = Headers(scope=scope).get("host", "") if scope["type"] == "http" else ""
         if scope["type"] == "http" and host.lower() not in self.hosts:
             message = f"this server does not answer Host {host[:100]!r} (serve-reward --allowed-host adds one)"
-            await JSONResponse({"error": message}, status_code=421)(scope, receive, send)
+            await JSONResponse({"error": message}, status_code=421, headers={"Connection": "close"})(scope, receive,
+                                                                                                  send)
             return
         await self.app(scope, receive, send)

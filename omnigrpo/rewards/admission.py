@@ -17,6 +17,8 @@ import threading
 from dataclasses import dataclass, fields
 
 MB = 2**20
+CONTAINER_BYTES = 100
+"""Bytes one JSON object or list of a request body takes once parsed (an empty dict in a list: about 75)."""
 PIXEL_BYTES = 3
 """Bytes per pixel of the decoded RGB batch ``[N, H, W, 3]`` uint8."""
 DECODE_BYTES = 12

@@ -31,14 +31,19 @@ def is_reward_function(obj: Any) -> bool:
 
 
 def call_reward(fn, images, prompts, metadata):
-    """Call a reward function, running it to completion if it is ``async``. A judge that calls ``sys.exit``
-    raises RuntimeError instead: its failure is the reward's, not the end of the process that called it."""
+    """Call a reward function, running it to completion if it is ``async``. A judge that calls ``sys.exit`` (or
+    raises any other BaseException but KeyboardInterrupt) raises RuntimeError instead: its failure is the
+    reward's, not the end of the process, or the server thread, that called it."""
     try:
         out = fn(images, prompts, metadata)
         if inspect.isawaitable(out):
             out = asyncio.run(_await(out))
     except SystemExit as err:
         raise RuntimeError(f"the reward called exit({err.code!r})") from None
+    except (KeyboardInterrupt, Exception):
+        raise
+    except BaseException as err:  # GeneratorExit or a class of the judge's own: a failure, not the caller's end
+        raise RuntimeError(f"the reward raised {type(err).__name__}: {err}") from None
     return out
 
 
@@ -54,7 +59,7 @@ def is_score(value: object) -> bool:
         return False
     try:
         as_float = float(value)
-    except OverflowError:  # a Python int past float64
+    except Exception:  # noqa: BLE001 - a Python int past float64, a number whose __float__ raises
         return False
     return math.isfinite(as_float) and abs(as_float) <= FLOAT32_MAX
 

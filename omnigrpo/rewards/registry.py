@@ -109,11 +109,8 @@ def resolve_reward(name: str) -> Any:
                 f"PYTHONPATH and name it as 'package.module:{attr}'"
             )
         obj: Any = _importing(name, module_name, functools.partial(importlib.import_module, module_name))
-        for part in attr.split("."):
-            if not hasattr(obj, part):
-                raise RewardNotFound(f"reward {name!r}: module {module_name!r} has no attribute {attr!r}")
-            obj = getattr(obj, part)
-        return _callable(name, obj)
+        # the lookup runs the module's code too (a module __getattr__, a property): guarded like the import
+        return _callable(name, _importing(name, module_name, functools.partial(_attribute, obj, attr, name)))
     builtins = sorted(BUILTIN_JUDGES)
     known = builtins + sorted(plugins)
     near = difflib.get_close_matches(name, known, n=1)
@@ -124,11 +121,22 @@ def resolve_reward(name: str) -> Any:
     )
 
 
+def _attribute(obj: Any, attr: str, name: str) -> Any:
+    """``obj.a.b`` for ``attr`` ``"a.b"``; RewardNotFound where a part is missing."""
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise RewardNotFound(f"reward {name!r}: module {name.split(':')[0]!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
 def _importing(name: str, module: str, load: Callable[[], Any]) -> Any:
     """``load()``, a plugin's import: whatever it raises at import, ``SystemExit`` included (a plugin that exits
     must not end the run with its status), becomes RewardNotFound naming the module; only an interrupt passes."""
     try:
         return load()
+    except RewardNotFound:
+        raise
     except ImportError as err:
         raise RewardNotFound(f"reward {name!r}: cannot import module {module!r}: {err}") from None
     except KeyboardInterrupt:

@@ -1,27 +1,16 @@
 """The reward service: one reward served over HTTP (uvicorn + FastAPI), with dynamic batching and replicas.
 
-Why: a judge scores a batch of 64 images far faster than 64 batches of one, but a training job sends
-its batch as several concurrent requests (``batch_size`` images each). :class:`Batcher` queues every
-request; a replica takes the oldest, keeps collecting until it holds ``max_batch`` images or
-``max_wait_ms`` have passed since it took the first, calls the reward once on them all and splits the
-scores back to each request. Requests are never split, and only images of one size are scored
-together. ``replicas`` threads share the queue, each with its own reward object built in its own
-thread (a judge's tokenizer or CUDA state need not be thread-safe; ``{replica}`` in a string argument
-such as ``device=cuda:{replica}`` becomes the replica's index). A reward that raises fails every
-request of that judge call (HTTP 500), which the client turns into failed samples.
+Why: a judge scores 64 images at once far faster than one at a time, but a training job sends its batch as
+several concurrent requests. :class:`Batcher` queues them; each of ``replicas`` threads (each with its own
+reward, built in that thread; ``{replica}`` in a string argument is its index) takes the oldest, collects up
+to ``max_batch`` images of one size within ``max_wait_ms``, calls the reward once and splits the scores back.
+A reward that raises fails every request of that call (HTTP 500): the client's samples fail, never score 0.
 
-Limits (:mod:`omnigrpo.rewards.admission`): a body size, images per request, a pixel count per image
-read from its PNG header before decoding, a memory budget all requests in flight share, a cap on
-requests whose body has arrived (503 past it, with ``Retry-After``), a deadline for the body (408) and
-per request (504). Connections are timed and capped in :mod:`omnigrpo.rewards.connections`. A client
-that leaves early is one warning line.
-
-Safety: the server binds 127.0.0.1 unless told otherwise and refuses (:class:`PublicBindRefused`)
-any other interface unless ``OMNIGRPO_REWARD_TOKEN`` is set; with the variable set every ``/score``
-needs ``Authorization: Bearer <token>`` (compared in constant time, never logged). A web page can
-reach a loopback server (a form posts ``text/plain``; DNS rebinding names its own host), so only
-``application/json`` is taken (415) and only a ``Host`` the server is bound to or told to allow (421,
-:mod:`omnigrpo.rewards.access`). Only PNG is decoded. The wire format is in :mod:`omnigrpo.rewards.service`.
+Limits live in :mod:`omnigrpo.rewards.admission` (body, images, pixels read from PNG headers, a shared memory
+budget, requests in flight, deadlines), connections in :mod:`omnigrpo.rewards.connections`, who may ask in
+:mod:`omnigrpo.rewards.access` (loopback unless ``OMNIGRPO_REWARD_TOKEN`` is set, then a bearer token; only
+``application/json`` and a ``Host`` the server is bound to). Only PNG is decoded. Wire format:
+:mod:`omnigrpo.rewards.service`.
 """
 
 from __future__ import annotations
@@ -49,7 +38,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from omnigrpo.rewards.access import HostCheck, PublicBindRefused, is_loopback, served_hosts
-from omnigrpo.rewards.admission import MB, Admission, Limits, Refused, Ticket, pixel_bytes
+from omnigrpo.rewards.admission import CONTAINER_BYTES, MB, Admission, Limits, Refused, Ticket, pixel_bytes
 from omnigrpo.rewards.connections import Connections
 from omnigrpo.rewards.protocol import RewardFn, call_reward, is_score
 from omnigrpo.rewards.transport import TOKEN_ENV, open_image
@@ -234,13 +223,15 @@ async def read_body(request: Request, ticket: Ticket, limits: Limits) -> bytearr
                     raise Refused(413, f"body over this server's limit of {limit // MB} MB")
     except TimeoutError:
         raise Refused(408, f"the body did not arrive within {limits.body_timeout_s:g} s") from None
-    ticket.take(2 * len(body))  # the parsed JSON's strings and the PNG bytes
+    # the parsed JSON's strings and the PNG bytes, and each object or list it builds (a body of "{}," is mostly those)
+    ticket.take(2 * len(body) + CONTAINER_BYTES * (body.count(b"{") + body.count(b"[")))
     return body
 
 
 def error(code: int, message: str) -> JSONResponse:
-    """An error answer ``{"error": message}``; 503 asks to retry in a second, 408 closes the connection."""
-    headers = {"Retry-After": "1"} if code == 503 else {"Connection": "close"} if code == 408 else None
+    """An error answer ``{"error": message}``; 503 asks to retry in a second; a slow body (408), a wrong token
+    (401) or content type (415) also closes the connection, so a client that cannot be served holds no slot."""
+    headers = {"Retry-After": "1"} if code == 503 else {"Connection": "close"} if code in (401, 408, 415) else None
     return JSONResponse({"error": message}, status_code=code, headers=headers)
 
 
@@ -336,8 +327,10 @@ class RewardServer:
         try:
             self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self._socket.bind((host, port))
+            if not token and not is_loopback(self._socket.getsockname()[0]):  # the name resolved anew to bind
+                raise PublicBindRefused(f"{host} resolved to {self._socket.getsockname()[0]} to bind, not loopback")
             self._socket.listen(2048)  # connections made before uvicorn starts wait in the backlog
-        except OSError:
+        except (OSError, PublicBindRefused):
             self._socket.close()
             raise
         self.host, self.port = self._socket.getsockname()[:2]

@@ -136,7 +136,9 @@ class RewardWorker:
         for i, spec in enumerate(self.specs):
             try:
                 self.fns.append(build_reward(spec.name, spec.kwargs))
-            except Exception as err:  # noqa: BLE001 - reported with the reward's config key
+            except KeyboardInterrupt:
+                raise
+            except BaseException as err:  # noqa: BLE001 - reported with the reward's config key (sys.exit too)
                 raise JudgeStartError(f"rewards.{i}: reward {spec.name!r} could not be built: "
                                       f"{type(err).__name__}: {err}") from None
         if dry_run is not None:

@@ -19,12 +19,15 @@ import json
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
+
+from omnigrpo.config.inputs import read_input
 
 SAFE_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
                 "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address")
@@ -94,8 +97,9 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 def written(checkpoint: Path) -> tuple[int, str]:
     """When a checkpoint was published (recorded in it; the directory's time where it predates that)."""
-    info = json.loads((checkpoint / "omnigrpo_step.json").read_text())
-    return info.get("written_ns") or int(checkpoint.stat().st_mtime * 1e9), checkpoint.name
+    info = json.loads(read_input(checkpoint / "omnigrpo_step.json", 16 << 20))  # checked by preflight first
+    stamp = info.get("written_ns") if isinstance(info, dict) else None
+    return stamp if type(stamp) is int else int(checkpoint.stat().st_mtime * 1e9), checkpoint.name
 
 
 def _all(root: str | Path) -> list[Path]:
@@ -107,19 +111,22 @@ def _all(root: str | Path) -> list[Path]:
 
 
 def unsafe_contents(directory: str | Path) -> list[str]:
-    """Each file under ``directory`` that a load could run code from, as ``"path: why"`` (empty: none).
+    """Each file under ``directory`` that a load could run code from, or hang on, as ``"path: why"`` (empty: none).
 
     Torch files are read as zip archives and their pickles' imports listed without unpickling anything
     (``torch.serialization.get_unsafe_globals_in_checkpoint``); any import outside :data:`SAFE_GLOBALS` is unsafe,
-    as is a pickle in the legacy (non-zip) format, which cannot be listed. A ``.npy`` file may not hold objects."""
+    as is any other file named like a pickle (the legacy formats, whose imports cannot be listed that way). A
+    ``.npy`` file may not hold objects. Nothing but regular files and folders belongs in a checkpoint: a FIFO,
+    a device or a link to one (a read would wait, or never end), or a link to a folder (loads follow it, the
+    scan would not), is named too."""
     import torch
 
     found = []
     for path in sorted(Path(directory).rglob("*")):
-        why = ""
-        if not path.is_file():
-            continue
-        if path.suffix == ".npy":
+        why = _not_plain(path)
+        if why or path.is_dir():
+            pass
+        elif path.suffix == ".npy":
             why = _npy_objects(path)
         elif zipfile.is_zipfile(path) and path.suffix != ".safetensors":
             try:
@@ -128,11 +135,24 @@ def unsafe_contents(directory: str | Path) -> list[str]:
                 names = []
             extra = sorted(set(names) - set(SAFE_GLOBALS))
             why = f"its pickle imports {', '.join(extra[:3])}" if extra else ""
-        elif path.suffix in PICKLE_SUFFIXES and _starts_like_pickle(path):
-            why = "a pickle in the legacy format, whose imports cannot be listed"
+        elif path.suffix in PICKLE_SUFFIXES and path.stat().st_size:
+            why = "a pickle in a legacy format, whose imports cannot be listed"
         if why:
             found.append(f"{path}: {why}")
     return found
+
+
+def _not_plain(path: Path) -> str:
+    """Why ``path`` is neither a regular file nor a folder of the checkpoint's own ("" when it is one)."""
+    if path.is_symlink() and path.is_dir():
+        return f"a link to the folder {path.resolve()}"
+    try:
+        mode = path.stat().st_mode
+    except OSError as err:
+        return f"cannot be read ({err.strerror})"
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return ""
+    return "not a regular file (a FIFO, a device or a socket, or a link to one)"
 
 
 def load_state(path: str | Path, map_location=None):
@@ -153,11 +173,6 @@ def _safe_classes() -> list[type]:
     from deepspeed.utils.tensor_fragment import fragment_address
 
     return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
-def _starts_like_pickle(path: Path) -> bool:
-    with path.open("rb") as f:
-        return f.read(1) == b"\x80"  # the PROTO opcode every pickle since protocol 2 begins with
 
 
 def _npy_objects(path: Path) -> str:

@@ -3,6 +3,7 @@ command's own options) ends in ``omnigrpo:`` lines, exit status 2, no traceback,
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -130,7 +131,8 @@ def test_resume_names_an_unreadable_or_mismatched_checkpoint_before_anything_sta
     shutil.copytree(sft_path, step)  # the weights and config.json of a real built-in policy
     stamp = {"step": 2, "written_ns": 1, "version": 2, "partial_update": False, "learners": 1}
     (step / "omnigrpo_step.json").write_text(json.dumps(stamp))
-    torch.save({"step": 2, "version": 2, "rollout_rng": [None] * cfg.samplers}, step / "run_state.pt")
+    torch.save({"step": 2, "version": 2, "rollout_rng": [None] * cfg.samplers, "run_id": "r1", "cursor": "{}",
+                "reference_path": str(sft_path)}, step / "run_state.pt")
     assert check_resume(cfg)[0] == step.resolve()  # whole: it resumes
     with pytest.raises(ConfigError, match="holds a policy of another shape: model.hidden_size is"):
         check_resume(tiny_config("run.resume=true", f"model.hidden_size={2 * _hidden(step)}"))
@@ -158,6 +160,15 @@ def test_a_run_dir_that_is_a_file_and_a_dead_tracking_server_are_refused_before_
     (tmp_path / "to-etc").symlink_to("/etc")
     _refused(["train", SHAPES, f"run.dir={tmp_path / 'to-etc' / 'runs'}"], capsys, "run.dir: /etc/runs is a system")
     assert file_system(Path("/proc/self")) == "proc" and file_system(tmp_path) not in PSEUDO_FILE_SYSTEMS
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o1777)  # anyone may write into it (as /tmp): anyone could plant a checkpoint there
+    _refused(["train", SHAPES, f"run.dir={shared}"], capsys, f"run.dir: {shared} belongs to another user or anyone")
+    _refused(["train", SHAPES, "run.dir=/tmp"], capsys, "run.dir: /tmp belongs to another user or anyone may write")
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 65534, 65534)  # nobody's
+    _refused(["train", SHAPES, f"run.dir={theirs}"], capsys, f"run.dir: {theirs} belongs to another user")
     with socket.socket() as free:
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]  # closed again: nothing listens there

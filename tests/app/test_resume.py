@@ -61,9 +61,10 @@ def test_resume_without_a_checkpoint_is_refused(tmp_path, capsys):
 def test_a_checkpoint_written_mid_update_is_not_resumed(tmp_path):
     root = tmp_path / "run" / "checkpoints" / "r1"
     (root / "step-000002").mkdir(parents=True)
-    torch.save({"step": 2, "rollout_rng": [torch.zeros(1)]}, root / "step-000002" / "run_state.pt")
+    cfg = load_config(None, [f"run.dir={tmp_path / 'run'}", "run.resume=true", f"run.cache_dir={tmp_path / 'cache'}"])
+    torch.save({"step": 2, "version": 2, "rollout_rng": [torch.zeros(1)], "run_id": "r1", "cursor": "{}",
+                "reference_path": str(tmp_path / "cache" / "sft" / "start")}, root / "step-000002" / "run_state.pt")
     (root / "step-000002" / "omnigrpo_step.json").write_text(json.dumps({"step": 2, "written_ns": 1}))
-    cfg = load_config(None, [f"run.dir={tmp_path / 'run'}", "run.resume=true"])
     with pytest.raises(ConfigError, match="step-000002/config.json cannot be read"):  # weights, not only a state
         check_resume(cfg)
     shape = {"model_type": "qwen2", "hidden_size": cfg.model.hidden_size, "num_hidden_layers": cfg.model.num_layers,

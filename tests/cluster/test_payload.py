@@ -133,3 +133,20 @@ def test_dry_run_lists_every_file_and_contacts_nothing(tmp_path, capsys, monkeyp
     assert " 29 B  inputs/prompts.txt" in out and "omnigrpo/ (py_modules: " in out
     assert "in all, " in out.splitlines()[-2] and out.splitlines()[-1] == "dry run: nothing sent"
     assert sorted(os.listdir(tmp_path)) == ["mine", "prompts.txt"]  # nothing written here either
+
+
+def test_a_link_inside_a_package_to_a_dot_file_is_refused_by_name(tmp_path, monkeypatch):
+    package = _package(tmp_path / "mine", "dotlink")
+    (package / "settings.py").symlink_to(package / ".env")  # inside the package, but not a source
+    monkeypatch.syspath_prepend(str(tmp_path / "mine"))
+    cfg = _config(tmp_path, "rewards=[{name: shapes}, {name: 'dotlink:score'}]")
+    with pytest.raises(ConfigError, match=re.escape(f"{package / 'settings.py'} is a link to {package / '.env'}, "
+                                                    "which is not a Python source")):
+        gather(cfg)
+
+
+def test_a_credential_in_a_rewards_kwargs_is_never_uploaded(tmp_path, capsys):
+    argv = ["submit", SHAPES, f"run.dir={tmp_path / 'run'}", "--dry-run",
+            "rewards=[{name: shapes}, {name: vlm_judge, kwargs: {base_url: 'http://127.0.0.1:9', api_key: sk-1}}]"]
+    err = refused(main, argv, capsys, "rewards.1.kwargs.api_key: a submitted job would upload this credential")
+    assert "sk-1" not in err

@@ -19,6 +19,7 @@ import pytest
 from conftest import refused
 
 from omnigrpo.cli import main
+from omnigrpo.config.loader import ConfigError, load_config
 from omnigrpo.config.schema import Config
 
 SHAPES = str(Path(__file__).parents[2] / "configs" / "shapes.yaml")
@@ -248,3 +249,20 @@ def test_an_override_given_twice_is_refused(overrides, needle, capsys):
 def test_the_same_override_twice_and_a_section_then_its_keys_are_accepted(capsys):
     assert main(["train", SHAPES, "--check", "--resume", "run.resume=true", "trainer={lr: 0.1}", "trainer.lr=0.2"]) == 0
     assert '"lr": 0.2' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("rewards.².weight=1", "rewards"),  # "²".isdigit() is True, int("²") is not a number
+    ("run.seed=" + "9" * 5000, "run.seed"),  # past Python's 4300 digits
+    ("run.seed=2147483648", "run.seed"),  # seeds are 31-bit: the derived streams stay in range
+])
+def test_odd_override_paths_and_huge_numbers_are_refused_naming_the_key(override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(None, [override])
+
+
+def test_a_huge_integer_in_a_config_file_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  seed: " + "9" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="c.yaml"):
+        load_config(path)

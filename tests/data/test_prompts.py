@@ -154,3 +154,25 @@ def test_a_prompt_file_over_the_size_limit_is_refused_unread(tmp_path, monkeypat
         load_prompts(str(tmp_path / "big.txt"))
     (tmp_path / "small.txt").write_text("a red circle\n")
     assert load_prompts(str(tmp_path / "small.txt"))[0] == ["a red circle"]
+
+
+def test_json_lines_nested_past_the_stack_or_with_huge_integers_name_their_line(tmp_path):
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"prompt": "a"}\n' + '{"prompt": "b", "x": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    with pytest.raises(PromptFileError, match="deep.jsonl:2: not a JSON line omnigrpo reads"):
+        load_prompts(str(deep))
+    huge = tmp_path / "huge.jsonl"
+    huge.write_text('{"prompt": "a", "n": ' + "9" * 5000 + "}\n")
+    with pytest.raises(PromptFileError, match="huge.jsonl:1: not a JSON line omnigrpo reads"):
+        load_prompts(str(huge))
+
+
+def test_a_fifo_inside_a_datasets_folder_is_refused_unopened(tmp_path):
+    from datasets import Dataset
+
+    folder = tmp_path / "prompts"
+    Dataset.from_dict({"prompt": ["a red circle"]}).save_to_disk(str(folder))
+    (arrow,) = folder.glob("*.arrow")
+    arrow.unlink()
+    os.mkfifo(arrow)
+    assert "is a FIFO (named pipe), not a regular file" in _refused_at_once(str(folder))

@@ -114,6 +114,13 @@ def test_an_entry_point_that_exits_at_import_is_not_found(tmp_path, monkeypatch)
         resolve_reward("quitter")
 
 
+def test_a_module_whose_attribute_lookup_exits_is_not_found(tmp_path, monkeypatch):
+    (tmp_path / "lookup_exits.py").write_text("import sys\n\ndef __getattr__(name):\n    sys.exit(0)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(RewardNotFound, match="reward 'lookup_exits:fn': importing 'lookup_exits' failed: SystemExit"):
+        resolve_reward("lookup_exits:fn")
+
+
 def test_an_attribute_that_is_not_callable_is_refused(plugins):
     with pytest.raises(RewardNotFound, match="reward 'odd_scores:CONSTANT' resolved to int 3, which is not callable"):
         resolve_reward("odd_scores:CONSTANT")

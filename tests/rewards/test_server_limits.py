@@ -274,6 +274,7 @@ def test_only_json_bodies_are_scored():
             headers = {"Content-Type": kind} if kind else {}
             reply = requests.post(f"{server.url}/score", data=body, headers=headers, timeout=10)
             assert reply.status_code == 415 and "application/json" in reply.json()["error"], (kind, reply.text)
+            assert reply.headers["connection"] == "close"  # a client that cannot be served holds no slot
         json_utf8 = {"Content-Type": "application/json; charset=utf-8"}
         assert requests.post(f"{server.url}/score", data=body, headers=json_utf8, timeout=10).json() == {"scores": [1]}
         assert server.batcher.calls == [1]
@@ -477,3 +478,15 @@ def test_load_good_and_hostile_clients_together(bomb):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_body_of_nested_objects_reserves_what_parsing_it_costs():
+    """``{"junk": [{}, {}, ...]}`` is 3 bytes per object on the wire and about 75 once parsed: reserved as such, a
+    body whose objects could never fit the budget is refused (413) before it is parsed."""
+    with RewardServer(_ones, "t", limits=Limits(memory_mb=16)) as server:
+        body = json.dumps({**_body(*_good(1)[:2]), "junk": [{}] * 300_000})  # about 2 MB
+        reply = requests.post(f"{server.url}/score", data=body, headers={"Content-Type": "application/json"},
+                              timeout=30)
+        assert reply.status_code == 413, reply.text
+        assert server.app.state.admission.used == 0 and server.batcher.calls == []
+        assert requests.post(f"{server.url}/score", json=_body(*_good(1)[:2]), timeout=10).json() == {"scores": [1]}

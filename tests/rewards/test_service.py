@@ -344,3 +344,26 @@ def test_a_served_score_that_is_not_a_real_number_is_sent_as_failed():
         batcher.stop()
     assert [math.isnan(s) if s is not None else None for s in scores[:3]] == [True, True, True]
     assert scores[3:] == [None, 0.25]  # None stays "not applicable"; a real number is sent as it is
+
+
+def test_a_judge_raising_a_base_exception_fails_its_call_and_the_replica_serves_on():
+    class Boom(BaseException):
+        pass
+
+    calls = []
+
+    def reward(images, prompts, metadata):
+        calls.append(len(images))
+        if len(calls) == 1:
+            raise Boom("judge gone")
+        return [0.5] * len(images)
+
+    batcher = Batcher(lambda replica: reward, max_wait_ms=0)
+    batcher.start()
+    try:
+        first = batcher.submit(np.zeros((1, 4, 4, 3), np.uint8), ["p"], [{}])
+        with pytest.raises(RuntimeError, match="the reward raised Boom: judge gone"):
+            first.result(timeout=30)
+        assert batcher.submit(np.zeros((1, 4, 4, 3), np.uint8), ["p"], [{}]).result(timeout=30) == [0.5]
+    finally:
+        batcher.stop()

@@ -39,7 +39,8 @@ def written(sft_path, tmp_path_factory, cache_dir) -> Path:
     learner = Learner(cfg, str(sft_path))
     learner.setup(threads=2)
     root = tmp_path_factory.mktemp("written") / "run" / "checkpoints" / "r1"
-    state = {"step": 1, "version": 1, "rollout_rng": [None] * cfg.samplers}
+    state = {"step": 1, "version": 1, "rollout_rng": [None] * cfg.samplers, "run_id": "r1", "cursor": "{}",
+             "reference_path": str(sft_path)}
     return Path(learner.save_checkpoint(root, 1, run_state=state))
 
 
@@ -106,3 +107,34 @@ def _tiny_shape(checkpoint: Path) -> list[str]:
     return [f"model.hidden_size={saved['hidden_size']}", f"model.num_layers={saved['num_hidden_layers']}",
             f"model.num_heads={saved['num_attention_heads']}", f"model.num_kv_heads={saved['num_key_value_heads']}",
             f"model.intermediate_size={saved['intermediate_size']}"]
+
+
+def test_a_fifo_or_a_linked_folder_in_a_checkpoint_is_named_not_read(written, tmp_path, capsys):
+    import os
+
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "r1" / written.name
+    shutil.copytree(written, step)
+    (step / "omnigrpo_step.json").unlink()
+    os.mkfifo(step / "omnigrpo_step.json")  # opened, it would wait for a writer forever
+    assert main(["train", SHAPES, f"run.dir={run}", "run.resume=true"]) == 2
+    assert f"run.resume: {step / 'omnigrpo_step.json'}: is a FIFO" in capsys.readouterr().err
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(str(step / "optimizer"), elsewhere)
+    (step / "optimizer").symlink_to(elsewhere)
+    assert any("a link to the folder" in line for line in unsafe_contents(step))
+
+
+def test_a_run_state_may_name_only_the_configs_own_starting_policy(written, tmp_path, capsys):
+    run = tmp_path / "run"
+    step = run / "checkpoints" / "r1" / written.name
+    shutil.copytree(written, step)
+    state = torch.load(step / "run_state.pt", weights_only=True)
+    state.update(run_id="r1", cursor="{}", reference_path=str(tmp_path / "someone-elses-model"))
+    torch.save(state, step / "run_state.pt")
+    assert main(["train", SHAPES, f"run.dir={run}", "run.resume=true", *_tiny_shape(written)]) == 2
+    err = capsys.readouterr().err
+    assert "names" in err and "someone-elses-model" in err and "neither model.path" in err, err
+    torch.save({"step": 1, "version": "1"}, step / "run_state.pt")  # plain data, not a run state
+    assert main(["train", SHAPES, f"run.dir={run}", "run.resume=true", *_tiny_shape(written)]) == 2
+    assert "is not a run state omnigrpo wrote (version, run_id" in capsys.readouterr().err
