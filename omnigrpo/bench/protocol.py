@@ -127,16 +127,17 @@ TRL_ROWS = {"trl": "", "trl_passive": "PASSIVE"}
 
 
 def bench_trl(cfg: Config, model_path: str, steps: int, rounds: int = 3, modes: list[str] | None = None,
-              settle_s: float = 60.0) -> dict:
+              settle_s: float = 60.0, rows: dict[str, str] = TRL_ROWS) -> dict:
     """``rounds`` rounds of omnigrpo in each of ``modes`` (default: the config's own placement), then TRL as
-    each of :data:`TRL_ROWS`; every run in a fresh process, after waiting up to ``settle_s`` for an idle CPU."""
+    each of ``rows`` (:data:`TRL_ROWS`; ``trl`` first); every run in a fresh process, after waiting up to
+    ``settle_s`` for an idle CPU."""
     from omnigrpo.bench.sides import omnigrpo_side, trl_side
 
     names = modes or [cfg.cluster.placement]
     configs = mode_configs(cfg, names)
     root = Path(cfg.run.dir).resolve() / "bench"
     ours: dict[str, list[dict]] = {name: [] for name in names}
-    theirs: dict[str, list[dict]] = {row: [] for row in TRL_ROWS}
+    theirs: dict[str, list[dict]] = {row: [] for row in rows}
     sequence: list[dict] = []
     for r in range(1, rounds + 1):
         for name in names:
@@ -150,7 +151,7 @@ def bench_trl(cfg: Config, model_path: str, steps: int, rounds: int = 3, modes: 
             sequence.append({"round": r, "run": f"omnigrpo/{name}"})
         trl_config = root / f"round-{r}" / "trl_config.yaml"
         trl_config.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        for row, policy in TRL_ROWS.items():
+        for row, policy in rows.items():
             theirs[row].append(trl_side(trl_config, model_path, steps, root / f"round-{r}" / row, settle_s, policy))
             sequence.append({"round": r, "run": row})
     ro = cfg.rollout
@@ -175,7 +176,7 @@ def summarise(ours: dict[str, list[dict]], theirs: dict[str, list[dict]], sequen
                        "vs_trl_rounds": [o["samples_per_s"] / t["samples_per_s"]
                                          for o, t in zip(runs, base["runs"], strict=True)]}
     return {"steps": steps, "rounds": len(base["runs"]), "modes": names, "reward_window": REWARD_WINDOW,
-            "sequence": sequence, "omnigrpo": modes, "trl": base, "trl_passive": trl["trl_passive"]}
+            "sequence": sequence, "omnigrpo": modes, "trl": base, "trl_passive": trl.get("trl_passive")}
 
 
 def _side(runs: list[dict]) -> dict:
@@ -192,7 +193,7 @@ def table_lines(t: dict) -> list[str]:
              f"{t['reward_window']} steps", "| trainer | samples/s | per round | reward | vs TRL | per round |",
              "|---|---|---|---|---|---|"]
     rows = [(f"omnigrpo {name}", m) for name, m in t["omnigrpo"].items()]
-    rows += [("TRL", t["trl"]), ("TRL, OMP_WAIT_POLICY=PASSIVE", t["trl_passive"])]
+    rows += [("TRL", t["trl"])] + ([("TRL, OMP_WAIT_POLICY=PASSIVE", t["trl_passive"])] if t["trl_passive"] else [])
     for label, m in rows:
         s, ratio = m["samples_per_s"], m.get("vs_trl")
         per_round = ", ".join(f"{v:.1f}" for v in s["rounds"])

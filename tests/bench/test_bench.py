@@ -9,7 +9,7 @@ from conftest import leftovers
 
 from omnigrpo.bench.generate import hf_generate, hf_generate_batched, interleaved_medians
 from omnigrpo.bench.harness import run_bench
-from omnigrpo.bench.protocol import STAGES
+from omnigrpo.bench.protocol import STAGES, bench_trl, table_lines
 from omnigrpo.bench.sides import shown, user_env
 from omnigrpo.bench.trl import frozen_settings
 from omnigrpo.rollout.families.builtin import WorldPolicy
@@ -64,22 +64,21 @@ def test_every_part_runs_and_reports(tiny_config, sft_path, tmp_path, capsys):
 
 
 @pytest.mark.cluster  # each omnigrpo side starts a cluster of its own
-def test_the_trl_comparison_runs_each_side_in_a_fresh_process(tiny_config, sft_path, tmp_path, capsys):
+def test_the_trl_comparison_runs_each_side_in_a_fresh_process(tiny_config, sft_path):
     cfg = tiny_config(f"model.path={sft_path}")
-    results = run_bench(cfg, ["trl"], steps=2, out=str(tmp_path / "b.json"), rounds=1, modes=["colocated"],
-                        settle_s=1.0)
-    check_trl_protocol(results["trl"], cfg)
-    out = capsys.readouterr().out
-    assert "| omnigrpo colocated |" in out and "| TRL |" in out and "| TRL, OMP_WAIT_POLICY=PASSIVE |" in out
+    t = bench_trl(cfg, str(sft_path), steps=2, rounds=1, modes=["colocated"], settle_s=1.0, rows={"trl": ""})
+    check_trl_protocol(t, cfg)  # the PASSIVE row is the same run with one variable more (test_protocol.py)
+    out = "\n".join(table_lines(t))
+    assert "| omnigrpo colocated |" in out and "| TRL |" in out and "| TRL, OMP_WAIT_POLICY=PASSIVE |" not in out
     assert "sync MB" in out and "CPU busy before each run" in out
 
 
 def check_trl_protocol(t: dict, cfg) -> None:
-    """A round of colocated, then TRL twice, each a fresh process; every figure from the per-round runs; TRL as
-    frozen, under the user's environment (and once with omnigrpo's OMP_WAIT_POLICY)."""
-    assert t["sequence"] == [{"round": 1, "run": run} for run in ["omnigrpo/colocated", "trl", "trl_passive"]]
+    """A round of colocated, then TRL, each a fresh process; every figure from the per-round runs; TRL as frozen,
+    under the user's environment."""
+    assert t["sequence"] == [{"round": 1, "run": run} for run in ["omnigrpo/colocated", "trl"]]
     trl = t["trl"]
-    for side in [*t["omnigrpo"].values(), trl, t["trl_passive"]]:
+    for side in [*t["omnigrpo"].values(), trl]:
         (run,) = side["runs"]
         assert run["samples"] == 2 * cfg.batch_size and run["samples_per_s"] > 0
         assert len(run["reward_curve"]) == 2 and run["reward"] == pytest.approx(np.mean(run["reward_curve"]))
@@ -99,7 +98,6 @@ def check_trl_protocol(t: dict, cfg) -> None:
     assert trl["env"] == shown(user_env())
     for key in ("OMP_WAIT_POLICY", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
         assert trl["runs"][0]["env_seen"].get(key) == shown(user_env()).get(key), key  # what the user gave, if any
-    assert t["trl_passive"]["runs"][0]["env_seen"]["OMP_WAIT_POLICY"] == "PASSIVE"
     args = trl["runs"][0]["args"]
     assert {k: args[k] for k in frozen_settings()} == frozen_settings()  # the file is what the trainer used
     assert (args["learning_rate"], args["beta"], args["temperature"], args["num_generations"], args["max_steps"],
