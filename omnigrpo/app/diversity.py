@@ -34,7 +34,7 @@ def thumbnails(images: np.ndarray) -> torch.Tensor:
 
 def pixel_distances(images: np.ndarray) -> torch.Tensor:
     """RMS distances ``[N, N]`` between the thumbnails of uint8 images ``[N, H, W, 3]``: computed once per batch
-    and shared by :func:`diversity` and the diversity bonus (``omnigrpo.trainers.grpo.advantages``)."""
+    and shared by :func:`diversity` and the diversity bonus (``omnigrpo.app.shaping``)."""
     if len(images) == 0:
         return torch.zeros(0, 0, dtype=torch.float64)
     thumbs = thumbnails(images).double()

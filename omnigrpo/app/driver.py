@@ -17,6 +17,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +27,11 @@ import torch
 from omnigrpo.app import preflight
 from omnigrpo.app.alarm import CollapseAlarm
 from omnigrpo.app.console import Progress
-from omnigrpo.app.diversity import diversity, look_labels, pixel_distances, style_distances
+from omnigrpo.app.diversity import diversity, pixel_distances
 from omnigrpo.app.evaluator import world_metrics
 from omnigrpo.app.failure import CheckpointFailed, describe, failed, reason
 from omnigrpo.app.lookahead import Lookahead
+from omnigrpo.app.shaping import Shaping
 from omnigrpo.app.tracking import Tracker
 from omnigrpo.cluster import actors, shards
 from omnigrpo.config.runtime import eval_seed
@@ -268,13 +270,12 @@ class Loop:
         if batch.version != drawn.expected_version:
             raise RuntimeError(f"step {step}: rollout used weights v{batch.version}, expected "
                                f"v{drawn.expected_version}")
-        # 2. advantages: group-normalised totals (with the diversity bonus); excluded samples carry no weight
+        # 2. advantages: the totals shaped (trainer.diversity_bonus, trainer.baseline_by), then normalised within
+        # each group; excluded samples carry no weight
         valid = torch.from_numpy(result.valid)
         distances = pixel_distances(batch.images)  # diversity metrics and (in pixel space) the bonus share them
-        bonus_distances, strata = self.look_inputs(batch, distances)
-        adv = grpo.advantages(torch.from_numpy(result.total), cfg.rollout.group_size, valid,
-                              scale=cfg.trainer.scale_rewards, bonus=cfg.trainer.diversity_bonus,
-                              distances=bonus_distances, strata=strata)
+        shaped = self.shaping(torch.from_numpy(result.total), valid, batch.images, distances)
+        adv = grpo.advantages(shaped.totals, cfg.rollout.group_size, valid, scale=cfg.trainer.scale_rewards)
         # 3. learn: one GRPO update on every learner rank
         self.stage = "learn"
         with timed(timings, "learn"):
@@ -294,7 +295,7 @@ class Loop:
         self.stage = "log"
         metrics = self.step_metrics(batch, result, learned, timings, adv.zero_std_frac)
         metrics.update(diversity(distances, batch.group))
-        metrics["diversity/bonus_mean"] = float(adv.bonus[valid].mean()) if result.valid.any() else 0.0
+        metrics.update(shaped.metrics())
         self.tracker.log(metrics, step)
         self.raise_alarms(metrics, step)
         self.count_skips(metrics, result, step)
@@ -305,19 +306,10 @@ class Loop:
             self.tracker.log_samples(batch.images[:n], captions, step)
         return metrics
 
-    def look_inputs(self, batch: RolloutBatch, distances: torch.Tensor
-                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """What the advantages read of the samples' looks: the distances the diversity bonus pays for ``[N, N]``
-        (``trainer.diversity_space``; None when the bonus is off) and the look labels ``[N]`` of
-        ``trainer.baseline_by`` (None when off). Styles are read from the pixels once, only when needed."""
-        tr = self.cfg.trainer
-        by_style = bool(tr.diversity_bonus) and tr.diversity_space == "style"
-        styles = None
-        if by_style or tr.baseline_by:
-            read_style = worlds.get(self.cfg.world.name).read_style
-            styles = [read_style(image) for image in batch.images]
-        bonus = (style_distances(styles) if by_style else distances) if tr.diversity_bonus else None
-        return bonus, look_labels(styles, tr.baseline_by) if tr.baseline_by else None
+    @cached_property
+    def shaping(self) -> Shaping:
+        """The step's reward shaping (``trainer.diversity_bonus``, ``trainer.baseline_by``)."""
+        return Shaping.for_world(self.cfg.trainer, self.cfg.rollout.group_size, worlds.get(self.cfg.world.name))
 
     def step_metrics(self, batch: RolloutBatch, result: RewardResult, learned: dict[str, float],
                      timings: dict[str, float], zero_std: float) -> dict[str, float]:

@@ -215,7 +215,7 @@ class TrainerConfig:
     diversity_bonus: Annotated[float, Field(ge=0.0)] = 0.0
     """A remedy against collapse: each good sample's total (valid, at or above its group's mean) gains this
     times its mean thumbnail distance (0..1) to the group's other good samples before advantages
-    (``omnigrpo.trainers.grpo.advantages``), so among the samples that do what was asked the one least like
+    (``omnigrpo.app.shaping``), so among the samples that do what was asked the one least like
     its siblings is preferred; 0 = off. Logged as ``diversity/bonus_mean``. On glyphs it slows the collapse but does
     not stop it; ``kl_coef: 0.25`` does (BENCHMARKS.md section 5)."""
     diversity_space: Literal["pixels", "style"] = "pixels"
@@ -227,8 +227,12 @@ class TrainerConfig:
     """Style attributes (fields of the world's ``read_style``; glyphs: ``colour``, ``advance`` = size, ``shift`` =
     height) whose values split each group's baseline: a sample is compared only with its siblings drawn with the
     same values, so reward gaps between those looks (a font the OCR reads more easily) push no look over another
-    and the KL alone holds their shares; a sample alone in its look carries no signal, an unreadable one keeps the
-    group's baseline, the scale stays the group's std. Empty = one baseline per group."""
+    and the KL alone holds their shares. Done by shaping the totals before the group normalisation
+    (``omnigrpo.app.shaping``): a readable sample's total becomes its total minus its look's mean plus the mean of
+    the group's readable samples; an unreadable one keeps its total. Each look is centred on itself and the group's
+    mean is kept: an unreadable sample keeps the group's baseline, the readable ones share their gap to it, one
+    alone in its look carries only that share (no signal when all are readable), and the scale is the std of the
+    shaped totals (the spread within the looks). Empty = one baseline per group."""
     max_grad_norm: Annotated[float, Field(gt=0.0)] = 1.0
     """Gradient clipping threshold (global L2 norm)."""
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0

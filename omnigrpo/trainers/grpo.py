@@ -1,22 +1,10 @@
 """The GRPO objective as pure tensor functions: group advantages, clipped surrogate, k3 KL, aggregation.
 
-Why: this is the math every result depends on, so it lives apart from DeepSpeed, Ray and models,
-where tests can check it against hand-computed values.
-
-- Advantage of sample i in group g: ``(r_i - mean_g) / (std_g + eps)``; with ``scale=False`` only
-  ``r_i - mean_g`` (Dr.GRPO). A group is ``group_size`` contiguous samples (one prompt's). Statistics use
-  only the group's *valid* samples (a sample whose required reward failed is excluded and gets advantage 0
-  and no loss); ``std`` is the unbiased sample std (as TRL). A group with fewer than two valid samples
-  carries no signal: advantage 0. An optional diversity bonus is added to the totals first. With ``strata``
-  (labels of a sample's look) the baseline is the mean of the sample's siblings *of the same look*, so reward gaps
-  between looks push no look over another; a sample alone in its look carries no signal, one without a look
-  (label -1) keeps the group's baseline; the scale stays the group's std.
-- Per token: ``-min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A) + beta * k3``, with
-  ``ratio = exp(logp - old_logp)`` and ``k3 = exp(ref - logp) - (ref - logp) - 1``.
-- Truncated importance sampling (TIS, ``trainer.tis_cap``): each token's loss is weighted by
-  ``min(exp(old - sampler), cap)``, the learner's recomputed old log-probs against the sampler's.
-- token-mean averages over every valid token of the batch (long images weigh more); seq-mean
-  averages within each image, then over images.
+Why: this is the math every result depends on, so it lives apart from DeepSpeed, Ray, models and any shaping of
+the rewards (``omnigrpo.app.shaping``), where tests can check it against hand-computed values. Per token the loss
+is ``-min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A) + beta * k3``, ``ratio = exp(logp - old_logp)``,
+``k3 = exp(ref - logp) - (ref - logp) - 1``, optionally weighted by truncated importance sampling (``tis_cap``);
+token-mean averages over every valid token of the batch, seq-mean within each image first.
 """
 
 from __future__ import annotations
@@ -30,87 +18,36 @@ from omnigrpo.rollout.sampler import LOGPROB_FLOOR
 
 @dataclass(frozen=True)
 class Advantages:
-    """A step's advantages and what went into them."""
+    """A step's advantages and how many groups carried no signal."""
 
     values: torch.Tensor
     """``[N]`` float32 advantages, 0 for excluded samples and groups without spread."""
     zero_std_frac: float
     """Fraction of groups whose valid totals have no spread (no learning signal)."""
-    bonus: torch.Tensor
-    """``[N]`` float64 diversity bonus added to each sample's total (0 where none was paid)."""
 
 
-def advantages(rewards: torch.Tensor, group_size: int, valid: torch.Tensor, scale: bool = True, bonus: float = 0.0,
-               distances: torch.Tensor | None = None, eps: float = 1e-6, strata: torch.Tensor | None = None
+def advantages(rewards: torch.Tensor, group_size: int, valid: torch.Tensor, scale: bool = True, eps: float = 1e-6
                ) -> Advantages:
-    """Group-normalised advantages of contiguous groups of ``group_size`` samples, with the diversity bonus.
+    """``(r - mean) / (std + eps)`` within each group of ``group_size`` contiguous samples (one prompt's), over its
+    valid samples only; ``r - mean`` without ``scale`` (Dr.GRPO); std unbiased, as TRL's. Excluded samples, and
+    groups with fewer than two valid samples or no spread, get 0.
 
     Args:
-        rewards: ``[N]`` total rewards (any value, even NaN, where ``valid`` is False); N = G * group_size.
-        valid: ``[N]`` bool, False for excluded samples.
-        bonus: ``trainer.diversity_bonus``: each *good* sample (valid, total at or above its group's mean valid
-            total) gains ``bonus`` times its mean distance to the group's other good samples; gated because
-            variety only counts where the image does what was asked.
-        distances: ``[N, N]`` distances between the samples (needed when ``bonus`` > 0; only the blocks within
-            a group are read).
-        strata: ``[N]`` long look labels (``trainer.baseline_by``), -1 where a sample has none.
+        rewards: ``[N]`` totals (any value, even NaN, where ``valid`` is False); N = G * group_size.
+        valid: ``[N]`` bool, False for excluded samples (a required reward failed).
     """
     if len(rewards) % group_size:
         raise ValueError(f"{len(rewards)} rewards do not split into groups of {group_size}")
-    r = rewards.double().view(-1, group_size)
     ok = valid.bool().view(-1, group_size)
-    paid = torch.zeros_like(r)
-    if bonus:
-        paid = bonus * _spread_among_good(r, ok, _within_groups(distances, group_size))
-    totals = torch.where(ok, r + paid, 0.0).float()
+    r = torch.where(ok, rewards.float().view(-1, group_size), torch.nan)  # [G, k]
     n = ok.sum(1, keepdim=True)
-    masked = torch.where(ok, totals, torch.nan)
-    full = n == group_size  # the usual case: torch's own mean and std, as a per-group loop would compute them
-    centred = masked - torch.where(full, totals.mean(1, keepdim=True), torch.nanmean(masked, 1, keepdim=True))
-    std = torch.where(full, totals.std(1, keepdim=True),
-                      torch.sqrt(torch.nansum(centred**2, 1, keepdim=True) / (n - 1).clamp_min(1)))
-    spread = torch.where(ok, totals, -torch.inf).amax(1, keepdim=True) > torch.where(ok, totals, torch.inf).amin(
-        1, keepdim=True)
+    full = n == group_size  # all valid: torch's own mean and std, bit for bit as a loop over groups
+    mean = torch.where(full, r.mean(1, keepdim=True), r.nanmean(1, keepdim=True))
+    std = torch.where(full, r.std(1, keepdim=True), ((r - mean) ** 2).nansum(1, keepdim=True).div(n - 1).sqrt())
+    spread = torch.where(ok, r, -torch.inf).amax(1, keepdim=True) > torch.where(ok, r, torch.inf).amin(1, keepdim=True)
     signal = spread & (n >= 2)
-    alone = torch.zeros_like(ok)
-    if strata is not None:
-        centred, alone = _centred_by_stratum(totals, ok, strata.view(-1, group_size), centred)
-    adv = centred / (std + eps) if scale else centred
-    values = torch.where(ok & signal & ~alone, adv, 0.0).flatten()
-    return Advantages(values, int((~signal).sum()) / max(len(signal), 1), paid.flatten())
-
-
-def _centred_by_stratum(totals: torch.Tensor, ok: torch.Tensor, labels: torch.Tensor, centred: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[G, k]`` totals centred on the mean of their valid siblings of the same label (labelled samples; -1 keeps
-    ``centred``), and which labelled samples are the only valid one of their label in their group."""
-    alone = torch.zeros_like(ok)
-    for label in labels.unique().tolist():
-        if label < 0:
-            continue
-        member = ok & (labels == label)
-        count = member.sum(1, keepdim=True)
-        mean = torch.where(member, totals, 0.0).sum(1, keepdim=True) / count.clamp_min(1)
-        centred = torch.where(member, totals - mean, centred)
-        alone |= member & (count < 2)
-    return centred, alone
-
-
-def _within_groups(d: torch.Tensor, k: int) -> torch.Tensor:
-    """The diagonal blocks ``[G, k, k]`` of a distance matrix ``[G * k, G * k]``."""
-    g = d.shape[0] // k
-    return d.view(g, k, g, k).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
-
-
-def _spread_among_good(r: torch.Tensor, ok: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """``[G, k]``: each good sample's mean distance to its group's other good samples (0 without any, and for
-    samples that are not good)."""
-    mean = torch.nanmean(torch.where(ok, r, torch.nan), 1, keepdim=True)
-    good = ok & (r >= mean - 1e-9)
-    siblings = good[:, None, :] & ~torch.eye(r.shape[1], dtype=torch.bool)
-    counts = siblings.sum(-1)
-    spread = (blocks.double() * siblings).sum(-1) / counts.clamp_min(1)
-    return torch.where(good & (counts > 0), spread, 0.0)
+    adv = (r - mean) / (std + eps) if scale else r - mean
+    return Advantages(torch.where(ok & signal, adv, 0.0).flatten(), int((~signal).sum()) / max(len(signal), 1))
 
 
 @dataclass(frozen=True)

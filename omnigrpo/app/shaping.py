@@ -1,0 +1,122 @@
+"""Reward shaping: the judges' totals turned into the totals the GRPO advantages normalise, a stage of its own.
+
+Why: remedies against RL collapsing the looks the prompts leave open are research knobs of a run, not part of the
+GRPO math (``omnigrpo.trainers.grpo.advantages`` stays the plain group normalisation). Two, both off by default:
+the diversity bonus (``trainer.diversity_bonus``, in pixel or style space) and the baseline per look
+(``trainer.baseline_by``), written as shaped totals whose plain group normalisation centres each look on itself.
+Logged rewards stay the judges' totals; only the advantages see the shaped ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from omnigrpo.app.diversity import look_labels, pixel_distances, style_distances
+from omnigrpo.config.schema import TrainerConfig
+from omnigrpo.worlds.world import World
+
+StyleReader = Callable[[np.ndarray], Hashable | None]
+"""A world's ``read_style``: uint8 image ``[H, W, 3]`` -> its style, None when nothing is readable."""
+
+
+@dataclass(frozen=True)
+class Shaped:
+    """A step's shaped totals and the bonus that went into them."""
+
+    totals: torch.Tensor
+    """``[N]`` float64 totals for the advantages (the judges' totals when nothing is shaped; any value where
+    excluded)."""
+    bonus: torch.Tensor
+    """``[N]`` float64 diversity bonus added to each sample's total (0 where none was paid)."""
+    bonus_mean: float
+    """Mean bonus over the valid samples (0 without any)."""
+
+    def metrics(self) -> dict[str, float]:
+        """What a step logs of its shaping."""
+        return {"diversity/bonus_mean": self.bonus_mean}
+
+
+@dataclass(frozen=True)
+class Shaping:
+    """The shaping a run's ``trainer`` section asks for, over groups of ``group_size`` contiguous samples."""
+
+    trainer: TrainerConfig
+    group_size: int
+    read_style: StyleReader | None = None
+    """Needed by ``diversity_space: style`` and ``baseline_by`` (preflight refuses them for a world without one)."""
+
+    @classmethod
+    def for_world(cls, trainer: TrainerConfig, group_size: int, world: World) -> Shaping:
+        """The shaping of a run in ``world`` (a world module; its ``read_style`` where it has one)."""
+        return cls(trainer, group_size, getattr(world, "read_style", None))
+
+    def __call__(self, totals: torch.Tensor, valid: torch.Tensor, images: np.ndarray,
+                 distances: torch.Tensor | None = None) -> Shaped:
+        """A step's shaped totals: the diversity bonus first (gated on the judges' totals), then the baseline per
+        look over the totals with their bonus.
+
+        Args:
+            totals: ``[N]`` the judges' totals (any value, even NaN, where ``valid`` is False).
+            valid: ``[N]`` bool, False for excluded samples.
+            images: uint8 ``[N, H, W, 3]``; styles are read from them only when an option needs them.
+            distances: ``[N, N]`` :func:`pixel_distances` of ``images`` when the caller has them already.
+        """
+        tr, k = self.trainer, self.group_size
+        r, ok = totals.double().view(-1, k), valid.bool().view(-1, k)
+        styles = self.styles(images)
+        paid = torch.zeros_like(r)
+        if tr.diversity_bonus:
+            d = style_distances(styles) if tr.diversity_space == "style" else (
+                pixel_distances(images) if distances is None else distances)
+            paid = tr.diversity_bonus * spread_among_good(r, ok, within_groups(d, k))
+        shaped = r + paid
+        if tr.baseline_by:
+            shaped = baseline_per_look(shaped, ok, look_labels(styles, tr.baseline_by).view(-1, k))
+        return Shaped(shaped.flatten(), paid.flatten(), float(paid[ok].mean()) if ok.any() else 0.0)
+
+    def styles(self, images: np.ndarray) -> list | None:
+        """Each image's style read back from its pixels, or None when no option reads styles."""
+        tr = self.trainer
+        if not tr.baseline_by and not (tr.diversity_bonus and tr.diversity_space == "style"):
+            return None
+        if self.read_style is None:
+            raise ValueError("trainer.baseline_by and trainer.diversity_space: style need the world's read_style")
+        return [self.read_style(image) for image in images]
+
+
+def within_groups(d: torch.Tensor, k: int) -> torch.Tensor:
+    """The diagonal blocks ``[G, k, k]`` of a distance matrix ``[G * k, G * k]``."""
+    g = d.shape[0] // k
+    return d.view(g, k, g, k).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+
+
+def spread_among_good(r: torch.Tensor, ok: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """``[G, k]``: each good sample's mean distance (``blocks`` ``[G, k, k]``) to its group's other good samples,
+    0 without any and for samples that are not good. Good: valid and at or above the group's mean valid total
+    ``r`` ``[G, k]``; gated because variety only counts where the image does what was asked."""
+    mean = torch.nanmean(torch.where(ok, r, torch.nan), 1, keepdim=True)
+    good = ok & (r >= mean - 1e-9)
+    siblings = good[:, None, :] & ~torch.eye(r.shape[1], dtype=torch.bool)
+    counts = siblings.sum(-1)
+    spread = (blocks.double() * siblings).sum(-1) / counts.clamp_min(1)
+    return torch.where(good & (counts > 0), spread, 0.0)
+
+
+def baseline_per_look(t: torch.Tensor, ok: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Totals ``[G, k]`` whose plain group normalisation centres each sample on its look (``labels`` ``[G, k]``,
+    -1: no readable look). A valid labelled sample's total becomes ``t - mean of its look's valid samples + mean
+    of the group's valid labelled samples``; the others keep ``t``. Each look's shaped mean is then the labelled
+    mean and the group's mean is unchanged, so a labelled sample's advantage is its gap within its look plus
+    the labelled samples' shared gap over the unlabelled (0 when every sample has a look), a sample alone in its
+    look gets only that share, and an unlabelled one keeps the group's baseline. The scale of the advantages
+    (their group's std) is the spread of these totals: what is left within the looks."""
+    x = torch.where(ok, t, 0.0)
+    same = (labels[:, :, None] == labels[:, None, :]) & ok[:, None, :]  # [G, k, k]: j is a valid same-look sibling
+    look_mean = (same * x[:, None, :]).sum(-1) / same.sum(-1).clamp_min(1)
+    labelled = ok & (labels >= 0)
+    labelled_mean = (x * labelled).sum(1, keepdim=True) / labelled.sum(1, keepdim=True).clamp_min(1)
+    return torch.where(labelled, t - look_mean + labelled_mean, t)
