@@ -16,7 +16,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from omnigrpo.app.evaluator import world_metrics
 from omnigrpo.app.failure import CheckpointFailed, describe, failed, reason
 from omnigrpo.app.lookahead import Lookahead
 from omnigrpo.app.shaping import Shaping
+from omnigrpo.app.state import RunState
 from omnigrpo.app.tracking import Tracker
 from omnigrpo.cluster import actors, shards
 from omnigrpo.config.runtime import eval_seed
@@ -126,16 +127,16 @@ def train(cfg: Config, stop_on_sigterm: bool = False, plan: preflight.RunPlan | 
             STARTING.clear()
             tracker.start()
             tracker.set_tags(actors.placement_tags(workers))
-            return Loop(cfg, workers, tracker, run_dir, cursor, {"reference_path": model_path}).run()
-        log.info("resuming %s at step %d", plan.resume_from, state["step"])
-        workers = actors.spawn(cfg, str(plan.resume_from), extensions, state["reference_path"], resume=True,
+            return Loop(cfg, workers, tracker, run_dir, cursor, RunState.fresh(model_path)).run()
+        log.info("resuming %s at step %d", plan.resume_from, state.step)
+        workers = actors.spawn(cfg, str(plan.resume_from), extensions, state.reference_path, resume=True,
                                dry_run=plan.dry_run)
         STARTING.clear()
-        ray.get([w.restore.remote(rng, state["version"]) for w, rng in zip(workers.rollouts, state["rollout_rng"],
-                                                                          strict=True)])
-        workers.sync.version, workers.rng_states = state["version"], list(state["rollout_rng"])
-        cursor.restore(state["cursor"])
-        tracker.start(resume_run_id=state["run_id"])
+        ray.get([w.restore.remote(rng, state.version) for w, rng in zip(workers.rollouts, state.rollout_rng,
+                                                                        strict=True)])
+        workers.sync.version, workers.rng_states = state.version, list(state.rollout_rng)
+        cursor.restore(state.cursor)
+        tracker.start(resume_run_id=state.run_id)
         tracker.set_tags(actors.placement_tags(workers))
         return Loop(cfg, workers, tracker, run_dir, cursor, state).run()
     except BaseException:
@@ -155,23 +156,22 @@ def train(cfg: Config, stop_on_sigterm: bool = False, plan: preflight.RunPlan | 
 
 @dataclass
 class Loop:
-    """Steps ``start_state["step"] + 1 .. trainer.steps`` of a run (from 1 on a fresh run)."""
+    """Steps ``start_state.step + 1 .. trainer.steps`` of a run (from 1 on a fresh run)."""
 
     cfg: Config
     workers: actors.Workers
     tracker: Tracker
     run_dir: Path
     cursor: PromptCursor
-    start_state: dict
-    """The run state the loop continues from: a resumed run's (:meth:`run_state`), or on a fresh run only its
-    ``reference_path``."""
+    start_state: RunState
+    """The run state the loop continues from: a resumed run's (:meth:`run_state`), or :meth:`RunState.fresh`."""
     version: int = 0
     """Weight version the rollout actors (hybrid: the learner ranks) sample with; steps and versions differ once a
     step makes no update."""
     before: dict = field(default_factory=dict)
     stage: str = "start"
     """What the loop is doing: a crash during ``learn`` or ``sync`` leaves weights of no completed step."""
-    last_state: dict | None = None
+    last_state: RunState | None = None
     """The run state once the last step's weights reached the rollouts: a crash outside learn/sync resumes it."""
     saved: tuple[int, str] | None = None
     """(step, path) of the newest scheduled step checkpoint."""
@@ -186,17 +186,18 @@ class Loop:
 
     def run(self) -> dict:
         cfg = self.cfg
-        first = self.start_state.get("step", 0) + 1
-        self.version = self.start_state.get("version", 0)
+        start = self.start_state
+        first = start.step + 1
+        self.version = start.version
         self.ahead = Lookahead(cfg, self.workers, self.cursor)
-        self.ahead.restore(self.start_state.get("ahead", []))
+        self.ahead.restore(start.ahead)
         self.alarm = CollapseAlarm(cfg)
-        self.alarm.restore(self.start_state.get("alarm"))
+        self.alarm.restore(start.alarm)
         progress = Progress(cfg.trainer.steps, first)
         step = first - 1
         try:
-            self.before = self.start_state.get("before") or evaluate(cfg, self.workers, self.tracker, 0)
-            self.last_state = self.start_state if "step" in self.start_state else self.run_state(first - 1)
+            self.before = start.before or evaluate(cfg, self.workers, self.tracker, 0)
+            self.last_state = start if start.resumed else self.run_state(start.step)
             for step in range(first, cfg.trainer.steps + 1):
                 metrics = self.step(step)
                 progress.step(step, metrics)
@@ -225,18 +226,24 @@ class Loop:
         log.error("run failed at step %d (%s); writing a %scheckpoint", step, self.stage,
                   "resumable " if resumable else "")
         try:
-            path = actors.save_checkpoint(self.workers, str(self.checkpoints), None, "crash", resumable)
+            path = self.write(None, "crash", resumable)
         except Exception as err:  # noqa: BLE001 - the learner itself may be what died, or the disk is full
             log.error("could not write the crash checkpoint: %s", describe(err))
             return f"no crash checkpoint ({reason(err)})"
         return f"crash checkpoint {path}" + (" (resume with --resume)" if resumable else
                                              " (mid-update: start a new run from it with model.path)")
 
-    def save(self, step: int | None, name: str, state: dict | None) -> str:
-        """Every learner rank writes its part of checkpoint ``{name}-{step}``; a write that fails (disk full) is a
-        :class:`CheckpointFailed` naming the folder, the error and the newest whole checkpoint."""
+    def write(self, step: int | None, name: str, state: RunState | None) -> str:
+        """Every learner rank writes its part of checkpoint ``{name}-{step}``, rank 0 with ``state`` as plain data
+        (``run_state.pt``; None: not resumable); returns its path."""
+        return actors.save_checkpoint(self.workers, str(self.checkpoints), step, name,
+                                      state.state() if state else None)
+
+    def save(self, step: int | None, name: str, state: RunState | None) -> str:
+        """:meth:`write`; a write that fails (disk full) is a :class:`CheckpointFailed` naming the folder, the error
+        and the newest whole checkpoint."""
         try:
-            return actors.save_checkpoint(self.workers, str(self.checkpoints), step, name, state)
+            return self.write(step, name, state)
         except OSError as err:  # Ray's error is also an instance of the actor's exception class
             kept = f"; the newest whole checkpoint, {self.saved[1]}, is intact (resume with --resume)" \
                 if self.saved else ""
@@ -299,7 +306,7 @@ class Loop:
         self.tracker.log(metrics, step)
         self.raise_alarms(metrics, step)
         self.count_skips(metrics, result, step)
-        self.last_state["alarm"] = self.alarm.state()  # this step's figures belong to its run state
+        self.last_state = replace(self.last_state, alarm=self.alarm.state())  # this step's figures belong to it
         if cfg.tracking.image_every and step % cfg.tracking.image_every == 0:
             n = cfg.tracking.images
             captions = [f"{p} | r={r:.2f}" for p, r in zip(batch.prompts[:n], result.total[:n], strict=True)]
@@ -363,13 +370,12 @@ class Loop:
         if cfg.trainer.save_every and step % cfg.trainer.save_every == 0:
             self.saved = (step, self.save(step, "step", self.last_state))
 
-    def run_state(self, step: int) -> dict:
+    def run_state(self, step: int) -> RunState:
         """What the driver needs to continue after ``step`` exactly as if never interrupted."""
-        return {"step": step, "version": self.version, "run_id": self.tracker.run_id,
-                "reference_path": self.start_state["reference_path"], "cursor": self.cursor.state(),
-                "before": self.before, "ahead": self.ahead.state() if self.ahead else [],
-                "alarm": self.alarm.state() if self.alarm else None,
-                "rollout_rng": list(self.workers.rng_states)}
+        return RunState(step=step, version=self.version, run_id=self.tracker.run_id,
+                        reference_path=self.start_state.reference_path, cursor=self.cursor.state(),
+                        before=self.before, ahead=self.ahead.state() if self.ahead else [],
+                        alarm=self.alarm.state() if self.alarm else None, rollout_rng=list(self.workers.rng_states))
 
     def finish(self) -> dict:
         """Final evaluation and checkpoint; the run's summary."""

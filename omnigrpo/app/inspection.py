@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from omnigrpo.app.state import NotARunState, RunState
 from omnigrpo.config.inputs import read_input
 from omnigrpo.config.loader import ConfigError
 from omnigrpo.config.schema import Config
 from omnigrpo.rollout.loader import CheckpointError, check_checkpoint
 
 
-def check_resume(cfg: Config) -> tuple[Path | None, dict | None]:
+def check_resume(cfg: Config) -> tuple[Path, RunState]:
     """The newest resumable checkpoint of ``run.dir`` and its run state, checked against the cluster shape."""
     from omnigrpo.trainers.checkpoint import latest_checkpoint, latest_resumable, load_state, written
 
@@ -31,20 +32,20 @@ def check_resume(cfg: Config) -> tuple[Path | None, dict | None]:
         raise ConfigError(nothing_to_resume(root, newest))
     check_loadable(resume_from, "run.resume")
     try:
-        state = load_state(resume_from / "run_state.pt")
+        data = load_state(resume_from / "run_state.pt")
     except Exception as err:  # noqa: BLE001 - truncated, corrupt or not a run state at all
         raise ConfigError(f"run.resume: {resume_from / 'run_state.pt'} cannot be read ({type(err).__name__}: "
                           f"{str(err).splitlines()[0] if str(err) else ''}); remove that checkpoint to resume the one "
                           "before it") from None
-    check_state(cfg, state, resume_from / "run_state.pt")
+    state = check_state(cfg, data, resume_from / "run_state.pt")
     check_same_model(cfg, resume_from)
     info = readable_json(resume_from / "omnigrpo_step.json", "run.resume")
-    if "version" in info and "version" in state and info["version"] != state["version"]:
+    if "version" in info and info["version"] != state.version:
         raise ConfigError(f"run.resume: {resume_from} holds weights v{info['version']} but a run state of v"
-                          f"{state['version']}; it cannot be resumed exactly (start a new run from it with model.path)")
-    if len(state["rollout_rng"]) != cfg.samplers:
+                          f"{state.version}; it cannot be resumed exactly (start a new run from it with model.path)")
+    if len(state.rollout_rng) != cfg.samplers:
         key = "learner_workers (hybrid)" if cfg.cluster.placement == "hybrid" else "rollout_workers"
-        raise ConfigError(f"cluster.{key}: resuming {resume_from} needs {len(state['rollout_rng'])} samplers")
+        raise ConfigError(f"cluster.{key}: resuming {resume_from} needs {len(state.rollout_rng)} samplers")
     ranks = info.get("learners", 1)
     if ranks != cfg.cluster.learner_workers:
         raise ConfigError(f"cluster.learner_workers: resuming {resume_from} needs {ranks} (its optimiser state is "
@@ -52,22 +53,19 @@ def check_resume(cfg: Config) -> tuple[Path | None, dict | None]:
     return resume_from, state
 
 
-STATE_TYPES = {"step": int, "version": int, "run_id": str, "reference_path": str, "cursor": str, "rollout_rng": list}
-"""What a run state holds (``Loop.run_state``), checked before anything acts on it."""
-
-
-def check_state(cfg: Config, state: object, path: Path) -> None:
-    """A run state has its keys, of their types, and names as its KL reference only this config's ``model.path``
-    or a policy of its SFT cache: anyone who can write ``run.dir`` could otherwise point the learner at any
-    directory or hub id."""
+def check_state(cfg: Config, state: object, path: Path) -> RunState:
+    """The run state loaded from ``path``: its keys of their types (:meth:`RunState.from_state`), naming as its KL
+    reference only this config's ``model.path`` or a policy of its SFT cache: anyone who can write ``run.dir``
+    could otherwise point the learner at any directory or hub id."""
     from omnigrpo.rollout.hub import absolute
     from omnigrpo.trainers.sft import cache_root
 
-    bad = [k for k, kind in STATE_TYPES.items() if not isinstance(state, dict) or type(state.get(k)) is not kind]
-    if bad:
-        raise ConfigError(f"run.resume: {path} is not a run state omnigrpo wrote ({', '.join(bad)} missing or of "
-                          "another type); remove that checkpoint to resume the one before it")
-    reference = state["reference_path"]
+    try:
+        run = RunState.from_state(state)
+    except NotARunState as err:
+        raise ConfigError(f"run.resume: {path} is not a run state omnigrpo wrote ({err}); remove that checkpoint "
+                          "to resume the one before it") from None
+    reference = run.reference_path
     local = Path(reference).is_absolute()
     if local and Path(reference).resolve().is_relative_to(cache_root(cfg) / "sft"):
         check_loadable(Path(reference), "run.resume")
@@ -75,6 +73,7 @@ def check_state(cfg: Config, state: object, path: Path) -> None:
         raise ConfigError(f"run.resume: {path} names {reference!r} as the run's starting policy, which is neither "
                           f"model.path ({cfg.model.path or 'unset'}) nor a policy of this config's SFT cache; "
                           "resume with the model.path the run started from")
+    return run
 
 
 def check_loadable(directory: Path, key: str) -> None:

@@ -32,7 +32,7 @@ from omnigrpo.rewards.worker import RewardResult
 from omnigrpo.rollout.worker import RolloutBatch
 
 
-@dataclass
+@dataclass(frozen=True)
 class Drawn:
     """One step's rollout: the batch, its rewards, the timings of drawing it and the weight version the rollouts
     held when it was asked for (which the batch must carry)."""

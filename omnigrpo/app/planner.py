@@ -34,6 +34,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from omnigrpo.app.sizing import PROMPT_TOKENS, ModelSize, model_size
+from omnigrpo.config.roles import Role
 from omnigrpo.config.schema import Config
 from omnigrpo.rollout.graphs import bucketed
 
@@ -56,7 +57,7 @@ projector; a decoder pool actor needs a GPU of its own."""
 class RoleMemory:
     """What one actor of ``role`` holds on its GPU, in bytes, by component."""
 
-    role: str
+    role: Role
     count: int
     gpus: float
     parts: dict[str, int] = field(default_factory=dict)
@@ -179,17 +180,18 @@ def plan(cfg: Config, prompt_tokens: int = PROMPT_TOKENS) -> MemoryPlan:
     size = model_size(cfg)
     c = cfg.cluster
     context = int(CONTEXT_GIB * GIB)
-    parts = {"learner": learner_memory(cfg, size, prompt_tokens), "rollout": rollout_memory(cfg, size, prompt_tokens),
-             "reward": reward_memory(cfg), "decoder": {"decoder": int(DECODER_GIB * GIB)}}
+    parts = {Role.LEARNER: learner_memory(cfg, size, prompt_tokens),
+             Role.ROLLOUT: rollout_memory(cfg, size, prompt_tokens), Role.REWARD: reward_memory(cfg),
+             Role.DECODER: {"decoder": int(DECODER_GIB * GIB)}}
     if c.placement == "hybrid":  # each learner rank samples too: the policy once, plus its sampling phase
-        sampling = parts.pop("rollout")
+        sampling = parts.pop(Role.ROLLOUT)
         b = 2 if cfg.model.dtype == "bfloat16" else 4
         packed = size.layers * size.hidden * (size.hidden + 2 * size.kv_heads * size.head_dim + 2 * size.intermediate)
-        parts["learner"] |= {"sampler kv_cache": sampling["kv_cache"], "sampler logits": sampling["logits"],
+        parts[Role.LEARNER] |= {"sampler kv_cache": sampling["kv_cache"], "sampler logits": sampling["logits"],
                              "sampler packed copy": packed * b,
                              **({"sampler graph pool": sampling["graph pool"]} if "graph pool" in sampling else {})}
     roles = []
-    for role in ("learner", "rollout", "reward", "decoder"):
+    for role in (Role.LEARNER, Role.ROLLOUT, Role.REWARD, Role.DECODER):
         count = cfg.actor_counts[role]
         gpus = getattr(c, f"{role}_gpus")
         if count:

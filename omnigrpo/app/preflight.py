@@ -20,6 +20,7 @@ from pathlib import Path
 
 from omnigrpo.app import planner
 from omnigrpo.app.inspection import check_loadable, check_resume, readable_json
+from omnigrpo.app.state import RunState
 from omnigrpo.cluster.payload import Payload, gather
 from omnigrpo.config.loader import ConfigError
 from omnigrpo.config.schema import Config
@@ -40,7 +41,7 @@ class RunPlan:
     metadata: list[dict]
     dry_run: DryRun
     resume_from: Path | None = None
-    state: dict | None = None
+    state: RunState | None = None
 
 
 def check_run(cfg: Config) -> RunPlan:

@@ -152,9 +152,10 @@ def _timed_sync(workers, broadcast: bool, bucket_mb: float, repeats: int) -> dic
     import ray
 
     from omnigrpo.cluster import actors
+    from omnigrpo.cluster.weights import SyncState
 
     sync = workers.sync
-    sync.broadcast, sync.bucket_mb = broadcast, bucket_mb
+    sync.state, sync.bucket_mb = SyncState.JOINED if broadcast else SyncState.UNJOINED, bucket_mb
     state = ray.get(workers.learner.state_dict.remote())
     nbytes = sum(t.numel() * t.element_size() for t in state.values())
     # the learner has made no update: every repeat sends its version 0 again
@@ -163,7 +164,7 @@ def _timed_sync(workers, broadcast: bool, bucket_mb: float, repeats: int) -> dic
     expected = round(float(sum(t.double().sum() for t in state.values())), 3)
     return {"bytes": nbytes, "tensors": len(state), "seconds": seconds, "s_per_gb": seconds / (nbytes / 1e9),
             "gb_per_s": nbytes / 1e9 / seconds, "bucket_mb": bucket_mb,
-            "still_broadcasting": sync.broadcast == broadcast and not sync.fallbacks,  # no silent fallback
+            "still_broadcasting": sync.broadcasting == broadcast and not sync.fallbacks,  # no silent fallback
             "rollouts_match_learner": sums == {expected}}
 
 

@@ -35,6 +35,7 @@ from omnigrpo.cluster import placement
 from omnigrpo.cluster.environment import local_cluster_home, prepare_local_ray_env, private_dir, wants_local_cluster
 from omnigrpo.cluster.weights import WeightSync
 from omnigrpo.config.loader import ConfigError
+from omnigrpo.config.roles import Role
 from omnigrpo.config.runtime import actor_seed
 from omnigrpo.config.schema import Config
 from omnigrpo.rewards.worker import DryRun, JudgeStartError, RewardWorker
@@ -102,7 +103,7 @@ class Workers:
     (removed with the run: :func:`release`)."""
 
     def __post_init__(self):
-        self.sync = self.sync or WeightSync(self.cfg, self.meeting)
+        self.sync = self.sync or WeightSync(self.cfg.cluster, self.cfg.trainer.zero_stage, self.meeting)
         self.rng_states = self.rng_states or [None] * len(self.rollouts)
 
     @property
@@ -115,9 +116,9 @@ class Workers:
         """Rank 0 of the learner group."""
         return self.learners[0]
 
-    def pool(self, role: str) -> list:
+    def pool(self, role: Role) -> list:
         """The actors of ``role`` (rollout, decoder or reward), by index."""
-        return {"rollout": self.rollouts, "decoder": self.decoders, "reward": self.rewards}[role]
+        return {Role.ROLLOUT: self.rollouts, Role.DECODER: self.decoders, Role.REWARD: self.rewards}[role]
 
 
 def spawn(cfg: Config, model_path: str, extensions_dir: str, reference_path: str | None = None,
@@ -129,13 +130,14 @@ def spawn(cfg: Config, model_path: str, extensions_dir: str, reference_path: str
     accelerator = "cuda" if cfg.cluster.learner_gpus else "cpu"
     env = {"runtime_env": {"env_vars": {"DS_ACCELERATOR": accelerator, "TORCH_EXTENSIONS_DIR": extensions_dir}}}
     hybrid = cfg.cluster.placement == "hybrid"
-    rollouts = [_rollout_actor(cfg, model_path, i, plan) for i in range(cfg.actor_counts["rollout"])]
+    rollouts = [_rollout_actor(cfg, model_path, i, plan) for i in range(cfg.actor_counts[Role.ROLLOUT])]
     rewards = [_reward_actor(cfg, i, plan) for i in range(cfg.cluster.reward_workers)]
     decoders = [_decoder_actor(cfg, i, plan) for i in range(cfg.cluster.decoder_workers if cfg.decoder.path else 0)]
     size, where = cfg.cluster.learner_workers, bind_addresses(plan)
-    learners = [ray.remote(HybridLearner if hybrid else Learner).options(**plan.options("learner", rank), **env).remote(
+    learner_cls = ray.remote(HybridLearner if hybrid else Learner)
+    learners = [learner_cls.options(**plan.options(Role.LEARNER, rank), **env).remote(
         cfg, model_path, rank=rank, world_size=size, reference_path=reference_path,
-        address=where.get(("learner", rank), LOOPBACK)) for rank in range(size)]
+        address=where.get((Role.LEARNER, rank), LOOPBACK)) for rank in range(size)]
     workers = Workers(rollouts=learners if hybrid else rollouts, rewards=rewards, learners=learners, cfg=cfg,
                       model_path=model_path, placement=plan, decoders=decoders, where=where,
                       meeting=private_dir(cfg.run.dir))
@@ -144,7 +146,7 @@ def spawn(cfg: Config, model_path: str, extensions_dir: str, reference_path: str
         calls = {w.setup.remote(dry_run): f"reward actor {i}" for i, w in enumerate(rewards)}
         calls.update({w.setup.remote(): f"rollout actor {i}" for i, w in enumerate(rollouts)})
         calls.update({w.setup.remote(): f"decoder actor {i}" for i, w in enumerate(decoders)})
-        calls.update({learner.setup.remote(extensions_dir, plan.threads("learner"), resume, rendezvous):
+        calls.update({learner.setup.remote(extensions_dir, plan.threads(Role.LEARNER), resume, rendezvous):
                       f"learner rank {rank}" for rank, learner in enumerate(learners)})
         try:
             await_setup(calls, cfg.cluster.setup_timeout_s)
@@ -226,19 +228,19 @@ def _rollout_actor(cfg: Config, model_path: str, index: int, plan: placement.Pla
     """Rollout actor ``index`` (named ``omnigrpo-rollout-<index>-<random>`` so users and tests can find it);
     a replacement samples from a new seed."""
     name = f"omnigrpo-rollout-{index}-{secrets.token_hex(4)}"
-    cls = ray.remote(RolloutWorker).options(max_concurrency=1, name=name, **plan.options("rollout", index))
-    seed = actor_seed(cfg.run.seed, "rollout", index, restart)
-    return cls.remote(**RolloutWorker.arguments(cfg, model_path, seed, plan.threads("rollout")))
+    cls = ray.remote(RolloutWorker).options(max_concurrency=1, name=name, **plan.options(Role.ROLLOUT, index))
+    seed = actor_seed(cfg.run.seed, Role.ROLLOUT, index, restart)
+    return cls.remote(**RolloutWorker.arguments(cfg, model_path, seed, plan.threads(Role.ROLLOUT)))
 
 
 def _decoder_actor(cfg: Config, index: int, plan: placement.Placement, restart: int = 0):
-    cls = ray.remote(DiffusionDecoder).options(**plan.options("decoder", index))
-    seed = actor_seed(cfg.run.seed, "decoder", index, restart)
-    return cls.remote(**DiffusionDecoder.arguments(cfg, seed, plan.threads("decoder")))
+    cls = ray.remote(DiffusionDecoder).options(**plan.options(Role.DECODER, index))
+    seed = actor_seed(cfg.run.seed, Role.DECODER, index, restart)
+    return cls.remote(**DiffusionDecoder.arguments(cfg, seed, plan.threads(Role.DECODER)))
 
 
 def _reward_actor(cfg: Config, index: int, plan: placement.Placement):
-    cls = ray.remote(RewardWorker).options(**plan.options("reward", index))
+    cls = ray.remote(RewardWorker).options(**plan.options(Role.REWARD, index))
     return cls.remote(cfg.rewards, cfg.cluster.reward_output_kb)
 
 
@@ -246,12 +248,12 @@ class RoleLost(RuntimeError):
     """An actor died and is not replaced: a learner rank, or any actor once ``cluster.max_restarts`` are used up."""
 
 
-def replace_actor(workers: Workers, role: str, index: int, err: Exception) -> None:
+def replace_actor(workers: Workers, role: Role, index: int, err: Exception) -> None:
     """Start a fresh actor in place of a dead one (a rollout replacement gets the current weights), or raise
     :class:`RoleLost` (naming the role and ``err``) once ``cluster.max_restarts`` replacements are used up."""
     last = str(getattr(err, "cause", None) or err).strip().splitlines()
     last = last[0][:300] if last else type(err).__name__
-    if role == "rollout" and workers.hybrid:
+    if role == Role.ROLLOUT and workers.hybrid:
         raise RoleLost(f"learner rank {index} died while sampling (hybrid placement: a learner rank is not "
                        f"replaced); its last error: {last}") from err
     if workers.restarts >= workers.cfg.cluster.max_restarts:
@@ -259,13 +261,13 @@ def replace_actor(workers: Workers, role: str, index: int, err: Exception) -> No
                        f"cluster.max_restarts = {workers.cfg.cluster.max_restarts}; its last error: {last}") from err
     workers.restarts += 1
     log.warning("%s actor %d died; starting a replacement (%d so far)", role, index, workers.restarts)
-    if role == "rollout":
+    if role == Role.ROLLOUT:
         workers.sync.lost_member()
         actor = _rollout_actor(workers.cfg, workers.model_path, index, workers.placement, workers.restarts)
         ray.get(actor.setup.remote())
         ray.get(actor.load_weights.remote(workers.sync.ref(workers.learners), workers.sync.version))
         workers.rng_states[index] = ray.get(actor.rng_state.remote())  # the replacement's fresh stream
-    elif role == "decoder":
+    elif role == Role.DECODER:
         actor = _decoder_actor(workers.cfg, index, workers.placement, workers.restarts)
         ray.get(actor.setup.remote())
     else:
@@ -277,7 +279,7 @@ def replace_actor(workers: Workers, role: str, index: int, err: Exception) -> No
 def sync_weights(workers: Workers, version: int, resend: bool = False) -> None:
     """Learner -> every rollout actor (``omnigrpo.cluster.weights``); a rollout actor that died while loading
     is replaced, and the replacement loads the new weights itself."""
-    if workers.sync.reform:  # a replacement may sit on another node than its predecessor
+    if workers.sync.must_reform:  # a replacement may sit on another node than its predecessor
         workers.where = bind_addresses(workers.placement)
     for index, err in workers.sync.send(workers.learners, workers.rollouts, version, workers.where, resend):
-        replace_actor(workers, "rollout", index, err)
+        replace_actor(workers, Role.ROLLOUT, index, err)

@@ -22,9 +22,8 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 
+from omnigrpo.config.roles import Role
 from omnigrpo.config.schema import Config
-
-ROLES = ("rollout", "decoder", "reward", "learner")
 
 
 class ClusterShortfall(RuntimeError):
@@ -35,7 +34,7 @@ class ClusterShortfall(RuntimeError):
 class Demand:
     """``count`` actors of ``role``, each reserving ``cpus`` CPUs and ``gpus`` GPUs."""
 
-    role: str
+    role: Role
     count: int
     cpus: float
     gpus: float
@@ -46,7 +45,7 @@ def demands(cfg: Config, cluster_cpus: float) -> list[Demand]:
     c, counts = cfg.cluster, cfg.actor_counts
     share = cluster_cpus / sum(counts.values())
     out = []
-    for role in ROLES:
+    for role in Role:
         cpus, gpus = getattr(c, f"{role}_cpus"), getattr(c, f"{role}_gpus")
         out.append(Demand(role, counts[role], cpus or share, gpus))
     return out
@@ -62,7 +61,7 @@ def check_fits(wanted: list[Demand], available: dict[str, float]) -> None:
             parts = ", ".join(f"{d.role} {d.count} x {getattr(d, attr):g}" for d in wanted if getattr(d, attr))
             largest = max(wanted, key=lambda d: d.count * getattr(d, attr))
             problems.append(f"{resource}: the config asks for {need:g} ({parts}) but the cluster has {have:g}; "
-                            f"short by {need - have:g} (largest demand: role {largest.role!r}, "
+                            f"short by {need - have:g} (largest demand: role '{largest.role}', "
                             f"cluster.{largest.role}_{attr} / cluster.{largest.role}_workers)")
     if problems:
         raise ClusterShortfall("the cluster cannot place this run:\n  " + "\n  ".join(problems))
@@ -74,7 +73,7 @@ class Placement:
     def __init__(self, cfg: Config, wanted: list[Demand], group, bundle_of: dict[tuple[str, int], int]):
         self.cfg, self.wanted, self.group, self.bundle_of = cfg, {d.role: d for d in wanted}, group, bundle_of
 
-    def options(self, role: str, index: int) -> dict:
+    def options(self, role: Role, index: int) -> dict:
         """Ray actor options putting actor ``index`` of ``role`` in its bundle with its resources."""
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -83,7 +82,7 @@ class Placement:
                                                     placement_group_bundle_index=self.bundle_of[role, index])
         return {"num_cpus": d.cpus, "num_gpus": d.gpus, "scheduling_strategy": strategy}
 
-    def threads(self, role: str) -> int:
+    def threads(self, role: Role) -> int:
         """Torch intra-op threads of a ``role`` actor: ``cluster.torch_threads``, or when that is 0 every core
         (0) while the stages of a step take turns, and the role's CPU share (at least 1) when rollout overlaps
         the learner (``trainer.max_staleness > 0``): two actors each spinning on every core of the same CPUs

@@ -19,6 +19,7 @@ import ray
 
 from omnigrpo.cluster.actors import Workers, replace_actor
 from omnigrpo.cluster.weights import DEAD
+from omnigrpo.config.roles import Role
 from omnigrpo.rewards.worker import RewardResult
 from omnigrpo.rollout.worker import RolloutBatch
 
@@ -40,13 +41,13 @@ class Pending:
             self.ref = self.call(self.actor)
 
 
-def collect(workers: Workers, role: str, pending: list[Pending]) -> list:
+def collect(workers: Workers, role: Role, pending: list[Pending]) -> list:
     """Results of submitted shards, in order; a shard whose actor died, or (reward, decoder) hung past
     ``cluster.call_timeout_s``, is retried on a replacement. An actor that several pending shards were
     sent to (``rollout.chunks`` > 1) is replaced once: the later shards find its slot already holding the
     replacement and are only resubmitted. A rollout batch's generator state is kept as its actor's latest."""
     out = []
-    timeout = (workers.cfg.cluster.call_timeout_s or None) if role in ("reward", "decoder") else None
+    timeout = (workers.cfg.cluster.call_timeout_s or None) if role in (Role.REWARD, Role.DECODER) else None
     pool = workers.pool(role)
     for item in pending:
         while True:
@@ -64,7 +65,7 @@ def collect(workers: Workers, role: str, pending: list[Pending]) -> list:
                     replace_actor(workers, role, item.index, err)
             item.actor = pool[item.index]  # reached only once the slot holds a live replacement
             item.ref = item.call(item.actor)
-        if role == "rollout":
+        if role == Role.ROLLOUT:
             workers.rng_states[item.index] = out[-1].rng_state
     return out
 
@@ -84,7 +85,7 @@ def painted(workers: Workers, batch: RolloutBatch, pending: list) -> RolloutBatc
     """The batch with the decoder pool's images (unchanged when the rollout actors decoded)."""
     if not workers.decoders:
         return batch
-    return dataclasses.replace(batch, images=np.concatenate(collect(workers, "decoder", pending)))
+    return dataclasses.replace(batch, images=np.concatenate(collect(workers, Role.DECODER, pending)))
 
 
 def submit_generate(workers: Workers, prompts: list[str], metadata: list[dict], group_size: int,
@@ -103,7 +104,7 @@ def submit_generate(workers: Workers, prompts: list[str], metadata: list[dict], 
 def generate(workers: Workers, prompts: list[str], metadata: list[dict], group_size: int,
              seed: int | None = None) -> RolloutBatch:
     """Sample (and paint, with a decoder pool) and wait: one batch, one weight version."""
-    batch = RolloutBatch.concat(collect(workers, "rollout", submit_generate(workers, prompts, metadata, group_size,
+    batch = RolloutBatch.concat(collect(workers, Role.ROLLOUT, submit_generate(workers, prompts, metadata, group_size,
                                                                             seed)))
     return painted(workers, batch, submit_decode(workers, batch))
 
@@ -123,7 +124,7 @@ def submit_score(workers: Workers, batch: RolloutBatch) -> list:
 
 def score(workers: Workers, batch: RolloutBatch) -> RewardResult:
     """Judge and wait."""
-    return RewardResult.concat(collect(workers, "reward", submit_score(workers, batch)))
+    return RewardResult.concat(collect(workers, Role.REWARD, submit_score(workers, batch)))
 
 
 def generate_and_score(workers: Workers, prompts: list[str], metadata: list[dict], group_size: int,
@@ -141,13 +142,13 @@ def generate_and_score(workers: Workers, prompts: list[str], metadata: list[dict
     pending = submit_generate(workers, *take(pieces[0]), group_size)
     batches, judged = [], []
     for k in range(len(pieces)):
-        sampled = RolloutBatch.concat(collect(workers, "rollout", pending))
+        sampled = RolloutBatch.concat(collect(workers, Role.ROLLOUT, pending))
         decoding = submit_decode(workers, sampled)  # the token batch streams to the decoder pool
         if k + 1 < len(pieces):
             pending = submit_generate(workers, *take(pieces[k + 1]), group_size)
         batches.append(painted(workers, sampled, decoding))
         judged.append(submit_score(workers, batches[-1]))
     timings["timing/rollout_s"] = time.perf_counter() - start
-    results = [RewardResult.concat(collect(workers, "reward", refs)) for refs in judged]
+    results = [RewardResult.concat(collect(workers, Role.REWARD, refs)) for refs in judged]
     timings["timing/reward_s"] = time.perf_counter() - start - timings["timing/rollout_s"]
     return RolloutBatch.concat(batches), RewardResult.concat(results)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import os
 
+from omnigrpo.config.roles import Role
+
 USER_ENV = dict(os.environ)
 """The environment as this process received it, before :func:`quiet_thread_waits` or anything else of
 omnigrpo's set a variable for itself (what a user's shell gives a program; the TRL baseline runs under it)."""
-ACTOR_STRIDE = {"rollout": 17, "decoder": 31}
+ACTOR_STRIDE = {Role.ROLLOUT: 17, Role.DECODER: 31}
 """Seed distance between actors ``i`` and ``i + 1`` of a role."""
 RESTART_STRIDE = 7919
 """Seed distance between an actor and its replacement (a replacement never repeats a dead actor's draws)."""
@@ -27,10 +29,10 @@ SHUFFLE_OFFSET = 1000
 """Offset of the learners' mini-batch shuffle (the same on every rank)."""
 
 
-def actor_seed(run_seed: int, role: str, index: int, restart: int = 0) -> int:
+def actor_seed(run_seed: int, role: Role, index: int, restart: int = 0) -> int:
     """Sampling seed of actor ``index`` of ``role`` (``rollout`` or ``decoder``) after ``restart`` replacements.
 
-    >>> actor_seed(0, "rollout", 1), actor_seed(0, "rollout", 1, restart=1)
+    >>> actor_seed(0, Role.ROLLOUT, 1), actor_seed(0, Role.ROLLOUT, 1, restart=1)
     (17, 7936)
     """
     return run_seed + ACTOR_STRIDE[role] * index + RESTART_STRIDE * restart

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 from pydantic import ConfigDict, Field
 from pydantic.dataclasses import dataclass
 
+from omnigrpo.config.roles import Role
+
 _STRICT = ConfigDict(extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 """Unknown keys are refused, and so is NaN or infinity in any float field."""
 DAY_S = 86400.0
@@ -414,12 +416,12 @@ class Config:
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @property
-    def actor_counts(self) -> dict[str, int]:
+    def actor_counts(self) -> dict[Role, int]:
         """Actors per role (a decoder pool only with ``decoder.path``)."""
         c = self.cluster
         rollouts = 0 if c.placement == "hybrid" else c.rollout_workers  # hybrid: the learner ranks sample
-        return {"rollout": rollouts, "decoder": c.decoder_workers if self.decoder.path else 0,
-                "reward": c.reward_workers, "learner": c.learner_workers}
+        return {Role.ROLLOUT: rollouts, Role.DECODER: c.decoder_workers if self.decoder.path else 0,
+                Role.REWARD: c.reward_workers, Role.LEARNER: c.learner_workers}
 
     @property
     def samplers(self) -> int:

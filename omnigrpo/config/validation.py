@@ -11,6 +11,7 @@ from __future__ import annotations
 import typing
 from urllib.parse import urlsplit
 
+from omnigrpo.config.roles import Role
 from omnigrpo.config.schema import Config, WorldConfig
 
 WORLD_NAMES = typing.get_args(typing.get_type_hints(WorldConfig)["name"])
@@ -41,7 +42,7 @@ def cross_field_problems(cfg: Config) -> list[str]:
         problems.append("  rewards: the weights sum to 0")
     if cfg.model.hidden_size % cfg.model.num_heads or cfg.model.num_heads % cfg.model.num_kv_heads:
         problems.append("  model.num_heads: must divide model.hidden_size and be a multiple of model.num_kv_heads")
-    for role in ("rollout", "learner", "decoder"):
+    for role in (Role.ROLLOUT, Role.LEARNER, Role.DECODER):
         gpus = getattr(cfg.cluster, f"{role}_gpus")
         if gpus > 1:
             problems.append(f"  cluster.{role}_gpus: {gpus:g}: a {role} actor uses one device; ask for 1 or a "
@@ -70,7 +71,7 @@ def _colocated_gpus(cfg: Config) -> float:
     """The smallest GPU total of a colocated bundle that holds a learner rank."""
     c, counts = cfg.cluster, cfg.actor_counts
     return min(c.learner_gpus + sum(getattr(c, f"{role}_gpus") for role, n in counts.items()
-                                    if role != "learner" and n > i)
+                                    if role != Role.LEARNER and n > i)
                for i in range(c.learner_workers))
 
 

@@ -37,6 +37,7 @@ from contextlib import contextmanager
 
 import torch
 
+from omnigrpo.config.roles import Role
 from omnigrpo.config.runtime import actor_seed, reseed
 from omnigrpo.rollout.engine import pack_copies
 from omnigrpo.rollout.graphs import graphed_decoder
@@ -65,7 +66,7 @@ class HybridLearner(Learner):
         if self.cfg.trainer.zero_stage == 3:
             raise ValueError("cluster.placement hybrid samples with trainer.zero_stage 0-2 only")
         version = super().setup(extensions_dir, threads, resume, rendezvous)
-        self.sample_seed = actor_seed(self.cfg.run.seed, "rollout", self.rank)
+        self.sample_seed = actor_seed(self.cfg.run.seed, Role.ROLLOUT, self.rank)
         self.generator = torch.Generator(self.engine.device).manual_seed(self.sample_seed)
         self.graphed = graphed_decoder if self.cfg.rollout.cuda_graphs and self.engine.device.type == "cuda" else None
         self.kept: list[tuple] | None = None

@@ -23,7 +23,7 @@ def test_two_ranks_stay_identical_and_rollouts_get_their_weights(tiny_config, sf
     actors.connect(cfg)
     workers = actors.spawn(cfg, str(sft_path), os.environ["TORCH_EXTENSIONS_DIR"])
     assert workers.meeting.parent == run_dir and stat.S_IMODE(workers.meeting.stat().st_mode) == 0o700
-    assert workers.sync.broadcast and {p.name for p in workers.meeting.iterdir()} >= {"learners"}
+    assert workers.sync.broadcasting and {p.name for p in workers.meeting.iterdir()} >= {"learners"}
     try:
         prompts, metadata = ["a red circle at the top left", "a blue square at the bottom right"] * 2, [{}] * 4
         from omnigrpo.trainers.batch import TrainBatch

@@ -2,6 +2,7 @@
 
 import torch
 
+from omnigrpo.config.roles import Role
 from omnigrpo.config.runtime import actor_seed
 from omnigrpo.rollout.worker import RolloutWorker
 from omnigrpo.worlds import shapes
@@ -10,7 +11,7 @@ from omnigrpo.worlds.world import prompts_of
 
 def test_a_batch_carries_the_stream_a_restored_worker_continues(tiny_config, sft_path):
     cfg = tiny_config()
-    seed = actor_seed(cfg.run.seed, "rollout", 0)
+    seed = actor_seed(cfg.run.seed, Role.ROLLOUT, 0)
     a, b, c = (RolloutWorker.from_config(cfg, str(sft_path), seed, threads=1) for _ in range(3))
     for w in (a, b, c):
         w.setup()
