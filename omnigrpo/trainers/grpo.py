@@ -1,22 +1,10 @@
 """The GRPO objective as pure tensor functions: group advantages, clipped surrogate, k3 KL, aggregation.
 
-Why: this is the math every result depends on, so it lives apart from DeepSpeed, Ray and models,
-where tests can check it against hand-computed values.
-
-- Advantage of sample i in group g: ``(r_i - mean_g) / (std_g + eps)``; with ``scale=False`` only
-  ``r_i - mean_g`` (Dr.GRPO). A group is ``group_size`` contiguous samples (one prompt's). Statistics use
-  only the group's *valid* samples (a sample whose required reward failed is excluded and gets advantage 0
-  and no loss); ``std`` is the unbiased sample std (as TRL). A group with fewer than two valid samples
-  carries no signal: advantage 0. An optional diversity bonus is added to the totals first. With ``strata``
-  (labels of a sample's look) the baseline is the mean of the sample's siblings *of the same look*, so reward gaps
-  between looks push no look over another; a sample alone in its look carries no signal, one without a look
-  (label -1) keeps the group's baseline; the scale stays the group's std.
-- Per token: ``-min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A) + beta * k3``, with
-  ``ratio = exp(logp - old_logp)`` and ``k3 = exp(ref - logp) - (ref - logp) - 1``.
-- Truncated importance sampling (TIS, ``trainer.tis_cap``): each token's loss is weighted by
-  ``min(exp(old - sampler), cap)``, the learner's recomputed old log-probs against the sampler's.
-- token-mean averages over every valid token of the batch (long images weigh more); seq-mean
-  averages within each image, then over images.
+Why: this is the math every result depends on, so it lives apart from DeepSpeed, Ray and models, where tests can
+check it against hand-computed values. Advantages are ``(r - mean_g) / (std_g + eps)`` over a group's valid samples
+(without the scale: Dr.GRPO; optionally with a baseline per look, ``strata``); the per-token loss is
+``-min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A) + beta * k3``, optionally weighted by truncated
+importance sampling, then averaged per token or per sequence (docs/design.md, "The GRPO step").
 """
 
 from __future__ import annotations
