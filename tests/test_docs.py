@@ -64,3 +64,48 @@ def test_every_metric_a_run_logs_is_documented(reference_run):
     patterns = documented_metrics()
     missing = sorted(k for k in logged if not any(p.match(k) for p in patterns))
     assert len(logged) > 30 and not missing, missing
+
+
+MODULE_DOCSTRING_LINES = 10
+"""The hard limit; module docstrings aim for 8 lines: what the module is and why, pointers to docs/ for detail."""
+FIGURE = re.compile(r"\b\d+(?:\.\d+)?x\b|\b\d+(?:\.\d+)? ?ms\b")
+"""A measured figure (``3.2x``, ``35.6 ms``): those live in BENCHMARKS.md. ``\\b`` after the ``x`` keeps sizes such
+as ``4x4`` or ``24x72`` out of it."""
+
+
+def module_docstrings() -> dict[str, str]:
+    import ast
+
+    return {str(p.relative_to(ROOT)): ast.get_docstring(ast.parse(p.read_text()), clean=False) or ""
+            for p in sorted((ROOT / "omnigrpo").rglob("*.py"))}
+
+
+def test_module_docstrings_are_short():
+    long = {path: len(doc.splitlines()) for path, doc in module_docstrings().items()
+            if len(doc.splitlines()) > MODULE_DOCSTRING_LINES}
+    assert not long, long
+
+
+def test_module_docstrings_carry_no_figures():
+    found = {path: FIGURE.findall(doc) for path, doc in module_docstrings().items()}
+    assert not {path: hits for path, hits in found.items() if hits}
+
+
+@pytest.mark.parametrize("text, figure", [("3.2x faster per step", "3.2x"), ("13.6x the previous", "13.6x"),
+                                          ("35.6 ms per step", "35.6 ms"), ("a 2ms floor", "2ms"),
+                                          ("FLUX's 8x VAE", "8x"), ("a 4x4 patch", None), ("24x72 pixels", None),
+                                          ("``max_wait_ms``", None), ("16 x 16 thumbnails", None)])
+def test_the_figure_pattern_tells_figures_from_sizes(text, figure):
+    match = FIGURE.search(text)
+    assert (match.group() if match else None) == figure
+
+
+def test_pointers_in_the_package_lead_somewhere():
+    """``docs/NAME.md`` and ``BENCHMARKS.md section N`` named in a docstring or comment exist."""
+    sections = set(re.findall(r"^## (\d+)\.", (ROOT / "BENCHMARKS.md").read_text(), re.M))
+    for path in sorted((ROOT / "omnigrpo").rglob("*.py")):
+        text = path.read_text()
+        for page in re.findall(r"\bdocs/([a-z_]+\.md)", text):
+            assert (ROOT / "docs" / page).exists(), f"{path.name} points at a missing docs/{page}"
+        for number in re.findall(r"BENCHMARKS\.md,?\s+section\s+(\d+)", text):
+            assert number in sections, f"{path.name} points at a missing BENCHMARKS.md section {number}"

@@ -1,16 +1,11 @@
 """The collapse alarm: a run that loses its variety, or pleases its training judge while a watchdog disagrees.
 
-Why: reward hacking shows in the curves long before anyone looks at a sample grid. Two signatures are checked
-after every step (``alarm.*``):
-
-- **collapse**: the mean ``diversity/group`` of the last ``window`` steps is below ``diversity_share`` of its
-  mean over the run's first ``window`` steps;
-- **watchdog**: over the last ``window`` steps a watchdog's mean reward (``rewards.N.watch``) has a negative
-  least-squares slope while the training total's is positive.
-
-Each kind is raised once per run: the driver logs ``alarm/<kind>`` = 1 at that step and a run tag
-``alarm/<kind>`` with the figures, and with ``alarm.stop`` stops the run after the step with a resumable
-checkpoint. The history goes into the run state, so a resumed run judges by the same baseline.
+Why: reward hacking shows in the curves long before anyone looks at a sample grid. After every step (``alarm.*``)
+two signatures are checked: **collapse**, the recent mean ``diversity/group`` below ``diversity_share`` of its mean
+over the run's first ``window`` steps; **watchdog**, a watchdog reward's least-squares slope negative while the
+training total's is positive. Each kind is raised once per run (a metric, a run tag, and with ``alarm.stop`` a
+resumable stop); its history is in the run state, so a resumed run judges by the same baseline (docs/design.md,
+"Watchdogs").
 """
 
 from __future__ import annotations

@@ -1,17 +1,10 @@
 """How varied a step's images are, within each prompt's group and across the step, for any world and family.
 
-Why: RL may please its judges by dropping the variety the prompts left open (every image in one colour, one
-size, one place), and rewards alone do not show it. The figure must work for any family and run offline, so
-it is pixel-space: each image is shrunk (area average) to ``SIDE x SIDE`` RGB in [0, 1], and the distance of
-two images is the RMS of their difference (0: identical thumbnails; 1: black against white).
-
-- ``diversity/group``: per group (the samples of one prompt), the mean distance over its pairs; averaged over
-  the groups that have at least two samples.
-- ``diversity/batch``: the mean distance over all pairs of the step's samples (prompts differ, so it also
-  counts variety the prompts asked for).
-
-Coarse on purpose: a 16 x 16 thumbnail ignores pixel noise and texture and keeps colour, size and placement,
-the variety a collapse removes first.
+Why: RL may please its judges by dropping the variety the prompts left open (every image in one colour, one size,
+one place), and rewards alone do not show it. The measure must work for any family and offline, so it is pixel-space
+and coarse on purpose: the RMS distance of ``SIDE x SIDE`` area-averaged RGB thumbnails, which keeps colour, size
+and placement and ignores noise and texture. ``diversity/group`` averages it over the pairs within each prompt's
+group, ``diversity/batch`` over all of the step's pairs (docs/design.md, "Watchdogs").
 """
 
 from __future__ import annotations

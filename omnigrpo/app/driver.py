@@ -1,12 +1,11 @@
 """The GRPO driver: rollout -> reward -> advantages -> learn -> sync, once per step, timed.
 
-Why: this is the one module a reader needs to understand a run, so it only orchestrates; sampling,
-judging and the loss live in ``rollout``, ``rewards`` and ``trainers``, Ray in ``cluster``, and every
-check made before a cluster starts in ``preflight``. A step's rollout batch is drawn with one weight
-version, which the driver checks. With ``trainer.max_staleness: k`` the rollouts draw batch ``s + k`` while
-the learner trains on batch ``s`` (``omnigrpo.app.lookahead``); the weights are sent once both are done. On a
-crash the learner writes a checkpoint and the MLflow run is marked FAILED; the fault reaches the user as one
-line (``omnigrpo.app.failure``).
+Why: this is the one module a reader needs to understand a run, so it only orchestrates; sampling, judging and the
+loss live in ``rollout``, ``rewards`` and ``trainers``, Ray in ``cluster``, and every check made before a cluster
+starts in ``preflight``. A step's batch is drawn with one weight version, which the driver checks; with
+``trainer.max_staleness: k`` the rollouts draw batch ``s + k`` while the learner trains on batch ``s``
+(``omnigrpo.app.lookahead``). On a crash the learner writes a checkpoint, the MLflow run is marked FAILED, and the
+fault reaches the user as one line (``omnigrpo.app.failure``).
 """
 
 from __future__ import annotations

@@ -1,23 +1,11 @@
 """``omnigrpo eval``: score a checkpoint on held-out prompts with the configured judges.
 
-Why: a user wants one number per checkpoint, comparable across runs and with published ones, without
-starting a training job. The evaluator samples ``eval.samples_per_prompt`` images per prompt with the
-run's sampling settings (from a seed of its own, so the same checkpoint always gets the same report),
-scores them with the config's rewards and the world's metrics, and writes a JSON report that is also
-logged to MLflow as a run of its own (run name ``eval:<checkpoint>``).
-
-Prompts are the world's held-out items by default, or any prompt file (``--prompts``). A file whose
-prompts quote text, like X-Omni's LongText-Bench (``A poster that says "GRAND OPENING"``), also gets
-OCR word recall and exact match of the quoted text (``text/word_recall``, ``text/exact_match``).
-
-Best-of-N: the world's headline metric (first of ``world.EVAL``) and ``text/exact_match`` are 0/1 per
-sample, so each also gets ``<metric>_pass_at_<k>`` for k = 1, 2, 4, ... and N = samples per prompt: the
-chance that at least one of k samples of a prompt is right, averaged over prompts, by the unbiased
-estimator of Chen et al. 2021 (``1 - C(n - c, k) / C(n, k)`` from a prompt's n samples, c right). At
-k = 1 it is the plain mean, at k = N "any of the N": an RL policy's ``pass_at_1`` against its SFT
-start's ``pass_at_N`` is X-Omni's "one RL sample beats the SFT best of N".
-
-Everything runs in this process with the plain worker classes: no Ray cluster is needed.
+Why: a user wants one number per checkpoint, comparable across runs and with published ones, without starting a
+training job. It samples with the run's settings from a seed of its own (the same checkpoint always gets the same
+report), scores with the config's rewards and the world's metrics (OCR word recall and exact match where prompts
+quote text), adds best-of-N ``<metric>_pass_at_<k>`` by the unbiased estimator of Chen et al. 2021, and writes a
+JSON report that is also logged to MLflow. It runs in this process with the plain worker classes, without Ray
+(docs/evaluation.md).
 """
 
 from __future__ import annotations

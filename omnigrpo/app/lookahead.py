@@ -1,21 +1,11 @@
 """Rollout batches drawn ahead of the learner with a fixed lag (``trainer.max_staleness: k``).
 
-Why: with separate rollout actors, sampling and judging the next batch need not wait for the learner. With a
-fixed lag the schedule is a function of the step alone, so a run is reproducible and resumes exactly: step
-``s``'s batch is drawn, in step order, with the weights the rollouts hold after step ``max(0, s - 1 - k)``.
-
-How the driver uses it, per step ``s`` (the rollouts hold the weights of step ``s - 1``):
-
-1. :meth:`Lookahead.take` returns batch ``s`` (drawing it, and any missing batch up to ``s + k - 1``, now when
-   the queue is short: the first steps, all with the starting weights) and starts drawing batch ``s + k`` in a
-   background thread with the weights the rollouts hold;
-2. the learner trains on batch ``s`` meanwhile;
-3. :meth:`Lookahead.join` waits for the background draw (the exposed part is ``timing/wait_s``); only then are
-   the new weights sent, so weights always arrive between batches, never during one.
-
-The batches drawn ahead (with their rewards) are part of the run state (:meth:`state`); the prompt cursor and
-the rollouts' generators in the same run state are already past them. ``k = 0`` is the synchronous loop: batch
-``s`` is drawn in :meth:`take` with the newest weights and nothing runs in the background.
+Why: with separate rollout actors, sampling and judging the next batch need not wait for the learner. With a fixed
+lag the schedule is a function of the step alone, so a run is reproducible and resumes exactly: step ``s``'s batch
+is drawn, in step order, with the weights the rollouts hold after step ``max(0, s - 1 - k)``.
+:meth:`Lookahead.take` returns batch ``s`` and starts drawing batch ``s + k`` in the background while the learner
+trains; :meth:`Lookahead.join` waits for it before new weights are sent. The batches drawn ahead are part of the run
+state; ``k = 0`` is the synchronous loop (docs/design.md, "Asynchronous rollout").
 """
 
 from __future__ import annotations

@@ -1,32 +1,11 @@
 """``omnigrpo plan``: the GPU memory a config needs, per role and per GPU, before anything is launched.
 
-Why: a 7B policy that does not fit is otherwise found out by an out-of-memory error minutes into a run,
-after the cluster started and the weights loaded. Every figure here is arithmetic on the config and the
-checkpoint's ``config.json`` (``omnigrpo.app.sizing``: exact parameter counts from a ``meta``-device build).
-
-Per role, in bytes (``b`` = bytes of ``model.dtype``, ``P`` = parameters, ``T`` = trainable parameters: all
-of them, or the LoRA adapters; ``W`` = ``cluster.learner_workers``, ``z`` = ``trainer.zero_stage``):
-
-- learner rank: weights ``P b`` (ZeRO-3: ``P b / W``) plus adapters ``A b``; reference ``P b`` for a full
-  fine-tune with ``kl_coef > 0`` (ZeRO-3: ``/ W``; LoRA: the base with adapters off, 0; ``kl_coef = 0``: 0);
-  gradients ``T b`` (``z >= 2``: ``/ W``); an fp32 master copy ``4 T`` whenever DeepSpeed's optimiser wraps
-  the parameters (``z >= 1``, or bf16) (``z >= 1``: ``/ W``); AdamW moments ``2 * 4 T`` (``z >= 1``: ``/ W``);
-  activations (:func:`activation_bytes`);
-- rollout actor: weights ``P b`` plus the static KV cache
-  ``rows * layers * 2 * kv_heads * head_dim * (prompt + image tokens) * b``, ``rows`` = images per sampler call
-  (``rollout.sample_batch``, else the actor's share of the step) times 2 with CFG (``rollout.cuda_graphs``: the
-  length rounded up to whole :data:`~omnigrpo.rollout.graphs.SPAN` multiples, plus the graphs' pool);
-- reward actor: the judges' table (:data:`JUDGE_GIB`) or each reward's ``memory_gb``;
-- decoder actor: :data:`DECODER_GIB`.
-
-Placement: ``colocated`` adds up actor ``i`` of every role on one GPU (the sum is the peak: it also holds when
-asynchronous rollout, ``trainer.max_staleness > 0``, samples while the learner steps); ``hybrid`` moves the
-sampler's KV cache, logits and packed weight copy into the learner rank; ``split`` counts each role on its own
-GPUs. Asynchronous rollout also keeps ``max_staleness`` judged batches in the driver's host memory
-(:func:`ahead_bytes`: codes, log-probs and uint8 images at :data:`PIXELS_PER_CODE` pixels per code).
-
-Not yet measured on a GPU: activation and KV-cache figures are formulas, not measured peaks; parameter,
-gradient and optimiser bytes are checked against the tensors a CPU learner allocates (tests/app/test_planner.py).
+Why: a 7B policy that does not fit is otherwise found out by an out-of-memory error minutes into a run, after the
+cluster started and the weights loaded. Every figure is arithmetic on the config and the checkpoint's
+``config.json`` (exact parameter counts from ``omnigrpo.app.sizing``): per learner rank the weights, reference,
+gradients, master copy, moments and activations; per rollout actor the weights and KV cache; the judges; the
+decoder; then summed per GPU as ``cluster.placement`` places the actors. The formulas, and which of them are checked
+against real allocations: docs/memory.md and docs/design.md, "Memory plan".
 """
 
 from __future__ import annotations

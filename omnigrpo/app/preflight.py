@@ -1,13 +1,11 @@
 """Every check made before a cluster starts, in one place.
 
 Why: a mistake found after SFT ran or a cluster started costs minutes; found here it costs a second.
-``load_config`` has already checked each key's type and range and the rules that span keys; this
-module checks what needs more than the config: the prompt source, the checkpoint (its path or hub
-id, its image vocabulary), X-Omni's decoder, the memory plan against the GPUs, every reward (found,
-its arguments accepted; the judges themselves load and dry-run in the reward actors, on their
-devices), what a resume needs, and an evaluation's checkpoint and prompts. Every failure is a
-:class:`~omnigrpo.config.loader.ConfigError` naming the key, file or line; the CLI prints it as
-``omnigrpo:`` lines and exits with status 2.
+``load_config`` has already checked each key's type and range and the rules that span keys; this module checks
+what needs more than the config: the prompt source, the checkpoint and X-Omni's decoder, the memory plan against
+the GPUs, every reward (found, its arguments accepted; the judges load in the reward actors), what a resume or an
+evaluation needs. Every failure is a :class:`~omnigrpo.config.loader.ConfigError` naming the key, file or line,
+which the CLI prints as ``omnigrpo:`` lines with exit status 2 (docs/bad_input.md).
 """
 
 from __future__ import annotations

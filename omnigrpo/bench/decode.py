@@ -1,19 +1,10 @@
-"""The decode step on its own: ours eager, ours replayed from CUDA graphs, and HF ``generate`` on the doubled batch,
-each timed per step at the middle of an image and set against two bandwidth floors.
+"""The decode step on its own: ours eager, ours replayed from CUDA graphs, and HF ``generate``, against floors.
 
-Why: a rollout's time is almost all decode steps, and a decode step of a 1B model at batch 32 is memory-bound:
-its floor is the bytes it must read once (the decoder weights and the image head's code rows, plus the KV cache)
-over the measured copy bandwidth. Two floors, since a graph's attention reads a fixed span of slots:
-
-- ``floor_context_ms``: the KV cache read exactly at the filled context (what an ideal step reads);
-- ``floor_span_ms``: the KV cache read over the span a graphed step attends (:data:`~omnigrpo.rollout.graphs.SPAN`
-  multiples), the floor of the work the graphed step is asked to do.
-
-A step's time is ``(t(n + more) - t(n)) / more`` for one sampling call at ``n`` and ``n + more`` codes from a prompt
-as long as the middle of an image (:func:`omnigrpo.bench.kernels.step_seconds`), so prefill, capture and set-up
-cancel. Kernels per step are counted the same way (:func:`omnigrpo.bench.kernels.compare`); a graphed step replays
-exactly the kernels of the static eager step, counted as ``ours_static``. ``ours_graphs_efficient`` captures the
-graphs with PyTorch's memory-efficient attention forced, beside the backend PyTorch picks by itself.
+Why: a rollout's time is almost all decode steps, and a 1B model's decode step at batch 32 is memory-bound: its
+floor is the bytes it must read once (the decoder weights, the image head's code rows, the KV cache) over the
+measured copy bandwidth, taken at the filled context and over the span a graphed step attends. A step's time is the
+difference of two sampling calls ``more`` codes apart (:func:`omnigrpo.bench.kernels.step_seconds`), so prefill,
+capture and set-up cancel. docs/bench.md names each row.
 """
 
 from __future__ import annotations

@@ -1,24 +1,10 @@
 """Hugging Face ``generate`` set up to draw the same images our sampler draws: the speed baseline.
 
-Why: "our sampler is N times faster" needs a reference that samples the *same distribution*. Both
-baselines here restrict sampling to the image codes and apply the same classifier-free guidance,
-temperature and top-k as :func:`omnigrpo.rollout.sampler.sample_images`:
-
-- :func:`hf_generate` is what a user of ``generate`` writes: HF's own decoder-only CFG
-  (``guidance_scale`` + ``negative_prompt_ids``), which runs the unconditional branch as a *second*
-  forward of batch B per step (with a KV cache of its own) inside a logits processor, where ours runs
-  one forward of batch 2B. Without guidance it is plain ``generate`` with the image-only processor.
-- :func:`hf_generate_batched` gives ``generate`` our batching: the doubled batch, with a processor
-  that mixes each cond/uncond pair, samples one code and forces it on both rows. It isolates how much
-  of a speed-up comes from the sampler loop itself rather than from batching the branches.
-
-- :func:`hf_generate_janus` is Janus-Pro's own ``generate(generation_mode="image")`` (transformers'
-  implementation: a static cache, both branches in one batch, its own unconditional prompt built the
-  way :class:`~omnigrpo.rollout.families.janus.JanusPolicy` builds it).
-
-HF's CFG processor positions the unconditional branch ignoring padding, so benchmarks feed prompts of
-equal length (the shapes world's prompts all are). Needs only torch and transformers, so the GPU
-benchmark (``python -m omnigrpo.bench.gpu``) uses it too.
+Why: a speed-up over ``generate`` means something only against a reference that samples the *same distribution*.
+Every baseline here restricts sampling to the image codes and applies the same guidance, temperature and top-k as
+:func:`omnigrpo.rollout.sampler.sample_images`: HF's own CFG, ``generate`` on our doubled batch, and Janus-Pro's
+own image ``generate``. It needs only torch and transformers, so the GPU benchmark uses it too; docs/bench.md says
+what each baseline isolates.
 """
 
 from __future__ import annotations

@@ -1,42 +1,11 @@
-"""GPU benchmark: omnigrpo's rollout sampler and learner step on a Janus-Pro-1B-sized model.
+"""GPU benchmark: omnigrpo's rollout sampler and learner step on a Janus-Pro-1B-sized model, beside HF ``generate``.
 
-Why: the two hot loops of GRPO on an autoregressive image generator are (1) sampling 576 image
-tokens per image with classifier-free guidance (CFG) and (2) the teacher-forced forward+backward of
-the learner. This script measures both on one GPU, side by side with Hugging Face ``generate`` and
-against the machine's own limits (copy bandwidth, bf16 matmul rate), so a claim like "our sampler is
-X times faster" or "decode runs at Y% of the bandwidth floor" comes with the numbers behind it.
-
-The model is a stand-in. No weights can be downloaded on the benchmark machine and the script must
-need only torch + transformers, so it builds a random-weight ``LlamaForCausalLM`` with the sizes of
-Janus-Pro-1B's language model (a Llama-architecture DeepSeek-LLM: hidden 2048, MLP 5632, 24 layers,
-16 heads, 16 KV heads, rope theta 1e4, RMS eps 1e-6) and a vocabulary of 102400 text ids + 16384
-image codes at offset 102400. It stands in for Janus's LM + generation head: the 24 decoder layers
-(1.23 B parameters) are identical; Janus then runs a small MLP head (2048 -> 2048 -> 16384, 38 M)
-where the stand-in runs its LM head over all 118784 ids (243 M), so the stand-in does about 16% more
-matmul work and weight reads per token (1.48 B vs 1.27 B parameters) and its times are, if anything,
-pessimistic. Random weights change what is sampled, not how long it takes (every image has exactly
-576 tokens).
-
-Measured, in this order (``--parts``; ``--out`` writes JSON after each, stdout gets markdown tables):
-
-1. ``decode``: one decode step at the middle of an image, ours eager, ours static (the kernels a graph replays),
-   ours replayed from CUDA graphs and HF ``generate`` on the doubled batch; ms per step, kernels per step (per
-   layer and outside) and two bandwidth floors (:mod:`omnigrpo.bench.decode`).
-2. ``rollout``: a full rollout, ``sample_images`` eager and graphed vs ``model.generate`` on the doubled batch with
-   a processor that mixes cond/uncond rows, samples once and forces both rows to that code ("hf_batched_cfg"),
-   same prompts ``[B, P]``, CFG scale, temperature and top-k, both restricted to image codes; the graphs' capture
-   time and memory; and the bf16 gap between the log-probs sampled and the learner's teacher-forced ones. Both
-   sides are called alike: no ``torch.device`` context around either (it costs host time on every op).
-   tokens/s counts each image's tokens once, not once per CFG branch.
-3. ``learner``: forward+backward of ``sequence_logprobs`` with CFG on ``--micro-batch`` sequences.
-   ``FLOPs = 6 * N * R * L + 6 * layers * hidden * L^2 * R`` with N the matmul parameters (all but the
-   embedding table), R = 2 * micro-batch rows (both CFG branches are forwarded), L = P + T - 1 tokens
-   per row; the second term is causal attention (QK^T and AV). MFU = FLOPs / step time / the
-   measured dense ``torch.matmul`` rate of an ``--matmul-n``^3 product in the model dtype.
-
-Run from the repository root: ``python -m omnigrpo.bench.gpu --out gpu.json`` (H200: a few minutes); ``--tiny``
-runs a toy model on CPU in fp32 in seconds, for the test suite. The sampler keeps its own static KV
-cache (``omnigrpo.rollout.engine``), so any transformers with the Llama classes works (the device's 5.17).
+Why: GRPO's two hot loops on an autoregressive image generator are sampling hundreds of image tokens per image with
+CFG and the learner's teacher-forced forward+backward. This measures both on one GPU, side by side with HF
+``generate`` and against the machine's own limits (copy bandwidth, bf16 matmul rate). It needs only torch and
+transformers, so the model is a random-weight Llama with Janus-Pro-1B's sizes. Run it from the repository root,
+``python -m omnigrpo.bench.gpu --out gpu.json`` (``--tiny``: a toy model on the CPU, for the test suite);
+docs/bench.md has its parts, the stand-in model and the FLOPs count.
 """
 
 from __future__ import annotations
@@ -93,7 +62,7 @@ def bench_rollout(model: LlamaForCausalLM, prompts: PromptBatch, space: ImageSpa
 
     Each side's first full rollout is timed on its own (``first_call_s``) and kept out of the figures: on CUDA an
     eager decode meets a new key length at every step, and cuDNN attention builds a plan for each the first time
-    (measured: 50.6 s for HF's first 16-image rollout, 14.9-17.8 s after); graphs see one shape per span."""
+    (BENCHMARKS.md section 6); graphs see one shape per span."""
     b, t = len(prompts), space.tokens_per_image
     lm = TextVocabLM(model, space)  # one view: its captured graphs are reused across repeats
     cuda = device.type == "cuda"

@@ -1,23 +1,10 @@
 """``omnigrpo bench``: the figures users pick a platform by, each measured side by side in one run.
 
-Why: a speed claim only means something next to its reference, on the same machine, in the same
-run. Four parts, each printing a table and landing in one JSON file:
-
-1. ``rollout``: our sampler vs HF ``generate`` on the same policy, batch (``prompts_per_step *
-   group_size`` images of equal-length prompts), guidance and sampling settings, both restricted to
-   image codes (``omnigrpo.bench.generate``); with and without classifier-free guidance; the sides timed in
-   turn in each round.
-2. ``trl``: GRPO on the config's world, omnigrpo (in each of ``--modes``, e.g. its placements) vs TRL's
-   ``GRPOTrainer``, alternating for ``--rounds`` rounds from the same weights, prompts per step, group size,
-   reward, learning rate, beta and steps, by the protocol of ``omnigrpo.bench.protocol``: samples/s
-   (training time only) with its spread over rounds, reward, and where each omnigrpo step's time goes.
-3. ``sync``: seconds per GB of the learner -> rollout weight sync on a real Ray cluster, three ways:
-   the object store, the gloo broadcast in ``cluster.sync_bucket_mb`` buckets, and one call per tensor,
-   for a random policy of ``model.*``'s sizes (override them to measure a realistic size); a fourth, the NCCL
-   broadcast, where learner and rollout actors hold a GPU each (``cluster.sync_backend`` resolves to nccl).
-4. ``rewards``: images/s of every configured judge on the world's rendered images.
-
-Timings of parts 1, 3 and 4 are medians over ``--repeats`` after one warm-up.
+Why: a speed claim only means something next to its reference, on the same machine, in the same run. Four parts,
+each printing a table into one JSON file: ``rollout`` (our sampler vs HF ``generate``), ``trl`` (GRPO vs TRL's
+``GRPOTrainer`` by the protocol of ``omnigrpo.bench.protocol``), ``sync`` (seconds per GB of the weight sync, each
+way) and ``rewards`` (images/s per judge). docs/bench.md says what each part holds equal; BENCHMARKS.md has the
+results.
 """
 
 from __future__ import annotations

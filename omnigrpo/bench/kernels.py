@@ -1,16 +1,10 @@
 """Kernels per decode step, counted on any device: ours against HF ``generate``, per layer and outside the layers.
 
 Why: on a GPU a small-batch decode step is bound by launching kernels, not by the bytes it moves (BENCHMARKS.md
-section 6: a step at 3.4 % of its bandwidth floor). How many kernels a step launches is the same on the CPU as
-on the GPU (the same aten ops run), so it can be measured, compared and held to a budget here, without a GPU.
-
-:class:`KernelCounter` is a ``TorchDispatchMode`` that counts every aten op that does work (views, which only
-relabel memory, and bare allocations are not kernels). :func:`per_step` isolates one decode step exactly: it
-counts a whole sampling call at two image lengths (``n`` and ``n + 1`` codes, everything else equal) and takes
-the difference (after one uncounted call). :func:`per_layer` does the same across two layer counts:
-``step(L) = outside + L * per_layer``. On a GPU, :func:`device_kernels` also counts what the device ran, from
-``torch.profiler``'s kernel events: copies a kernel's launcher makes on its own (CUDA ``roll`` of a strided input,
-``addmm`` copying its ``self``) launch without an aten op the dispatch counter could see.
+section 6). The same aten ops run on the CPU, so how many kernels a step launches can be counted, compared and held
+to a budget here, without a GPU: :class:`KernelCounter` counts the ops that do work (not views), and one step is the
+difference of two sampling calls one code apart (docs/bench.md). On a GPU, :func:`device_kernels` also counts what
+the profiler saw the device run.
 """
 
 from __future__ import annotations

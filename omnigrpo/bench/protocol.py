@@ -1,12 +1,10 @@
-"""The omnigrpo-vs-TRL comparison (``omnigrpo bench --parts trl``), measured by one fixed protocol.
+"""The omnigrpo-vs-TRL comparison (``omnigrpo bench --parts trl``), run by one fixed protocol.
 
-Why: a single run of each side on a shared machine says little, and a figure nobody can repeat says less.
-Round r runs omnigrpo once in each requested mode (a named set of config overrides, :data:`MODES`), then
-TRL (settings frozen in ``trl_settings.yaml``) under the user's environment and again under omnigrpo's
-``OMP_WAIT_POLICY``; every run is a fresh process (``omnigrpo.bench.sides``), after the machine settled.
-Reported per side: median samples/s over rounds with min, max and the per-round values, the per-round
-ratios to TRL, reward (mean of the last :data:`REWARD_WINDOW` steps), omnigrpo's per-step stage times
-after each run's first step, and the environment each side ran under.
+Why: a single run of each side on a shared machine says little, and a figure nobody can repeat says less. Round r
+runs omnigrpo once in each requested mode (:data:`MODES`), then TRL (settings frozen in ``trl_settings.yaml``)
+under the user's environment and again under omnigrpo's ``OMP_WAIT_POLICY``, each a fresh process
+(``omnigrpo.bench.sides``) on a settled machine. Reported per side: median samples/s over rounds with the per-round
+values and ratios to TRL, reward, omnigrpo's stage times and each side's environment (BENCHMARKS.md section 2).
 """
 
 from __future__ import annotations

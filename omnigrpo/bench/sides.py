@@ -1,12 +1,11 @@
 """Each side of the omnigrpo-vs-TRL comparison in a fresh process, under the environment a user would give it.
 
-Why: run in the benchmark's own process, TRL inherited what the ``omnigrpo`` command set for itself before
-torch loaded (``OMP_WAIT_POLICY=PASSIVE``, read once by libgomp, halves HF ``generate`` on idle cores) and
-whatever five Ray sessions left behind, so its speed fell round by round. Here every run is a new Python
-process: omnigrpo's is the user's own command, ``python -m omnigrpo.cli train CONFIG``; TRL's runs
-:func:`omnigrpo.bench.protocol.trl_record` under :data:`~omnigrpo.config.runtime.USER_ENV`, the environment
-as the benchmark received it (plus the current ``PYTHONPATH``, where plugins are found). Before each run the
-machine must settle: no process of the previous run left, the CPU idle; both are recorded.
+Why: a side run inside the benchmark's own process would inherit what the ``omnigrpo`` command set for itself
+before torch loaded (``OMP_WAIT_POLICY=PASSIVE``, read once by libgomp) and whatever earlier Ray sessions left
+behind. So omnigrpo's side is the user's own command, ``python -m omnigrpo.cli train CONFIG``, and TRL's runs
+:func:`omnigrpo.bench.protocol.trl_record` under :data:`~omnigrpo.config.runtime.USER_ENV` (plus the current
+``PYTHONPATH``, where plugins are found). Before each run the machine must settle: no process of the previous run
+left, the CPU idle; both are recorded.
 """
 
 from __future__ import annotations

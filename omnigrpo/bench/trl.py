@@ -1,23 +1,10 @@
 """TRL's ``GRPOTrainer`` on a built-in world: the baseline omnigrpo's own GRPO is compared to.
 
-Why: "faster than TRL" or "learns like TRL" only means something if TRL runs the same experiment. Same
-here means: the same starting weights (a :class:`~omnigrpo.rollout.policy.WorldPolicy` checkpoint),
-``prompts_per_step`` distinct training prompts per optimiser step (a fresh seeded shuffle each pass over
-the prompts), ``group_size`` images per prompt, the same reward function on decoded pixels, the same lr, k3 KL
-coefficient ``beta`` and temperature; everything else TRL is told is frozen in ``trl_settings.yaml`` beside
-this file (one on-policy AdamW step per batch at a constant lr, PPO clip 0.2, group-std advantages, TRL's
-``dapo`` loss = omnigrpo's ``token-mean``, fp32 on CPU), and each summary echoes what the trainer held.
-
-Same also means the same *distribution*. omnigrpo samples and scores only the image codes (the other
-logits are dropped), always exactly ``tokens_per_image`` of them. TRL knows nothing of images, so the LM head gets a
-constant bias: 0 on image codes, -1e4 everywhere else (text words, ``<eos>``, markers). A bias, not a
-forward hook, because TRL computes training log-probs with a fused LM head that reads ``lm_head.weight``
-and ``lm_head.bias`` directly and never calls the module; a hook would change sampling but not the
-log-probs, and TRL would optimise a different distribution from the one it sampled. The bias is a
-buffer, so the optimiser never sees it; it is finite so that exp() underflows to exactly 0 and TRL's
-entropy stays finite (``0 * -inf`` would be NaN). Softmax over ``logits + bias`` then equals omnigrpo's
-softmax over the image slice, and since ``<eos>`` can never be drawn every completion is a whole image.
-TRL loads its own reference model from the checkpoint, so the same bias is put on it too.
+Why: "faster than TRL" or "learns like TRL" only means something if TRL runs the same experiment: the same starting
+weights, prompts per step, group size, reward on decoded pixels, lr, k3 KL ``beta`` and temperature, with every
+other TRL setting frozen in ``trl_settings.yaml`` beside this file. It must also sample the same *distribution*:
+TRL knows nothing of images, so its LM head (and its reference's) gets a constant bias that leaves only the image
+codes possible, and every completion is a whole image. docs/bench.md says why a bias and not a forward hook.
 """
 
 from __future__ import annotations

@@ -1,21 +1,11 @@
 """Ray for omnigrpo: start (or join) the cluster and wrap the plain workers into actors.
 
-Why: workers stay ordinary classes that tests drive directly; only this module knows about Ray. The
-local default is a private cluster on loopback that admits only its owner (a token made for it, Ray's
-session in an owner-only folder: ``omnigrpo.cluster.environment``; a real cluster sets ``RAY_AUTH_MODE=token``
-on both sides, docs/security.md).
-
-Placement comes from ``omnigrpo.cluster.placement``: one placement group per run, built from the
-``cluster.*`` resources per role (by default an equal share of the CPUs each, colocated: the stages of
-a step run one after another, so every actor uses all cores while it works). A rollout or reward actor
-that dies is replaced in its bundle and its batch retried (``omnigrpo.cluster.shards.collect``), up to
-``cluster.max_restarts``.
-
-With ``cluster.placement: hybrid`` the learner ranks are the rollout pool (``Workers.rollouts`` *is*
-``Workers.learners``: :class:`~omnigrpo.trainers.hybrid.HybridLearner` answers the rollout calls), so the
-sharded and chunked sampling of ``omnigrpo.cluster.shards`` runs unchanged on them, reward actors still judge
-a chunk while the next one samples, and :func:`sync_weights` sends nothing (``omnigrpo.cluster.weights``). A
-learner rank that dies ends the run (crash checkpoint), as it does in the other placements.
+Why: workers stay ordinary classes that tests drive directly; only this module knows about Ray. The local default
+is a private cluster on loopback that admits only its owner (``omnigrpo.cluster.environment``; docs/security.md).
+Actors are placed by ``omnigrpo.cluster.placement`` in one placement group per run; a rollout or reward actor that
+dies is replaced in its bundle and its shard retried (``omnigrpo.cluster.shards``), up to ``cluster.max_restarts``.
+Under ``cluster.placement: hybrid`` the learner ranks are the rollout pool and :func:`sync_weights` sends nothing
+(docs/design.md, "Hybrid placement").
 """
 
 from __future__ import annotations

@@ -1,18 +1,11 @@
 """Runs as Ray jobs: ``omnigrpo submit | status | logs | stop`` against a cluster's Jobs API.
 
-Why: a real run lives on a cluster, not in the user's terminal. ``submit`` takes a config validated here
-(a typo fails before anything reaches the cluster) and hands Ray's Jobs API a runtime environment
-that carries the config (as the job's working directory) and this package's source (``py_modules``),
-so the cluster runs exactly the code and config the user has. The job's entry point is the ordinary
-CLI, ``python -m omnigrpo.cli train config.yaml [overrides]``, which inside a job joins the
-cluster through the ``RAY_ADDRESS`` Ray sets. The same run can therefore be started by hand with
-``ray job submit --address ... --working-dir DIR -- omnigrpo train config.yaml``.
-
-The cluster's nodes need omnigrpo's dependencies installed (same image or venv); the package's ``.py`` sources,
-the config and what the config names on this machine only (a prompt file by relative path, the ``.py`` sources of
-reward modules that are local: ``omnigrpo.cluster.payload``, which lists them) travel, and nothing else.
-Auth follows Ray: with token auth on (Ray 2.60's default) set ``RAY_AUTH_MODE=token`` and
-``RAY_AUTH_TOKEN_PATH`` on both sides; the token is never put in the job's runtime environment or arguments.
+Why: a real run lives on a cluster, not in the user's terminal. ``submit`` validates the config here (a typo fails
+before anything reaches the cluster) and hands Ray's Jobs API a runtime environment carrying the config, this
+package's sources and the files the run needs (``omnigrpo.cluster.payload``), so the cluster runs exactly the
+user's code and config. The entry point is the ordinary CLI, ``python -m omnigrpo.cli train config.yaml``, which
+joins the cluster through ``RAY_ADDRESS``; Ray's auth token is never put in the job's environment or arguments
+(docs/cluster.md, "Running on a Ray cluster").
 """
 
 from __future__ import annotations

@@ -1,20 +1,10 @@
 """What a submitted job carries from the submitting machine: exactly the files a run needs, listed before it goes.
 
-Why: a run names files by the paths of the machine it was written on. A prompt file given by a relative path,
-or a reward module that lives next to the user's config rather than in an installed package, exists only there;
-submitted as is, the job fails on the cluster minutes later. So ``submit`` gathers them into the job's working
-directory (Ray uploads it and puts it on every worker's import path) and rewrites the config to point there, or
-refuses before anything is sent, naming what the cluster could not see. Nothing else travels:
-
-- ``data.prompts`` given by a relative path: that regular file, to ``inputs/<name>`` (a directory is refused:
-  put a datasets directory on shared storage). An absolute path is left alone: it names storage the cluster
-  shares, as ``run.dir`` must.
-- a reward ``module:attr`` whose module is local source (not installed, not the standard library): its ``.py``
-  file, or its package's ``*.py`` and ``py.typed`` files. Dot files and directories and ``__pycache__`` never
-  travel; a link that leads outside the package is refused by name (a secret linked in must not ship).
-- omnigrpo's own ``*.py`` sources, staged apart from the package directory (``py_modules``).
-- ``model.path`` / ``decoder.path`` given as a relative local directory: refused (checkpoints are too large to
-  upload with a job; give an absolute path on shared storage or a hub id).
+Why: a run names files by the paths of the machine it was written on. A prompt file given by a relative path, or a
+reward module that lives beside the user's config, exists only there, and the job would fail on the cluster minutes
+later. So ``submit`` gathers them into the job's working directory and rewrites the config to point there, or
+refuses before anything is sent, naming what the cluster could not see. What travels and what is refused:
+docs/security.md, "What `omnigrpo submit` uploads".
 """
 
 from __future__ import annotations

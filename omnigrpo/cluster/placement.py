@@ -1,19 +1,10 @@
-"""Where each role's actors run: resources per role, colocated or split, as one Ray placement group.
+"""Where each role's actors run: resources per role, colocated, split or hybrid, as one Ray placement group.
 
-Why: a run is rollout, (diffusion) decoder, reward and learner actors competing for the same CPUs and
-GPUs. The config names what each role's actor needs (``cluster.<role>_cpus`` / ``_gpus``; 0 CPUs = an equal share of the
-cluster) and the mode:
-
-- ``split``: every actor gets a bundle of its own (separate pools: rollout never waits for the
-  learner's memory, at the price of idle devices while the other stage runs);
-- ``colocated``: actor ``i`` of every role shares bundle ``i`` (verl-style: the stages of a step run
-  one after another, so they can take turns on the same devices);
-- ``hybrid``: as colocated, without rollout actors: learner rank ``i`` samples too, and bundle ``i`` holds
-  it with reward (and decoder) actor ``i``; no bundle is reserved for rollouts.
-
-Before any model loads, :func:`check_fits` compares the demand with the cluster and fails naming the
-role and the shortfall; then :func:`build` reserves one placement group (strategy ``PACK``) and waits
-for it, so a run never starts half-placed.
+Why: a run is rollout, (diffusion) decoder, reward and learner actors competing for the same CPUs and GPUs. The
+config names what each role's actor needs (``cluster.<role>_cpus`` / ``_gpus``; 0 CPUs = an equal share of the
+cluster) and the mode (docs/cluster.md, "Resource layouts"). Before any model loads, :func:`check_fits` compares
+the demand with the cluster and fails naming the role and the shortfall; then :func:`build` reserves one placement
+group (strategy ``PACK``) and waits for it, so a run never starts half-placed.
 """
 
 from __future__ import annotations

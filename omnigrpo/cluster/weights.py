@@ -1,19 +1,10 @@
 """The rollout actors' weights: which version they hold, how the next sync travels, what the last one cost.
 
 Why: a weight sync has state that outlives a step (the broadcast group, whether it must be re-formed after a
-rollout actor was replaced, how often it fell back to the object store), and one place owns it:
-:class:`WeightSync`. It sends the learner's weights one of two ways:
-
-- **broadcast** (``cluster.weight_sync: broadcast``): learner rank 0 and every rollout actor form a dedicated
-  gloo (or NCCL) group once; each sync streams the tensors in ``cluster.sync_bucket_mb`` buckets straight
-  into the rollout actors' parameters. A failed or timed-out broadcast falls back to the object store for that
-  sync, and the group is re-formed at the next; one failed re-forming settles on the object store for the rest
-  of the run.
-- **object store**: one ``put`` of the full state dict, read by every rollout actor.
-
-Under hybrid placement the learner ranks sample with their own weights and nothing is sent. Actors that die
-while loading are returned to the caller (``omnigrpo.cluster.actors``), which replaces them; a replacement
-loads the current weights itself.
+rollout actor was replaced, how often it fell back to the object store), and :class:`WeightSync` owns it. It sends
+the learner's weights over a dedicated gloo or NCCL broadcast group (``cluster.weight_sync: broadcast``; a sync
+that fails falls back to the object store) or as one object-store ``put``; under hybrid placement nothing is sent.
+A replacement actor loads the current weights itself (docs/design.md, "The GRPO step").
 """
 
 from __future__ import annotations

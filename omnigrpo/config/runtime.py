@@ -80,10 +80,7 @@ def quiet_thread_waits() -> None:
 
     Why: torch's threads spin at every barrier for some 300,000 rounds by default; on a box whose cores other
     work also uses (several actors per node, xdist workers), each parallel region then waits for a thread that the
-    scheduler parked. Measured on 2 cores beside two busy processes: the shapes SFT took 3.2 s/step spinning and
-    1.7 s sleeping, the sampler 1.3 s spinning, 1.1 s with a short spin (``GOMP_SPINCOUNT=10000``) and 0.65 s
-    sleeping. Sleeping costs a wake-up per small op on cores a process has to itself: there a short spin
-    (``export GOMP_SPINCOUNT=30000``) ran 100 GRPO steps on shapes in 103-128 s against 123-170 s (BENCHMARKS.md
-    section 1; docs/cluster.md)."""
+    scheduler parked. Sleeping costs a wake-up per small op on cores a process has to itself: there a short spin
+    (``export GOMP_SPINCOUNT=30000``) is faster. BENCHMARKS.md section 1 measures both ways; docs/cluster.md."""
     if "GOMP_SPINCOUNT" not in os.environ:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

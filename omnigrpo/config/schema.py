@@ -139,7 +139,7 @@ class RolloutConfig:
     cuda_graphs: bool = True
     """On a CUDA device, replay each decode step from CUDA graphs captured once per batch shape (both CFG
     branches, the draw and every layer in one launch; ``omnigrpo.rollout.graphs``): bitwise the eager static loop
-    and 3.2x faster per step on an H200 (BENCHMARKS.md section 6). A failed capture decodes eagerly. No effect on
+    and several times faster per step (BENCHMARKS.md section 6). A failed capture decodes eagerly. No effect on
     the CPU."""
 
 

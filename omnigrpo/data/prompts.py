@@ -1,20 +1,10 @@
 """Prompt sources: a built-in world's training prompts, or a file the user brings.
 
-Why: real runs train on prompt sets like X-Omni's (Midjourney prompts, text-rendering prompts with
-the text to render, natural-image prompts), each prompt carrying metadata that some rewards need
-(``text`` for the OCR judge, ``tags`` to route rewards). ``data.prompts`` names one of:
-
-- a built-in world (``shapes``, ``glyphs``): its training prompts, held-out items excluded;
-- ``*.txt``: one prompt per line (blank lines and lines starting with ``#`` are skipped);
-- ``*.jsonl``: one JSON object per line with a string field ``prompt``; every other field is metadata;
-- ``*.parquet``: a table with a ``prompt`` column; the other columns are metadata;
-- a directory written by ``datasets.Dataset.save_to_disk`` with a ``prompt`` column.
-
-A file (or what its links lead to) must be a regular file of at most 1 GiB: a FIFO, a device or a socket is
-refused before it is opened (``omnigrpo.config.inputs``).
-
-Everything is read and checked on the driver before any worker starts; a malformed line is an error
-naming the file and line number, never skipped in silence.
+Why: real runs train on prompt sets like X-Omni's, each prompt carrying metadata that some rewards need (``text``
+for the OCR judge, ``tags`` to route rewards). ``data.prompts`` names a built-in world (its held-out items
+excluded), a ``.txt``, ``.jsonl`` or ``.parquet`` file, or a ``datasets`` folder (docs/rewards.md, "Prompts"; odd
+files are refused by ``omnigrpo.config.inputs``). Everything is read and checked on the driver before any worker
+starts; a malformed line is an error naming the file and line number, never skipped in silence.
 """
 
 from __future__ import annotations

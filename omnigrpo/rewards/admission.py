@@ -1,13 +1,10 @@
 """What the reward server lets in: a memory budget, a cap on requests in flight, and the limits of one image.
 
-Why: a 316 KB PNG can declare 10000x10000 white pixels, 300 MB once decoded; forty such requests decoded
-side by side take the machine down and the server stops answering anyone. So every request reserves
-what it will hold *before* holding it — its body as the bytes arrive, the parsed JSON and the PNG bytes
-(twice the body), then the pixels its images declare in their headers plus the decode of the largest —
-and gives it all back when it is answered. A request that cannot fit now is answered 503 (clients retry
-with backoff); one that could never fit, or an image over ``max_pixels``, 413. A request counts towards
-``max_pending`` only once its whole body has arrived, so clients that send slowly cannot lock good ones
-out (their connections are bounded by :mod:`omnigrpo.rewards.connections`).
+Why: a small PNG can declare 10000 x 10000 white pixels, 300 MB once decoded, and a few such requests decoded side
+by side take the machine down. So every request reserves what it will hold *before* holding it (its body as the
+bytes arrive, the parsed JSON and PNG bytes, then the pixels its images declare and the largest decode) and gives
+it back when answered: 503 when it cannot fit now, 413 when it never could. A request counts towards
+``max_pending`` only once its body has arrived, so slow senders cannot lock good clients out (docs/rewards.md).
 """
 
 from __future__ import annotations

@@ -1,13 +1,10 @@
 """The reward server's connections: a timer that closes slow and idle ones, and caps in all and per client.
 
-Why: uvicorn closes an idle connection only after a first answer (its keep-alive timer), and its
-``limit_concurrency`` counts idle connections beside real requests, so a few dozen sockets that send
-nothing, or headers a byte at a time, would hold the server's file descriptors for good. Here uvicorn's
-own h11 protocol (:class:`GuardedH11Protocol`, given as ``http=``) closes a connection that has not sent
-its request headers within ``header_timeout_s`` of connecting or of its previous answer, and closes a
-new connection at once past ``max_connections`` in all (kept below the open-file limit, so ``/health``
-always has a descriptor) or ``max_connections_per_client`` from one address. The body's own deadline,
-``body_timeout_s``, is kept by the app (408).
+Why: uvicorn closes an idle connection only after a first answer, and its ``limit_concurrency`` counts idle
+connections beside real requests, so a few dozen sockets that send nothing, or headers a byte at a time, would hold
+the server's file descriptors for good. :class:`GuardedH11Protocol` (uvicorn's own h11 protocol, given as ``http=``)
+closes a connection that sends no request headers within ``header_timeout_s`` and refuses new ones past
+``max_connections`` or ``max_connections_per_client`` (docs/rewards.md, "Reward services").
 """
 
 from __future__ import annotations

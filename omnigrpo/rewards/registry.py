@@ -1,22 +1,11 @@
 """Where reward functions are found: the built-in registry, entry points, or ``module:attr``.
 
-Why: users plug their own judges in without editing omnigrpo, and a run must fail on the driver,
-before any worker starts, when a reward cannot be found. A reward name resolves, in order, to
-1. a built-in registered with :func:`register_reward` (duplicate names are refused);
-2. an installed entry point in the group ``omnigrpo.rewards``;
-3. a ``package.module:attr`` string, imported as a module. A file path is never executed;
-4. ``url:http://host:port``, a reward service (``omnigrpo.rewards.service``).
-
-The resolved object is either a *reward function* ``(images, prompts, metadata) -> list[float | None]``
-(recognised by a first parameter named ``images``; config kwargs are bound as keywords) or a
-*factory* called once with the config kwargs that returns such a function (a class counts as a
-factory). ``async def`` reward functions are allowed. Config kwargs are checked against the reward's
-signature before it is built.
-
-The built-in judges are imported by name (``BUILTIN_JUDGES``: reward name -> module) when that name is
-resolved, not when this module is (they pull in open_clip, onnxruntime, requests), so refusing an unknown
-name imports none of them; this and ``omnigrpo.rollout.loader`` are the only places that import omnigrpo
-modules by name (``docs/design.md``).
+Why: users plug their own judges in without editing omnigrpo, and a run must fail on the driver, before any worker
+starts, when a reward cannot be found. A name resolves, in order, to a built-in (:func:`register_reward` refuses
+duplicates), an entry point of the group ``omnigrpo.rewards``, a ``package.module:attr`` (imported; a file path is
+never executed) or ``url:http://host:port``, a reward service; its kwargs are checked against its signature before
+it is built. Built-in judges are imported only when their name is resolved (docs/rewards.md; docs/design.md,
+"Layers").
 """
 
 from __future__ import annotations

@@ -1,16 +1,10 @@
 """The reward service: one reward served over HTTP (uvicorn + FastAPI), with dynamic batching and replicas.
 
-Why: a judge scores 64 images at once far faster than one at a time, but a training job sends its batch as
-several concurrent requests. :class:`Batcher` queues them; each of ``replicas`` threads (each with its own
-reward, built in that thread; ``{replica}`` in a string argument is its index) takes the oldest, collects up
-to ``max_batch`` images of one size within ``max_wait_ms``, calls the reward once and splits the scores back.
-A reward that raises fails every request of that call (HTTP 500): the client's samples fail, never score 0.
-
-Limits live in :mod:`omnigrpo.rewards.admission` (body, images, pixels read from PNG headers, a shared memory
-budget, requests in flight, deadlines), connections in :mod:`omnigrpo.rewards.connections`, who may ask in
-:mod:`omnigrpo.rewards.access` (loopback unless ``OMNIGRPO_REWARD_TOKEN`` is set, then a bearer token; only
-``application/json`` and a ``Host`` the server is bound to). Only PNG is decoded. Wire format:
-:mod:`omnigrpo.rewards.service`.
+Why: a judge scores a batch far faster per image than one image at a time, but a training job sends its batch as
+several concurrent requests. :class:`Batcher` queues them; each of ``replicas`` threads (each with its own reward)
+takes the oldest, collects up to ``max_batch`` images of one size within ``max_wait_ms``, calls the reward once and
+splits the scores back; a reward that raises fails every request of that call (500), never scores 0. Limits,
+connections and access live in their own modules (docs/rewards.md, "Reward services"; docs/design.md).
 """
 
 from __future__ import annotations

@@ -1,22 +1,11 @@
 """The client of a reward service: the reward function behind a ``url:`` reward entry.
 
-Why: heavy judges (a 32B VLM, HPS on its own GPU) often live outside the training job, and a judge
-that is down must make a sample *failed*, never 0. ``omnigrpo serve-reward NAME key=value ...``
-(:mod:`omnigrpo.rewards.server`) serves one reward; ``{name: "url:http://host:port"}`` in a run's
-``rewards`` calls it.
-
-Wire format (JSON both ways, never pickle)::
-
-    POST /score   {"images": [<base64 PNG>, ...], "prompts": [...], "metadata": [{...}, ...]}
-              ->  {"scores": [<float, NaN or null>, ...]}
-    GET  /health  ->  {"reward": NAME, "status": "ok"}
-
-If ``OMNIGRPO_REWARD_TOKEN`` is set in the client's environment it is sent as ``Authorization:
-Bearer <token>``; it is never logged. The client splits a batch into requests of ``batch_size``
-images, sends up to ``max_concurrency`` at once, gives each ``timeout`` seconds and retries it under
-:func:`omnigrpo.rewards.transport.retry_policy`. Only the requests that still fail fail: their samples
-score NaN (the reward worker counts NaN as a failure; ``None`` would mean "not applicable"), the
-others keep their scores. When every request fails, or the server refuses one (4xx), the call raises.
+Why: heavy judges (a 32B VLM, HPS on its own GPU) often live outside the training job (``omnigrpo serve-reward``,
+:mod:`omnigrpo.rewards.server`), and a judge that is down must make a sample *failed*, never 0. The client sends a
+batch as JSON requests of ``batch_size`` images, ``max_concurrency`` at once, each retried under
+:func:`omnigrpo.rewards.transport.retry_policy`; only the requests that still fail give their samples NaN, and a
+refusal (4xx) or a batch whose every request failed raises. ``OMNIGRPO_REWARD_TOKEN`` goes as a bearer token, never
+logged. The wire format: docs/rewards.md, "Reward services".
 """
 
 from __future__ import annotations

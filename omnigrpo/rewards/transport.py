@@ -1,16 +1,11 @@
 """JSON over HTTP for judges that live elsewhere: PNG codec, the retry policy, and what a failure is.
 
-Why: a reward service and an OpenAI-compatible VLM fail the same ways (down, overloaded, slow, a
-proxy's error page), and a judge that fails must make its samples *failed*, never 0. Retrying is
-left to urllib3's :class:`~urllib3.util.Retry` on a requests adapter rather than a loop of our own:
-
-- 429 and 500/502/503/504, connection errors and read timeouts are retried, on POST too (scoring
-  has no side effects), at most ``retries`` times;
-- waits grow exponentially from ``backoff`` seconds (``backoff``, ``2·backoff``, ``4·backoff``, ...)
-  plus a uniform jitter of up to ``backoff`` so that many clients do not retry in lock-step; a
-  ``Retry-After`` header is honoured instead, capped at the request ``timeout``;
-- any other 4xx raises :class:`ServiceRefused` at once: the request itself is wrong (key, path, body);
-- whatever still fails, and a 200 whose body cannot be read, raises :class:`ServiceUnavailable`.
+Why: a reward service and an OpenAI-compatible VLM fail the same ways (down, overloaded, slow, a proxy's error
+page), and a judge that fails must make its samples *failed*, never 0. Retrying is urllib3's
+:class:`~urllib3.util.Retry` on a requests adapter, not a loop of our own: 429, 500/502/503/504, connection errors
+and read timeouts are retried with exponential backoff, jitter and ``Retry-After``; any other 4xx raises
+:class:`ServiceRefused` at once, and what still fails raises :class:`ServiceUnavailable` (docs/design.md, "Reward
+services").
 """
 
 from __future__ import annotations

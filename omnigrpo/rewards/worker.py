@@ -1,19 +1,11 @@
 """Scores decoded images with every configured reward and combines them, never hiding a failure.
 
-Why: a judge that crashes or returns garbage must not become a silent 0 that the policy then learns
-from. :class:`RewardWorker` runs each reward, keeps its raw scores, and records a
-failure whenever the reward raises, returns the wrong number of scores, or returns NaN / a
-non-number (a bool or a complex number too) / a number that is infinite in float32
-(``protocol.is_score``). :func:`combine` then forms the weighted total:
-
-- a sample whose *required* reward failed is excluded from the step (``valid`` False);
-- an *optional* reward that failed, or any reward that returned ``None`` (not applicable), drops out
-  of that sample's total, which is re-scaled by ``sum(all weights) / sum(weights that scored)`` so
-  totals stay comparable; a sample that no reward of positive weight scored is excluded;
-- every exclusion and failure is counted and logged as ``reward/failed`` and
-  ``reward/<name>/failed``.
-
-The worker is a plain class; ``omnigrpo.cluster`` wraps it into a Ray actor.
+Why: a judge that crashes or returns garbage must not become a silent 0 that the policy then learns from.
+:class:`RewardWorker` runs each reward, keeps its raw scores and records a failure when it raises, returns the wrong
+number of scores or a non-score (``protocol.is_score``). :func:`combine` forms the weighted total: a failed
+*required* reward excludes the sample; a failed optional or a ``None`` score drops out and the total is re-scaled by
+``sum(all weights) / sum(weights that scored)``; every failure is counted (docs/rewards.md). A plain class;
+``omnigrpo.cluster`` wraps it into a Ray actor.
 """
 
 from __future__ import annotations

@@ -1,30 +1,11 @@
 """A lean decode path for Llama-family decoder layers over a static KV cache: the fast sampler's core.
 
-Why: on small models and at image lengths (hundreds of tokens per sample) HF ``generate`` spends most
-of each step outside the matmuls: building masks, growing the cache by concatenation, routing
-keyword arguments through every layer; on a GPU each of those small ops is a kernel launch, and a
-decode step of a 1B model is bound by launches, not by the bytes it moves. Image sampling needs none of
-that generality: every row of a batch advances in lockstep, the number of steps is known in advance, and
-CFG's two branches are just more rows. :class:`StaticKV` therefore allocates the whole cache, the additive
-attention mask and a rotary table once; :func:`forward_layers` runs the model's *own* weights with as few
-kernels per layer as the arithmetic allows (``omnigrpo bench --parts rollout`` counts them against HF's):
-
-- one fused RMSNorm (``F.rms_norm``; one kernel on CUDA) per norm;
-- q/k/v and gate/up packed into one GEMM each (:func:`fuse`);
-- rotary embedding of q and k together in three kernels (multiply, roll by half, ``addcmul`` with a sign-folded
-  sine), cos/sin looked up from a table built once per cache;
-- the step's keys/values written in place, then one ``scaled_dot_product_attention`` over the attended span on
-  CUDA (three ops on the CPU, where they are faster: :func:`decode_attention`); a decode step groups the query
-  heads that share a key/value head as query rows: no key copy for GQA;
-- output and down projections with their residual add in one ``addmm``, written into the residual itself where
-  no one reads it again;
-- what a step reads of each layer looked up once per sampling call (:class:`LayerPlan`), not per token.
-
-It applies to any decoder layer with the Llama attribute layout (``input_layernorm``,
-``self_attn.{q,k,v,o}_proj``, ``post_attention_layernorm``, ``mlp``), which covers the Qwen2 body of the
-built-in policy and X-Omni, Janus-Pro's Llama and Emu3. The learner never uses this path: it scores
-with the model's ordinary HF forward, and a test holds the two equal to 1e-5 in fp32 for every family,
-which is what keeps this re-implementation honest.
+Why: on small models at image lengths HF ``generate`` spends most of a step outside the matmuls (masks, a cache
+grown by concatenation, keyword routing), and on a GPU each small op is a kernel launch. Image sampling needs none
+of that: rows advance in lockstep, the number of steps is known, CFG's branches are more rows. :class:`StaticKV`
+allocates the cache, mask and rotary table once; :func:`forward_layers` runs the model's *own* Llama-layout layers
+in as few kernels as the arithmetic allows (docs/design.md, "The decode step on a GPU"). The learner scores with
+the ordinary forward; a test holds the two equal to 1e-5 in fp32 for every family.
 """
 
 from __future__ import annotations
@@ -259,7 +240,8 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
 
     On CUDA one ``scaled_dot_product_attention`` kernel. Elsewhere a batched matmul with the mask and scale folded
     in (``baddbmm``), a softmax and a second matmul: PyTorch's CPU SDPA kernel is blocked for long sequences and
-    takes 2.5-4x longer at a decode step's shapes (one query row per head, tens of keys; BENCHMARKS.md section 1).
+    takes several times longer at a decode step's shapes (one query row per head, tens of keys; BENCHMARKS.md
+    section 1).
     """
     if q.is_cuda:
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=scale)

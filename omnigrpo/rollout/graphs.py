@@ -1,31 +1,11 @@
 """CUDA graphs for the decode loop: captured once per batch shape, one replay per image token.
 
-Why: on a GPU a small-batch decode step is a few hundred small kernels, and launching them from Python costs
-far more than running them (measured on an H200: 35.6 ms per step against a 1.2 ms bandwidth floor,
-BENCHMARKS.md section 6). A CUDA graph launches the whole step (the image head, guided log-probs over CFG's two
-branches, the draw, writing the code, embedding it, every layer over the static KV cache) as one unit, and the
-loop's state lives on the device, so a step is one ``replay()`` and nothing else.
-
-How it is laid out (:class:`GraphSet`, one per policy view):
-
-- **one KV cache of the largest shape seen** (rows x length); each batch shape works on views of it, and every
-  graph allocates from **one shared memory pool** (graphs replay one at a time, and none keeps a temporary);
-- **graphs by span**: a step attends only the first ``span`` keys, a multiple of :data:`SPAN` slots just covering
-  the filled prefix, so the KV traffic follows the real length instead of the whole cache;
-- **Emu3's end-of-line** is a graph of its own (one per span), so no step runs eagerly between replays;
-- **randomness**: each shape's graphs draw from a generator of their own, registered with every graph (replays
-  advance its Philox offset); its state is set from the caller's generator before a sampling call and handed
-  back after, so a graphed call consumes the caller's stream exactly as :class:`StaticDecode` run eagerly does
-  (drawing the per-code noise of every step up front instead would hold ``T x B x K`` floats: 0.6 GB for 16
-  Janus-Pro images);
-- **capture errors stay local** (``capture_error_mode="thread_local"``: an NCCL watchdog thread querying events
-  cannot invalidate the capture) and a failed capture falls back to eager decoding, logged and kept in
-  :attr:`GraphSet.failures`.
-
-Weights are read in place: a weight load or broadcast writes into the same tensors and needs no re-capture (the
-hybrid learner refreshes its packed copies with ``copy_`` for the same reason). :class:`StaticDecode` with
-``capture=False`` runs the very same kernels eagerly, anywhere: the reference the graphs are tested against
-bitwise, and the static-shape path tested against the growing-cache decode on the CPU.
+Why: on a GPU a small-batch decode step is a few hundred small kernels, and launching them from Python costs far
+more than running them (BENCHMARKS.md section 6). A graph launches the whole step (image head, guided log-probs,
+the draw, the code's embedding, every layer over the static KV cache) as one unit, and the loop's state lives on
+the device. :class:`GraphSet` keeps one cache and memory pool, graphs per attended span, the caller's random stream,
+and eager decoding after a failed capture; :class:`StaticDecode` with ``capture=False`` runs the same kernels
+eagerly, the reference the graphs are tested against (docs/design.md, "The decode step on a GPU").
 """
 
 from __future__ import annotations

@@ -1,20 +1,11 @@
 """The one policy interface rollout and learner share; every model family implements it.
 
-Why: Janus-Pro, Emu3, X-Omni and the built-in world policy disagree on almost everything a GRPO
-loop touches: how the generation prompt is written, where image codes live (text vocabulary,
-separate embedding tables, extra vision blocks), what predicts the next code (the LM head sliced to
-the image codes, a separate generation head), forced tokens inside the image (Emu3's end-of-line),
-and how codes become pixels. Everything else (sampling, CFG, the GRPO ratio, weight sync) must not
-care. So a family supplies two things:
-
-- an :class:`ImagePolicy`: loading by ``from_pretrained(hub id or directory)``, the conditional and
-  unconditional prompt batch, VQ decoding to pixels, and ``save_pretrained``;
-- an :class:`ImageLM`, a view of *one* module instance (the rollout's copy, the learner's DeepSpeed
-  module, the frozen reference): embeddings of prompt tokens and of image codes, the image-code head
-  ``[..., K]`` (image mode = only image codes have logits), the full-sequence hidden states the
-  learner back-propagates through, and the static-cache fast path the sampler uses.
-
-``model.family`` picks the family, which ``omnigrpo.rollout.loader`` imports by name and loads.
+Why: Janus-Pro, Emu3, X-Omni and the built-in policy disagree on almost everything a GRPO loop touches (the
+generation prompt, where image codes live, what predicts the next code, forced tokens inside the image, how codes
+become pixels), and sampling, CFG, the GRPO ratio and the weight sync must not care. So a family supplies an
+:class:`ImagePolicy` (loading, prompts, decoding to pixels, saving) and an :class:`ImageLM`, a view of *one* module
+instance (rollout copy, learner's DeepSpeed module, frozen reference) with embeddings, the image-code head
+``[..., K]``, hidden states and the static-cache path. ``omnigrpo.rollout.loader`` loads it by ``model.family``.
 """
 
 from __future__ import annotations

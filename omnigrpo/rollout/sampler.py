@@ -1,16 +1,10 @@
 """Image-token sampling and the log-probs of sampled images, sharing one distribution.
 
-Why: GRPO's ratio pi_new / pi_old is only right if the learner scores a sampled image under exactly
-the distribution the sampler drew it from. Both sides therefore go through the family's image head
-(:meth:`~omnigrpo.rollout.policy.ImageLM.head`: only image codes have logits) and :func:`guided_logprobs`
-(classifier-free guidance, temperature, top-k / top-p / min-p, renormalised). With guidance the
-returned log-probs are those of the *guided* distribution, and the learner back-propagates through
-both branches: the policy trained is the one that was sampled, unlike forks that train on the
-conditional branch only.
-
-A token the new policy filters out of its support (possible with top-k/top-p/min-p after an update)
-would have log-prob -inf; gathered log-probs are floored at :data:`LOGPROB_FLOOR` so the PPO ratio
-and the k3 KL stay finite (the ratio is then ~0 and clipped).
+Why: GRPO's ratio pi_new / pi_old is only right if the learner scores a sampled image under exactly the
+distribution the sampler drew it from. Both sides go through the family's image head and :func:`guided_logprobs`
+(classifier-free guidance, temperature, top-k / top-p / min-p, renormalised), and the learner back-propagates
+through both guided branches. The log-prob of a code the new policy filters out of its support is floored at
+:data:`LOGPROB_FLOOR`, so the PPO ratio and the k3 KL stay finite (docs/design.md, "The GRPO step").
 """
 
 from __future__ import annotations

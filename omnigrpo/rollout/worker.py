@@ -1,13 +1,10 @@
 """The rollout worker: draws a group of images per prompt and decodes them to pixels.
 
 Why: rollout is the half of GRPO that must be fast and must say exactly which weights it used. A
-:class:`RolloutWorker` holds the policy, samples ``group_size`` images per prompt with the KV-cache
-sampler, decodes codes to uint8 pixels inside the worker (a VQ-style decoder is cheap), and stamps
-the batch with its weight version. Weights change only through :meth:`load_weights`, between
-calls, so one batch never mixes versions.
-
-A plain class with a cheap ``__init__`` and an explicit :meth:`setup`; ``omnigrpo.cluster`` wraps it
-into a Ray actor.
+:class:`RolloutWorker` holds the policy, samples ``group_size`` images per prompt with the KV-cache sampler,
+decodes codes to uint8 pixels inside the worker (a VQ-style decoder is cheap) and stamps the batch with its weight
+version; weights change only through :meth:`load_weights`, between calls, so one batch never mixes versions. A
+plain class with a cheap ``__init__`` and an explicit :meth:`setup`; ``omnigrpo.cluster`` wraps it into an actor.
 """
 
 from __future__ import annotations

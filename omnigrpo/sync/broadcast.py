@@ -1,32 +1,11 @@
 """Weight sync over a dedicated gloo or NCCL group: learner rank 0 -> every rollout actor, in buckets.
 
-Why: after every update the rollout actors need the new weights. Through Ray's object store each
-reader deserialises its own copy of the whole state dict; a collective broadcast streams the bytes
-once per hop instead. Ray's own collective groups take over a process's *default* torch.distributed
-group, which the learner's DeepSpeed group already owns (a second group that way hangs), so this group
-is built directly: a ``ProcessGroupGloo`` over its own
-store (a file on one machine, a TCP store across hosts: ``omnigrpo.sync.network``), with gloo's
-sockets bound to ``host`` (loopback by default, the node's address across hosts), separate from every
-default group.
-
-Small tensors (norms, biases) are packed into flat buffers of up to ``bucket_mb`` (one dtype per
-bucket), so they cost a few calls instead of one each; a tensor larger than a bucket goes alone, sent
-from and received into its own storage without a copy (BENCHMARKS.md measures both modes). Every call waits at most
-``timeout_s``, so a member that died turns into an error instead of a hang, and the driver falls back
-to the object store. A header (version, tensor count, a hash of names and shapes) goes first, so a
-receiver whose model does not match fails with a message instead of loading garbage.
-
-With ``backend="nccl"`` (``cluster.sync_backend``) the group is a ``ProcessGroupNCCL`` over the same store:
-header and buckets live on the member's current CUDA device, a lone tensor is sent from and received into its
-own device storage, and nothing is staged through host memory. Each member must hold a GPU of its own (NCCL
-refuses two members on one device). A dead or stuck peer must end in a Python error the driver can fall back
-from, not in NCCL's watchdog killing the process (its default): the group is built with blocking waits and the
-watchdog set to clean up only (``TORCH_NCCL_BLOCKING_WAIT=1``, ``TORCH_NCCL_ASYNC_ERROR_HANDLING=2``, for this
-group alone), every wait is bounded by ``timeout_s``, and a failed call aborts the group's communicators before
-raising, so re-forming starts clean. NCCL's bootstrap binds ``host``'s interface (``NCCL_SOCKET_IFNAME``) on
-every member. The failure path needs two GPUs and has not yet run on them.
-
-Plain class, no Ray: the learner and the rollout worker each hold one.
+Why: through Ray's object store each reader deserialises its own copy of the state dict; a collective broadcast
+streams the bytes once per hop. Ray's collective groups take over the process's *default* group, which the
+learner's DeepSpeed group owns, so this group is built directly over a store of its own (``omnigrpo.sync.network``).
+Small tensors travel packed in ``bucket_mb`` buckets, large ones from their own storage; a header (version, count,
+hash of names and shapes) goes first, and every call is bounded by ``timeout_s``, so a dead member is an error the
+driver falls back from. A plain class, no Ray (docs/design.md, "The GRPO step": weight sync and NCCL).
 """
 
 from __future__ import annotations

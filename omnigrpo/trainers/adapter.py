@@ -1,13 +1,10 @@
 """LoRA for the learner (peft), and the merged weights the rollouts receive.
 
-Why: RL-tuning a 7B policy with full AdamW state needs ~16 bytes per parameter on the learners; a LoRA
-adapter trains a fraction of a percent of them. The rollouts still sample from one plain model: after
-every update the learner sends **merged** weights (``W + B A * alpha / r`` for every adapted layer,
-under the plain model's parameter names), so rollout actors need no peft, sample at full speed, and the
-weight sync, checksums and checkpoints work exactly as without LoRA. The price: each sync moves the
-whole model rather than the adapter; sending adapters only would need peft (and an unmerged forward)
-in every rollout actor. Checkpoints hold the merged policy (a ``model.path``-ready directory) and the
-adapter itself under ``adapter/``.
+Why: RL-tuning a 7B policy with full AdamW state needs ~16 bytes per parameter on the learners; a LoRA adapter
+trains a fraction of a percent of them. The rollouts still sample from one plain model: after every update the
+learner sends **merged** weights (``W + B A * alpha / r`` under the plain model's names), so rollout actors need no
+peft, and sync, checksums and checkpoints work as without LoRA; the price is that each sync moves the whole model.
+Checkpoints hold the merged policy and the adapter under ``adapter/`` (docs/families.md).
 """
 
 from __future__ import annotations

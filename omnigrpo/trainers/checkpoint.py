@@ -1,15 +1,10 @@
 """Atomic policy checkpoints under ``<run.dir>/checkpoints``, keeping the last N.
 
-Why: a crash must leave something to resume from, never a half-written directory. A checkpoint is
-written into a temporary sibling and renamed into place (``os.replace`` is atomic on one file
-system), so a reader sees either no ``step-000012`` or a whole one. Each is a ``save_pretrained``
-directory that ``model.path`` can name directly. The driver gives every MLflow run its own folder
-(``<run.dir>/checkpoints/<run id>``), so re-using a run directory never prunes another run's work.
-
-Loading is as careful as writing: a run directory may be shared, and a pickle runs code when it is loaded.
-Every ``.pt`` file is read with ``weights_only=True`` (:func:`load_state`, DeepSpeed's states included),
-admitting only the few plain DeepSpeed classes its ZeRO states hold; :func:`unsafe_contents` names, before
-anything loads, each file that could carry code, without unpickling it.
+Why: a crash must leave something to resume from, never a half-written directory: a checkpoint is written into a
+temporary sibling and renamed into place, so a reader sees none or a whole one, each a ``save_pretrained``
+directory ``model.path`` can name, in a folder per MLflow run. Loading is as careful, since a run directory may be
+shared and a pickle runs code: every ``.pt`` file is read ``weights_only`` (:func:`load_state`), and
+:func:`unsafe_contents` names each file that could carry code before anything loads (docs/security.md).
 """
 
 from __future__ import annotations

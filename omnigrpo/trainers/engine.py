@@ -51,9 +51,10 @@ def grad_norm(module: torch.nn.Module) -> float:
 def skip_shared_memory_allreduce(ops) -> None:
     """Mark DeepSpeed's CPU shared-memory all-reduce op (``deepspeed.ops``'s ``deepspeed_shm_comm``) unavailable.
 
-    Why: its CPU communication backend compiles that op with g++ at the first process group of a machine (30 to
-    80 s on two cores), yet only DeepSpeed's inference all-reduce uses it; a learner's gradients and gathers go
-    through gloo either way. DeepSpeed keeps the probed list in one module-level dict for edits like this one.
+    Why: its CPU communication backend compiles that op with g++ at the first process group of a machine (tens
+    of seconds on two cores, BENCHMARKS.md section 8), yet only DeepSpeed's inference all-reduce uses it; a
+    learner's gradients and gathers go through gloo either way. DeepSpeed keeps the probed list in one module-level
+    dict for edits like this one.
     """
     ops.__compatible_ops__["deepspeed_shm_comm"] = False
 

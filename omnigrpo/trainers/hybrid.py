@@ -1,33 +1,11 @@
 """The hybrid learner: a DeepSpeed learner rank that also samples its share of a step with its own live weights.
 
-Why: with ``cluster.placement: hybrid`` there are no rollout actors and no weight sync. Each learner rank
-holds the policy once and, between updates, samples from exactly the tensors the optimiser just stepped;
-nothing travels between processes, and a batch's weight version is the learner's own. The price is that
-sampling and learning take turns on the same devices (as ``colocated`` does, without the second copy of the
-weights).
-
-How sampling reads the live weights:
-
-- ZeRO-0/1/2: every rank holds the whole module's parameters; the fast sampler
-  (:mod:`omnigrpo.rollout.engine`) wants q/k/v and gate/up packed into one matrix each, and :func:`engine.fuse`
-  would re-point the module's parameters (which DeepSpeed owns), so :meth:`HybridLearner.sampling` packs
-  *fresh copies* (:func:`engine.pack_copies`) at the start of every sampling phase and frees them at its
-  end: about 2/3 of the body's weights once more, for the sampling phase only. With CUDA graphs
-  (``rollout.cuda_graphs`` on a GPU) the copies persist and each phase refreshes them in place (``copy_``), so the
-  graphs captured over them stay valid; the memory plan counts them either way. Every other module (norms,
-  o/down projections, embeddings, head) is read live, in place.
-- LoRA: the packed copies are the merged ``W + B A * alpha / r``; every other adapted module runs its
-  unmerged peft forward, so the sampler draws from the policy the learner scores, and the frozen base (the
-  KL reference) is never written (no merge/unmerge round trip to drift it).
-- ZeRO-3: refused in config validation. The fast sampler calls submodules one by one under ZeRO-3's
-  per-module fetch/release hooks; sampling from gathered weights would need those hooks taken off and
-  re-registered around every sampling phase (DeepSpeed internals that change between releases).
-
-Without CUDA graphs the KV cache lives only inside a sampling call (with them, the graphs' cache persists);
-the module is in eval mode under ``no_grad`` while sampling and returns to its own training mode after. The
-sampler's generator is seeded as rollout actor
-``rank`` would be (so a one-rank hybrid run samples the stream a one-actor colocated run does) and goes
-into the run state (``rollout_rng``) like a rollout actor's.
+Why: with ``cluster.placement: hybrid`` there are no rollout actors and no weight sync: each rank samples, between
+updates, from exactly the tensors the optimiser just stepped, and a batch's weight version is the learner's own;
+sampling and learning take turns on the same devices. The fast sampler's packed q/k/v and gate/up matrices are
+fresh copies (merged under LoRA) refreshed each sampling phase, since DeepSpeed owns the parameters; ZeRO-3 is
+refused. The sampler's generator is seeded as rollout actor ``rank``'s would be and goes into the run state
+(docs/design.md, "Hybrid placement").
 """
 
 from __future__ import annotations

@@ -1,22 +1,11 @@
 """The GRPO learner: a DeepSpeed engine around the policy, a frozen reference, and one update per step.
 
-Why: the learner is where the platform meets scale. DeepSpeed (ZeRO stage from config) owns the
-optimiser, gradient accumulation over micro-batches and clipping, so the same code that runs here on
-CPU with gloo (``DS_ACCELERATOR=cpu``) runs sharded on GPUs. It is a plain class with a cheap
-``__init__`` and an explicit :meth:`setup`, wrapped into a Ray actor by ``omnigrpo.cluster``.
-
-One :meth:`train_step`: ``epochs`` passes over the batch, each split into ``mini_batches`` optimiser
-steps of ``micro_batch_size`` forward/backward passes, reference log-probs computed (no grad) as rows
-are first needed. Old log-probs are the sampler's own, which equal the learner's recomputation on the
-same weights (tested to 1e-5), so the first pass is exactly on-policy; ``grpo/logprob_mismatch``
-reports the gap every step.
-
-Data parallel: ``world_size`` learners form one DeepSpeed group. Every rank receives the whole batch
-(one object-store copy) and draws the same shuffle, then takes its ``1/world_size`` share of every
-mini-batch. The loss keeps the *global* normaliser (tokens or sequences of the whole mini-batch) and
-is multiplied by ``world_size`` because DeepSpeed averages gradients over ranks, so N ranks take the
-same optimiser step one rank would (tested). Each rank returns partial sums;
-:func:`~omnigrpo.trainers.tally.merge_metrics` turns the ranks' parts into the step's metrics.
+Why: the learner is where the platform meets scale. DeepSpeed (ZeRO stage from config) owns the optimiser, gradient
+accumulation and clipping, so the code that runs here on CPU with gloo runs sharded on GPUs. One
+:meth:`train_step` makes ``epochs`` passes of ``mini_batches`` optimiser steps; old log-probs are the sampler's own
+(``grpo/logprob_mismatch`` reports the gap). ``world_size`` ranks share every mini-batch and keep its *global*
+normaliser, so N ranks take the step one rank would (docs/design.md, "The GRPO step"). A plain class with an
+explicit :meth:`setup`, wrapped into a Ray actor by ``omnigrpo.cluster``.
 """
 
 from __future__ import annotations
@@ -146,7 +135,7 @@ class Learner:
             self.reference = copy.deepcopy(reference.model).eval().requires_grad_(False)
         # every dropout off (Emu3 ships attention_dropout 0.1): the learner's log-probs must be the
         # distribution the rollout sampled from. Eval mode, except for gradient checkpointing, which needs
-        # train mode (train mode costs the tiny shapes learner ~40 % per step on CPU)
+        # train mode (slower per step on the CPU: BENCHMARKS.md section 2)
         model = disable_dropout(self.policy.model.train(tr.gradient_checkpointing))
         if tr.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

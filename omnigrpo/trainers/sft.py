@@ -1,13 +1,10 @@
 """Supervised start for a built-in world: fit the codebook, then train the policy on synthetic pairs.
 
-Why: GRPO improves a policy that already draws something; X-Omni starts RL from an SFT checkpoint, and
-so does the embedded default. Training is seeded (numpy + torch generators, fixed thread count), so
-the same config gives the same checkpoint, and the result is cached under
-``<cache_dir>/sft/<hash of the config sections that shape it>`` and reused by later runs. It is kept
-short on purpose: the start should be clearly imperfect, leaving room for RL to show.
-
-The loss is the negative log-likelihood of each image code under :func:`sequence_logprobs`, i.e. under
-the same image-masked distribution the sampler and the GRPO learner use.
+Why: GRPO improves a policy that already draws something; X-Omni starts RL from an SFT checkpoint, and so does the
+embedded default. Training is seeded, so the same config gives the same checkpoint, cached under
+``<cache_dir>/sft/<hash of the config sections that shape it>``, and kept short so the start is clearly imperfect.
+The loss is the negative log-likelihood of each code under :func:`sequence_logprobs`, the same image-masked
+distribution the sampler and the GRPO learner use.
 """
 
 from __future__ import annotations

@@ -1,20 +1,10 @@
 """The built-in world "glyphs": short strings rendered in a real font, judged by real OCR.
 
-Why: text rendering is where RL moved discrete-token generators most (X-Omni; flow_grpo lifted OCR
-accuracy from 0.59 to 0.92), and it is the claim a user most wants to check. This world asks for a
-2-4 character string and shows it as a 24x72 image drawn in DejaVu Sans Mono Bold (the TrueType
-font matplotlib's wheel ships) at a random size, height and colour. A monospaced bold font keeps each
-character in a fixed-width slot, legible after 4x4 patch quantisation. The reward is the OCR judge
-(PP-OCR via ``rapidocr``), so the policy is scored on what a reader sees, not on tokens.
-
-The alphabet (20 characters) drops look-alike glyphs (0/O/D/Q, 1/I/J, 2/Z, 5/S, 8/B, G, F, W) so an
-OCR miss is a drawing miss. Training and held-out strings come from a fixed world seed, independent
-of ``run.seed``: the held-out set is the same for every run, and no held-out string occurs in SFT or
-RL prompts.
-
-Prompts read ``write "KP7"``; the policy's tokenizer reads the quoted string one character at a time,
-padded with ``_`` to four (:func:`words`): every prompt then has the same length, so an image position
-is the same distance from the character it must draw in every sample.
+Why: text rendering is where RL moved discrete-token generators most (X-Omni, flow_grpo), and it is the claim a user
+most wants to check. A 2-4 character string from an alphabet without look-alikes is drawn at 24 x 72 in DejaVu Sans
+Mono Bold (fixed-width slots stay legible after patch quantisation) in a random size, height and colour, and the
+OCR judge scores what a reader sees. Strings come from a fixed world seed, so the held-out set is the same for every
+run; prompts read ``write "KP7"``, tokenised one character at a time (:func:`words`; docs/worlds.md).
 """
 
 from __future__ import annotations

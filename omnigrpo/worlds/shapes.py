@@ -1,12 +1,10 @@
 """The built-in world "shapes": synthetic scenes, their prompt grammar and the held-out split.
 
-Why: the platform must prove on a 2-core CPU, in minutes, that a run makes a model better at what
-its rewards ask. A 32x32 scene with one coloured shape at one position is small enough to train and
-judge quickly, yet compositional: a fixed set of (shape, colour, position) combinations is never seen
-in SFT or RL prompts, and accuracy on it measures whether the policy learned to follow instructions.
-
-Prompts read ``"a red circle at the top left"``. The judge lives in ``omnigrpo.rewards.judges.shapes``; it
-reads pixels, never tokens.
+Why: the platform must prove on a 2-core CPU, in minutes, that a run makes a model better at what its rewards ask.
+A 32 x 32 scene with one coloured shape at one position is small enough to train and judge quickly, yet
+compositional: a fixed set of (shape, colour, position) combinations is never seen in SFT or RL prompts, and
+accuracy on it measures whether the policy learned to follow instructions. Prompts read ``"a red circle at the top
+left"``; the judge (``omnigrpo.rewards.judges.shapes``) reads pixels, never tokens.
 """
 
 from __future__ import annotations

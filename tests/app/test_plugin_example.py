@@ -1,4 +1,4 @@
-"""The README's "Write your own reward" example as written: its module, its config (the feature run trains it
+"""docs/rewards.md's "Write your own reward" example as written: its module, its config (the feature run trains it
 with more rewards added)."""
 
 import torch

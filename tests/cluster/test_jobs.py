@@ -30,7 +30,7 @@ def _free_port() -> int:
 
 @pytest.fixture
 def ray_head():
-    """``ray start --head --block`` on loopback with auth off, as the README's single-machine recipe, in a process
+    """``ray start --head --block`` on loopback with auth off, as a user starts a head by hand, in a process
     group of its own (ended by that group's id: ``ray stop`` would end every Ray on the machine); yields the
     dashboard address."""
     # as a user starts a head: with the environment activated, so a job's `python` is this one

@@ -1,18 +1,10 @@
-"""CLIP-family judges: ``clip`` (CLIP score), ``hps`` (HPSv2 / v2.1 preference) and ``aesthetic`` (the
-LAION aesthetic MLP on CLIP ViT-L/14 image embeddings) through open_clip; ``pickscore`` through
-transformers, the form PickScore is published in.
+"""CLIP-family judges: ``clip``, ``hps`` and ``aesthetic`` through open_clip, ``pickscore`` through transformers.
 
-Why: X-Omni's ensemble starts with HPSv2, an OpenCLIP ViT-H-14 fine-tuned on human preferences, and
-CLIP score is the standard text-image alignment baseline. Both are the same computation: encode the
-image with the model's *own* validation transform (resize, centre crop, its mean/std), encode the
-prompt with its tokenizer, and take the cosine of the two normalised embeddings.
-
-Weights load exactly as a user's would, with no download at run time when given local files:
-- ``model``: an open_clip architecture name (``ViT-H-14``), or ``local-dir:/path`` holding an
-  ``open_clip_config.json`` and its weights, or ``hf-hub:org/repo``;
-- ``pretrained``: an open_clip pretrained tag or a weights file for ``model``;
-- ``checkpoint``: a further state dict loaded on top (HPS's ``HPS_v2_compressed.pt`` /
-  ``HPS_v2.1_compressed.pt``, whose weights sit under ``"state_dict"``).
+Why: X-Omni's ensemble starts with HPSv2, an OpenCLIP ViT-H-14 fine-tuned on human preferences, and CLIP score is
+the standard text-image alignment baseline. All are one computation: encode the image with the model's *own*
+validation transform and the prompt with its tokenizer, and take the cosine of the normalised embeddings (the
+aesthetic MLP reads the image embedding alone). Weights load as a user's would, with no download when given local
+files (``model``, ``pretrained``, ``checkpoint``: docs/rewards.md, "Built-in judges").
 """
 
 from __future__ import annotations

@@ -1,26 +1,10 @@
 """OCR judge: does the image show the text the prompt asked for?
 
-Why: text rendering is where RL moved discrete-token generators most (X-Omni; flow_grpo lifted OCR
-accuracy from 0.59 to 0.92). The reader is PP-OCR through ``rapidocr``, whose detection and recognition
-ONNX models ship inside its wheel, so this judge runs for real on any machine, GPU or not.
-
-The target text is ``metadata["text"]`` when present, else the double-quoted parts of the prompt
-(``a sign that says "OPEN"``); a sample with neither is not applicable (``None``). Two scores:
-
-- ``edit`` (flow_grpo): lower-case, spaces dropped; 1 if the target is contained in what was read,
-  else ``1 - min(levenshtein, len(target)) / len(target)``;
-- ``exact``: 1 if the reading, lower-cased with spaces dropped, equals the target so squashed, else 0
-  (the glyphs world's held-out exact match);
-- ``recall`` (X-Omni's LongText-Bench): the multiset share of the target's words found in what was
-  read (CJK text counts per character).
-
-Small images are upscaled (nearest neighbour, integer factor) until they are ``min_height`` pixels
-tall, because PP-OCR's detector misses glyphs a few pixels high. ``detect=False`` skips detection and
-reads the whole image as one line, which is faster and steadier for single-line renders.
-
-One reader serves every OCR reward of a process that reads the same way (``detect``, ``min_height``,
-``unclip_ratio``) and remembers its last readings by image content: the same judge configured twice with
-different scores (edit for a dense signal, exact against near misses) reads each image once.
+Why: text rendering is where RL moved discrete-token generators most (X-Omni, flow_grpo), and the reader must run
+for real on any machine: PP-OCR through ``rapidocr``, whose ONNX models ship inside its wheel. The target is
+``metadata["text"]``, else the prompt's double-quoted text (neither: ``None``), scored as ``edit`` (flow_grpo's
+normalised edit distance), ``exact`` or ``recall`` (LongText-Bench's word recall). One reader per reading setting
+serves every OCR reward of a process and remembers its last readings (docs/rewards.md, "Built-in judges").
 """
 
 from __future__ import annotations

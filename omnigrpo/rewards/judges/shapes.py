@@ -1,13 +1,10 @@
 """The shapes world's judge: reads colour, position and kind of the shape from decoded pixels.
 
-Why: a reward that looked at tokens would let the policy win without drawing anything; like every
-image judge on this platform, this one sees only the uint8 image the decoder produced. Plain image
-analysis is enough for these scenes: pixels far from the background are the shape, their dominant
-palette colour is its colour, their centroid's quadrant its position, and how much of its bounding
-box it fills tells a square (~1) from a circle (~0.79) from a triangle (~0.5).
-
-The prompt's attributes are parsed from its text with the world's grammar, so the judge also scores
-user prompts that follow it.
+Why: a reward that looked at tokens would let the policy win without drawing anything; like every image judge on
+this platform, this one sees only the uint8 image the decoder produced. Pixels far from the background are the
+shape, their dominant palette colour is its colour, their centroid's quadrant its position, and how much of its
+bounding box it fills tells a square (~1) from a circle (~0.79) from a triangle (~0.5). The prompt is parsed with
+the world's grammar, so user prompts that follow it are scored too.
 """
 
 from __future__ import annotations

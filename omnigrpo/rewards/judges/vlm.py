@@ -1,24 +1,11 @@
 """VLM judges: a vision-language model asked about the image and its prompt, in-process or over HTTP.
 
-Why: X-Omni's strongest signal was a Qwen2.5-VL alignment judge, and UnifiedReward-style judges rate
-quality on a 1-5 scale. Large judges are served by vLLM or SGLang, so the same judge runs two ways:
-
-- ``backend="transformers"``: ``AutoModelForImageTextToText`` + ``AutoProcessor`` (Qwen2-VL /
-  Qwen2.5-VL family) from a hub id or local directory, in the reward worker;
-- ``backend="openai"``: any OpenAI-compatible ``/chat/completions`` endpoint (``base_url`` such as
-  ``http://127.0.0.1:8000/v1``), the image sent as a PNG data URL, with a timeout, the retries of
-  :mod:`omnigrpo.rewards.transport` (429/5xx and connection errors, backoff with jitter,
-  ``Retry-After``), a concurrency limit, and the API key read from the environment variable named by
-  ``api_key_env`` (never from the config, never logged).
-
-Two ways to score (``mode``):
-
-- ``yes``: P("yes") of the first answer token, normalised over the yes/no variants
-  (``p_yes / (p_yes + p_no)``); over HTTP from ``logprobs`` / ``top_logprobs``;
-- ``score``: the answer is generated and ``Final Score: X`` (1-5) is parsed, scored ``X / 5``.
-
-A sample whose answer cannot be read (no yes/no among the top tokens, no parseable score, an HTTP
-error after the retries) scores NaN, which the reward worker records as a failure, never as 0.
+Why: X-Omni's strongest signal was a Qwen2.5-VL alignment judge, UnifiedReward-style judges rate quality on a 1-5
+scale, and large judges are served by vLLM or SGLang. So one judge runs in the reward worker
+(``backend="transformers"``) or against any OpenAI-compatible endpoint (``backend="openai"``, retried as
+:mod:`omnigrpo.rewards.transport` says, its key read from the variable ``api_key_env`` names), and scores ``yes``
+(P("yes") over the yes/no variants) or ``score`` (a parsed ``Final Score: X``, over 5). An answer that cannot be
+read scores NaN, a failure, never 0 (docs/rewards.md, "Built-in judges").
 """
 
 from __future__ import annotations

@@ -1,14 +1,10 @@
 """The built-in worlds' policy: a transformers ``Qwen2ForCausalLM`` over text words and image codes.
 
-Why: the embedded default must run with real parts and no download. The model is the real Qwen2
-class built from a small config; its vocabulary comes from a word-level tokenizer built offline with
-the ``tokenizers`` library, followed by the image-segment markers and one token per code of the
-world's :class:`~omnigrpo.rollout.families.codebook.PatchCodebook`. A checkpoint is an ordinary
-``save_pretrained`` directory (model, tokenizer, codebook, and ``policy.json`` naming the world), so
-rollout and learner load it through the same ``from_pretrained(path)`` a user's checkpoint takes.
-
-Sequence layout: ``<bos> a red circle at the top left <som>`` then 64 image codes (shapes), or
-``<bos> write " K P 7 " <som>`` then 108 codes (glyphs: the world splits quoted text per character).
+Why: the embedded default must run with real parts and no download. The model is the real Qwen2 class built from a
+small config; its vocabulary is a word-level tokenizer built offline with ``tokenizers``, the image-segment markers
+and one token per code of the world's :class:`~omnigrpo.rollout.families.codebook.PatchCodebook`. A checkpoint is
+an ordinary ``save_pretrained`` directory (with ``policy.json`` naming the world), loaded through the same
+``from_pretrained(path)`` a user's checkpoint takes. The sequence layout: docs/worlds.md.
 """
 
 from __future__ import annotations

@@ -1,25 +1,11 @@
 """The diffusion-decoder stage: sampled image codes -> pixels with a FLUX-style transformer (diffusers).
 
-Why: X-Omni does not paint its codes with a VQ decoder; a FLUX transformer conditioned on the codes'
-SigLIP-VQ features renders them, which costs more than sampling the codes and can sit on other GPUs.
-So it is a role of its own: :class:`DiffusionDecoder` is a plain class (testable without Ray) that
-``omnigrpo.cluster`` runs as a pool of ``decoder`` actors; rollout actors return codes only, the driver
-sends each token batch to the pool and the rewards receive the pool's images.
-
-A decoder directory (``decoder.path``) holds diffusers folders, so X-Omni's released parts can be
-assembled into it by name:
-
-- ``transformer/``: :class:`CodeConditionedFlux` = ``FluxTransformer2DModel`` + ``siglip_embed``
-  ``[inner_dim, code_channels]`` (bias-free), whose projection of the code features is added to the
-  image stream between the double- and single-stream blocks (X-Omni's decoder keys: FLUX's + that one);
-- ``projector/``: :class:`CodeProjector`, codebook -> feature map (X-Omni's ``VQConvProjector`` decode
-  path: ``quantize.embedding``, ``post_quant_conv``, ``post_conv``);
-- ``vae/`` (``AutoencoderKL``) and ``scheduler/`` (``FlowMatchEulerDiscreteScheduler``), FLUX.1's.
-
-One code per packed 2x2 latent patch: an image is ``rows * 2 * vae_scale`` pixels high (16 px per code
-with FLUX's 8x VAE). CFG is "true" guidance against zeroed code features, as X-Omni's pipeline does.
-Not done: X-Omni also feeds the text prompt through FLUX.1's T5/CLIP; here the text stream is one
-zero token (the codes carry the content; a text encoder would be a third 5-GB model per decoder).
+Why: X-Omni does not paint its codes with a VQ decoder; a FLUX transformer conditioned on the codes' SigLIP-VQ
+features renders them, which costs more than sampling the codes and can sit on other GPUs. So it is a role of its
+own: :class:`DiffusionDecoder` is a plain class that ``omnigrpo.cluster`` runs as a pool of ``decoder`` actors;
+rollout actors return codes, and the rewards receive the pool's images. A ``decoder.path`` holds diffusers folders
+named after X-Omni's parts (``transformer/``, ``projector/``, ``vae/``, ``scheduler/``); docs/families.md has the
+layout, the guidance and what is not done.
 """
 
 from __future__ import annotations

@@ -1,14 +1,10 @@
 """Emu3 (``Emu3ForConditionalGeneration``) in image-generation mode.
 
-Why: Emu3 keeps its visual codes inside the text vocabulary (``<|visual token 000000|>`` ...) and ends
-every row of the image with an end-of-line token (``<|extra_200|>``) that the model expects but that is
-never a choice: the sampler feeds it and the GRPO loss ignores it (``ImageSpace.eol_id``). The image
-head is ``lm_head`` restricted to the visual tokens, which must be contiguous ids (checked on load).
-Conventions follow transformers' ``Emu3Processor(return_for_image_generation=True)``: the prompt is
-``<bos>{prompt}<|image start|>{h}*{w}<|image token|>``; the unconditional prompt is the same without
-text (an empty negative prompt), left-padded to the same width. ``h x w`` is the code grid
-(``emu3.json`` or the ``grid`` argument; Emu3's default 720 px square = 90 x 90); pixels come from the
-checkpoint's VQ model, 8 px per code.
+Why: Emu3 keeps its visual codes inside the text vocabulary and ends every row of the image with an end-of-line
+token that the model expects but that is never a choice: the sampler feeds it and the GRPO loss ignores it
+(``ImageSpace.eol_id``). The image head is ``lm_head`` restricted to the visual tokens, which must be contiguous ids
+(checked on load). Prompts follow transformers' ``Emu3Processor(return_for_image_generation=True)``; the code grid
+comes from ``emu3.json`` or ``grid``, decoded by the checkpoint's VQ model at 8 px per code (docs/families.md).
 """
 
 from __future__ import annotations

@@ -1,13 +1,10 @@
 """Janus-Pro (``JanusForConditionalGeneration``) in image-generation mode.
 
 Why: Janus generates images through modules its text path never uses: code embeddings are
-``generation_embeddings`` followed by ``generation_aligner``, and the next code comes from
-``generation_head``, not ``lm_head``; the body is its Llama ``language_model``. This view feeds those to
-the shared sampler and learner. Conventions follow transformers' ``JanusForConditionalGeneration.generate``
-(generation_mode="image"): the prompt is Janus-Pro's SFT format ``<|User|>: {prompt}\\n\\n<|Assistant|>:``
-followed by the image-start token; the unconditional prompt keeps only BOS and image-start and turns
-every other token into padding, attended (same length, same mask). 384 px = 24 x 24 = 576 codes,
-decoded by the checkpoint's VQ model inside the rollout worker.
+``generation_embeddings`` then ``generation_aligner``, the next code comes from ``generation_head``, not
+``lm_head``, and the body is its Llama ``language_model``. This view feeds those to the shared sampler and learner,
+with the prompts of transformers' ``generate(generation_mode="image")`` (docs/families.md): 576 codes for a 384 px
+image, decoded by the checkpoint's VQ model inside the rollout worker.
 """
 
 from __future__ import annotations

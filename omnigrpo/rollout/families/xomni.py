@@ -1,22 +1,11 @@
 """X-Omni's architecture, written here so its published checkpoints load without their remote code.
 
-Why: X-Omni-En / -Zh / -SFT ship only as ``trust_remote_code`` checkpoints, which cannot be fetched
-in many clusters (and should not be executed unreviewed). This is our own implementation of the
-architecture the public model code describes, loading the published state dict by name:
-
-- a Qwen2.5 body whose ``model.layers`` hold, in order, ``num_mm_adap_layers`` vision blocks, the LM
-  layers, and ``num_mm_head_layers`` vision blocks. A vision block runs over the whole sequence (text
-  positions still supply keys and values) but only image positions take its output;
-- separate tables: ``model.lm_embed_tokens`` / ``model.mm_embed_tokens`` (image code k is token id
-  ``vocab_size + k``), ``model.lm_norm`` / ``model.mm_norm`` (chosen per position), ``lm_head`` /
-  ``mm_head`` (``mm_vocab_size`` rows, of which the first ``image_vocab_size`` are codes);
-- the image segment ``<SOM>{h} {w}<IMAGE>`` + h*w codes + ``<EOM>``; in image mode only the code
-  logits exist (the rest of the vocabulary is masked), and the first code is predicted from the
-  ``<IMAGE>`` position;
-- CFG's unconditional prompt is the image prefix alone, as in X-Omni's ``generate.py``.
-
-The SigLIP-VQ tokenizer and the FLUX decoder are separate, frozen components (not in this state dict);
-:mod:`omnigrpo.rollout.families.diffusion` is the decoder stage.
+Why: X-Omni-En / -Zh / -SFT ship only as ``trust_remote_code`` checkpoints, which cannot be fetched in many clusters
+(and should not be executed unreviewed). This is our own implementation of the architecture the public model code
+describes, loading the published state dict by name: a Qwen2.5 body between vision-only blocks, separate ``lm_`` /
+``mm_`` embeddings, norms and heads, and the image segment ``<SOM>{h} {w}<IMAGE>`` + codes + ``<EOM>``
+(docs/families.md). The SigLIP-VQ tokenizer and the FLUX decoder are separate, frozen components
+(:mod:`omnigrpo.rollout.families.diffusion`).
 """
 
 from __future__ import annotations
