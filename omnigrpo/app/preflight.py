@@ -23,6 +23,7 @@ from omnigrpo.cluster.payload import Payload, gather
 from omnigrpo.config.loader import ConfigError
 from omnigrpo.config.schema import Config
 from omnigrpo.config.validation import SECRET_WORDS
+from omnigrpo.data.benchmarks import split
 from omnigrpo.data.prompts import PromptFileError, load_prompts
 from omnigrpo.rewards.protocol import is_reward_function
 from omnigrpo.rewards.registry import RewardArgumentError, RewardNotFound, build_reward, check_arguments, resolve_reward
@@ -46,7 +47,7 @@ def check_run(cfg: Config) -> RunPlan:
     """Everything a training run needs that can be checked without a cluster; raises ConfigError."""
     check_run_dir(cfg.run.dir)
     check_tracking(cfg.tracking.uri)
-    prompts, metadata = check_prompts(cfg.data.prompts, "data.prompts")
+    prompts, metadata = training_prompts(cfg)
     check_decoder(cfg)
     check_style_options(cfg)
     if cfg.model.path:
@@ -150,6 +151,17 @@ def check_prompts(source: str, key: str) -> tuple[list[str], list[dict]]:
         return load_prompts(source)
     except PromptFileError as err:
         raise ConfigError(f"{key}: {err}") from None
+
+
+def training_prompts(cfg: Config) -> tuple[list[str], list[dict]]:
+    """``data.prompts`` without the ``data.held_out_share`` held out from training."""
+    prompts, metadata = check_prompts(cfg.data.prompts, "data.prompts")
+    if not cfg.data.held_out_share:
+        return prompts, metadata
+    try:
+        return split(prompts, metadata, cfg.data.held_out_share, cfg.data.held_out_seed)[0]
+    except ValueError as err:
+        raise ConfigError(f"data.held_out_share: {err}") from None
 
 
 def check_decoder(cfg: Config) -> None:
@@ -306,7 +318,7 @@ def check_submit(cfg: Config) -> Payload:
     if not Path(cfg.run.dir).is_absolute():
         raise ConfigError(f"run.dir: a submitted run needs an absolute path on storage the cluster sees (got "
                           f"{cfg.run.dir!r}; a relative one would land in the job's temporary working directory)")
-    _, metadata = check_prompts(cfg.data.prompts, "data.prompts")
+    _, metadata = training_prompts(cfg)
     check_decoder(cfg)
     check_style_options(cfg)
     for i, spec in enumerate(cfg.rewards):  # the job's config.yaml travels whole: no credential may be in it

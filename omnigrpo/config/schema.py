@@ -54,6 +54,11 @@ class DataConfig:
     """Training prompts: the built-in world's (``shapes`` / ``glyphs``, must equal ``world.name``) or a
     ``.txt`` / ``.jsonl`` / ``.parquet`` file or a ``datasets`` directory (see ``omnigrpo.data.prompts``);
     shuffled each epoch with ``run.seed``."""
+    held_out_share: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    """Share of the distinct prompts kept out of training, chosen by ``data.held_out_seed`` and each prompt's
+    text alone (``omnigrpo.data.benchmarks.split``): the same prompts in every run and process, for evaluation."""
+    held_out_seed: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
+    """Seed of the ``data.held_out_share`` split, apart from ``run.seed`` so runs of any seed hold out the same."""
 
 
 @dataclass(frozen=True, config=_STRICT)

@@ -27,7 +27,8 @@ from omnigrpo.rewards.protocol import RewardFn, is_reward_function
 
 ENTRY_POINT_GROUP = "omnigrpo.rewards"
 BUILTIN_JUDGES = {"shapes": "shapes", "shapes_strict": "shapes", "ocr": "ocr", "clip": "clip", "hps": "clip",
-                  "aesthetic": "clip", "pickscore": "clip", "vlm_judge": "vlm", "geneval": "geneval"}
+                  "aesthetic": "clip", "pickscore": "clip", "vlm_judge": "vlm", "geneval": "geneval",
+                  "longtext": "longtext"}
 """Built-in reward name -> its module under ``omnigrpo.rewards.judges`` (a test holds it to what they register)."""
 
 

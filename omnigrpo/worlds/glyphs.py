@@ -32,6 +32,7 @@ WORLD_SEED = 20261128
 EVAL = {
     "exact_match": ("ocr", {"score": "exact", "detect": False}),
     "ocr_score": ("ocr", {"score": "edit", "detect": False}),
+    "longtext_score": ("ocr", {"score": "longtext", "detect": False}),  # LongText-Bench's word match
 }
 _QUOTED = re.compile(r'"[^"]*"|\S+')
 

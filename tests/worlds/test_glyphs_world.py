@@ -87,3 +87,16 @@ def test_style_entropy_counts_only_samples_that_read_correctly():
     metrics = world_metrics("glyphs", images, prompts, [{"text": "KP7"}] * 2 + [{"text": "AE"}] * 2, per_prompt=2)
     assert metrics["eval/exact_match"] == 1.0  # every sample reads, so every style counts
     assert metrics["eval/style_entropy"] == pytest.approx(0.5)  # 1 bit for KP7, 0 for AE
+
+
+def test_held_out_report_has_longtext_score_beside_exact_match():
+    """LongText-Bench's word match of the same reading: a wrong or blank sample reads none of its word."""
+    from omnigrpo.app.evaluator import world_metrics
+
+    items = glyphs.held_out_items()[:2]
+    blank = np.full((*glyphs.IMAGE_SHAPE, 3), glyphs.BACKGROUND, np.uint8)
+    images = np.stack([glyphs.render(items[0]), glyphs.render(items[1]), blank, glyphs.render(items[1])])
+    metrics = world_metrics("glyphs", images, [items[0].prompt] * 2 + [items[1].prompt] * 2,
+                            [items[0].metadata] * 2 + [items[1].metadata] * 2, per_prompt=2)
+    assert metrics["eval/longtext_score"] == metrics["eval/exact_match"] == 0.5  # 2 of 4 right
+    assert "eval/longtext_score_pass_at_1" not in metrics  # pass@k is the headline's only

@@ -3,7 +3,8 @@
 Why: text rendering is where RL moved discrete-token generators most (X-Omni, flow_grpo), and the reader must run
 for real on any machine: PP-OCR through ``rapidocr``, whose ONNX models ship inside its wheel. The target is
 ``metadata["text"]``, else the prompt's double-quoted text (neither: ``None``), scored as ``edit`` (flow_grpo's
-normalised edit distance), ``exact`` or ``recall`` (LongText-Bench's word recall). One reader per reading setting
+normalised edit distance), ``exact``, ``recall`` (LongText-Bench's word recall) or ``longtext`` (that recall with
+:mod:`omnigrpo.worlds.text_match`'s normalisation, the ``longtext`` judge's). One reader per reading setting
 serves every OCR reward of a process and remembers its last readings (docs/rewards.md, "Built-in judges").
 """
 
@@ -21,6 +22,7 @@ import numpy as np
 from rapidfuzz.distance import Levenshtein
 
 from omnigrpo.rewards.registry import register_reward
+from omnigrpo.worlds.text_match import match_score
 
 _QUOTED = re.compile(r"\"([^\"]+)\"|“([^”]+)”")
 _WORDS = re.compile(r"[\u3400-\u9fff]|[^\W_]+", re.UNICODE)
@@ -135,10 +137,11 @@ def ocr_reward(score: str = "edit", detect: bool = True, min_height: int = 64, u
     """OCR judge (PP-OCR via rapidocr, models inside its wheel).
 
     Inputs: uint8 images ``[B, H, W, 3]``; target text from ``metadata["text"]`` or the prompt's
-    double-quoted parts. ``score="edit"`` (flow_grpo, range [0, 1]), ``"exact"`` ({0, 1}) or
-    ``"recall"`` (word recall, [0, 1]); ``None`` where a sample asks for no text.
+    double-quoted parts. ``score="edit"`` (flow_grpo, range [0, 1]), ``"exact"`` ({0, 1}), ``"recall"``
+    (word recall, [0, 1]) or ``"longtext"`` (LongText-Bench's match, [0, 1]); ``None`` where a sample asks
+    for no text.
     """
-    scorers = {"edit": edit_score, "exact": exact_score, "recall": word_recall}
+    scorers = {"edit": edit_score, "exact": exact_score, "recall": word_recall, "longtext": match_score}
     if score not in scorers:
         raise ValueError(f"ocr: score must be one of {sorted(scorers)}, got {score!r}")
     scorer = scorers[score]
