@@ -23,13 +23,13 @@ log = logging.getLogger("omnigrpo")
 def summary_line(metrics: dict[str, float]) -> str:
     """The few numbers a user scans each step.
 
-    >>> summary_line({"reward/total/mean": 0.5, "kl": 0.001, "reward/failed": 0.0, "timing/step_s": 1.25})
+    >>> summary_line({"reward/total/mean": 0.5, "learner/kl": 0.001, "reward/failed": 0.0, "timing/step_s": 1.25})
     'reward 0.500 kl 0.0010 failed 0 1.2s/step'
-    >>> summary_line({"reward/total/mean": float("nan"), "grpo/skipped_update": 1.0, "reward/failed": 8.0,
+    >>> summary_line({"reward/total/mean": float("nan"), "learner/skipped_update": 1.0, "reward/failed": 8.0,
     ...               "timing/step_s": 1.25})
     'reward nan update skipped failed 8 1.2s/step'
     """
-    learned = "update skipped" if metrics.get("grpo/skipped_update") else f"kl {metrics['kl']:.4f}"
+    learned = "update skipped" if metrics.get("learner/skipped_update") else f"kl {metrics['learner/kl']:.4f}"
     return (f"reward {metrics['reward/total/mean']:.3f} {learned} failed {metrics['reward/failed']:.0f} "
             f"{metrics['timing/step_s']:.1f}s/step")
 

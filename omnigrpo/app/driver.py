@@ -41,7 +41,7 @@ from omnigrpo.rewards.worker import RewardResult
 from omnigrpo.rollout.hub import absolute
 from omnigrpo.rollout.worker import RolloutBatch
 from omnigrpo.trainers import grpo
-from omnigrpo.trainers.batch import TrainBatch
+from omnigrpo.trainers.batch import TrainBatch, Update
 from omnigrpo.trainers.sft import cache_root, sft_checkpoint
 from omnigrpo.worlds import registry as worlds
 from omnigrpo.worlds.world import blank_share
@@ -285,26 +285,25 @@ class Loop:
         # 3. learn: one GRPO update on every learner rank
         self.stage = "learn"
         with timed(timings, "learn"):
-            learned = actors.train_step(workers, TrainBatch(batch.prompt_batch, batch.codes, batch.logprobs, adv.values,
-                                                            valid, torch.full((len(valid),), batch.version)))
-        learned_version = int(learned.pop("version"))  # the learner stamps the weights it made
+            update = actors.train_step(workers, TrainBatch(batch.prompt_batch, batch.codes, batch.logprobs, adv.values,
+                                                           valid, torch.full((len(valid),), batch.version)))
         self.ahead.join(timings)  # the next batch drawn ahead is complete: the rollouts are free for new weights
         # 4. sync: the new weights to every rollout actor (nothing to send when no update was made, nor under
         # hybrid placement, where the learner ranks sample with their own weights)
         self.stage = "sync"
         with timed(timings, "sync"):
-            actors.sync_weights(workers, learned_version)
-        self.version = learned_version
+            actors.sync_weights(workers, update.version)  # the learner stamps the weights it made
+        self.version = update.version
         self.last_state = self.run_state(step)  # from here on a crash leaves this step's weights: resumable
         timings["timing/step_s"] = time.perf_counter() - t0
         # 5. log: the step's metrics and, now and then, a grid of its samples
         self.stage = "log"
-        metrics = self.step_metrics(batch, result, learned, timings, adv.zero_std_frac)
+        metrics = self.step_metrics(batch, result, update.metrics, timings, adv.zero_std_frac)
         metrics.update(diversity(distances, batch.group))
         metrics.update(shaped.metrics())
         self.tracker.log(metrics, step)
         self.raise_alarms(metrics, step)
-        self.count_skips(metrics, result, step)
+        self.count_skips(update, result, step)
         self.last_state = replace(self.last_state, alarm=self.alarm.state())  # this step's figures belong to it
         if cfg.tracking.image_every and step % cfg.tracking.image_every == 0:
             n = cfg.tracking.images
@@ -340,13 +339,12 @@ class Loop:
         if self.cfg.alarm.stop:
             STOP.set()
 
-    def count_skips(self, metrics: dict[str, float], result: RewardResult, step: int) -> None:
+    def count_skips(self, update: Update, result: RewardResult, step: int) -> None:
         """After ``trainer.max_skipped_updates`` skipped or non-finite updates in a row, ask the loop to stop after
         this step (a resumable checkpoint), saying why: nothing is learnt, and each step still costs a rollout."""
-        skipped, nonfinite = metrics.get("grpo/skipped_update"), metrics.get("grpo/nonfinite")
+        skipped, nonfinite, dropped = update.skipped, update.nonfinite, update.dropped_micro_batches
         self.skipped = self.skipped + 1 if skipped or nonfinite else 0
         if nonfinite:
-            dropped = int(metrics.get("grpo/dropped_micro_batches", 0))
             log.warning("step %d: %s", step, "update skipped: an advantage or sampler log-prob is not finite"
                         if skipped else f"{dropped} micro-batch(es) with a non-finite loss left out of the update"
                         if dropped else "the update's gradient norm is not finite (look at its rewards)")

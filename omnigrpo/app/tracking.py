@@ -276,7 +276,7 @@ def default_curve_keys(cfg: Config) -> list[str]:
     keys = ["reward/total/mean", f"eval/{next(iter(world.EVAL))}"]
     if hasattr(world, "Style"):
         keys.append("+".join(f"eval/style_entropy_{f.name}" for f in dataclasses.fields(world.Style)))
-    return [*keys, "kl", "diversity/group"]
+    return [*keys, "learner/kl", "diversity/group"]
 
 
 def _mark_alarms(ax, alarms: dict[str, list[int]]) -> None:

@@ -32,9 +32,10 @@ from omnigrpo.rewards.worker import DryRun, JudgeStartError, RewardWorker
 from omnigrpo.rollout.families.diffusion import DiffusionDecoder
 from omnigrpo.rollout.worker import RolloutWorker
 from omnigrpo.sync.network import LOOPBACK, is_loopback
+from omnigrpo.trainers.batch import TrainBatch, Update
 from omnigrpo.trainers.hybrid import HybridLearner
 from omnigrpo.trainers.learner import Learner
-from omnigrpo.trainers.tally import merge_metrics
+from omnigrpo.trainers.tally import merge_ranks
 
 log = logging.getLogger(__name__)
 
@@ -188,9 +189,9 @@ def learner_rendezvous(cfg: Config, workers: Workers) -> str | None:
     return str(workers.meeting / "learners")
 
 
-def train_step(workers: Workers, batch) -> dict[str, float]:
-    """One update on every learner rank (each takes its share of ``batch``); the merged metrics."""
-    return merge_metrics(ray.get([learner.train_step.remote(batch) for learner in workers.learners]))
+def train_step(workers: Workers, batch: TrainBatch) -> Update:
+    """One update on every learner rank (each takes its share of ``batch``), merged over the ranks."""
+    return merge_ranks(ray.get([learner.train_step.remote(batch) for learner in workers.learners]))
 
 
 def save_checkpoint(workers: Workers, root: str, step: int | None, name: str, run_state: dict | None = None) -> str:

@@ -79,7 +79,7 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Weights of rollout and learner: ``bfloat16`` halves their memory and KV cache (the learner then runs
     DeepSpeed bf16, fp32 master weights in the optimiser); rollout/learner log-probs agree to 1e-5 only in
-    ``float32`` (``grpo/logprob_mismatch`` shows the gap)."""
+    ``float32`` (``learner/logprob_mismatch`` shows the gap)."""
     hidden_size: PositiveInt = 128
     """Width of the built-in policy (used only when SFT builds it)."""
     num_layers: PositiveInt = 4

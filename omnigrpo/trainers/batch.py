@@ -31,3 +31,22 @@ class TrainBatch:
         if self.versions is None:
             return torch.zeros(len(self.codes), dtype=torch.long)
         return version - self.versions.long()
+
+
+METRIC_PREFIX = "learner/"
+"""Every metric an update reports is named ``learner/<name>``."""
+
+
+@dataclass(frozen=True)
+class Update:
+    """What one GRPO update did, merged over the learner ranks: the weight ``version`` it left (the one the
+    rollouts sync to and stamp their next samples with), whether it was ``skipped`` (no sample to learn from, or
+    a non-finite input: the weights did not move), whether anything was ``nonfinite`` (a skipping input, a
+    dropped micro-batch or the gradient norm), the micro-batches left out for a non-finite loss, and the
+    ``metrics`` to log, each named ``learner/<name>``."""
+
+    version: int
+    metrics: dict[str, float]
+    skipped: bool = False
+    nonfinite: bool = False
+    dropped_micro_batches: int = 0

@@ -6,8 +6,11 @@ driver divides once over the whole batch; the same figures then hold for any num
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
+from omnigrpo.trainers.batch import METRIC_PREFIX, Update
 from omnigrpo.trainers.grpo import LossTerms
 
 SUMS = ("kl", "entropy", "clip_frac", "tokens", "mismatch", "loss", "tis_capped")
@@ -36,31 +39,52 @@ class UpdateTally:
         s["tokens"] += float(mask.sum())
         s["loss"] += loss
 
-    def partial(self) -> dict[str, float]:
-        """This rank's sums, keyed ``sum/<name>`` for :func:`merge_metrics`."""
-        return {f"sum/{k}": v for k, v in self.sums.items()}
+
+@dataclass(frozen=True)
+class RankUpdate:
+    """One learner rank's part of an update, for :func:`merge_ranks`: the version it left, the mean staleness of
+    the batch, and (unless ``skipped``) this rank's :class:`UpdateTally` sums, its micro-batches ``dropped`` for a
+    non-finite loss, and what every rank shares: the loss normaliser, the global gradient norm, the learning
+    rate. ``nonfinite``: a non-finite input (with ``skipped``) or gradient norm."""
+
+    version: int
+    staleness: float
+    skipped: bool = False
+    nonfinite: bool = False
+    sums: dict[str, float] = field(default_factory=dict)
+    dropped: int = 0
+    loss_norm: float = 1.0
+    grad_norm: float = 0.0
+    lr: float = 0.0
 
 
-def merge_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
-    """The step's learner metrics from every rank's ``Learner.train_step`` result."""
+def merge_ranks(parts: list[RankUpdate]) -> Update:
+    """The step's update from every rank's ``Learner.train_step`` part."""
     head = parts[0]
-    if head["grpo/skipped_update"]:
-        return dict(head)
-    total = {k: sum(p[k] for p in parts) for k in head if k.startswith("sum/")}
-    tokens = max(total["sum/tokens"], 1.0)
-    return {
-        "loss": total["sum/loss"] / head["loss_norm"],
-        "grpo/skipped_update": 0.0,
-        # the global gradient norm is the same on every rank; a dropped micro-batch is any rank's
-        "grpo/nonfinite": float(bool(head["grpo/nonfinite"] or total["sum/dropped"])),
-        "grpo/dropped_micro_batches": total["sum/dropped"],
-        "kl": total["sum/kl"] / tokens,
-        "entropy": total["sum/entropy"] / tokens,
-        "clip_frac": total["sum/clip_frac"] / tokens,
-        "grad_norm": head["grad_norm"],  # the global norm: the same on every rank
-        "lr": head["lr"],
-        "grpo/logprob_mismatch": max(p["sum/mismatch"] for p in parts),
-        "grpo/tis_capped_frac": total["sum/tis_capped"] / tokens,
-        "async/staleness": head["async/staleness"],
-        "version": head["version"],
+    if head.skipped:
+        metrics = {"skipped_update": 1.0, "nonfinite": float(head.nonfinite), "staleness": head.staleness}
+        return Update(head.version, _named(metrics), skipped=True, nonfinite=head.nonfinite)
+    total = {k: sum(p.sums[k] for p in parts) for k in SUMS}
+    tokens = max(total["tokens"], 1.0)
+    dropped = sum(p.dropped for p in parts)
+    # the global gradient norm is the same on every rank; a dropped micro-batch is any rank's
+    nonfinite = head.nonfinite or dropped > 0
+    metrics = {
+        "loss": total["loss"] / head.loss_norm,
+        "skipped_update": 0.0,
+        "nonfinite": float(nonfinite),
+        "dropped_micro_batches": float(dropped),
+        "kl": total["kl"] / tokens,
+        "entropy": total["entropy"] / tokens,
+        "clip_frac": total["clip_frac"] / tokens,
+        "grad_norm": head.grad_norm,
+        "lr": head.lr,
+        "logprob_mismatch": max(p.sums["mismatch"] for p in parts),
+        "tis_capped_frac": total["tis_capped"] / tokens,
+        "staleness": head.staleness,
     }
+    return Update(head.version, _named(metrics), nonfinite=nonfinite, dropped_micro_batches=dropped)
+
+
+def _named(metrics: dict[str, float]) -> dict[str, float]:
+    return {METRIC_PREFIX + k: v for k, v in metrics.items()}

@@ -19,10 +19,10 @@ def test_a_lag_of_two_draws_every_batch_two_updates_behind_and_learns(tiny_confi
     summary = train(cfg)
     assert summary["rollout_versions"] == [steps]
     # batch s is drawn with the weights of step max(0, s - 3): the learner sees each 0, 1, then 2 updates old
-    staleness = metric_values(cfg, summary["run_id"], "async/staleness")
+    staleness = metric_values(cfg, summary["run_id"], "learner/staleness")
     assert staleness == [0.0, 1.0] + [2.0] * (steps - 2), staleness
     # the behaviour correction is on (tis_cap unset -> 2.0) and the ratio starts at the learner's policy
-    assert all(0.0 <= v < 1.0 for v in metric_values(cfg, summary["run_id"], "grpo/tis_capped_frac"))
+    assert all(0.0 <= v < 1.0 for v in metric_values(cfg, summary["run_id"], "learner/tis_capped_frac"))
     reward = metric_values(cfg, summary["run_id"], "reward/total/mean")
     assert np.mean(reward[-3:]) > np.mean(reward[:3]) + 0.04, reward
     start, final = policy_weights(sft_path), policy_weights(summary["checkpoint"])
@@ -53,7 +53,7 @@ def test_a_stopped_async_run_resumes_with_its_batches_drawn_ahead(tiny_config, s
 
     a, b = policy_weights(straight["checkpoint"]), policy_weights(resumed["checkpoint"])
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    assert metric_values(cfg, resumed["run_id"], "async/staleness") == [0.0, 1.0, 1.0, 1.0]
+    assert metric_values(cfg, resumed["run_id"], "learner/staleness") == [0.0, 1.0, 1.0, 1.0]
 
 
 @pytest.mark.parametrize(("overrides", "recompute", "cap"), [

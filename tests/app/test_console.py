@@ -7,7 +7,7 @@ import logging
 
 from omnigrpo.app.console import Progress
 
-METRICS = {"reward/total/mean": 0.25, "kl": 0.002, "reward/failed": 1.0, "timing/step_s": 0.5}
+METRICS = {"reward/total/mean": 0.25, "learner/kl": 0.002, "reward/failed": 1.0, "timing/step_s": 0.5}
 
 
 class Terminal(io.StringIO):

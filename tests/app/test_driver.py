@@ -22,7 +22,8 @@ from omnigrpo.trainers.checkpoint import latest_resumable
 STEP_METRICS = [
     "reward/shapes/mean", "reward/shapes/std", "reward/flaky_judge:first_is_nan/mean", "reward/total/mean",
     "reward/vivid:saturation/mean", "reward/vivid:PaletteMatch/mean", "reward/ocr/mean", "reward/clip/mean",
-    "reward/failed", "grpo/zero_std_frac", "kl", "entropy", "clip_frac", "grad_norm", "lr",
+    "reward/failed", "grpo/zero_std_frac", "learner/kl", "learner/entropy", "learner/clip_frac", "learner/grad_norm",
+    "learner/lr",
     "timing/rollout_s", "timing/reward_s", "timing/learn_s", "timing/sync_s", "throughput/samples_per_s",
 ]
 
@@ -51,7 +52,7 @@ def test_a_short_run_trains_syncs_and_logs(feature_run, sft_path):
     assert all(0.0 <= m.value <= 1.0 for m in evals)
     best_of_2 = client.get_metric_history(run.info.run_id, "eval/strict_acc_pass_at_2")  # 2 samples per prompt
     assert sorted(m.step for m in best_of_2) == [0, 2, 3]
-    assert all(math.isfinite(m.value) for m in client.get_metric_history(run.info.run_id, "kl"))
+    assert all(math.isfinite(m.value) for m in client.get_metric_history(run.info.run_id, "learner/kl"))
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "summary.json", "images"} <= artifacts
     assert any("samples" in a.path for a in client.list_artifacts(run.info.run_id, "images"))
@@ -106,7 +107,7 @@ def test_updates_skipped_in_a_row_stop_the_run_resumably_and_say_why(tiny_config
     assert latest_resumable(Path(cfg.run.dir) / "checkpoints") == checkpoint
     assert torch.load(checkpoint / "run_state.pt", weights_only=True)["step"] == 2
     client = MlflowClient(store_uri(cfg))
-    history = client.get_metric_history(summary["run_id"], "grpo/skipped_update")
+    history = client.get_metric_history(summary["run_id"], "learner/skipped_update")
     assert [m.value for m in history] == [1.0, 1.0] and client.get_run(summary["run_id"]).info.status == "KILLED"
 
 

@@ -79,7 +79,7 @@ def test_a_shipped_config_runs_from_its_hub_id_offline(config, tmp_path, plugins
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "reward/total/mean"))
     assert steps == [1, 2]
     assert run.data.metrics["reward/sized_reward:SizedSaturation/failed"] == 0  # images of the family's size
-    assert [m.value for m in client.get_metric_history(run.info.run_id, "grpo/skipped_update")] == [0.0, 0.0]
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "learner/skipped_update")] == [0.0, 0.0]
     summary = json.loads(Path(client.download_artifacts(run.info.run_id, "summary.json", str(tmp_path))).read_text())
     assert summary["rollout_versions"] == [2]  # the last update reached the rollout actor
     before = load_policy(family, start).model.state_dict()

@@ -21,7 +21,7 @@ def test_two_hybrid_ranks_raise_the_reward_without_syncing(tiny_config, sft_path
 
     reward = metric_values(cfg, summary["run_id"], "reward/total/mean")
     assert len(reward) == steps and np.mean(reward[-3:]) > np.mean(reward[:3]) + 0.04, reward
-    assert max(metric_values(cfg, summary["run_id"], "grpo/logprob_mismatch")) < 1e-4  # sampler = learner weights
+    assert max(metric_values(cfg, summary["run_id"], "learner/logprob_mismatch")) < 1e-4  # sampler = learner weights
     assert set(metric_values(cfg, summary["run_id"], "sync/bytes")) == {0.0}
     assert set(metric_values(cfg, summary["run_id"], "sync/broadcast")) == {0.0}
     start, final = policy_weights(sft_path), policy_weights(summary["checkpoint"])

@@ -24,6 +24,7 @@ from omnigrpo.rollout.sampler import SamplingParams
 from omnigrpo.rollout.worker import RolloutWorker
 from omnigrpo.trainers.batch import TrainBatch
 from omnigrpo.trainers.learner import Learner
+from omnigrpo.trainers.reference import FrozenCopy
 from omnigrpo.worlds import shapes
 from omnigrpo.worlds.world import prompts_of
 
@@ -111,7 +112,7 @@ def test_plan_bytes_equal_what_a_learner_allocates(tiny_config, sft_path, stage,
     moments = [t for state in inner.state.values() for k, t in state.items() if k in ("exp_avg", "exp_avg_sq")]
     measured = {
         "weights": _bytes(engine.module.parameters()),
-        "reference": _bytes(learner.reference.parameters()) if learner.reference is not None else 0,
+        "reference": _bytes(learner.reference.module.parameters()) if isinstance(learner.reference, FrozenCopy) else 0,
         "gradients": grads["bytes"],
         "master_fp32": _bytes(getattr(optimizer, "single_partition_of_fp32_groups", None) or []),
         "optimizer": _bytes(moments),  # AdamW's scalar ``step`` counters (4 B per tensor) are not counted

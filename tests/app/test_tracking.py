@@ -74,9 +74,10 @@ def test_the_default_curves_follow_the_world():
     configs = Path(__file__).parents[2] / "configs"
     assert default_curve_keys(load_config(configs / "glyphs.yaml", [])) == [
         "reward/total/mean", "eval/exact_match",
-        "eval/style_entropy_colour+eval/style_entropy_advance+eval/style_entropy_shift", "kl", "diversity/group"]
+        "eval/style_entropy_colour+eval/style_entropy_advance+eval/style_entropy_shift", "learner/kl",
+        "diversity/group"]
     assert default_curve_keys(load_config(configs / "shapes.yaml", [])) == [
-        "reward/total/mean", "eval/strict_acc", "kl", "diversity/group"]
+        "reward/total/mean", "eval/strict_acc", "learner/kl", "diversity/group"]
 
 
 def test_a_lost_store_buffers_and_writes_beside_the_run(tiny_config, tmp_path, caplog, monkeypatch):

@@ -34,9 +34,9 @@ def test_two_ranks_stay_identical_and_rollouts_get_their_weights(tiny_config, sf
             result = shards.score(workers, batch)
             valid = torch.from_numpy(result.valid)
             adv = advantages(torch.from_numpy(result.total), cfg.rollout.group_size, valid).values
-            metrics = actors.train_step(workers, TrainBatch(batch.prompt_batch, batch.codes, batch.logprobs, adv,
-                                                            valid))
-            assert metrics["version"] == version and metrics["grad_norm"] > 0
+            update = actors.train_step(workers, TrainBatch(batch.prompt_batch, batch.codes, batch.logprobs, adv,
+                                                           valid))
+            assert update.version == version and update.metrics["learner/grad_norm"] > 0 and not update.skipped
             actors.sync_weights(workers, version)
         ranks = ray.get([learner.checksum.remote() for learner in workers.learners])
         rollouts = ray.get([w.checksum.remote() for w in workers.rollouts])

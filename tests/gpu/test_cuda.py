@@ -26,7 +26,7 @@ from omnigrpo.sync.broadcast import WeightBroadcast
 from omnigrpo.trainers.batch import TrainBatch
 from omnigrpo.trainers.grpo import advantages
 from omnigrpo.trainers.learner import Learner
-from omnigrpo.trainers.tally import merge_metrics
+from omnigrpo.trainers.tally import merge_ranks
 from omnigrpo.worlds import shapes
 from omnigrpo.worlds.world import prompts_of
 
@@ -140,8 +140,8 @@ def test_grpo_on_the_device_raises_the_reward_and_syncs_exact_weights(device, ti
         result = reward.score(batch.images, batch.prompts, batch.metadata)
         valid = torch.from_numpy(result.valid)
         adv = advantages(torch.from_numpy(result.total), 8, valid).values
-        metrics = merge_metrics([learner.train_step(TrainBatch(batch.prompt_batch, batch.codes, batch.logprobs,
-                                                               adv, valid))])
+        metrics = merge_ranks([learner.train_step(TrainBatch(batch.prompt_batch, batch.codes, batch.logprobs,
+                                                             adv, valid))]).metrics
         rollout.load_weights(learner.state_dict(), learner.version)
         history.append(float(np.nanmean(result.total)))
     record_property("grpo_tiny_step_s", (time.perf_counter() - start) / 16)
@@ -151,7 +151,7 @@ def test_grpo_on_the_device_raises_the_reward_and_syncs_exact_weights(device, ti
     assert any(not torch.equal(before[k], after[k]) for k in before)
     synced = rollout.policy.model.state_dict()
     assert all(torch.equal(after[k], synced[k].cpu()) for k in after)
-    assert metrics["grpo/logprob_mismatch"] < 1e-3
+    assert metrics["learner/logprob_mismatch"] < 1e-3
     assert rollout.graph_failures() == {}
 
 
@@ -165,13 +165,13 @@ def test_deepspeed_bfloat16_update_on_the_device(device, tiny_config, tmp_path, 
     batch = rollout.generate(["a cat", "a dog"], [{}, {}], 4)
     before = {k: v.detach().cpu().clone() for k, v in learner.state_dict().items()}
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5] * 2)
-    metrics = merge_metrics([learner.train_step(TrainBatch(batch.prompt_batch, batch.codes, batch.logprobs,
-                                                           advantages, torch.ones(8, dtype=torch.bool)))])
+    metrics = merge_ranks([learner.train_step(TrainBatch(batch.prompt_batch, batch.codes, batch.logprobs,
+                                                         advantages, torch.ones(8, dtype=torch.bool)))]).metrics
     after = learner.state_dict()
     assert next(iter(after.values())).dtype == torch.bfloat16
     assert any(not torch.equal(before[k], after[k].cpu()) for k in before)
-    record_property(f"bf16_logprob_mismatch_zero{stage}", metrics["grpo/logprob_mismatch"])
-    assert 0 <= metrics["grpo/logprob_mismatch"] < 0.05
+    record_property(f"bf16_logprob_mismatch_zero{stage}", metrics["learner/logprob_mismatch"])
+    assert 0 <= metrics["learner/logprob_mismatch"] < 0.05
     rollout.load_weights(after, learner.version)
     assert rollout.checksum() == pytest.approx(learner.checksum(), rel=1e-6)
 

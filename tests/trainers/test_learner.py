@@ -16,9 +16,14 @@ from omnigrpo.rollout.worker import RolloutWorker
 from omnigrpo.trainers.batch import TrainBatch
 from omnigrpo.trainers.grpo import advantages
 from omnigrpo.trainers.learner import Learner
-from omnigrpo.trainers.tally import merge_metrics
+from omnigrpo.trainers.reference import AdaptersOff, FrozenCopy, NoReference, ShardedCopy
+from omnigrpo.trainers.tally import merge_ranks
 from omnigrpo.worlds import shapes
 from omnigrpo.worlds.world import prompts_of
+
+
+def _metrics(parts) -> dict[str, float]:
+    return merge_ranks(parts).metrics
 
 
 def _workers(cfg, sft_path):
@@ -37,7 +42,7 @@ def _step(learner, rollout, reward, prompts, metadata, group_size):
     valid = torch.from_numpy(result.valid)
     adv = advantages(torch.from_numpy(result.total), group_size, valid).values
     part = learner.train_step(TrainBatch(batch.prompt_batch, batch.codes, batch.logprobs, adv, valid))
-    metrics = merge_metrics([part])
+    metrics = _metrics([part])
     rollout.load_weights(learner.state_dict(), learner.version)
     return float(np.nanmean(result.total)), metrics, batch.version
 
@@ -57,8 +62,8 @@ def test_grpo_raises_the_reward_and_moves_the_weights(tiny_config, sft_path, plu
     assert np.mean(history[-3:]) > np.mean(history[:3]) + 0.06, history
     after = learner.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
-    assert metrics["grad_norm"] > 0 and metrics["lr"] == pytest.approx(3e-3)
-    assert metrics["grpo/logprob_mismatch"] < 1e-4  # sampler and learner agree on the same weights
+    assert metrics["learner/grad_norm"] > 0 and metrics["learner/lr"] == pytest.approx(3e-3)
+    assert metrics["learner/logprob_mismatch"] < 1e-4  # sampler and learner agree on the same weights
 
 
 @pytest.mark.parametrize("stage", [0, 3])
@@ -73,11 +78,11 @@ def test_weight_sync_gives_the_rollout_identical_weights(tiny_config, sft_path, 
     weights = learner.state_dict()
     assert all(torch.equal(weights[k], v) for k, v in rollout.policy.model.state_dict().items())
     assert rollout.checksum() != start
-    assert np.isfinite(metrics["grad_norm"]) and metrics["grad_norm"] > 0
-    assert metrics["kl"] >= 0.0 and 0.0 <= metrics["clip_frac"] <= 1.0
+    assert np.isfinite(metrics["learner/grad_norm"]) and metrics["learner/grad_norm"] > 0
+    assert metrics["learner/kl"] >= 0.0 and 0.0 <= metrics["learner/clip_frac"] <= 1.0
     # ZeRO-3: the frozen reference is partitioned like the policy (ZeRO-Inference), not a full copy per rank
-    assert learner.sharded_reference == (stage == 3)
-    assert all(hasattr(p, "ds_id") == (stage == 3) for p in learner.reference.parameters())
+    assert type(learner.reference) is (ShardedCopy if stage == 3 else FrozenCopy)
+    assert all(hasattr(p, "ds_id") == (stage == 3) for p in learner.reference.module.parameters())
 
 
 def test_a_batch_with_every_sample_excluded_changes_nothing(tiny_config, sft_path):
@@ -88,16 +93,18 @@ def test_a_batch_with_every_sample_excluded_changes_nothing(tiny_config, sft_pat
     batch = rollout.generate(prompts, metadata, 4)
     before = learner.state_dict()
     invalid = torch.zeros(16, dtype=torch.bool)
-    metrics = merge_metrics([learner.train_step(TrainBatch(batch.prompt_batch, batch.codes, batch.logprobs,
-                                                           torch.ones(16), invalid))])
+    update = merge_ranks([learner.train_step(TrainBatch(batch.prompt_batch, batch.codes, batch.logprobs,
+                                                        torch.ones(16), invalid))])
     after = learner.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert metrics["grpo/skipped_update"] == 1.0 and metrics["grpo/nonfinite"] == 0.0 and learner.version == 1
+    assert update.skipped and not update.nonfinite and update.version == learner.version == 1
+    assert update.metrics == {"learner/skipped_update": 1.0, "learner/nonfinite": 0.0, "learner/staleness": 0.0}
     # an advantage that is infinite in float32 (a reward of 1e39 with unscaled rewards) skips the update too
     for bad in (torch.tensor([math.inf] + [0.5] * 15), torch.tensor([1e39] + [0.5] * 15, dtype=torch.float64)):
-        metrics = merge_metrics([learner.train_step(TrainBatch(batch.prompt_batch, batch.codes, batch.logprobs, bad,
-                                                               torch.ones(16, dtype=torch.bool)))])
-        assert metrics["grpo/skipped_update"] == 1.0 and metrics["grpo/nonfinite"] == 1.0 and learner.version == 1
+        update = merge_ranks([learner.train_step(TrainBatch(batch.prompt_batch, batch.codes, batch.logprobs, bad,
+                                                            torch.ones(16, dtype=torch.bool)))])
+        assert update.skipped and update.nonfinite and update.metrics["learner/nonfinite"] == 1.0
+        assert learner.version == 1
     assert all(torch.equal(before[k], learner.state_dict()[k]) for k in before)
 
 
@@ -111,11 +118,13 @@ def test_a_micro_batch_with_a_non_finite_loss_is_left_out_and_the_weights_stay_f
     old = batch.logprobs.clone()
     old[0] = -1e30
     before = learner.state_dict()
-    metrics = merge_metrics([learner.train_step(TrainBatch(batch.prompt_batch, batch.codes, old, adv,
-                                                           torch.ones(16, dtype=torch.bool)))])
+    update = merge_ranks([learner.train_step(TrainBatch(batch.prompt_batch, batch.codes, old, adv,
+                                                        torch.ones(16, dtype=torch.bool)))])
     after = learner.state_dict()
-    assert metrics["grpo/dropped_micro_batches"] == 1.0 and metrics["grpo/nonfinite"] == 1.0
-    assert metrics["grpo/skipped_update"] == 0.0 and math.isfinite(metrics["loss"]) and learner.version == 1
+    assert update.dropped_micro_batches == 1 and update.nonfinite and not update.skipped and update.version == 1
+    metrics = update.metrics
+    assert metrics["learner/dropped_micro_batches"] == 1.0 and metrics["learner/nonfinite"] == 1.0
+    assert metrics["learner/skipped_update"] == 0.0 and math.isfinite(metrics["learner/loss"]) and learner.version == 1
     assert all(torch.isfinite(after[k]).all() for k in after)
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the other three micro-batches learnt
 
@@ -147,7 +156,7 @@ def test_learner_agrees_with_the_sampler_under_guidance_and_filters(tiny_config,
     learner, rollout, reward = _workers(cfg, sft_path)
     prompts, metadata = prompts_of(shapes.train_items()[:4])
     _, metrics, _ = _step(learner, rollout, reward, prompts, metadata, 4)
-    assert metrics["grpo/logprob_mismatch"] < 1e-5
+    assert metrics["learner/logprob_mismatch"] < 1e-5
 
 
 def test_reward_specs_reach_the_worker():
@@ -175,7 +184,7 @@ def test_lora_trains_adapters_only_and_syncs_merged_weights(tiny_config, sft_pat
     assert changed and all(k.endswith(".weight") and k.split(".")[-2] in targets for k in changed)
     assert "model.embed_tokens.weight" not in changed and "lm_head.weight" not in changed
     assert rollout.checksum() == pytest.approx(learner.checksum(), rel=1e-9)
-    assert metrics["grpo/logprob_mismatch"] < 1e-4  # the rollout samples the merged adapter's distribution
+    assert metrics["learner/logprob_mismatch"] < 1e-4  # the rollout samples the merged adapter's distribution
     path = learner.save_checkpoint(tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / Path(path).name / "adapter" / "adapter_config.json").exists()
     saved = WorldPolicy.from_pretrained(path).model.state_dict()
@@ -197,12 +206,12 @@ def test_bfloat16_rollout_and_learner(tiny_config, tmp_path):
     batch = rollout.generate(["a cat", "a dog"], [{}, {}], 4)
     before = {k: v.clone() for k, v in learner.state_dict().items()}
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5] * 2)
-    metrics = merge_metrics([learner.train_step(TrainBatch(batch.prompt_batch, batch.codes, batch.logprobs,
-                                                           advantages, torch.ones(8, dtype=torch.bool)))])
+    metrics = _metrics([learner.train_step(TrainBatch(batch.prompt_batch, batch.codes, batch.logprobs,
+                                                      advantages, torch.ones(8, dtype=torch.bool)))])
     after = learner.state_dict()
     assert next(iter(after.values())).dtype == torch.bfloat16
     assert any(not torch.equal(before[k], after[k]) for k in before)
-    assert 0 < metrics["grpo/logprob_mismatch"] < 0.05  # bf16 kernels differ; fp32 agrees to 1e-5
+    assert 0 < metrics["learner/logprob_mismatch"] < 0.05  # bf16 kernels differ; fp32 agrees to 1e-5
     rollout.load_weights(after, learner.version)
     assert rollout.checksum() == pytest.approx(learner.checksum(), rel=1e-6)
 
@@ -212,25 +221,27 @@ def test_lora_reference_is_the_base_with_adapters_off(tiny_config, sft_path):
     the KL is exactly 0 before the first update (adapters start at B = 0) and positive after it."""
     cfg = tiny_config("trainer.lora_rank=8", "trainer.lr=3e-2", "trainer.kl_coef=0.1")
     learner, rollout, reward = _workers(cfg, sft_path)
-    assert learner.reference is None and learner.has_reference
+    assert isinstance(learner.reference, AdaptersOff)
     owned = {id(p) for p in learner.engine.module.parameters()}
-    held = [p for m in vars(learner).values() if isinstance(m, torch.nn.Module) for p in m.parameters()]
+    values = [*vars(learner).values(), *vars(learner.reference).values()]
+    modules = [m for m in values if isinstance(m, torch.nn.Module)]
+    held = [p for m in modules for p in m.parameters()]
     assert all(id(p) in owned for p in held)  # every module the learner holds is the engine's own
     prompts, metadata = prompts_of(shapes.train_items()[:4])
     _, first, _ = _step(learner, rollout, reward, prompts, metadata, 4)
-    assert first["kl"] == 0.0
+    assert first["learner/kl"] == 0.0
     _, second, _ = _step(learner, rollout, reward, prompts, metadata, 4)
-    assert second["kl"] > 0.0
+    assert second["learner/kl"] > 0.0
 
 
 def test_no_reference_without_a_kl_term(tiny_config, sft_path):
     cfg = tiny_config("trainer.kl_coef=0.0", "trainer.lr=1e-2")
     learner, rollout, reward = _workers(cfg, sft_path)
-    assert learner.reference is None and not learner.has_reference
+    assert isinstance(learner.reference, NoReference)
     prompts, metadata = prompts_of(shapes.train_items()[:4])
     for _ in range(2):
         _, metrics, _ = _step(learner, rollout, reward, prompts, metadata, 4)
-        assert metrics["kl"] == 0.0 and np.isfinite(metrics["loss"])
+        assert metrics["learner/kl"] == 0.0 and np.isfinite(metrics["learner/loss"])
 
 
 def _one_update(cfg, sft_path, shift: float):
@@ -242,8 +253,8 @@ def _one_update(cfg, sft_path, shift: float):
     sampler = batch.logprobs.clone()
     sampler[:, ::2] -= shift
     adv = torch.linspace(-1.0, 1.0, 16)
-    metrics = merge_metrics([learner.train_step(TrainBatch(batch.prompt_batch, batch.codes, sampler, adv,
-                                                           torch.ones(16, dtype=torch.bool)))])
+    metrics = _metrics([learner.train_step(TrainBatch(batch.prompt_batch, batch.codes, sampler, adv,
+                                                      torch.ones(16, dtype=torch.bool)))])
     return metrics, learner.state_dict()
 
 
@@ -252,14 +263,14 @@ def test_learner_recomputed_old_logprobs_and_truncated_importance_weights(tiny_c
     plain, _ = _one_update(tiny_config(*base), sft_path, 0.0)
     # the sampler disagrees by 0.5 nats on half the tokens: with its log-probs the first ratio is clipped...
     shifted, _ = _one_update(tiny_config(*base), sft_path, 0.5)
-    assert shifted["clip_frac"] > 0.1 and plain["clip_frac"] == 0.0
+    assert shifted["learner/clip_frac"] > 0.1 and plain["learner/clip_frac"] == 0.0
     # ...recomputed by the learner it starts at 1: the update is the one an agreeing sampler gets
     fixed, w_fixed = _one_update(tiny_config(*base, "trainer.old_logprobs=learner"), sft_path, 0.5)
-    assert fixed["clip_frac"] == 0.0 and fixed["grpo/tis_capped_frac"] == 0.0
-    assert fixed["loss"] == pytest.approx(plain["loss"], abs=1e-5)
+    assert fixed["learner/clip_frac"] == 0.0 and fixed["learner/tis_capped_frac"] == 0.0
+    assert fixed["learner/loss"] == pytest.approx(plain["learner/loss"], abs=1e-5)
     # truncated importance sampling weighs each token by min(exp(learner - sampler), cap): exp(0.5) = 1.65 > 1.2
     tis, w_tis = _one_update(tiny_config(*base, "trainer.old_logprobs=learner", "trainer.tis_cap=1.2"), sft_path, 0.5)
-    assert tis["clip_frac"] == 0.0 and tis["grpo/tis_capped_frac"] == pytest.approx(0.5, abs=0.02)
+    assert tis["learner/clip_frac"] == 0.0 and tis["learner/tis_capped_frac"] == pytest.approx(0.5, abs=0.02)
     assert any(not torch.equal(w_fixed[k], w_tis[k]) for k in w_tis)  # the weights counted
 
 
@@ -276,11 +287,11 @@ def test_recomputed_old_logprobs_equal_the_learners_own_before_its_first_step(ti
     with torch.no_grad():
         exact = sequence_logprobs(learner.lm, batch.prompts, batch.codes, learner.params)[0]
     skewed = dataclasses.replace(batch, old_logprobs=exact - 0.3 * torch.rand(exact.shape))  # a sampler that is off
-    recomputed = merge_metrics([learner.train_step(skewed)])
+    recomputed = _metrics([learner.train_step(skewed)])
     reference, _, _ = _workers(tiny_config(*base, "trainer.old_logprobs=sampler"), sft_path)
-    agreeing = merge_metrics([reference.train_step(dataclasses.replace(batch, old_logprobs=exact))])
-    assert recomputed["clip_frac"] == agreeing["clip_frac"]
-    assert recomputed["loss"] == pytest.approx(agreeing["loss"], abs=1e-6)
+    agreeing = _metrics([reference.train_step(dataclasses.replace(batch, old_logprobs=exact))])
+    assert recomputed["learner/clip_frac"] == agreeing["learner/clip_frac"]
+    assert recomputed["learner/loss"] == pytest.approx(agreeing["learner/loss"], abs=1e-6)
     a, b, start = learner.state_dict(), reference.state_dict(), _fresh_weights(sft_path)
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)  # steps of lr 1e-2; summation order differs
     assert any(not torch.equal(a[k], start[k]) for k in a)  # an update was made
