@@ -126,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--follow", "-f", action="store_true", help="stream the output until the job ends")
     text = "write a tiny random checkpoint of a model family (the real classes) to debug a config offline"
     p = sub.add_parser("tiny", help=text, description=text)
-    p.add_argument("family", help="janus, emu3, xomni, or decoder (an X-Omni diffusion-decoder directory)")
+    p.add_argument("family", help="builtin, janus, emu3, xomni, or decoder (an X-Omni diffusion-decoder directory)")
     p.add_argument("directory", help="output directory (usable as model.path / decoder.path)")
     p.add_argument("--seed", type=options.count(0), default=0)
     p.add_argument("--force", action="store_true", help="write into a directory that is not empty")
@@ -366,8 +366,7 @@ def cmd_tiny(args: argparse.Namespace) -> int:
         raise ConfigError(f"{directory}: not empty; refusing to write a checkpoint over what it holds "
                           "(add --force to write into it)")
     try:
-        made = (tiny.diffusion_decoder(args.directory, seed=args.seed) if args.family == "decoder"
-                else tiny.build(args.family, args.directory, args.seed))
+        made = tiny.build(args.family, args.directory, args.seed)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     print(f"wrote {made}: {', '.join(sorted(str(f.relative_to(made)) for f in made.rglob('*') if f.is_file()))}")

@@ -16,6 +16,7 @@ from omnigrpo.app.sizing import PROMPT_TOKENS, ModelSize, model_size
 from omnigrpo.config.roles import Role
 from omnigrpo.config.schema import Config
 from omnigrpo.rollout.graphs import bucketed
+from omnigrpo.rollout.loader import family_record
 
 GIB = 2**30
 PIXELS_PER_CODE = 16 * 16
@@ -27,9 +28,6 @@ JUDGE_GIB = {"hps": 4.5, "clip": 2.0, "pickscore": 4.5, "aesthetic": 2.0, "vlm_j
 """GPU memory of the built-in judges (weights as loaded plus a batch): HPS v2.1 and PickScore are OpenCLIP
 ViT-H-14 (~1 B parameters, fp32); aesthetic and a default CLIP are ViT-L/14; ``vlm_judge`` a Qwen2.5-VL-7B in
 bf16; OCR runs on the CPU (onnxruntime). Judges not in the table count 0 unless ``rewards.N.memory_gb`` says."""
-DECODER_GIB = 48.0
-"""X-Omni's diffusion decoder: a 12 B FLUX transformer loaded in fp32 by diffusers (~45 GiB) plus VAE and
-projector; a decoder pool actor needs a GPU of its own."""
 
 
 @dataclass(frozen=True)
@@ -154,14 +152,20 @@ def reward_memory(cfg: Config) -> dict[str, int]:
     return out
 
 
+def decoder_memory(family: str) -> dict[str, int]:
+    """One decoder actor's bytes: the memory of ``family``'s decoder stage (nothing for a family without one)."""
+    decoder = family_record(family).decoder
+    return {} if decoder is None else {"decoder": int(decoder.memory_gib * GIB)}
+
+
 def plan(cfg: Config, prompt_tokens: int = PROMPT_TOKENS) -> MemoryPlan:
     """The memory plan of ``cfg``: per role, then per GPU under ``cluster.placement``."""
-    size = model_size(cfg)
+    size = model_size(cfg.model, cfg.world, cfg.trainer)
     c = cfg.cluster
     context = int(CONTEXT_GIB * GIB)
     parts = {Role.LEARNER: learner_memory(cfg, size, prompt_tokens),
              Role.ROLLOUT: rollout_memory(cfg, size, prompt_tokens), Role.REWARD: reward_memory(cfg),
-             Role.DECODER: {"decoder": int(DECODER_GIB * GIB)}}
+             Role.DECODER: decoder_memory(cfg.model.family)}
     if c.placement == "hybrid":  # each learner rank samples too: the policy once, plus its sampling phase
         sampling = parts.pop(Role.ROLLOUT)
         b = 2 if cfg.model.dtype == "bfloat16" else 4

@@ -13,11 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from omnigrpo.config.schema import Config
-from omnigrpo.rollout.hub import read_json
+from omnigrpo.config.schema import ModelConfig, TrainerConfig, WorldConfig
+from omnigrpo.rollout.loader import family_record
 
-BODY = {"builtin": "model", "janus": "model.language_model", "emu3": "model.text_model", "xomni": "model"}
-"""Where each family's image-generating body sits in its model (what LoRA adapts; ``ImageLM.body``)."""
 PROMPT_TOKENS = 64
 """Prompt tokens assumed per sample (a T2I prompt in the family's template); ``omnigrpo plan --prompt-tokens``."""
 
@@ -41,63 +39,22 @@ class ModelSize:
     codes: int
 
 
-def _family_model(cfg: Config) -> torch.nn.Module:
-    """The policy's model class built from its config on the ``meta`` device (no weights read or allocated)."""
-    family, path = cfg.model.family, cfg.model.path
+def model_size(model: ModelConfig, world: WorldConfig, trainer: TrainerConfig) -> ModelSize:
+    """Exact counts for ``model`` (its family's :attr:`~omnigrpo.rollout.family.Family.skeleton` built on the
+    ``meta`` device: no weights read or allocated) and the LoRA adapters of ``trainer``."""
+    family = family_record(model.family)
     with torch.device("meta"):
-        if family == "builtin":
-            from transformers import Qwen2Config, Qwen2ForCausalLM
-
-            if path:
-                return Qwen2ForCausalLM(Qwen2Config(**read_json(path)))
-            from omnigrpo.rollout.families.builtin import build_tokenizer, qwen2_config
-
-            return Qwen2ForCausalLM(qwen2_config(cfg.model, build_tokenizer(cfg.world.name, cfg.world.codebook_size)))
-        if family == "janus":
-            from transformers import JanusConfig, JanusForConditionalGeneration
-
-            return JanusForConditionalGeneration(JanusConfig(**read_json(path)))
-        if family == "emu3":
-            from transformers import Emu3Config, Emu3ForConditionalGeneration
-
-            return Emu3ForConditionalGeneration(Emu3Config(**read_json(path)))
-        from omnigrpo.rollout.families.xomni import XOmniConfig, XOmniForCausalLM
-
-        return XOmniForCausalLM(XOmniConfig(**read_json(path)))
-
-
-def _image_space(cfg: Config, config) -> tuple[int, int]:
-    """(fed image positions per sample, image vocabulary) from the config files."""
-    family, path, grid = cfg.model.family, cfg.model.path, tuple(cfg.model.image_grid) or None
-    if family == "builtin":
-        from omnigrpo.worlds import registry as worlds
-
-        height, width = worlds.get(cfg.world.name).IMAGE_SHAPE
-        return (height // 4) * (width // 4), cfg.world.codebook_size  # 4 x 4 patches
-    if family == "janus":
-        return config.vision_config.num_image_tokens, config.vq_config.num_embeddings
-    from omnigrpo.rollout.loader import family_class
-
-    rows, cols = family_class(family).saved_grid(path, grid)
-    if family == "emu3":
-        return rows * (cols + 1), config.vq_config.codebook_size  # an end-of-line token after every row
-    return rows * cols, config.image_vocab_size
-
-
-def model_size(cfg: Config) -> ModelSize:
-    """Exact counts for ``cfg.model`` (and its LoRA adapters for ``cfg.trainer``)."""
-    model = _family_model(cfg)
-    text = getattr(model.config, "text_config", None) or model.config
-    body = model.get_submodule(BODY[cfg.model.family])
-    tr = cfg.trainer
+        skeleton = family.skeleton(model, world)
+    net = skeleton.model
+    text = getattr(net.config, "text_config", None) or net.config
+    body = net.get_submodule(family.policy.view.body_path)
     adapter = 0
-    if tr.lora_rank:
+    if trainer.lora_rank:
         for name, module in body.named_modules():
-            if name.rsplit(".", 1)[-1] in tr.lora_targets and isinstance(module, torch.nn.Linear):
-                adapter += tr.lora_rank * (module.in_features + module.out_features)
-    image_tokens, codes = _image_space(cfg, model.config)
+            if name.rsplit(".", 1)[-1] in trainer.lora_targets and isinstance(module, torch.nn.Linear):
+                adapter += trainer.lora_rank * (module.in_features + module.out_features)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    return ModelSize(params=sum(p.numel() for p in model.parameters()), adapter=adapter,
+    return ModelSize(params=sum(p.numel() for p in net.parameters()), adapter=adapter,
                      layers=text.num_hidden_layers, hidden=text.hidden_size, kv_heads=kv_heads, head_dim=head_dim,
-                     intermediate=text.intermediate_size, image_tokens=image_tokens, codes=codes)
+                     intermediate=text.intermediate_size, image_tokens=skeleton.image_tokens, codes=skeleton.codes)

@@ -16,8 +16,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from omnigrpo.bench import kernels
 from omnigrpo.bench.generate import hf_generate_batched
-from omnigrpo.rollout.graphs import SPAN, bucketed, graphed_decoder, static_decoder
-from omnigrpo.rollout.policy import ImageSpace, PromptBatch, TextVocabLM
+from omnigrpo.rollout.graphs import SPAN, GraphSet, bucketed, static_decoder
+from omnigrpo.rollout.policy import ImageSpace, PromptBatch
 from omnigrpo.rollout.sampler import SamplingParams, sample_images
 
 
@@ -31,13 +31,15 @@ def make_prompts(batch: int, length: int, text_vocab: int, device: torch.device)
     return PromptBatch(ids.to(device), uncond.to(device), torch.ones_like(ids).to(device), pad_id=0)
 
 
-def sides(prompts: PromptBatch, params: SamplingParams, cuda: bool) -> dict:
-    """``name -> sample(model, space)`` for every decode path measured (graphs on CUDA only)."""
-    out = {"ours_eager": lambda m, sp: sample_images(TextVocabLM(m, sp), prompts, params),
-           "ours_static": lambda m, sp: sample_images(TextVocabLM(m, sp), prompts, params, graphed=static_decoder),
+def sides(prompts: PromptBatch, params: SamplingParams, graphs: GraphSet | None = None) -> dict:
+    """``name -> sample(model, space)`` for every decode path measured (graphs, captured into ``graphs``, on CUDA
+    only)."""
+    views = kernels.Views()
+    out = {"ours_eager": lambda m, sp: sample_images(views(m, sp), prompts, params),
+           "ours_static": lambda m, sp: sample_images(views(m, sp), prompts, params, graphed=static_decoder),
            "hf_batched_cfg": lambda m, sp: hf_generate_batched(m, prompts, sp, params)}
-    if cuda:
-        out["ours_graphs"] = lambda m, sp: sample_images(TextVocabLM(m, sp), prompts, params, graphed=graphed_decoder)
+    if graphs is not None:
+        out["ours_graphs"] = lambda m, sp: sample_images(views(m, sp), prompts, params, graphed=graphs.decoder)
     return out
 
 
@@ -59,7 +61,8 @@ def bench_decode(model: torch.nn.Module, space: ImageSpace, params: SamplingPara
     prompts = make_prompts(batch, mid, space.offset, device)
     cuda = device.type == "cuda"
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
-    fns = sides(prompts, params, cuda)
+    graphs = GraphSet() if cuda else None
+    fns = sides(prompts, params, graphs)
     counted = {k: v for k, v in fns.items() if k != "ours_graphs"}
     result = kernels.compare(counted, model, space, repeats, sync, more)
     for name in ("ours_static", "hf_batched_cfg"):  # what the GPU itself ran (nothing to add on the CPU)
@@ -67,10 +70,10 @@ def bench_decode(model: torch.nn.Module, space: ImageSpace, params: SamplingPara
     if cuda:  # a graph replays the kernels counted for ours_static
         for name, backends in (("ours_graphs", None), ("ours_graphs_efficient", [SDPBackend.EFFICIENT_ATTENTION])):
             with sdpa_kernel(backends) if backends else contextlib.nullcontext():
-                model.__dict__.pop("_omnigrpo_graphs", None)  # captured anew under this attention backend
+                graphs.clear()  # captured anew under this attention backend
                 result[name] = {"ms_per_step": 1e3 * kernels.step_seconds(
                     lambda sp: fns["ours_graphs"](model, sp), space, repeats, more=more, sync=sync)}
-        model.__dict__.pop("_omnigrpo_graphs", None)
+        graphs.clear()
     rows = 2 * batch if params.guided else batch
     context = mid + 4 + more // 2  # the mean context of the timed steps
     weights, kv = read_bytes(model, space, rows, context)

@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from omnigrpo.bench.decode import bench_decode, decode_lines, make_prompts
 from omnigrpo.bench.generate import hf_generate_batched, median_seconds
-from omnigrpo.rollout.graphs import graph_set, graphed_decoder
+from omnigrpo.rollout.graphs import GraphSet
 from omnigrpo.rollout.policy import ImageSpace, PromptBatch, TextVocabLM
 from omnigrpo.rollout.sampler import SamplingParams, sample_images, sequence_logprobs
 
@@ -64,16 +64,17 @@ def bench_rollout(model: LlamaForCausalLM, prompts: PromptBatch, space: ImageSpa
     eager decode meets a new key length at every step, and cuDNN attention builds a plan for each the first time
     (BENCHMARKS.md section 6); graphs see one shape per span."""
     b, t = len(prompts), space.tokens_per_image
-    lm = TextVocabLM(model, space)  # one view: its captured graphs are reused across repeats
+    lm = TextVocabLM(model, space)  # one view, one graph set: its captured graphs are reused across repeats
     cuda = device.type == "cuda"
     ours = "ours_graphs" if cuda else "ours"
-    fns = {ours: lambda: sample_images(lm, prompts, params, graphed=graphed_decoder if cuda else None),
+    graphs = GraphSet()
+    fns = {ours: lambda: sample_images(lm, prompts, params, graphed=graphs.decoder if cuda else None),
            "hf_batched_cfg": lambda: hf_generate_batched(model, prompts, space, params)}
     out: dict[str, object] = {}
     for side, fn in fns.items():
         first = timed(fn, 1, device, warmup=0)
         if side == "ours_graphs":
-            out["graphs"] = graph_memory(lm, first)
+            out["graphs"] = graph_memory(graphs, first)
         seconds = timed(fn, repeats, device, warmup=0)
         out[side] = {"seconds": seconds, "tokens_per_s": b * t / seconds, "images_per_s": b / seconds,
                      "first_call_s": first}
@@ -87,9 +88,8 @@ def bench_rollout(model: LlamaForCausalLM, prompts: PromptBatch, space: ImageSpa
     return out
 
 
-def graph_memory(lm: TextVocabLM, first_call_s: float) -> dict[str, object]:
+def graph_memory(graphs: GraphSet, first_call_s: float) -> dict[str, object]:
     """What the first graphed call (it captures every span) cost: seconds, graphs, the shared KV cache."""
-    graphs = graph_set(lm)
     return {"first_call_s": first_call_s, "graphs": sum(len(loop.graphs) for loop in graphs.loops.values()),
             "kv_cache_gb": graphs.held_bytes() / 1e9,
             "failures": {str(k[:3]): v for k, v in graphs.failures.items()}}

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +36,9 @@ from omnigrpo.config.schema import Config
 from omnigrpo.rewards.worker import RewardWorker
 from omnigrpo.rollout.families.builtin import WorldPolicy
 from omnigrpo.rollout.families.codebook import PATCH, PatchCodebook
-from omnigrpo.rollout.loader import load_policy
-from omnigrpo.rollout.policy import ImagePolicy, TextVocabLM
+from omnigrpo.rollout.family import Family
+from omnigrpo.rollout.loader import family_record, family_records, load_policy
+from omnigrpo.rollout.policy import ImagePolicy
 from omnigrpo.rollout.sampler import SamplingParams, sample_images
 from omnigrpo.trainers.sft import sft_checkpoint
 from omnigrpo.worlds import registry as worlds
@@ -64,12 +66,14 @@ def equal_length_prompts(policy: ImagePolicy, prompts: list[str], n: int) -> lis
 
 
 def bench_rollout(cfg: Config, model_path: str, repeats: int) -> dict:
-    """Image tokens/s and images/s: our sampler vs ``generate`` on the same policy (builtin: HF's CFG and
-    batched CFG over the LM head; janus: Janus's own image ``generate``)."""
-    family = cfg.model.family
-    if family not in ("builtin", "janus", "emu3"):
-        raise ValueError(f"bench rollout: no HF generate baseline for family {family!r} (builtin, janus, emu3)")
-    policy = load_policy(family, model_path)
+    """Image tokens/s and images/s: our sampler vs ``generate`` on the same policy, by the family's
+    :attr:`~omnigrpo.rollout.family.Family.baseline` (``causal_lm``: HF's CFG, batched CFG over the LM head and
+    kernels per step; ``vocabulary``: HF's CFG; ``image_generate``: the model's own image ``generate``)."""
+    family = family_record(cfg.model.family)
+    if not family.baseline:
+        known = ", ".join(f.name for f in family_records() if f.baseline)
+        raise ValueError(f"bench rollout: no HF generate baseline for family {family.name!r} ({known})")
+    policy = load_policy(family.name, model_path)
     prompts = equal_length_prompts(policy, worlds.train_prompts(cfg.world.name)[0][:64], cfg.batch_size)
     batch, space, lm = policy.prompt_batch(prompts), policy.space, policy.lm()
     base = SamplingParams.of(cfg.rollout)
@@ -78,14 +82,7 @@ def bench_rollout(cfg: Config, model_path: str, repeats: int) -> dict:
         settings[f"cfg={GUIDED_SCALE:g}"] = dataclasses.replace(base, cfg_scale=GUIDED_SCALE)
     rows = {}
     for label, params in settings.items():
-        sides = {"omnigrpo": lambda p=params: sample_images(lm, batch, p)}
-        if family == "janus" and params.cfg_scale > 1:  # Janus's generate needs guidance
-            boi = policy.tokenizer.convert_tokens_to_ids(policy.boi)
-            sides["hf_generate"] = lambda p=params, boi=boi: hf_generate_janus(policy.model, batch, boi, p)
-        elif family in ("builtin", "emu3"):  # codes are vocabulary tokens: generate + an image-only processor
-            sides["hf_generate"] = lambda p=params: hf_generate(policy.model, batch, space, p)
-        if params.guided and family == "builtin":
-            sides["hf_generate_batched_cfg"] = lambda p=params: hf_generate_batched(policy.model, batch, space, p)
+        sides = {"omnigrpo": lambda p=params: sample_images(lm, batch, p), **baselines(family, policy, batch, params)}
         row = {}
         for side, seconds in interleaved_medians(sides, repeats).items():
             row[side] = {"seconds": seconds, "images_per_s": len(prompts) / seconds,
@@ -93,16 +90,31 @@ def bench_rollout(cfg: Config, model_path: str, repeats: int) -> dict:
         for side in sides:
             if side != "omnigrpo":
                 row[f"speedup_vs_{side}"] = row["omnigrpo"]["tokens_per_s"] / row[side]["tokens_per_s"]
-        if family == "builtin":
+        if family.baseline == "causal_lm":
             row["kernels"] = step_kernels(policy.model, batch, space, params, repeats)
         rows[label] = row
     return {"images": len(prompts), "tokens_per_image": space.tokens_per_image, "settings": rows}
 
 
+def baselines(family: Family, policy: ImagePolicy, batch, params: SamplingParams) -> dict[str, Callable]:
+    """The HF sides of one rollout row for ``family``'s baseline (none for Janus's generate without guidance)."""
+    space = policy.space
+    if family.baseline == "image_generate":  # Janus's generate needs guidance
+        if params.cfg_scale <= 1:
+            return {}
+        boi = policy.tokenizer.convert_tokens_to_ids(policy.boi)
+        return {"hf_generate": lambda: hf_generate_janus(policy.model, batch, boi, params)}
+    sides = {"hf_generate": lambda: hf_generate(policy.model, batch, space, params)}  # codes are vocabulary tokens
+    if params.guided and family.baseline == "causal_lm":
+        sides["hf_generate_batched_cfg"] = lambda: hf_generate_batched(policy.model, batch, space, params)
+    return sides
+
+
 def step_kernels(model: torch.nn.Module, batch, space, params: SamplingParams, repeats: int) -> dict:
     """Kernels and host ms per decode step (:mod:`omnigrpo.bench.kernels`): ours vs HF ``generate`` (with guidance,
     on the doubled batch), same batch and settings."""
-    sides = {"omnigrpo": lambda m, sp: sample_images(TextVocabLM(m, sp), batch, params)}
+    views = kernels.Views()
+    sides = {"omnigrpo": lambda m, sp: sample_images(views(m, sp), batch, params)}
     if params.guided:
         sides["hf_generate_batched_cfg"] = lambda m, sp: hf_generate_batched(m, batch, sp, params)
     else:

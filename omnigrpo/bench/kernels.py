@@ -10,13 +10,15 @@ the profiler saw the device run.
 from __future__ import annotations
 
 import copy
+import weakref
 from collections import Counter
 from collections.abc import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from omnigrpo.rollout.policy import ImageSpace
+from omnigrpo.rollout.engine import PackedLayers
+from omnigrpo.rollout.policy import ImageSpace, TextVocabLM
 
 NOT_KERNELS = {"empty", "empty_strided", "empty_like", "lift_fresh", "detach", "_unsafe_view"}
 """Ops that allocate or relabel without launching a kernel."""
@@ -62,6 +64,18 @@ def per_step(sample: Callable[[ImageSpace], object], space: ImageSpace, n: int =
     return Counter({k: v for k, v in b.items() if v})
 
 
+class Views:
+    """``views(model, space)``: an image-mode view of ``model`` whose packed layers are held here, one cache per
+    model, so a bench packs each model once, as a rollout worker does (first-use work, kept out of the counts),
+    and each :func:`with_layers` copy packs its own."""
+
+    def __init__(self) -> None:
+        self.packed: weakref.WeakKeyDictionary[torch.nn.Module, PackedLayers] = weakref.WeakKeyDictionary()
+
+    def __call__(self, model: torch.nn.Module, space: ImageSpace) -> TextVocabLM:
+        return TextVocabLM(model, space, self.packed.setdefault(model, PackedLayers()))
+
+
 def with_layers(model: torch.nn.Module, layers: int) -> torch.nn.Module:
     """A shallow copy of a ``*ForCausalLM`` whose body keeps its first ``layers`` decoder layers (weights
     shared): the same model with fewer layers, for :func:`per_layer`. For measuring only: sampling with it packs
@@ -69,7 +83,7 @@ def with_layers(model: torch.nn.Module, layers: int) -> torch.nn.Module:
     config = copy.copy(model.config)
     config.num_hidden_layers = layers
     body = copy.copy(model.model)
-    body.__dict__.update(_modules=dict(model.model._modules), config=config, _omnigrpo_packed=None)
+    body.__dict__.update(_modules=dict(model.model._modules), config=config)
     body._modules["layers"] = torch.nn.ModuleList(list(model.model.layers)[:layers])
     clone = copy.copy(model)
     clone.__dict__.update(_modules=dict(model._modules), config=config)

@@ -23,6 +23,9 @@ ASYNC_TIS_CAP = 2.0
 PositiveInt = Annotated[int, Field(ge=1)]
 NonNegInt = Annotated[int, Field(ge=0)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+FamilyName = Literal["builtin", "janus", "emu3", "xomni"]
+"""The model families: each is the module ``omnigrpo.rollout.families.<name>`` and its ``FAMILY`` record (the
+config layer cannot import the records, so their names are listed here, and only here)."""
 
 
 @dataclass(frozen=True, config=_STRICT)
@@ -63,8 +66,8 @@ class DataConfig:
 
 @dataclass(frozen=True, config=_STRICT)
 class ModelConfig:
-    family: Literal["builtin", "janus", "emu3", "xomni"] = "builtin"
-    """Policy family (``omnigrpo.rollout.loader.FAMILIES``): ``builtin`` (the built-in Qwen2 policy over
+    family: FamilyName = "builtin"
+    """Policy family (``omnigrpo/rollout/families/<family>.py``): ``builtin`` (the built-in Qwen2 policy over
     the world's patch codes), ``janus`` (Janus-Pro, transformers' ``JanusForConditionalGeneration``),
     ``emu3`` (``Emu3ForConditionalGeneration``), ``xomni`` (X-Omni, our implementation of its architecture)."""
     path: str = ""

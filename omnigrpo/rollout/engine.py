@@ -114,6 +114,34 @@ def pack_copies(layers: Sequence[torch.nn.Module], read=getattr, into: list[tupl
         return fuse(layers, read, repoint=False, into=into)
 
 
+class PackedLayers:
+    """One module's layers packed for the fast path, held by whoever owns the module (a policy for its own
+    ``model``, a hybrid learner for its DeepSpeed module), never written onto the module itself.
+
+    :meth:`of` packs with :func:`fuse` on first use; since fuse makes the module's weights views of the packed
+    matrices, a weight load writes through and nothing goes stale. Copies packed elsewhere (:func:`pack_copies`,
+    which leaves the module alone) are set with :meth:`hold` and must be dropped with :meth:`invalidate` when the
+    weights they were copied from change."""
+
+    def __init__(self) -> None:
+        self.layers: list[tuple] | None = None
+        """Per layer ``(qkv weight, qkv bias, gate_up weight, head counts)`` (:func:`fuse`), None before packing."""
+
+    def of(self, layers: Sequence[torch.nn.Module]) -> list[tuple]:
+        """The packed ``layers``: the ones held, else :func:`fuse` of ``layers`` (kept)."""
+        if self.layers is None:
+            self.layers = fuse(layers)
+        return self.layers
+
+    def hold(self, packed: list[tuple]) -> None:
+        """Use ``packed`` (copies made by the owner) until :meth:`invalidate`."""
+        self.layers = packed
+
+    def invalidate(self) -> None:
+        """Drop the packed layers: the next :meth:`of` packs afresh."""
+        self.layers = None
+
+
 def _pack(linears: list[torch.nn.Linear], name: str, read=getattr, repoint: bool = True,
           into: torch.Tensor | None = None) -> torch.Tensor:
     parts = [read(m, name).detach() for m in linears]

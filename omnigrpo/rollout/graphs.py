@@ -167,9 +167,12 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
 
 
 class GraphSet:
-    """A policy view's graphed decode loops: one cache of the largest shape, one memory pool, at most :data:`KEEP`
-    shapes (rows, length, images, sampling settings, image space); ``failures``: why a shape fell back to eager
-    decoding."""
+    """One module's graphed decode loops, held by whoever samples with the module (a rollout worker, a hybrid
+    learner): one cache of the largest shape, one memory pool, at most :data:`KEEP` shapes (rows, length, images,
+    sampling settings, image space); ``failures``: why a shape fell back to eager decoding.
+
+    The graphs read the weights in place, so a weight load needs nothing; :meth:`clear` drops every graph when the
+    tensors they were captured over are replaced (a fresh pack, another attention backend)."""
 
     def __init__(self):
         self.loops: OrderedDict = OrderedDict()
@@ -177,6 +180,25 @@ class GraphSet:
         self.values: list[torch.Tensor] = []
         self.pool = None
         self.failures: dict[tuple, str] = {}
+        self.module: torch.nn.Module | None = None
+        """The module the graphs were captured over (a set serves one)."""
+
+    def clear(self) -> None:
+        """Drop every captured loop, the cache and the recorded failures: the next call captures afresh."""
+        self.loops.clear()
+        self.keys = self.values = []
+        self.pool, self.module = None, None
+        self.failures.clear()
+
+    def decoder(self, lm: ImageLM, params: SamplingParams, b: int, rows: int, length: int,
+                generator: torch.Generator | None, unit: int = SPAN) -> StaticDecode | None:
+        """The sampler's ``graphed`` hook: the captured decode loop for this shape (captured on first use, attention
+        spans in multiples of ``unit``), started on ``generator``'s stream; None where capture failed (the sampler
+        then decodes eagerly)."""
+        loop = self.loop(lm, params, b, rows, length, unit)
+        if loop is not None:
+            loop.start(generator)
+        return loop
 
     def _fits(self, rows: int, length: int) -> bool:
         return bool(self.keys) and self.keys[0].shape[0] >= rows and self.keys[0].shape[2] >= length
@@ -195,6 +217,10 @@ class GraphSet:
 
     def loop(self, lm: ImageLM, params: SamplingParams, b: int, rows: int, length: int,
              unit: int = SPAN) -> StaticDecode | None:
+        if self.module is None:
+            self.module = lm.module
+        elif lm.module is not self.module:
+            raise ValueError("a GraphSet serves one module: its graphs were captured over another one's weights")
         key = (rows, bucketed(length, unit), b, params, lm.space, unit)
         if key in self.failures:
             return None
@@ -221,24 +247,9 @@ class GraphSet:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
 
-def graph_set(lm: ImageLM) -> GraphSet:
-    """The :class:`GraphSet` of ``lm``'s module (kept on the module, so every view of it shares one)."""
-    return lm.module.__dict__.setdefault("_omnigrpo_graphs", GraphSet())
-
-
-def graphed_decoder(lm: ImageLM, params: SamplingParams, b: int, rows: int, length: int,
-                    generator: torch.Generator | None, unit: int = SPAN) -> StaticDecode | None:
-    """The captured decode loop for this shape (captured on first use, attention spans in multiples of ``unit``),
-    started on ``generator``'s stream; None where capture failed (the sampler then decodes eagerly)."""
-    loop = graph_set(lm).loop(lm, params, b, rows, length, unit)
-    if loop is not None:
-        loop.start(generator)
-    return loop
-
-
 def static_decoder(lm: ImageLM, params: SamplingParams, b: int, rows: int, length: int,
                    generator: torch.Generator | None, unit: int = SPAN) -> StaticDecode:
-    """:func:`graphed_decoder`'s interface over an uncaptured :class:`StaticDecode` (no CUDA needed): the same
+    """:meth:`GraphSet.decoder`'s interface over an uncaptured :class:`StaticDecode` (no CUDA needed): the same
     kernels, run one by one."""
     loop = StaticDecode(lm, params, b, rows, length, generator, unit=unit)
     loop.start(generator)

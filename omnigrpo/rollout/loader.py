@@ -11,9 +11,12 @@ import importlib
 import logging
 import os
 from pathlib import Path
+from typing import get_args
 
 import torch
 
+from omnigrpo.config.schema import FamilyName
+from omnigrpo.rollout.family import Family
 from omnigrpo.rollout.hub import is_local, read_json
 from omnigrpo.rollout.policy import ImagePolicy
 
@@ -21,23 +24,30 @@ from omnigrpo.rollout.policy import ImagePolicy
 class CheckpointError(ValueError):
     """A ``model.path`` that cannot be loaded: missing, not cached offline, or the wrong image vocabulary."""
 
-FAMILIES = {
-    "builtin": "omnigrpo.rollout.families.builtin:WorldPolicy",
-    "janus": "omnigrpo.rollout.families.janus:JanusPolicy",
-    "emu3": "omnigrpo.rollout.families.emu3:Emu3Policy",
-    "xomni": "omnigrpo.rollout.families.xomni:XOmniPolicy",
-}
 
-MODEL_TYPES = {"builtin": "qwen2", "janus": "janus", "emu3": "emu3", "xomni": "x-omni"}
-"""The ``model_type`` of each family's ``config.json``: a checkpoint of another family is refused by name."""
+FAMILY_NAMES: tuple[str, ...] = get_args(FamilyName)
+"""Every ``model.family``, in the config's order."""
+
+
+def family_record(family: str) -> Family:
+    """The :class:`~omnigrpo.rollout.family.Family` record of ``family``: the ``FAMILY`` of module
+    ``omnigrpo.rollout.families.<family>``, imported on first use."""
+    if family not in FAMILY_NAMES:
+        raise ValueError(f"unknown model family {family!r}; known: {', '.join(FAMILY_NAMES)}")
+    record = importlib.import_module(f"omnigrpo.rollout.families.{family}").FAMILY
+    if not isinstance(record, Family) or record.name != family:
+        raise TypeError(f"omnigrpo.rollout.families.{family}.FAMILY is no Family record of {family!r}")
+    return record
+
+
+def family_records() -> list[Family]:
+    """Every family's record (imports every family module)."""
+    return [family_record(name) for name in FAMILY_NAMES]
 
 
 def family_class(family: str) -> type[ImagePolicy]:
     """The policy class of ``family`` (imported on first use)."""
-    if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; known: {', '.join(FAMILIES)}")
-    module, name = FAMILIES[family].split(":")
-    return getattr(importlib.import_module(module), name)
+    return family_record(family).policy
 
 
 def load_policy(family: str, path: str | Path, grid: tuple[int, int] | None = None,
@@ -97,11 +107,11 @@ def _model_type(path: str) -> str | None:
 
 
 def check_checkpoint(family: str, path: str, num_codes: int | None = None) -> None:
-    """Fail fast, before any cluster starts: unknown family, a local path that does not exist or holds no
-    checkpoint, a hub id neither cached nor (online) on the hub, a checkpoint of another family (its
+    """Fail fast, before any cluster starts: unknown family, a local path that does not exist or lacks a file of
+    the family's layout, a hub id neither cached nor (online) on the hub, a checkpoint of another family (its
     ``config.json`` ``model_type``), or one whose image vocabulary
     differs from ``num_codes`` (when the config states one). Reads only the checkpoint's config files."""
-    cls = family_class(family)
+    record = family_record(family)
     looks_local = is_local(path)
     if looks_local and not Path(path).expanduser().exists():
         raise CheckpointError(f"model.path: {path!r} does not exist (and is not a hub id 'org/name')")
@@ -112,14 +122,13 @@ def check_checkpoint(family: str, path: str, num_codes: int | None = None) -> No
         _check_hub_id(path)
     if looks_local:
         _check_weights(Path(path).expanduser())
-    model_type = _model_type(path)
-    if model_type == "None":
-        raise CheckpointError(f"model.path: {path!r}: its config.json names no model_type (a {family} checkpoint "
-                              f"has {MODEL_TYPES[family]!r})")
-    if model_type is not None and model_type != MODEL_TYPES[family]:
-        raise CheckpointError(f"model.family: is {family!r}, but the checkpoint {path!r} is a {model_type!r} model "
-                              f"(config.json model_type; {family} expects {MODEL_TYPES[family]!r})")
-    checker = getattr(cls, "image_vocabulary", None)
+    _check_model_type(record, path)
+    if looks_local:
+        missing = [name for name in record.layout if not (Path(path).expanduser() / name).is_file()]
+        if missing:
+            raise CheckpointError(f"model.path: {path!r} is no whole {family} checkpoint: it lacks "
+                                  f"{', '.join(missing)} (a {family} checkpoint holds {', '.join(record.layout)})")
+    checker = getattr(record.policy, "image_vocabulary", None)
     if num_codes is not None and checker is not None:
         try:
             found = checker(path)  # a hub id: through the cache (online: fetches only the file it reads)
@@ -129,3 +138,15 @@ def check_checkpoint(family: str, path: str, num_codes: int | None = None) -> No
         if found != num_codes:
             raise CheckpointError(f"model.image_codes: is {num_codes}, but the checkpoint {path!r} has an image "
                                   f"vocabulary of {found} codes")
+
+
+def _check_model_type(record: Family, path: str) -> None:
+    """The checkpoint's ``config.json`` ``model_type`` (when readable here) is one of the family's."""
+    family, expected = record.name, " or ".join(repr(t) for t in record.model_types)
+    model_type = _model_type(path)
+    if model_type == "None":
+        raise CheckpointError(f"model.path: {path!r}: its config.json names no model_type (a {family} checkpoint "
+                              f"has {expected})")
+    if model_type is not None and model_type not in record.model_types:
+        raise CheckpointError(f"model.family: is {family!r}, but the checkpoint {path!r} is a {model_type!r} model "
+                              f"(config.json model_type; {family} expects {expected})")

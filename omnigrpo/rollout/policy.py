@@ -14,6 +14,8 @@ import json
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from functools import cached_property
+from operator import attrgetter
 from pathlib import Path
 from typing import ClassVar
 
@@ -89,15 +91,22 @@ class PromptBatch:
 
 class ImageLM(ABC):
     """One module seen in image mode. The defaults fit a Llama-family ``body`` (``layers``, ``norm``,
-    ``rotary_emb``) called with ``inputs_embeds``; families override what differs."""
+    ``rotary_emb``) called with ``inputs_embeds``; families override what differs.
 
-    def __init__(self, module: torch.nn.Module, space: ImageSpace):
+    ``packed_layers``: the fast path's packed weights of ``module``, held by the module's owner and shared by its
+    views (:meth:`ImagePolicy.lm`); a view of another module gets a cache of its own."""
+
+    body_path: ClassVar[str] = "model"
+    """Where the image-generating body sits in the module (what LoRA adapts and the memory plan sizes)."""
+
+    def __init__(self, module: torch.nn.Module, space: ImageSpace, packed_layers: engine.PackedLayers | None = None):
         self.module = module
         self.space = space
+        self.packed_layers = engine.PackedLayers() if packed_layers is None else packed_layers
 
     @property
     def body(self) -> torch.nn.Module:
-        raise NotImplementedError
+        return attrgetter(self.body_path)(self.module)
 
     def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
         """``[B, L]`` token ids -> ``[B, L, D]``."""
@@ -129,12 +138,10 @@ class ImageLM(ABC):
 
     @property
     def packed(self) -> list[tuple]:
-        """The body's layers packed for the fast path (:func:`engine.fuse`), once per module (the rollout's;
-        the learner scores through :meth:`hidden_states` and never packs its DeepSpeed module)."""
-        body = self.body
-        if getattr(body, "_omnigrpo_packed", None) is None:
-            body._omnigrpo_packed = engine.fuse(body.layers)
-        return body._omnigrpo_packed
+        """The body's layers packed for the fast path (:class:`engine.PackedLayers`: packed on first use, or the
+        copies its owner holds; the learner scores through :meth:`hidden_states` and never packs its DeepSpeed
+        module)."""
+        return self.packed_layers.of(self.body.layers)
 
     def fast_forward(self, embeds: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
                      image: bool | torch.Tensor, cache: engine.StaticKV) -> torch.Tensor:
@@ -152,6 +159,8 @@ class ImagePolicy(ABC):
     """
 
     family: ClassVar[str]
+    view: ClassVar[type[ImageLM]]
+    """The family's image-mode view (where its body and image head are)."""
     model: torch.nn.Module
     space: ImageSpace
     image_shape: tuple[int, int]
@@ -206,9 +215,17 @@ class ImagePolicy(ABC):
         """Write a directory ``from_pretrained`` (and ``model.path``) accepts; ``state_dict`` overrides
         the weights written (the learner's gathered ones)."""
 
-    @abstractmethod
+    @cached_property
+    def packed_layers(self) -> engine.PackedLayers:
+        """The fast path's packed weights of ``model``: held here, so every view of it packs once."""
+        return engine.PackedLayers()
+
     def lm(self, module: torch.nn.Module | None = None) -> ImageLM:
-        """The image-mode view of ``module`` (default: this policy's ``model``)."""
+        """The image-mode view of ``module`` (default: this policy's ``model``, whose views share
+        :attr:`packed_layers`)."""
+        if module is None or module is self.model:
+            return self.view(self.model, self.space, self.packed_layers)
+        return self.view(module, self.space)
 
     @abstractmethod
     def prompt_batch(self, prompts: list[str], drop_text: torch.Tensor | None = None) -> PromptBatch:
@@ -281,10 +298,6 @@ class TextVocabLM(ImageLM):
     """Image codes as text-vocabulary tokens ``offset .. offset + K - 1`` of a ``*ForCausalLM``; the
     image head is the LM head restricted to those rows (equal to masking every other logit, without
     computing them)."""
-
-    @property
-    def body(self) -> torch.nn.Module:
-        return self.module.model
 
     def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
         return self.body.embed_tokens(codes + self.space.offset)

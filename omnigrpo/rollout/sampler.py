@@ -129,7 +129,7 @@ def sample_images(
     """Draw one image per prompt, token by token over a static KV cache; both CFG branches in one batch.
 
     Forced segment tokens (Emu3's end-of-line) are fed without sampling. ``graphed``:
-    :func:`omnigrpo.rollout.graphs.graphed_decoder` (CUDA), to replay each step from CUDA graphs captured once
+    :meth:`omnigrpo.rollout.graphs.GraphSet.decoder` (CUDA), to replay each step from CUDA graphs captured once
     per batch shape, or :func:`~omnigrpo.rollout.graphs.static_decoder`, the same fixed-shape loop run eagerly; it
     may answer None (a failed capture), and the growing-cache decode runs instead.
 

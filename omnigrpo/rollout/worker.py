@@ -18,7 +18,7 @@ from transformers.utils import logging as hf_logging
 
 from omnigrpo.config.runtime import reseed, use_threads
 from omnigrpo.config.schema import Config
-from omnigrpo.rollout.graphs import graphed_decoder
+from omnigrpo.rollout.graphs import GraphSet
 from omnigrpo.rollout.loader import load_policy
 from omnigrpo.rollout.policy import ImageLM, ImagePolicy, PromptBatch
 from omnigrpo.rollout.sampler import SamplingParams, sample_images
@@ -103,7 +103,7 @@ def draw_batch(policy: ImagePolicy, lm: ImageLM, prompts: list[str], metadata: l
                sample_batch: int = 0, decode: bool = True, graphed=None) -> RolloutBatch:
     """``group_size`` images for each prompt, sampled through ``lm`` (the fast path) and decoded by ``policy``,
     stamped with weight ``version``: the one sampling routine of rollout actors and of hybrid learners.
-    ``graphed``: CUDA-graph decode steps (:func:`omnigrpo.rollout.graphs.graphed_decoder`)."""
+    ``graphed``: CUDA-graph decode steps (:meth:`omnigrpo.rollout.graphs.GraphSet.decoder`)."""
     repeated = [p for p in prompts for _ in range(group_size)]
     batch = policy.bounded_batch(repeated)
     step = sample_batch or len(repeated)  # pieces bound the KV cache; one generator stream throughout
@@ -167,6 +167,8 @@ class RolloutWorker:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.policy.model.to(self.device)
         self.lm = self.policy.lm()
+        self.graph_set = GraphSet() if self.graphs and self.device.type == "cuda" else None
+        """The policy's captured decode loops (weight loads write into the tensors they read: nothing to redo)."""
         self.generator = torch.Generator(self.device).manual_seed(self.seed)
         return self.version
 
@@ -176,7 +178,7 @@ class RolloutWorker:
         leaves the training stream untouched (evaluation), so a resumed run samples what an
         uninterrupted one would."""
         generator = self.generator if seed is None else torch.Generator(self.device).manual_seed(seed)
-        graphed = graphed_decoder if self.graphs and self.device.type == "cuda" else None
+        graphed = None if self.graph_set is None else self.graph_set.decoder
         batch = draw_batch(self.policy, self.lm, prompts, metadata, group_size, self.params, generator,
                            self.device, self.version, self.sample_batch, self.decode, graphed)
         batch.rng_state = self.generator.get_state()
@@ -186,11 +188,12 @@ class RolloutWorker:
 
     def graph_failures(self) -> dict[str, str]:
         """Batch shapes whose CUDA-graph capture failed (they decode eagerly), with the reason."""
-        graphs = self.lm.module.__dict__.get("_omnigrpo_graphs")
-        return {str(key[:3]): why for key, why in graphs.failures.items()} if graphs else {}
+        failures = {} if self.graph_set is None else self.graph_set.failures
+        return {str(key[:3]): why for key, why in failures.items()}
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> int:
-        """Replace the policy's weights (all of them: a partial sync is an error) and its version."""
+        """Replace the policy's weights (all of them: a partial sync is an error) and its version. The load writes
+        into the tensors the packed layers and the graphs read, so neither is invalidated."""
         self.policy.model.load_state_dict(state_dict, strict=True)  # copies onto the model's device
         self.version = version
         return version

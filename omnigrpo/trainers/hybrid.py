@@ -18,7 +18,7 @@ import torch
 from omnigrpo.config.roles import Role
 from omnigrpo.config.runtime import actor_seed, reseed
 from omnigrpo.rollout.engine import pack_copies
-from omnigrpo.rollout.graphs import graphed_decoder
+from omnigrpo.rollout.graphs import GraphSet
 from omnigrpo.rollout.worker import RolloutBatch, draw_batch
 from omnigrpo.trainers import adapter
 from omnigrpo.trainers.learner import Learner
@@ -46,7 +46,10 @@ class HybridLearner(Learner):
         version = super().setup(extensions_dir, threads, resume, rendezvous)
         self.sample_seed = actor_seed(self.cfg.run.seed, Role.ROLLOUT, self.rank)
         self.generator = torch.Generator(self.engine.device).manual_seed(self.sample_seed)
-        self.graphed = graphed_decoder if self.cfg.rollout.cuda_graphs and self.engine.device.type == "cuda" else None
+        cuda = self.engine.device.type == "cuda"
+        self.graph_set = GraphSet() if self.cfg.rollout.cuda_graphs and cuda else None
+        """The sampler's captured decode loops (over the packed copies below, refreshed in place)."""
+        self.graphed = None if self.graph_set is None else self.graph_set.decoder
         self.kept: list[tuple] | None = None
         """The packed copies kept between sampling phases (CUDA graphs read them in place)."""
         return version
@@ -55,17 +58,17 @@ class HybridLearner(Learner):
     def sampling(self):
         """The sampling phase: eval mode, no grad, the fast path's packed copies of the current weights (freed
         on exit, with every module back in its own training mode)."""
-        module, body = self.engine.module, self.lm.body
+        module, packed = self.engine.module, self.lm.packed_layers
         modes = [(m, m.training) for m in module.modules()]
         module.eval()
         try:
             with torch.no_grad():
-                body._omnigrpo_packed = pack_copies(body.layers, merged_read, into=self.kept)
-                if self.graphed is not None:
-                    self.kept = body._omnigrpo_packed
+                packed.hold(pack_copies(self.lm.body.layers, merged_read, into=self.kept))
+                if self.graph_set is not None:
+                    self.kept = packed.layers
                 yield
         finally:
-            body._omnigrpo_packed = None  # stale at the next optimiser step: freed, or kept for an in-place refresh
+            packed.invalidate()  # stale at the next optimiser step: freed, or kept for an in-place refresh
             for m, mode in modes:
                 m.training = mode
 

@@ -117,7 +117,7 @@ def test_plan_bytes_equal_what_a_learner_allocates(tiny_config, sft_path, stage,
         "master_fp32": _bytes(getattr(optimizer, "single_partition_of_fp32_groups", None) or []),
         "optimizer": _bytes(moments),  # AdamW's scalar ``step`` counters (4 B per tensor) are not counted
     }
-    plan = planner.learner_memory(cfg, planner.model_size(cfg))
+    plan = planner.learner_memory(cfg, planner.model_size(cfg.model, cfg.world, cfg.trainer))
     assert {k: plan[k] for k in measured} == measured
     assert (plan["reference"] == 0) == bool(lora)
 
@@ -131,7 +131,7 @@ def test_a_hub_id_with_only_its_config_resolves_offline(hub_cache):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout)["fits"] is True
     cfg = load_config(CONFIGS / "janus_pro_7b.yaml")
-    size = planner.model_size(cfg)
+    size = planner.model_size(cfg.model, cfg.world, cfg.trainer)
     assert size.layers == 30 and size.hidden == 4096 and size.kv_heads == 32 and size.head_dim == 128
     assert size.image_tokens == 576 and size.codes == 16384
     assert 7.2e9 < size.params < 7.5e9  # the LM and its head, SigLIP encoder, VQ model, generation head

@@ -227,10 +227,11 @@ def test_cuda_graph_replay_is_bitwise_the_static_eager_loop(device, family, dtyp
     """The captured loop (code steps and Emu3's end-of-line steps, attention spans switching every 16 slots, the
     draw from the graphs' generator) gives exactly the codes, log-probs and generator state of the same loop run
     kernel by kernel; a second call replays the same graphs. On the CPU the uncaptured loop stands in."""
-    from omnigrpo.rollout.graphs import graph_set, graphed_decoder, static_decoder
+    from omnigrpo.rollout.graphs import GraphSet, static_decoder
 
     worker, prompts = _graph_worker(family, tmp_path, dtype)
-    graphed = partial(graphed_decoder if device.type == "cuda" else static_decoder, unit=16)
+    graphs = GraphSet()
+    graphed = partial(graphs.decoder if device.type == "cuda" else static_decoder, unit=16)
     lm, params = worker.lm, worker.params
     eager_gen, graph_gen = (torch.Generator(device).manual_seed(11) for _ in range(2))
     eager, eager_lp = sample_images(lm, prompts, params, eager_gen, partial(static_decoder, unit=16))
@@ -242,7 +243,6 @@ def test_cuda_graph_replay_is_bitwise_the_static_eager_loop(device, family, dtyp
     assert torch.equal(logps, eager_lp)
     assert torch.equal(graph_gen.get_state(), eager_gen.get_state())
     if device.type == "cuda":
-        graphs = graph_set(lm)
         assert not graphs.failures and len(graphs.loops) == 1  # one shape, captured once
         loop = next(iter(graphs.loops.values()))
         kinds = 2 if family == "emu3" else 1
@@ -252,10 +252,10 @@ def test_cuda_graph_replay_is_bitwise_the_static_eager_loop(device, family, dtyp
 @pytest.mark.parametrize("family", ["janus", "emu3", "xomni"])
 def test_graphed_decoding_draws_what_growing_cache_decoding_draws(device, family, tmp_path):
     """Graphs with the default spans against the eager growing-cache decode (fp32): the same codes and stream."""
-    from omnigrpo.rollout.graphs import graphed_decoder, static_decoder
+    from omnigrpo.rollout.graphs import GraphSet, static_decoder
 
     worker, prompts = _graph_worker(family, tmp_path)
-    graphed = graphed_decoder if device.type == "cuda" else static_decoder
+    graphed = GraphSet().decoder if device.type == "cuda" else static_decoder
     eager_gen, graph_gen = (torch.Generator(device).manual_seed(3) for _ in range(2))
     eager, eager_lp = sample_images(worker.lm, prompts, worker.params, eager_gen)
     codes, logps = sample_images(worker.lm, prompts, worker.params, graph_gen, graphed)

@@ -9,7 +9,7 @@ import torch
 
 from omnigrpo.rollout.engine import pack_copies
 from omnigrpo.rollout.families import tiny
-from omnigrpo.rollout.graphs import graph_set, graphed_decoder, static_decoder
+from omnigrpo.rollout.graphs import GraphSet, static_decoder
 from omnigrpo.rollout.loader import load_policy
 from omnigrpo.rollout.sampler import SamplingParams, sample_images
 
@@ -41,11 +41,12 @@ def test_a_failed_capture_decodes_eagerly_and_says_why(tmp_path, caplog):
     lm, params = policy.lm(), SamplingParams(cfg_scale=3.0)
     prompts = policy.prompt_batch(["a red apple", "x"])
     plain, _ = sample_images(lm, prompts, params, torch.Generator().manual_seed(2))
+    graphs = GraphSet()
     with caplog.at_level(logging.WARNING, logger="omnigrpo.rollout.graphs"):
-        fallback, _ = sample_images(lm, prompts, params, torch.Generator().manual_seed(2), graphed=graphed_decoder)
-        again, _ = sample_images(lm, prompts, params, torch.Generator().manual_seed(2), graphed=graphed_decoder)
+        fallback, _ = sample_images(lm, prompts, params, torch.Generator().manual_seed(2), graphed=graphs.decoder)
+        again, _ = sample_images(lm, prompts, params, torch.Generator().manual_seed(2), graphed=graphs.decoder)
     assert torch.equal(plain, fallback) and torch.equal(plain, again)
-    failures = graph_set(lm).failures
+    failures = graphs.failures
     assert len(failures) == 1 and next(iter(failures.values()))
     assert sum("decoding eagerly" in r.message for r in caplog.records) == 1
 

@@ -35,7 +35,7 @@ def test_a_hybrid_learner_samples_with_its_updated_weights(tiny_config, sft_path
     # sampling left the DeepSpeed module as it was: its own parameters, its own modes, no packed copies
     assert all(p is params[name] for name, p in learner.engine.module.named_parameters())
     assert {name: m.training for name, m in learner.engine.module.named_modules()} == modes
-    assert learner.lm.body._omnigrpo_packed is None
+    assert learner.lm.packed_layers.layers is None
 
 
 def test_the_sampler_stream_survives_a_restore(tiny_config, sft_path):

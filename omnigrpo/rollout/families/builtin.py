@@ -17,8 +17,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from omnigrpo.config.schema import ModelConfig
-from omnigrpo.rollout.families.codebook import PatchCodebook
+from omnigrpo.config.schema import ModelConfig, WorldConfig
+from omnigrpo.rollout.families.codebook import PATCH, PatchCodebook
+from omnigrpo.rollout.family import Family, Skeleton
 from omnigrpo.rollout.hub import checkpoint_file, read_json
 from omnigrpo.rollout.policy import ImagePolicy, ImageSpace, PromptBatch, TextVocabLM
 from omnigrpo.worlds import registry as worlds
@@ -60,6 +61,7 @@ class WorldPolicy(ImagePolicy):
     """Model + tokenizer + codebook, with the prompt and decoding conventions of a built-in world."""
 
     family = "builtin"
+    view = TextVocabLM
 
     def __init__(self, model: Qwen2ForCausalLM, tokenizer: PreTrainedTokenizerFast, codebook: PatchCodebook,
                  world: str):
@@ -112,9 +114,6 @@ class WorldPolicy(ImagePolicy):
         self.codebook.save(path)
         (path / "policy.json").write_text(json.dumps({"world": self.world}))
 
-    def lm(self, module: torch.nn.Module | None = None) -> TextVocabLM:
-        return TextVocabLM(self.model if module is None else module, self.space)
-
     @staticmethod
     def pixels(path: str | Path, grid: tuple[int, int] | None = None) -> tuple[int, int]:
         return tuple(read_json(path, "codebook.json")["image_shape"])
@@ -149,3 +148,26 @@ class WorldPolicy(ImagePolicy):
     def decode(self, codes: torch.Tensor) -> np.ndarray:
         """codes ``[B, T]`` -> uint8 images ``[B, H, W, 3]``."""
         return self.codebook.decode(codes.cpu().numpy())
+
+
+def skeleton(model: ModelConfig, world: WorldConfig) -> Skeleton:
+    """The memory plan's view: the checkpoint's Qwen2 (else the one SFT would build), 4 x 4 px per code."""
+    if model.path:
+        net = Qwen2ForCausalLM(Qwen2Config(**read_json(model.path)))
+    else:
+        net = Qwen2ForCausalLM(qwen2_config(model, build_tokenizer(world.name, world.codebook_size)))
+    height, width = worlds.get(world.name).IMAGE_SHAPE
+    return Skeleton(net, (height // PATCH) * (width // PATCH), world.codebook_size)
+
+
+def tiny_checkpoint(directory: Path, seed: int = 0) -> None:
+    """An untrained shapes-world policy: 2 layers of width 32, 64 codes fitted on 128 of the world's images."""
+    world = worlds.get("shapes")
+    _, images = world.sample_pairs(world.train_items(), 128, np.random.default_rng(seed))
+    sizes = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
+    WorldPolicy.create(sizes, PatchCodebook.fit(images, 64, seed), seed, "shapes").save_pretrained(directory)
+
+
+FAMILY = Family(policy=WorldPolicy, model_types=("qwen2",),
+                layout=("config.json", "policy.json", "codebook.json", "codebook.npy"),
+                skeleton=skeleton, tiny=tiny_checkpoint, baseline="causal_lm")

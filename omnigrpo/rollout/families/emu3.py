@@ -9,26 +9,29 @@ comes from ``emu3.json`` or ``grid``, decoded by the checkpoint's VQ model at 8 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer, Emu3ForConditionalGeneration
+from transformers import AutoTokenizer, Emu3Config, Emu3ForConditionalGeneration
 
+from omnigrpo.config.schema import ModelConfig, WorldConfig
+from omnigrpo.rollout.families.tiny import BODY, bpe_tokenizer
+from omnigrpo.rollout.family import Family, Skeleton
 from omnigrpo.rollout.hub import read_json
-from omnigrpo.rollout.policy import GridPolicy, ImageLM, ImageSpace, PromptBatch, TextVocabLM, to_uint8
+from omnigrpo.rollout.policy import GridPolicy, ImageSpace, PromptBatch, TextVocabLM, to_uint8
 
 EOL, IMAGE_START, IMAGE_WRAPPER = "<|extra_200|>", "<|image start|>", "<|image token|>"
 
 
 class Emu3LM(TextVocabLM):
-    @property
-    def body(self) -> torch.nn.Module:
-        return self.module.model.text_model
+    body_path = "model.text_model"
 
 
 class Emu3Policy(GridPolicy):
     family = "emu3"
+    view = Emu3LM
     grid_file = "emu3.json"
     default_grid = (90, 90)
 
@@ -61,9 +64,6 @@ class Emu3Policy(GridPolicy):
     def image_vocabulary(path: str | Path) -> int:
         return int(read_json(path)["vq_config"]["codebook_size"])
 
-    def lm(self, module=None) -> ImageLM:
-        return Emu3LM(self.model if module is None else module, self.space)
-
     def prompt_batch(self, prompts: list[str], drop_text: torch.Tensor | None = None) -> PromptBatch:
         prefix = f"{IMAGE_START}{self.space.rows}*{self.space.cols}{IMAGE_WRAPPER}"
         bos = self.tokenizer.bos_token or ""
@@ -77,3 +77,33 @@ class Emu3Policy(GridPolicy):
         pixels = self.model.model.vqmodel.decode(grid)  # [B, 3, H, W] in [-1, 1]
         return to_uint8(pixels)
 
+
+def skeleton(model: ModelConfig, world: WorldConfig) -> Skeleton:
+    """The memory plan's view: the checkpoint's model, and an end-of-line token fed after every row of codes."""
+    config = Emu3Config(**read_json(model.path))
+    rows, cols = Emu3Policy.saved_grid(model.path, tuple(model.image_grid) or None)
+    return Skeleton(Emu3ForConditionalGeneration(config), rows * (cols + 1), config.vq_config.codebook_size)
+
+
+def tiny_checkpoint(directory: Path, seed: int = 0, grid: tuple[int, int] = (8, 8), codes: int = 64) -> None:
+    """Emu3 layout: visual tokens in the vocabulary, EOL per row; 8 x 8 codes of 64, 32 px images."""
+    visual = [f"<|visual token {k:06d}|>" for k in range(codes)]
+    tok = bpe_tokenizer(["<|endoftext|>", "<|extra_203|>", "<|extra_204|>", IMAGE_START, "<|image end|>",
+                         IMAGE_WRAPPER, EOL, "<|extra_201|>", "<image>"],
+                        pad="<|endoftext|>", bos="<|extra_203|>", eos="<|extra_204|>", extra=visual)
+    cfg = Emu3Config(
+        text_config={"vocab_size": len(tok), **BODY, "pad_token_id": tok.pad_token_id,
+                     "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id},
+        vq_config={"codebook_size": codes, "embed_dim": 4, "latent_channels": 4, "base_channels": 32,
+                   "channel_multiplier": [1, 2, 2], "num_res_blocks": 1, "attn_resolutions": [],
+                   "hidden_size": 64, "num_attention_heads": 1},
+        vocabulary_map=tok.get_vocab(),
+    )
+    torch.manual_seed(seed)
+    Emu3ForConditionalGeneration(cfg).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    (Path(directory) / Emu3Policy.grid_file).write_text(json.dumps({"grid": list(grid)}))
+
+
+FAMILY = Family(policy=Emu3Policy, model_types=("emu3",), layout=("config.json",), skeleton=skeleton,
+                tiny=tiny_checkpoint, baseline="vocabulary")

@@ -13,8 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer, JanusForConditionalGeneration
+from transformers import AutoTokenizer, JanusConfig, JanusForConditionalGeneration
 
+from omnigrpo.config.schema import ModelConfig, WorldConfig
+from omnigrpo.rollout.families.tiny import BODY, bpe_tokenizer
+from omnigrpo.rollout.family import Family, Skeleton
 from omnigrpo.rollout.hub import read_json
 from omnigrpo.rollout.policy import ImageLM, ImagePolicy, ImageSpace, PromptBatch, to_uint8
 
@@ -22,9 +25,7 @@ SFT_FORMAT = "<|User|>: {prompt}\n\n<|Assistant|>:"
 
 
 class JanusLM(ImageLM):
-    @property
-    def body(self) -> torch.nn.Module:
-        return self.module.model.language_model
+    body_path = "model.language_model"
 
     def embed_codes(self, codes: torch.Tensor) -> torch.Tensor:
         return self.module.model.generation_aligner(self.module.model.generation_embeddings(codes))
@@ -35,6 +36,7 @@ class JanusLM(ImageLM):
 
 class JanusPolicy(ImagePolicy):
     family = "janus"
+    view = JanusLM
 
     def __init__(self, model: JanusForConditionalGeneration, tokenizer):
         self.model, self.tokenizer = model, tokenizer
@@ -69,9 +71,6 @@ class JanusPolicy(ImagePolicy):
         self.model.save_pretrained(path, state_dict=state_dict)
         self.tokenizer.save_pretrained(path)
 
-    def lm(self, module=None) -> JanusLM:
-        return JanusLM(self.model if module is None else module, self.space)
-
     def prompt_batch(self, prompts: list[str], drop_text: torch.Tensor | None = None) -> PromptBatch:
         bos = self.tokenizer.bos_token or ""  # written out: tokenizers differ on adding it themselves
         texts = [bos + SFT_FORMAT.format(prompt=p) + self.boi for p in prompts]
@@ -88,3 +87,35 @@ class JanusPolicy(ImagePolicy):
         pixels = self.model.decode_image_tokens(codes)  # [B, H, W, 3] in [-1, 1]
         return to_uint8(pixels, channels_first=False)
 
+
+def skeleton(model: ModelConfig, world: WorldConfig) -> Skeleton:
+    """The memory plan's view: every part of the checkpoint (SigLIP encoder and VQ model included), a fixed grid."""
+    config = JanusConfig(**read_json(model.path))
+    net = JanusForConditionalGeneration(config)
+    return Skeleton(net, config.vision_config.num_image_tokens, config.vq_config.num_embeddings)
+
+
+def tiny_checkpoint(directory: Path, seed: int = 0) -> None:
+    """Janus-Pro layout: Llama body, SigLIP encoder, VQ model; 8 x 8 codes of 64, 32 px images."""
+    tok = bpe_tokenizer(["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>", "<begin_of_image>",
+                         "<end_of_image>", "<image_placeholder>", "<|User|>", "<|Assistant|>"],
+                        pad="<｜▁pad▁｜>", bos="<｜begin▁of▁sentence｜>", eos="<｜end▁of▁sentence｜>",
+                        extra_special_tokens={"boi_token": "<begin_of_image>", "eoi_token": "<end_of_image>",
+                                              "image_token": "<image_placeholder>"})
+    cfg = JanusConfig(
+        text_config={"model_type": "llama", "vocab_size": len(tok), **BODY, "pad_token_id": tok.pad_token_id,
+                     "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id},
+        vision_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 128,
+                       "patch_size": 16, "projection_dim": 64, "num_image_tokens": 64},
+        vq_config={"num_embeddings": 64, "embed_dim": 8, "latent_channels": 32, "base_channels": 32,
+                   "channel_multiplier": [1, 2, 2], "num_res_blocks": 1, "projection_dim": 64,
+                   "image_token_embed_dim": 64},
+        image_token_id=tok.convert_tokens_to_ids("<image_placeholder>"),
+    )
+    torch.manual_seed(seed)
+    JanusForConditionalGeneration(cfg).save_pretrained(directory)
+    tok.save_pretrained(directory)
+
+
+FAMILY = Family(policy=JanusPolicy, model_types=("janus",), layout=("config.json",), skeleton=skeleton,
+                tiny=tiny_checkpoint, baseline="image_generate")

@@ -10,21 +10,14 @@ trained in-process (``tokenizers``) carrying each family's special tokens, and w
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    Emu3Config,
-    Emu3ForConditionalGeneration,
-    JanusConfig,
-    JanusForConditionalGeneration,
-    PreTrainedTokenizerFast,
-)
+from transformers import PreTrainedTokenizerFast
 
-from omnigrpo.rollout.families.emu3 import EOL, IMAGE_START, IMAGE_WRAPPER
-from omnigrpo.rollout.families.xomni import XOmniConfig, XOmniForCausalLM
+from omnigrpo.rollout.loader import family_records
 
 CORPUS = [
     "a red circle at the top left", "a blue square at the bottom right", "a green triangle in the middle",
@@ -50,75 +43,25 @@ def bpe_tokenizer(specials: list[str], pad: str, bos: str, eos: str, extra: list
                                    padding_side="left", **named)
 
 
-def janus(directory: Path, seed: int = 0) -> None:
-    """Janus-Pro layout: Llama body, SigLIP encoder, VQ model; 8 x 8 codes of 64, 32 px images."""
-    tok = bpe_tokenizer(["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>", "<begin_of_image>",
-                         "<end_of_image>", "<image_placeholder>", "<|User|>", "<|Assistant|>"],
-                        pad="<｜▁pad▁｜>", bos="<｜begin▁of▁sentence｜>", eos="<｜end▁of▁sentence｜>",
-                        extra_special_tokens={"boi_token": "<begin_of_image>", "eoi_token": "<end_of_image>",
-                                              "image_token": "<image_placeholder>"})
-    cfg = JanusConfig(
-        text_config={"model_type": "llama", "vocab_size": len(tok), **BODY, "pad_token_id": tok.pad_token_id,
-                     "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id},
-        vision_config={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 128,
-                       "patch_size": 16, "projection_dim": 64, "num_image_tokens": 64},
-        vq_config={"num_embeddings": 64, "embed_dim": 8, "latent_channels": 32, "base_channels": 32,
-                   "channel_multiplier": [1, 2, 2], "num_res_blocks": 1, "projection_dim": 64,
-                   "image_token_embed_dim": 64},
-        image_token_id=tok.convert_tokens_to_ids("<image_placeholder>"),
-    )
-    torch.manual_seed(seed)
-    JanusForConditionalGeneration(cfg).save_pretrained(directory)
-    tok.save_pretrained(directory)
-
-
-def emu3(directory: Path, seed: int = 0, grid: tuple[int, int] = (8, 8), codes: int = 64) -> None:
-    """Emu3 layout: visual tokens in the vocabulary, EOL per row; 8 x 8 codes of 64, 32 px images."""
-    visual = [f"<|visual token {k:06d}|>" for k in range(codes)]
-    tok = bpe_tokenizer(["<|endoftext|>", "<|extra_203|>", "<|extra_204|>", IMAGE_START, "<|image end|>",
-                         IMAGE_WRAPPER, EOL, "<|extra_201|>", "<image>"],
-                        pad="<|endoftext|>", bos="<|extra_203|>", eos="<|extra_204|>", extra=visual)
-    cfg = Emu3Config(
-        text_config={"vocab_size": len(tok), **BODY, "pad_token_id": tok.pad_token_id,
-                     "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id},
-        vq_config={"codebook_size": codes, "embed_dim": 4, "latent_channels": 4, "base_channels": 32,
-                   "channel_multiplier": [1, 2, 2], "num_res_blocks": 1, "attn_resolutions": [],
-                   "hidden_size": 64, "num_attention_heads": 1},
-        vocabulary_map=tok.get_vocab(),
-    )
-    torch.manual_seed(seed)
-    Emu3ForConditionalGeneration(cfg).save_pretrained(directory)
-    tok.save_pretrained(directory)
-    (Path(directory) / "emu3.json").write_text(json.dumps({"grid": list(grid)}))
-
-
-def xomni(directory: Path, seed: int = 0, grid: tuple[int, int] = (8, 8), specials_in_mm: bool = False) -> None:
-    """X-Omni layout: 1 + 2 + 1 layers (vision, LM, vision), 64 image codes (80 mm rows). ``specials_in_mm``:
-    ``<MM-Token-k>`` = id ``vocab_size + k`` and ``<SOM>``/``<EOM>``/``<IMAGE>`` after them, in the spare mm
-    rows (the published tokenizer's layout could be either; the model handles both)."""
-    specials = ["<SOM>", "<EOM>", "<IMAGE>"]
-    mm = [f"<MM-Token-{k}>" for k in range(64)] + specials if specials_in_mm else []
-    tok = bpe_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", *([] if specials_in_mm else specials)],
-                        pad="<|endoftext|>", bos="<|im_start|>", eos="<|im_end|>", extra=mm)
-    cfg = XOmniConfig(vocab_size=len(tok) - len(mm), **{**BODY, "num_hidden_layers": 4}, num_mm_adap_layers=1,
-                      num_mm_head_layers=1, mm_vocab_size=80, image_vocab_size=64, tie_word_embeddings=False,
-                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(seed)
-    XOmniForCausalLM(cfg).save_pretrained(directory)
-    tok.save_pretrained(directory)
-    (Path(directory) / "xomni.json").write_text(json.dumps({"grid": list(grid)}))
-
-
-BUILDERS = {"janus": janus, "emu3": emu3, "xomni": xomni}
+def builders() -> dict[str, Callable[..., object]]:
+    """``omnigrpo tiny`` names: each family's tiny checkpoint, and ``decoder`` for the stage that paints a family's
+    codes (every family module is imported)."""
+    out: dict[str, Callable[..., object]] = {}
+    for family in family_records():
+        out[family.name] = family.tiny
+        if family.decoder is not None:
+            out["decoder"] = family.decoder.tiny
+    return out
 
 
 def build(family: str, directory: str | Path, seed: int = 0) -> Path:
-    """Write a tiny random ``family`` checkpoint to ``directory``."""
-    if family not in BUILDERS:
-        raise ValueError(f"no tiny builder for family {family!r}; known: {', '.join(BUILDERS)}")
+    """Write a tiny random ``family`` checkpoint (or, for ``decoder``, a decoder directory) to ``directory``."""
+    known = builders()
+    if family not in known:
+        raise ValueError(f"no tiny builder for family {family!r}; known: {', '.join(known)}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    BUILDERS[family](directory, seed)
+    known[family](directory, seed=seed)
     return directory
 
 

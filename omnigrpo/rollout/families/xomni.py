@@ -10,6 +10,7 @@ describes, loading the published state dict by name: a Qwen2.5 body between visi
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,10 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding
 
+from omnigrpo.config.schema import ModelConfig, WorldConfig
 from omnigrpo.rollout import engine
+from omnigrpo.rollout.families import tiny
+from omnigrpo.rollout.family import Decoder, Family, Skeleton
 from omnigrpo.rollout.hub import read_json
 from omnigrpo.rollout.policy import GridPolicy, ImageLM, ImageSpace, PromptBatch, head_rows
 
@@ -108,10 +112,6 @@ class XOmniForCausalLM(PreTrainedModel):
 
 
 class XOmniLM(ImageLM):
-    @property
-    def body(self) -> XOmniModel:
-        return self.module.model
-
     def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
         return self.body.embed(ids)  # the published mapping: an id at or above vocab_size is an mm row
 
@@ -144,6 +144,7 @@ class XOmniPolicy(GridPolicy):
     code). Pixels come from the diffusion decoder stage; :meth:`decode` alone renders a code map."""
 
     family = "xomni"
+    view = XOmniLM
     grid_file = "xomni.json"
     default_grid = (32, 32)
 
@@ -169,9 +170,6 @@ class XOmniPolicy(GridPolicy):
     def image_vocabulary(path: str | Path) -> int:
         return int(read_json(path)["image_vocab_size"])
 
-    def lm(self, module=None) -> XOmniLM:
-        return XOmniLM(self.model if module is None else module, self.space)
-
     def image_prefix(self) -> str:
         som, _, img = self.model.config.mm_special_tokens
         return f"{som}{self.space.rows} {self.space.cols}{img}"
@@ -189,3 +187,35 @@ class XOmniPolicy(GridPolicy):
         palette = rng.integers(0, 256, size=(self.space.num_codes, 3), dtype=np.uint8)
         grid = palette[codes.cpu().numpy().reshape(-1, self.space.rows, self.space.cols)]
         return grid.repeat(16, 1).repeat(16, 2)
+
+
+def skeleton(model: ModelConfig, world: WorldConfig) -> Skeleton:
+    """The memory plan's view: the checkpoint's model over its ``rows x cols`` code grid."""
+    config = XOmniConfig(**read_json(model.path))
+    rows, cols = XOmniPolicy.saved_grid(model.path, tuple(model.image_grid) or None)
+    return Skeleton(XOmniForCausalLM(config), rows * cols, config.image_vocab_size)
+
+
+def tiny_checkpoint(directory: Path, seed: int = 0, grid: tuple[int, int] = (8, 8), specials_in_mm: bool = False
+                    ) -> None:
+    """X-Omni layout: 1 + 2 + 1 layers (vision, LM, vision), 64 image codes (80 mm rows). ``specials_in_mm``:
+    ``<MM-Token-k>`` = id ``vocab_size + k`` and ``<SOM>``/``<EOM>``/``<IMAGE>`` after them, in the spare mm
+    rows (the published tokenizer's layout could be either; the model handles both)."""
+    specials = ["<SOM>", "<EOM>", "<IMAGE>"]
+    mm = [f"<MM-Token-{k}>" for k in range(64)] + specials if specials_in_mm else []
+    tok = tiny.bpe_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", *([] if specials_in_mm else specials)],
+                             pad="<|endoftext|>", bos="<|im_start|>", eos="<|im_end|>", extra=mm)
+    cfg = XOmniConfig(vocab_size=len(tok) - len(mm), **{**tiny.BODY, "num_hidden_layers": 4}, num_mm_adap_layers=1,
+                      num_mm_head_layers=1, mm_vocab_size=80, image_vocab_size=64, tie_word_embeddings=False,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(seed)
+    XOmniForCausalLM(cfg).save_pretrained(directory)
+    tok.save_pretrained(directory)
+    (Path(directory) / XOmniPolicy.grid_file).write_text(json.dumps({"grid": list(grid)}))
+
+
+DIFFUSION_DECODER = Decoder(tiny=tiny.diffusion_decoder, memory_gib=48.0)
+"""The diffusion decoder (:mod:`omnigrpo.rollout.families.diffusion`): a 12 B FLUX transformer loaded in fp32 by
+diffusers (~45 GiB) plus VAE and projector; a decoder actor needs a GPU of its own."""
+FAMILY = Family(policy=XOmniPolicy, model_types=("x-omni",), layout=("config.json",), skeleton=skeleton,
+                tiny=tiny_checkpoint, decoder=DIFFUSION_DECODER)

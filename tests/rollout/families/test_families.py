@@ -8,9 +8,10 @@ import torch
 from safetensors.torch import save_file
 
 from omnigrpo.config.loader import ConfigError, load_config
-from omnigrpo.rollout.families import tiny
+from omnigrpo.rollout.families import tiny, xomni
 from omnigrpo.rollout.families.xomni import XOmniForCausalLM
-from omnigrpo.rollout.loader import FAMILIES, CheckpointError, check_checkpoint, family_class, load_policy
+from omnigrpo.rollout.loader import FAMILY_NAMES as ALL_FAMILIES
+from omnigrpo.rollout.loader import CheckpointError, check_checkpoint, family_class, load_policy
 from omnigrpo.rollout.sampler import SamplingParams, sample_images, segment_embeds, sequence_logprobs
 
 FAMILY_NAMES = ["janus", "emu3", "xomni"]
@@ -131,7 +132,7 @@ def test_xomni_loads_a_state_dict_in_the_published_naming(family_dirs, tmp_path)
 def test_xomni_with_its_special_tokens_in_the_mm_rows(tmp_path, params):
     """If ``<SOM>``/``<IMAGE>`` sit above the text vocabulary (as ``<MM-Token-k>`` do), they embed from the mm
     table and their positions are image positions (vision blocks, mm_norm): rollout and learner still agree."""
-    tiny.xomni(tmp_path, specials_in_mm=True)
+    xomni.tiny_checkpoint(tmp_path, specials_in_mm=True)
     policy = load_policy("xomni", tmp_path)
     vocab = policy.model.config.vocab_size
     assert policy.tokenizer.convert_tokens_to_ids("<MM-Token-0>") == vocab
@@ -175,7 +176,7 @@ def test_unknown_family_missing_path_and_wrong_vocabulary_fail_before_anything_s
         mp.setenv("HF_HUB_OFFLINE", "1")
         with pytest.raises(CheckpointError, match="HF_HUB_OFFLINE"):
             check_checkpoint("janus", "deepseek-community/Janus-Pro-1B")
-    assert set(FAMILIES) == {"builtin", *FAMILY_NAMES}
+    assert set(ALL_FAMILIES) == {"builtin", *FAMILY_NAMES}
 
 
 def test_diffusion_decoder_takes_flux_dev_settings(tmp_path):
