@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import REFERENCE, TINY, layered, leftovers, policy_weights
@@ -71,6 +72,11 @@ def test_a_checkpoint_written_mid_update_is_not_resumed(tmp_path):
              "num_attention_heads": cfg.model.num_heads, "num_key_value_heads": cfg.model.num_kv_heads,
              "intermediate_size": cfg.model.intermediate_size}
     (root / "step-000002" / "config.json").write_text(json.dumps(shape))
+    with pytest.raises(ConfigError, match="is no whole builtin checkpoint: it lacks policy.json"):
+        check_resume(cfg)
+    for name in ("policy.json", "codebook.json"):
+        (root / "step-000002" / name).write_text("{}")
+    np.save(root / "step-000002" / "codebook.npy", np.zeros((4, 3), dtype=np.float32))
     assert check_resume(cfg)[0] == root / "step-000002"
     (root / "crash-000003").mkdir()  # written later, in the middle of an update
     (root / "crash-000003" / "omnigrpo_step.json").write_text(json.dumps({"step": 3, "written_ns": 2,
