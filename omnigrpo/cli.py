@@ -70,13 +70,19 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--force", action="store_true", help="train again and replace a cached SFT checkpoint")
         if name == "train":
             p.add_argument("--resume", action="store_true", help="same as run.resume=true")
-    text = "score a checkpoint on held-out prompts (or a prompt file) with the configured judges"
+    text = "score a checkpoint on held-out prompts, a prompt file or a benchmark (GenEval, LongText-Bench)"
     p = sub.add_parser("eval", help=text, description=text)
     _config_arguments(p, "YAML config file (world, rewards, sampling settings)")
-    p.add_argument("--checkpoint", required=True, help="policy directory (SFT or a run's checkpoints/...)")
+    p.add_argument("--checkpoint", default="",
+                   help="policy directory (SFT or a run's checkpoints/...); default model.path with --benchmark")
     p.add_argument("--prompts", default="", help="prompt file instead of the world's held-out prompts")
+    p.add_argument("--benchmark", default="", choices=["", "geneval", "longtext", "longtext-zh"],
+                   help="run a benchmark's published protocol with its judge (docs/evaluation.md)")
+    p.add_argument("--limit", type=options.count(0), default=0,
+                   help="with --benchmark: this many prompts, taken in turn from every tag or category (0 = all)")
     p.add_argument("--samples", type=options.count(0), default=0,
-                   help="images per prompt, the N of the pass@k metrics (default eval.samples_per_prompt)")
+                   help="images per prompt, the N of the pass@k metrics (default eval.samples_per_prompt; "
+                        "with --benchmark the protocol's: 4 for GenEval, 1 for LongText-Bench)")
     p.add_argument("--out", default="", help="report path (default <run.dir>/eval/<checkpoint name>.json)")
     p.add_argument("--force", action="store_true", help="write over an existing report")
     text = "benchmarks side by side: sampler vs HF generate, GRPO (in each mode) vs TRL, weight sync, rewards"
@@ -244,9 +250,27 @@ def cmd_sft(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_eval(cfg: Config, args: argparse.Namespace) -> int:
+    if args.benchmark:
+        return cmd_benchmark(cfg, args)
+    if not args.checkpoint:
+        raise ConfigError("--checkpoint: required (or --benchmark, which defaults to model.path)")
+    if args.limit:
+        raise ConfigError("--limit: only with --benchmark")
     from omnigrpo.app.evaluator import evaluate_checkpoint
 
     report = evaluate_checkpoint(cfg, args.checkpoint, args.prompts, args.samples, args.out, args.force)
+    for key, value in report["metrics"].items():
+        print(f"{key:<32} {value:.4f}")
+    print(f"report: {report['report_path']} (MLflow run {report['run_id']})")
+    return 0
+
+
+def cmd_benchmark(cfg: Config, args: argparse.Namespace) -> int:
+    if args.prompts:
+        raise ConfigError("--prompts: a benchmark brings its own prompts; drop --prompts or --benchmark")
+    from omnigrpo.app.benchmark import evaluate_benchmark
+
+    report = evaluate_benchmark(cfg, args.benchmark, args.checkpoint, args.limit, args.samples, args.out, args.force)
     for key, value in report["metrics"].items():
         print(f"{key:<32} {value:.4f}")
     print(f"report: {report['report_path']} (MLflow run {report['run_id']})")

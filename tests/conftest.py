@@ -287,3 +287,23 @@ def feature_run(_session_ray, sft_path, cache_dir, tiny_clip_dir, tmp_path_facto
         "trainer.lr=1e-3", "tracking.image_every=2", f"data.prompts={root / 'prompts.jsonl'}",
         "cluster.reward_workers=2", "rollout.chunks=2", f"rewards={rewards}"])
     return cfg, train(cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_detector_dir(tmp_path_factory):
+    """A tiny random Mask2Former of the real class (COCO's 80 classes, GenEval's names) with its image processor."""
+    import transformers as tf
+
+    from omnigrpo.rewards.judges.geneval_rules import COCO_CLASSES
+
+    directory = tmp_path_factory.mktemp("tiny_detector")
+    backbone = tf.SwinConfig(image_size=64, patch_size=4, embed_dim=32, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
+                             window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"])
+    config = tf.Mask2FormerConfig(backbone_config=backbone, feature_size=32, mask_feature_size=32, hidden_dim=32,
+                                  encoder_feedforward_dim=32, dim_feedforward=32, encoder_layers=1, decoder_layers=2,
+                                  num_attention_heads=2, num_queries=8, id2label=dict(enumerate(COCO_CLASSES)),
+                                  use_pretrained_backbone=False)
+    torch.manual_seed(0)
+    tf.Mask2FormerForUniversalSegmentation(config).save_pretrained(directory)
+    tf.Mask2FormerImageProcessor(size={"shortest_edge": 64, "longest_edge": 128}).save_pretrained(directory)
+    return directory

@@ -152,7 +152,8 @@ def _gpu_plan(name: str, *overrides: str) -> planner.MemoryPlan:
     return planner.plan(load_config(CONFIGS / name, ["cluster.gpu_memory_gb=80", *overrides]))
 
 
-@pytest.mark.parametrize("name", ["janus_pro_1b.yaml", "janus_pro_7b.yaml", "emu3_gen.yaml", "xomni.yaml"])
+@pytest.mark.parametrize("name", ["janus_pro_1b.yaml", "janus_pro_7b.yaml", "emu3_gen.yaml", "xomni.yaml",
+                                  "janus_pro_1b_geneval.yaml", "xomni_longtext.yaml"])
 def test_shipped_gpu_configs_fit_80_gib(name, hub_cache):
     plan = _gpu_plan(name)
     assert plan.fits, planner.render(plan)

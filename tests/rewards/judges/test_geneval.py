@@ -278,24 +278,15 @@ def test_instances_map_masks_from_the_padded_input_back_to_the_image():
 
 
 @pytest.fixture(scope="module")
-def hub_home(tmp_path_factory):
+def hub_home(tmp_path_factory, tiny_detector_dir):
     """An offline hub cache holding a tiny random Mask2Former of the real class under GenEval's default id."""
-    import transformers as tf
+    import shutil
 
     from omnigrpo.rewards.judges.geneval import DETECTOR
 
     home = tmp_path_factory.mktemp("hf")
     entry = home / "hub" / f"models--{DETECTOR.replace('/', '--')}"
-    snapshot = entry / "snapshots" / SHA
-    backbone = tf.SwinConfig(image_size=64, patch_size=4, embed_dim=32, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
-                             window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"])
-    config = tf.Mask2FormerConfig(backbone_config=backbone, feature_size=32, mask_feature_size=32, hidden_dim=32,
-                                  encoder_feedforward_dim=32, dim_feedforward=32, encoder_layers=1, decoder_layers=2,
-                                  num_attention_heads=2, num_queries=8, id2label=dict(enumerate(DETECTRON2_COCO)),
-                                  use_pretrained_backbone=False)
-    torch.manual_seed(0)
-    tf.Mask2FormerForUniversalSegmentation(config).save_pretrained(snapshot)
-    tf.Mask2FormerImageProcessor(size={"shortest_edge": 64, "longest_edge": 128}).save_pretrained(snapshot)
+    shutil.copytree(tiny_detector_dir, entry / "snapshots" / SHA)
     (entry / "refs").mkdir()
     (entry / "refs" / "main").write_text(SHA)
     return home
