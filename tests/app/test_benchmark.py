@@ -139,3 +139,23 @@ def test_training_on_geneval_prompts_with_the_geneval_reward(tmp_path, tiny_janu
     assert min(m.value for m in spread) < 1.0  # some group's verdicts differ: the judge drives the update
     start, final = load_policy("janus", str(tiny_janus)).model, load_policy("janus", summary["checkpoint"]).model
     assert any(not a.equal(b) for a, b in zip(start.parameters(), final.parameters(), strict=True))
+
+
+def test_longtext_end_to_end_on_a_tiny_janus(tmp_path, tiny_janus, tiny_vlm_dir):
+    """LongText-Bench's protocol with a tiny random Qwen2-VL reading the images: one image per prompt, the score
+    and its breakdown by category and length; a random reader matches little, but every image is read."""
+    out = tmp_path / "longtext.json"
+    rewards = json.dumps([{"name": "longtext", "kwargs": {"model": str(tiny_vlm_dir), "device": "cpu",
+                                                          "max_new_tokens": 4}}])
+    code = main(["eval", str(ROOT / "configs" / "janus_pro_1b_geneval.yaml"), "--benchmark", "longtext",
+                 "--limit", "3", "--checkpoint", str(tiny_janus), "--out", str(out), f"run.dir={tmp_path / 'run'}",
+                 "model.image_codes=64", "model.dtype=float32", "rollout.sample_batch=0", f"rewards={rewards}"])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["samples_per_prompt"] == 1 and len(report["images"]) == 3
+    assert len({row["category"] for row in report["images"]}) == 3  # one prompt from each of three categories
+    metrics = report["metrics"]
+    assert 0.0 <= metrics["longtext/score"] <= 1.0 and metrics["longtext/failed"] == 0.0
+    assert {k.split("/")[1] for k in metrics} >= {"score", "category", "length"}
+    matched = sum(row["matched"] for row in report["images"])
+    assert metrics["longtext/score"] == pytest.approx(matched / sum(row["total"] for row in report["images"]))

@@ -14,7 +14,10 @@ from omnigrpo.rewards.registry import build_reward
 from omnigrpo.worlds import glyphs
 from omnigrpo.worlds.text_match import is_chinese, match, match_score, normalise
 
-vlm_dir = test_vlm.vlm_dir  # the tiny random Qwen2-VL of the VLM judge's tests
+
+@pytest.fixture(scope="module")
+def vlm_dir(tiny_vlm_dir):
+    return tiny_vlm_dir
 SHA = "0123456789abcdef0123456789abcdef01234567"
 TARGETS = [{"text": ["GRAND OPENING", "Every day, every night"]}, {"text": "每日新鲜烘焙"}]
 

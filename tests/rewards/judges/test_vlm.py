@@ -17,54 +17,10 @@ from omnigrpo.rewards.transport import ServiceRefused, decode_image
 from omnigrpo.rewards.worker import RewardWorker
 from omnigrpo.worlds import shapes
 
-WORDS = ["yes", "no", "Yes", "No", "Final", "Score:", "1", "2", "3", "4", "5", "Does", "this", "image", "show",
-         "Answer", "or", "a", "red", "circle", "at", "the", "top", "left", "blue", "square", "bottom", "right"]
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
-            "<|video_pad|>"]
-TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {% for c in m['content'] %}"
-            "{% if c['type'] == 'image' %}<|vision_start|> <|image_pad|> <|vision_end|> {% else %}{{ c['text'] }} "
-            "{% endif %}{% endfor %}<|im_end|> {% endfor %}"
-            "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
-
 
 @pytest.fixture(scope="module")
-def vlm_dir(tmp_path_factory):
-    """A tiny random Qwen2-VL saved with save_pretrained, its processor built offline."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import (
-        PreTrainedTokenizerFast,
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessor,
-        Qwen2VLProcessor,
-        Qwen2VLVideoProcessor,
-    )
-
-    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS + ["<unk>"])}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    core.decoder = decoders.WordPiece()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                        unk_token="<unk>", additional_special_tokens=SPECIALS)
-    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16),
-                                 tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(), chat_template=TEMPLATE)
-    config = Qwen2VLConfig(
-        text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                     "num_attention_heads": 2, "num_key_value_heads": 1, "bos_token_id": vocab["<|im_start|>"],
-                     "eos_token_id": vocab["<|im_end|>"],
-                     "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}},
-        vision_config={"depth": 2, "embed_dim": 32, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2,
-                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_chans": 3},
-        image_token_id=vocab["<|image_pad|>"], video_token_id=vocab["<|video_pad|>"],
-        vision_start_token_id=vocab["<|vision_start|>"], vision_end_token_id=vocab["<|vision_end|>"],
-        bos_token_id=vocab["<|im_start|>"], eos_token_id=vocab["<|im_end|>"],
-    )
-    torch.manual_seed(0)
-    directory = tmp_path_factory.mktemp("tiny_qwen2vl")
-    Qwen2VLForConditionalGeneration(config).save_pretrained(directory)
-    processor.save_pretrained(directory)
-    return directory
+def vlm_dir(tiny_vlm_dir):
+    return tiny_vlm_dir
 
 
 def _batch(n=3):
