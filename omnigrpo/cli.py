@@ -80,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="run a benchmark's published protocol with its judge (docs/evaluation.md)")
     p.add_argument("--limit", type=options.count(0), default=0,
                    help="with --benchmark: this many prompts, taken in turn from every tag or category (0 = all)")
+    p.add_argument("--held-out", action="store_true",
+                   help="with --benchmark: only the prompts the config's data.held_out_share keeps out of training")
     p.add_argument("--samples", type=options.count(0), default=0,
                    help="images per prompt, the N of the pass@k metrics (default eval.samples_per_prompt; "
                         "with --benchmark the protocol's: 4 for GenEval, 1 for LongText-Bench)")
@@ -254,8 +256,8 @@ def cmd_eval(cfg: Config, args: argparse.Namespace) -> int:
         return cmd_benchmark(cfg, args)
     if not args.checkpoint:
         raise ConfigError("--checkpoint: required (or --benchmark, which defaults to model.path)")
-    if args.limit:
-        raise ConfigError("--limit: only with --benchmark")
+    if args.limit or args.held_out:
+        raise ConfigError(f"--{'limit' if args.limit else 'held-out'}: only with --benchmark")
     from omnigrpo.app.evaluator import evaluate_checkpoint
 
     report = evaluate_checkpoint(cfg, args.checkpoint, args.prompts, args.samples, args.out, args.force)
@@ -270,7 +272,8 @@ def cmd_benchmark(cfg: Config, args: argparse.Namespace) -> int:
         raise ConfigError("--prompts: a benchmark brings its own prompts; drop --prompts or --benchmark")
     from omnigrpo.app.benchmark import evaluate_benchmark
 
-    report = evaluate_benchmark(cfg, args.benchmark, args.checkpoint, args.limit, args.samples, args.out, args.force)
+    report = evaluate_benchmark(cfg, args.benchmark, args.checkpoint, args.limit, args.samples, args.out, args.force,
+                                args.held_out)
     for key, value in report["metrics"].items():
         print(f"{key:<32} {value:.4f}")
     print(f"report: {report['report_path']} (MLflow run {report['run_id']})")

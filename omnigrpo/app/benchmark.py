@@ -26,7 +26,7 @@ from omnigrpo.config import options
 from omnigrpo.config.loader import ConfigError
 from omnigrpo.config.runtime import checkpoint_eval_seed
 from omnigrpo.config.schema import Config, RewardSpec
-from omnigrpo.data.benchmarks import load_benchmark
+from omnigrpo.data.benchmarks import load_benchmark, split
 from omnigrpo.rewards.judges.longtext import aggregate
 from omnigrpo.rewards.registry import build_reward
 from omnigrpo.rollout.hub import is_local
@@ -157,7 +157,7 @@ def caption(row: dict) -> str:
 
 
 def evaluate_benchmark(cfg: Config, benchmark: str, checkpoint: str = "", limit: int = 0, samples: int = 0,
-                       out: str = "", force: bool = False) -> dict:
+                       out: str = "", force: bool = False, held_out: bool = False) -> dict:
     """Sample the benchmark's prompts, judge them by its rules, report; returns the report (also written to
     ``out`` and logged to MLflow as a run of its own).
 
@@ -166,10 +166,15 @@ def evaluate_benchmark(cfg: Config, benchmark: str, checkpoint: str = "", limit:
         checkpoint: a policy directory; empty = the config's ``model.path``.
         limit: prompts evaluated (taken in turn from every tag or category); 0 = all.
         samples: images per prompt; 0 = the protocol's.
+        held_out: only the prompts the config's ``data.held_out_share`` split keeps out of training.
     """
     protocol = PROTOCOLS[benchmark]
     path, _, _ = check_eval(cfg, checkpoint or policy_dir(cfg.model.path), "")
     prompts, metadata = load_benchmark(benchmark)
+    if held_out:
+        if not cfg.data.held_out_share:
+            raise ConfigError("--held-out: data.held_out_share is 0, so no prompt is held out")
+        _, (prompts, metadata) = split(prompts, metadata, cfg.data.held_out_share, cfg.data.held_out_seed)
     chosen = subset(metadata, protocol.group, limit)
     prompts, metadata = [prompts[i] for i in chosen], [metadata[i] for i in chosen]
     per_prompt = samples or protocol.per_prompt
@@ -201,6 +206,8 @@ def evaluate_benchmark(cfg: Config, benchmark: str, checkpoint: str = "", limit:
     for i, row in enumerate(rows):
         row.update(prompt=prompts[i // per_prompt], sample=i % per_prompt)
     report = {"benchmark": benchmark, "protocol": f"{benchmark}-protocol", "checkpoint": str(path),
+              "prompts": f"held out by data.held_out_share={cfg.data.held_out_share}, seed {cfg.data.held_out_seed}"
+              if held_out else "all",
               "model": {"path": cfg.model.path, "family": cfg.model.family}, "seed": seed,
               "sampling": dataclasses.asdict(cfg.rollout), "num_prompts": len(prompts), "limit": limit,
               "samples_per_prompt": per_prompt, "judge": judge_versions(spec, protocol.packages),

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from omnigrpo.app.benchmark import caption, geneval_scores, longtext_scores, subset
 from omnigrpo.cli import main
-from omnigrpo.data.benchmarks import load_benchmark
+from omnigrpo.data.benchmarks import load_benchmark, split
 from omnigrpo.rewards.judges.geneval_rules import Check, Verdict
 from omnigrpo.rewards.judges.longtext import Reading
 from omnigrpo.rollout.families import tiny
@@ -148,11 +148,14 @@ def test_longtext_end_to_end_on_a_tiny_janus(tmp_path, tiny_janus, tiny_vlm_dir)
     rewards = json.dumps([{"name": "longtext", "kwargs": {"model": str(tiny_vlm_dir), "device": "cpu",
                                                           "max_new_tokens": 4}}])
     code = main(["eval", str(ROOT / "configs" / "janus_pro_1b_geneval.yaml"), "--benchmark", "longtext",
-                 "--limit", "3", "--checkpoint", str(tiny_janus), "--out", str(out), f"run.dir={tmp_path / 'run'}",
-                 "model.image_codes=64", "model.dtype=float32", "rollout.sample_batch=0", f"rewards={rewards}"])
+                 "--limit", "3", "--held-out", "--checkpoint", str(tiny_janus), "--out", str(out),
+                 f"run.dir={tmp_path / 'run'}", "data.held_out_share=0.5", "model.image_codes=64",
+                 "model.dtype=float32", "rollout.sample_batch=0", f"rewards={rewards}"])
     assert code == 0
     report = json.loads(out.read_text())
     assert report["samples_per_prompt"] == 1 and len(report["images"]) == 3
+    _, (held, _) = split(*load_benchmark("longtext"), 0.5, 0)  # only prompts the training split leaves out
+    assert report["prompts"].startswith("held out") and {row["prompt"] for row in report["images"]} <= set(held)
     assert len({row["category"] for row in report["images"]}) == 3  # one prompt from each of three categories
     metrics = report["metrics"]
     assert 0.0 <= metrics["longtext/score"] <= 1.0 and metrics["longtext/failed"] == 0.0
