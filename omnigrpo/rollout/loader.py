@@ -1,8 +1,9 @@
 """Model families by name: load a policy from a hub id or a directory, and check a checkpoint early.
 
-Why: ``model.family`` picks the family class; the table below names each by a string, so a run only
-imports the family it uses (Janus, Emu3 and X-Omni pull in large parts of transformers). This is one
-of the two places that import omnigrpo modules by name (``docs/design.md``).
+Why: ``model.family`` picks the family's record (``omnigrpo.rollout.family.Family``, one per module under
+``rollout/families``), imported by name so a run only imports the family it uses (Janus, Emu3 and X-Omni
+pull in large parts of transformers). This is one of the two places that import omnigrpo modules by name
+(``docs/design.md``).
 """
 
 from __future__ import annotations

@@ -1,11 +1,9 @@
 """Tiny random checkpoints of every model family, built offline: ``omnigrpo tiny FAMILY DIR``.
 
 Why: a config for Janus-Pro-7B should be debugged in seconds on a laptop before it meets eight GPUs,
-and tests need each family's real classes without a download. These builders instantiate the *same*
-classes the real checkpoints load into (``JanusForConditionalGeneration``, ``Emu3ForConditionalGeneration``,
-our ``XOmniForCausalLM``) from small configs with the real shape logic, with a byte-level BPE tokenizer
-trained in-process (``tokenizers``) carrying each family's special tokens, and write them with
-``save_pretrained``: the directory is a valid ``model.path`` for its family.
+and tests need each family's real classes without a download. Each family's record names its builder (in the
+family's module), which writes the *same* classes the real checkpoints load into from small configs; this module
+holds what they share (a byte-level BPE tokenizer trained in-process) and picks a builder by name.
 """
 
 from __future__ import annotations
