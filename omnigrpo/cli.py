@@ -240,14 +240,15 @@ def cmd_train(cfg: Config, args: argparse.Namespace) -> int:
         before, after = summary["before"][key], summary["after"][key]
         print(f"held-out {key[5:]:<12} before RL {before:.3f}, after RL {after:.3f} ({after - before:+.3f})")
     print(f"final checkpoint: {summary['checkpoint']}")
-    print(f"MLflow run {summary['run_id']}: mlflow ui --backend-store-uri {store_uri(cfg)} --host 127.0.0.1")
+    store = store_uri(cfg.tracking, cfg.run.dir)
+    print(f"MLflow run {summary['run_id']}: mlflow ui --backend-store-uri {store} --host 127.0.0.1")
     return 0
 
 
 def cmd_sft(cfg: Config, args: argparse.Namespace) -> int:
     from omnigrpo.trainers.sft import sft_checkpoint
 
-    print(sft_checkpoint(cfg, replace=args.force))
+    print(sft_checkpoint(cfg.sft, cfg.model, cfg.world, cfg.run, replace=args.force))
     return 0
 
 
@@ -310,14 +311,16 @@ def cmd_plan(cfg: Config, args: argparse.Namespace) -> int:
 def cmd_curves(cfg: Config, args: argparse.Namespace) -> int:
     from omnigrpo.app.tracking import default_curve_keys, latest_run_id, plot_curves
 
-    keys = default_curve_keys(cfg) if args.keys is None else [k.strip() for k in args.keys.split(",") if k.strip()]
+    keys = default_curve_keys(cfg.world.name) if args.keys is None else \
+        [k.strip() for k in args.keys.split(",") if k.strip()]
     if not keys:
         raise ConfigError(f"--keys: {args.keys!r} names no metric (comma-separated keys, e.g. reward/total/mean)")
     options.writable(Path(args.out), "--out", args.force)
     from mlflow.exceptions import MlflowException
 
     try:
-        print(plot_curves(cfg, args.run_id or latest_run_id(cfg), keys, args.out))
+        run_id = args.run_id or latest_run_id(cfg.tracking, cfg.run.dir)
+        print(plot_curves(cfg.tracking, cfg.run.dir, run_id, keys, args.out))
     except KeyError as err:  # a metric the run never logged
         raise ConfigError(f"--keys: {err.args[0]}") from None
     except FileNotFoundError as err:  # no training run in the store
@@ -335,8 +338,8 @@ def cmd_submit(cfg: Config, args: argparse.Namespace) -> int:
     print(payload.listing(), flush=True)
     with job_errors(args):  # a dry run sends nothing and needs no address
         print("dry run: nothing sent" if args.dry_run else jobs.submit(
-            cfg, Path(args.config).name, _address(args), submission_id=args.job_id, timeout=args.timeout,
-            payload=payload))
+            payload, Path(args.config).name, _address(args), cfg.cluster.stop_grace_s, submission_id=args.job_id,
+            timeout=args.timeout))
     return 0
 
 

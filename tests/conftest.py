@@ -97,7 +97,7 @@ def sft_path(cache_dir) -> Path:
     from omnigrpo.trainers.sft import sft_checkpoint
 
     cfg = load_config(None, [*TINY, f"run.cache_dir={cache_dir}"])
-    return sft_checkpoint(cfg, threads=2)
+    return sft_checkpoint(cfg.sft, cfg.model, cfg.world, cfg.run, threads=2)
 
 
 REFERENCE = ("trainer.lr=3e-3", "eval.every=0", "tracking.image_every=0", "rollout.top_k=30", "trainer.steps=4")
@@ -130,7 +130,7 @@ def metric_values(cfg: Config, run_id: str, key: str) -> list[float]:
 
     from omnigrpo.app.tracking import history, store_uri
 
-    return [m.value for m in history(MlflowClient(store_uri(cfg)), run_id, key)]
+    return [m.value for m in history(MlflowClient(store_uri(cfg.tracking, cfg.run.dir)), run_id, key)]
 
 
 def refused(main, argv: list[str], capsys, *needles: str) -> str:
@@ -180,7 +180,7 @@ def _connect() -> None:
     os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [str(PLUGINS), str(EXAMPLES), saved["PYTHONPATH"]])),
                       OMNIGRPO_TEST_IN_RAY="1", OMNIGRPO_TEST_DRIVER_PID=str(os.getpid()))
     try:
-        actors.connect(load_config(None, TINY))
+        actors.connect(load_config(None, TINY).cluster)
     finally:
         for key, value in saved.items():
             if value is None:

@@ -60,7 +60,7 @@ def test_every_metric_a_run_logs_is_documented(reference_run):
     from omnigrpo.app.tracking import store_uri
 
     cfg, summary = reference_run
-    logged = MlflowClient(store_uri(cfg)).get_run(summary["run_id"]).data.metrics
+    logged = MlflowClient(store_uri(cfg.tracking, cfg.run.dir)).get_run(summary["run_id"]).data.metrics
     patterns = documented_metrics()
     missing = sorted(k for k in logged if not any(p.match(k) for p in patterns))
     assert len(logged) > 30 and not missing, missing

@@ -1,5 +1,5 @@
-"""The package's layers hold: imports only go down, modules are loaded by name in two tables only, and
-loading a config stays light."""
+"""The package's layers hold: imports only go down, modules are loaded by name in two tables only, components
+below the application take config sections, and loading a config stays light."""
 
 from __future__ import annotations
 
@@ -37,6 +37,28 @@ def test_modules_are_loaded_by_name_only_in_the_two_tables():
 def test_the_scan_sees_every_form():
     code = "import importlib\nfrom importlib import import_module\nimport importlib.util\nx = __import__('os')\n"
     assert _loads_by_name(ast.parse(code)) == [1, 2, 3, 4]
+
+
+SECTIONS_ONLY = ("trainers", "rollout", "rewards", "sync", "cluster", "data", "worlds")
+"""Packages whose components take config sections or plain arguments, never the whole ``Config``."""
+WHOLE_CONFIG = {"omnigrpo/cluster/actors.py", "omnigrpo/cluster/payload.py"}  # the actors' wiring; a job's payload
+
+
+def _whole_config_imports(tree: ast.AST) -> list[int]:
+    """Lines that import the whole ``Config`` class from the schema."""
+    return [node.lineno for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+            and node.module == "omnigrpo.config.schema" and any(a.name == "Config" for a in node.names)]
+
+
+def test_components_below_the_application_take_config_sections():
+    found = {str(p.relative_to(ROOT)): _whole_config_imports(ast.parse(p.read_text()))
+             for p in PACKAGE.rglob("*.py") if p.relative_to(PACKAGE).parts[0] in SECTIONS_ONLY}
+    assert {path for path, lines in found.items() if lines} == WHOLE_CONFIG, found
+
+
+def test_the_config_scan_sees_the_whole_config_only():
+    code = "from omnigrpo.config.schema import Config, RunConfig\nfrom omnigrpo.config.schema import TrainerConfig\n"
+    assert _whole_config_imports(ast.parse(code)) == [1]
 
 
 def test_lint_imports_keeps_every_contract():

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from omnigrpo.config.schema import Config
+from omnigrpo.config.schema import AlarmConfig, RewardSpec
 
 
 def slope(values: list[float]) -> float:
@@ -30,15 +30,17 @@ def slope(values: list[float]) -> float:
 
 @dataclass
 class CollapseAlarm:
-    """Watches the step metrics of one run; :meth:`observe` returns the alarms raised at this step."""
+    """Watches the step metrics of one run (``alarm.*``, the watchdogs among its ``rewards``); :meth:`observe`
+    returns the alarms raised at this step."""
 
-    cfg: Config
+    alarm: AlarmConfig
+    rewards: list[RewardSpec]
     history: dict[str, list[float]] = field(default_factory=dict)
     raised: list[str] = field(default_factory=list)
 
     @property
     def watched(self) -> list[str]:
-        return [f"reward/{r.key}/mean" for r in self.cfg.rewards if r.watch]
+        return [f"reward/{r.key}/mean" for r in self.rewards if r.watch]
 
     def observe(self, metrics: dict[str, float]) -> dict[str, str]:
         """Record this step's figures; ``{kind: message}`` for each alarm raised now (once per run and kind)."""
@@ -51,7 +53,7 @@ class CollapseAlarm:
         return new
 
     def _collapse(self) -> dict[str, str]:
-        a, n = self.cfg.alarm, self.cfg.alarm.window
+        a, n = self.alarm, self.alarm.window
         group = self.history["diversity/group"]
         if not a.diversity_share or len(group) < 2 * n:
             return {}
@@ -62,7 +64,7 @@ class CollapseAlarm:
         return {}
 
     def _watchdogs(self) -> dict[str, str]:
-        a, n = self.cfg.alarm, self.cfg.alarm.window
+        a, n = self.alarm, self.alarm.window
         total = self.history["reward/total/mean"][-n:]
         if not a.watch_slopes or len(total) < n or not np.isfinite(total).all() or slope(total) <= 0:
             return {}

@@ -107,18 +107,19 @@ def train(cfg: Config, stop_on_sigterm: bool = False, plan: preflight.RunPlan | 
     run_dir.mkdir(parents=True, exist_ok=True)
     # a resumed run starts from its checkpoint, with its run state's reference: no SFT to find or train
     model_path = "" if plan.state is not None else (
-        absolute(cfg.model.path) or str(sft_checkpoint(cfg, cfg.cluster.torch_threads or None)))
+        absolute(cfg.model.path) or str(sft_checkpoint(cfg.sft, cfg.model, cfg.world, cfg.run,
+                                                       cfg.cluster.torch_threads or None)))
     cursor = PromptCursor(plan.prompts, plan.metadata, seed=cfg.run.seed)
     started_ray = not ray.is_initialized()
-    actors.connect(cfg)
+    actors.connect(cfg.cluster)
     STOP.clear()
     previous = signal.getsignal(signal.SIGTERM)
     if stop_on_sigterm:
         install_stop_handler()
-    tracker = Tracker(cfg)
+    tracker = Tracker.from_config(cfg)
     workers = None
     try:
-        extensions = str(cache_root(cfg) / "torch_extensions")
+        extensions = str(cache_root(cfg.run.cache_dir) / "torch_extensions")
         state = plan.state
         STARTING.set()
         if state is None:
@@ -188,9 +189,9 @@ class Loop:
         start = self.start_state
         first = start.step + 1
         self.version = start.version
-        self.ahead = Lookahead(cfg, self.workers, self.cursor)
+        self.ahead = Lookahead(cfg.rollout, cfg.trainer, self.workers, self.cursor)
         self.ahead.restore(start.ahead)
-        self.alarm = CollapseAlarm(cfg)
+        self.alarm = CollapseAlarm(cfg.alarm, cfg.rewards)
         self.alarm.restore(start.alarm)
         progress = Progress(cfg.trainer.steps, first)
         step = first - 1

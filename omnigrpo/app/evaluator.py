@@ -24,7 +24,7 @@ from omnigrpo.app.tracking import Tracker
 from omnigrpo.config import options
 from omnigrpo.config.loader import ConfigError
 from omnigrpo.config.runtime import checkpoint_eval_seed
-from omnigrpo.config.schema import Config
+from omnigrpo.config.schema import Config, RewardSpec
 from omnigrpo.rewards.judges.ocr import exact_score, shared_reader, target_text, word_recall
 from omnigrpo.rewards.registry import build_reward
 from omnigrpo.rewards.worker import JudgeStartError, RewardWorker
@@ -76,16 +76,16 @@ def style_metrics(styles: list, correct: list[float | None], per_prompt: int) ->
     return metrics
 
 
-def text_metrics(cfg: Config, images: np.ndarray, prompts: list[str], metadata: list[dict],
+def text_metrics(rewards: list[RewardSpec], images: np.ndarray, prompts: list[str], metadata: list[dict],
                  per_prompt: int = 1) -> dict[str, float]:
     """OCR word recall and exact match of the text the prompts quote (LongText-Bench style), and exact
     match's pass@k; empty when no prompt asks for text. Each image is read once, with the options of a
-    configured ``ocr`` reward, if any."""
+    ``ocr`` reward among ``rewards``, if any."""
     asked = [(i, text) for i, (p, m) in enumerate(zip(prompts, metadata, strict=True))
              if (text := target_text(p, m))]
     if not asked:
         return {}
-    options = next((dict(r.kwargs) for r in cfg.rewards if r.name == "ocr"), {})
+    options = next((dict(r.kwargs) for r in rewards if r.name == "ocr"), {})
     options.pop("score", None)
     reader = shared_reader(**options)
     readings = [(reader.read(images[i]), text) for i, text in asked]
@@ -138,7 +138,7 @@ def paint(cfg: Config, codes, grid: tuple[int, int]) -> np.ndarray:
     """Images ``[N, H, W, 3]`` of ``codes`` ``[N, T]`` from the run's diffusion decoder (``decoder.*``)."""
     from omnigrpo.rollout.families.diffusion import DiffusionDecoder
 
-    decoder = DiffusionDecoder.from_config(cfg, checkpoint_eval_seed(cfg.run.seed), cfg.cluster.torch_threads)
+    decoder = DiffusionDecoder.from_config(cfg.decoder, checkpoint_eval_seed(cfg.run.seed), cfg.cluster.torch_threads)
     decoder.setup()
     return decoder.decode(codes, grid)
 
@@ -163,7 +163,9 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, prompts_source: str = "", 
         rewards.setup()  # builds every judge first: a bad reward fails before any sampling
     except JudgeStartError as err:
         raise ConfigError(str(err)) from None
-    rollout = RolloutWorker.from_config(cfg, str(path), checkpoint_eval_seed(cfg.run.seed), cfg.cluster.torch_threads)
+    rollout = RolloutWorker.from_config(cfg.rollout, cfg.model, str(path), checkpoint_eval_seed(cfg.run.seed),
+                                        cfg.cluster.torch_threads, decode=not cfg.decoder.path,
+                                        release=cfg.cluster.placement == "colocated")
     rollout.setup()
     batch = rollout.generate(prompts, metadata, per_prompt)
     if cfg.decoder.path:  # X-Omni: the configured diffusion decoder paints the codes, as in training
@@ -172,7 +174,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, prompts_source: str = "", 
     metrics = {"eval/reward_mean": float(np.nanmean(result.total)) if result.valid.any() else float("nan"),
                **result.metrics(prefix="eval/reward")}
     if prompts_source:
-        metrics.update(text_metrics(cfg, batch.images, batch.prompts, batch.metadata, per_prompt))
+        metrics.update(text_metrics(cfg.rewards, batch.images, batch.prompts, batch.metadata, per_prompt))
     else:
         metrics.update(world_metrics(cfg.world.name, batch.images, batch.prompts, batch.metadata, per_prompt))
     per_prompt_rows = []
@@ -186,7 +188,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, prompts_source: str = "", 
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(report, indent=2))
     tracking = dataclasses.replace(cfg.tracking, run_name=cfg.tracking.run_name or f"eval:{path.name}")
-    tracker = Tracker(dataclasses.replace(cfg, tracking=tracking))
+    tracker = Tracker.from_config(dataclasses.replace(cfg, tracking=tracking))
     report["run_id"] = tracker.start()
     tracker.log(metrics, 0)
     tracker.log_dict(report, "eval_report.json")

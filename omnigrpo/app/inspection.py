@@ -15,7 +15,7 @@ from pathlib import Path
 from omnigrpo.app.state import NotARunState, RunState
 from omnigrpo.config.inputs import read_input
 from omnigrpo.config.loader import ConfigError
-from omnigrpo.config.schema import Config
+from omnigrpo.config.schema import Config, ModelConfig
 from omnigrpo.rollout.loader import CheckpointError, check_checkpoint
 
 
@@ -38,7 +38,7 @@ def check_resume(cfg: Config) -> tuple[Path, RunState]:
                           f"{str(err).splitlines()[0] if str(err) else ''}); remove that checkpoint to resume the one "
                           "before it") from None
     state = check_state(cfg, data, resume_from / "run_state.pt")
-    check_same_model(cfg, resume_from)
+    check_same_model(cfg.model, resume_from)
     info = readable_json(resume_from / "omnigrpo_step.json", "run.resume")
     if "version" in info and info["version"] != state.version:
         raise ConfigError(f"run.resume: {resume_from} holds weights v{info['version']} but a run state of v"
@@ -67,7 +67,7 @@ def check_state(cfg: Config, state: object, path: Path) -> RunState:
                           "to resume the one before it") from None
     reference = run.reference_path
     local = Path(reference).is_absolute()
-    if local and Path(reference).resolve().is_relative_to(cache_root(cfg) / "sft"):
+    if local and Path(reference).resolve().is_relative_to(cache_root(cfg.run.cache_dir) / "sft"):
         check_loadable(Path(reference), "run.resume")
     elif reference != absolute(cfg.model.path):
         raise ConfigError(f"run.resume: {path} names {reference!r} as the run's starting policy, which is neither "
@@ -104,18 +104,18 @@ SHAPE_KEYS = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "
 """``model.*`` keys of the built-in policy and the ``config.json`` keys that hold them."""
 
 
-def check_same_model(cfg: Config, checkpoint: Path) -> None:
+def check_same_model(model: ModelConfig, checkpoint: Path) -> None:
     """A resumed checkpoint must be of the configured family and (built-in policy) shape: otherwise the run would
     train a new SFT for the new shape and then resume the old weights without a word."""
     saved = readable_json(checkpoint / "config.json", "run.resume")
     try:
-        check_checkpoint(cfg.model.family, str(checkpoint), cfg.model.image_codes or None)
+        check_checkpoint(model.family, str(checkpoint), model.image_codes or None)
     except CheckpointError as err:
         raise ConfigError(f"run.resume: {checkpoint}: {str(err).partition(': ')[2]}") from None
-    if cfg.model.family != "builtin" or cfg.model.path:
+    if model.family != "builtin" or model.path:
         return
-    differ = [f"model.{ours} is {getattr(cfg.model, ours)} but the checkpoint has {saved.get(theirs)}"
-              for ours, theirs in SHAPE_KEYS.items() if saved.get(theirs) != getattr(cfg.model, ours)]
+    differ = [f"model.{ours} is {getattr(model, ours)} but the checkpoint has {saved.get(theirs)}"
+              for ours, theirs in SHAPE_KEYS.items() if saved.get(theirs) != getattr(model, ours)]
     if differ:
         raise ConfigError(f"run.resume: {checkpoint} holds a policy of another shape: " + "; ".join(differ))
 

@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from omnigrpo.cluster import actors, shards
-from omnigrpo.config.schema import Config
+from omnigrpo.config.schema import RolloutConfig, TrainerConfig
 from omnigrpo.data.cursor import PromptCursor
 from omnigrpo.rewards.worker import RewardResult
 from omnigrpo.rollout.worker import RolloutBatch
@@ -46,7 +46,8 @@ class Drawn:
 class Lookahead:
     """The queue of batches for steps ``next_step ..`` drawn so far, and the one being drawn in the background."""
 
-    cfg: Config
+    rollout: RolloutConfig
+    trainer: TrainerConfig
     workers: actors.Workers
     cursor: PromptCursor
     ready: deque = field(default_factory=deque)
@@ -56,22 +57,21 @@ class Lookahead:
 
     @property
     def lag(self) -> int:
-        return self.cfg.trainer.max_staleness
+        return self.trainer.max_staleness
 
     def draw(self, version: int) -> Drawn:
         """Sample and judge the next prompts of the cursor with the rollouts' current weights (``version``)."""
-        cfg, timings = self.cfg, {}
-        prompts, metadata = self.cursor.take(cfg.rollout.prompts_per_step)
-        batch, result = shards.generate_and_score(self.workers, prompts, metadata, cfg.rollout.group_size,
-                                                  cfg.rollout.chunks, timings)
+        ro, timings = self.rollout, {}
+        prompts, metadata = self.cursor.take(ro.prompts_per_step)
+        batch, result = shards.generate_and_score(self.workers, prompts, metadata, ro.group_size, ro.chunks, timings)
         return Drawn(batch, result, timings, version)
 
     def take(self, step: int, version: int) -> Drawn:
         """Batch ``step``; starts drawing batch ``step + lag`` (if the run has that step) in the background."""
-        wanted = min(max(self.lag, 1), self.cfg.trainer.steps - step + 1)  # batches step .. step + lag - 1
+        wanted = min(max(self.lag, 1), self.trainer.steps - step + 1)  # batches step .. step + lag - 1
         while len(self.ready) < wanted:
             self.ready.append(self.draw(version))
-        if self.lag and step + self.lag <= self.cfg.trainer.steps:
+        if self.lag and step + self.lag <= self.trainer.steps:
             self.running = self.pool.submit(self.draw, version)
         return self.ready.popleft()
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 
 from omnigrpo.app.sizing import PROMPT_TOKENS, ModelSize, model_size
 from omnigrpo.config.roles import Role
-from omnigrpo.config.schema import Config
+from omnigrpo.config.schema import Config, RewardSpec, RolloutConfig
 from omnigrpo.rollout.graphs import bucketed
 from omnigrpo.rollout.loader import family_record
 
@@ -72,11 +72,11 @@ class MemoryPlan:
                 "gpus": [asdict(g) for g in self.gpus], "host_ahead_bytes": self.host_ahead}
 
 
-def ahead_bytes(cfg: Config, size: ModelSize) -> int:
-    """Host bytes of the ``trainer.max_staleness`` batches the driver holds: per sample int64 codes and fp32
-    log-probs per image token, and the uint8 RGB image."""
+def ahead_bytes(max_staleness: int, batch_size: int, size: ModelSize) -> int:
+    """Host bytes of the ``trainer.max_staleness`` batches of ``batch_size`` samples the driver holds: per sample
+    int64 codes and fp32 log-probs per image token, and the uint8 RGB image."""
     per_sample = size.image_tokens * (8 + 4) + size.image_tokens * PIXELS_PER_CODE * 3
-    return cfg.trainer.max_staleness * cfg.batch_size * per_sample
+    return max_staleness * batch_size * per_sample
 
 
 def activation_bytes(cfg: Config, size: ModelSize, prompt_tokens: int = PROMPT_TOKENS) -> int:
@@ -119,11 +119,12 @@ def learner_memory(cfg: Config, size: ModelSize, prompt_tokens: int = PROMPT_TOK
     }
 
 
-def sampler_rows(cfg: Config) -> int:
-    """Rows of one sampler call: images per call (``rollout.sample_batch`` or the actor's share), x2 with CFG."""
-    share = -(-cfg.batch_size // cfg.samplers)
-    images = min(cfg.rollout.sample_batch, share) if cfg.rollout.sample_batch else share
-    return images * (2 if cfg.rollout.cfg_scale != 1.0 else 1)
+def sampler_rows(rollout: RolloutConfig, samplers: int) -> int:
+    """Rows of one sampler call: images per call (``rollout.sample_batch`` or a sampler's share of the step, one
+    of ``samplers``), x2 with CFG."""
+    share = -(-rollout.batch_size // samplers)
+    images = min(rollout.sample_batch, share) if rollout.sample_batch else share
+    return images * (2 if rollout.cfg_scale != 1.0 else 1)
 
 
 def rollout_memory(cfg: Config, size: ModelSize, prompt_tokens: int = PROMPT_TOKENS) -> dict[str, int]:
@@ -131,7 +132,7 @@ def rollout_memory(cfg: Config, size: ModelSize, prompt_tokens: int = PROMPT_TOK
     graphs the cache is the one held for the actor's life, its length rounded up to whole attention spans, and the
     graphs' shared pool holds one step's temporaries (counted as a second set of logits)."""
     b = 2 if cfg.model.dtype == "bfloat16" else 4
-    rows = sampler_rows(cfg)
+    rows = sampler_rows(cfg.rollout, cfg.samplers)
     length = prompt_tokens + size.image_tokens
     graphs = cfg.rollout.cuda_graphs
     if graphs:
@@ -141,10 +142,10 @@ def rollout_memory(cfg: Config, size: ModelSize, prompt_tokens: int = PROMPT_TOK
     return {"weights": size.params * b, "kv_cache": kv, "logits": logits, **({"graph pool": logits} if graphs else {})}
 
 
-def reward_memory(cfg: Config) -> dict[str, int]:
-    """One reward actor's bytes: every configured judge (each actor holds all of them)."""
+def reward_memory(rewards: list[RewardSpec]) -> dict[str, int]:
+    """One reward actor's bytes: every judge of ``rewards`` (each actor holds all of them)."""
     out = {}
-    for i, spec in enumerate(cfg.rewards):
+    for i, spec in enumerate(rewards):
         gib = spec.memory_gb or JUDGE_GIB.get(spec.name, 0.0)
         if spec.name.startswith("url:") or spec.kwargs.get("backend") == "openai":
             gib = spec.memory_gb  # served elsewhere: nothing on this GPU unless stated
@@ -164,7 +165,7 @@ def plan(cfg: Config, prompt_tokens: int = PROMPT_TOKENS) -> MemoryPlan:
     c = cfg.cluster
     context = int(CONTEXT_GIB * GIB)
     parts = {Role.LEARNER: learner_memory(cfg, size, prompt_tokens),
-             Role.ROLLOUT: rollout_memory(cfg, size, prompt_tokens), Role.REWARD: reward_memory(cfg),
+             Role.ROLLOUT: rollout_memory(cfg, size, prompt_tokens), Role.REWARD: reward_memory(cfg.rewards),
              Role.DECODER: decoder_memory(cfg.model.family)}
     if c.placement == "hybrid":  # each learner rank samples too: the policy once, plus its sampling phase
         sampling = parts.pop(Role.ROLLOUT)
@@ -191,7 +192,7 @@ def plan(cfg: Config, prompt_tokens: int = PROMPT_TOKENS) -> MemoryPlan:
             per_gpu = max(1, min(r.count, int(1 / r.gpus + 1e-9))) if r.gpus < 1 else 1
             gpus.append(GpuLoad([f"{r.role} x{per_gpu}"], r.total * per_gpu))
     known = int(c.gpu_memory_gb * GIB) if c.gpu_memory_gb else None
-    return MemoryPlan(size, roles, gpus, known, ahead_bytes(cfg, size))
+    return MemoryPlan(size, roles, gpus, known, ahead_bytes(cfg.trainer.max_staleness, cfg.batch_size, size))
 
 
 def render(p: MemoryPlan) -> str:

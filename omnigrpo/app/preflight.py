@@ -21,7 +21,7 @@ from omnigrpo.app.inspection import check_loadable, check_resume, readable_json
 from omnigrpo.app.state import RunState
 from omnigrpo.cluster.payload import Payload, gather
 from omnigrpo.config.loader import ConfigError
-from omnigrpo.config.schema import Config
+from omnigrpo.config.schema import Config, DataConfig, DecoderConfig, ModelConfig, RewardSpec, TrainerConfig
 from omnigrpo.config.validation import SECRET_WORDS
 from omnigrpo.data.benchmarks import split
 from omnigrpo.data.prompts import PromptFileError, load_prompts
@@ -47,11 +47,11 @@ def check_run(cfg: Config) -> RunPlan:
     """Everything a training run needs that can be checked without a cluster; raises ConfigError."""
     check_run_dir(cfg.run.dir)
     check_tracking(cfg.tracking.uri)
-    prompts, metadata = training_prompts(cfg)
-    check_decoder(cfg)
-    check_style_options(cfg)
+    prompts, metadata = training_prompts(cfg.data)
+    check_decoder(cfg.model, cfg.decoder)
+    check_style_options(cfg.trainer, cfg.world.name)
     if cfg.model.path:
-        check_model(cfg)
+        check_model(cfg.model)
     if cfg.cluster.gpu_memory_gb:
         check_memory(cfg)
     dry_run = check_rewards(cfg, prompts, metadata)
@@ -59,21 +59,21 @@ def check_run(cfg: Config) -> RunPlan:
     return RunPlan(prompts, metadata, dry_run, resume_from, state)
 
 
-def check_style_options(cfg: Config) -> None:
+def check_style_options(trainer: TrainerConfig, world_name: str) -> None:
     """Options that read a sample's style back need a world with a style reader and its attribute names."""
-    world = worlds.get(cfg.world.name)
-    if cfg.trainer.diversity_space == "style" and not hasattr(world, "read_style"):
+    world = worlds.get(world_name)
+    if trainer.diversity_space == "style" and not hasattr(world, "read_style"):
         raise ConfigError(f"trainer.diversity_space: 'style' needs a world that reads its styles back (glyphs); "
-                          f"{cfg.world.name!r} does not: use 'pixels'")
-    if not cfg.trainer.baseline_by:
+                          f"{world_name!r} does not: use 'pixels'")
+    if not trainer.baseline_by:
         return
     if not hasattr(world, "read_style"):
-        raise ConfigError(f"trainer.baseline_by: world {cfg.world.name!r} does not read its styles back (glyphs does)")
+        raise ConfigError(f"trainer.baseline_by: world {world_name!r} does not read its styles back (glyphs does)")
     known = [f.name for f in dataclasses.fields(world.Style)]
-    unknown = [name for name in cfg.trainer.baseline_by if name not in known]
+    unknown = [name for name in trainer.baseline_by if name not in known]
     if unknown:
         raise ConfigError(f"trainer.baseline_by: {', '.join(map(repr, unknown))} is not a style attribute of world "
-                          f"{cfg.world.name!r}; choose from {', '.join(known)}")
+                          f"{world_name!r}; choose from {', '.join(known)}")
 
 
 SYSTEM_TREES = ("/proc", "/sys", "/dev", "/boot", "/etc", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64",
@@ -153,33 +153,33 @@ def check_prompts(source: str, key: str) -> tuple[list[str], list[dict]]:
         raise ConfigError(f"{key}: {err}") from None
 
 
-def training_prompts(cfg: Config) -> tuple[list[str], list[dict]]:
+def training_prompts(data: DataConfig) -> tuple[list[str], list[dict]]:
     """``data.prompts`` without the ``data.held_out_share`` held out from training."""
-    prompts, metadata = check_prompts(cfg.data.prompts, "data.prompts")
-    if not cfg.data.held_out_share:
+    prompts, metadata = check_prompts(data.prompts, "data.prompts")
+    if not data.held_out_share:
         return prompts, metadata
     try:
-        return split(prompts, metadata, cfg.data.held_out_share, cfg.data.held_out_seed)[0]
+        return split(prompts, metadata, data.held_out_share, data.held_out_seed)[0]
     except ValueError as err:
         raise ConfigError(f"data.held_out_share: {err}") from None
 
 
-def check_decoder(cfg: Config) -> None:
+def check_decoder(model: ModelConfig, decoder: DecoderConfig) -> None:
     """X-Omni's pixels come from its diffusion decoder: without one the judges would score the policy's palette
     code map (16 px of one colour per code), which rewards nothing a user wants."""
-    if cfg.model.family == "xomni" and not cfg.decoder.path:
+    if model.family == "xomni" and not decoder.path:
         raise ConfigError("decoder.path: X-Omni paints its images with a diffusion decoder; without one the rewards "
                           "would score a palette map of its codes. Set decoder.path to the decoder's directory or "
                           "hub id (omnigrpo.rollout.families.diffusion)")
 
 
-def check_model(cfg: Config) -> None:
-    """The checkpoint exists (local, or a cached / reachable hub id), holds nothing that could run code when
-    loaded, and has the configured image vocabulary."""
-    if Path(cfg.model.path).expanduser().is_dir():
-        check_loadable(Path(cfg.model.path).expanduser(), "model.path")
+def check_model(model: ModelConfig) -> None:
+    """The checkpoint ``model.path`` exists (local, or a cached / reachable hub id), holds nothing that could run
+    code when loaded, and has the configured image vocabulary."""
+    if Path(model.path).expanduser().is_dir():
+        check_loadable(Path(model.path).expanduser(), "model.path")
     try:
-        check_checkpoint(cfg.model.family, cfg.model.path, cfg.model.image_codes or None)
+        check_checkpoint(model.family, model.path, model.image_codes or None)
     except CheckpointError as err:
         raise ConfigError(str(err)) from None
 
@@ -187,7 +187,7 @@ def check_model(cfg: Config) -> None:
 def memory_plan(cfg: Config, prompt_tokens: int = planner.PROMPT_TOKENS) -> planner.MemoryPlan:
     """The config's memory plan; a checkpoint whose ``config.json`` cannot be read names ``model.path``."""
     if cfg.model.path:
-        check_model(cfg)
+        check_model(cfg.model)
     with unreadable("model.path", cfg.model.path or "(built-in)"):
         return planner.plan(cfg, prompt_tokens)
 
@@ -199,17 +199,17 @@ def check_memory(cfg: Config) -> None:
         raise ConfigError("\n".join(problems))
 
 
-def image_shape(cfg: Config) -> tuple[int, int]:
+def image_shape(world_name: str, model: ModelConfig, decoder: DecoderConfig) -> tuple[int, int]:
     """(height, width) of the images the rewards will see, from config files only (no weights)."""
-    shape = worlds.get(cfg.world.name).IMAGE_SHAPE
-    if cfg.model.path:
-        with unreadable("model.path", cfg.model.path):
-            shape = family_class(cfg.model.family).pixels(cfg.model.path, tuple(cfg.model.image_grid) or None)
-    if cfg.decoder.path:  # the decoder paints 2 * its VAE's scale px per code, i.e. scales the code map
+    shape = worlds.get(world_name).IMAGE_SHAPE
+    if model.path:
+        with unreadable("model.path", model.path):
+            shape = family_class(model.family).pixels(model.path, tuple(model.image_grid) or None)
+    if decoder.path:  # the decoder paints 2 * its VAE's scale px per code, i.e. scales the code map
         from omnigrpo.rollout.families.diffusion import DiffusionDecoder
 
-        with unreadable("decoder.path", cfg.decoder.path):  # xomni: 16 px per code
-            shape = DiffusionDecoder.pixels(cfg.decoder.path, (shape[0] // 16, shape[1] // 16))
+        with unreadable("decoder.path", decoder.path):  # xomni: 16 px per code
+            shape = DiffusionDecoder.pixels(decoder.path, (shape[0] // 16, shape[1] // 16))
     return shape
 
 
@@ -227,14 +227,14 @@ def check_rewards(cfg: Config, prompts: list[str], metadata: list[dict]) -> DryR
     """What can be checked without loading a judge: each reward resolves, takes its kwargs and applies to some
     prompt. Returns what the reward actors dry-run their judges on once built, on their own devices (a 7B VLM
     judge never loads on the driver)."""
-    check_reward_specs(cfg, metadata)
-    return DryRun(image_shape(cfg), (prompts * 2)[:2], (metadata * 2)[:2])
+    check_reward_specs(cfg.rewards, metadata)
+    return DryRun(image_shape(cfg.world.name, cfg.model, cfg.decoder), (prompts * 2)[:2], (metadata * 2)[:2])
 
 
-def check_reward_specs(cfg: Config, metadata: list[dict]) -> None:
-    """Each configured reward resolves (a plugin is imported; a judge's model is not loaded), takes its kwargs,
-    and, with tags, applies to some prompt."""
-    for i, spec in enumerate(cfg.rewards):
+def check_reward_specs(rewards: list[RewardSpec], metadata: list[dict]) -> None:
+    """Each reward resolves (a plugin is imported; a judge's model is not loaded), takes its kwargs, and, with
+    tags, applies to some prompt of ``metadata``."""
+    for i, spec in enumerate(rewards):
         key = f"rewards.{i}"
         if spec.tags and not any(applies_to(spec.tags, m) for m in metadata):
             raise ConfigError(f"{key}.tags: reward {spec.name!r} has tags {spec.tags} but no training prompt "
@@ -283,7 +283,7 @@ def build_checked(name: str, kwargs: dict, key: str):
 
 def check_eval(cfg: Config, checkpoint: str, prompts_source: str) -> tuple[Path, list[str], list[dict]]:
     """An evaluation's checkpoint directory and prompts (a file, or the world's held-out set)."""
-    check_decoder(cfg)
+    check_decoder(cfg.model, cfg.decoder)
     path = Path(checkpoint).expanduser().resolve()
     if not path.is_dir():
         raise ConfigError(f"--checkpoint: {checkpoint!r} is not a directory")
@@ -318,14 +318,14 @@ def check_submit(cfg: Config) -> Payload:
     if not Path(cfg.run.dir).is_absolute():
         raise ConfigError(f"run.dir: a submitted run needs an absolute path on storage the cluster sees (got "
                           f"{cfg.run.dir!r}; a relative one would land in the job's temporary working directory)")
-    _, metadata = training_prompts(cfg)
-    check_decoder(cfg)
-    check_style_options(cfg)
+    _, metadata = training_prompts(cfg.data)
+    check_decoder(cfg.model, cfg.decoder)
+    check_style_options(cfg.trainer, cfg.world.name)
     for i, spec in enumerate(cfg.rewards):  # the job's config.yaml travels whole: no credential may be in it
         for key in spec.kwargs:
             if any(word in key.lower() for word in SECRET_WORDS) and not key.lower().endswith("_env"):
                 raise ConfigError(f"rewards.{i}.kwargs.{key}: a submitted job would upload this credential in its "
                                   "config; give it through the environment of the cluster's nodes (for vlm_judge: "
                                   "api_key_env names the variable)")
-    check_reward_specs(cfg, metadata)
+    check_reward_specs(cfg.rewards, metadata)
     return gather(cfg)

@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 from torchvision.utils import make_grid
 
 from omnigrpo.config.loader import to_dict
-from omnigrpo.config.schema import Config
+from omnigrpo.config.schema import Config, TrackingConfig
 from omnigrpo.config.validation import SECRET_WORDS
 from omnigrpo.worlds import registry as worlds
 
@@ -35,10 +35,11 @@ _PARAM_MAX = 500
 log = logging.getLogger(__name__)
 
 
-def store_uri(cfg: Config) -> str:
-    if cfg.tracking.uri:
-        return cfg.tracking.uri
-    return f"sqlite:///{Path(cfg.run.dir).resolve() / 'mlflow.db'}"
+def store_uri(tracking: TrackingConfig, run_dir: str) -> str:
+    """``tracking.uri``, else the sqlite store inside ``run_dir`` (``run.dir``)."""
+    if tracking.uri:
+        return tracking.uri
+    return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
 
 
 def flatten(data: object, prefix: str = "") -> dict[str, str]:
@@ -56,21 +57,28 @@ def flatten(data: object, prefix: str = "") -> dict[str, str]:
 
 
 class Tracker:
-    """One MLflow run. Call :meth:`start` first; every other method logs into that run."""
+    """One MLflow run, in the store of ``tracking`` and ``run_dir`` (:func:`store_uri`); ``config``: the run's whole
+    config as plain data (:func:`~omnigrpo.config.loader.to_dict`), logged as its params. Call :meth:`start`
+    first; every other method logs into that run."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, tracking: TrackingConfig, run_dir: str, config: dict):
         # MLflow's HTTP client retries for minutes by default; fail fast instead and let the buffer
         # below carry metrics over an outage (a user's explicit setting wins)
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         # a local store that fails (a full disk) is reported here, once; MLflow's own report is a traceback a call
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
-        self.cfg = cfg
-        self.client = MlflowClient(tracking_uri=store_uri(cfg))
+        self.tracking, self.run_dir, self.config = tracking, run_dir, config
+        self.client = MlflowClient(tracking_uri=store_uri(tracking, run_dir))
         self.run_id = ""
         self.logged_until = 0
         self.pending: list[list[Metric]] = []  # metric batches not yet accepted by the store, oldest first
         self.failed_flushes = 0
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> Tracker:
+        """The tracker of a run of ``cfg``."""
+        return cls(cfg.tracking, cfg.run.dir, to_dict(cfg))
 
     def start(self, resume_run_id: str | None = None) -> str:
         """Create the run, or continue ``resume_run_id``: steps it already logged are not logged again."""
@@ -81,18 +89,18 @@ class Tracker:
             history = self.client.get_metric_history(resume_run_id, "reward/total/mean")
             self.logged_until = max((m.step for m in history), default=0)
             return resume_run_id
-        name = self.cfg.tracking.experiment
+        name = self.tracking.experiment
         exp = self.client.get_experiment_by_name(name)
         if exp is None:
             location = None
-            if not self.cfg.tracking.uri:  # a local store keeps its artifacts inside the run dir too
-                location = (Path(self.cfg.run.dir).resolve() / "mlartifacts").as_uri()
+            if not self.tracking.uri:  # a local store keeps its artifacts inside the run dir too
+                location = (Path(self.run_dir).resolve() / "mlartifacts").as_uri()
             exp_id = self.client.create_experiment(name, artifact_location=location)
         else:
             exp_id = exp.experiment_id
-        run = self.client.create_run(exp_id, run_name=self.cfg.tracking.run_name or None)
+        run = self.client.create_run(exp_id, run_name=self.tracking.run_name or None)
         self.run_id = run.info.run_id
-        clean = _redact(to_dict(self.cfg))
+        clean = _redact(self.config)
         params = flatten(clean)
         batch = [Param(k, v) for k, v in params.items()]
         for i in range(0, len(batch), 100):
@@ -198,7 +206,7 @@ class Tracker:
     def write_beside(self, name: str, text: str, what: str) -> None:
         """What the store did not take, appended to ``<run.dir>/name`` (one error line; never raises: a full
         disk must not hide the fault that ended the run)."""
-        path = Path(self.cfg.run.dir) / name
+        path = Path(self.run_dir) / name
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a") as f:
@@ -242,24 +250,25 @@ def _redact(data: object) -> object:
     return data
 
 
-def existing_store(cfg: Config) -> str:
-    """The config's tracking URI, refusing (FileNotFoundError) a run directory that holds no MLflow store yet
-    (reading would create an empty one)."""
-    db = Path(cfg.run.dir).resolve() / "mlflow.db"
-    if not cfg.tracking.uri and not db.exists():
+def existing_store(tracking: TrackingConfig, run_dir: str) -> str:
+    """:func:`store_uri`, refusing (FileNotFoundError) a run directory that holds no MLflow store yet (reading
+    would create an empty one)."""
+    db = Path(run_dir).resolve() / "mlflow.db"
+    if not tracking.uri and not db.exists():
         raise FileNotFoundError(f"run.dir: no MLflow store at {db} (has a run written there yet?)")
-    return store_uri(cfg)
+    return store_uri(tracking, run_dir)
 
 
-def latest_run_id(cfg: Config) -> str:
-    """The newest run of ``tracking.experiment`` in the config's store; raises if there is none."""
-    client = MlflowClient(tracking_uri=existing_store(cfg))
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+def latest_run_id(tracking: TrackingConfig, run_dir: str) -> str:
+    """The newest run of ``tracking.experiment`` in the store (:func:`existing_store`); raises if there is none."""
+    client = MlflowClient(tracking_uri=existing_store(tracking, run_dir))
+    exp = client.get_experiment_by_name(tracking.experiment)
     runs = client.search_runs([exp.experiment_id], filter_string="attributes.run_name != ''",
                               order_by=["attributes.start_time DESC"], max_results=50) if exp else []
     runs = [r for r in runs if not (r.info.run_name or "").startswith(("eval:", "bench-"))]
     if not runs:
-        raise FileNotFoundError(f"no training run of experiment {cfg.tracking.experiment!r} in {store_uri(cfg)}")
+        raise FileNotFoundError(f"no training run of experiment {tracking.experiment!r} in "
+                                f"{store_uri(tracking, run_dir)}")
     return runs[0].info.run_id
 
 
@@ -268,11 +277,11 @@ def history(client: MlflowClient, run_id: str, key: str) -> list:
     return sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
 
 
-def default_curve_keys(cfg: Config) -> list[str]:
+def default_curve_keys(world_name: str) -> list[str]:
     """The panels ``omnigrpo curves`` draws unless told (``--keys``): the training reward, the world's held-out
     headline, the style entropy of each free attribute in one panel (a world that reads its styles back), the KL
     and the diversity within a prompt's group; every alarm is marked on each."""
-    world = worlds.get(cfg.world.name)
+    world = worlds.get(world_name)
     keys = ["reward/total/mean", f"eval/{next(iter(world.EVAL))}"]
     if hasattr(world, "Style"):
         keys.append("+".join(f"eval/style_entropy_{f.name}" for f in dataclasses.fields(world.Style)))
@@ -287,7 +296,7 @@ def _mark_alarms(ax, alarms: dict[str, list[int]]) -> None:
             ax.axvline(step, color=colour, linestyle="--", linewidth=0.9, label=kind if i == 0 else None)
 
 
-def plot_curves(cfg: Config, run_id: str, keys: list[str], out: str | Path) -> Path:
+def plot_curves(tracking: TrackingConfig, run_dir: str, run_id: str, keys: list[str], out: str | Path) -> Path:
     """Export metric histories of an MLflow run as one PNG, a panel per key (read back from the store,
     so the figure shows exactly what was logged). A key ``a+b+c`` overlays those metrics in one panel (say the
     style entropy of each attribute); every alarm the run raised (``alarm/<kind>``) is a dashed vertical line
@@ -297,7 +306,7 @@ def plot_curves(cfg: Config, run_id: str, keys: list[str], out: str | Path) -> P
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    client = MlflowClient(tracking_uri=existing_store(cfg))
+    client = MlflowClient(tracking_uri=existing_store(tracking, run_dir))
     run = client.get_run(run_id)
     alarms = {key: [m.step for m in history(client, run_id, key) if m.value]
               for key in sorted(run.data.metrics) if key.startswith("alarm/")}
@@ -319,7 +328,7 @@ def plot_curves(cfg: Config, run_id: str, keys: list[str], out: str | Path) -> P
         ax.set_title(panel if "+" not in panel else panel.split("+")[0].rsplit("_", 1)[0] + "_*", fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{cfg.tracking.experiment} / {run.info.run_name} ({run_id[:8]})", fontsize=10)
+    fig.suptitle(f"{tracking.experiment} / {run.info.run_name} ({run_id[:8]})", fontsize=10)
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

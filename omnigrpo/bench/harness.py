@@ -32,7 +32,7 @@ from omnigrpo.bench.generate import (
 )
 from omnigrpo.bench.protocol import bench_trl, mode_configs, table_lines
 from omnigrpo.config.runtime import use_threads
-from omnigrpo.config.schema import Config
+from omnigrpo.config.schema import Config, ModelConfig, RewardSpec, RolloutConfig, WorldConfig
 from omnigrpo.rewards.worker import RewardWorker
 from omnigrpo.rollout.families.builtin import WorldPolicy
 from omnigrpo.rollout.families.codebook import PATCH, PatchCodebook
@@ -65,18 +65,19 @@ def equal_length_prompts(policy: ImagePolicy, prompts: list[str], n: int) -> lis
     return [same[i % len(same)] for i in range(n)]
 
 
-def bench_rollout(cfg: Config, model_path: str, repeats: int) -> dict:
-    """Image tokens/s and images/s: our sampler vs ``generate`` on the same policy, by the family's
+def bench_rollout(rollout: RolloutConfig, family_name: str, world_name: str, model_path: str, repeats: int) -> dict:
+    """Image tokens/s and images/s: our sampler vs ``generate`` on the same ``family_name`` policy, on a step's
+    batch of ``world_name``'s prompts, by the family's
     :attr:`~omnigrpo.rollout.family.Family.baseline` (``causal_lm``: HF's CFG, batched CFG over the LM head and
     kernels per step; ``vocabulary``: HF's CFG; ``image_generate``: the model's own image ``generate``)."""
-    family = family_record(cfg.model.family)
+    family = family_record(family_name)
     if not family.baseline:
         known = ", ".join(f.name for f in family_records() if f.baseline)
         raise ValueError(f"bench rollout: no HF generate baseline for family {family.name!r} ({known})")
     policy = load_policy(family.name, model_path)
-    prompts = equal_length_prompts(policy, worlds.train_prompts(cfg.world.name)[0][:64], cfg.batch_size)
+    prompts = equal_length_prompts(policy, worlds.train_prompts(world_name)[0][:64], rollout.batch_size)
     batch, space, lm = policy.prompt_batch(prompts), policy.space, policy.lm()
-    base = SamplingParams.of(cfg.rollout)
+    base = SamplingParams.of(rollout)
     settings = {f"cfg={base.cfg_scale:g}": base}
     if not base.guided:
         settings[f"cfg={GUIDED_SCALE:g}"] = dataclasses.replace(base, cfg_scale=GUIDED_SCALE)
@@ -122,13 +123,14 @@ def step_kernels(model: torch.nn.Module, batch, space, params: SamplingParams, r
     return kernels.compare(sides, model, space, repeats)
 
 
-def bench_rewards(cfg: Config, repeats: int) -> dict:
-    """Images/s of each configured judge on ``batch_size`` rendered world images."""
-    world = worlds.get(cfg.world.name)
-    items, images = world.sample_pairs(world.train_items(), cfg.batch_size, np.random.default_rng(cfg.run.seed))
+def bench_rewards(rewards: list[RewardSpec], world_name: str, batch_size: int, seed: int, repeats: int) -> dict:
+    """Images/s of each judge of ``rewards`` on ``batch_size`` rendered images of ``world_name`` (drawn with
+    ``seed``)."""
+    world = worlds.get(world_name)
+    items, images = world.sample_pairs(world.train_items(), batch_size, np.random.default_rng(seed))
     prompts, metadata = prompts_of(items)
     out = {}
-    for spec in cfg.rewards:
+    for spec in rewards:
         judge = RewardWorker([spec])
         judge.setup()
         seconds = median_seconds(lambda j=judge: j.score(images, prompts, metadata), repeats)
@@ -136,12 +138,12 @@ def bench_rewards(cfg: Config, repeats: int) -> dict:
     return out
 
 
-def random_policy(cfg: Config, directory: Path) -> str:
-    """A randomly initialised policy of ``cfg.model``'s sizes saved in ``directory`` (sync moves bytes:
-    no SFT needed, and ``model.*`` overrides scale it up to measure s/GB on a realistic size)."""
-    shape = worlds.get(cfg.world.name).IMAGE_SHAPE
-    codebook = PatchCodebook(np.zeros((cfg.world.codebook_size, PATCH * PATCH * 3), np.float32), shape)
-    WorldPolicy.create(cfg.model, codebook, cfg.run.seed, cfg.world.name).save_pretrained(directory)
+def random_policy(model: ModelConfig, world: WorldConfig, seed: int, directory: Path) -> str:
+    """A randomly initialised policy of ``model``'s sizes saved in ``directory`` (sync moves bytes: no SFT needed,
+    and ``model.*`` overrides scale it up to measure s/GB on a realistic size)."""
+    shape = worlds.get(world.name).IMAGE_SHAPE
+    codebook = PatchCodebook(np.zeros((world.codebook_size, PATCH * PATCH * 3), np.float32), shape)
+    WorldPolicy.create(model, codebook, seed, world.name).save_pretrained(directory)
     return str(directory)
 
 
@@ -178,10 +180,10 @@ def bench_sync(cfg: Config, repeats: int) -> dict:
     from omnigrpo.trainers.sft import cache_root
 
     started = not ray.is_initialized()
-    actors.connect(cfg)
+    actors.connect(cfg.cluster)
     out = {}
     staging = tempfile.TemporaryDirectory(prefix="omnigrpo-bench-")
-    model_path = random_policy(cfg, Path(staging.name))
+    model_path = random_policy(cfg.model, cfg.world, cfg.run.seed, Path(staging.name))
     try:
         bucket = cfg.cluster.sync_bucket_mb
         backends = {"gloo": [("object store", False, 0.0), ("broadcast, bucketed", True, bucket),
@@ -191,7 +193,7 @@ def bench_sync(cfg: Config, repeats: int) -> dict:
         for backend, paths in backends.items():  # one set of actors per backend; its paths in turn
             cluster = dataclasses.replace(cfg.cluster, weight_sync="broadcast", sync_backend=backend)
             workers = actors.spawn(dataclasses.replace(cfg, cluster=cluster), model_path,
-                                   str(cache_root(cfg) / "torch_extensions"))
+                                   str(cache_root(cfg.run.cache_dir) / "torch_extensions"))
             try:
                 for label, broadcast, bucket_mb in paths:
                     out[label] = _timed_sync(workers, broadcast, bucket_mb, repeats)
@@ -256,12 +258,13 @@ def run_bench(cfg: Config, parts: list[str], steps: int = 20, repeats: int = 3, 
         mode_configs(cfg, modes or [cfg.cluster.placement])  # a bad mode: a ConfigError before anything runs
     use_threads(cfg.cluster.torch_threads)
     trained = {"rollout", "trl"} & set(parts)  # sync and rewards need no trained policy
-    model_path = cfg.model.path or (str(sft_checkpoint(cfg, cfg.cluster.torch_threads or None)) if trained else "")
+    model_path = cfg.model.path or (str(sft_checkpoint(cfg.sft, cfg.model, cfg.world, cfg.run,
+                                                       cfg.cluster.torch_threads or None)) if trained else "")
     results: dict = {"machine": machine(), "model": model_path, "world": cfg.world.name}
     if "rollout" in parts:
-        results["rollout"] = bench_rollout(cfg, model_path, repeats)
+        results["rollout"] = bench_rollout(cfg.rollout, cfg.model.family, cfg.world.name, model_path, repeats)
     if "rewards" in parts:
-        results["rewards"] = bench_rewards(cfg, repeats)
+        results["rewards"] = bench_rewards(cfg.rewards, cfg.world.name, cfg.batch_size, cfg.run.seed, repeats)
     if "sync" in parts:
         results["sync"] = bench_sync(cfg, repeats)
     if "trl" in parts:

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import yaml
@@ -21,6 +22,9 @@ from omnigrpo.config.loader import ConfigError, load_config, to_dict, with_overr
 from omnigrpo.config.schema import Config
 from omnigrpo.rewards.worker import RewardWorker
 from omnigrpo.worlds import registry as worlds
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 MODES: dict[str, dict[str, object]] = {
     "colocated": {"cluster.placement": "colocated", "trainer.max_staleness": 0},
@@ -68,17 +72,16 @@ def window_mean(curve: list[float]) -> float:
     return float(np.mean(curve[-REWARD_WINDOW:]))
 
 
-def omnigrpo_record(cfg: Config, run_id: str) -> dict:
-    """A finished GRPO run's samples/s over its training steps, its reward and its median stage times after
-    step 1, read from its MLflow store."""
-    from omnigrpo.app.tracking import Tracker, history
+def omnigrpo_record(client: MlflowClient, run_id: str, batch_size: int) -> dict:
+    """A finished GRPO run's samples/s over its training steps of ``batch_size`` samples, its reward and its median
+    stage times after step 1, read from its MLflow store (``client``'s)."""
+    from omnigrpo.app.tracking import history
 
-    client = Tracker(cfg).client
     keys = [*(f"timing/{s}_s" for s in STAGES), "sync/bytes", "reward/total/mean"]
     h = {k: [m.value for m in history(client, run_id, k)] for k in keys}
     warm = slice(1, None) if len(h["timing/step_s"]) > 1 else slice(None)  # the first step pays for warm-up
     wall = float(sum(h["timing/step_s"]))
-    samples = len(h["timing/step_s"]) * cfg.batch_size
+    samples = len(h["timing/step_s"]) * batch_size
     profile = {f"{s}_s": float(np.median(h[f"timing/{s}_s"][warm])) for s in STAGES}
     return {"samples": samples, "wall_s": wall, "samples_per_s": samples / wall,
             "reward": window_mean(h["reward/total/mean"]), "reward_curve": h["reward/total/mean"],
@@ -129,6 +132,7 @@ def bench_trl(cfg: Config, model_path: str, steps: int, rounds: int = 3, modes: 
     """``rounds`` rounds of omnigrpo in each of ``modes`` (default: the config's own placement), then TRL as
     each of ``rows`` (:data:`TRL_ROWS`; ``trl`` first); every run in a fresh process, after waiting up to
     ``settle_s`` for an idle CPU."""
+    from omnigrpo.app.tracking import Tracker
     from omnigrpo.bench.sides import omnigrpo_side, trl_side
 
     names = modes or [cfg.cluster.placement]
@@ -145,7 +149,8 @@ def bench_trl(cfg: Config, model_path: str, steps: int, rounds: int = 3, modes: 
             config = Path(run.run.dir) / "bench_config.yaml"
             config.write_text(yaml.safe_dump(to_dict(run), sort_keys=False))
             side = omnigrpo_side(config, Path(run.run.dir) / "output.log", settle_s)
-            ours[name].append({**omnigrpo_record(run, side["run_id"]), "env": side["env"], "before": side["before"]})
+            record = omnigrpo_record(Tracker.from_config(run).client, side["run_id"], run.batch_size)
+            ours[name].append({**record, "env": side["env"], "before": side["before"]})
             sequence.append({"round": r, "run": f"omnigrpo/{name}"})
         trl_config = root / f"round-{r}" / "trl_config.yaml"
         trl_config.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

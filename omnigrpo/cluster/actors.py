@@ -27,7 +27,7 @@ from omnigrpo.cluster.weights import WeightSync
 from omnigrpo.config.loader import ConfigError
 from omnigrpo.config.roles import Role
 from omnigrpo.config.runtime import actor_seed
-from omnigrpo.config.schema import Config
+from omnigrpo.config.schema import ClusterConfig, Config
 from omnigrpo.rewards.worker import DryRun, JudgeStartError, RewardWorker
 from omnigrpo.rollout.families.diffusion import DiffusionDecoder
 from omnigrpo.rollout.worker import RolloutWorker
@@ -40,14 +40,14 @@ from omnigrpo.trainers.tally import merge_ranks
 log = logging.getLogger(__name__)
 
 
-def connect(cfg: Config) -> None:
+def connect(cluster: ClusterConfig) -> None:
     """Join ``cluster.address`` (or ``RAY_ADDRESS``) or start a local cluster for this run (idempotent)."""
     if ray.is_initialized():
         return
-    if not wants_local_cluster(cfg.cluster.address):
-        ray.init(address=cfg.cluster.address or None, log_to_driver=True)
+    if not wants_local_cluster(cluster.address):
+        ray.init(address=cluster.address or None, log_to_driver=True)
         return
-    env = prepare_local_ray_env(cfg.cluster.address)
+    env = prepare_local_ray_env(cluster.address)
     if env.get("RAY_AUTH_MODE", "").lower() == "disabled":
         log.warning("RAY_AUTH_MODE=disabled in this environment: the local cluster admits any local process; unset "
                     "it to let omnigrpo make a token for the cluster (docs/security.md)")
@@ -56,7 +56,7 @@ def connect(cfg: Config) -> None:
                     "cluster's sockets may listen beyond loopback (call prepare_local_ray_env first)")
     ray.init(
         address="local",  # a new cluster, even where another one (`ray start`) runs on this machine
-        num_cpus=cfg.cluster.num_cpus or os.cpu_count(),
+        num_cpus=cluster.num_cpus or os.cpu_count(),
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
         _temp_dir=str(local_cluster_home() / "ray"),  # its sockets and logs, readable by this user only
@@ -117,7 +117,8 @@ def spawn(cfg: Config, model_path: str, extensions_dir: str, reference_path: str
     """Create and set up every actor of a run; raises if any setup fails, as ConfigError when a reward could not
     be built or failed its ``dry_run`` in its actor. With ``resume``, ``model_path`` is a checkpoint and
     ``reference_path`` the run's starting policy."""
-    plan = placement.build(cfg)  # fails naming the role and shortfall before any model loads
+    # fails naming the role and shortfall before any model loads
+    plan = placement.build(cfg.cluster, cfg.actor_counts, cfg.trainer.max_staleness)
     accelerator = "cuda" if cfg.cluster.learner_gpus else "cpu"
     env = {"runtime_env": {"env_vars": {"DS_ACCELERATOR": accelerator, "TORCH_EXTENSIONS_DIR": extensions_dir}}}
     hybrid = cfg.cluster.placement == "hybrid"
@@ -126,14 +127,16 @@ def spawn(cfg: Config, model_path: str, extensions_dir: str, reference_path: str
     decoders = [_decoder_actor(cfg, i, plan) for i in range(cfg.cluster.decoder_workers if cfg.decoder.path else 0)]
     size, where = cfg.cluster.learner_workers, bind_addresses(plan)
     learner_cls = ray.remote(HybridLearner if hybrid else Learner)
+    shared = {"seed": cfg.run.seed, "sync_timeout_s": cfg.cluster.sync_timeout_s, "world_size": size,
+              "reference_path": reference_path, **({"decode": not cfg.decoder.path} if hybrid else {})}
     learners = [learner_cls.options(**plan.options(Role.LEARNER, rank), **env).remote(
-        cfg, model_path, rank=rank, world_size=size, reference_path=reference_path,
-        address=where.get((Role.LEARNER, rank), LOOPBACK)) for rank in range(size)]
+        cfg.trainer, cfg.model, cfg.rollout, model_path, rank=rank, address=where.get((Role.LEARNER, rank), LOOPBACK),
+        **shared) for rank in range(size)]
     workers = Workers(rollouts=learners if hybrid else rollouts, rewards=rewards, learners=learners, cfg=cfg,
                       model_path=model_path, placement=plan, decoders=decoders, where=where,
                       meeting=private_dir(cfg.run.dir))
     try:  # a run that cannot start frees what it reserved (a joined cluster lives on)
-        rendezvous = learner_rendezvous(cfg, workers)
+        rendezvous = learner_rendezvous(workers)
         calls = {w.setup.remote(dry_run): f"reward actor {i}" for i, w in enumerate(rewards)}
         calls.update({w.setup.remote(): f"rollout actor {i}" for i, w in enumerate(rollouts)})
         calls.update({w.setup.remote(): f"decoder actor {i}" for i, w in enumerate(decoders)})
@@ -178,14 +181,14 @@ def bind_addresses(plan: placement.Placement) -> dict[tuple[str, int], str]:
     return {} if all(is_loopback(a) for a in where.values()) else where
 
 
-def learner_rendezvous(cfg: Config, workers: Workers) -> str | None:
+def learner_rendezvous(workers: Workers) -> str | None:
     """Where the learner group meets: none for one rank; a file in the run's owner-only folder on one machine;
     across hosts, the TCP store rank 0 serves on its node address."""
     learners = workers.learners
     if len(learners) == 1:
         return None
     if workers.where:
-        return ray.get(learners[0].serve.remote("learners", len(learners), cfg.cluster.sync_timeout_s))
+        return ray.get(learners[0].serve.remote("learners", len(learners), workers.cfg.cluster.sync_timeout_s))
     return str(workers.meeting / "learners")
 
 
@@ -221,13 +224,15 @@ def _rollout_actor(cfg: Config, model_path: str, index: int, plan: placement.Pla
     name = f"omnigrpo-rollout-{index}-{secrets.token_hex(4)}"
     cls = ray.remote(RolloutWorker).options(max_concurrency=1, name=name, **plan.options(Role.ROLLOUT, index))
     seed = actor_seed(cfg.run.seed, Role.ROLLOUT, index, restart)
-    return cls.remote(**RolloutWorker.arguments(cfg, model_path, seed, plan.threads(Role.ROLLOUT)))
+    return cls.remote(**RolloutWorker.arguments(cfg.rollout, cfg.model, model_path, seed, plan.threads(Role.ROLLOUT),
+                                                decode=not cfg.decoder.path,
+                                                release=cfg.cluster.placement == "colocated"))
 
 
 def _decoder_actor(cfg: Config, index: int, plan: placement.Placement, restart: int = 0):
     cls = ray.remote(DiffusionDecoder).options(**plan.options(Role.DECODER, index))
     seed = actor_seed(cfg.run.seed, Role.DECODER, index, restart)
-    return cls.remote(**DiffusionDecoder.arguments(cfg, seed, plan.threads(Role.DECODER)))
+    return cls.remote(**DiffusionDecoder.arguments(cfg.decoder, seed, plan.threads(Role.DECODER)))
 
 
 def _reward_actor(cfg: Config, index: int, plan: placement.Placement):

@@ -20,8 +20,7 @@ from pathlib import Path
 import tenacity
 
 import omnigrpo
-from omnigrpo.cluster.payload import CONFIG_NAME, Payload, gather
-from omnigrpo.config.schema import Config
+from omnigrpo.cluster.payload import CONFIG_NAME, Payload
 
 
 def _agent_wait() -> tenacity.Retrying:
@@ -52,12 +51,11 @@ def _client(address: str, timeout: float = TIMEOUT_S):
     return Client(address)
 
 
-def submit(cfg: Config, config_name: str, address: str, env_vars: dict[str, str] | None = None,
-           submission_id: str | None = None, timeout: float = TIMEOUT_S, payload: Payload | None = None) -> str:
-    """Submit a run of the resolved, checked config ``cfg`` (``config_name``: the user's file, for the job's
-    metadata); returns the job id. ``payload``: ``gather(cfg)``, when the caller has already gathered (and
-    listed) it."""
-    payload = payload or gather(cfg)  # refuses what the cluster could not see, before anything is sent
+def submit(payload: Payload, config_name: str, address: str, stop_grace_s: float,
+           env_vars: dict[str, str] | None = None, submission_id: str | None = None, timeout: float = TIMEOUT_S) -> str:
+    """Submit a run of a resolved, checked config as its ``payload`` (``omnigrpo.cluster.payload.gather``, which
+    refuses what the cluster could not see); ``config_name``: the user's file, for the job's metadata;
+    ``stop_grace_s``: ``cluster.stop_grace_s``. Returns the job id."""
     staging = Path(tempfile.mkdtemp(prefix="omnigrpo-job-"))
     try:
         # the resolved config travels whole, so the cluster never re-reads the user's files; omnigrpo's sources
@@ -65,7 +63,7 @@ def submit(cfg: Config, config_name: str, address: str, env_vars: dict[str, str]
         work, package = payload.write(staging)
         # Ray SIGKILLs a stopped job RAY_JOB_STOP_WAIT_TIME_S after its SIGTERM (3 s by default): long enough here
         # for the run to finish its step and write a resumable checkpoint
-        grace = {"RAY_JOB_STOP_WAIT_TIME_S": str(cfg.cluster.stop_grace_s)}
+        grace = {"RAY_JOB_STOP_WAIT_TIME_S": str(stop_grace_s)}
         runtime_env = {"working_dir": str(work), "py_modules": [str(package)],
                        "env_vars": {**grace, **(env_vars or {})}}
         entrypoint = shlex.join(["python", "-m", "omnigrpo.cli", "train", CONFIG_NAME])

@@ -14,7 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 from omnigrpo.config.roles import Role
-from omnigrpo.config.schema import Config
+from omnigrpo.config.schema import ClusterConfig
 
 
 class ClusterShortfall(RuntimeError):
@@ -31,13 +31,13 @@ class Demand:
     gpus: float
 
 
-def demands(cfg: Config, cluster_cpus: float) -> list[Demand]:
-    """Per-role demand; a role with 0 CPUs configured gets an equal share of ``cluster_cpus``."""
-    c, counts = cfg.cluster, cfg.actor_counts
+def demands(cluster: ClusterConfig, counts: dict[Role, int], cluster_cpus: float) -> list[Demand]:
+    """Per-role demand of ``counts`` actors (``Config.actor_counts``); a role with 0 CPUs configured gets an equal
+    share of ``cluster_cpus``."""
     share = cluster_cpus / sum(counts.values())
     out = []
     for role in Role:
-        cpus, gpus = getattr(c, f"{role}_cpus"), getattr(c, f"{role}_gpus")
+        cpus, gpus = getattr(cluster, f"{role}_cpus"), getattr(cluster, f"{role}_gpus")
         out.append(Demand(role, counts[role], cpus or share, gpus))
     return out
 
@@ -59,10 +59,13 @@ def check_fits(wanted: list[Demand], available: dict[str, float]) -> None:
 
 
 class Placement:
-    """A reserved placement group and the bundle of every actor ``(role, index)``."""
+    """A reserved placement group and the bundle of every actor ``(role, index)``; ``torch_threads`` is
+    ``cluster.torch_threads``, ``overlap`` whether rollout overlaps the learner (``trainer.max_staleness > 0``)."""
 
-    def __init__(self, cfg: Config, wanted: list[Demand], group, bundle_of: dict[tuple[str, int], int]):
-        self.cfg, self.wanted, self.group, self.bundle_of = cfg, {d.role: d for d in wanted}, group, bundle_of
+    def __init__(self, wanted: list[Demand], group, bundle_of: dict[tuple[str, int], int], torch_threads: int = 0,
+                 overlap: bool = False):
+        self.wanted, self.group, self.bundle_of = {d.role: d for d in wanted}, group, bundle_of
+        self.torch_threads, self.overlap = torch_threads, overlap
 
     def options(self, role: Role, index: int) -> dict:
         """Ray actor options putting actor ``index`` of ``role`` in its bundle with its resources."""
@@ -78,8 +81,8 @@ class Placement:
         (0) while the stages of a step take turns, and the role's CPU share (at least 1) when rollout overlaps
         the learner (``trainer.max_staleness > 0``): two actors each spinning on every core of the same CPUs
         run several times slower than one thread each."""
-        if self.cfg.cluster.torch_threads or not self.cfg.trainer.max_staleness:
-            return self.cfg.cluster.torch_threads
+        if self.torch_threads or not self.overlap:
+            return self.torch_threads
         return max(1, int(self.wanted[role].cpus + 1e-6))
 
     def addresses(self) -> dict[tuple[str, int], str]:
@@ -91,11 +94,11 @@ class Placement:
         return {key: address[node_of[bundle]] for key, bundle in self.bundle_of.items()}
 
 
-def bundles(cfg: Config, wanted: list[Demand]) -> tuple[list[dict[str, float]], dict[tuple[str, int], int]]:
-    """Bundles of the configured mode and the bundle index of every actor."""
+def bundles(cluster: ClusterConfig, wanted: list[Demand]) -> tuple[list[dict[str, float]], dict[tuple[str, int], int]]:
+    """Bundles of the configured mode (``cluster.placement``) and the bundle index of every actor."""
     sizes: list[dict[str, float]] = []
     bundle_of: dict[tuple[str, int], int] = {}
-    if cfg.cluster.placement == "split":
+    if cluster.placement == "split":
         for d in wanted:
             for i in range(d.count):
                 bundle_of[d.role, i] = len(sizes)
@@ -113,15 +116,17 @@ def bundles(cfg: Config, wanted: list[Demand]) -> tuple[list[dict[str, float]], 
     return clean, bundle_of
 
 
-def build(cfg: Config, timeout_s: float = 120.0) -> Placement:
-    """Check the demand against the cluster, then reserve and wait for the placement group."""
+def build(cluster: ClusterConfig, counts: dict[Role, int], max_staleness: int = 0,
+          timeout_s: float = 120.0) -> Placement:
+    """Check the demand of ``counts`` actors per role against the cluster, then reserve and wait for the placement
+    group (``max_staleness``: ``trainer.max_staleness``, which sets the actors' threads)."""
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
 
     available = ray.cluster_resources()
-    wanted = demands(cfg, float(available.get("CPU", 1.0)))
+    wanted = demands(cluster, counts, float(available.get("CPU", 1.0)))
     check_fits(wanted, available)
-    sizes, bundle_of = bundles(cfg, wanted)
+    sizes, bundle_of = bundles(cluster, wanted)
     wanted = [Demand(d.role, d.count, math.floor(d.cpus * 1e4) / 1e4, d.gpus) for d in wanted]
     group = placement_group(sizes, strategy="PACK")
     try:
@@ -130,4 +135,4 @@ def build(cfg: Config, timeout_s: float = 120.0) -> Placement:
         remove_placement_group(group)
         raise ClusterShortfall(f"the cluster has the resources in total but could not place the bundles {sizes} "
                                f"within {timeout_s:g} s (busy, or no single node holds a bundle)") from None
-    return Placement(cfg, wanted, group, bundle_of)
+    return Placement(wanted, group, bundle_of, cluster.torch_threads, max_staleness > 0)

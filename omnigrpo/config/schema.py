@@ -150,6 +150,11 @@ class RolloutConfig:
     and several times faster per step (BENCHMARKS.md section 6). A failed capture decodes eagerly. No effect on
     the CPU."""
 
+    @property
+    def batch_size(self) -> int:
+        """Samples per GRPO step: prompts_per_step * group_size."""
+        return self.prompts_per_step * self.group_size
+
 
 @dataclass(frozen=True, config=_STRICT)
 class RewardSpec:
@@ -440,4 +445,4 @@ class Config:
     @property
     def batch_size(self) -> int:
         """Samples per GRPO step: prompts_per_step * group_size."""
-        return self.rollout.prompts_per_step * self.rollout.group_size
+        return self.rollout.batch_size

@@ -12,7 +12,7 @@ import typing
 from urllib.parse import urlsplit
 
 from omnigrpo.config.roles import Role
-from omnigrpo.config.schema import Config, WorldConfig
+from omnigrpo.config.schema import ClusterConfig, Config, WorldConfig
 
 WORLD_NAMES = typing.get_args(typing.get_type_hints(WorldConfig)["name"])
 """The built-in worlds' names (``world.name``'s choices): their prompt sets are named the same."""
@@ -47,14 +47,13 @@ def cross_field_problems(cfg: Config) -> list[str]:
         if gpus > 1:
             problems.append(f"  cluster.{role}_gpus: {gpus:g}: a {role} actor uses one device; ask for 1 or a "
                             "fraction (actors sharing a GPU, e.g. colocated)")
-    learner_gpus = cfg.cluster.learner_gpus
-    if 0 < learner_gpus < 1 and (cfg.cluster.placement == "split" or _colocated_gpus(cfg) <= 0.5):
+    c, learner_gpus = cfg.cluster, cfg.cluster.learner_gpus
+    if 0 < learner_gpus < 1 and (c.placement == "split" or _colocated_gpus(c, cfg.actor_counts) <= 0.5):
         problems.append(f"  cluster.learner_gpus: {learner_gpus:g} could put two NCCL ranks on one GPU; a fraction "
                         "works only colocated, with each bundle's GPUs (all roles of index i) above 0.5")
     if cfg.trainer.resolved_tis_cap and not cfg.trainer.recompute_old:
         problems.append(f"  trainer.tis_cap: {cfg.trainer.resolved_tis_cap:g} needs trainer.old_logprobs: learner (the "
                         "weights correct the sampler's log-probs towards the learner's recomputed ones)")
-    c = cfg.cluster
     if c.sync_backend == "nccl" and (c.learner_gpus < 1 or c.rollout_gpus < 1):
         problems.append(f"  cluster.sync_backend: nccl needs a whole GPU per member (cluster.learner_gpus "
                         f"{c.learner_gpus:g} and cluster.rollout_gpus {c.rollout_gpus:g} must be 1)")
@@ -67,9 +66,8 @@ def cross_field_problems(cfg: Config) -> list[str]:
     return problems + _model_problems(cfg) + _credential_problems(cfg)
 
 
-def _colocated_gpus(cfg: Config) -> float:
-    """The smallest GPU total of a colocated bundle that holds a learner rank."""
-    c, counts = cfg.cluster, cfg.actor_counts
+def _colocated_gpus(c: ClusterConfig, counts: dict[Role, int]) -> float:
+    """The smallest GPU total of a colocated bundle that holds a learner rank (``counts``: actors per role)."""
     return min(c.learner_gpus + sum(getattr(c, f"{role}_gpus") for role, n in counts.items()
                                     if role != Role.LEARNER and n > i)
                for i in range(c.learner_workers))

@@ -17,7 +17,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from omnigrpo.config.runtime import reseed, use_threads
-from omnigrpo.config.schema import Config
+from omnigrpo.config.schema import ModelConfig, RolloutConfig
 from omnigrpo.rollout.graphs import GraphSet
 from omnigrpo.rollout.loader import load_policy
 from omnigrpo.rollout.policy import ImageLM, ImagePolicy, PromptBatch
@@ -147,17 +147,20 @@ class RolloutWorker:
         self.version = 0
 
     @staticmethod
-    def arguments(cfg: Config, model_path: str, seed: int, threads: int = 0) -> dict:
-        """The constructor's arguments for a run's rollout worker (``ray.remote(RolloutWorker)`` takes them too)."""
-        return {"model_path": model_path, "params": SamplingParams.of(cfg.rollout), "seed": seed, "threads": threads,
-                "family": cfg.model.family, "grid": tuple(cfg.model.image_grid) or None, "decode": not cfg.decoder.path,
-                "sample_batch": cfg.rollout.sample_batch, "dtype": cfg.model.dtype, "graphs": cfg.rollout.cuda_graphs,
-                "release": cfg.cluster.placement == "colocated"}
+    def arguments(rollout: RolloutConfig, model: ModelConfig, model_path: str, seed: int, threads: int = 0,
+                  decode: bool = True, release: bool = False) -> dict:
+        """The constructor's arguments for a run's rollout worker (``ray.remote(RolloutWorker)`` takes them too):
+        ``decode`` unless ``decoder.path`` is set, ``release`` under ``cluster.placement: colocated``."""
+        return {"model_path": model_path, "params": SamplingParams.of(rollout), "seed": seed, "threads": threads,
+                "family": model.family, "grid": tuple(model.image_grid) or None, "decode": decode,
+                "sample_batch": rollout.sample_batch, "dtype": model.dtype, "graphs": rollout.cuda_graphs,
+                "release": release}
 
     @classmethod
-    def from_config(cls, cfg: Config, model_path: str, seed: int, threads: int = 0) -> RolloutWorker:
-        """The rollout worker a run with ``cfg`` samples with (the evaluator's too)."""
-        return cls(**cls.arguments(cfg, model_path, seed, threads))
+    def from_config(cls, rollout: RolloutConfig, model: ModelConfig, model_path: str, seed: int, threads: int = 0,
+                    decode: bool = True, release: bool = False) -> RolloutWorker:
+        """The rollout worker a run with these sections samples with (the evaluator's too)."""
+        return cls(**cls.arguments(rollout, model, model_path, seed, threads, decode, release))
 
     def setup(self) -> int:
         hf_logging.disable_progress_bar()

@@ -8,27 +8,25 @@ from __future__ import annotations
 
 import torch
 
-from omnigrpo.config.schema import Config
+from omnigrpo.config.schema import TrainerConfig
 
 
-def deepspeed_config(cfg: Config, world_size: int) -> dict:
+def deepspeed_config(trainer: TrainerConfig, batch_size: int, dtype: str, world_size: int) -> dict:
     """The DeepSpeed config of a learner rank (one of ``world_size``): micro-batches accumulate to the rank's
-    share of a mini-batch.
+    share of a mini-batch of the step's ``batch_size`` samples; ``dtype`` is ``model.dtype``.
 
-    >>> from omnigrpo.config.loader import load_config
-    >>> ds = deepspeed_config(load_config(None, ["trainer.mini_batches=2", "trainer.micro_batch_size=8"]), 2)
+    >>> ds = deepspeed_config(TrainerConfig(mini_batches=2, micro_batch_size=8), 64, "float32", 2)
     >>> ds["gradient_accumulation_steps"], ds["zero_optimization"], ds["bf16"]
     (2, {'stage': 2}, {'enabled': False})
     """
-    tr = cfg.trainer
-    mini = cfg.batch_size // tr.mini_batches // world_size
+    mini = batch_size // trainer.mini_batches // world_size
     return {
-        "train_micro_batch_size_per_gpu": tr.micro_batch_size,
-        "gradient_accumulation_steps": mini // tr.micro_batch_size,
-        "gradient_clipping": tr.max_grad_norm,
-        "zero_optimization": {"stage": tr.zero_stage},
+        "train_micro_batch_size_per_gpu": trainer.micro_batch_size,
+        "gradient_accumulation_steps": mini // trainer.micro_batch_size,
+        "gradient_clipping": trainer.max_grad_norm,
+        "zero_optimization": {"stage": trainer.zero_stage},
         "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+        "bf16": {"enabled": dtype == "bfloat16"},
         "steps_per_print": 10**9,
     }
 

@@ -37,17 +37,22 @@ def merged_read(module: torch.nn.Module, name: str) -> torch.Tensor | None:
 
 class HybridLearner(Learner):
     """A :class:`Learner` that is also its rank's rollout worker (``generate``, ``rng_state``, ``restore``,
-    ``weight_version`` as :class:`~omnigrpo.rollout.worker.RolloutWorker` has them)."""
+    ``weight_version`` as :class:`~omnigrpo.rollout.worker.RolloutWorker` has them). ``decode``: False when a
+    diffusion decoder stage turns codes into pixels (``decoder.path``; the batches then carry no images)."""
+
+    def __init__(self, *args, decode: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.decode = decode
 
     def setup(self, extensions_dir: str | None = None, threads: int | None = None, resume: bool = False,
               rendezvous: str | None = None) -> int:
-        if self.cfg.trainer.zero_stage == 3:
+        if self.trainer.zero_stage == 3:
             raise ValueError("cluster.placement hybrid samples with trainer.zero_stage 0-2 only")
         version = super().setup(extensions_dir, threads, resume, rendezvous)
-        self.sample_seed = actor_seed(self.cfg.run.seed, Role.ROLLOUT, self.rank)
+        self.sample_seed = actor_seed(self.seed, Role.ROLLOUT, self.rank)
         self.generator = torch.Generator(self.engine.device).manual_seed(self.sample_seed)
         cuda = self.engine.device.type == "cuda"
-        self.graph_set = GraphSet() if self.cfg.rollout.cuda_graphs and cuda else None
+        self.graph_set = GraphSet() if self.rollout.cuda_graphs and cuda else None
         """The sampler's captured decode loops (over the packed copies below, refreshed in place)."""
         self.graphed = None if self.graph_set is None else self.graph_set.decoder
         self.kept: list[tuple] | None = None
@@ -80,7 +85,7 @@ class HybridLearner(Learner):
         generator = self.generator if seed is None else torch.Generator(device).manual_seed(seed)
         with self.sampling():
             batch = draw_batch(self.policy, self.lm, prompts, metadata, group_size, self.params, generator, device,
-                               self.version, self.cfg.rollout.sample_batch, not self.cfg.decoder.path, self.graphed)
+                               self.version, self.rollout.sample_batch, self.decode, self.graphed)
         batch.rng_state = self.generator.get_state()
         return batch
 

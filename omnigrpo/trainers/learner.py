@@ -21,7 +21,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from omnigrpo.config.runtime import learner_seeds, use_threads
-from omnigrpo.config.schema import Config
+from omnigrpo.config.schema import ModelConfig, RolloutConfig, TrainerConfig
 from omnigrpo.rollout.loader import load_policy
 from omnigrpo.rollout.sampler import SamplingParams, sequence_logprobs
 from omnigrpo.sync.network import LOOPBACK
@@ -61,11 +61,17 @@ class MicroLoss:
 
 
 class Learner:
-    """DeepSpeed GRPO learner (rank ``rank`` of ``world_size``) over the policy at ``model_path``."""
+    """DeepSpeed GRPO learner (rank ``rank`` of ``world_size``) over the ``model`` policy at ``model_path``.
 
-    def __init__(self, cfg: Config, model_path: str, rank: int = 0, world_size: int = 1,
+    ``rollout``: how the batches it learns from were sampled (their size, the sampling distribution); ``seed``:
+    ``run.seed``; ``sync_timeout_s``: ``cluster.sync_timeout_s``, how long ranks wait for each other to meet."""
+
+    def __init__(self, trainer: TrainerConfig, model: ModelConfig, rollout: RolloutConfig, model_path: str, *,
+                 seed: int, sync_timeout_s: float = 120.0, rank: int = 0, world_size: int = 1,
                  reference_path: str | None = None, address: str = LOOPBACK):
-        self.cfg = cfg
+        self.trainer, self.rollout = trainer, rollout
+        self.family, self.grid, self.dtype = model.family, tuple(model.image_grid) or None, model.dtype
+        self.seed, self.sync_timeout_s = seed, sync_timeout_s
         self.model_path = model_path
         self.reference_path = reference_path or model_path  # KL is always against the run's start policy
         self.rank = rank
@@ -73,7 +79,7 @@ class Learner:
         self.group = Rank(rank, world_size, address)
         self.version = 0
         self.in_update = False
-        self.params = SamplingParams.of(cfg.rollout)
+        self.params = SamplingParams.of(rollout)
 
     def setup(self, extensions_dir: str | None = None, threads: int | None = None, resume: bool = False,
               rendezvous: str | None = None) -> int:
@@ -86,14 +92,14 @@ class Learner:
         device = self.group.prepare(extensions_dir)
         hf_logging.disable_progress_bar()
         use_threads(threads)
-        init_seed, shuffle_seed = learner_seeds(self.cfg.run.seed, self.rank)
+        init_seed, shuffle_seed = learner_seeds(self.seed, self.rank)
         torch.manual_seed(init_seed)
         model, frozen = self._load_models(resume)
         model.to(device)
-        self.group.join(device, rendezvous, self.cfg.cluster.sync_timeout_s)
-        ds_config = deepspeed_config(self.cfg, self.world_size)
-        self.engine, self.optimizer = training_engine(model, self.cfg.trainer, ds_config)
-        self.reference = reference.build(self.cfg.trainer, self.policy, self.params, self.engine, frozen, ds_config,
+        self.group.join(device, rendezvous, self.sync_timeout_s)
+        ds_config = deepspeed_config(self.trainer, self.rollout.batch_size, self.dtype, self.world_size)
+        self.engine, self.optimizer = training_engine(model, self.trainer, ds_config)
+        self.reference = reference.build(self.trainer, self.policy, self.params, self.engine, frozen, ds_config,
                                          self.group)
         # scores through the engine's (ZeRO-managed) module, inside the LoRA wrapper if any
         self.lm = self.policy.lm(adapter.base(self.engine.module))
@@ -105,8 +111,8 @@ class Learner:
     def _load_models(self, resume: bool) -> tuple[torch.nn.Module, torch.nn.Module | None]:
         """The policy made trainable (dropout off, checkpointing, LoRA), which DeepSpeed wraps, and the frozen
         copy of the start policy the KL reference keeps, if its kind keeps one (:mod:`omnigrpo.trainers.reference`)."""
-        family, grid, dtype = self.cfg.model.family, tuple(self.cfg.model.image_grid) or None, self.cfg.model.dtype
-        tr = self.cfg.trainer
+        family, grid, dtype = self.family, self.grid, self.dtype
+        tr = self.trainer
         # LoRA resume: the checkpoint's weights are merged; start from the plain base and let DeepSpeed
         # restore base and adapters (loading the merged ones would apply the adapters twice)
         self.policy = load_policy(family, self.reference_path if resume and tr.lora_rank else self.model_path, grid,
@@ -158,12 +164,12 @@ class Learner:
         self.version += 1
         self.in_update = False
         return RankUpdate(self.version, staleness, nonfinite=not all(map(math.isfinite, grad_norms)),
-                          sums=tally.sums, dropped=dropped, loss_norm=grpo.normaliser(mask, self.cfg.trainer.loss_agg),
+                          sums=tally.sums, dropped=dropped, loss_norm=grpo.normaliser(mask, self.trainer.loss_agg),
                           grad_norm=sum(grad_norms) / max(len(grad_norms), 1), lr=self.optimizer.param_groups[0]["lr"])
 
     def _staleness(self, batch: TrainBatch) -> float:
         """The mean updates since ``batch``'s samples were drawn; refuses any outside ``0..trainer.max_staleness``."""
-        stale, limit = batch.staleness(self.version), self.cfg.trainer.max_staleness
+        stale, limit = batch.staleness(self.version), self.trainer.max_staleness
         if int(stale.max()) > limit or int(stale.min()) < 0:
             raise RuntimeError(f"learner v{self.version}: samples drawn {stale.min()}..{stale.max()} updates ago, "
                                f"outside 0..trainer.max_staleness = {limit}")
@@ -172,7 +178,7 @@ class Learner:
     def _micro_batches(self, mask: torch.Tensor) -> Iterator[MicroBatch]:
         """This rank's micro-batches of an update, in order: ``epochs`` shuffled passes over the batch (the same
         shuffle on every rank), each split into ``mini_batches`` optimiser steps; ``mask`` ``[N, T]``."""
-        tr = self.cfg.trainer
+        tr = self.trainer
         for epoch in range(tr.epochs):
             for mini in torch.randperm(len(mask), generator=self.shuffle).chunk(tr.mini_batches):
                 norm = grpo.normaliser(mask[mini], tr.loss_agg)  # of the whole mini-batch, on every rank
@@ -183,7 +189,7 @@ class Learner:
                     old: torch.Tensor | None) -> MicroLoss:
         """The GRPO loss of one micro-batch against the reference's log-probs ``ref`` and the ratio's ``old`` ones
         ``[N, T]`` (None: this very forward's, see :meth:`_old_logprobs`)."""
-        tr, rows = self.cfg.trainer, micro.rows
+        tr, rows = self.trainer, micro.rows
         ref.score(rows)
         logp, entropy = sequence_logprobs(self.lm, batch.prompts.select(rows), batch.codes[rows], self.params)
         proximal = logp.detach() if old is None else old[rows]
@@ -202,7 +208,7 @@ class Learner:
         Returns that step's global gradient norm (None between steps)."""
         boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.backward(loss, scale_wrt_gas=False)
-        zero_records_norm = self.cfg.trainer.zero_stage > 0
+        zero_records_norm = self.trainer.zero_stage > 0
         norm = grad_norm(self.engine.module) if boundary and not zero_records_norm else None  # before it steps
         self.engine.step()
         if boundary and zero_records_norm:
@@ -215,7 +221,7 @@ class Learner:
         With one optimiser step per update (``epochs = mini_batches = 1``) every micro-batch's forward runs on
         those very weights, so its own detached log-probs are the recomputation, exactly and for free (None);
         otherwise one no-grad forward here, each rank an equal share."""
-        tr = self.cfg.trainer
+        tr = self.trainer
         if not tr.recompute_old:
             return batch.old_logprobs
         if tr.epochs == 1 and tr.mini_batches == 1:
@@ -227,7 +233,7 @@ class Learner:
                       sampler: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The per-token ``loss`` ``[B, T]`` weighed by the TIS weights from the sampler's log-probs to the
         ``proximal`` ones (``trainer.tis_cap``; unchanged when off), and where the cap bit."""
-        cap = self.cfg.trainer.resolved_tis_cap
+        cap = self.trainer.resolved_tis_cap
         if not cap:
             return loss, torch.zeros_like(loss, dtype=torch.bool)
         weights, capped = grpo.tis_weights(proximal, sampler, cap)
@@ -241,7 +247,7 @@ class Learner:
 
         module = self.engine.module
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None,
-                                               enabled=self.cfg.trainer.zero_stage == 3):
+                                               enabled=self.trainer.zero_stage == 3):
             yield adapter.merged_state_dict(module)  # LoRA: merged into the plain model's names
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -319,7 +325,7 @@ class Learner:
         # a crash inside train_step leaves weights part-way through an update: say so in the checkpoint
         info = {"version": self.version, "partial_update": self.in_update, "learners": self.world_size}
         try:
-            return str(write_checkpoint(root, step, save, self.cfg.trainer.keep_last, info, name=name, staging=staging))
+            return str(write_checkpoint(root, step, save, self.trainer.keep_last, info, name=name, staging=staging))
         except Exception as err:  # write_checkpoint has removed what it staged
             raise write_failure(err, target) from err
 

@@ -25,7 +25,7 @@ from filelock import FileLock
 from tqdm import tqdm
 
 from omnigrpo.config.runtime import use_threads
-from omnigrpo.config.schema import Config
+from omnigrpo.config.schema import ModelConfig, RunConfig, SFTConfig, WorldConfig
 from omnigrpo.rollout.families.builtin import WorldPolicy
 from omnigrpo.rollout.families.codebook import PatchCodebook
 from omnigrpo.rollout.sampler import SamplingParams, sequence_logprobs
@@ -38,31 +38,34 @@ ETA_AFTER = 10
 _SFT_FORMAT = 2  # bump when the SFT procedure changes, so stale caches are not reused
 
 
-def cache_root(cfg: Config) -> Path:
-    root = cfg.run.cache_dir or os.environ.get("OMNIGRPO_CACHE_DIR") or Path.home() / ".cache" / "omnigrpo"
+def cache_root(cache_dir: str) -> Path:
+    """Where cached checkpoints and compiled ops live: ``run.cache_dir``, else ``$OMNIGRPO_CACHE_DIR``, else
+    ``~/.cache/omnigrpo``."""
+    root = cache_dir or os.environ.get("OMNIGRPO_CACHE_DIR") or Path.home() / ".cache" / "omnigrpo"
     return Path(root).expanduser().resolve()
 
 
-def sft_key(cfg: Config) -> str:
-    """Hash of everything that determines the SFT checkpoint."""
+def sft_key(sft: SFTConfig, model: ModelConfig, world: WorldConfig, run: RunConfig) -> str:
+    """Hash of everything that determines the SFT checkpoint (of ``run``, only its seed)."""
     payload = {
         "format": _SFT_FORMAT,
-        "seed": cfg.run.seed,
-        "world": repr(cfg.world),
+        "seed": run.seed,
+        "world": repr(world),
         # the world's code (and the drawing it shares) makes the SFT data: a change must not reuse a stale checkpoint
         "world_code": hashlib.sha256(b"".join(Path(m.__file__).read_bytes()
-                                              for m in (world_module, worlds.get(cfg.world.name)))).hexdigest(),
-        "model": repr(cfg.model),
-        "sft": repr(cfg.sft),
+                                              for m in (world_module, worlds.get(world.name)))).hexdigest(),
+        "model": repr(model),
+        "sft": repr(sft),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def sft_checkpoint(cfg: Config, threads: int | None = None, replace: bool = False) -> Path:
-    """Path of the SFT checkpoint for ``cfg``, training it first if the cache does not hold it (or, with
-    ``replace``, training it again and replacing the cached one). Runs that need the same checkpoint at once
-    (two jobs on a machine) train it once: the others wait on its lock file."""
-    target = cache_root(cfg) / "sft" / sft_key(cfg)
+def sft_checkpoint(sft: SFTConfig, model: ModelConfig, world: WorldConfig, run: RunConfig, threads: int | None = None,
+                   replace: bool = False) -> Path:
+    """Path of the SFT checkpoint of these sections (under ``run.cache_dir``), training it first if the cache does
+    not hold it (or, with ``replace``, training it again and replacing the cached one). Runs that need the same
+    checkpoint at once (two jobs on a machine) train it once: the others wait on its lock file."""
+    target = cache_root(run.cache_dir) / "sft" / sft_key(sft, model, world, run)
     if (target / "sft.json").exists() and not replace:
         log.info("reusing SFT checkpoint %s", target)
         return target
@@ -73,10 +76,10 @@ def sft_checkpoint(cfg: Config, threads: int | None = None, replace: bool = Fals
             return target
         log.info("no SFT checkpoint for this model, world and sft config under %s: training it first (%d steps; "
                  "cached for every later run of the same config, `omnigrpo sft` trains it alone)", target,
-                 cfg.sft.steps)
+                 sft.steps)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
         try:
-            stats = train_sft(cfg, tmp, threads=threads)
+            stats = train_sft(sft, model, world, run, tmp, threads=threads)
             (tmp / "sft.json").write_text(json.dumps(stats, indent=2))
             if target.exists():  # a half-written leftover from a crash, or the checkpoint being replaced
                 shutil.rmtree(target)
@@ -86,18 +89,19 @@ def sft_checkpoint(cfg: Config, threads: int | None = None, replace: bool = Fals
     return target
 
 
-def train_sft(cfg: Config, out_dir: Path, threads: int | None = None) -> dict:
+def train_sft(sft: SFTConfig, model: ModelConfig, world: WorldConfig, run: RunConfig, out_dir: Path,
+              threads: int | None = None) -> dict:
     """Fit the codebook and train a fresh policy; writes a ``save_pretrained`` directory."""
     use_threads(threads)
-    rng = np.random.default_rng(cfg.run.seed)
-    world = worlds.get(cfg.world.name)
-    items = world.train_items()
-    _, fit_images = world.sample_pairs(items, cfg.sft.kmeans_images, rng)
-    codebook = PatchCodebook.fit(fit_images, cfg.world.codebook_size, cfg.run.seed)
-    policy = WorldPolicy.create(cfg.model, codebook, cfg.run.seed, cfg.world.name)
-    model = policy.model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft.lr, weight_decay=0.01)
-    steps = cfg.sft.steps
+    rng = np.random.default_rng(run.seed)
+    source = worlds.get(world.name)  # the world module: its prompts and drawings
+    items = source.train_items()
+    _, fit_images = source.sample_pairs(items, sft.kmeans_images, rng)
+    codebook = PatchCodebook.fit(fit_images, world.codebook_size, run.seed)
+    policy = WorldPolicy.create(model, codebook, run.seed, world.name)
+    module = policy.model.train()
+    opt = torch.optim.AdamW(module.parameters(), lr=sft.lr, weight_decay=0.01)
+    steps = sft.steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     plain = SamplingParams()
     losses = []
@@ -107,17 +111,17 @@ def train_sft(cfg: Config, out_dir: Path, threads: int | None = None) -> dict:
             per_step = (time.perf_counter() - started) / step
             log.info("SFT: %.2f s per step on %d thread(s), about %.0f min to go", per_step, torch.get_num_threads(),
                      per_step * (steps - step) / 60)
-        batch, images = world.sample_pairs(items, cfg.sft.batch_size, rng)
-        drop = torch.from_numpy(rng.random(len(batch)) < cfg.sft.cfg_dropout)
+        batch, images = source.sample_pairs(items, sft.batch_size, rng)
+        drop = torch.from_numpy(rng.random(len(batch)) < sft.cfg_dropout)
         prompts = policy.prompt_batch([s.prompt for s in batch], drop_text=drop)
-        logprobs, _ = sequence_logprobs(policy.lm(model), prompts, policy.encode_images(images), plain)
+        logprobs, _ = sequence_logprobs(policy.lm(module), prompts, policy.encode_images(images), plain)
         loss = -logprobs.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
         opt.step()
         sched.step()
         losses.append(loss.item())
     policy.model.eval()
     policy.save_pretrained(out_dir)
-    return {"steps": steps, "final_loss": float(np.mean(losses[-20:])), "key": sft_key(cfg)}
+    return {"steps": steps, "final_loss": float(np.mean(losses[-20:])), "key": sft_key(sft, model, world, run)}

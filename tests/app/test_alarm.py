@@ -17,7 +17,8 @@ def _feed(alarm, rows):
 
 
 def test_collapse_is_raised_once_when_group_diversity_halves():
-    alarm = CollapseAlarm(load_config(None, ["alarm.window=3", "alarm.diversity_share=0.5", *WATCHED]))
+    cfg = load_config(None, ["alarm.window=3", "alarm.diversity_share=0.5", *WATCHED])
+    alarm = CollapseAlarm(cfg.alarm, cfg.rewards)
     flat = {"reward/total/mean": 1.0, "reward/w/mean": 1.0}
     raised = _feed(alarm, [{**flat, "diversity/group": d} for d in [0.2, 0.2, 0.2, 0.15, 0.1, 0.1, 0.05, 0.05]])
     # windows of 3: first mean 0.2; the last-3 mean drops to 0.083 (< 0.1) at the 7th step, not before
@@ -26,7 +27,8 @@ def test_collapse_is_raised_once_when_group_diversity_halves():
 
 
 def test_a_falling_watchdog_under_a_rising_reward_is_raised():
-    alarm = CollapseAlarm(load_config(None, ["alarm.window=4", "alarm.diversity_share=0", *WATCHED]))
+    cfg = load_config(None, ["alarm.window=4", "alarm.diversity_share=0", *WATCHED])
+    alarm = CollapseAlarm(cfg.alarm, cfg.rewards)
     rows = [{"reward/total/mean": 0.5 + 0.1 * i, "reward/w/mean": w, "diversity/group": 0.1}
             for i, w in enumerate([0.5, 0.6, 0.6, 0.7, 0.6, 0.5, 0.4])]
     raised = _feed(alarm, rows)
@@ -38,9 +40,9 @@ def test_a_falling_watchdog_under_a_rising_reward_is_raised():
 
 def test_the_alarm_history_survives_a_resume():
     cfg = load_config(None, ["alarm.window=2", *WATCHED])
-    alarm = CollapseAlarm(cfg)
+    alarm = CollapseAlarm(cfg.alarm, cfg.rewards)
     _feed(alarm, [{"diversity/group": 0.2, "reward/total/mean": 1.0, "reward/w/mean": 1.0}] * 3)
-    again = CollapseAlarm(cfg)
+    again = CollapseAlarm(cfg.alarm, cfg.rewards)
     again.restore(alarm.state())
     assert again.history == alarm.history and again.raised == alarm.raised
 
@@ -57,7 +59,7 @@ def test_a_run_gaming_its_judge_raises_the_watchdog_alarm_and_stops_resumably(ti
     cfg = tiny_config(*common, f"trainer.steps={steps}", "alarm.stop=true", "trainer.diversity_bonus=0.1")
     summary = train(cfg)
     assert 4 <= summary["stopped_at"] < steps
-    client = MlflowClient(store_uri(cfg))
+    client = MlflowClient(store_uri(cfg.tracking, cfg.run.dir))
     run = client.get_run(summary["run_id"])
     assert "alarm/watchdog_not_red" in run.data.tags and run.info.status == "KILLED"
     assert [m.step for m in client.get_metric_history(summary["run_id"], "alarm/watchdog_not_red")] == [

@@ -37,7 +37,7 @@ def test_a_short_run_trains_syncs_and_logs(feature_run, sft_path):
                                                       strict=True)]
     assert any(changed)
 
-    client = MlflowClient(store_uri(cfg))
+    client = MlflowClient(store_uri(cfg.tracking, cfg.run.dir))
     run = client.get_run(summary["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["trainer.lr"] == "0.001" and run.data.params["rewards.3.weight"] == "0.5"
@@ -82,7 +82,7 @@ def test_a_crash_leaves_a_checkpoint_and_a_failed_run(tiny_config, sft_path, plu
                                         r".*crash-000001 \(resume with --resume\); traceback in .*failure.log"):
         train(cfg)
     assert "RoleLost" in (Path(cfg.run.dir) / "failure.log").read_text()  # the whole traceback, beside the run
-    client = MlflowClient(store_uri(cfg))
+    client = MlflowClient(store_uri(cfg.tracking, cfg.run.dir))
     runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
     checkpoints = sorted((Path(cfg.run.dir) / "checkpoints" / runs[0].info.run_id).iterdir())
@@ -106,7 +106,7 @@ def test_updates_skipped_in_a_row_stop_the_run_resumably_and_say_why(tiny_config
     checkpoint = Path(summary["checkpoint"])
     assert latest_resumable(Path(cfg.run.dir) / "checkpoints") == checkpoint
     assert torch.load(checkpoint / "run_state.pt", weights_only=True)["step"] == 2
-    client = MlflowClient(store_uri(cfg))
+    client = MlflowClient(store_uri(cfg.tracking, cfg.run.dir))
     history = client.get_metric_history(summary["run_id"], "learner/skipped_update")
     assert [m.value for m in history] == [1.0, 1.0] and client.get_run(summary["run_id"]).info.status == "KILLED"
 

@@ -13,7 +13,7 @@ from omnigrpo.worlds.world import prompts_of
 
 def test_ocr_clip_and_plugins_train_together(feature_run):
     cfg, summary = feature_run
-    client = MlflowClient(store_uri(cfg))
+    client = MlflowClient(store_uri(cfg.tracking, cfg.run.dir))
     metrics = client.get_run(summary["run_id"]).data.metrics
     for name in ("shapes", "ocr", "clip", "vivid:saturation", "vivid:PaletteMatch"):
         assert f"reward/{name}/mean" in metrics, name
@@ -25,7 +25,7 @@ def test_ocr_clip_and_plugins_train_together(feature_run):
 @pytest.mark.usefixtures("ray_cluster")
 def test_chunked_rollout_keeps_groups_and_order_with_the_judges(tiny_config, sft_path):
     cfg = tiny_config("cluster.reward_workers=2", "cluster.reward_cpus=0.25")
-    actors.connect(cfg)
+    actors.connect(cfg.cluster)
     workers = actors.spawn(cfg, str(sft_path), os.environ["TORCH_EXTENSIONS_DIR"])
     try:
         prompts, metadata = prompts_of(shapes.train_items()[:5])

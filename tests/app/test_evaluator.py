@@ -26,7 +26,7 @@ def test_held_out_report_is_written_and_logged(tiny_config, sft_path, tmp_path):
     best_of = [metrics[f"eval/strict_acc_pass_at_{k}"] for k in (1, 2, 3)]  # k = 1, powers of two, N = 3
     assert best_of[0] == pytest.approx(metrics["eval/strict_acc"]) and best_of == sorted(best_of)
     assert json.loads((tmp_path / "r.json").read_text())["metrics"] == metrics
-    run = MlflowClient(store_uri(cfg)).get_run(report["run_id"])
+    run = MlflowClient(store_uri(cfg.tracking, cfg.run.dir)).get_run(report["run_id"])
     assert run.info.run_name == f"eval:{sft_path.name}" and run.info.status == "FINISHED"
     assert run.data.metrics["eval/strict_acc"] == pytest.approx(metrics["eval/strict_acc"])
     assert run.data.metrics["eval/strict_acc_pass_at_3"] == pytest.approx(metrics["eval/strict_acc_pass_at_3"])

@@ -17,10 +17,10 @@ CONFIGS = Path(__file__).parents[2] / "configs"
 def test_family_config_loads_and_fits_its_cluster(name, family, gpus):
     cfg = load_config(CONFIGS / name)
     assert cfg.model.family == family and cfg.model.path and cfg.batch_size == 512
-    wanted = placement.demands(cfg, cluster_cpus=64.0)
+    wanted = placement.demands(cfg.cluster, cfg.actor_counts, cluster_cpus=64.0)
     placement.check_fits(wanted, {"CPU": 64.0, "GPU": float(gpus)})
     with pytest.raises(placement.ClusterShortfall, match="GPU"):
         placement.check_fits(wanted, {"CPU": 64.0, "GPU": float(gpus) - 1})
-    sizes, _ = placement.bundles(cfg, wanted)
+    sizes, _ = placement.bundles(cfg.cluster, wanted)
     assert all(b.get("GPU", 0) <= 1 + 1e-9 for b in sizes)  # no bundle needs more than one GPU
     assert {r.name for r in cfg.rewards} >= {"hps"}

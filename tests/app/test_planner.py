@@ -89,7 +89,7 @@ def _bytes(tensors) -> int:
 @pytest.mark.parametrize(("stage", "lora"), [(0, 0), (2, 0), (0, 8), (2, 8)])
 def test_plan_bytes_equal_what_a_learner_allocates(tiny_config, sft_path, stage, lora):
     cfg = tiny_config(f"trainer.zero_stage={stage}", f"trainer.lora_rank={lora}", "trainer.kl_coef=0.1")
-    learner = Learner(cfg, str(sft_path))
+    learner = Learner(cfg.trainer, cfg.model, cfg.rollout, str(sft_path), seed=cfg.run.seed)
     learner.setup(threads=2)
     rollout = RolloutWorker(str(sft_path), SamplingParams.of(cfg.rollout), seed=0, threads=2)
     rollout.setup()

@@ -16,7 +16,7 @@ def test_the_readme_plugin_example_trains(feature_run, sft_path):
     shipped = load_config(PLUGIN_CONFIG).rewards
     assert list(cfg.rewards[:len(shipped)]) == list(shipped)  # the example's rewards, as written
     assert yaml.safe_load(PLUGIN_CONFIG.read_text())["rewards"][2]["kwargs"] == {"tolerance": 50.0}
-    client = MlflowClient(store_uri(cfg))
+    client = MlflowClient(store_uri(cfg.tracking, cfg.run.dir))
     for name in ("shapes", "vivid:saturation", "vivid:PaletteMatch"):
         history = client.get_metric_history(summary["run_id"], f"reward/{name}/mean")
         assert sorted(m.step for m in history) == [1, 2, 3], name

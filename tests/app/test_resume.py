@@ -33,7 +33,7 @@ def test_resume_matches_an_uninterrupted_run(tiny_config, reference_run, tmp_pat
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert any(not torch.equal(a[k], policy_weights(first["checkpoint"])[k]) for k in a)  # it did train on
 
-    client = MlflowClient(store_uri(cfg))
+    client = MlflowClient(store_uri(cfg.tracking, cfg.run.dir))
     steps = [m.step for m in client.get_metric_history(resumed["run_id"], "reward/total/mean")]
     assert sorted(steps) == [1, 2, 3, 4]  # every step logged exactly once
     assert client.get_run(resumed["run_id"]).info.status == "FINISHED"

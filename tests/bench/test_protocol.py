@@ -58,8 +58,9 @@ def test_the_trl_side_gets_the_environment_the_command_received_not_what_it_set(
 
     script = ("import json, os; import omnigrpo.cli; from omnigrpo.cluster.environment import prepare_local_ray_env; "
               "prepare_local_ray_env(''); from omnigrpo.app.tracking import Tracker; "
-              "from omnigrpo.config.loader import load_config; Tracker(load_config(None, ['run.dir=" + str(tmp_path)
-              + "'])); from omnigrpo.bench.sides import user_env; "
+              "from omnigrpo.config.loader import load_config; "
+              "Tracker.from_config(load_config(None, ['run.dir=" + str(tmp_path) + "'])); "
+              "from omnigrpo.bench.sides import user_env; "
               "print(json.dumps({'process': dict(os.environ), 'side': user_env()}))")
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_", "RAY_", "MLFLOW_"))}
     out = json.loads(subprocess.run([sys.executable, "-c", script], env=clean, capture_output=True, text=True,

@@ -59,7 +59,7 @@ def test_a_killed_rollout_actor_is_replaced_and_every_step_logged_once(tiny_conf
                       "kwargs: {call: 3}}]")
     summary = train(cfg)
     assert summary["rollout_versions"] == [4]  # the replacement caught up with the learner's weights
-    client = MlflowClient(store_uri(cfg))
+    client = MlflowClient(store_uri(cfg.tracking, cfg.run.dir))
     assert _steps_logged(client, summary["run_id"]) == [1, 2, 3, 4]
     restarts = client.get_metric_history(summary["run_id"], "fault/actor_restarts")
     # killed while step 2 was judged, found and replaced by step 2's weight sync
@@ -78,7 +78,7 @@ def test_a_hung_reward_call_times_out_and_is_retried_on_a_replacement(tiny_confi
                       f"rewards=[{{name: 'hang_reward:hangs_once', kwargs: {{marker: '{tmp_path / 'hung'}'}}}}]")
     summary = train(cfg)
     assert (tmp_path / "hung").exists()
-    client = MlflowClient(store_uri(cfg))
+    client = MlflowClient(store_uri(cfg.tracking, cfg.run.dir))
     run = client.get_run(summary["run_id"])
     assert run.data.metrics["fault/call_timeouts"] == 1.0 and run.data.metrics["reward/failed"] == 0
     assert run.data.metrics["fault/actor_restarts"] == 1.0

@@ -113,7 +113,7 @@ def test_submitted_run_finishes_and_logs_to_mlflow(ray_head, sft_path, cache_dir
     assert "step 2/2" in followed and "final checkpoint" in followed  # the whole output, as it was written
 
     cfg = load_config(config, overrides)
-    client = MlflowClient(store_uri(cfg))
+    client = MlflowClient(store_uri(cfg.tracking, cfg.run.dir))
     run = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])[0]
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "reward/total/mean")]
     assert sorted(steps) == [1, 2] and run.info.status == "FINISHED"

@@ -20,7 +20,7 @@ def test_two_ranks_stay_identical_and_rollouts_get_their_weights(tiny_config, sf
     run_dir = tmp_path / "my runs ä?#1"
     cfg = tiny_config("cluster.learner_workers=2", f"trainer.zero_stage={stage}", f"model.path={sft_path}",
                       f"run.dir={run_dir}")
-    actors.connect(cfg)
+    actors.connect(cfg.cluster)
     workers = actors.spawn(cfg, str(sft_path), os.environ["TORCH_EXTENSIONS_DIR"])
     assert workers.meeting.parent == run_dir and stat.S_IMODE(workers.meeting.stat().st_mode) == 0o700
     assert workers.sync.broadcasting and {p.name for p in workers.meeting.iterdir()} >= {"learners"}

@@ -20,7 +20,7 @@ def test_every_socket_of_a_run_is_on_loopback(tiny_config, sft_path):
     # Every process of a run: this driver, Ray's own processes and the rollout, reward and learner
     # actors (the learner has joined its DeepSpeed process group).
     cfg = tiny_config()
-    actors.connect(cfg)
+    actors.connect(cfg.cluster)
     workers = actors.spawn(cfg, str(sft_path), os.environ["TORCH_EXTENSIONS_DIR"])
     try:
         ray.get(workers.learner.state_dict.remote())

@@ -39,7 +39,7 @@ def test_a_run_across_two_nodes(tiny_config, sft_path):
             time.sleep(0.5)
         assert result.get("rollout_versions") == [2], result
         assert len(nodes) == 2  # three 1-CPU bundles cannot fit on one node of this cluster
-        metrics = MlflowClient(store_uri(cfg)).get_run(result["run_id"]).data.metrics
+        metrics = MlflowClient(store_uri(cfg.tracking, cfg.run.dir)).get_run(result["run_id"]).data.metrics
         assert metrics["sync/broadcast"] == 1.0 and metrics["fault/sync_fallbacks"] == 0.0
     finally:
         ray.shutdown()

@@ -114,7 +114,7 @@ def test_the_diffusion_decoder_paints_codes_on_the_device(device, tmp_path):
 
 
 def _workers(cfg, path, family="builtin", dtype="float32", graphs=False):
-    learner = Learner(cfg, str(path))
+    learner = Learner(cfg.trainer, cfg.model, cfg.rollout, str(path), seed=cfg.run.seed)
     learner.setup(threads=4)
     rollout = RolloutWorker(str(path), SamplingParams.of(cfg.rollout), seed=cfg.run.seed, threads=4, family=family,
                             dtype=dtype, graphs=graphs)
@@ -273,7 +273,7 @@ def test_hybrid_sampling_with_graphs_holds_no_rollout_copy(device, tiny_config, 
 
     cfg = tiny_config("cluster.placement=hybrid", "rollout.cuda_graphs=true", "trainer.lr=3e-2")
     cuda = device.type == "cuda"
-    learner = HybridLearner(cfg, str(sft_path))
+    learner = HybridLearner(cfg.trainer, cfg.model, cfg.rollout, str(sft_path), seed=cfg.run.seed)
     learner.setup(threads=4)
     graphed = learner.graphed
     assert (graphed is not None) == cuda

@@ -12,7 +12,7 @@ from omnigrpo.worlds.world import prompts_of
 def test_a_batch_carries_the_stream_a_restored_worker_continues(tiny_config, sft_path):
     cfg = tiny_config()
     seed = actor_seed(cfg.run.seed, Role.ROLLOUT, 0)
-    a, b, c = (RolloutWorker.from_config(cfg, str(sft_path), seed, threads=1) for _ in range(3))
+    a, b, c = (RolloutWorker.from_config(cfg.rollout, cfg.model, str(sft_path), seed, threads=1) for _ in range(3))
     for w in (a, b, c):
         w.setup()
     prompts, metadata = prompts_of(shapes.train_items()[:2])

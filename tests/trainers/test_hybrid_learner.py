@@ -15,7 +15,7 @@ from omnigrpo.worlds.world import prompts_of
 def test_a_hybrid_learner_samples_with_its_updated_weights(tiny_config, sft_path, lora):
     cfg = tiny_config("trainer.lr=3e-2", "trainer.kl_coef=0.0", f"trainer.lora_rank={lora}",
                       "cluster.placement=hybrid")
-    learner = HybridLearner(cfg, str(sft_path))
+    learner = HybridLearner(cfg.trainer, cfg.model, cfg.rollout, str(sft_path), seed=cfg.run.seed)
     learner.setup(threads=2)
     params = {name: p for name, p in learner.engine.module.named_parameters()}
     modes = {name: m.training for name, m in learner.engine.module.named_modules()}
@@ -40,7 +40,8 @@ def test_a_hybrid_learner_samples_with_its_updated_weights(tiny_config, sft_path
 
 def test_the_sampler_stream_survives_a_restore(tiny_config, sft_path):
     cfg = tiny_config("cluster.placement=hybrid")
-    a, b = HybridLearner(cfg, str(sft_path)), HybridLearner(cfg, str(sft_path))
+    a = HybridLearner(cfg.trainer, cfg.model, cfg.rollout, str(sft_path), seed=cfg.run.seed)
+    b = HybridLearner(cfg.trainer, cfg.model, cfg.rollout, str(sft_path), seed=cfg.run.seed, decode=False)
     a.setup(threads=2)
     b.setup(threads=2)
     prompts, metadata = prompts_of(shapes.train_items()[:2])
@@ -48,7 +49,9 @@ def test_the_sampler_stream_survives_a_restore(tiny_config, sft_path):
     assert torch.equal(drawn.rng_state, a.rng_state())  # the batch carries the stream's state after it
     assert torch.equal(a.generate(prompts, metadata, 2, seed=3).rng_state, drawn.rng_state)  # evaluation: untouched
     b.restore(drawn.rng_state, 0)
-    assert torch.equal(a.generate(prompts, metadata, 2).codes, b.generate(prompts, metadata, 2).codes)
+    decoded, codes_only = a.generate(prompts, metadata, 2), b.generate(prompts, metadata, 2)
+    assert torch.equal(decoded.codes, codes_only.codes)
+    assert decoded.images.shape[1] > 0 and codes_only.images.shape[1:3] == (0, 0)  # a decoder stage paints those
 
 
 def test_hybrid_refuses_zero_3(tiny_config):

@@ -27,7 +27,7 @@ def _metrics(parts) -> dict[str, float]:
 
 
 def _workers(cfg, sft_path):
-    learner = Learner(cfg, str(sft_path))
+    learner = Learner(cfg.trainer, cfg.model, cfg.rollout, str(sft_path), seed=cfg.run.seed)
     learner.setup(threads=2)
     rollout = RolloutWorker(str(sft_path), SamplingParams.of(cfg.rollout), seed=cfg.run.seed, threads=2)
     rollout.setup()
@@ -198,7 +198,7 @@ def test_bfloat16_rollout_and_learner(tiny_config, tmp_path):
     path = str(tiny.build("janus", tmp_path / "janus"))
     cfg = tiny_config("model.family=janus", f"model.path={path}", "model.dtype=bfloat16", "rollout.cfg_scale=2",
                       "trainer.lr=1e-2", "rollout.prompts_per_step=2", "trainer.micro_batch_size=4")  # batch 8
-    learner = Learner(cfg, path)
+    learner = Learner(cfg.trainer, cfg.model, cfg.rollout, path, seed=cfg.run.seed)
     learner.setup(threads=2)
     rollout = RolloutWorker(path, SamplingParams.of(cfg.rollout), seed=0, threads=2, family="janus", dtype="bfloat16")
     rollout.setup()

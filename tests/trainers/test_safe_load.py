@@ -36,7 +36,7 @@ def written(sft_path, tmp_path_factory, cache_dir) -> Path:
     from omnigrpo.config.loader import load_config
 
     cfg = load_config(None, [*TINY, f"run.cache_dir={cache_dir}", "trainer.zero_stage=2"])
-    learner = Learner(cfg, str(sft_path))
+    learner = Learner(cfg.trainer, cfg.model, cfg.rollout, str(sft_path), seed=cfg.run.seed)
     learner.setup(threads=2)
     root = tmp_path_factory.mktemp("written") / "run" / "checkpoints" / "r1"
     state = {"step": 1, "version": 1, "rollout_rng": [None] * cfg.samplers, "run_id": "r1", "cursor": "{}",
@@ -55,7 +55,8 @@ def test_a_written_checkpoint_holds_nothing_unsafe_and_deepspeed_resumes_it_weig
     files = {p.relative_to(written).as_posix() for p in written.rglob("*.pt")}
     assert any("optim_states" in f for f in files) and {"learner_state.pt", "run_state.pt"} <= files
     assert unsafe_contents(written) == []
-    learner = Learner(tiny_config("trainer.zero_stage=2"), str(written))
+    cfg = tiny_config("trainer.zero_stage=2")
+    learner = Learner(cfg.trainer, cfg.model, cfg.rollout, str(written), seed=cfg.run.seed)
     assert learner.setup(threads=2, resume=True) == 0  # the learner was saved before any update
     assert learner.engine.checkpoint_engine.load is load_state
 
@@ -95,7 +96,8 @@ def test_deepspeed_loading_a_planted_optimizer_state_runs_nothing(written, tiny_
     checkpoint = tmp_path / "ck"
     shutil.copytree(written, checkpoint)
     _plant(checkpoint / "optimizer/state/zero_pp_rank_0_mp_rank_00_optim_states.pt", tmp_path / "ran")
-    learner = Learner(tiny_config("trainer.zero_stage=2"), str(checkpoint))
+    cfg = tiny_config("trainer.zero_stage=2")
+    learner = Learner(cfg.trainer, cfg.model, cfg.rollout, str(checkpoint), seed=cfg.run.seed)
     with pytest.raises(pickle.UnpicklingError):
         learner.setup(threads=2, resume=True)
     assert not (tmp_path / "ran").exists()

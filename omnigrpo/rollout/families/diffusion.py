@@ -20,7 +20,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from omnigrpo.config.runtime import use_threads
-from omnigrpo.config.schema import Config
+from omnigrpo.config.schema import DecoderConfig
 from omnigrpo.rollout.hub import read_json
 from omnigrpo.rollout.policy import to_uint8
 
@@ -92,15 +92,15 @@ class DiffusionDecoder:
         self.path, self.steps, self.guidance, self.seed, self.threads = path, steps, guidance, seed, threads
 
     @staticmethod
-    def arguments(cfg: Config, seed: int, threads: int = 0) -> dict:
+    def arguments(decoder: DecoderConfig, seed: int, threads: int = 0) -> dict:
         """The constructor's arguments for a run's decoder (``decoder.*``; ``ray.remote`` takes them too)."""
-        return {"path": cfg.decoder.path, "steps": cfg.decoder.steps, "guidance": cfg.decoder.guidance, "seed": seed,
+        return {"path": decoder.path, "steps": decoder.steps, "guidance": decoder.guidance, "seed": seed,
                 "threads": threads}
 
     @classmethod
-    def from_config(cls, cfg: Config, seed: int, threads: int = 0) -> DiffusionDecoder:
-        """The decoder a run with ``cfg`` paints with (the evaluator's too)."""
-        return cls(**cls.arguments(cfg, seed, threads))
+    def from_config(cls, decoder: DecoderConfig, seed: int, threads: int = 0) -> DiffusionDecoder:
+        """The decoder a run with these ``decoder.*`` settings paints with (the evaluator's too)."""
+        return cls(**cls.arguments(decoder, seed, threads))
 
     def setup(self) -> None:
         use_threads(self.threads)

@@ -81,7 +81,7 @@ def test_the_memory_plan_reads_the_decoder_stage_from_the_record():
 def test_the_bench_names_the_families_with_a_baseline(tiny_config):
     cfg = tiny_config("model.family=xomni", "model.path=x/y", "decoder.path=x/z")
     with pytest.raises(ValueError, match=r"no HF generate baseline for family 'xomni' \(builtin, janus, emu3\)"):
-        bench_rollout(cfg, "x/y", 1)
+        bench_rollout(cfg.rollout, cfg.model.family, cfg.world.name, "x/y", 1)
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
