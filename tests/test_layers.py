@@ -16,12 +16,17 @@ BY_NAME = {"omnigrpo/rewards/registry.py", "omnigrpo/rollout/loader.py"}  # buil
 
 
 def _loads_by_name(tree: ast.AST) -> list[int]:
-    """Lines that import importlib or call ``__import__``."""
+    """Lines that import importlib (but for ``importlib.metadata``, which reads package versions) or call
+    ``__import__``."""
+
+    def loader(name: str) -> bool:
+        return name.split(".")[0] == "importlib" and name != "importlib.metadata"
+
     lines = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.Import) and any(a.name.split(".")[0] == "importlib" for a in node.names):
+        if isinstance(node, ast.Import) and any(loader(a.name) for a in node.names):
             lines.append(node.lineno)
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "importlib":
+        elif isinstance(node, ast.ImportFrom) and loader(node.module or ""):
             lines.append(node.lineno)
         elif isinstance(node, ast.Name) and node.id == "__import__":
             lines.append(node.lineno)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from omnigrpo.app.evaluator import paint
+from omnigrpo.app.evaluator import paint, rollout_worker
 from omnigrpo.app.preflight import check_eval
 from omnigrpo.app.tracking import Tracker
 from omnigrpo.config import options
@@ -30,7 +30,6 @@ from omnigrpo.data.benchmarks import load_benchmark, split
 from omnigrpo.rewards.judges.longtext import aggregate
 from omnigrpo.rewards.registry import build_reward
 from omnigrpo.rollout.hub import is_local
-from omnigrpo.rollout.worker import RolloutWorker
 
 log = logging.getLogger(__name__)
 SHOWN_PER_GROUP = 16
@@ -186,7 +185,7 @@ def evaluate_benchmark(cfg: Config, benchmark: str, checkpoint: str = "", limit:
     except Exception as err:  # noqa: BLE001 - any judge's start-up fault is the user's to fix, named
         raise ConfigError(f"--benchmark {benchmark}: the {spec.name} judge could not start: {err}") from None
     seed = checkpoint_eval_seed(cfg.run.seed)
-    rollout = RolloutWorker.from_config(cfg, str(path), seed, cfg.cluster.torch_threads)
+    rollout = rollout_worker(cfg, str(path))
     rollout.setup()
     images, shown_meta, judged = [], [], []
     step = cfg.rollout.prompts_per_step
@@ -223,7 +222,7 @@ def log_report(cfg: Config, report: dict, images: np.ndarray, group: str, name: 
     """The report's metrics and JSON, and a grid of images per tag or category captioned with each verdict, as an
     MLflow run of its own; returns its id."""
     tracking = dataclasses.replace(cfg.tracking, run_name=cfg.tracking.run_name or name)
-    tracker = Tracker(dataclasses.replace(cfg, tracking=tracking))
+    tracker = Tracker.from_config(dataclasses.replace(cfg, tracking=tracking))
     run_id = tracker.start()
     tracker.log(report["metrics"], 0)
     tracker.log_dict(report, "benchmark_report.json")

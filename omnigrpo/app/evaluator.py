@@ -143,6 +143,13 @@ def paint(cfg: Config, codes, grid: tuple[int, int]) -> np.ndarray:
     return decoder.decode(codes, grid)
 
 
+def rollout_worker(cfg: Config, path: str) -> RolloutWorker:
+    """The rollout worker a run of ``cfg`` samples with, on ``path``'s policy, seeded for evaluation."""
+    return RolloutWorker.from_config(cfg.rollout, cfg.model, path, checkpoint_eval_seed(cfg.run.seed),
+                                     cfg.cluster.torch_threads, decode=not cfg.decoder.path,
+                                     release=cfg.cluster.placement == "colocated")
+
+
 def evaluate_checkpoint(cfg: Config, checkpoint: str, prompts_source: str = "", samples: int = 0,
                         out: str = "", force: bool = False) -> dict:
     """Sample, judge and report; returns the report (also written to ``out`` and logged to MLflow).
@@ -163,9 +170,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str, prompts_source: str = "", 
         rewards.setup()  # builds every judge first: a bad reward fails before any sampling
     except JudgeStartError as err:
         raise ConfigError(str(err)) from None
-    rollout = RolloutWorker.from_config(cfg.rollout, cfg.model, str(path), checkpoint_eval_seed(cfg.run.seed),
-                                        cfg.cluster.torch_threads, decode=not cfg.decoder.path,
-                                        release=cfg.cluster.placement == "colocated")
+    rollout = rollout_worker(cfg, str(path))
     rollout.setup()
     batch = rollout.generate(prompts, metadata, per_prompt)
     if cfg.decoder.path:  # X-Omni: the configured diffusion decoder paints the codes, as in training
