@@ -51,9 +51,10 @@ def layered(*groups) -> list[str]:
     return list(merged.values())
 
 
-SHARED = {"reference_run": "reference", "feature_run": "feature"}
-"""Session runs several tests read: under ``pytest -n`` (``make test``) their readers share one worker, so each
-run is made once."""
+SHARED = {"reference_run": "reference", "feature_run": "feature", "two_ranks_run": "hybrid", "lag_run": "lag",
+          "hub_runs": "hub"}
+"""Runs several tests read (fixture -> group; the session runs here, module runs in their test files): under
+``pytest -n`` (``make test``) their readers share one worker, so each run is made once."""
 HOSTS = ("tests/cluster/test_two_hosts.py", "tests/cluster/test_multinode.py")
 """Tests that build several hosts or nodes on this machine: one at a time."""
 

@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+import torch
+from conftest import policy_weights
 from mlflow.tracking import MlflowClient
 
 from omnigrpo.app.alarm import CollapseAlarm, slope
@@ -48,15 +50,18 @@ def test_the_alarm_history_survives_a_resume():
 
 
 @pytest.mark.usefixtures("ray_cluster")
-def test_a_run_gaming_its_judge_raises_the_watchdog_alarm_and_stops_resumably(tiny_config, sft_path, plugins):
+def test_a_lora_run_gaming_its_judge_raises_the_watchdog_alarm_stops_and_resumes_exactly(tiny_config, sft_path,
+                                                                                         plugins, tmp_path):
     """Trained on redness, watched by one minus redness: as the reward rises the watchdog falls, the alarm is
-    logged (metric and tag) and the run stops with a resumable checkpoint."""
+    logged (metric and tag) and the run stops with a resumable checkpoint. Resumed, it goes on (the alarm, already
+    raised, is not raised again) to the weights of an uninterrupted run: a LoRA run, whose checkpoints hold merged
+    weights, so resuming must not apply the adapters twice."""
     steps = 16
     common = ("trainer.lr=3e-3", "trainer.kl_coef=0.0", "rollout.group_size=8", "eval.every=0",
-              "eval.held_out=false", "tracking.image_every=0", "alarm.window=4",
-              "rewards=[{name: 'red_reward:redness'}, {name: 'red_reward:not_red', alias: not_red, watch: true, "
-              "weight: 0}]")
-    cfg = tiny_config(*common, f"trainer.steps={steps}", "alarm.stop=true", "trainer.diversity_bonus=0.1")
+              "eval.held_out=false", "tracking.image_every=0", "alarm.window=4", "trainer.diversity_bonus=0.1",
+              "trainer.lora_rank=4", "rewards=[{name: 'red_reward:redness'}, {name: 'red_reward:not_red', "
+              "alias: not_red, watch: true, weight: 0}]")
+    cfg = tiny_config(*common, f"trainer.steps={steps}", "alarm.stop=true")
     summary = train(cfg)
     assert 4 <= summary["stopped_at"] < steps
     client = MlflowClient(store_uri(cfg.tracking, cfg.run.dir))
@@ -69,6 +74,12 @@ def test_a_run_gaming_its_judge_raises_the_watchdog_alarm_and_stops_resumably(ti
     total = [m.value for m in client.get_metric_history(summary["run_id"], "reward/total/mean")]
     watch = [m.value for m in client.get_metric_history(summary["run_id"], "reward/not_red/mean")]
     assert np.allclose(np.add(total, watch), 1.0)  # the watchdog is logged, never part of the total
-    # resumable: the run continues (the alarm, already raised, is not raised again)
-    resumed = train(tiny_config(*common, f"trainer.steps={summary['stopped_at'] + 2}", "run.resume=true"))
+
+    more = summary["stopped_at"] + 2
+    resumed = train(tiny_config(*common, f"trainer.steps={more}", "alarm.stop=true", "run.resume=true"))
     assert resumed["run_id"] == summary["run_id"] and "stopped_at" not in resumed
+    assert resumed["rollout_versions"] == [more]
+    straight = train(tiny_config(*common, f"trainer.steps={more}", f"run.dir={tmp_path / 'straight'}"))
+    a, b = policy_weights(straight["checkpoint"]), policy_weights(resumed["checkpoint"])
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert any(not torch.equal(a[k], policy_weights(summary["checkpoint"])[k]) for k in a)  # it did train on

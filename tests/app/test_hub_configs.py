@@ -1,9 +1,10 @@
 """Each shipped family config runs as shipped, its model found by hub id in a Hugging Face cache, offline.
 
 A tiny checkpoint of the real class is placed in the cache layout (``hub/models--ORG--NAME/snapshots/<sha>/``,
-``refs/main``) under the config's own ``model.path``, with ``HF_HUB_OFFLINE=1``, and ``omnigrpo train`` runs the
-config for two steps in a fresh process. Overridden: resources, batch sizes, steps, the tiny checkpoint's image
-size and vocabulary, and local stand-ins for the judges and decoder whose weights are not on this machine.
+``refs/main``) under the config's own ``model.path``, with ``HF_HUB_OFFLINE=1``, and the CLI's ``train`` runs each
+config for two steps, the three one after another in one fresh process on one local cluster (its imports and
+start-up paid once). Overridden: resources, batch sizes, steps, the tiny checkpoint's image size and vocabulary, and
+local stand-ins for the judges and decoder whose weights are not on this machine.
 ``model.path`` is never overridden: the run must resolve the hub id.
 
 Each run is also the full GRPO step of its family on a DeepSpeed learner, with the shipped learner options
@@ -19,11 +20,13 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from conftest import PLUGINS
 from mlflow.tracking import MlflowClient
 
 from omnigrpo.rollout.families import tiny
@@ -56,24 +59,67 @@ def place_in_cache(checkpoint: Path, hf_home: Path, repo: str) -> Path:
     return entry
 
 
-@pytest.mark.cluster  # each run starts its own, in a process whose environment points at the test's cache
+RUN_ALL = """
+import json, sys
+from omnigrpo.cli import main
+from omnigrpo.cluster import actors
+from omnigrpo.config.loader import load_config
+actors.connect(load_config(None, []))  # one local cluster, as a run starts its own; each run frees what it reserved
+codes = {}
+for config, argv in json.loads(sys.argv[1]).items():
+    print("=====", config, flush=True)
+    try:
+        codes[config] = main(argv)
+    except SystemExit as ended:
+        codes[config] = ended.code
+print(json.dumps(codes))
+"""
+
+
+@dataclass(frozen=True)
+class HubRuns:
+    """The shipped configs' runs: each config's tiny starting checkpoint, run directory and exit status, and the
+    process's output."""
+
+    start: dict[str, Path]
+    run_dir: dict[str, Path]
+    codes: dict[str, int]
+    output: str
+
+
+@pytest.fixture(scope="module")
+def hub_runs(tmp_path_factory) -> HubRuns:
+    """Every case of :data:`CASES` trained by ``omnigrpo.cli.main(["train", ...])``, one after another in one fresh
+    process whose environment points at one Hugging Face cache holding the three tiny checkpoints."""
+    root = tmp_path_factory.mktemp("hub")
+    start, run_dir, argvs = {}, {}, {}
+    for config, (family, overrides) in sorted(CASES.items()):
+        repo = yaml.safe_load((ROOT / "configs" / config).read_text())["model"]["path"]
+        start[config] = tiny.build(family, root / config / "tiny")
+        place_in_cache(start[config], root / "hf", repo)
+        if family == "xomni":  # the diffusion decoder's weights are not on this machine either: a tiny one
+            decoder = tiny.diffusion_decoder(root / config / "decoder")
+            overrides = [*overrides, f"decoder.path={decoder}", "decoder.steps=2"]
+        run_dir[config] = root / config / "run"
+        argvs[config] = ["train", f"configs/{config}", *SMALL, *overrides, f"run.dir={run_dir[config]}"]
+    path = os.pathsep.join(filter(None, [str(PLUGINS), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "HF_HOME": str(root / "hf"), "HF_HUB_OFFLINE": "1", "OMNIGRPO_CACHE_DIR": str(root / "c"),
+           "PYTHONPATH": path}
+    proc = subprocess.run([sys.executable, "-c", RUN_ALL, json.dumps(argvs)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=1800)
+    lines = proc.stdout.strip().splitlines()
+    codes = json.loads(lines[-1]) if proc.returncode == 0 and lines else {}
+    return HubRuns(start, run_dir, codes, proc.stdout[-3000:] + proc.stderr[-6000:])
+
+
+@pytest.mark.cluster  # one of their own, started by a process whose environment points at the test's cache
 @pytest.mark.parametrize("config", sorted(CASES))
-def test_a_shipped_config_runs_from_its_hub_id_offline(config, tmp_path, plugins):
-    family, overrides = CASES[config]
+def test_a_shipped_config_runs_from_its_hub_id_offline(config, hub_runs, tmp_path):
+    family = CASES[config][0]
     repo = yaml.safe_load((ROOT / "configs" / config).read_text())["model"]["path"]
     assert repo.count("/") == 1 and not repo.startswith(("/", ".")), f"{config} names no hub id"
-    hf_home = tmp_path / "hf"
-    start = tiny.build(family, tmp_path / "tiny")
-    place_in_cache(start, hf_home, repo)
-    if family == "xomni":  # the diffusion decoder's weights are not on this machine either: a tiny one
-        overrides = [*overrides, f"decoder.path={tiny.diffusion_decoder(tmp_path / 'decoder')}", "decoder.steps=2"]
-    run_dir = tmp_path / "run"
-    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "OMNIGRPO_CACHE_DIR": str(tmp_path / "c")}
-    cli = Path(sys.executable).parent / "omnigrpo"
-    proc = subprocess.run([str(cli), "train", f"configs/{config}", *SMALL, *overrides, f"run.dir={run_dir}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    assert hub_runs.codes.get(config) == 0, hub_runs.output
+    client = MlflowClient(f"sqlite:///{hub_runs.run_dir[config] / 'mlflow.db'}")
     run = client.search_runs([e.experiment_id for e in client.search_experiments()])[0]
     assert run.data.params["model.path"] == repo and run.info.status == "FINISHED"
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "reward/total/mean"))
@@ -82,7 +128,7 @@ def test_a_shipped_config_runs_from_its_hub_id_offline(config, tmp_path, plugins
     assert [m.value for m in client.get_metric_history(run.info.run_id, "learner/skipped_update")] == [0.0, 0.0]
     summary = json.loads(Path(client.download_artifacts(run.info.run_id, "summary.json", str(tmp_path))).read_text())
     assert summary["rollout_versions"] == [2]  # the last update reached the rollout actor
-    before = load_policy(family, start).model.state_dict()
+    before = load_policy(family, hub_runs.start[config]).model.state_dict()
     after = load_policy(family, summary["checkpoint"]).model.state_dict()
     assert [k for k in before if not torch.equal(before[k].to(after[k].dtype), after[k])], "no parameter moved"
 

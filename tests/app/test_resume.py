@@ -1,4 +1,5 @@
-"""A run interrupted after step k and resumed ends where an uninterrupted run of the same seed ends."""
+"""A run interrupted after step k and resumed ends where an uninterrupted run of the same seed ends (also: a LoRA
+run stopped by its alarm, ``test_alarm.py``; a finished hybrid run continued, ``test_hybrid.py``)."""
 
 import json
 import subprocess
@@ -13,44 +14,10 @@ from mlflow.tracking import MlflowClient
 
 from omnigrpo.app.driver import train
 from omnigrpo.app.preflight import check_resume
-from omnigrpo.app.tracking import store_uri
 from omnigrpo.cli import main
 from omnigrpo.config.loader import ConfigError, load_config
 
 SHAPES = str(Path(__file__).parents[2] / "configs" / "shapes.yaml")
-
-
-@pytest.mark.usefixtures("ray_cluster")
-def test_resume_matches_an_uninterrupted_run(tiny_config, reference_run, tmp_path):
-    _, straight = reference_run
-    first = train(tiny_config(*REFERENCE, "trainer.steps=2"))  # "interrupted" at 2
-    cfg = tiny_config(*REFERENCE, "run.resume=true")
-    resumed = train(cfg)
-
-    assert resumed["run_id"] == first["run_id"]  # the same MLflow run continues
-    assert resumed["rollout_versions"] == [4]
-    a, b = policy_weights(straight["checkpoint"]), policy_weights(resumed["checkpoint"])
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    assert any(not torch.equal(a[k], policy_weights(first["checkpoint"])[k]) for k in a)  # it did train on
-
-    client = MlflowClient(store_uri(cfg.tracking, cfg.run.dir))
-    steps = [m.step for m in client.get_metric_history(resumed["run_id"], "reward/total/mean")]
-    assert sorted(steps) == [1, 2, 3, 4]  # every step logged exactly once
-    assert client.get_run(resumed["run_id"]).info.status == "FINISHED"
-    assert resumed["before"] == first["before"] == straight["before"]
-
-
-@pytest.mark.usefixtures("ray_cluster")
-def test_a_resumed_lora_run_applies_its_adapters_once(tiny_config, sft_path, tmp_path):
-    # the checkpoint holds merged weights; resuming must not apply the adapters twice
-    common = (*REFERENCE, "trainer.lora_rank=4")
-    straight = train(tiny_config(*common, "trainer.steps=3", f"run.dir={tmp_path / 'straight'}"))
-    first = train(tiny_config(*common, "trainer.steps=2"))
-    resumed = train(tiny_config(*common, "trainer.steps=3", "run.resume=true"))
-    assert resumed["run_id"] == first["run_id"] and resumed["rollout_versions"] == [3]
-    a, b = policy_weights(straight["checkpoint"]), policy_weights(resumed["checkpoint"])
-    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    assert any(not torch.equal(a[k], policy_weights(first["checkpoint"])[k]) for k in a)
 
 
 def test_resume_without_a_checkpoint_is_refused(tmp_path, capsys):
@@ -90,9 +57,10 @@ def test_a_checkpoint_written_mid_update_is_not_resumed(tmp_path):
 def test_a_stopped_run_resumes_to_the_weights_of_an_uninterrupted_one(reference_run, tiny_config, cache_dir,
                                                                       tmp_path, plugins):
     """SIGTERM (what ``omnigrpo stop`` and ``ray job stop`` send) lets the step finish and leaves a resumable
-    checkpoint; resuming ends with the weights an uninterrupted run ends with. The run is ``omnigrpo train`` in
-    a process of its own, with a cluster of its own that it shuts down; a weight-0 reward sends the signal while
-    step 2 is being judged (its 3rd call: the step-0 evaluation, steps 1 and 2)."""
+    checkpoint; resuming continues the same MLflow run, every step logged once, and ends with the weights and the
+    step-0 evaluation of an uninterrupted run. The run is ``omnigrpo train`` in a process of its own, with a
+    cluster of its own that it shuts down; a weight-0 reward sends the signal while step 2 is being judged (its
+    3rd call: the step-0 evaluation, steps 1 and 2)."""
     _, straight = reference_run
     stopper = "rewards=[{name: shapes}, {name: 'saboteur:stops_the_driver', weight: 0, kwargs: {call: 3}}]"
     cut = tmp_path / "run"
@@ -107,10 +75,14 @@ def test_a_stopped_run_resumes_to_the_weights_of_an_uninterrupted_one(reference_
     [run] = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "KILLED"
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "reward/total/mean")) == [1, 2]
+    stopped = policy_weights(cut / "checkpoints" / run.info.run_id / "step-000002")
 
     never = stopper.replace("call: 3", "call: 0")  # the same rewards; this driver is not signalled
     resumed = train(tiny_config(*REFERENCE, never, f"run.dir={cut}", "run.resume=true"))
     assert resumed["run_id"] == run.info.run_id and resumed["rollout_versions"] == [4]
     a, b = policy_weights(straight["checkpoint"]), policy_weights(resumed["checkpoint"])
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert any(not torch.equal(a[k], stopped[k]) for k in a)  # it did train on
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "reward/total/mean")) == [1, 2, 3, 4]
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    assert resumed["before"] == straight["before"]  # the stopped run's step-0 evaluation, carried over

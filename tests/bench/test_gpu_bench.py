@@ -74,15 +74,17 @@ def test_a_test_selection_reaches_pytest_whole_and_a_step_that_ignores_sigterm_i
     script = SCRIPT.read_text()
     start = script.index("status=0")
     end = script.index("pytest=(")
+    step = script[start:end]
+    assert "timeout -k 10 " in step  # the check's grace after SIGTERM; 1 s here, so the test waits 2 s, not 11
     harness = tmp_path / "harness.sh"
     harness.write_text("set -uo pipefail\nout=$1\npy=" + sys.executable + "\ntests=()\n"
                        'if [ -n "${GPU_TEST_ARGS:-}" ]; then\n'
                        + script[script.index("  mapfile"):script.index("fi\nstatus=0")] + "fi\n"
-                       + script[start:end] + 'printf "%s\\n" "${tests[@]}" >"$out/args"\n'
+                       + step.replace("timeout -k 10 ", "timeout -k 1 ") + 'printf "%s\\n" "${tests[@]}" >"$out/args"\n'
                        "step slow 1 " + sys.executable + " -c 'import signal, time; "
                        "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)'\n")
     proc = subprocess.run(["bash", str(harness), str(tmp_path)], capture_output=True, text=True, timeout=40,
                           env={**os.environ, "GPU_TEST_ARGS": "-k 'graph and not hybrid' -x",
                                "GPU_CHECK_STEPS": "slow"})
     assert (tmp_path / "args").read_text().splitlines() == ["-k", "graph and not hybrid", "-x"]
-    assert "== slow: rc 137 in" in proc.stdout, proc.stdout + proc.stderr  # SIGKILL after -k's 10 s
+    assert "== slow: rc 137 in" in proc.stdout, proc.stdout + proc.stderr  # SIGKILL after -k's grace

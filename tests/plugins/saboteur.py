@@ -36,6 +36,26 @@ def kills_a_rollout_actor(call: int):
     return _on_call(call, kill)
 
 
+def kills_the_rollout_on(call: int, address: str, marker: str):
+    """Kills the run's rollout actor on the node at ``address`` (another host's), from inside the cluster, and
+    writes its name to ``marker``."""
+    import ray
+
+    def kill():
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            if entry["name"].startswith("omnigrpo-rollout-"):
+                actor = ray.get_actor(entry["name"], namespace=entry["namespace"])
+                try:  # dead already (each reward actor of the step makes this call)
+                    where = ray.get(actor.__ray_call__.remote(lambda self: ray.util.get_node_ip_address()), timeout=60)
+                except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                    continue
+                if where == address:
+                    ray.kill(actor)
+                    Path(marker).write_text(entry["name"])
+
+    return _on_call(call, kill)
+
+
 def ends_a_process_group(call: int, pgid: int, marker: str):
     """SIGKILL to process group ``pgid`` (a tracking server), then writes ``marker``."""
     def end():
