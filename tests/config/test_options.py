@@ -48,6 +48,10 @@ CASES = [
     *[([command, "job", "--timeout", "nan"], "--timeout: must be a finite number") for command in
       ("status", "logs", "stop")],
     (["eval", SHAPES, "--checkpoint", "/nonexistent"], "--checkpoint: '/nonexistent' is not a directory"),
+    (["eval", SHAPES, "--checkpoint", ".", "--benchmark", "bogus"], "--benchmark: invalid choice: 'bogus'"),
+    (["eval", SHAPES, "--checkpoint", ".", "--limit", "-1"], "--limit: must be at least 0, got -1"),
+    (["eval", SHAPES, "--checkpoint", ".", "--held-out"], "--held-out: only with --benchmark"),
+    (["eval", SHAPES, "--benchmark", "geneval"], "--checkpoint: required when model.path is empty"),
     (["eval", SHAPES, "--checkpoint", ".", "--prompts", "/nonexistent.txt"], "--prompts: '/nonexistent.txt'"),
     (["bench", SHAPES, "--parts", "bogus"], "--parts: unknown part(s) bogus; choose from"),
     (["bench", SHAPES, "--modes", "bogus"], "--modes: unknown mode(s) bogus; choose from"),
