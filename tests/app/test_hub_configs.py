@@ -64,7 +64,7 @@ import json, sys
 from omnigrpo.cli import main
 from omnigrpo.cluster import actors
 from omnigrpo.config.loader import load_config
-actors.connect(load_config(None, []))  # one local cluster, as a run starts its own; each run frees what it reserved
+actors.connect(load_config(None, []).cluster)  # one local cluster; each run frees what it reserved
 codes = {}
 for config, argv in json.loads(sys.argv[1]).items():
     print("=====", config, flush=True)
