@@ -283,11 +283,13 @@ class Loop:
         distances = pixel_distances(batch.images)  # diversity metrics and (in pixel space) the bonus share them
         shaped = self.shaping(torch.from_numpy(result.total), valid, batch.images, distances)
         adv = grpo.advantages(shaped.totals, cfg.rollout.group_size, valid, scale=cfg.trainer.scale_rewards)
+        # ... weighed by novelty (trainer.diversity_advantage), the KL kept where a watchdog doubts the judges
+        weighed, kl = self.shaping.weigh(adv.values, valid, batch.images, distances), self.shaping.kl_weights(result)
         # 3. learn: one GRPO update on every learner rank
         self.stage = "learn"
         with timed(timings, "learn"):
-            update = actors.train_step(workers, TrainBatch(batch.prompt_batch, batch.codes, batch.logprobs, adv.values,
-                                                           valid, torch.full((len(valid),), batch.version)))
+            update = actors.train_step(workers, TrainBatch(batch.prompt_batch, batch.codes, batch.logprobs, weighed,
+                                                           valid, torch.full((len(valid),), batch.version), kl))
         self.ahead.join(timings)  # the next batch drawn ahead is complete: the rollouts are free for new weights
         # 4. sync: the new weights to every rollout actor (nothing to send when no update was made, nor under
         # hybrid placement, where the learner ranks sample with their own weights)
@@ -314,8 +316,9 @@ class Loop:
 
     @cached_property
     def shaping(self) -> Shaping:
-        """The step's reward shaping (``trainer.diversity_bonus``, ``trainer.baseline_by``)."""
-        return Shaping.for_world(self.cfg.trainer, self.cfg.rollout.group_size, worlds.get(self.cfg.world.name))
+        """The step's reward shaping (``trainer.diversity_bonus``, ``trainer.baseline_by`` and the GARDO options)."""
+        return Shaping.for_world(self.cfg.trainer, self.cfg.rollout.group_size, worlds.get(self.cfg.world.name),
+                                 next((r.key for r in self.cfg.rewards if r.watch), ""))
 
     def step_metrics(self, batch: RolloutBatch, result: RewardResult, learned: dict[str, float],
                      timings: dict[str, float], zero_std: float) -> dict[str, float]:

@@ -50,6 +50,7 @@ def check_run(cfg: Config) -> RunPlan:
     prompts, metadata = training_prompts(cfg.data)
     check_decoder(cfg.model, cfg.decoder)
     check_style_options(cfg.trainer, cfg.world.name)
+    check_watch_options(cfg)
     if cfg.model.path:
         check_model(cfg.model)
     if cfg.cluster.gpu_memory_gb:
@@ -74,6 +75,13 @@ def check_style_options(trainer: TrainerConfig, world_name: str) -> None:
     if unknown:
         raise ConfigError(f"trainer.baseline_by: {', '.join(map(repr, unknown))} is not a style attribute of world "
                           f"{world_name!r}; choose from {', '.join(known)}")
+
+
+def check_watch_options(cfg: Config) -> None:
+    """An option that reads a watchdog's scores needs a watchdog reward."""
+    if cfg.trainer.kl_uncertain_frac < 1.0 and not any(r.watch for r in cfg.rewards):
+        raise ConfigError(f"trainer.kl_uncertain_frac: {cfg.trainer.kl_uncertain_frac:g} ranks each sample under a "
+                          "watchdog reward, and no reward has watch: true (add one with weight 0, or set 1.0)")
 
 
 SYSTEM_TREES = ("/proc", "/sys", "/dev", "/boot", "/etc", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64",
@@ -321,6 +329,7 @@ def check_submit(cfg: Config) -> Payload:
     _, metadata = training_prompts(cfg.data)
     check_decoder(cfg.model, cfg.decoder)
     check_style_options(cfg.trainer, cfg.world.name)
+    check_watch_options(cfg)
     for i, spec in enumerate(cfg.rewards):  # the job's config.yaml travels whole: no credential may be in it
         for key in spec.kwargs:
             if any(word in key.lower() for word in SECRET_WORDS) and not key.lower().endswith("_env"):

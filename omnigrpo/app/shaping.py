@@ -1,14 +1,15 @@
-"""Reward shaping: the judges' totals turned into the totals the GRPO advantages normalise, a stage of its own.
+"""Reward shaping: the judges' totals turned into what the GRPO update sees, a stage of its own.
 
 Why: remedies against RL collapsing the looks the prompts leave open are research knobs of a run, not part of the
-GRPO math (``omnigrpo.trainers.grpo.advantages`` stays the plain group normalisation). Two, both off by default:
-the diversity bonus (``trainer.diversity_bonus``, in pixel or style space) and the baseline per look
-(``trainer.baseline_by``), written as shaped totals whose plain group normalisation centres each look on itself.
-Logged rewards stay the judges' totals; only the advantages see the shaped ones.
+GRPO math (``omnigrpo.trainers.grpo.advantages`` stays the plain group normalisation). All off by default: before
+the advantages, the diversity bonus (``trainer.diversity_bonus``) and the baseline per look (``trainer.baseline_by``)
+shape the totals; after them, GARDO's diversity weight of positive advantages (``trainer.diversity_advantage``) and
+its KL gated to the samples a watchdog doubts (``trainer.kl_uncertain_frac``). Logged rewards stay the judges'.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import torch
 
 from omnigrpo.app.diversity import look_labels, pixel_distances, style_distances
 from omnigrpo.config.schema import TrainerConfig
+from omnigrpo.rewards.worker import RewardResult
 from omnigrpo.worlds.world import World
 
 StyleReader = Callable[[np.ndarray], Hashable | None]
@@ -48,11 +50,13 @@ class Shaping:
     group_size: int
     read_style: StyleReader | None = None
     """Needed by ``diversity_space: style`` and ``baseline_by`` (preflight refuses them for a world without one)."""
+    watch: str = ""
+    """Metric key of the run's first watchdog reward (``rewards.N.watch``), read by ``kl_uncertain_frac``."""
 
     @classmethod
-    def for_world(cls, trainer: TrainerConfig, group_size: int, world: World) -> Shaping:
+    def for_world(cls, trainer: TrainerConfig, group_size: int, world: World, watch: str = "") -> Shaping:
         """The shaping of a run in ``world`` (a world module; its ``read_style`` where it has one)."""
-        return cls(trainer, group_size, getattr(world, "read_style", None))
+        return cls(trainer, group_size, getattr(world, "read_style", None), watch)
 
     def __call__(self, totals: torch.Tensor, valid: torch.Tensor, images: np.ndarray,
                  distances: torch.Tensor | None = None) -> Shaped:
@@ -77,6 +81,40 @@ class Shaping:
         if tr.baseline_by:
             shaped = baseline_per_look(shaped, ok, look_labels(styles, tr.baseline_by).view(-1, k))
         return Shaped(shaped.flatten(), paid.flatten(), float(paid[ok].mean()) if ok.any() else 0.0)
+
+    def weigh(self, advantages: torch.Tensor, valid: torch.Tensor, images: np.ndarray,
+              distances: torch.Tensor | None = None) -> torch.Tensor:
+        """``[N]`` advantages with each positive one multiplied by ``1 + trainer.diversity_advantage * d``, ``d`` the
+        sample's :func:`nearest_novelty` in its group (style space where the world reads styles, else pixels);
+        the others, and every advantage when the option is off, unchanged.
+
+        Args:
+            advantages: ``[N]`` from ``grpo.advantages``; valid: ``[N]`` bool; images: uint8 ``[N, H, W, 3]``.
+            distances: ``[N, N]`` :func:`pixel_distances` of ``images`` when the caller has them already.
+        """
+        scale = self.trainer.diversity_advantage
+        if not scale:
+            return advantages
+        if self.read_style is not None:
+            d = style_distances([self.read_style(image) for image in images])
+        else:
+            d = pixel_distances(images) if distances is None else distances
+        k = self.group_size
+        weight = 1.0 + scale * nearest_novelty(within_groups(d, k), valid.bool().view(-1, k)).flatten()
+        return torch.where(advantages > 0, advantages * weight.to(advantages.dtype), advantages)
+
+    def kl_weights(self, result: RewardResult) -> torch.Tensor | None:
+        """``[N]`` float32 per-sample weights of the KL term (``trainer.kl_uncertain_frac``, :func:`uncertain`
+        between the training total and the watchdog's scores); None when every sample keeps the KL."""
+        frac = self.trainer.kl_uncertain_frac
+        if frac >= 1.0:
+            return None
+        if not self.watch:
+            raise ValueError("trainer.kl_uncertain_frac below 1 needs a watchdog reward (rewards.N.watch: true)")
+        i = result.names.index(self.watch)
+        scored = result.valid & result.applicable[i] & ~result.failed[i]
+        return uncertain(torch.from_numpy(result.total), torch.from_numpy(result.scores[i]),
+                         torch.from_numpy(scored), frac)
 
     def styles(self, images: np.ndarray) -> list | None:
         """Each image's style read back from its pixels, or None when no option reads styles."""
@@ -120,3 +158,42 @@ def baseline_per_look(t: torch.Tensor, ok: torch.Tensor, labels: torch.Tensor) -
     labelled = ok & (labels >= 0)
     labelled_mean = (x * labelled).sum(1, keepdim=True) / labelled.sum(1, keepdim=True).clamp_min(1)
     return torch.where(labelled, t - look_mean + labelled_mean, t)
+
+
+def nearest_novelty(blocks: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+    """``[G, k]`` in 0..1: each valid sample's distance (``blocks`` ``[G, k, k]``) to its nearest valid sibling,
+    divided by the largest such distance in its group; 0 for samples without a valid sibling, and across a group
+    whose distances are all equal (no sample is more novel than another)."""
+    siblings = ok[:, None, :] & ~torch.eye(ok.shape[1], dtype=torch.bool)
+    has = ok & siblings.any(-1)
+    nearest = torch.where(has, torch.where(siblings, blocks.double(), torch.inf).amin(-1), 0.0)
+    top = nearest.amax(1, keepdim=True)
+    spread = top > torch.where(has, nearest, torch.inf).amin(1, keepdim=True)
+    return torch.where(has & spread, nearest / top.clamp_min(1e-12), 0.0)
+
+
+def average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """``[M]`` float64 0-based ranks of ``x`` ``[M]`` in ascending order, ties sharing their mean rank.
+
+    >>> average_ranks(torch.tensor([3.0, 1.0, 3.0, 2.0])).tolist()
+    [2.5, 0.0, 2.5, 1.0]
+    """
+    below = (x[:, None] > x[None, :]).sum(1)
+    tied = (x[:, None] == x[None, :]).sum(1)
+    return below.double() + (tied.double() - 1.0) / 2.0
+
+
+def uncertain(main: torch.Tensor, watch: torch.Tensor, scored: torch.Tensor, frac: float) -> torch.Tensor:
+    """``[N]`` float32 KL weights: 1 for the ``ceil(frac * M)`` of the ``M`` scored samples whose ranks under
+    ``main`` and ``watch`` (both ``[N]``, ranked among the scored samples) differ most, ties going to the earlier
+    sample, and for every sample not ``scored`` (``[N]`` bool: nothing says the judges agree there); 0 elsewhere.
+    Where the watchdog ranks a sample as the training judges do, the reward is trusted and the policy may leave
+    the reference; where they disagree the KL holds it back."""
+    rows = scored.bool()
+    m = int(rows.sum())
+    gap = (average_ranks(main.double()[rows]) - average_ranks(watch.double()[rows])).abs()
+    keep = torch.zeros(m)
+    keep[torch.argsort(-gap, stable=True)[:math.ceil(round(frac * m, 9))]] = 1.0
+    weights = torch.ones(len(main))
+    weights[rows] = keep
+    return weights

@@ -248,6 +248,17 @@ class TrainerConfig:
     mean is kept: an unreadable sample keeps the group's baseline, the readable ones share their gap to it, one
     alone in its look carries only that share (no signal when all are readable), and the scale is the std of the
     shaped totals (the spread within the looks). Empty = one baseline per group."""
+    diversity_advantage: Annotated[float, Field(ge=0.0)] = 0.0
+    """GARDO's diversity-aware advantage: each positive advantage is multiplied by ``1 + diversity_advantage * d``,
+    ``d`` the sample's distance to its nearest valid sibling divided by the largest such distance in its group (0
+    when they are all equal), so among the samples better than their group the most novel is pushed most; negative
+    advantages are left alone. Distances in style space where the world reads its styles back (glyphs), else the
+    16 x 16 thumbnails' RMS distance; applied after the group normalisation (``omnigrpo.app.shaping``). 0 = off."""
+    kl_uncertain_frac: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
+    """GARDO's gated KL: the share of the batch's samples that keep the KL penalty, those whose rank under the
+    training total and under the first watchdog reward (``rewards.N.watch``) disagree most; the others get none,
+    so the KL holds back the policy only where the watchdog doubts the training judges. Samples the watchdog did
+    not score keep the KL. 1.0 = KL on every sample; below 1 needs a watchdog reward."""
     max_grad_norm: Annotated[float, Field(gt=0.0)] = 1.0
     """Gradient clipping threshold (global L2 norm)."""
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0

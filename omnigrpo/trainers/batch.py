@@ -13,7 +13,8 @@ from omnigrpo.rollout.policy import PromptBatch
 class TrainBatch:
     """What one GRPO update consumes. ``prompts``: ``[N, P]``; ``codes``/``old_logprobs``: ``[N, T]``;
     ``advantages``/``valid``: ``[N]`` (``valid`` False = excluded from the loss); ``versions``: ``[N]`` weight
-    version each sample was drawn with (None: the learner's current one)."""
+    version each sample was drawn with (None: the learner's current one); ``kl_weights``: ``[N]`` weight of each
+    sample's KL term (``trainer.kl_uncertain_frac``; None: 1 for all)."""
 
     prompts: PromptBatch
     codes: torch.Tensor
@@ -21,10 +22,12 @@ class TrainBatch:
     advantages: torch.Tensor
     valid: torch.Tensor
     versions: torch.Tensor | None = None
+    kl_weights: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> TrainBatch:
         return TrainBatch(self.prompts.to(device), self.codes.to(device), self.old_logprobs.to(device),
-                          self.advantages.to(device), self.valid.to(device), self.versions)
+                          self.advantages.to(device), self.valid.to(device), self.versions,
+                          None if self.kl_weights is None else self.kl_weights.to(device))
 
     def staleness(self, version: int) -> torch.Tensor:
         """Updates made since each sample was drawn ``[N]`` (0 when the batch carries no versions)."""

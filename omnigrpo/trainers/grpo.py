@@ -68,12 +68,15 @@ def grpo_token_loss(
     clip_eps_low: float,
     clip_eps_high: float,
     kl_coef: float,
+    kl_weights: torch.Tensor | None = None,
 ) -> LossTerms:
     """Clipped surrogate plus k3 KL, per token.
 
     Args:
         logp, old_logp, ref_logp: ``[B, T]`` log-probs under the current, sampling and reference policy.
         advantages: ``[B]``.
+        kl_weights: ``[B]`` per-sample weights of the KL term (``trainer.kl_uncertain_frac``); None: 1 for all.
+            ``LossTerms.kl`` stays unweighted.
     """
     adv = advantages[:, None]
     ratio = torch.exp(logp - old_logp)
@@ -84,7 +87,8 @@ def grpo_token_loss(
     delta = torch.where(logp > LOGPROB_FLOOR, ref_logp - logp, torch.zeros_like(logp))
     kl = torch.exp(delta) - delta - 1.0
     clipped = ((ratio < 1.0 - clip_eps_low) & (adv < 0)) | ((ratio > 1.0 + clip_eps_high) & (adv > 0))
-    return LossTerms(loss=-surrogate + kl_coef * kl, kl=kl, ratio=ratio, clipped=clipped)
+    penalty = kl if kl_weights is None else kl_weights.to(kl.dtype)[:, None] * kl
+    return LossTerms(loss=-surrogate + kl_coef * penalty, kl=kl, ratio=ratio, clipped=clipped)
 
 
 def tis_weights(proximal: torch.Tensor, sampler: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -193,8 +193,9 @@ class Learner:
         ref.score(rows)
         logp, entropy = sequence_logprobs(self.lm, batch.prompts.select(rows), batch.codes[rows], self.params)
         proximal = logp.detach() if old is None else old[rows]
+        kl_weights = None if batch.kl_weights is None else batch.kl_weights[rows]
         terms = grpo.grpo_token_loss(logp, proximal, ref.of(rows, logp), batch.advantages[rows], tr.clip_eps_low,
-                                     tr.clip_eps_high, tr.kl_coef)
+                                     tr.clip_eps_high, tr.kl_coef, kl_weights)
         per_token, capped = self._tis_weighted(terms.loss, proximal, batch.old_logprobs[rows])
         # DeepSpeed averages gradients over ranks; scaling by world_size makes that a sum
         loss = grpo.aggregate(per_token, mask[rows], tr.loss_agg, micro.norm) * self.world_size

@@ -1,4 +1,5 @@
-"""Reward shaping (diversity bonus, baseline per look) against values computed by hand."""
+"""Reward shaping (diversity bonus, baseline per look, novelty-weighed advantages, gated KL) against values computed
+by hand."""
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,3 +171,88 @@ def test_the_run_labels_each_sample_by_its_look_read_from_the_pixels():
     # by size alone: 0 and 2 share a look (mean 0.5), 1 is alone; the blank image has none; readable mean 1/3
     assert shaped.totals.tolist() == pytest.approx([5 / 6, 1 / 3, -1 / 6, 0.5])
     assert Shaping.for_world(cfg.trainer, 4, shapes).read_style is None
+
+
+def _result(total: list[float], watch: list[float], valid: list[bool] | None = None):
+    from omnigrpo.rewards.worker import RewardResult
+
+    n = len(total)
+    scores = np.array([total, watch], np.float32)
+    failed = np.isnan(scores)
+    valid = np.array(valid if valid is not None else [True] * n)
+    return RewardResult(["ocr", "ocr_watch"], scores, failed, np.ones((2, n), bool), np.array(total), valid)
+
+
+def test_positive_advantages_are_weighed_by_novelty_within_the_group():
+    d = torch.zeros(8, 8, dtype=torch.float64)  # across the two groups: 0, never read
+    d[:4, :4] = torch.tensor([[0.0, 0.2, 0.6, 0.8], [0.2, 0.0, 0.4, 0.9], [0.6, 0.4, 0.0, 0.5],
+                              [0.8, 0.9, 0.5, 0.0]])
+    d[4:, 4:] = torch.tensor([[0.0, 0.3, 0.6, 0.0], [0.3, 0.0, 0.6, 0.0], [0.6, 0.6, 0.0, 0.0],
+                              [0.0, 0.0, 0.0, 0.0]])  # sample 7 is excluded: nobody's neighbour
+    valid = torch.tensor([True] * 7 + [False])
+    adv = torch.tensor([1.0, -1.0, 0.5, 2.0, 1.0, 1.0, 1.0, 0.0])
+    weighed = Shaping(TrainerConfig(diversity_advantage=2.0), 4).weigh(adv, valid, NO_IMAGES, d)
+    # group 0: nearest 0.2, 0.2, 0.4, 0.5 -> / 0.5: 0.4, 0.4, 0.8, 1 -> weights 1.8, 1.8, 2.6, 3 (the negative kept)
+    # group 1: nearest 0.3, 0.3, 0.6 -> 0.5, 0.5, 1 -> weights 2, 2, 3
+    assert weighed.tolist() == pytest.approx([1.8, -1.0, 1.3, 6.0, 2.0, 2.0, 3.0, 0.0])
+    assert weighed.dtype == adv.dtype
+
+
+def test_a_group_equally_far_apart_or_the_option_off_leaves_the_advantages():
+    d = torch.ones(3, 3, dtype=torch.float64) - torch.eye(3, dtype=torch.float64)
+    adv = torch.tensor([1.0, -0.5, 0.5])
+    valid = torch.ones(3, dtype=torch.bool)
+    assert torch.equal(Shaping(TrainerConfig(diversity_advantage=5.0), 3).weigh(adv, valid, NO_IMAGES, d), adv)
+    assert Shaping(TrainerConfig(), 3).weigh(adv, valid, NO_IMAGES, d) is adv
+
+
+def test_the_novelty_weight_reads_styles_where_the_world_has_them():
+    shaping = Shaping(TrainerConfig(diversity_advantage=1.0), 4, read_look)
+    adv = torch.ones(4)
+    # one attribute: distance 1 between different looks; nearest 0, 0, 1, 1 -- the pixel distances are not read
+    weighed = shaping.weigh(adv, torch.ones(4, dtype=torch.bool), looks(0, 0, 1, 2), torch.zeros(4, 4))
+    assert weighed.tolist() == [1.0, 1.0, 2.0, 2.0]
+
+
+def test_the_kl_stays_on_the_samples_whose_ranks_disagree_most():
+    from omnigrpo.app.shaping import uncertain
+
+    main = torch.tensor([0.9, 0.8, 0.1, 0.5, 0.3, 0.7])
+    watch = torch.tensor([0.9, 0.1, 0.2, 0.5, 0.7, float("nan")])
+    scored = torch.tensor([True] * 5 + [False])
+    # ranks of the scored five: main 4, 3, 0, 2, 1; watch 4, 0, 1, 2, 3 -> gaps 0, 3, 1, 0, 2
+    assert uncertain(main, watch, scored, 0.4).tolist() == [0.0, 1.0, 0.0, 0.0, 1.0, 1.0]
+    assert uncertain(main, watch, scored, 0.6).tolist() == [0.0, 1.0, 1.0, 0.0, 1.0, 1.0]
+    assert uncertain(main, watch, scored, 0.0).tolist() == [0.0] * 5 + [1.0]  # the unscored one keeps it
+    agree = torch.arange(10.0)
+    assert uncertain(agree, agree, torch.ones(10, dtype=torch.bool), 0.3).tolist() == [1.0] * 3 + [0.0] * 7  # ties
+
+
+def test_the_kl_weights_rank_the_total_against_the_watchdog():
+    result = _result([0.9, 0.8, 0.1, 0.5, 0.3], [0.9, 0.1, 0.2, 0.5, float("nan")], [True, True, True, True, False])
+    shaping = Shaping(TrainerConfig(kl_uncertain_frac=0.5), 5, watch="ocr_watch")
+    # scored: 0-3 (4 failed its watchdog); ranks main 3, 2, 0, 1 vs watch 3, 0, 1, 2 -> gaps 0, 2, 1, 1: keep 2 of 4
+    assert shaping.kl_weights(result).tolist() == [0.0, 1.0, 1.0, 0.0, 1.0]
+    assert Shaping(TrainerConfig(), 5).kl_weights(result) is None
+    with pytest.raises(ValueError, match="watchdog"):
+        Shaping(TrainerConfig(kl_uncertain_frac=0.5), 5).kl_weights(result)
+
+
+def test_a_gated_kl_without_a_watchdog_is_refused(capsys, tmp_path, monkeypatch):
+    from conftest import refused
+
+    from omnigrpo.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    config = str(Path(__file__).parents[2] / "configs" / "shapes.yaml")
+    refused(main, ["train", config, "trainer.kl_uncertain_frac=0.5"], capsys,
+            "trainer.kl_uncertain_frac: 0.5 ranks each sample under a watchdog reward")
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_gated_kl_with_a_watchdog_passes_its_check():
+    from omnigrpo.app.preflight import check_watch_options
+    from omnigrpo.config.loader import load_config
+
+    cfg = load_config(Path(__file__).parents[2] / "configs" / "glyphs.yaml", ["trainer.kl_uncertain_frac=0.5"])
+    check_watch_options(cfg)  # glyphs.yaml has one: nothing raised

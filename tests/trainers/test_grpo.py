@@ -137,3 +137,17 @@ def test_decoupled_ratio_with_truncated_behaviour_weights_by_hand():
     assert torch.allclose(weights, torch.tensor([[1.0, 1.25, 2.0]]))
     assert capped.tolist() == [[False, False, True]]
     assert torch.allclose(terms.loss * weights, torch.tensor([[-1.1, -1.5, -2 / 3]]))
+
+
+def test_kl_weights_scale_each_samples_kl_term():
+    logp = torch.full((3, 2), math.log(0.5))
+    ref = torch.full((3, 2), math.log(0.25))
+    adv = torch.tensor([1.0, 1.0, -1.0])
+    plain = grpo_token_loss(logp, logp, ref, adv, 0.2, 0.2, kl_coef=0.1)
+    weighed = grpo_token_loss(logp, logp, ref, adv, 0.2, 0.2, 0.1, torch.tensor([1.0, 0.0, 0.5]))
+    kl = math.exp(math.log(0.5)) - math.log(0.5) - 1  # per token, as in test_k3_kl_by_hand
+    # ratio 1: the surrogate is -A; the KL term 0.1 * w * kl; the logged KL stays unweighted
+    assert weighed.loss[:, 0].tolist() == pytest.approx([-1 + 0.1 * kl, -1.0, 1 + 0.05 * kl])
+    assert torch.equal(weighed.kl, plain.kl)
+    ones = grpo_token_loss(logp, logp, ref, adv, 0.2, 0.2, 0.1, torch.ones(3))
+    assert torch.equal(ones.loss, plain.loss)

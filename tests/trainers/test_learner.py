@@ -150,6 +150,23 @@ def test_micro_batching_does_not_change_the_update(tiny_config, sft_path, stage)
     assert any(not torch.equal(a[k], WorldPolicy.from_pretrained(sft_path).model.state_dict()[k]) for k in a)
 
 
+def test_a_zero_kl_weight_takes_the_kl_out_of_the_update(tiny_config, sft_path):
+    results = []
+    for kl_coef, weights in ((0.5, torch.zeros(16)), (0.0, None)):
+        cfg = tiny_config(f"trainer.kl_coef={kl_coef}", "trainer.lr=1e-2", "run.seed=5")
+        learner, rollout, _ = _workers(cfg, sft_path)
+        prompts, metadata = prompts_of(shapes.train_items()[:4])
+        batch = rollout.generate(prompts, metadata, 4)  # same seed: same batch for both
+        for _ in range(2):  # the second update starts away from the reference: a KL there to take out
+            update = merge_ranks([learner.train_step(TrainBatch(
+                batch.prompt_batch, batch.codes, batch.logprobs, torch.linspace(-1.0, 1.0, 16),
+                torch.ones(16, dtype=torch.bool), kl_weights=weights))])
+        results.append((update.metrics["learner/kl"], learner.state_dict()))
+    (kl_a, a), (kl_b, b) = results
+    assert kl_a > 0.0 == kl_b  # logged unweighted: the KL was there, and weighed 0 in the loss
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_learner_agrees_with_the_sampler_under_guidance_and_filters(tiny_config, sft_path):
     cfg = tiny_config("rollout.cfg_scale=3.0", "rollout.top_k=20", "rollout.min_p=0.02", "rollout.temperature=0.9",
                       "trainer.mini_batches=2", "trainer.epochs=2", "trainer.micro_batch_size=4")
