@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from omnigrpo.cli import CONFIG_COMMANDS, _parser
+from omnigrpo.cli import CONFIG_COMMANDS
+from omnigrpo.cli.parser import build_parser as _parser
 
 ROOT = Path(__file__).parents[1]
 PAGES = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").glob("*.md"))]

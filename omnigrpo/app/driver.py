@@ -284,7 +284,8 @@ class Loop:
         shaped = self.shaping(torch.from_numpy(result.total), valid, batch.images, distances)
         adv = grpo.advantages(shaped.totals, cfg.rollout.group_size, valid, scale=cfg.trainer.scale_rewards)
         # ... weighed by novelty (trainer.diversity_advantage), the KL kept where a watchdog doubts the judges
-        weighed, kl = self.shaping.weigh(adv.values, valid, batch.images, distances), self.shaping.kl_weights(result)
+        weighed = self.shaping.weigh(adv.values, valid, batch.images, distances, shaped.styles)
+        kl = self.shaping.kl_weights(result)
         # 3. learn: one GRPO update on every learner rank
         self.stage = "learn"
         with timed(timings, "learn"):

@@ -36,6 +36,8 @@ class Shaped:
     """``[N]`` float64 diversity bonus added to each sample's total (0 where none was paid)."""
     bonus_mean: float
     """Mean bonus over the valid samples (0 without any)."""
+    styles: list | None = None
+    """Each sample's style as read back from its pixels (:meth:`Shaping.styles`), for :meth:`Shaping.weigh`."""
 
     def metrics(self) -> dict[str, float]:
         """What a step logs of its shaping."""
@@ -80,10 +82,10 @@ class Shaping:
         shaped = r + paid
         if tr.baseline_by:
             shaped = baseline_per_look(shaped, ok, look_labels(styles, tr.baseline_by).view(-1, k))
-        return Shaped(shaped.flatten(), paid.flatten(), float(paid[ok].mean()) if ok.any() else 0.0)
+        return Shaped(shaped.flatten(), paid.flatten(), float(paid[ok].mean()) if ok.any() else 0.0, styles)
 
     def weigh(self, advantages: torch.Tensor, valid: torch.Tensor, images: np.ndarray,
-              distances: torch.Tensor | None = None) -> torch.Tensor:
+              distances: torch.Tensor | None = None, styles: list | None = None) -> torch.Tensor:
         """``[N]`` advantages with each positive one multiplied by ``1 + trainer.diversity_advantage * d``, ``d`` the
         sample's :func:`nearest_novelty` in its group (style space where the world reads styles, else pixels);
         the others, and every advantage when the option is off, unchanged.
@@ -91,12 +93,13 @@ class Shaping:
         Args:
             advantages: ``[N]`` from ``grpo.advantages``; valid: ``[N]`` bool; images: uint8 ``[N, H, W, 3]``.
             distances: ``[N, N]`` :func:`pixel_distances` of ``images`` when the caller has them already.
+            styles: the step's :attr:`Shaped.styles`, when ``__call__`` read them already.
         """
         scale = self.trainer.diversity_advantage
         if not scale:
             return advantages
         if self.read_style is not None:
-            d = style_distances([self.read_style(image) for image in images])
+            d = style_distances(styles if styles is not None else [self.read_style(image) for image in images])
         else:
             d = pixel_distances(images) if distances is None else distances
         k = self.group_size
@@ -117,12 +120,14 @@ class Shaping:
                          torch.from_numpy(scored), frac)
 
     def styles(self, images: np.ndarray) -> list | None:
-        """Each image's style read back from its pixels, or None when no option reads styles."""
+        """Each image's style read back from its pixels (once a step, for every option that reads them), or None
+        when no option reads styles."""
         tr = self.trainer
-        if not tr.baseline_by and not (tr.diversity_bonus and tr.diversity_space == "style"):
-            return None
-        if self.read_style is None:
+        needed = tr.baseline_by or (tr.diversity_bonus and tr.diversity_space == "style")
+        if needed and self.read_style is None:
             raise ValueError("trainer.baseline_by and trainer.diversity_space: style need the world's read_style")
+        if not needed and not (tr.diversity_advantage and self.read_style is not None):
+            return None
         return [self.read_style(image) for image in images]
 
 

@@ -214,6 +214,21 @@ def test_the_novelty_weight_reads_styles_where_the_world_has_them():
     assert weighed.tolist() == [1.0, 1.0, 2.0, 2.0]
 
 
+def test_a_step_reads_each_style_once_for_the_baseline_and_the_novelty_weight():
+    reads = []
+
+    def counted(image):
+        reads.append(1)
+        return read_look(image)
+
+    shaping = Shaping(TrainerConfig(diversity_advantage=1.0, baseline_by=["advance"]), 4, counted)
+    images, valid = looks(0, 0, 1, 2), torch.ones(4, dtype=torch.bool)
+    shaped = shaping(torch.tensor([1.0, 0.0, 1.0, 0.0]), valid, images)
+    assert len(reads) == 4 and len(shaped.styles) == 4
+    weighed = shaping.weigh(torch.ones(4), valid, images, torch.zeros(4, 4), shaped.styles)
+    assert len(reads) == 4 and weighed.tolist() == [1.0, 1.0, 2.0, 2.0]  # the styles of the shaping, not read again
+
+
 def test_the_kl_stays_on_the_samples_whose_ranks_disagree_most():
     from omnigrpo.app.shaping import uncertain
 

@@ -87,7 +87,7 @@ def test_a_link_out_of_a_reward_package_is_refused_by_name(link, tmp_path, monke
 
 def test_omnigrpos_own_source_ships_as_python_files_only(tmp_path):
     payload = gather(_config(tmp_path))
-    assert "omnigrpo/cli.py" in payload.package and "omnigrpo/cluster/payload.py" in payload.package
+    assert "omnigrpo/cli/__main__.py" in payload.package and "omnigrpo/cluster/payload.py" in payload.package
     assert all(name.endswith(".py") and "__pycache__" not in name for name in payload.package)
     assert "omnigrpo/bench/trl_settings.yaml" not in payload.package  # in the package directory, not a source
     _, package = payload.write(tmp_path / "staged")

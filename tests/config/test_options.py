@@ -91,7 +91,7 @@ def test_a_bad_option_names_its_flag(argv, needle, tmp_path, capsys, monkeypatch
 
 def test_every_option_of_every_command_has_a_bad_value_case():
     # a new option fails here until a case above shows what a bad value of it gets
-    from omnigrpo.cli import _parser
+    from omnigrpo.cli.parser import build_parser as _parser
 
     subparsers = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
     tried = {(argv[0], word) for argv, _ in CASES for word in argv if word.startswith("--")}
