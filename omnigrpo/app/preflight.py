@@ -47,7 +47,7 @@ def check_run(cfg: Config) -> RunPlan:
     """Everything a training run needs that can be checked without a cluster; raises ConfigError."""
     check_run_dir(cfg.run.dir)
     check_tracking(cfg.tracking.uri)
-    prompts, metadata = training_prompts(cfg.data)
+    prompts, metadata = training_prompts(cfg.data, cfg.world.look_share)
     check_decoder(cfg.model, cfg.decoder)
     check_style_options(cfg.trainer, cfg.world.name)
     check_watch_options(cfg)
@@ -153,17 +153,18 @@ def check_tracking(uri: str) -> None:
                           "tracking.uri empty for a local store") from None
 
 
-def check_prompts(source: str, key: str) -> tuple[list[str], list[dict]]:
+def check_prompts(source: str, key: str, look_share: float = 0.0) -> tuple[list[str], list[dict]]:
     """The prompts of a world name or prompt file; a bad file names itself and the line."""
     try:
-        return load_prompts(source)
+        return load_prompts(source, look_share)
     except PromptFileError as err:
         raise ConfigError(f"{key}: {err}") from None
 
 
-def training_prompts(data: DataConfig) -> tuple[list[str], list[dict]]:
-    """``data.prompts`` without the ``data.held_out_share`` held out from training."""
-    prompts, metadata = check_prompts(data.prompts, "data.prompts")
+def training_prompts(data: DataConfig, look_share: float = 0.0) -> tuple[list[str], list[dict]]:
+    """``data.prompts`` (a world's with ``world.look_share`` naming looks) without the ``data.held_out_share`` held
+    out from training."""
+    prompts, metadata = check_prompts(data.prompts, "data.prompts", look_share)
     if not data.held_out_share:
         return prompts, metadata
     try:
@@ -326,7 +327,7 @@ def check_submit(cfg: Config) -> Payload:
     if not Path(cfg.run.dir).is_absolute():
         raise ConfigError(f"run.dir: a submitted run needs an absolute path on storage the cluster sees (got "
                           f"{cfg.run.dir!r}; a relative one would land in the job's temporary working directory)")
-    _, metadata = training_prompts(cfg.data)
+    _, metadata = training_prompts(cfg.data, cfg.world.look_share)
     check_decoder(cfg.model, cfg.decoder)
     check_style_options(cfg.trainer, cfg.world.name)
     check_watch_options(cfg)

@@ -49,6 +49,13 @@ class WorldConfig:
     ``shapes`` (coloured shapes, judged from pixels) or ``glyphs`` (rendered strings, judged by OCR)."""
     codebook_size: Annotated[int, Field(ge=8, le=4096)] = 256
     """Number of image codes of the world's k-means patch tokenizer."""
+    # out of repr: the SFT cache key hashes repr(world), and adds this only when set (runs without it keep their key)
+    look_share: Probability = Field(0.0, repr=False)
+    """Share of the world's training prompts that name part of the look, so RL cannot gain by drawing everything
+    in one easy style (``glyphs`` only): ``write "KP7" small yellow top``, each of size, colour and height named
+    with probability 1/2 (at least one), the same prompts in every run and process (``omnigrpo.worlds.glyphs``).
+    SFT draws a named prompt's image with the named attributes and the others random; RL uses them when
+    ``data.prompts`` is the world's; the ``glyphs_look`` reward scores them. Held-out prompts stay plain."""
 
 
 @dataclass(frozen=True, config=_STRICT)

@@ -63,6 +63,9 @@ def cross_field_problems(cfg: Config) -> list[str]:
     if cfg.data.prompts in WORLD_NAMES and cfg.data.prompts != cfg.world.name:
         problems.append(f"  data.prompts: {cfg.data.prompts!r} is a built-in world's prompt set, but world.name is "
                         f"{cfg.world.name!r}")
+    if cfg.world.look_share and cfg.world.name != "glyphs":
+        problems.append(f"  world.look_share: only the glyphs world names looks in its prompts; world.name is "
+                        f"{cfg.world.name!r}")
     return problems + _model_problems(cfg) + _credential_problems(cfg)
 
 

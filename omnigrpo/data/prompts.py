@@ -25,10 +25,11 @@ MAX_PROMPT_CHARS = 16_384
 (a prompt of megabytes would be tokenised into a sequence no model holds, and allocate its attention)."""
 
 
-def load_prompts(source: str) -> tuple[list[str], list[dict]]:
-    """Prompts and their metadata (one dict per prompt) from a world name or a file (see above)."""
+def load_prompts(source: str, look_share: float = 0.0) -> tuple[list[str], list[dict]]:
+    """Prompts and their metadata (one dict per prompt) from a world name (``look_share`` of its prompts naming
+    their look: ``world.look_share``) or a file (see above)."""
     if source in WORLDS:
-        return train_prompts(source)
+        return train_prompts(source, look_share)
     path = Path(source).expanduser()
     if not path.exists():
         raise PromptFileError(f"{source!r} is neither a built-in world ({', '.join(WORLDS)}) "

@@ -28,7 +28,7 @@ from omnigrpo.rewards.protocol import RewardFn, is_reward_function
 ENTRY_POINT_GROUP = "omnigrpo.rewards"
 BUILTIN_JUDGES = {"shapes": "shapes", "shapes_strict": "shapes", "ocr": "ocr", "clip": "clip", "hps": "clip",
                   "aesthetic": "clip", "pickscore": "clip", "vlm_judge": "vlm", "geneval": "geneval",
-                  "longtext": "longtext"}
+                  "longtext": "longtext", "glyphs_look": "glyphs_look"}
 """Built-in reward name -> its module under ``omnigrpo.rewards.judges`` (a test holds it to what they register)."""
 
 

@@ -50,7 +50,8 @@ def sft_key(sft: SFTConfig, model: ModelConfig, world: WorldConfig, run: RunConf
     payload = {
         "format": _SFT_FORMAT,
         "seed": run.seed,
-        "world": repr(world),
+        "world": repr(world),  # without world.look_share (out of its repr), added only when set
+        **({"look_share": world.look_share} if world.look_share else {}),
         # the world's code (and the drawing it shares) makes the SFT data: a change must not reuse a stale checkpoint
         "world_code": hashlib.sha256(b"".join(Path(m.__file__).read_bytes()
                                               for m in (world_module, worlds.get(world.name)))).hexdigest(),
@@ -95,7 +96,7 @@ def train_sft(sft: SFTConfig, model: ModelConfig, world: WorldConfig, run: RunCo
     use_threads(threads)
     rng = np.random.default_rng(run.seed)
     source = worlds.get(world.name)  # the world module: its prompts and drawings
-    items = source.train_items()
+    items = worlds.train_items(world.name, world.look_share)
     _, fit_images = source.sample_pairs(items, sft.kmeans_images, rng)
     codebook = PatchCodebook.fit(fit_images, world.codebook_size, run.seed)
     policy = WorldPolicy.create(model, codebook, run.seed, world.name)

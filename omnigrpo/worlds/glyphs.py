@@ -4,11 +4,14 @@ Why: text rendering is where RL moved discrete-token generators most (X-Omni, fl
 most wants to check. A 2-4 character string from an alphabet without look-alikes is drawn at 24 x 72 in DejaVu Sans
 Mono Bold (fixed-width slots stay legible after patch quantisation) in a random size, height and colour, and the
 OCR judge scores what a reader sees. Strings come from a fixed world seed, so the held-out set is the same for every
-run; prompts read ``write "KP7"``, tokenised one character at a time (:func:`words`; docs/worlds.md).
+run; prompts read ``write "KP7"``, tokenised one character at a time (:func:`words`; docs/worlds.md). A share of
+the training prompts may name part of the look (``write "KP7" small yellow top``, :data:`LOOKS`), so that RL cannot
+gain by drawing every string in one easy style.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from dataclasses import dataclass
@@ -35,21 +38,30 @@ EVAL = {
     "longtext_score": ("ocr", {"score": "longtext", "detect": False}),  # LongText-Bench's word match
 }
 _QUOTED = re.compile(r'"[^"]*"|\S+')
+LOOKS: dict[str, tuple[str, dict[str, str | int]]] = {
+    "size": ("advance", {"small": ADVANCES[0], "large": ADVANCES[1]}),
+    "colour": ("colour", {name: name for name in COLORS}),
+    "height": ("shift", {"top": -1, "middle": 0, "bottom": 1}),
+}
+"""What a prompt may name, in the order it names it: attribute -> (the :class:`Style` field it fixes, its words
+and the values they stand for)."""
 
 
 @dataclass(frozen=True)
 class Item:
-    """One string to draw; ``prompt`` is its text and ``metadata`` what rewards receive."""
+    """One string to draw; ``prompt`` is its text and ``metadata`` what rewards receive. ``look`` holds the
+    ``(attribute, word)`` pairs the prompt names, in :data:`LOOKS` order (empty: the look is left open)."""
 
     text: str
+    look: tuple[tuple[str, str], ...] = ()
 
     @property
     def prompt(self) -> str:
-        return f'write "{self.text}"'
+        return " ".join([f'write "{self.text}"', *(word for _, word in self.look)])
 
     @property
-    def metadata(self) -> dict[str, str]:
-        return {"text": self.text}
+    def metadata(self) -> dict:
+        return {"text": self.text, "look": dict(self.look)} if self.look else {"text": self.text}
 
 
 @functools.cache
@@ -64,8 +76,28 @@ def _strings() -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(strings[HELD_OUT_STRINGS:]), tuple(strings[:HELD_OUT_STRINGS])
 
 
-def train_items() -> list[Item]:
-    return [Item(t) for t in _strings()[0]]
+def train_items(look_share: float = 0.0) -> list[Item]:
+    """The training strings; ``look_share`` of them (rounded, the same in every process) name a look."""
+    order, looks = _named_looks()
+    named = set(order[: round(look_share * TRAIN_STRINGS)].tolist())
+    return [Item(t, looks[i] if i in named else ()) for i, t in enumerate(_strings()[0])]
+
+
+@functools.cache
+def _named_looks() -> tuple[np.ndarray, tuple[tuple[tuple[str, str], ...], ...]]:
+    """(an order of the training strings, a look for each), drawn once from the world seed. A string names its
+    look when it is among the first ``look_share`` of the order, so a larger share names more strings, each with
+    the same look. Each attribute is named with probability 1/2, drawn again until one is (a look is one of the 7
+    non-empty subsets, uniformly), its word uniform among the attribute's."""
+    rng = np.random.default_rng([WORLD_SEED, 1])
+    looks = []
+    for _ in range(TRAIN_STRINGS):
+        named = np.zeros(len(LOOKS), bool)
+        while not named.any():
+            named = rng.random(len(LOOKS)) < 0.5
+        picks = [list(words)[int(rng.integers(len(words)))] for _, words in LOOKS.values()]
+        looks.append(tuple((a, w) for a, w, k in zip(LOOKS, picks, named, strict=True) if k))
+    return rng.permutation(TRAIN_STRINGS), tuple(looks)
 
 
 def held_out_items() -> list[Item]:
@@ -78,6 +110,8 @@ def words(prompt: str) -> list[str]:
 
     >>> words('write "KP7"')
     ['write', '"', 'K', 'P', '7', '_', '"']
+    >>> words('write "AE" large cyan')
+    ['write', '"', 'A', 'E', '_', '_', '"', 'large', 'cyan']
     """
     out: list[str] = []
     for part in _QUOTED.findall(prompt):
@@ -91,7 +125,20 @@ def words(prompt: str) -> list[str]:
 
 def vocabulary() -> list[str]:
     """Every word the prompt grammar can produce (the text tokenizer's vocabulary)."""
-    return sorted({"write", '"', "_", *ALPHABET})
+    return sorted({"write", '"', "_", *ALPHABET, *(w for _, words in LOOKS.values() for w in words)})
+
+
+def parse(prompt: str) -> Item:
+    """The item a prompt of this grammar asks for: its quoted text and the look words after it (the first of
+    each attribute's), the inverse of :attr:`Item.prompt`.
+
+    >>> parse('write "KP7" small yellow top').look
+    (('size', 'small'), ('colour', 'yellow'), ('height', 'top'))
+    """
+    parts = prompt.split('"')
+    tail = parts[-1].lower().split() if len(parts) >= 3 else []
+    look = ((a, next((w for w in tail if w in words), None)) for a, (_, words) in LOOKS.items())
+    return Item(parts[1] if len(parts) >= 3 else "", tuple((a, w) for a, w in look if w is not None))
 
 
 def font_path() -> Path:
@@ -118,6 +165,16 @@ class Style:
     shift: int = 0
 
 
+def with_look(style: Style, look: tuple[tuple[str, str], ...]) -> Style:
+    """``style`` with the attributes ``look`` names (:attr:`Item.look`'s pairs) set as named."""
+    return dataclasses.replace(style, **{LOOKS[a][0]: LOOKS[a][1][w] for a, w in look})
+
+
+def look_of(style: Style) -> dict[str, str]:
+    """The words that name a style: ``{"size": ..., "colour": ..., "height": ...}``."""
+    return {a: next(w for w, v in words.items() if v == getattr(style, field)) for a, (field, words) in LOOKS.items()}
+
+
 def random_style(rng: np.random.Generator) -> Style:
     """A style drawn from ``rng`` (size, colour, then height: the order the SFT data was always drawn in)."""
     advance = ADVANCES[int(rng.integers(len(ADVANCES)))]
@@ -126,7 +183,8 @@ def random_style(rng: np.random.Generator) -> Style:
 
 
 def render(item: Item, rng: np.random.Generator | None = None, style: Style | None = None) -> np.ndarray:
-    """Draw a string in ``style``, or one drawn from ``rng``, or small, white and centred.
+    """Draw a string in ``style``, or else in one drawn from ``rng`` (or small, white and centred) with the
+    attributes its item names set as named.
 
     Sizes and positions move in whole 4-pixel patches (:data:`ADVANCES`, shifts of 4 px), so a glyph
     has the same patch codes wherever it stands: the tiny policy learns letters, not sub-patch phases.
@@ -134,7 +192,7 @@ def render(item: Item, rng: np.random.Generator | None = None, style: Style | No
     Returns:
         uint8 image ``[24, 72, 3]``.
     """
-    style = style or (random_style(rng) if rng is not None else Style())
+    style = style or with_look(random_style(rng) if rng is not None else Style(), item.look)
     h, w = IMAGE_SHAPE
     font = _font(style.advance)
     image = Image.new("RGB", (w, h), BACKGROUND)

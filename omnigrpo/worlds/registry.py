@@ -18,9 +18,16 @@ def get(name: str) -> World:
     return WORLDS[name]  # type: ignore[return-value]
 
 
-def train_prompts(name: str) -> tuple[list[str], list[dict]]:
-    """The world's training prompts and metadata (held-out items excluded)."""
-    return prompts_of(get(name).train_items())
+def train_items(name: str, look_share: float = 0.0) -> list:
+    """The world's training items (held-out items excluded); ``look_share`` of them name their look
+    (``world.look_share``, glyphs only)."""
+    world = get(name)
+    return world.train_items(look_share) if look_share else world.train_items()
+
+
+def train_prompts(name: str, look_share: float = 0.0) -> tuple[list[str], list[dict]]:
+    """The world's training prompts and metadata (:func:`train_items`)."""
+    return prompts_of(train_items(name, look_share))
 
 
 def held_out_prompts(name: str) -> tuple[list[str], list[dict]]:
