@@ -115,5 +115,6 @@ def test_a_stopped_run_resumes_to_the_weights_of_an_uninterrupted_one(reference_
     assert resumed["before"] == straight["before"]  # the stopped run's step-0 evaluation, carried over
     cfg = tiny_config(f"run.dir={cut}")
     assert metric_values(cfg, run.info.run_id, "learner/ref_refreshes") == [0, 1, 1, 2]
-    kl = metric_values(cfg, run.info.run_id, "learner/kl")  # step 3's against the reference of step 2
-    assert kl[2] > 0 and kl == pytest.approx(metric_values(straight_cfg, straight["run_id"], "learner/kl"), rel=1e-4)
+    kl = metric_values(cfg, run.info.run_id, "learner/kl")  # step 4's against the reference of step 2
+    assert kl[0] == kl[2] == 0 < kl[3]  # each step right after a refresh starts at the reference
+    assert kl == pytest.approx(metric_values(straight_cfg, straight["run_id"], "learner/kl"), rel=1e-4)
