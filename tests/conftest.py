@@ -101,8 +101,10 @@ def sft_path(cache_dir) -> Path:
     return sft_checkpoint(cfg.sft, cfg.model, cfg.world, cfg.run, threads=2)
 
 
-REFERENCE = ("trainer.lr=3e-3", "eval.every=0", "tracking.image_every=0", "rollout.top_k=30", "trainer.steps=4")
-"""The reference run's overrides: a run that trains visibly in 4 steps."""
+REFERENCE = ("trainer.lr=3e-3", "eval.every=0", "tracking.image_every=0", "rollout.top_k=30", "trainer.steps=4",
+             "trainer.ref_refresh_every=2")
+"""The reference run's overrides: a run that trains visibly in 4 steps, its KL reference refreshed after steps 2
+and 4 (so the runs that must match it, resumed, hybrid or on two ranks, refresh alike)."""
 
 
 @pytest.fixture(scope="session")

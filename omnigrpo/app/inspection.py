@@ -39,6 +39,7 @@ def check_resume(cfg: Config) -> tuple[Path, RunState]:
                           "before it") from None
     state = check_state(cfg, data, resume_from / "run_state.pt")
     check_same_model(cfg.model, resume_from)
+    check_refreshed_reference(cfg.model, resume_from)
     info = readable_json(resume_from / "omnigrpo_step.json", "run.resume")
     if "version" in info and info["version"] != state.version:
         raise ConfigError(f"run.resume: {resume_from} holds weights v{info['version']} but a run state of v"
@@ -118,6 +119,28 @@ def check_same_model(model: ModelConfig, checkpoint: Path) -> None:
               for ours, theirs in SHAPE_KEYS.items() if saved.get(theirs) != getattr(model, ours)]
     if differ:
         raise ConfigError(f"run.resume: {checkpoint} holds a policy of another shape: " + "; ".join(differ))
+
+
+def check_refreshed_reference(model: ModelConfig, checkpoint: Path) -> None:
+    """A checkpoint written after the KL reference was refreshed (``trainer.ref_refresh_*``; counted in its
+    ``learner_state.pt``) carries that reference as a policy folder of the configured model, which the resume takes
+    as its reference; one without a refresh carries none. Anything else would resume against another reference."""
+    from omnigrpo.trainers.checkpoint import REFERENCE_DIR, load_state
+
+    folder, learner = checkpoint / REFERENCE_DIR, checkpoint / "learner_state.pt"
+    try:
+        counted = int(load_state(learner).get("ref_refreshes", 0)) if learner.exists() else 0
+    except Exception as err:  # noqa: BLE001 - truncated, corrupt or not a learner state at all
+        raise ConfigError(f"run.resume: {learner} cannot be read ({type(err).__name__}); remove that checkpoint to "
+                          "resume the one before it") from None
+    if counted and not folder.is_dir():
+        raise ConfigError(f"run.resume: {checkpoint} was written after {counted} refresh(es) of the KL reference but "
+                          f"holds no {REFERENCE_DIR}/ folder; it cannot be resumed exactly")
+    if folder.exists() and not counted:
+        raise ConfigError(f"run.resume: {folder} is a KL reference, but {learner.name} counts no refresh of it: not "
+                          "a checkpoint omnigrpo wrote; remove that folder or the checkpoint")
+    if counted:
+        check_same_model(model, folder)
 
 
 def nothing_to_resume(root: Path, newest: Path | None) -> str:

@@ -51,6 +51,7 @@ def check_run(cfg: Config) -> RunPlan:
     check_decoder(cfg.model, cfg.decoder)
     check_style_options(cfg.trainer, cfg.world.name)
     check_watch_options(cfg)
+    check_refresh_options(cfg.trainer)
     if cfg.model.path:
         check_model(cfg.model)
     if cfg.cluster.gpu_memory_gb:
@@ -82,6 +83,15 @@ def check_watch_options(cfg: Config) -> None:
     if cfg.trainer.kl_uncertain_frac < 1.0 and not any(r.watch for r in cfg.rewards):
         raise ConfigError(f"trainer.kl_uncertain_frac: {cfg.trainer.kl_uncertain_frac:g} ranks each sample under a "
                           "watchdog reward, and no reward has watch: true (add one with weight 0, or set 1.0)")
+
+
+def check_refresh_options(trainer: TrainerConfig) -> None:
+    """A refresh of the KL reference needs a KL term: with ``kl_coef`` 0 the learner keeps no reference at all."""
+    for key in ("ref_refresh_every", "ref_refresh_kl"):
+        if getattr(trainer, key) and not trainer.kl_coef:
+            raise ConfigError(f"trainer.{key}: {getattr(trainer, key):g} refreshes the KL reference, and "
+                              "trainer.kl_coef is 0 (no KL term, no reference to refresh): set kl_coef above 0, or "
+                              f"{key} to 0")
 
 
 SYSTEM_TREES = ("/proc", "/sys", "/dev", "/boot", "/etc", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64",
@@ -331,6 +341,7 @@ def check_submit(cfg: Config) -> Payload:
     check_decoder(cfg.model, cfg.decoder)
     check_style_options(cfg.trainer, cfg.world.name)
     check_watch_options(cfg)
+    check_refresh_options(cfg.trainer)
     for i, spec in enumerate(cfg.rewards):  # the job's config.yaml travels whole: no credential may be in it
         for key in spec.kwargs:
             if any(word in key.lower() for word in SECRET_WORDS) and not key.lower().endswith("_env"):

@@ -202,6 +202,14 @@ class TrainerConfig:
     """Learning rate of the policy (AdamW, constant)."""
     kl_coef: Annotated[float, Field(ge=0.0)] = 0.02
     """beta: weight of the k3 KL estimate against the frozen reference policy."""
+    ref_refresh_every: NonNegInt = 0
+    """GARDO's reference refresh: after every N-th update the KL reference becomes the current policy, so the KL
+    holds the policy near where it is, not where it started (``omnigrpo.trainers.reference``); 0 = off. Needs
+    ``kl_coef`` above 0. Refreshes are counted in ``learner/ref_refreshes``."""
+    ref_refresh_kl: Annotated[float, Field(ge=0.0)] = 0.0
+    """Refresh the KL reference to the current policy after an update whose ``learner/kl`` (merged over the learner
+    ranks, so every rank decides alike) is above this; 0 = off. With ``ref_refresh_every`` too, either refreshes.
+    Needs ``kl_coef`` above 0."""
     clip_eps_low: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
     """PPO ratio clip below 1: ratio >= 1 - clip_eps_low."""
     clip_eps_high: Annotated[float, Field(gt=0.0)] = 0.2

@@ -28,6 +28,10 @@ SAFE_GLOBALS = ("deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runt
                 "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address")
 """The classes (besides tensors and plain containers) a checkpoint's pickles may name: DeepSpeed's loss scaler,
 ZeRO stage and fragment addresses, which its ZeRO optimiser states hold. Each is plain data."""
+REFERENCE_DIR = "reference"
+"""A checkpoint's folder for the KL reference once it was refreshed to the policy (``trainer.ref_refresh_*``): a
+``model.path``-ready policy (safetensors weights) that a resume takes as its reference; absent before any refresh,
+when the reference is the run's starting policy."""
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 """Names of files that torch, transformers or DeepSpeed would unpickle."""
 

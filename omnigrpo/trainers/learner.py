@@ -1,4 +1,4 @@
-"""The GRPO learner: a DeepSpeed engine around the policy, a frozen reference, and one update per step.
+"""The GRPO learner: a DeepSpeed engine around the policy, a KL reference, and one update per step.
 
 Why: the learner is where the platform meets scale. DeepSpeed (ZeRO stage from config) owns the optimiser, gradient
 accumulation and clipping, so the code that runs here on CPU with gloo runs sharded on GPUs. One
@@ -27,12 +27,12 @@ from omnigrpo.rollout.sampler import SamplingParams, sequence_logprobs
 from omnigrpo.sync.network import LOOPBACK
 from omnigrpo.trainers import adapter, grpo, reference
 from omnigrpo.trainers.batch import TrainBatch
-from omnigrpo.trainers.checkpoint import load_state, write_checkpoint, write_failure
+from omnigrpo.trainers.checkpoint import REFERENCE_DIR, load_state, write_checkpoint, write_failure
 from omnigrpo.trainers.distributed import Rank, training_engine
 from omnigrpo.trainers.engine import deepspeed_config, disable_dropout, grad_norm
 from omnigrpo.trainers.grpo import LossTerms
 from omnigrpo.trainers.reference import ReferenceRows
-from omnigrpo.trainers.tally import RankUpdate, UpdateTally
+from omnigrpo.trainers.tally import RankUpdate, UpdateTally, mean_kl
 
 
 @dataclass(frozen=True)
@@ -73,11 +73,13 @@ class Learner:
         self.family, self.grid, self.dtype = model.family, tuple(model.image_grid) or None, model.dtype
         self.seed, self.sync_timeout_s = seed, sync_timeout_s
         self.model_path = model_path
-        self.reference_path = reference_path or model_path  # KL is always against the run's start policy
+        self.reference_path = reference_path or model_path  # the run's start policy (until a refresh)
         self.rank = rank
         self.world_size = world_size
         self.group = Rank(rank, world_size, address)
         self.version = 0
+        self.ref_refreshes = 0
+        """Refreshes of the KL reference to the policy so far (``trainer.ref_refresh_*``)."""
         self.in_update = False
         self.params = SamplingParams.of(rollout)
 
@@ -113,12 +115,14 @@ class Learner:
         copy of the start policy the KL reference keeps, if its kind keeps one (:mod:`omnigrpo.trainers.reference`)."""
         family, grid, dtype = self.family, self.grid, self.dtype
         tr = self.trainer
-        # LoRA resume: the checkpoint's weights are merged; start from the plain base and let DeepSpeed
-        # restore base and adapters (loading the merged ones would apply the adapters twice)
-        self.policy = load_policy(family, self.reference_path if resume and tr.lora_rank else self.model_path, grid,
-                                  dtype)
-        frozen = reference.start_copy(tr, lambda: self.policy if self.reference_path == self.model_path else
-                                      load_policy(family, self.reference_path, grid, dtype))
+        refreshed = Path(self.model_path) / REFERENCE_DIR
+        # a checkpoint written after the reference was refreshed carries it; before that it is the start policy
+        start = str(refreshed) if resume and refreshed.is_dir() else self.reference_path
+        # LoRA resume: the checkpoint's weights are merged; start from the plain base (the reference) and let
+        # DeepSpeed restore base and adapters (loading the merged ones would apply the adapters twice)
+        self.policy = load_policy(family, start if resume and tr.lora_rank else self.model_path, grid, dtype)
+        frozen = reference.start_copy(tr, lambda: self.policy if start == self.model_path else
+                                      load_policy(family, start, grid, dtype))
         # every dropout off (Emu3 ships attention_dropout 0.1): the learner's log-probs must be the
         # distribution the rollout sampled from. Eval mode, except for gradient checkpointing, which needs
         # train mode (slower per step on the CPU: BENCHMARKS.md section 2)
@@ -136,6 +140,7 @@ class Learner:
         state = load_state(Path(self.model_path) / "learner_state.pt")
         self.shuffle.set_state(state["shuffle"] if "shuffle" in state else state["generator"])  # older checkpoints
         self.version = int(state["version"])
+        self.ref_refreshes = int(state.get("ref_refreshes", 0))
 
     def train_step(self, batch: TrainBatch) -> RankUpdate:
         """One GRPO update on this rank's share of ``batch``; returns this rank's part for
@@ -144,7 +149,8 @@ class Learner:
         # no sample to learn from (a step would still move weights), or non-finite inputs: alike on every rank
         empty = not batch.valid.any()
         if empty or grpo.nonfinite_inputs(batch.advantages, batch.old_logprobs, batch.valid):
-            return RankUpdate(self.version, staleness, skipped=True, nonfinite=not empty)
+            return RankUpdate(self.version, staleness, skipped=True, nonfinite=not empty,
+                              ref_refreshes=self._logged_refreshes())
         batch = batch.to(self.engine.device)
         self.in_update = True
         mask = batch.valid[:, None].expand_as(batch.codes).float()
@@ -162,10 +168,39 @@ class Learner:
                 tally.add(part.terms, part.logp, part.entropy, part.capped, part.mask,
                           float(part.loss.detach()) * micro.norm / self.world_size, drawn)
         self.version += 1
+        if self._refresh_due(tally.sums):
+            self.reference.refresh(self.engine)
+            self.ref_refreshes += 1
         self.in_update = False
         return RankUpdate(self.version, staleness, nonfinite=not all(map(math.isfinite, grad_norms)),
                           sums=tally.sums, dropped=dropped, loss_norm=grpo.normaliser(mask, self.trainer.loss_agg),
-                          grad_norm=sum(grad_norms) / max(len(grad_norms), 1), lr=self.optimizer.param_groups[0]["lr"])
+                          grad_norm=sum(grad_norms) / max(len(grad_norms), 1), lr=self.optimizer.param_groups[0]["lr"],
+                          ref_refreshes=self._logged_refreshes())
+
+    def _refresh_due(self, sums: dict[str, float]) -> bool:
+        """Whether the update just made (this rank's tally ``sums``) refreshes the KL reference: the N-th update
+        (``trainer.ref_refresh_every``) or a merged ``learner/kl`` above ``trainer.ref_refresh_kl``. Every rank
+        decides alike: from the version, or from every rank's sums (a collective)."""
+        tr = self.trainer
+        if tr.ref_refresh_every and self.version % tr.ref_refresh_every == 0:
+            return True
+        return bool(tr.ref_refresh_kl) and self._merged_kl(sums) > tr.ref_refresh_kl
+
+    def _merged_kl(self, sums: dict[str, float]) -> float:
+        """``learner/kl`` of the update as :func:`~omnigrpo.trainers.tally.merge_ranks` logs it, from every rank's
+        KL and token sums (all-gathered in float64: exactly each rank's figures)."""
+        mine = torch.tensor([sums["kl"], sums["tokens"]], dtype=torch.float64, device=self.engine.device)
+        parts = [mine]
+        if self.world_size > 1:
+            parts = [torch.empty_like(mine) for _ in range(self.world_size)]
+            torch.distributed.all_gather(parts, mine)
+        kls, tokens = zip(*torch.stack(parts).tolist(), strict=True)
+        return mean_kl(list(kls), list(tokens))
+
+    def _logged_refreshes(self) -> int | None:
+        """``learner/ref_refreshes`` (None where the refresh is off: not logged)."""
+        tr = self.trainer
+        return self.ref_refreshes if tr.ref_refresh_every or tr.ref_refresh_kl else None
 
     def _staleness(self, batch: TrainBatch) -> float:
         """The mean updates since ``batch``'s samples were drawn; refuses any outside ``0..trainer.max_staleness``."""
@@ -287,6 +322,13 @@ class Learner:
             unique = {t.data_ptr(): t for t in weights.values() if t.data_ptr() not in buffers}
             return float(sum(t.double().sum() for t in unique.values()))
 
+    def _save_reference(self, directory: Path) -> None:
+        """Write the refreshed KL reference as a ``model.path``-ready policy ``directory`` (LoRA: the base weights
+        the adapters were merged into). Every rank must call it (ZeRO-3 gathers); rank 0 writes."""
+        with self.reference.weights() as weights:
+            if self.rank == 0:
+                self.policy.save_pretrained(directory, state_dict=weights)
+
     def save_checkpoint(self, root: str | Path, step: int | None = None, name: str = "step",
                         run_state: dict | None = None) -> str:
         """Atomically write ``root/{name}-NNNNNN``: the policy (a ``model.path``-ready directory), the
@@ -306,6 +348,8 @@ class Learner:
             if self.world_size > 1:
                 dist.barrier()
             self.engine.save_checkpoint(str(staging / "optimizer"), tag="state")  # collective: every rank's shard
+            if self.ref_refreshes:
+                self._save_reference(staging / REFERENCE_DIR)
             if self.world_size > 1:
                 dist.barrier()
         except Exception as err:  # a full disk: no half-written folder stays behind, and the error names it
@@ -319,7 +363,9 @@ class Learner:
             self.policy.save_pretrained(tmp, state_dict=weights)
             if adapter.is_adapted(self.engine.module):
                 self.engine.module.save_pretrained(tmp / "adapter")
-            torch.save({"shuffle": self.shuffle.get_state(), "version": self.version}, tmp / "learner_state.pt")
+            refreshes = {"ref_refreshes": self.ref_refreshes} if self.ref_refreshes else {}
+            torch.save({"shuffle": self.shuffle.get_state(), "version": self.version, **refreshes},
+                       tmp / "learner_state.pt")
             if run_state is not None:
                 torch.save(run_state, tmp / "run_state.pt")
 

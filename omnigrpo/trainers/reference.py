@@ -1,15 +1,16 @@
-"""The KL reference (the run's start policy), chosen once when a learner rank is built.
+"""The KL reference: the run's start policy, or the policy as it was at its last refresh.
 
 Why: a reference costs a second copy of the weights only where it must. With ``trainer.kl_coef`` 0 there is
-none; with LoRA it is the policy with its adapters switched off (the base weights are frozen, so they *are*
-the start policy); a full fine-tune keeps a frozen copy, which ZeRO-3 partitions over the learner group like
-the policy. Each kind hands an update its :class:`ReferenceRows`: the reference log-probs of a micro-batch.
+none; with LoRA it is the policy with its adapters switched off (the frozen base weights); a full fine-tune keeps
+a frozen copy, which ZeRO-3 partitions over the learner group like the policy. Each kind hands an update its
+:class:`ReferenceRows` and can be refreshed to the policy's current weights (GARDO, ``trainer.ref_refresh_*``).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol
 
 import torch
@@ -37,6 +38,14 @@ class ReferenceRows(Protocol):
 class Reference(Protocol):
     def table(self, batch: TrainBatch) -> ReferenceRows:
         """The reference log-probs of ``batch``'s rows, for one update's micro-batches to ask for."""
+
+    def refresh(self, engine) -> None:
+        """Make the policy's current weights the reference: ``engine`` is the learner's DeepSpeed engine (its
+        ``module`` the policy, its ``optimizer`` the policy's). Every rank must call it (ZeRO-3 gathers)."""
+
+    def weights(self) -> AbstractContextManager[dict[str, torch.Tensor]]:
+        """The reference's whole weights under the plain model's names while inside (views of the live tensors,
+        for a checkpoint). Every rank must enter (ZeRO-3 gathers)."""
 
 
 class Table:
@@ -80,14 +89,22 @@ class PolicyItself:
 
 
 class NoReference:
-    """``trainer.kl_coef`` 0: no reference forward runs; the policy stands in for itself (:class:`PolicyItself`)."""
+    """``trainer.kl_coef`` 0: no reference forward runs; the policy stands in for itself (:class:`PolicyItself`).
+    Nothing to refresh (preflight refuses a refresh without a KL term)."""
 
     def table(self, batch: TrainBatch) -> ReferenceRows:
         return PolicyItself()
 
+    def refresh(self, engine) -> None:
+        raise RuntimeError("trainer.kl_coef is 0: there is no KL reference to refresh")
+
+    def weights(self) -> AbstractContextManager[dict[str, torch.Tensor]]:
+        raise RuntimeError("trainer.kl_coef is 0: there is no KL reference to save")
+
 
 class FrozenCopy:
-    """A full fine-tune: a frozen copy ``module`` of the start policy's model, on the learner's device."""
+    """A full fine-tune: a frozen copy ``module`` of the start policy's model (of the policy at the last refresh),
+    on the learner's device."""
 
     def __init__(self, policy: ImagePolicy, module: torch.nn.Module, params: SamplingParams):
         self.module, self.params = module, params
@@ -100,6 +117,17 @@ class FrozenCopy:
 
     def table(self, batch: TrainBatch) -> ReferenceRows:
         return Table(batch, self.logprobs)
+
+    @torch.no_grad()
+    def refresh(self, engine) -> None:
+        """The policy's current weights copied into the frozen copy in place (no new allocation)."""
+        policy = engine.module.state_dict()
+        for key, tensor in self.module.state_dict().items():
+            tensor.copy_(policy[key])
+
+    @contextmanager
+    def weights(self) -> Iterator[dict[str, torch.Tensor]]:
+        yield self.module.state_dict()
 
 
 class ShardedCopy(FrozenCopy):
@@ -116,10 +144,33 @@ class ShardedCopy(FrozenCopy):
         return Scored(self.gather(len(batch.codes), lambda rows: self.logprobs(batch.prompts.select(rows),
                                                                                batch.codes[rows])))
 
+    @torch.no_grad()
+    def refresh(self, engine) -> None:
+        """Parameter by parameter, the policy's gathered whole (read only) is copied into the reference's gathered
+        whole, which rank 0 then hands back to every rank's partition: one parameter's memory at a time."""
+        import deepspeed
+
+        policy = dict(engine.module.named_parameters())
+        for name, param in self.module.named_parameters():
+            with (deepspeed.zero.GatheredParameters([policy[name]], modifier_rank=None),
+                  deepspeed.zero.GatheredParameters([param], modifier_rank=0)):
+                param.data.copy_(policy[name].data)
+        buffers = dict(engine.module.named_buffers())  # not partitioned
+        for name, buffer in self.module.named_buffers():
+            buffer.copy_(buffers[name])
+
+    @contextmanager
+    def weights(self) -> Iterator[dict[str, torch.Tensor]]:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None):
+            yield self.module.state_dict()
+
 
 class AdaptersOff:
     """LoRA: the learner's own peft ``model`` with its adapters switched off, scored through ``lm`` (its view of
-    the adapted model): no second copy of the weights."""
+    the adapted model): no second copy of the weights. A refresh folds the adapters into the base weights and
+    restarts them at zero (:func:`~omnigrpo.trainers.adapter.merge_and_restart`)."""
 
     def __init__(self, model: torch.nn.Module, lm: ImageLM, params: SamplingParams):
         self.model, self.lm, self.params = model, lm, params
@@ -132,6 +183,13 @@ class AdaptersOff:
 
     def table(self, batch: TrainBatch) -> ReferenceRows:
         return Table(batch, self.logprobs)
+
+    def refresh(self, engine) -> None:
+        adapter.merge_and_restart(self.model, engine.optimizer)
+
+    @contextmanager
+    def weights(self) -> Iterator[dict[str, torch.Tensor]]:
+        yield adapter.base_state_dict(self.model)
 
 
 def start_copy(trainer: TrainerConfig, start: Callable[[], ImagePolicy]) -> torch.nn.Module | None:

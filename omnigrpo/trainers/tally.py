@@ -45,7 +45,8 @@ class RankUpdate:
     """One learner rank's part of an update, for :func:`merge_ranks`: the version it left, the mean staleness of
     the batch, and (unless ``skipped``) this rank's :class:`UpdateTally` sums, its micro-batches ``dropped`` for a
     non-finite loss, and what every rank shares: the loss normaliser, the global gradient norm, the learning
-    rate. ``nonfinite``: a non-finite input (with ``skipped``) or gradient norm."""
+    rate. ``nonfinite``: a non-finite input (with ``skipped``) or gradient norm. ``ref_refreshes``: the KL
+    reference's refreshes so far (None: ``trainer.ref_refresh_*`` off, not logged)."""
 
     version: int
     staleness: float
@@ -56,14 +57,22 @@ class RankUpdate:
     loss_norm: float = 1.0
     grad_norm: float = 0.0
     lr: float = 0.0
+    ref_refreshes: int | None = None
+
+
+def mean_kl(kl_sums: list[float], token_sums: list[float]) -> float:
+    """``learner/kl`` from every rank's KL and token sums, in rank order: the learners decide a refresh of the
+    reference on exactly the figure logged."""
+    return sum(kl_sums) / max(sum(token_sums), 1.0)
 
 
 def merge_ranks(parts: list[RankUpdate]) -> Update:
     """The step's update from every rank's ``Learner.train_step`` part."""
     head = parts[0]
+    refreshes = {} if head.ref_refreshes is None else {"ref_refreshes": float(head.ref_refreshes)}
     if head.skipped:
         metrics = {"skipped_update": 1.0, "nonfinite": float(head.nonfinite), "staleness": head.staleness}
-        return Update(head.version, _named(metrics), skipped=True, nonfinite=head.nonfinite)
+        return Update(head.version, _named(metrics | refreshes), skipped=True, nonfinite=head.nonfinite)
     total = {k: sum(p.sums[k] for p in parts) for k in SUMS}
     tokens = max(total["tokens"], 1.0)
     dropped = sum(p.dropped for p in parts)
@@ -74,7 +83,7 @@ def merge_ranks(parts: list[RankUpdate]) -> Update:
         "skipped_update": 0.0,
         "nonfinite": float(nonfinite),
         "dropped_micro_batches": float(dropped),
-        "kl": total["kl"] / tokens,
+        "kl": mean_kl([p.sums["kl"] for p in parts], [p.sums["tokens"] for p in parts]),
         "entropy": total["entropy"] / tokens,
         "clip_frac": total["clip_frac"] / tokens,
         "grad_norm": head.grad_norm,
@@ -82,6 +91,7 @@ def merge_ranks(parts: list[RankUpdate]) -> Update:
         "logprob_mismatch": max(p.sums["mismatch"] for p in parts),
         "tis_capped_frac": total["tis_capped"] / tokens,
         "staleness": head.staleness,
+        **refreshes,
     }
     return Update(head.version, _named(metrics), nonfinite=nonfinite, dropped_micro_batches=dropped)
 

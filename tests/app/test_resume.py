@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REFERENCE, TINY, layered, leftovers, policy_weights
+from conftest import REFERENCE, TINY, layered, leftovers, metric_values, policy_weights
 from mlflow.tracking import MlflowClient
 
 from omnigrpo.app.driver import train
 from omnigrpo.app.preflight import check_resume
 from omnigrpo.cli import main
 from omnigrpo.config.loader import ConfigError, load_config
+from omnigrpo.trainers.checkpoint import REFERENCE_DIR
 
 SHAPES = str(Path(__file__).parents[2] / "configs" / "shapes.yaml")
 
@@ -53,6 +54,31 @@ def test_a_checkpoint_written_mid_update_is_not_resumed(tmp_path):
         check_resume(cfg)
 
 
+def test_a_checkpoint_must_carry_the_reference_its_learner_refreshed(tiny_config, sft_path):
+    """A checkpoint written after a refresh of the KL reference (counted in ``learner_state.pt``) holds the reference
+    as a policy folder of the configured model; a folder no refresh accounts for is refused too."""
+    import shutil
+
+    cfg = tiny_config("run.resume=true")
+    step = Path(cfg.run.dir) / "checkpoints" / "r1" / "step-000002"
+    shutil.copytree(sft_path, step)
+    (step / "omnigrpo_step.json").write_text(json.dumps({"step": 2, "written_ns": 1, "version": 2}))
+    torch.save({"step": 2, "version": 2, "rollout_rng": [None] * cfg.samplers, "run_id": "r1", "cursor": "{}",
+                "reference_path": str(sft_path)}, step / "run_state.pt")
+    torch.save({"shuffle": torch.Generator().get_state(), "version": 2, "ref_refreshes": 1},
+               step / "learner_state.pt")
+    with pytest.raises(ConfigError, match=f"after 1 refresh\\(es\\) of the KL reference but holds no {REFERENCE_DIR}/"):
+        check_resume(cfg)
+    shutil.copytree(sft_path, step / REFERENCE_DIR)
+    assert check_resume(cfg)[0] == step.resolve()
+    (step / REFERENCE_DIR / "config.json").write_text(json.dumps({"model_type": "janus"}))
+    with pytest.raises(ConfigError, match=f"run.resume: .*{REFERENCE_DIR}: .*'janus' model"):
+        check_resume(cfg)
+    torch.save({"shuffle": torch.Generator().get_state(), "version": 2}, step / "learner_state.pt")
+    with pytest.raises(ConfigError, match="is a KL reference, but learner_state.pt counts no refresh of it"):
+        check_resume(cfg)
+
+
 @pytest.mark.usefixtures("ray_cluster")
 def test_a_stopped_run_resumes_to_the_weights_of_an_uninterrupted_one(reference_run, tiny_config, cache_dir,
                                                                       tmp_path, plugins):
@@ -60,8 +86,8 @@ def test_a_stopped_run_resumes_to_the_weights_of_an_uninterrupted_one(reference_
     checkpoint; resuming continues the same MLflow run, every step logged once, and ends with the weights and the
     step-0 evaluation of an uninterrupted run. The run is ``omnigrpo train`` in a process of its own, with a
     cluster of its own that it shuts down; a weight-0 reward sends the signal while step 2 is being judged (its
-    3rd call: the step-0 evaluation, steps 1 and 2)."""
-    _, straight = reference_run
+    3rd call: the step-0 evaluation, steps 1 and 2). The KL reference, refreshed after step 2, resumes with it."""
+    straight_cfg, straight = reference_run
     stopper = "rewards=[{name: shapes}, {name: 'saboteur:stops_the_driver', weight: 0, kwargs: {call: 3}}]"
     cut = tmp_path / "run"
     argv = [str(Path(sys.executable).parent / "omnigrpo"), "train", SHAPES, *layered(TINY, REFERENCE), stopper,
@@ -76,6 +102,7 @@ def test_a_stopped_run_resumes_to_the_weights_of_an_uninterrupted_one(reference_
     assert run.info.status == "KILLED"
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "reward/total/mean")) == [1, 2]
     stopped = policy_weights(cut / "checkpoints" / run.info.run_id / "step-000002")
+    assert (cut / "checkpoints" / run.info.run_id / "step-000002" / REFERENCE_DIR / "model.safetensors").is_file()
 
     never = stopper.replace("call: 3", "call: 0")  # the same rewards; this driver is not signalled
     resumed = train(tiny_config(*REFERENCE, never, f"run.dir={cut}", "run.resume=true"))
@@ -86,3 +113,8 @@ def test_a_stopped_run_resumes_to_the_weights_of_an_uninterrupted_one(reference_
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "reward/total/mean")) == [1, 2, 3, 4]
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
     assert resumed["before"] == straight["before"]  # the stopped run's step-0 evaluation, carried over
+    cfg = tiny_config(f"run.dir={cut}")
+    assert metric_values(cfg, run.info.run_id, "learner/ref_refreshes") == [0, 1, 1, 2]
+    kl = metric_values(cfg, run.info.run_id, "learner/kl")  # step 4's against the reference of step 2
+    assert kl[0] == kl[2] == 0 < kl[3]  # each step right after a refresh starts at the reference
+    assert kl == pytest.approx(metric_values(straight_cfg, straight["run_id"], "learner/kl"), rel=1e-4)
