@@ -10,14 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY, leftovers
 from mlflow.tracking import MlflowClient
 
 from omnigrpo.app.driver import train
 from omnigrpo.app.failure import RunFailed
 from omnigrpo.app.tracking import store_uri
+from omnigrpo.cli import main
 from omnigrpo.config.loader import ConfigError
 from omnigrpo.rollout.families.builtin import WorldPolicy
 from omnigrpo.trainers.checkpoint import latest_resumable
+
+SHAPES = str(Path(__file__).parents[2] / "configs" / "shapes.yaml")
 
 STEP_METRICS = [
     "reward/shapes/mean", "reward/shapes/std", "reward/flaky_judge:first_is_nan/mean", "reward/total/mean",
@@ -60,17 +64,21 @@ def test_a_short_run_trains_syncs_and_logs(feature_run, sft_path):
 
 
 @pytest.mark.usefixtures("ray_cluster")
-def test_judges_load_and_dry_run_in_their_actors_and_a_failure_stops_the_run(tiny_config, plugins, tmp_path):
+def test_judges_load_and_dry_run_in_their_actors_and_a_failure_ends_the_run_at_start_up(cache_dir, sft_path, plugins,
+                                                                                      tmp_path, capsys):
+    """Judges load in the reward actors (on their devices), so a judge that cannot score is found after the cluster
+    started: an ``omnigrpo:`` line naming its config key, exit status 2, no traceback, nothing trained, nothing left
+    reserved (a judge that cannot even be built: tests/rewards/test_worker.py). ``sft_path``: the tiny SFT start
+    the run finds cached."""
     where = tmp_path / "built_in_pid"
-    cfg = tiny_config(f"rewards=[{{name: 'located_judge:located', kwargs: {{path: '{where}'}}}}, "
-                      "{name: 'broken_judge:score'}]")
-    with pytest.raises(ConfigError, match="rewards.1: reward 'broken_judge:score' returned 1 scores for 2 images "
-                                          "in its dry run"):
-        train(cfg)
+    rewards = (f"rewards=[{{name: 'located_judge:located', kwargs: {{path: '{where}'}}}}, "
+               "{name: 'broken_judge:score'}]")
+    assert main(["train", SHAPES, *TINY, f"run.cache_dir={cache_dir}", rewards, f"run.dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert "omnigrpo: rewards.1: reward 'broken_judge:score' returned 1 scores for 2 images in its dry run" in err
+    assert "Traceback" not in err, err
     assert int(where.read_text()) != os.getpid()  # built in a reward actor, never on the driver
-    assert not (Path(cfg.run.dir) / "checkpoints").exists()
-
-
+    assert not leftovers() and not (tmp_path / "run" / "checkpoints").exists()
 
 
 @pytest.mark.usefixtures("ray_cluster")  # whose workers know this driver's pid (the judge dies only in an actor)

@@ -8,7 +8,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from conftest import TINY, leftovers, refused
+from conftest import leftovers, refused
 from mlflow.tracking import MlflowClient
 
 from omnigrpo.app.preflight import PSEUDO_FILE_SYSTEMS, file_system
@@ -33,17 +33,6 @@ def test_reward_arguments_are_checked_against_the_signature(rewards, needle, tmp
     run_dir = tmp_path / "run"
     _refused(["train", SHAPES, f"rewards={rewards}", f"run.dir={run_dir}"], capsys, needle)
     assert not run_dir.exists()
-
-
-@pytest.mark.usefixtures("ray_cluster")
-def test_a_judge_that_fails_to_load_in_its_actor_ends_the_run_at_start_up(tmp_path, capsys, cache_dir, sft_path):
-    """Judges load in the reward actors (on their devices), so this failure comes after the cluster started: the
-    same ``omnigrpo:`` line and exit status, no traceback, nothing trained (the tiny model's cached SFT start)."""
-    assert main(["train", SHAPES, *TINY, f"run.cache_dir={cache_dir}",
-                 "rewards=[{name: ocr, kwargs: {score: nonsense}}]", f"run.dir={tmp_path / 'run'}"]) == 2
-    err = capsys.readouterr().err
-    assert "omnigrpo: rewards.0: reward 'ocr' could not be built: ValueError" in err and "Traceback" not in err, err
-    assert not leftovers() and not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_a_checkpoint_with_another_image_vocabulary_is_refused(tmp_path, capsys):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from omnigrpo.config.schema import RewardSpec
-from omnigrpo.rewards.worker import RewardResult, RewardWorker, combine
+from omnigrpo.rewards.worker import DryRun, JudgeStartError, RewardResult, RewardWorker, combine
 from omnigrpo.worlds import shapes
 
 
@@ -35,6 +35,16 @@ def test_a_reward_that_raises_or_miscounts_fails_the_samples(plugin, fn):
     assert metrics["reward/failed"] == 4 and metrics[f"reward/{plugin}:{fn}/failed"] == 4
     assert metrics["reward/shapes/mean"] == 1.0  # the healthy reward is still logged
     assert fn in result.errors or f"{plugin}:{fn}" in result.errors
+
+
+def test_a_judge_that_cannot_be_built_or_miscounts_its_dry_run_is_named_at_set_up(plugins):
+    with pytest.raises(JudgeStartError, match=r"^rewards.1: reward 'ocr' could not be built: ValueError"):
+        RewardWorker([RewardSpec(name="shapes"), RewardSpec(name="ocr", kwargs={"score": "nonsense"})]).setup()
+    worker = RewardWorker([RewardSpec(name="shapes"), RewardSpec(name="broken_judge:score")])
+    assert worker.setup() == ["shapes", "broken_judge:score"]  # it builds; only a dry run finds it miscounts
+    with pytest.raises(JudgeStartError, match=r"^rewards.1: reward 'broken_judge:score' returned 1 scores for 2 "
+                                              r"images in its dry run$"):
+        worker.setup(DryRun((16, 16), ["a", "b"], [{}, {}]))
 
 
 def test_nan_fails_only_that_sample(plugin):
