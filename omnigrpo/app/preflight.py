@@ -48,10 +48,7 @@ def check_run(cfg: Config) -> RunPlan:
     check_run_dir(cfg.run.dir)
     check_tracking(cfg.tracking.uri)
     prompts, metadata = training_prompts(cfg.data, cfg.world.look_share)
-    check_decoder(cfg.model, cfg.decoder)
-    check_style_options(cfg.trainer, cfg.world.name)
-    check_watch_options(cfg)
-    check_refresh_options(cfg.trainer)
+    check_options(cfg)
     if cfg.model.path:
         check_model(cfg.model)
     if cfg.cluster.gpu_memory_gb:
@@ -59,6 +56,15 @@ def check_run(cfg: Config) -> RunPlan:
     dry_run = check_rewards(cfg, prompts, metadata)
     resume_from, state = check_resume(cfg) if cfg.run.resume else (None, None)
     return RunPlan(prompts, metadata, dry_run, resume_from, state)
+
+
+def check_options(cfg: Config) -> None:
+    """The options that need another section to make sense (a decoder, a style reader, a watchdog, a KL term):
+    what ``train`` and ``submit`` both check."""
+    check_decoder(cfg.model, cfg.decoder)
+    check_style_options(cfg.trainer, cfg.world.name)
+    check_watch_options(cfg.trainer, cfg.rewards)
+    check_refresh_options(cfg.trainer)
 
 
 def check_style_options(trainer: TrainerConfig, world_name: str) -> None:
@@ -78,10 +84,10 @@ def check_style_options(trainer: TrainerConfig, world_name: str) -> None:
                           f"{world_name!r}; choose from {', '.join(known)}")
 
 
-def check_watch_options(cfg: Config) -> None:
+def check_watch_options(trainer: TrainerConfig, rewards: list[RewardSpec]) -> None:
     """An option that reads a watchdog's scores needs a watchdog reward."""
-    if cfg.trainer.kl_uncertain_frac < 1.0 and not any(r.watch for r in cfg.rewards):
-        raise ConfigError(f"trainer.kl_uncertain_frac: {cfg.trainer.kl_uncertain_frac:g} ranks each sample under a "
+    if trainer.kl_uncertain_frac < 1.0 and not any(r.watch for r in rewards):
+        raise ConfigError(f"trainer.kl_uncertain_frac: {trainer.kl_uncertain_frac:g} ranks each sample under a "
                           "watchdog reward, and no reward has watch: true (add one with weight 0, or set 1.0)")
 
 
@@ -338,10 +344,7 @@ def check_submit(cfg: Config) -> Payload:
         raise ConfigError(f"run.dir: a submitted run needs an absolute path on storage the cluster sees (got "
                           f"{cfg.run.dir!r}; a relative one would land in the job's temporary working directory)")
     _, metadata = training_prompts(cfg.data, cfg.world.look_share)
-    check_decoder(cfg.model, cfg.decoder)
-    check_style_options(cfg.trainer, cfg.world.name)
-    check_watch_options(cfg)
-    check_refresh_options(cfg.trainer)
+    check_options(cfg)
     for i, spec in enumerate(cfg.rewards):  # the job's config.yaml travels whole: no credential may be in it
         for key in spec.kwargs:
             if any(word in key.lower() for word in SECRET_WORDS) and not key.lower().endswith("_env"):

@@ -270,4 +270,4 @@ def test_a_gated_kl_with_a_watchdog_passes_its_check():
     from omnigrpo.config.loader import load_config
 
     cfg = load_config(Path(__file__).parents[2] / "configs" / "glyphs.yaml", ["trainer.kl_uncertain_frac=0.5"])
-    check_watch_options(cfg)  # glyphs.yaml has one: nothing raised
+    check_watch_options(cfg.trainer, cfg.rewards)  # glyphs.yaml has one: nothing raised
